@@ -1,0 +1,44 @@
+# The commands a newcomer runs: `make serve` (set up, export if needed, serve) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL_STORE ?= model_store
+export MODEL_STORE
+
+.PHONY: setup export serve test test-fast lint lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[export,dev]'
+	touch $(STAMP)
+
+# LeNet-5 (trained here) and every ImageNet network whose weights can be had; the rest are skipped with the reason.
+export: setup
+	$(BIN)/python -m export all --out $(MODEL_STORE)
+
+serve: setup
+	@if [ -z "$$($(BIN)/python -c 'from service.store import ModelStore; print(*ModelStore("$(MODEL_STORE)").names())')" ]; then \
+		$(MAKE) export; fi
+	$(BIN)/python -m service
+
+lint: setup
+	$(BIN)/ruff check export service tests
+	$(BIN)/ruff format --check export service tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+test-fast: setup
+	$(BIN)/pytest -m 'not slow'
+
+# Regenerate the pins of every transitive dependency from the current environment.
+lock:
+	$(BIN)/pip freeze --exclude-editable | grep -v '^cnn-serving' > requirements/constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
