@@ -1,0 +1,128 @@
+"""``python -m export``: build, weight, convert, verify and store the classic CNNs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from service.store import ModelStore
+
+from .graph import VerificationError, count_flops
+from .pipeline import ExportOptions, export_model
+from .registry import UnknownModelError, get_model_spec, list_models
+from .weights import WeightsIntegrityError, WeightsUnavailableError
+
+logger = logging.getLogger("export")
+
+EPILOG = """\
+commands:
+  python -m export NAME [NAME ...]   export these networks (a new version each)
+  python -m export all               every registered network whose weights can be had
+  python -m export list              the registry as a table (--markdown for the README)
+
+examples:
+  python -m export lenet5                        # trains on scikit-learn's digits
+  python -m export resnet50 googlenet            # torchvision's ImageNet weights
+  python -m export resnet50 --weights-file resnet50-0676ba61.pth
+  python -m export resnet18 --weights random     # for tests and benchmarks only
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export classic CNN classifiers to verified ONNX graphs in a versioned model store.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("names", nargs="+", metavar="NAME", help="model names, 'all' or 'list'")
+    parser.add_argument(
+        "--weights",
+        choices=["imagenet", "trained", "random"],
+        help="imagenet: torchvision's release (default for ImageNet networks); "
+        "trained: train now (LeNet-5's default); random: seeded, untrained",
+    )
+    parser.add_argument("--weights-file", type=Path, help="a state dict in torchvision's format, loaded strictly")
+    parser.add_argument("--out", type=Path, default=Path("model_store"), help="the model store (default: %(default)s)")
+    parser.add_argument("--data", choices=["digits", "mnist"], default="digits", help="LeNet-5 training data")
+    parser.add_argument("--data-dir", type=Path, help="where the MNIST IDX files are or are downloaded to")
+    parser.add_argument("--epochs", type=int, default=60, help="LeNet-5 training epochs (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for training and random weights")
+    parser.add_argument("--markdown", action="store_true", help="with 'list': a Markdown table")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.weights_file is not None and (len(args.names) != 1 or args.names[0] in ("all", "list")):
+        parser.error("--weights-file goes with exactly one model name")
+    return args
+
+
+def model_table(markdown: bool) -> str:
+    header = ("name", "family", "parameters", "GFLOPs/image", "input", "weights", "ImageNet top-1")
+    rows = []
+    for name in list_models():
+        spec = get_model_spec(name)
+        top1 = f"{spec.released.top1:.2f}%" if spec.released else "-"
+        size = f"{spec.input.size}x{spec.input.size}x{spec.input.channels}"
+        gflops = f"{count_flops(spec) / 1e9:.3f}"
+        rows.append((name, spec.family, f"{spec.num_params:,}", gflops, size, spec.default_weights, top1))
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in (header, *rows))
+
+
+def run_exports(names: list[str], store: ModelStore, options: ExportOptions, skip_unavailable: bool) -> int:
+    exported: list[str] = []
+    skipped: list[str] = []
+    failed: list[str] = []
+    for name in names:
+        try:
+            version = export_model(name, store, options)
+        except WeightsUnavailableError as exc:
+            (skipped if skip_unavailable else failed).append(name)
+            logger.warning("%s: %s", name, exc)
+            continue
+        except (ValueError, WeightsIntegrityError, VerificationError, OSError) as exc:
+            failed.append(name)
+            logger.error("%s: %s", name, exc)
+            continue
+        exported.append(f"{name} v{version.version}")
+    logger.info("exported: %s", ", ".join(exported) or "none")
+    if skipped:
+        logger.info("skipped, weights not available here: %s", ", ".join(skipped))
+    if failed:
+        logger.error("failed: %s", ", ".join(failed))
+    return 1 if failed or not exported else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.names == ["list"]:
+        print(model_table(args.markdown))  # noqa: T201 - the command's output
+        return 0
+    everything = args.names == ["all"]
+    names = list_models() if everything else args.names
+    try:
+        for name in names:
+            get_model_spec(name)
+    except UnknownModelError as exc:
+        logger.error("%s", exc)
+        return 2
+    options = ExportOptions(
+        weights=args.weights,
+        weights_file=args.weights_file,
+        data=args.data,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        epochs=args.epochs,
+        progress=not args.no_progress,
+    )
+    return run_exports(names, ModelStore(args.out), options, skip_unavailable=everything)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""One export: weights -> PyTorch model -> verified ONNX graph -> a new version in the store."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from service.store import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
+
+from . import train
+from .graph import INPUT_NAME, OPSET, OUTPUT_NAMES, ClassifierGraph, count_flops, export_onnx, verify
+from .registry import get_model_spec
+from .spec import ModelSpec, WeightsKind
+from .weights import Provenance, file_state_dict, random_provenance, released_state_dict, sha256_file
+
+logger = logging.getLogger(__name__)
+
+TRITON_MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    weights: WeightsKind | None = None  # None: the model's default (imagenet or trained)
+    weights_file: Path | None = None
+    data: str = "digits"
+    data_dir: Path | None = None
+    seed: int = 0
+    epochs: int = 60
+    progress: bool = True
+    cache_dir: Path | None = None  # torch hub's checkpoints directory by default
+
+
+def _weights_kind(spec: ModelSpec, options: ExportOptions) -> WeightsKind:
+    if options.weights_file is not None:
+        return "file"
+    kind = options.weights or spec.default_weights
+    if kind not in spec.weight_choices:
+        raise ValueError(f"{spec.name} takes --weights {' or '.join(spec.weight_choices)}, not {kind!r}")
+    return kind
+
+
+def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Module, Provenance]:
+    """The PyTorch model with its weights, in eval mode, and where the weights came from."""
+    kind = _weights_kind(spec, options)
+    if kind == "imagenet":
+        assert spec.released is not None
+        state, provenance = released_state_dict(spec.released, options.cache_dir, options.progress)
+        return spec.build(state).eval(), provenance
+    if kind == "file":
+        assert options.weights_file is not None
+        state, provenance = file_state_dict(options.weights_file)
+        return spec.build(state).eval(), provenance
+    torch.manual_seed(options.seed)
+    model = spec.build()
+    if kind == "random":
+        return model.eval(), random_provenance(options.seed)
+    if options.data == "mnist":
+        if options.data_dir is None:
+            raise ValueError("--data mnist needs --data-dir DIR (where the IDX files are, or will be downloaded)")
+        data = train.load_mnist_dataset(options.data_dir)
+    else:
+        data = train.load_digits_dataset(seed=options.seed)
+    provenance = train.train_lenet(
+        model,
+        data,
+        spec.input.mean[0],
+        spec.input.std[0],
+        epochs=options.epochs,
+        seed=options.seed,
+        progress=options.progress,
+    )
+    return model.eval(), provenance
+
+
+def triton_config(spec: ModelSpec) -> str:
+    """Triton's ``config.pbtxt``, so the store serves unchanged under Triton too."""
+    size, channels, classes = spec.input.size, spec.input.channels, spec.num_classes
+    return (
+        f'name: "{spec.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {TRITON_MAX_BATCH}\n'
+        f'input [{{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [{size}, {size}, {channels}] }}]\n'
+        f'output [\n  {{ name: "{OUTPUT_NAMES[0]}" data_type: TYPE_FP32 dims: [{classes}] }},\n'
+        f'  {{ name: "{OUTPUT_NAMES[1]}" data_type: TYPE_FP32 dims: [{classes}] label_filename: "{LABELS_FILE}" }}\n]\n'
+        "dynamic_batching { }\nversion_policy: { latest: { num_versions: 1 } }\n"
+    )
+
+
+def _metadata(spec: ModelSpec, version: int, graph_path: Path, provenance: Provenance, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "version": version,
+        "architecture": {"family": spec.family, "paper": spec.paper, "notes": spec.notes or None},
+        "num_params": spec.num_params,
+        "flops_per_image": count_flops(spec),
+        "num_classes": spec.num_classes,
+        "input": spec.input.to_dict(),
+        "labels_file": f"../{LABELS_FILE}",
+        "weights": provenance.to_dict(),
+        "onnx": {
+            "file": GRAPH_FILE,
+            "sha256": sha256_file(graph_path),
+            "opset": OPSET,
+            "input": INPUT_NAME,
+            "outputs": list(OUTPUT_NAMES),
+            "exporter": f"torch {torch.__version__} (TorchScript exporter), onnx {onnx.__version__}",
+        },
+        "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "exported_on": platform.node(),
+        **extra,
+    }
+
+
+def export_model(name: str, store: ModelStore, options: ExportOptions | None = None) -> StoredVersion:
+    """Export ``name`` into ``store`` as its next version; nothing is written unless it verifies."""
+    options = options or ExportOptions()
+    spec = get_model_spec(name)
+    started = time.perf_counter()
+    model, provenance = build_model(spec, options)
+    graph = ClassifierGraph(model, spec.input)
+    model_dir = store.model_dir(spec.name)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    try:
+        graph_path = staging / GRAPH_FILE
+        export_onnx(graph, spec.input, graph_path)
+        verification = verify(graph, spec.input, graph_path)
+        version = store.next_version(spec.name)
+        metadata = _metadata(
+            spec,
+            version,
+            graph_path,
+            provenance,
+            verification=verification.to_dict(),
+            export_seconds=round(time.perf_counter() - started, 2),
+        )
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        (model_dir / LABELS_FILE).write_text("\n".join(spec.categories) + "\n", encoding="utf-8")
+        (model_dir / CONFIG_FILE).write_text(triton_config(spec), encoding="utf-8")
+        staging.rename(model_dir / str(version))  # atomic: a version folder is complete or absent
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("%s: version %d written (%s weights)", spec.name, version, provenance.kind)
+    return StoredVersion(spec.name, version, model_dir / str(version))

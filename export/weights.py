@@ -1,0 +1,122 @@
+"""Where a network's parameters come from: torchvision's releases, a file, or a seed.
+
+Loading weights is a security boundary: files are hash-checked and read with
+``torch.load(weights_only=True)``, which refuses to unpickle arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .spec import ReleasedWeights
+
+logger = logging.getLogger(__name__)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The weights cannot be had here (no network, no cached file); the message says what to do."""
+
+
+class WeightsIntegrityError(RuntimeError):
+    """A weight file's content does not match the hash it is published under."""
+
+
+@dataclass
+class Provenance:
+    """What is recorded in ``metadata.json`` about the weights."""
+
+    kind: str  # imagenet | trained | random | file
+    source: str
+    url: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, {})}
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hub_checkpoint_dir() -> Path:
+    """torch hub's standard cache (``$TORCH_HOME/hub/checkpoints``), shared with torchvision."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, progress: bool = True) -> Path:
+    """Download ``weights`` into the hub cache (unless there) and check its sha256 prefix.
+
+    A cached file is checked too: a corrupt or tampered file is an error, never loaded.
+    """
+    cache_dir = cache_dir or hub_checkpoint_dir()
+    target = cache_dir / weights.filename
+    if not target.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        logger.info("Downloading %s to %s", weights.url, target)
+        try:
+            torch.hub.download_url_to_file(weights.url, os.fspath(target), hash_prefix=None, progress=progress)
+        except OSError as exc:  # URLError is an OSError: no network, DNS, refused, 404
+            raise WeightsUnavailableError(
+                f"cannot fetch {weights.url} ({exc}); pass --weights-file PATH with a copy of "
+                f"{weights.filename}, or --weights random for an untrained graph"
+            ) from exc
+    digest = sha256_file(target)
+    if not digest.startswith(weights.hash_prefix):
+        raise WeightsIntegrityError(
+            f"{target} has sha256 {digest[:12]}..., but {weights.filename} is published with prefix "
+            f"{weights.hash_prefix}; delete the file and fetch it again"
+        )
+    return target
+
+
+def load_state_dict(path: Path) -> Mapping[str, Tensor]:
+    """A plain ``torch.save(model.state_dict())`` file, read without unpickling code."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
+    return state
+
+
+def released_state_dict(
+    weights: ReleasedWeights, cache_dir: Path | None = None, progress: bool = True
+) -> tuple[Mapping[str, Tensor], Provenance]:
+    path = fetch_released(weights, cache_dir, progress)
+    provenance = Provenance(
+        kind="imagenet",
+        source="torchvision IMAGENET1K_V1 release",
+        url=weights.url,
+        file=weights.filename,
+        sha256=sha256_file(path),
+        details={"imagenet_top1": weights.top1},
+    )
+    return load_state_dict(path), provenance
+
+
+def file_state_dict(path: Path) -> tuple[Mapping[str, Tensor], Provenance]:
+    if not path.is_file():
+        raise WeightsUnavailableError(f"--weights-file {path} does not exist")
+    provenance = Provenance(kind="file", source="user-supplied state dict", file=path.name, sha256=sha256_file(path))
+    return load_state_dict(path), provenance
+
+
+def random_provenance(seed: int) -> Provenance:
+    return Provenance(
+        kind="random",
+        source="seeded random initialisation: for tests and benchmarks only, predictions are meaningless",
+        details={"seed": seed},
+    )
