@@ -1,0 +1,40 @@
+"""``python -m service``: check the store, then run ``bentoml serve`` with the settings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from .settings import Settings
+from .store import ModelStore
+
+
+def main() -> int:
+    settings = Settings()
+    store = ModelStore(settings.model_store)
+    if not store.names():
+        sys.stderr.write(
+            f"The model store {store.root.resolve()} holds no model. Run `make export` first "
+            f"(or `python -m export lenet5 --out {store.root}`).\n"
+        )
+        return 2
+    command = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        "service.service:CNNClassifier",
+        "--host",
+        settings.http_host,
+        "--port",
+        str(settings.http_port),
+        "--working-dir",
+        str(Path(__file__).resolve().parent.parent),
+    ]
+    os.execv(sys.executable, command)
+    return 0  # pragma: no cover - execv does not return
+
+
+if __name__ == "__main__":
+    sys.exit(main())

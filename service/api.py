@@ -1,0 +1,248 @@
+"""The HTTP API: ``POST /classify`` and ``GET /models``, mounted into the BentoML service.
+
+A mounted ASGI app rather than a ``@bentoml.api`` because the body is the image file
+itself (``image/jpeg``, ...) or a multipart form, which BentoML's JSON-first APIs reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
+
+from .errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from .preprocess import preprocess
+from .repository import ModelEntry, Repository
+from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList
+
+logger = logging.getLogger(__name__)
+
+RAW_TYPES = ("image/", "application/octet-stream")
+CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                "description": "One or more image files, under any field name",
+            }
+        },
+    },
+}
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status_code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
+        return error_response(400, f"Invalid parameter: {problems}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("Unhandled error", exc_info=exc)
+        return error_response(500, f"Internal error ({type(exc).__name__}); the service logs say more")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(
+            f"Request body of {int(declared):,} bytes exceeds the limit of {limit:,} (MAX_BODY_BYTES)"
+        )
+    chunks, size = [], 0
+    stream: AsyncIterator[bytes] = request.stream()
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit:,} bytes (MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    request._body = body  # Starlette's form parser reads the cached body
+    return body
+
+
+async def read_images(request: Request, max_body: int, max_files: int) -> list[bytes]:
+    """The encoded images of a raw-body or multipart request, in order."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith(RAW_TYPES):
+        return [await _read_body(request, max_body)]
+    if content_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Unsupported Content-Type {content_type or '(none)'!r}: send the image file as the body with "
+            "Content-Type image/jpeg, image/png, ... or application/octet-stream, or as multipart/form-data files"
+        )
+    await _read_body(request, max_body)
+    try:
+        form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise PayloadTooLarge(f"Too many files: at most {max_files} per request (MAX_IMAGES_PER_REQUEST)") from None
+        raise InvalidInput(f"Malformed multipart body: {exc.message}") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        raise InvalidInput("The multipart form holds no file: send images as file fields, e.g. curl -F image=@cat.jpg")
+    if len(files) > max_files:
+        raise PayloadTooLarge(f"Too many files: {len(files)}, at most {max_files} per request (MAX_IMAGES_PER_REQUEST)")
+    return [await f.read() for f in files]
+
+
+def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
+    """The k best classes of one row, best first."""
+    k = min(k, probabilities.shape[0])
+    best = np.argpartition(-probabilities, k - 1)[:k]
+    best = best[np.argsort(-probabilities[best], kind="stable")]
+    return [{"label": labels[i], "index": int(i), "score": float(probabilities[i])} for i in best]
+
+
+class Classifier:
+    """The request path, shared by every front end: decode, batch, infer, rank."""
+
+    def __init__(self, repository: Repository, decoders: ThreadPoolExecutor) -> None:
+        self.repository = repository
+        self.settings = repository.settings
+        self.metrics = repository.metrics
+        self.decoders = decoders
+
+    async def preprocess(self, entry: ModelEntry, files: list[bytes]) -> np.ndarray:
+        assert entry.model is not None
+        spec, settings = entry.model.metadata.input, self.settings
+        loop = asyncio.get_running_loop()
+        decode = functools.partial(
+            preprocess, spec=spec, max_pixels=settings.max_image_pixels, draft=settings.jpeg_draft
+        )
+        arrays = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, data) for data in files))
+        return np.stack(arrays)
+
+    async def classify(self, entry: ModelEntry, files: list[bytes], k: int) -> list[list[dict[str, Any]]]:
+        assert entry.model is not None and entry.batcher is not None
+        labels = {"model": entry.name, "version": str(entry.version)}
+        started = time.perf_counter()
+        images = await self.preprocess(entry, files)
+        self.metrics.observe_stage(labels, "preprocess", time.perf_counter() - started)
+        _, probabilities = await entry.batcher.infer(images)
+        started = time.perf_counter()
+        results = [top_k(row, entry.model.labels, k) for row in probabilities]
+        self.metrics.observe_stage(labels, "postprocess", time.perf_counter() - started)
+        return results
+
+
+def model_info(repository: Repository, name: str) -> ModelInfo:
+    entry = repository.entries[name]
+    info: dict[str, Any] = {
+        "name": name,
+        "version": entry.version,
+        "versions": [v.version for v in repository.store.versions(name)] if entry.stored else [],
+        "status": entry.status,
+        "reason": entry.reason,
+    }
+    if entry.model is not None:
+        meta = entry.model.metadata
+        info |= {
+            "provider": entry.model.provider,
+            "input": meta.input.model_dump(),
+            "num_classes": meta.num_classes,
+            "num_params": meta.num_params,
+            "flops_per_image": meta.flops_per_image,
+            "weights": meta.weights,
+            "architecture": meta.architecture,
+            "verification": meta.verification,
+            "load_seconds": round(entry.model.load_seconds, 3),
+            "warmup_seconds": round(entry.model.warmup_seconds, 3),
+        }
+    return ModelInfo(**info)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="CNN classification",
+        description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime.",
+        version="0.1.0",
+    )
+    install_error_handlers(app)
+
+    def classifier(request: Request) -> Classifier:
+        found: Classifier | None = getattr(request.app.state, "classifier", None)
+        if found is None:
+            raise ServiceError("The service is starting: no model repository yet")
+        return found
+
+    @app.post(
+        "/classify",
+        response_model=ClassifyResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": CLASSIFY_BODY},
+        summary="Classify one or more images",
+    )
+    async def classify(
+        request: Request,
+        model: Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")] = None,
+        top_k: Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")] = 5,
+        version: Annotated[int | None, Query(ge=1, description="Model version; default the loaded one")] = None,
+    ) -> JSONResponse:
+        """The body is the image file itself (`Content-Type: image/jpeg`, `image/png`, ...,
+        or `application/octet-stream`), or `multipart/form-data` with one or more files."""
+        service = classifier(request)
+        settings = service.settings
+        if top_k > settings.max_top_k:
+            raise InvalidInput(f"top_k={top_k} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
+        # Unresolved requests are counted under model="" so that client-chosen names never become labels.
+        labels = {"model": "", "version": "", "protocol": "http"}
+        started = time.perf_counter()
+        try:
+            entry = service.repository.get(model, version)
+            labels |= {"model": entry.name, "version": str(entry.version)}
+            files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
+            results = await service.classify(entry, files, top_k)
+        except ServiceError as exc:
+            outcome = "4xx" if exc.status_code < 500 else "5xx"
+            service.metrics.requests.labels(**labels, outcome=outcome).inc()
+            raise
+        except Exception:
+            service.metrics.requests.labels(**labels, outcome="5xx").inc()
+            raise
+        service.metrics.requests.labels(**labels, outcome="2xx").inc()
+        service.metrics.images.labels(**labels).inc(len(results))
+        service.metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)
+        body = {
+            "model": entry.name,
+            "version": str(entry.version),
+            "results": [{"predictions": predictions} for predictions in results],
+        }
+        return JSONResponse(body)
+
+    @app.get("/models", response_model=ModelList, summary="Every model, its state and its metadata")
+    async def models(request: Request) -> ModelList:
+        repository = classifier(request).repository
+        return ModelList(
+            default_model=repository.default_model,
+            models=[model_info(repository, name) for name in repository.entries],
+        )
+
+    return app

@@ -1,0 +1,156 @@
+"""Dynamic batching: concurrent requests for one model share one ONNX Runtime call.
+
+One batcher per loaded model version, one session call at a time (Triton's default of
+one instance per model). While a call runs, requests queue; when it returns, the queue
+is drained into the next call, up to ``max_batch_size`` images. So batches grow with the
+load by themselves, and an idle model answers a lone request after at most
+``max_delay`` (spent waiting for company). Requests for different models never meet in
+one call. Past ``max_queue_images`` waiting images a request is refused with 503 at once
+rather than left to time out: load shedding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import Overloaded
+
+logger = logging.getLogger(__name__)
+
+Outputs = tuple[np.ndarray, np.ndarray]
+RunFn = Callable[[np.ndarray], Outputs]
+
+
+@dataclass
+class BatchStats:
+    """What one session call did, for the metrics."""
+
+    size: int
+    requests: int
+    queue_seconds: list[float]
+    inference_seconds: float
+
+
+@dataclass
+class _Pending:
+    images: np.ndarray
+    future: asyncio.Future[Outputs]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        name: str,
+        run: RunFn,
+        *,
+        max_batch_size: int,
+        max_delay: float,
+        max_queue_images: int,
+        on_batch: Callable[[BatchStats], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._run = run
+        self.max_batch_size = max_batch_size
+        self.max_delay = max_delay
+        self.max_queue_images = max_queue_images
+        self._on_batch = on_batch
+        self._queue: deque[_Pending] = deque()
+        self._queued_images = 0
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    async def infer(self, images: np.ndarray) -> Outputs:
+        """Run ``images`` [N, H, W, C] in the next batches; returns this request's rows only."""
+        chunks = [images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
+        if self._queued_images + len(images) > self.max_queue_images:
+            raise Overloaded(
+                f"Model {self.name!r} has {self._queued_images} images waiting (limit {self.max_queue_images}); "
+                "retry shortly"
+            )
+        results = await asyncio.gather(*(self._submit(chunk) for chunk in chunks))
+        if len(results) == 1:
+            return results[0]
+        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+
+    def _submit(self, images: np.ndarray) -> asyncio.Future[Outputs]:
+        loop = asyncio.get_running_loop()
+        if self._worker is None or self._worker.done():
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._serve(), name=f"batcher-{self.name}")
+        pending = _Pending(images, loop.create_future())
+        self._queue.append(pending)
+        self._queued_images += pending.size
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return pending.future
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        size = 0
+        while self._queue and (not batch or size + self._queue[0].size <= self.max_batch_size):
+            pending = self._queue.popleft()
+            self._queued_images -= pending.size
+            if pending.future.cancelled():  # the client went away while queued
+                continue
+            batch.append(pending)
+            size += pending.size
+        return batch
+
+    async def _serve(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue:
+                if self.max_delay > 0 and self._queued_images < self.max_batch_size:
+                    await asyncio.sleep(self.max_delay)
+                batch = self._take_batch()
+                if batch:
+                    await self._run_batch(loop, batch)
+
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        try:
+            logits, probabilities = await loop.run_in_executor(self._executor, self._run, images)
+        except Exception as exc:
+            logger.exception("%s: inference failed for a batch of %d", self.name, len(images))
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+            return
+        finished = time.perf_counter()
+        offset = 0
+        for pending in batch:
+            rows = slice(offset, offset + pending.size)
+            offset += pending.size
+            if not pending.future.done():
+                pending.future.set_result((logits[rows], probabilities[rows]))
+        if self._on_batch is not None:
+            queue_seconds = [started - p.enqueued for p in batch]
+            self._on_batch(BatchStats(len(images), len(batch), queue_seconds, finished - started))
+
+    async def close(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._executor.shutdown(wait=True)

@@ -1,0 +1,43 @@
+"""Typed errors that carry their HTTP status; mapped to ``{"error": ...}`` once, at the edge."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    """The client sent something we cannot use: an undecodable image, a bad parameter."""
+
+    status_code = 400
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+
+    def __init__(self, name: str, available: list[str], version: int | None = None) -> None:
+        what = f"model {name!r}" if version is None else f"version {version} of model {name!r}"
+        super().__init__(f"Unknown {what}; available: {', '.join(available) or 'none'}")
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+
+
+class ModelNotReady(ServiceError):
+    status_code = 503
+
+
+class Overloaded(ServiceError):
+    """Load shedding: the model's queue is full; the client should retry later."""
+
+    status_code = 503

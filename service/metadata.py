@@ -1,0 +1,43 @@
+"""What the service reads from a version's ``metadata.json`` (written by the export stage)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class InputMeta(BaseModel):
+    """The geometric preprocessing; the arithmetic part (mean, std) lives inside the graph."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    size: int = Field(gt=0)
+    channels: Literal[1, 3]
+    resize: int = Field(gt=0)
+    crop: int = Field(gt=0)
+    interpolation: Literal["bilinear"] = "bilinear"
+    polarity: Literal["any", "light-on-dark"] = "any"
+    mean: list[float]
+    std: list[float]
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> InputMeta:
+        if self.crop > self.resize or self.crop != self.size:
+            raise ValueError(f"crop {self.crop} must equal size {self.size} and not exceed resize {self.resize}")
+        return self
+
+
+class ModelMetadata(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+    version: int
+    num_params: int
+    flops_per_image: int
+    num_classes: int = Field(gt=0)
+    input: InputMeta
+    weights: dict[str, Any]
+    architecture: dict[str, Any]
+    onnx: dict[str, Any]
+    verification: dict[str, Any] = Field(default_factory=dict)

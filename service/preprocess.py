@@ -1,0 +1,115 @@
+"""Encoded image bytes -> the uint8 pixels a graph takes, as torchvision's eval transform makes them.
+
+For the ImageNet releases that is ``Resize(256, bilinear)`` then ``CenterCrop(224)`` on
+the RGB image; for LeNet-5, grayscale at 32x32 with light strokes on a dark ground. All
+sizes come from the model's metadata. The resize only computes the pixels the crop keeps
+(Pillow's ``box``), which equals resize-then-crop up to interpolation rounding and is much
+cheaper for large or very elongated images.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import InvalidInput, PayloadTooLarge
+from .metadata import InputMeta
+
+_ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
+_WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# DCT scaling keeps at least this multiple of the resize target, so the bilinear
+# resize still does the final, anti-aliased reduction.
+_DRAFT_FACTOR = 2
+
+
+def open_image(data: bytes, max_pixels: int, *, draft_to: int | None = None) -> Image.Image:
+    """Decode ``data`` (first frame), EXIF-oriented; the size is checked before decoding."""
+    if not data:
+        raise InvalidInput("Empty image: the request carried no bytes where an image was expected")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"Image of {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
+                    "(MAX_IMAGE_PIXELS)"
+                )
+            if draft_to is not None and image.format == "JPEG":
+                image.draft("RGB", (draft_to * _DRAFT_FACTOR, draft_to * _DRAFT_FACTOR))
+            image.load()
+            return ImageOps.exif_transpose(image) or image
+    except PayloadTooLarge:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"Image rejected as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError:
+        raise InvalidInput(
+            "Cannot decode the image: not a format Pillow reads (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidInput(f"Cannot decode the image: {exc}") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit and float grayscale -> 8-bit, scaling the range rather than clipping it."""
+    array = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode != "F" else max(float(array.max()), 1.0)
+    if image.mode == "F" and array.min() >= 0 and top <= 1.0:
+        top = 1.0
+    return Image.fromarray(np.clip(array * (255.0 / top), 0, 255).round().astype(np.uint8), mode="L")
+
+
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """RGB or L, with transparency composited over white and wide grayscale rescaled."""
+    if image.mode in _WIDE_MODES:
+        image = _to_8bit(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB" if channels == 3 else "L")
+
+
+def crop_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
+    """The source region that ``Resize(resize)`` + ``CenterCrop(crop)`` keep, in source pixels.
+
+    Sizes are computed as torchvision computes them (the long side truncated, the crop
+    offset rounded), so the region matches its transform.
+    """
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_w, new_h = int(resize * width / height), resize
+    top = round((new_h - crop) / 2.0)
+    left = round((new_w - crop) / 2.0)
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+
+
+def resize_and_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
+    box = crop_box(image.width, image.height, resize, crop)
+    return image.resize((crop, crop), Image.Resampling.BILINEAR, box=box)
+
+
+def preprocess(data: bytes, spec: InputMeta, *, max_pixels: int, draft: bool = True) -> np.ndarray:
+    """Encoded image -> uint8 array ``[size, size, channels]``, ready for the graph's ``images``."""
+    image = open_image(data, max_pixels, draft_to=spec.resize if draft else None)
+    image = resize_and_crop(to_mode(image, spec.channels), spec.resize, spec.crop)
+    pixels = np.asarray(image, dtype=np.uint8)
+    if spec.channels == 1:
+        pixels = pixels[:, :, None]
+    if spec.polarity == "light-on-dark" and _border_mean(pixels) > 127:
+        pixels = 255 - pixels  # a dark drawing on a light ground
+    return np.ascontiguousarray(pixels)
+
+
+def _border_mean(pixels: np.ndarray) -> float:
+    border = np.concatenate([pixels[0].ravel(), pixels[-1].ravel(), pixels[:, 0].ravel(), pixels[:, -1].ravel()])
+    return float(border.mean())

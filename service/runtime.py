@@ -1,0 +1,138 @@
+"""ONNX Runtime sessions for the store's models: provider choice, tuning, warm-up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+import onnxruntime as ort
+
+from .metadata import ModelMetadata
+from .settings import Settings
+from .store import ModelStore, StoredVersion
+
+logger = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("logits", "probabilities")
+
+
+class ModelLoadError(RuntimeError):
+    """A model version cannot be served; the message is shown by /models and /readyz."""
+
+
+@cache
+def gpu_count() -> int:
+    """GPUs the NVIDIA driver reports; 0 without a driver (onnxruntime-gpu lists CUDA regardless)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library, no device: all mean no usable GPU
+        return 0
+
+
+def wanted_providers(choice: str) -> list[str]:
+    if choice == "cpu":
+        return [CPU]
+    if choice == "cuda" or (CUDA in ort.get_available_providers() and gpu_count() > 0):
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def session_options(settings: Settings) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = settings.session_threads
+    options.inter_op_num_threads = settings.inter_op_threads
+    spin = "1" if settings.ort_spinning else "0"
+    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    options.log_severity_level = 3  # errors only: the CUDA provider's probing is noisy
+    return options
+
+
+@dataclass
+class LoadedModel:
+    """One model version with its session, labels and timings."""
+
+    stored: StoredVersion
+    metadata: ModelMetadata
+    labels: list[str]
+    session: ort.InferenceSession
+    provider: str
+    load_seconds: float
+    warmup_seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.stored.name
+
+    @property
+    def version(self) -> int:
+        return self.stored.version
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``images`` uint8 [N, H, W, C] -> (logits, probabilities), each float32 [N, classes]."""
+        logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return logits, probabilities
+
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run every batch size once, so the first client request pays no allocation or kernel set-up."""
+        spec = self.metadata.input
+        started = time.perf_counter()
+        for batch in batch_sizes:
+            self.run(np.zeros((batch, spec.size, spec.size, spec.channels), dtype=np.uint8))
+        self.warmup_seconds = time.perf_counter() - started
+
+
+def _check_graph(session: ort.InferenceSession, metadata: ModelMetadata, labels: list[str]) -> None:
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    spec = metadata.input
+    if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
+        raise ModelLoadError(f"graph has no uint8 input {INPUT_NAME!r} (inputs: {sorted(inputs)})")
+    if list(inputs[INPUT_NAME].shape[1:]) != [spec.size, spec.size, spec.channels]:
+        raise ModelLoadError(f"graph input shape {inputs[INPUT_NAME].shape} does not match the metadata's input spec")
+    for name in OUTPUT_NAMES:
+        if name not in outputs or outputs[name].shape[-1] != metadata.num_classes:
+            raise ModelLoadError(f"graph output {name!r} missing or not {metadata.num_classes} wide")
+    if len(labels) != metadata.num_classes:
+        raise ModelLoadError(f"labels.txt has {len(labels)} names for {metadata.num_classes} classes")
+
+
+def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> LoadedModel:
+    """Open one version; raises :class:`ModelLoadError` with a reason a person can act on."""
+    started = time.perf_counter()
+    try:
+        metadata = ModelMetadata.model_validate(stored.read_metadata())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{stored.metadata_path} is missing") from None
+    except ValueError as exc:  # JSON and pydantic validation errors
+        raise ModelLoadError(f"{stored.metadata_path} is invalid: {str(exc).splitlines()[0]}") from None
+    if not stored.graph.is_file():
+        raise ModelLoadError(f"{stored.graph} is missing")
+    try:
+        labels = store.read_labels(stored.name)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read labels: {exc}") from None
+    providers = wanted_providers(settings.providers)
+    try:
+        session = ort.InferenceSession(str(stored.graph), session_options(settings), providers=providers)
+    except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
+        raise ModelLoadError(f"ONNX Runtime cannot load {stored.graph}: {exc}") from None
+    provider = session.get_providers()[0]
+    if settings.providers == "cuda" and provider != CUDA:
+        raise ModelLoadError("PROVIDERS=cuda, but the CUDA execution provider did not take the session")
+    _check_graph(session, metadata, labels)
+    return LoadedModel(stored, metadata, labels, session, provider, time.perf_counter() - started)

@@ -1,0 +1,62 @@
+"""Response bodies of the HTTP API (they also document it in the OpenAPI page)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Prediction(BaseModel):
+    label: str = Field(examples=["tabby"])
+    index: int = Field(description="Class index: the output row and the line of labels.txt", examples=[281])
+    score: float = Field(description="Softmax probability", examples=[0.91])
+
+
+class ImageResult(BaseModel):
+    predictions: list[Prediction]
+
+
+class ClassifyResponse(BaseModel):
+    model: str = Field(examples=["resnet50"])
+    version: str = Field(examples=["1"])
+    results: list[ImageResult] = Field(description="One entry per image, in request order")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="What was wrong, and what would be right")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int | None
+    versions: list[int] = Field(description="Versions present in the store")
+    status: str = Field(description="loading, ready or failed")
+    reason: str | None = Field(None, description="Why the model is not ready")
+    provider: str | None = Field(None, description="ONNX Runtime execution provider serving it")
+    input: dict[str, Any] | None = None
+    num_classes: int | None = None
+    num_params: int | None = None
+    flops_per_image: int | None = None
+    weights: dict[str, Any] | None = None
+    architecture: dict[str, Any] | None = None
+    verification: dict[str, Any] | None = None
+    load_seconds: float | None = None
+    warmup_seconds: float | None = None
+
+
+class ModelList(BaseModel):
+    default_model: str | None
+    models: list[ModelInfo]
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Undecodable image or invalid parameter",
+        404: "Unknown model or version (the message lists the available ones)",
+        413: "Body, image or number of files over the limit",
+        415: "Unsupported Content-Type",
+        503: "Model not ready, or shedding load: retry later",
+    }.items()
+}

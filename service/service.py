@@ -1,0 +1,61 @@
+"""The BentoML service: ``bentoml serve service.service:CNNClassifier`` (``make serve``).
+
+BentoML provides the server, its workers, ``/livez``, ``/readyz``, ``/metrics`` and the
+OpenAPI page; the mounted FastAPI app (``service.api``) provides the API; the
+:class:`~service.repository.Repository` owns the ONNX Runtime sessions and batchers.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import bentoml
+
+from .api import Classifier, create_app
+from .metrics import get_metrics
+from .repository import Repository
+from .settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def _configure_logging() -> None:
+    """BentoML configures its own loggers only; give ours the same destination and format."""
+    package = logging.getLogger("service")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        package.propagate = False
+
+
+_configure_logging()
+settings = get_settings()
+app = create_app()
+
+
+@bentoml.service(
+    name="cnn_classifier",
+    workers=settings.workers,
+    traffic={"timeout": 60},
+    http={"port": settings.http_port, "host": settings.http_host},
+)
+@bentoml.asgi_app(app, path="/")
+class CNNClassifier:
+    """Image classification with the classic CNNs on ONNX Runtime, batched per model."""
+
+    def __init__(self) -> None:
+        self.repository = Repository(settings, get_metrics())
+        self.decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
+        app.state.classifier = Classifier(self.repository, self.decoders)
+        self.repository.start()  # loads and warms up in the background; /readyz waits for it
+
+    def __is_ready__(self) -> bool:
+        return self.repository.ready
+
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
+        await self.repository.close()
+        self.decoders.shutdown(wait=False)

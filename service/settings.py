@@ -1,0 +1,86 @@
+"""Every knob of the service, read once from the environment and validated at start-up."""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+class Settings(BaseSettings):
+    """Environment variables, by their upper-case names (``HTTP_PORT=3100``)."""
+
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    http_host: str = Field("0.0.0.0", description="Address the HTTP server binds.")
+    http_port: int = Field(3000, ge=1, le=65535, description="HTTP port: /classify, /models, health, metrics.")
+    model_store: Path = Field(Path("model_store"), description="The model store written by `make export`.")
+    models: str = Field(
+        "", description="Comma-separated models to load, `name` or `name:version`; empty = every model in the store."
+    )
+    default_model: str = Field(
+        "", description="Model for requests without ?model=; empty = resnet50 if loaded, else the first."
+    )
+    providers: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto: CUDA where a GPU really works, else CPU; cuda: fail a model that cannot use CUDA."
+    )
+    workers: int = Field(1, ge=1, description="BentoML worker processes (each loads every model).")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = cores / workers.")
+    inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads (sequential execution).")
+    ort_spinning: bool = Field(False, description="Let ONNX Runtime threads spin when idle (steals CPU from decoding).")
+    decode_threads: int = Field(0, ge=0, description="Threads decoding images; 0 = cores / workers.")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per ONNX Runtime call.")
+    max_batch_delay_ms: float = Field(
+        2.0, ge=0, le=1000, description="How long a batch waits for more requests once the runtime is free."
+    )
+    max_queue_images: int = Field(512, ge=1, description="Images waiting per model beyond which requests get 503.")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Largest decoded image, width x height, checked before decoding (413 above)."
+    )
+    max_images_per_request: int = Field(64, ge=1, description="Most files in one multipart request (413 above).")
+    max_top_k: int = Field(1000, ge=1, description="Largest top_k accepted (400 above).")
+    jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
+    warmup_batches: tuple[int, ...] = Field(
+        (1, 8), description="Batch sizes each model is run at before /readyz is ready."
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        return ",".join(part.strip() for part in value.split(",") if part.strip())
+
+    def requested_models(self) -> dict[str, int | None]:
+        """``MODELS`` as {name: pinned version or None}; empty = all in the store."""
+        requested: dict[str, int | None] = {}
+        for part in filter(None, self.models.split(",")):
+            name, _, version = part.partition(":")
+            if version and not version.isdigit():
+                raise ValueError(f"MODELS entry {part!r}: the version after ':' must be a positive integer")
+            requested[name] = int(version) if version else None
+        return requested
+
+    @property
+    def session_threads(self) -> int:
+        return self.intra_op_threads or max(1, cpu_count() // self.workers)
+
+    @property
+    def decoder_threads(self) -> int:
+        return self.decode_threads or max(1, cpu_count() // self.workers)
+
+
+@cache
+def get_settings() -> Settings:
+    return Settings()
