@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("model_store"), help="the model store (default: %(default)s)")
     parser.add_argument("--data", choices=["digits", "mnist"], default="digits", help="LeNet-5 training data")
     parser.add_argument("--data-dir", type=Path, help="where the MNIST IDX files are or are downloaded to")
-    parser.add_argument("--epochs", type=int, default=60, help="LeNet-5 training epochs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=40, help="LeNet-5 training epochs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for training and random weights")
     parser.add_argument("--markdown", action="store_true", help="with 'list': a Markdown table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -9,6 +9,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ class ExportOptions:
     data: str = "digits"
     data_dir: Path | None = None
     seed: int = 0
-    epochs: int = 60
+    epochs: int = 40
     progress: bool = True
     cache_dir: Path | None = None  # torch hub's checkpoints directory by default
 
@@ -50,17 +51,25 @@ def _weights_kind(spec: ModelSpec, options: ExportOptions) -> WeightsKind:
     return kind
 
 
+def _build_with(spec: ModelSpec, state: Mapping[str, torch.Tensor], provenance: Provenance) -> torch.nn.Module:
+    try:
+        return spec.build(state).eval()
+    except RuntimeError as exc:  # load_state_dict(strict=True): missing, unexpected or mis-shaped keys
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"{provenance.file or provenance.url} does not fit {spec.name}: {detail}") from None
+
+
 def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Module, Provenance]:
     """The PyTorch model with its weights, in eval mode, and where the weights came from."""
     kind = _weights_kind(spec, options)
     if kind == "imagenet":
         assert spec.released is not None
         state, provenance = released_state_dict(spec.released, options.cache_dir, options.progress)
-        return spec.build(state).eval(), provenance
+        return _build_with(spec, state, provenance), provenance
     if kind == "file":
         assert options.weights_file is not None
         state, provenance = file_state_dict(options.weights_file)
-        return spec.build(state).eval(), provenance
+        return _build_with(spec, state, provenance), provenance
     torch.manual_seed(options.seed)
     model = spec.build()
     if kind == "random":

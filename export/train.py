@@ -108,14 +108,25 @@ def load_mnist_dataset(data_dir: Path) -> Dataset:
     )
 
 
-def _normalise(x: np.ndarray, mean: float, std: float) -> Tensor:
-    return (torch.from_numpy(x).float().unsqueeze(1) / 255.0 - mean) / std
+def _pixels(x: np.ndarray) -> Tensor:
+    return torch.from_numpy(x).float().unsqueeze(1) / 255.0  # N x 1 x 32 x 32 in [0, 1]
 
 
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random shifts of up to 2 pixels, so that a digit drawn off-centre still reads."""
-    shifts = torch.randint(-2, 3, (2,), generator=generator).tolist()
-    return torch.roll(x, shifts=shifts, dims=(2, 3))
+    """Random zoom-out (digits drawn smaller, with a margin), shifts and slight rotations.
+
+    Applied to pixels in [0, 1] so that the area uncovered is the black ground. Without
+    it the network only knows digits that fill the frame, and reads a digit drawn with a
+    margin on a canvas at about 70%.
+    """
+    n = x.shape[0]
+    zoom = torch.empty(n).uniform_(0.95, 1.7, generator=generator)  # > 1: the digit shrinks
+    angle = torch.empty(n).uniform_(-0.17, 0.17, generator=generator)  # about +-10 degrees
+    shift = torch.empty(n, 2).uniform_(-0.2, 0.2, generator=generator)
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
@@ -131,7 +142,7 @@ def train_lenet(
     mean: float,
     std: float,
     *,
-    epochs: int = 60,
+    epochs: int = 40,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
@@ -140,8 +151,8 @@ def train_lenet(
     """Train ``model`` in place with Adam and a cosine schedule; returns what to record."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    x_train, y_train = _normalise(data.x_train, mean, std), torch.from_numpy(data.y_train)
-    x_test, y_test = _normalise(data.x_test, mean, std), torch.from_numpy(data.y_test)
+    x_train, y_train = _pixels(data.x_train), torch.from_numpy(data.y_train)
+    x_test, y_test = (_pixels(data.x_test) - mean) / std, torch.from_numpy(data.y_test)
     optimiser = torch.optim.Adam(model.parameters(), lr=lr)
     steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=epochs * steps_per_epoch)
@@ -151,7 +162,8 @@ def train_lenet(
         order = torch.randperm(len(x_train), generator=generator)
         for i in range(0, len(order), batch_size):
             batch = order[i : i + batch_size]
-            loss = F.cross_entropy(model(_augment(x_train[batch], generator)), y_train[batch])
+            inputs = (_augment(x_train[batch], generator) - mean) / std
+            loss = F.cross_entropy(model(inputs), y_train[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
