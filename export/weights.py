@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,7 +87,11 @@ def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, prog
 
 def load_state_dict(path: Path) -> Mapping[str, Tensor]:
     """A plain ``torch.save(model.state_dict())`` file, read without unpickling code."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()[-1] if str(exc) else "not a torch file"
+        raise ValueError(f"{path} holds more than tensors; refusing to unpickle it ({reason})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
     return state
