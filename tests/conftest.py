@@ -1,0 +1,36 @@
+"""Session fixtures: a model store written by the real export stage, and the real service on it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.store import ModelStore
+
+from .helpers import ServiceProcess
+
+# Exported once per test session: the trained LeNet-5 and one ImageNet network with
+# seeded random weights (real weights cannot be downloaded here).
+STORE_MODELS = {"lenet5": "trained", "resnet18": "random"}
+
+
+@pytest.fixture(scope="session")
+def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    from export.pipeline import ExportOptions, export_model
+
+    store = ModelStore(tmp_path_factory.mktemp("model_store"))
+    for name, weights in STORE_MODELS.items():
+        export_model(name, store, ExportOptions(weights=weights, progress=False))  # type: ignore[arg-type]
+    return store
+
+
+@pytest.fixture(scope="session")
+def service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The service on the session store; 'ghost' is requested but absent, so it is listed as failed."""
+    log = tmp_path_factory.mktemp("logs") / "service.log"
+    process = ServiceProcess(Path(model_store.root), log, MODELS="lenet5,resnet18,ghost", DEFAULT_MODEL="resnet18")
+    process.start()
+    yield process
+    process.stop()

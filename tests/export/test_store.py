@@ -1,0 +1,85 @@
+"""The store the export writes: versions, metadata, labels, Triton's configuration."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from export.pipeline import ExportOptions, export_model
+from export.registry import get_model_spec, list_models
+from service.metadata import ModelMetadata
+from service.store import ModelStore
+
+from ..helpers import ROOT, free_port
+
+
+def test_metadata_describes_the_graph(model_store: ModelStore) -> None:
+    for name in ("lenet5", "resnet18"):
+        latest = model_store.latest(name)
+        assert latest is not None
+        raw = latest.read_metadata()
+        metadata = ModelMetadata.model_validate(raw)  # what the service will read
+        spec = get_model_spec(name)
+        assert metadata.num_params == spec.num_params and metadata.num_classes == len(spec.categories)
+        assert metadata.input.size == spec.input.size and list(metadata.input.mean) == list(spec.input.mean)
+        assert raw["onnx"]["sha256"] == hashlib.sha256(latest.graph.read_bytes()).hexdigest()
+        assert raw["onnx"]["opset"] >= 18 and raw["flops_per_image"] > 0
+        assert raw["verification"]["top1_agreement"] == 1.0
+        assert raw["verification"]["max_abs_diff_probabilities"] <= 1e-4
+        assert raw["architecture"]["paper"] and raw["exported_at"]
+        assert model_store.read_labels(name) == list(spec.categories)
+        config = (model_store.model_dir(name) / "config.pbtxt").read_text()
+        assert 'platform: "onnxruntime_onnx"' in config and "dynamic_batching" in config
+        assert f"dims: [{spec.input.size}, {spec.input.size}, {spec.input.channels}]" in config
+    assert model_store.latest("resnet18").read_metadata()["weights"]["kind"] == "random"  # type: ignore[union-attr]
+
+
+def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    first = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
+    second = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
+    assert (first.version, second.version) == (1, 2)
+    assert [v.version for v in store.versions("lenet5")] == [1, 2]
+    assert not [p for p in store.model_dir("lenet5").iterdir() if p.name.startswith(".staging")]
+
+
+def test_trained_weights_are_refused_for_imagenet_networks(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="takes --weights imagenet or random"):
+        export_model("resnet18", ModelStore(tmp_path), ExportOptions(weights="trained", progress=False))
+
+
+def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_cli_help_and_list() -> None:
+    help_text = _run_cli("--help").stdout
+    for option in ("--weights", "--weights-file", "--out", "--data", "--data-dir", "all", "list"):
+        assert option in help_text
+    table = _run_cli("list").stdout
+    for name in list_models():
+        assert f"{name} " in table
+    assert "25,557,032" in table  # resnet50's parameter count, from the registry
+
+
+def test_cli_unknown_model_fails_with_the_known_names() -> None:
+    result = _run_cli("resnet5", "--out", "/nonexistent")
+    assert result.returncode == 2 and "available: lenet5" in result.stderr
+
+
+def test_export_all_offline_trains_lenet5_and_skips_the_rest_with_reasons(tmp_path: Path) -> None:
+    # No weights can be fetched: the proxy is a closed local port, and the hub cache is empty.
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": closed, "HTTPS_PROXY": closed}
+    result = _run_cli("all", "--out", str(tmp_path / "store"), "--epochs", "2", "--no-progress", env=env)
+    assert result.returncode == 0, result.stderr
+    assert ModelStore(tmp_path / "store").names() == ["lenet5"]
+    assert "skipped, weights not available here: alexnet" in result.stderr
+    assert "--weights-file" in result.stderr and "--weights random" in result.stderr

@@ -1,0 +1,91 @@
+"""The dynamic batcher on its own, with a stand-in for the session call."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service.batching import BatchStats, DynamicBatcher
+from service.errors import Overloaded
+
+
+def echo_run(calls: list[int], delay: float = 0.02):  # type: ignore[no-untyped-def]
+    """A 'model' whose logits echo each image's first pixel, so rows can be traced back."""
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(images))
+        time.sleep(delay)
+        first = images.reshape(len(images), -1)[:, :1].astype(np.float32)
+        return first, first * 2
+
+    return run
+
+
+def images(value: int, n: int = 1) -> np.ndarray:
+    return np.full((n, 2, 2, 1), value, dtype=np.uint8)
+
+
+async def _gather(batcher: DynamicBatcher, requests: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    return await asyncio.gather(*(batcher.infer(r) for r in requests))
+
+
+def test_concurrent_requests_share_calls_and_get_their_own_rows() -> None:
+    calls: list[int] = []
+    stats: list[BatchStats] = []
+    batcher = DynamicBatcher(
+        "m", echo_run(calls), max_batch_size=8, max_delay=0.001, max_queue_images=100, on_batch=stats.append
+    )
+    requests = [images(i, n=1 + i % 3) for i in range(30)]
+    results = asyncio.run(_gather(batcher, requests))
+    for i, (logits, probabilities) in enumerate(results):
+        assert logits.shape == (1 + i % 3, 1) and np.all(logits == i) and np.all(probabilities == 2 * i)
+    assert sum(calls) == sum(len(r) for r in requests)
+    assert max(calls) > 1 and max(calls) <= 8  # batched, never past the limit
+    assert len(calls) < len(requests)
+    assert sum(s.requests for s in stats) == len(requests)
+
+
+def test_a_request_larger_than_the_batch_limit_is_split() -> None:
+    calls: list[int] = []
+    batcher = DynamicBatcher("m", echo_run(calls), max_batch_size=4, max_delay=0, max_queue_images=100)
+    logits, _ = asyncio.run(batcher.infer(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)))
+    assert logits.ravel().tolist() == list(range(10)) and max(calls) <= 4
+
+
+def test_a_full_queue_sheds_load() -> None:
+    calls: list[int] = []
+    batcher = DynamicBatcher("m", echo_run(calls, delay=0.2), max_batch_size=2, max_delay=0, max_queue_images=4)
+
+    async def scenario() -> list[object]:
+        return await asyncio.gather(*(batcher.infer(images(i)) for i in range(10)), return_exceptions=True)
+
+    outcomes = asyncio.run(scenario())
+    shed = [o for o in outcomes if isinstance(o, Overloaded)]
+    served = [o for o in outcomes if isinstance(o, tuple)]
+    assert shed and served and len(shed) + len(served) == 10
+    assert "retry" in str(shed[0])
+
+
+def test_a_failing_call_fails_its_batch_only() -> None:
+    failures = threading.Event()
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if not failures.is_set():
+            failures.set()
+            raise RuntimeError("boom")
+        out = np.zeros((len(batch), 1), dtype=np.float32)
+        return out, out
+
+    batcher = DynamicBatcher("m", run, max_batch_size=4, max_delay=0, max_queue_images=100)
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.infer(images(1))
+        logits, _ = await batcher.infer(images(2))  # the next request is served
+        assert logits.shape == (1, 1)
+
+    asyncio.run(scenario())
