@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     max_top_k: int = Field(1000, ge=1, description="Largest top_k accepted (400 above).")
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
     warmup_batches: tuple[int, ...] = Field(
-        (1, 8), description="Batch sizes each model is run at before /readyz is ready."
+        (1, 8), description="Batch sizes each model runs once before /readyz says ready."
     )
 
     @field_validator("models")
