@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast lint lock clean
+.PHONY: setup export serve test test-fast lint lock proto clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test: lint
 
 test-fast: setup
 	$(BIN)/pytest -m 'not slow'
+
+# The Open Inference Protocol's Python modules (checked in; a test checks they match the .proto).
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		service/protocol/grpc_predict_v2.proto
 
 # Regenerate the pins of every transitive dependency from the current environment.
 lock:
