@@ -6,15 +6,12 @@ itself (``image/jpeg``, ...) or a multipart form, which BentoML's JSON-first API
 
 from __future__ import annotations
 
-import asyncio
-import functools
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,10 +19,14 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from .classifier import Classifier
 from .errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from .preprocess import preprocess
-from .repository import ModelEntry, Repository
+from .grpc_server import start_grpc_server
+from .http_body import read_body
+from .oip import OipHandler
+from .repository import Repository
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList
+from .v2_http import router as v2_router
 
 logger = logging.getLogger(__name__)
 
@@ -70,35 +71,17 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail))
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"Request body of {int(declared):,} bytes exceeds the limit of {limit:,} (MAX_BODY_BYTES)"
-        )
-    chunks, size = [], 0
-    stream: AsyncIterator[bytes] = request.stream()
-    async for chunk in stream:
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit:,} bytes (MAX_BODY_BYTES)")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette's form parser reads the cached body
-    return body
-
-
 async def read_images(request: Request, max_body: int, max_files: int) -> list[bytes]:
     """The encoded images of a raw-body or multipart request, in order."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type.startswith(RAW_TYPES):
-        return [await _read_body(request, max_body)]
+        return [await read_body(request, max_body)]
     if content_type != "multipart/form-data":
         raise UnsupportedMediaType(
             f"Unsupported Content-Type {content_type or '(none)'!r}: send the image file as the body with "
             "Content-Type image/jpeg, image/png, ... or application/octet-stream, or as multipart/form-data files"
         )
-    await _read_body(request, max_body)
+    await read_body(request, max_body)
     try:
         form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
     except MultiPartException as exc:
@@ -111,46 +94,6 @@ async def read_images(request: Request, max_body: int, max_files: int) -> list[b
     if len(files) > max_files:
         raise PayloadTooLarge(f"Too many files: {len(files)}, at most {max_files} per request (MAX_IMAGES_PER_REQUEST)")
     return [await f.read() for f in files]
-
-
-def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
-    """The k best classes of one row, best first."""
-    k = min(k, probabilities.shape[0])
-    best = np.argpartition(-probabilities, k - 1)[:k]
-    best = best[np.argsort(-probabilities[best], kind="stable")]
-    return [{"label": labels[i], "index": int(i), "score": float(probabilities[i])} for i in best]
-
-
-class Classifier:
-    """The request path, shared by every front end: decode, batch, infer, rank."""
-
-    def __init__(self, repository: Repository, decoders: ThreadPoolExecutor) -> None:
-        self.repository = repository
-        self.settings = repository.settings
-        self.metrics = repository.metrics
-        self.decoders = decoders
-
-    async def preprocess(self, entry: ModelEntry, files: list[bytes]) -> np.ndarray:
-        assert entry.model is not None
-        spec, settings = entry.model.metadata.input, self.settings
-        loop = asyncio.get_running_loop()
-        decode = functools.partial(
-            preprocess, spec=spec, max_pixels=settings.max_image_pixels, draft=settings.jpeg_draft
-        )
-        arrays = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, data) for data in files))
-        return np.stack(arrays)
-
-    async def classify(self, entry: ModelEntry, files: list[bytes], k: int) -> list[list[dict[str, Any]]]:
-        assert entry.model is not None and entry.batcher is not None
-        labels = {"model": entry.name, "version": str(entry.version)}
-        started = time.perf_counter()
-        images = await self.preprocess(entry, files)
-        self.metrics.observe_stage(labels, "preprocess", time.perf_counter() - started)
-        _, probabilities = await entry.batcher.infer(images)
-        started = time.perf_counter()
-        results = [top_k(row, entry.model.labels, k) for row in probabilities]
-        self.metrics.observe_stage(labels, "postprocess", time.perf_counter() - started)
-        return results
 
 
 def model_info(repository: Repository, name: str) -> ModelInfo:
@@ -179,13 +122,30 @@ def model_info(repository: Repository, name: str) -> ModelInfo:
     return ModelInfo(**info)
 
 
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Serve gRPC beside HTTP for as long as the worker runs (the BentoML service made ``app.state.oip``)."""
+    handler: OipHandler | None = getattr(app.state, "oip", None)
+    if handler is None:  # the app without the service around it (no repository): HTTP only
+        yield
+        return
+    settings = handler.settings
+    server = await start_grpc_server(handler, settings.http_host, settings.grpc_port, settings.max_body_bytes)
+    try:
+        yield
+    finally:
+        await server.stop(grace=5)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="CNN classification",
         description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime.",
         version="0.1.0",
+        lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.include_router(v2_router)
 
     def classifier(request: Request) -> Classifier:
         found: Classifier | None = getattr(request.app.state, "classifier", None)

@@ -12,8 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 
-from .api import Classifier, create_app
+from .api import create_app
+from .classifier import Classifier
 from .metrics import get_metrics
+from .oip import OipHandler
 from .repository import Repository
 from .settings import get_settings
 
@@ -50,6 +52,7 @@ class CNNClassifier:
         self.repository = Repository(settings, get_metrics())
         self.decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
         app.state.classifier = Classifier(self.repository, self.decoders)
+        app.state.oip = OipHandler(app.state.classifier)
         self.repository.start()  # loads and warms up in the background; /readyz waits for it
 
     def __is_ready__(self) -> bool:

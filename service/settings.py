@@ -26,6 +26,7 @@ class Settings(BaseSettings):
 
     http_host: str = Field("0.0.0.0", description="Address the HTTP server binds.")
     http_port: int = Field(3000, ge=1, le=65535, description="HTTP port: /classify, /models, health, metrics.")
+    grpc_port: int = Field(8001, ge=1, le=65535, description="gRPC port: the Open Inference Protocol (KServe v2).")
     model_store: Path = Field(Path("model_store"), description="The model store written by `make export`.")
     models: str = Field(
         "", description="Comma-separated models to load, `name` or `name:version`; empty = every model in the store."

@@ -1,0 +1,54 @@
+"""The request path shared by every front end: decode, batch, infer, rank."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .preprocess import preprocess
+from .repository import ModelEntry, Repository
+
+
+def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
+    """The k best classes of one row, best first."""
+    k = min(k, probabilities.shape[0])
+    best = np.argpartition(-probabilities, k - 1)[:k]
+    best = best[np.argsort(-probabilities[best], kind="stable")]
+    return [{"label": labels[i], "index": int(i), "score": float(probabilities[i])} for i in best]
+
+
+class Classifier:
+    """The request path, shared by every front end: decode, batch, infer, rank."""
+
+    def __init__(self, repository: Repository, decoders: ThreadPoolExecutor) -> None:
+        self.repository = repository
+        self.settings = repository.settings
+        self.metrics = repository.metrics
+        self.decoders = decoders
+
+    async def preprocess(self, entry: ModelEntry, files: list[bytes]) -> np.ndarray:
+        assert entry.model is not None
+        spec, settings = entry.model.metadata.input, self.settings
+        loop = asyncio.get_running_loop()
+        decode = functools.partial(
+            preprocess, spec=spec, max_pixels=settings.max_image_pixels, draft=settings.jpeg_draft
+        )
+        arrays = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, data) for data in files))
+        return np.stack(arrays)
+
+    async def classify(self, entry: ModelEntry, files: list[bytes], k: int) -> list[list[dict[str, Any]]]:
+        assert entry.model is not None and entry.batcher is not None
+        labels = {"model": entry.name, "version": str(entry.version)}
+        started = time.perf_counter()
+        images = await self.preprocess(entry, files)
+        self.metrics.observe_stage(labels, "preprocess", time.perf_counter() - started)
+        _, probabilities = await entry.batcher.infer(images)
+        started = time.perf_counter()
+        results = [top_k(row, entry.model.labels, k) for row in probabilities]
+        self.metrics.observe_stage(labels, "postprocess", time.perf_counter() - started)
+        return results

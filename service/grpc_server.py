@@ -1,0 +1,163 @@
+"""``inference.GRPCInferenceService`` (the Open Inference Protocol over gRPC) on ``GRPC_PORT``.
+
+It runs in each BentoML worker's event loop, next to the HTTP app, over the same
+repository, batchers and metrics. Every worker binds the same port with SO_REUSEPORT, so
+the kernel spreads connections across workers as it does for HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+import numpy as np
+
+from .errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge, ServiceError
+from .oip import (
+    EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    OipHandler,
+    RequestedOutput,
+    Tensor,
+    model_metadata,
+    serialize_bytes,
+    tensor_from_raw,
+    tensor_from_values,
+)
+from .protocol import grpc_predict_v2_pb2 as pb
+from .protocol import grpc_predict_v2_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+STATUS = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelNotReady: grpc.StatusCode.UNAVAILABLE,
+    Overloaded: grpc.StatusCode.UNAVAILABLE,
+    PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+# Which repeated field of InferTensorContents carries each datatype
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+def _parameter(value: pb.InferParameter) -> Any:
+    kind = value.WhichOneof("parameter_choice")
+    return getattr(value, kind) if kind else None
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents entries")
+    tensors = []
+    for i, tensor in enumerate(request.inputs):
+        shape = [int(d) for d in tensor.shape]
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"Input {tensor.name!r}: negative dimension in shape {shape}")
+        if raw:
+            tensors.append(tensor_from_raw(tensor.name, tensor.datatype, shape, raw[i]))
+        else:
+            field = CONTENTS_FIELD.get(tensor.datatype)
+            if field is None:
+                raise InvalidInput(f"Input {tensor.name!r}: unsupported datatype {tensor.datatype!r}")
+            values = list(getattr(tensor.contents, field))
+            tensors.append(tensor_from_values(tensor.name, tensor.datatype, shape, values))
+    return tensors
+
+
+def encode_outputs(response: pb.ModelInferResponse, outputs: list[Tensor]) -> None:
+    """Outputs as raw_output_contents, the form the protocol recommends and tritonclient reads."""
+    for tensor in outputs:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        if tensor.datatype == "BYTES":
+            response.raw_output_contents.append(serialize_bytes(list(tensor.data.ravel())))
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(tensor.data).tobytes())
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, handler: OipHandler) -> None:
+        self.handler = handler
+
+    async def _abort(self, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, ServiceError):
+            code = next((c for t, c in STATUS.items() if isinstance(exc, t)), grpc.StatusCode.INTERNAL)
+            await context.abort(code, exc.message)
+        logger.exception("gRPC call failed", exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"Internal error ({type(exc).__name__}); see the service logs")
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.handler.repository.ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.handler.model_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        try:
+            metadata = model_metadata(self.handler.entry(request.name, request.version))
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise  # pragma: no cover - abort raises
+        response = pb.ModelMetadataResponse(
+            name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"]
+        )
+        for kind in ("inputs", "outputs"):
+            for tensor in metadata[kind]:
+                getattr(response, kind).add(**tensor)
+        return response
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        try:
+            entry = self.handler.entry(request.model_name, request.model_version)
+            requested = [
+                RequestedOutput(o.name, int(_parameter(o.parameters["classification"]) or 0))
+                if "classification" in o.parameters
+                else RequestedOutput(o.name)
+                for o in request.outputs
+            ]
+            outputs = await self.handler.infer(entry, decode_inputs(request), requested, protocol="grpc")
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise  # pragma: no cover - abort raises
+        response = pb.ModelInferResponse(model_name=entry.name, model_version=str(entry.version), id=request.id)
+        encode_outputs(response, outputs)
+        return response
+
+
+async def start_grpc_server(handler: OipHandler, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 1),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(handler), server)
+    address = f"{host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise RuntimeError(f"gRPC cannot bind {address}")
+    await server.start()
+    logger.info("gRPC (Open Inference Protocol) listening on %s", address)
+    return server

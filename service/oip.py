@@ -1,0 +1,237 @@
+"""The Open Inference Protocol (KServe v2) on top of the shared runtime; transport-neutral.
+
+The gRPC servicer and the ``/v2`` HTTP routes decode their wire format into
+:class:`Tensor` objects, call :meth:`OipHandler.infer` and encode what it returns, so
+both speak exactly the same protocol over the same batchers and sessions as ``/classify``.
+
+Inputs (one per request): ``images``, UINT8 ``[N, H, W, C]`` preprocessed pixels (the
+ONNX contract), or ``image_bytes``, BYTES ``[N]`` encoded files decoded as ``/classify``
+decodes them. Outputs: ``logits`` and ``probabilities`` (FP32 ``[N, classes]``); with the
+``classification`` parameter K an output becomes BYTES ``[N, K]`` of ``"score:index:label"``.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .classifier import Classifier, top_k
+from .errors import InvalidInput, PayloadTooLarge, ServiceError
+from .repository import ModelEntry
+from .runtime import OUTPUT_NAMES
+
+IMAGES = "images"
+IMAGE_BYTES = "image_bytes"
+SERVER_NAME = "cnn-serving"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["classification", "binary_tensor_data"]
+PLATFORM = "onnxruntime_onnx"
+
+DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+
+
+@dataclass
+class Tensor:
+    """A named tensor; BYTES tensors hold a 1-D object array of ``bytes``."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    classification: int = 0
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def serialize_bytes(items: list[bytes]) -> bytes:
+    """BYTES elements in the protocol's raw form: each one a 4-byte little-endian length, then the bytes."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"Input {name!r}: truncated BYTES element length at offset {offset}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(f"Input {name!r}: BYTES element of {length} bytes runs past the {len(raw)} sent")
+        items.append(bytes(raw[offset : offset + length]))
+        offset += length
+    return items
+
+
+def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
+    """A tensor from raw little-endian bytes, its size checked against its shape."""
+    count = int(np.prod(shape)) if shape else 0
+    if datatype == "BYTES":
+        items = deserialize_bytes(raw, name)
+        if len(items) != count:
+            raise InvalidInput(f"Input {name!r}: shape {shape} needs {count} BYTES elements, got {len(items)}")
+        return Tensor(name, datatype, shape, np.array(items, dtype=object))
+    dtype = DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"Input {name!r}: unknown datatype {datatype!r}")
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"Input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, got {len(raw)}"
+        )
+    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
+
+
+def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) -> Tensor:
+    """A tensor from a flat or nested list (JSON ``data``, gRPC ``contents``)."""
+    if datatype == "BYTES":
+        items = [v.encode() if isinstance(v, str) else bytes(v) for v in np.asarray(values, dtype=object).ravel()]
+        array = np.array(items, dtype=object)
+    else:
+        dtype = DTYPES.get(datatype)
+        if dtype is None:
+            raise InvalidInput(f"Input {name!r}: unknown datatype {datatype!r}")
+        try:
+            array = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else np.int64).ravel()
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"Input {name!r}: data is not a list of {datatype} numbers ({exc})") from None
+        bounds = np.iinfo(dtype) if dtype.kind in "ui" else None
+        if bounds is not None and array.size and (array.min() < bounds.min or array.max() > bounds.max):
+            raise InvalidInput(f"Input {name!r}: values out of range for {datatype}")
+        array = array.astype(dtype)
+    count = int(np.prod(shape)) if shape else 0
+    if array.size != count:
+        raise InvalidInput(f"Input {name!r}: shape {shape} needs {count} values, got {array.size}")
+    return Tensor(name, datatype, shape, array.reshape(shape) if datatype != "BYTES" else array)
+
+
+def model_metadata(entry: ModelEntry) -> dict[str, Any]:
+    assert entry.model is not None
+    spec, classes = entry.model.metadata.input, entry.model.metadata.num_classes
+    return {
+        "name": entry.name,
+        "versions": [str(entry.version)],
+        "platform": PLATFORM,
+        "inputs": [
+            {"name": IMAGES, "datatype": "UINT8", "shape": [-1, spec.size, spec.size, spec.channels]},
+            {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]},
+        ],
+        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUT_NAMES],
+    }
+
+
+class OipHandler:
+    """ModelInfer and the metadata calls, for any transport."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+        self.repository = classifier.repository
+        self.settings = classifier.settings
+
+    def entry(self, name: str, version: str = "") -> ModelEntry:
+        if not name:
+            raise InvalidInput(f"No model name given; available: {', '.join(sorted(self.repository.entries))}")
+        if version and not version.isdigit():
+            raise InvalidInput(f"Model version must be a positive integer, got {version!r}")
+        return self.repository.get(name, int(version) if version else None)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.entry(name, version)
+        except ServiceError:
+            return False
+        return True
+
+    async def images(self, entry: ModelEntry, inputs: list[Tensor]) -> np.ndarray:
+        assert entry.model is not None
+        if len(inputs) != 1 or inputs[0].name not in (IMAGES, IMAGE_BYTES):
+            names = [t.name for t in inputs]
+            raise InvalidInput(f"Send exactly one input, {IMAGES!r} (UINT8) or {IMAGE_BYTES!r} (BYTES); got {names}")
+        tensor = inputs[0]
+        if tensor.name == IMAGE_BYTES:
+            one_per_row = len(tensor.shape) == 1 or (len(tensor.shape) == 2 and tensor.shape[1] == 1)
+            if tensor.datatype != "BYTES" or not one_per_row:
+                raise InvalidInput(f"Input {IMAGE_BYTES!r} must be BYTES [N], one file each; got {tensor.shape}")
+        else:
+            spec = entry.model.metadata.input
+            expected = [spec.size, spec.size, spec.channels]
+            if tensor.datatype != "UINT8":
+                raise InvalidInput(f"Input {IMAGES!r} must be UINT8, got {tensor.datatype}")
+            if len(tensor.shape) != 4 or list(tensor.shape[1:]) != expected:
+                wanted = ", ".join(map(str, expected))
+                raise InvalidInput(f"Input {IMAGES!r} must have shape [N, {wanted}], got {tensor.shape}")
+        count = tensor.shape[0]
+        if count < 1:
+            raise InvalidInput(f"Input {tensor.name!r}: the batch is empty (shape {tensor.shape})")
+        if count > self.settings.max_images_per_request:
+            raise PayloadTooLarge(
+                f"Input {tensor.name!r}: {count} images, at most {self.settings.max_images_per_request} per request "
+                "(MAX_IMAGES_PER_REQUEST)"
+            )
+        if tensor.name == IMAGE_BYTES:
+            return await self.classifier.preprocess(entry, [bytes(b) for b in tensor.data.ravel()])
+        return np.ascontiguousarray(tensor.data, dtype=np.uint8)
+
+    async def infer(
+        self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput], protocol: str
+    ) -> list[Tensor]:
+        """Run one request; counted in the metrics under ``protocol``."""
+        labels = {"model": entry.name, "version": str(entry.version), "protocol": protocol}
+        metrics = self.classifier.metrics
+        started = time.perf_counter()
+        try:
+            outputs = await self._infer(entry, inputs, requested)
+        except ServiceError as exc:
+            metrics.requests.labels(**labels, outcome="4xx" if exc.status_code < 500 else "5xx").inc()
+            raise
+        except Exception:
+            metrics.requests.labels(**labels, outcome="5xx").inc()
+            raise
+        metrics.requests.labels(**labels, outcome="2xx").inc()
+        metrics.images.labels(**labels).inc(outputs[0].shape[0])
+        metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)
+        return outputs
+
+    async def _infer(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:
+        assert entry.model is not None and entry.batcher is not None
+        for output in requested:
+            if output.name not in OUTPUT_NAMES:
+                raise InvalidInput(f"Unknown output {output.name!r}; the model has {', '.join(OUTPUT_NAMES)}")
+            if output.classification < 0:
+                raise InvalidInput(f"Output {output.name!r}: classification must be a positive count")
+        images = await self.images(entry, inputs)
+        logits, probabilities = await entry.batcher.infer(images)
+        arrays = dict(zip(OUTPUT_NAMES, (logits, probabilities), strict=True))
+        requested = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
+        return [self._output(entry, arrays[r.name], r) for r in requested]
+
+    @staticmethod
+    def _output(entry: ModelEntry, values: np.ndarray, requested: RequestedOutput) -> Tensor:
+        if not requested.classification:
+            return Tensor(requested.name, "FP32", list(values.shape), values)
+        assert entry.model is not None
+        k = min(requested.classification, values.shape[1])
+        rows = [
+            [f"{p['score']:.9g}:{p['index']}:{p['label']}".encode() for p in top_k(row, entry.model.labels, k)]
+            for row in values
+        ]
+        return Tensor(requested.name, "BYTES", [len(rows), k], np.array(rows, dtype=object))

@@ -1,0 +1,159 @@
+"""The Open Inference Protocol over HTTP (``/v2/...``), with the binary tensor data extension.
+
+A request body is JSON, or JSON followed by raw tensor bytes when the
+``Inference-Header-Content-Length`` header gives the JSON's length (what tritonclient's
+HTTP client sends by default). Answers use the same framing when an output asks for
+``binary_data``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from .errors import InvalidInput, ServiceError
+from .http_body import read_body
+from .oip import (
+    EXTENSIONS,
+    SERVER_NAME,
+    SERVER_VERSION,
+    OipHandler,
+    RequestedOutput,
+    Tensor,
+    model_metadata,
+    serialize_bytes,
+    tensor_from_raw,
+    tensor_from_values,
+)
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol"])
+
+
+def _handler(request: Request) -> OipHandler:
+    handler: OipHandler | None = getattr(request.app.state, "oip", None)
+    if handler is None:
+        raise ServiceError("The service is starting: no model repository yet")
+    return handler
+
+
+def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], list[Tensor]]:
+    """The JSON header and the input tensors of an infer request body."""
+    json_length = len(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput(f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes")
+        json_length = int(header_length)
+    try:
+        header = json.loads(body[:json_length])
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"The inference request is not valid JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
+        raise InvalidInput('The inference request needs an "inputs" list')
+    binary, offset, tensors = body[json_length:], 0, []
+    for item in header["inputs"]:
+        try:
+            name, datatype, shape = str(item["name"]), str(item["datatype"]), [int(d) for d in item["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidInput('Each input needs "name", "datatype" and an integer "shape"') from None
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"Input {name!r}: negative dimension in shape {shape}")
+        size = (item.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise InvalidInput(f"Input {name!r}: binary_data_size {size} runs past the {len(binary)} bytes sent")
+            tensors.append(tensor_from_raw(name, datatype, shape, binary[offset : offset + size]))
+            offset += size
+        elif "data" in item:
+            tensors.append(tensor_from_values(name, datatype, shape, item["data"]))
+        else:
+            raise InvalidInput(f'Input {name!r} has neither "data" nor a binary_data_size parameter')
+    return header, tensors
+
+
+def requested_outputs(header: dict[str, Any]) -> tuple[list[RequestedOutput], bool]:
+    default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    outputs = []
+    for item in header.get("outputs") or []:
+        parameters = item.get("parameters") or {}
+        count = parameters.get("classification", 0)
+        if not isinstance(count, int) or count < 0:
+            raise InvalidInput(f"Output {item.get('name')!r}: classification must be a non-negative integer")
+        outputs.append(RequestedOutput(str(item.get("name")), count, parameters))
+    return outputs, default_binary
+
+
+def encode_response(entry_name: str, version: str, request_id: Any, outputs: list[Tensor],
+                    requested: list[RequestedOutput], default_binary: bool) -> Response:  # fmt: skip
+    binary_wanted = {r.name: bool(r.parameters.get("binary_data", default_binary)) for r in requested}
+    described, blobs = [], []
+    for tensor in outputs:
+        item: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        if binary_wanted.get(tensor.name, default_binary):
+            blob = (
+                serialize_bytes(list(tensor.data.ravel()))
+                if tensor.datatype == "BYTES"
+                else np.ascontiguousarray(tensor.data).tobytes()
+            )
+            item["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        elif tensor.datatype == "BYTES":
+            item["data"] = [b.decode("utf-8", "replace") for b in tensor.data.ravel()]
+        else:
+            item["data"] = tensor.data.ravel().tolist()
+        described.append(item)
+    body: dict[str, Any] = {"model_name": entry_name, "model_version": version, "outputs": described}
+    if request_id:
+        body["id"] = request_id
+    header = json.dumps(body).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(
+        header + b"".join(blobs), media_type="application/octet-stream", headers={HEADER_LENGTH: str(len(header))}
+    )
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Server liveness")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness: 200 once every model is loaded and warm, or failed")
+async def ready(request: Request) -> JSONResponse:
+    is_ready = _handler(request).repository.ready
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata for a version")
+async def metadata(request: Request, name: str, version: str = "") -> dict[str, Any]:
+    return model_metadata(_handler(request).entry(name, version))
+
+
+@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/versions/{version}/ready", summary="Model readiness for a version")
+async def model_ready(request: Request, name: str, version: str = "") -> JSONResponse:
+    is_ready = _handler(request).model_ready(name, version)
+    return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
+
+
+@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version")
+async def infer(request: Request, name: str, version: str = "") -> Response:
+    handler = _handler(request)
+    entry = handler.entry(name, version)
+    body = await read_body(request, handler.settings.max_body_bytes)
+    header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+    requested, default_binary = requested_outputs(header)
+    outputs = await handler.infer(entry, inputs, requested, protocol="http")
+    return encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary)
