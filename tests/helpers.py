@@ -35,13 +35,16 @@ class ServiceProcess:
 
     def __init__(self, store: Path, log_path: Path, **env: str) -> None:
         self.port = free_port()
+        self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         self.env = {
             **os.environ,
             "MODEL_STORE": str(store),
             "HTTP_PORT": str(self.port),
             "HTTP_HOST": "127.0.0.1",
+            "GRPC_PORT": str(self.grpc_port),
             "BENTOML_DO_NOT_TRACK": "true",
             **env,
         }

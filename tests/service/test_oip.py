@@ -1,0 +1,221 @@
+"""The Open Inference Protocol over gRPC and HTTP, driven by the real tritonclient package."""
+
+from __future__ import annotations
+
+import asyncio
+from types import ModuleType
+
+import grpc
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from skimage import data
+
+# tritonclient's own generated messages and stub: a foreign client's code against our server.
+# (Ours cannot be imported beside them: both register inference.* in protobuf's global pool.)
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.store import ModelStore
+
+from ..helpers import ServiceProcess, encode, metric_samples
+
+pytestmark = pytest.mark.integration
+
+CAT = encode(data.chelsea(), "JPEG", quality=92)
+PROTOCOLS = [pytest.param(triton_grpc, id="grpc"), pytest.param(triton_http, id="http")]
+
+
+def client(module: ModuleType, service: ServiceProcess):  # type: ignore[no-untyped-def]
+    return module.InferenceServerClient(service.grpc_target if module is triton_grpc else f"127.0.0.1:{service.port}")
+
+
+def bytes_input(module: ModuleType, files: list[bytes]):  # type: ignore[no-untyped-def]
+    tensor = module.InferInput("image_bytes", [len(files)], "BYTES")
+    tensor.set_data_from_numpy(np.array(files, dtype=object))
+    return tensor
+
+
+def pixels_input(module: ModuleType, pixels: np.ndarray, datatype: str = "UINT8"):  # type: ignore[no-untyped-def]
+    tensor = module.InferInput("images", list(pixels.shape), datatype)
+    tensor.set_data_from_numpy(pixels)
+    return tensor
+
+
+def classify_probabilities(service: ServiceProcess, body: bytes, model: str) -> np.ndarray:
+    response = httpx.post(
+        f"{service.url}/classify", params={"model": model, "top_k": 1000}, content=body,
+        headers={"Content-Type": "image/jpeg"}, timeout=30,
+    )  # fmt: skip
+    predictions = response.json()["results"][0]["predictions"]
+    out = np.zeros(len(predictions), dtype=np.float32)
+    for p in predictions:
+        out[p["index"]] = p["score"]
+    return out
+
+
+@pytest.mark.parametrize("module", PROTOCOLS)
+def test_health_and_server_metadata(service: ServiceProcess, module: ModuleType) -> None:
+    c = client(module, service)
+    assert c.is_server_live() and c.is_server_ready()
+    assert c.is_model_ready("resnet18") and c.is_model_ready("lenet5")
+    assert not c.is_model_ready("ghost")  # requested, failed to load
+    metadata = c.get_server_metadata()
+    extensions = metadata["extensions"] if module is triton_http else list(metadata.extensions)
+    assert "classification" in extensions and "binary_tensor_data" in extensions
+
+
+@pytest.mark.parametrize("module", PROTOCOLS)
+def test_model_metadata_matches_the_graph(service: ServiceProcess, model_store: ModelStore, module: ModuleType) -> None:
+    raw = client(module, service).get_model_metadata("resnet18")
+    if module is triton_grpc:
+        raw = {
+            "versions": list(raw.versions),
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in raw.inputs],
+            "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in raw.outputs],
+        }
+    session = ort.InferenceSession(str(model_store.latest("resnet18").graph), providers=["CPUExecutionProvider"])  # type: ignore[union-attr]
+    graph_input = session.get_inputs()[0]
+    inputs = {t["name"]: t for t in raw["inputs"]}
+    assert inputs["images"] == {"name": "images", "datatype": "UINT8", "shape": [-1, *graph_input.shape[1:]]}
+    assert inputs["image_bytes"]["datatype"] == "BYTES"
+    outputs = {t["name"]: t for t in raw["outputs"]}
+    for graph_output in session.get_outputs():
+        assert outputs[graph_output.name] == {
+            "name": graph_output.name, "datatype": "FP32", "shape": [-1, *graph_output.shape[1:]]
+        }  # fmt: skip
+    assert raw["versions"] == ["1"]
+
+
+@pytest.mark.parametrize("module", PROTOCOLS)
+def test_image_bytes_give_what_classify_gives(service: ServiceProcess, module: ModuleType) -> None:
+    result = client(module, service).infer("resnet18", [bytes_input(module, [CAT])])
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (1, 1000)
+    np.testing.assert_allclose(probabilities[0], classify_probabilities(service, CAT, "resnet18"), atol=1e-5)
+    assert result.as_numpy("logits").shape == (1, 1000)
+
+
+@pytest.mark.parametrize("module", PROTOCOLS)
+def test_uint8_images_equal_the_graph_run_directly(
+    service: ServiceProcess, model_store: ModelStore, module: ModuleType
+) -> None:
+    pixels = np.random.default_rng(5).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    result = client(module, service).infer("resnet18", [pixels_input(module, pixels)])
+    session = ort.InferenceSession(str(model_store.latest("resnet18").graph), providers=["CPUExecutionProvider"])  # type: ignore[union-attr]
+    (expected,) = session.run(["probabilities"], {"images": pixels})
+    np.testing.assert_allclose(result.as_numpy("probabilities"), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("module", PROTOCOLS)
+def test_classification_extension(service: ServiceProcess, module: ModuleType) -> None:
+    output = module.InferRequestedOutput("probabilities", class_count=5)
+    result = client(module, service).infer("resnet18", [bytes_input(module, [CAT, CAT])], outputs=[output])
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (2, 5)
+    expected = classify_probabilities(service, CAT, "resnet18")
+    labels = httpx.get(f"{service.url}/models").json()  # noqa: F841 - the server is still answering
+    for entry in classes[0]:
+        score, index, label = entry.decode().split(":", 2)
+        assert float(score) == pytest.approx(float(expected[int(index)]), abs=1e-5) and label
+    top5 = [int(e.decode().split(":")[1]) for e in classes[0]]
+    assert top5 == list(np.argsort(-expected, kind="stable")[:5])
+
+
+ERRORS = [
+    ("unknown model", "nope", lambda m: [bytes_input(m, [CAT])], "NOT_FOUND", "404"),
+    ("wrong datatype", "resnet18", lambda m: [pixels_input(m, np.zeros((1, 224, 224, 3), np.float32), "FP32")],
+     "INVALID_ARGUMENT", "400"),
+    ("wrong shape", "resnet18", lambda m: [pixels_input(m, np.zeros((1, 32, 32, 3), np.uint8))], "INVALID_ARGUMENT",
+     "400"),
+    ("wrong rank", "resnet18", lambda m: [pixels_input(m, np.zeros((224, 224, 3), np.uint8))], "INVALID_ARGUMENT",
+     "400"),
+    ("batch of zero", "resnet18", lambda m: [pixels_input(m, np.zeros((0, 224, 224, 3), np.uint8))],
+     "INVALID_ARGUMENT", "400"),
+    ("undecodable image", "resnet18", lambda m: [bytes_input(m, [b"not an image"])], "INVALID_ARGUMENT", "400"),
+    ("failed model", "ghost", lambda m: [bytes_input(m, [CAT])], "UNAVAILABLE", "503"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", PROTOCOLS)
+@pytest.mark.parametrize(("case", "model", "inputs", "grpc_status", "http_status"), ERRORS, ids=[e[0] for e in ERRORS])
+def test_errors_carry_the_protocol_status(
+    service: ServiceProcess,
+    module: ModuleType,
+    case: str,
+    model: str,
+    inputs,
+    grpc_status: str,
+    http_status: str,  # type: ignore[no-untyped-def]
+) -> None:
+    c = client(module, service)
+    with pytest.raises(InferenceServerException) as info:
+        c.infer(model, inputs(module))
+    expected = f"StatusCode.{grpc_status}" if module is triton_grpc else http_status
+    assert str(info.value.status()) == expected, info.value.message()
+    assert c.infer("resnet18", [bytes_input(module, [CAT])]).as_numpy("probabilities").shape == (1, 1000)
+
+
+def _stub(service: ServiceProcess) -> pb_grpc.GRPCInferenceServiceStub:
+    return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(service.grpc_target))
+
+
+def test_raw_content_length_mismatch_is_invalid(service: ServiceProcess) -> None:
+    request = pb.ModelInferRequest(model_name="lenet5")
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
+    request.raw_input_contents.append(b"\0" * 100)  # 1024 needed
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(service).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1024" in info.value.details()
+
+
+def test_typed_contents_are_accepted_and_answered_raw(service: ServiceProcess) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 1), dtype=np.uint8)
+    request = pb.ModelInferRequest(model_name="lenet5", id="req-7")
+    tensor = request.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
+    tensor.contents.uint_contents.extend(pixels.ravel().tolist())
+    request.outputs.add(name="probabilities")
+    response = _stub(service).ModelInfer(request)
+    assert response.id == "req-7" and response.model_name == "lenet5" and response.model_version == "1"
+    (output,) = response.outputs
+    assert output.datatype == "FP32" and list(output.shape) == [2, 10]
+    probabilities = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(2, 10)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+
+
+def test_32_concurrent_grpc_calls_are_batched(service: ServiceProcess) -> None:
+    def batch_metric() -> tuple[float, float]:
+        text = httpx.get(f"{service.url}/metrics", timeout=10).text
+
+        def total(name: str) -> float:
+            return sum(v for labels, v in metric_samples(text, name) if labels["model"] == "resnet18")
+
+        return total("cnn_batch_size_count"), total("cnn_batch_size_sum")
+
+    def grpc_requests(text: str) -> float:
+        return sum(
+            v for labels, v in metric_samples(text, "cnn_requests_total")
+            if labels["protocol"] == "grpc" and labels["outcome"] == "2xx" and labels["model"] == "resnet18"
+        )  # fmt: skip
+
+    calls_before, images_before = batch_metric()
+    requests_before = grpc_requests(httpx.get(f"{service.url}/metrics").text)
+
+    async def burst() -> list[pb.ModelInferResponse]:
+        async with grpc.aio.insecure_channel(service.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            request = pb.ModelInferRequest(model_name="resnet18")
+            request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+            request.raw_input_contents.append(len(CAT).to_bytes(4, "little") + CAT)
+            return await asyncio.gather(*(stub.ModelInfer(request) for _ in range(32)))
+
+    responses = asyncio.run(burst())
+    assert len(responses) == 32 and all(r.outputs for r in responses)
+    calls_after, images_after = batch_metric()
+    assert images_after - images_before == 32
+    assert calls_after - calls_before < 32  # several calls shared one session run
+    assert grpc_requests(httpx.get(f"{service.url}/metrics").text) - requests_before == 32
