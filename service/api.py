@@ -175,6 +175,8 @@ def create_app() -> FastAPI:
         # Unresolved requests are counted under model="" so that client-chosen names never become labels.
         labels = {"model": "", "version": "", "protocol": "http"}
         started = time.perf_counter()
+        in_flight = service.metrics.in_flight.labels(protocol="http")
+        in_flight.inc()
         try:
             entry = service.repository.get(model, version)
             labels |= {"model": entry.name, "version": str(entry.version)}
@@ -187,6 +189,8 @@ def create_app() -> FastAPI:
         except Exception:
             service.metrics.requests.labels(**labels, outcome="5xx").inc()
             raise
+        finally:
+            in_flight.dec()
         service.metrics.requests.labels(**labels, outcome="2xx").inc()
         service.metrics.images.labels(**labels).inc(len(results))
         service.metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)

@@ -1,16 +1,20 @@
 """The service's own Prometheus metrics, next to BentoML's built-in ones on ``/metrics``.
 
-Created through ``bentoml.metrics``, which defers to ``prometheus_client`` once BentoML
-has configured multiprocess collection, so every worker's samples are exported.
-Labels stay low-cardinality: model, version, protocol, outcome.
+BentoML runs prometheus_client in multiprocess mode and sets ``PROMETHEUS_MULTIPROC_DIR``
+in each worker after importing the service module, so prometheus_client is imported only
+when :class:`Metrics` is built (in the service's ``__init__``); every worker's samples are
+then merged into one exposition. Labels stay low-cardinality: model, version, protocol,
+stage, outcome (2xx, 4xx, 5xx).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
-import bentoml
+import psutil
 
 # 1 ms to 10 s, roughly x2 per bucket: CNN inference on a CPU or a GPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -19,41 +23,40 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 class Metrics:
     def __init__(self) -> None:
+        import prometheus_client as prom  # deferred: see the module docstring
+
         model = ["model", "version"]
-        self.batch_size = bentoml.metrics.Histogram(
-            name="cnn_batch_size",
-            documentation="Images per ONNX Runtime call",
-            labelnames=model,
-            buckets=BATCH_BUCKETS,
+        self.requests = prom.Counter(
+            "cnn_requests", "Classification requests by protocol and outcome", [*model, "protocol", "outcome"]
         )
-        self.batch_requests = bentoml.metrics.Histogram(
-            name="cnn_batch_requests",
-            documentation="Requests whose images shared one ONNX Runtime call",
-            labelnames=model,
-            buckets=BATCH_BUCKETS,
-        )
-        self.stage_seconds = bentoml.metrics.Histogram(
-            name="cnn_stage_seconds",
-            documentation="Time per stage: preprocess, queue, inference, postprocess",
-            labelnames=[*model, "stage"],
+        self.images = prom.Counter("cnn_images", "Images classified successfully", [*model, "protocol"])
+        self.request_seconds = prom.Histogram(
+            "cnn_request_seconds", "End-to-end latency of successful requests", [*model, "protocol"],
             buckets=LATENCY_BUCKETS,
-        )
-        self.request_seconds = bentoml.metrics.Histogram(
-            name="cnn_request_seconds",
-            documentation="End-to-end classification request latency",
-            labelnames=[*model, "protocol"],
+        )  # fmt: skip
+        self.stage_seconds = prom.Histogram(
+            "cnn_stage_seconds", "Time per stage: preprocess, queue, inference, postprocess", [*model, "stage"],
             buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.batch_size = prom.Histogram("cnn_batch_size", "Images per ONNX Runtime call", model, buckets=BATCH_BUCKETS)
+        self.batch_requests = prom.Histogram(
+            "cnn_batch_requests", "Requests whose images shared one ONNX Runtime call", model, buckets=BATCH_BUCKETS
         )
-        self.requests = bentoml.metrics.Counter(
-            name="cnn_requests_total",
-            documentation="Classification requests by outcome (2xx, 4xx, 5xx)",
-            labelnames=[*model, "protocol", "outcome"],
+        self.in_flight = prom.Gauge(
+            "cnn_requests_in_flight", "Classification requests being served", ["protocol"], multiprocess_mode="livesum"
         )
-        self.images = bentoml.metrics.Counter(
-            name="cnn_images_total",
-            documentation="Images classified successfully",
-            labelnames=[*model, "protocol"],
-        )
+        self.model_ready = prom.Gauge(
+            "cnn_model_ready", "1 when the model serves, 0 while loading or after a failure", model,
+            multiprocess_mode="livemin",
+        )  # fmt: skip
+        self.model_info = prom.Gauge(
+            "cnn_model_info", "1 per served model, with the execution provider it runs on", [*model, "provider"],
+            multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.model_load_seconds = prom.Gauge(
+            "cnn_model_load_seconds", "Time to load (phase=load) and warm up (phase=warmup) a model",
+            [*model, "phase"], multiprocess_mode="livemax",
+        )  # fmt: skip
 
     def observe_stage(self, labels: dict[str, Any], stage: str, seconds: float) -> None:
         self.stage_seconds.labels(**labels, stage=stage).observe(seconds)
@@ -62,3 +65,55 @@ class Metrics:
 @cache
 def get_metrics() -> Metrics:
     return Metrics()
+
+
+class ServerProcessCollector:
+    """CPU and memory of the whole server: the ``bentoml serve`` process and every worker.
+
+    prometheus_client's own process collector reports the process that answers the scrape,
+    which under several workers is a different one each time; this sums the process tree,
+    under the same metric names.
+    """
+
+    def __init__(self, root_pid: int | None = None) -> None:
+        self.root = psutil.Process(root_pid or os.getppid())
+
+    def _processes(self) -> list[psutil.Process]:
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return [psutil.Process()]
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        cpu, rss, vms, fds, count = 0.0, 0, 0, 0, 0
+        for process in self._processes():
+            try:
+                with process.oneshot():
+                    times = process.cpu_times()
+                    memory = process.memory_info()
+                    cpu += times.user + times.system
+                    rss, vms, fds, count = rss + memory.rss, vms + memory.vms, fds + process.num_fds(), count + 1
+            except psutil.Error:  # a worker that exited between listing and reading
+                continue
+        yield CounterMetricFamily("process_cpu_seconds", "User and system CPU time of the server's processes", cpu)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the server's processes", rss)
+        yield GaugeMetricFamily("process_virtual_memory_bytes", "Virtual memory of the server's processes", vms)
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of the server's processes", fds)
+        yield GaugeMetricFamily("cnn_server_processes", "Processes of the server (the arbiter and its workers)", count)
+        yield GaugeMetricFamily("process_start_time_seconds", "Start time of the server", self.root.create_time())
+
+
+@cache
+def process_metrics_text() -> Any:
+    """A function rendering :class:`ServerProcessCollector` in the text exposition format."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServerProcessCollector())
+
+    def render() -> str:
+        return generate_latest(registry).decode()
+
+    return render

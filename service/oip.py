@@ -198,6 +198,8 @@ class OipHandler:
         labels = {"model": entry.name, "version": str(entry.version), "protocol": protocol}
         metrics = self.classifier.metrics
         started = time.perf_counter()
+        in_flight = metrics.in_flight.labels(protocol=protocol)
+        in_flight.inc()
         try:
             outputs = await self._infer(entry, inputs, requested)
         except ServiceError as exc:
@@ -206,6 +208,8 @@ class OipHandler:
         except Exception:
             metrics.requests.labels(**labels, outcome="5xx").inc()
             raise
+        finally:
+            in_flight.dec()
         metrics.requests.labels(**labels, outcome="2xx").inc()
         metrics.images.labels(**labels).inc(outputs[0].shape[0])
         metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)
@@ -218,11 +222,17 @@ class OipHandler:
                 raise InvalidInput(f"Unknown output {output.name!r}; the model has {', '.join(OUTPUT_NAMES)}")
             if output.classification < 0:
                 raise InvalidInput(f"Output {output.name!r}: classification must be a positive count")
+        labels = {"model": entry.name, "version": str(entry.version)}
+        started = time.perf_counter()
         images = await self.images(entry, inputs)
+        self.classifier.metrics.observe_stage(labels, "preprocess", time.perf_counter() - started)
         logits, probabilities = await entry.batcher.infer(images)
+        started = time.perf_counter()
         arrays = dict(zip(OUTPUT_NAMES, (logits, probabilities), strict=True))
         requested = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
-        return [self._output(entry, arrays[r.name], r) for r in requested]
+        outputs = [self._output(entry, arrays[r.name], r) for r in requested]
+        self.classifier.metrics.observe_stage(labels, "postprocess", time.perf_counter() - started)
+        return outputs
 
     @staticmethod
     def _output(entry: ModelEntry, values: np.ndarray, requested: RequestedOutput) -> Tensor:

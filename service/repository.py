@@ -63,6 +63,7 @@ class Repository:
                 entry.reason = f"{what} is not in the model store {self.store.root} (run `make export`)"
             else:
                 entry.version, entry.stored = wanted, versions[wanted]
+            self.metrics.model_ready.labels(model=name, version=str(entry.version or "")).set(0)
 
     def start(self) -> None:
         threading.Thread(target=self._load_all, name="model-loader", daemon=True).start()
@@ -87,6 +88,11 @@ class Repository:
             return
         entry.batcher = self._make_batcher(model)
         entry.model, entry.status = model, "ready"
+        labels = {"model": model.name, "version": str(model.version)}
+        self.metrics.model_ready.labels(**labels).set(1)
+        self.metrics.model_info.labels(**labels, provider=model.provider).set(1)
+        self.metrics.model_load_seconds.labels(**labels, phase="load").set(model.load_seconds)
+        self.metrics.model_load_seconds.labels(**labels, phase="warmup").set(model.warmup_seconds)
         logger.info(
             "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d threads)",
             model.name,

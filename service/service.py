@@ -14,7 +14,7 @@ import bentoml
 
 from .api import create_app
 from .classifier import Classifier
-from .metrics import get_metrics
+from .metrics import get_metrics, process_metrics_text
 from .oip import OipHandler
 from .repository import Repository
 from .settings import get_settings
@@ -57,6 +57,10 @@ class CNNClassifier:
 
     def __is_ready__(self) -> bool:
         return self.repository.ready
+
+    def __metrics__(self, content: str) -> str:
+        """BentoML's and our metrics, plus CPU and memory of the whole server process tree."""
+        return content + process_metrics_text()()
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
