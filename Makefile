@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast lint lock proto clean
+.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard clean
 
 setup: $(STAMP)
 
@@ -26,20 +26,30 @@ serve: setup
 	$(BIN)/python -m service
 
 lint: setup
-	$(BIN)/ruff check export service tests
-	$(BIN)/ruff format --check export service tests
+	$(BIN)/ruff check export service tests monitoring
+	$(BIN)/ruff format --check export service tests monitoring
 	$(BIN)/mypy
 
-test: lint
+# Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests.
+test-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			prometheus docker-compose; }
+
+test: lint test-tools
 	$(BIN)/pytest
 
-test-fast: setup
+test-fast: setup test-tools
 	$(BIN)/pytest -m 'not slow'
 
 # The Open Inference Protocol's Python modules (checked in; a test checks they match the .proto).
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		service/protocol/grpc_predict_v2.proto
+
+# The Grafana dashboard JSON, from monitoring/dashboard.py.
+dashboard: setup
+	$(BIN)/python monitoring/dashboard.py
 
 # Regenerate the pins of every transitive dependency from the current environment.
 lock:

@@ -1,0 +1,119 @@
+"""Generates grafana/dashboards/cnn-serving.json: ``python monitoring/dashboard.py`` (``make dashboard``).
+
+Each panel is a title, a unit and PromQL expressions; ``$model`` is the dashboard's model
+selector and ``$__rate_interval`` Grafana's rate window. A test runs every expression
+against a real Prometheus scraping the real service.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+OUT = Path(__file__).parent / "grafana" / "dashboards" / "cnn-serving.json"
+M = 'model=~"$model"'
+ERRORS = M + ',outcome=~"4xx|5xx"'
+RATE = "$__rate_interval"
+
+
+def rate(metric: str, selector: str = M) -> str:
+    return f"rate({metric}{{{selector}}}[{RATE}])"
+
+
+def quantile(q: float, metric: str, by: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, {by}) ({rate(metric + '_bucket')}))"
+
+
+def mean(metric: str, by: str) -> str:
+    return f"sum by ({by}) ({rate(metric + '_sum')}) / sum by ({by}) ({rate(metric + '_count')})"
+
+
+JOB = 'job="cnn-serving"'
+ERROR_RATIO = f"sum({rate('cnn_requests_total', ERRORS)}) / sum({rate('cnn_requests_total')})"
+BENTOML_REQUESTS = (
+    f"sum by (endpoint, http_response_code) (rate(bentoml_service_request_duration_seconds_count[{RATE}]))"
+)
+
+# (title, unit, [(legend, expression)], width)
+PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
+    ("Throughput per model", "img/s", [("{{model}}", f"sum by (model) ({rate('cnn_images_total')})")], 12),
+    ("Throughput per protocol", "img/s",
+     [("{{model}} {{protocol}}", f"sum by (model, protocol) ({rate('cnn_images_total')})")], 12),
+    ("Requests by outcome", "reqps", [("{{outcome}}", f"sum by (outcome) ({rate('cnn_requests_total')})")], 8),
+    ("Error ratio", "percentunit", [("4xx + 5xx", ERROR_RATIO)], 8),
+    ("Requests in flight", "short", [("{{protocol}}", "sum by (protocol) (cnn_requests_in_flight)")], 8),
+    ("Latency percentiles per model", "s", [
+        (f"p{int(q * 100)} {{{{model}}}}", quantile(q, "cnn_request_seconds", "model")) for q in (0.5, 0.95, 0.99)
+    ], 12),
+    ("Stage time (mean)", "s", [("{{stage}}", mean("cnn_stage_seconds", "stage"))], 12),
+    ("Stage time (p95)", "s", [("{{stage}}", quantile(0.95, "cnn_stage_seconds", "stage"))], 8),
+    ("Batch size (mean images per call)", "short", [("{{model}}", mean("cnn_batch_size", "model"))], 8),
+    ("Requests per batch (mean)", "short", [("{{model}}", mean("cnn_batch_requests", "model"))], 8),
+    ("Process CPU", "percentunit", [("cores busy", f'rate(process_cpu_seconds_total{{{JOB}}}[{RATE}])')], 8),
+    ("Process memory", "bytes", [("resident", f"process_resident_memory_bytes{{{JOB}}}")], 8),
+    ("Models ready", "short", [("{{model}} v{{version}}", f"cnn_model_ready{{{M}}}"),
+                               ("{{model}} on {{provider}}", f"cnn_model_info{{{M}}}")], 8),
+    ("Model load and warm-up", "s", [("{{model}} {{phase}}", f"cnn_model_load_seconds{{{M}}}")], 12),
+    ("HTTP requests by endpoint (BentoML)", "reqps", [("{{endpoint}} {{http_response_code}}", BENTOML_REQUESTS)], 12),
+]  # fmt: skip
+
+
+def panel(index: int, title: str, unit: str, targets: list[tuple[str, str]], width: int, x: int, y: int) -> dict:
+    return {
+        "id": index + 1,
+        "type": "timeseries",
+        "title": title,
+        "datasource": {"type": "prometheus", "uid": "prometheus"},
+        "gridPos": {"h": 8, "w": width, "x": x, "y": y},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
+        "targets": [
+            {"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
+            for i, (legend, expr) in enumerate(targets)
+        ],
+    }
+
+
+def dashboard() -> dict[str, Any]:
+    panels, x, y = [], 0, 0
+    for index, (title, unit, targets, width) in enumerate(PANELS):
+        if x + width > 24:
+            x, y = 0, y + 8
+        panels.append(panel(index, title, unit, targets, width, x, y))
+        x += width
+    return {
+        "uid": "cnn-serving",
+        "title": "CNN serving",
+        "tags": ["cnn-serving"],
+        "timezone": "browser",
+        "schemaVersion": 39,
+        "refresh": "10s",
+        "time": {"from": "now-30m", "to": "now"},
+        "templating": {
+            "list": [
+                {
+                    "name": "model",
+                    "label": "Model",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "prometheus"},
+                    "query": {"query": "label_values(cnn_model_ready, model)", "refId": "models"},
+                    "definition": "label_values(cnn_model_ready, model)",
+                    "refresh": 2,
+                    "includeAll": True,
+                    "multi": True,
+                    "allValue": ".*",
+                    "current": {"text": "All", "value": "$__all"},
+                }
+            ]
+        },
+        "panels": panels,
+    }
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    OUT.write_text(render())

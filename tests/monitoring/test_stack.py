@@ -1,0 +1,177 @@
+"""The monitoring stack: a real Prometheus scraping the real service with the repository's configuration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+import yaml
+from skimage import data
+
+from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples
+
+MONITORING = ROOT / "monitoring"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "cnn-serving.json"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} is missing: `make test-tools` installs it (Debian package)"
+    return path
+
+
+def test_compose_files_validate(tmp_path: Path) -> None:
+    compose = _tool("docker-compose")
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]):
+        args = [a for f in files for a in ("-f", f)]
+        result = subprocess.run([compose, *args, "config"], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        config = yaml.safe_load(result.stdout)
+        assert {"classifier", "prometheus", "grafana"} <= set(config["services"])
+        assert all("healthcheck" in service for service in config["services"].values())
+    gpu = config["services"]["classifier"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    text = (ROOT / "docker-compose.yml").read_text().lower()
+    assert "password: ${" in text and "password: admin" not in text  # no secret in the file
+
+
+def test_prometheus_config_is_valid() -> None:
+    result = subprocess.run([_tool("promtool"), "check", "config", str(MONITORING / "prometheus.yml")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_json_is_the_generated_one() -> None:
+    sys.path.insert(0, str(MONITORING))
+    try:
+        import dashboard
+    finally:
+        sys.path.remove(str(MONITORING))
+    assert DASHBOARD.read_text() == dashboard.render(), "stale: run `make dashboard`"
+    variables = [v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]]
+    assert variables == ["model"]
+
+
+@pytest.mark.slow
+def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
+    bentoml = str(Path(sys.executable).parent / "bentoml")
+    result = subprocess.run([bentoml, "build", "."], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (bento,) = [p for p in (tmp_path / "bentos" / "cnn_classifier").iterdir() if p.name != "latest"]
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "onnxruntime-gpu" in requirements and "torch" not in requirements
+    assert (bento / "src" / "service" / "service.py").is_file()
+
+
+@pytest.fixture(scope="module")
+def prometheus(service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Prometheus with the repository's scrape configuration, pointed at the test service."""
+    directory = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{service.port}"]}]
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = (directory / "prometheus.log").open("wb")
+    command = [
+        _tool("prometheus"),
+        f"--config.file={directory / 'prometheus.yml'}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def query(prometheus: str, expr: str) -> list[dict]:
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert response["status"] == "success", (expr, response)
+    return response["data"]["result"]
+
+
+def images_by_protocol(service: ServiceProcess) -> dict[tuple[str, str], float]:
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    return {(s["model"], s["protocol"]): v for s, v in metric_samples(text, "cnn_images_total")}
+
+
+def send_mixed_load(service: ServiceProcess) -> dict[tuple[str, str], int]:
+    """HTTP and gRPC, two models, some client errors; returns the images sent that must succeed."""
+    photo = encode(data.chelsea(), "JPEG")
+    digit = encode(np.full((28, 28), 255, dtype=np.uint8))
+
+    jpeg = {"Content-Type": "image/jpeg"}
+    pair = [("image", ("a.png", digit)), ("image", ("b.png", digit))]
+
+    async def http_load() -> None:
+        async with httpx.AsyncClient(base_url=service.url, timeout=60) as client:
+            models = ["resnet18", "lenet5"] * 10
+            ok = [client.post(f"/classify?model={m}", content=photo, headers=jpeg) for m in models]
+            two = [client.post("/classify?model=lenet5", files=pair) for _ in range(5)]
+            bad = [
+                client.post("/classify?model=nope", content=photo, headers=jpeg),
+                client.post("/classify?model=resnet18", content=b"junk", headers=jpeg),
+            ]
+            responses = await asyncio.gather(*ok, *two, *bad)
+            assert [r.status_code for r in responses] == [200] * 25 + [404, 400]
+
+    asyncio.run(http_load())
+    client = triton_grpc.InferenceServerClient(service.grpc_target)
+    files = triton_grpc.InferInput("image_bytes", [3], "BYTES")
+    files.set_data_from_numpy(np.array([photo] * 3, dtype=object))
+    for _ in range(4):
+        client.infer("resnet18", [files])
+    return {("resnet18", "http"): 10, ("lenet5", "http"): 10 + 5 * 2, ("resnet18", "grpc"): 4 * 3}
+
+
+@pytest.mark.integration
+def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceProcess, prometheus: str) -> None:
+    before = images_by_protocol(service)
+    sent = send_mixed_load(service)
+    after = images_by_protocol(service)
+    for key, count in sent.items():
+        assert after.get(key, 0) - before.get(key, 0) == count, key
+
+    # Prometheus has scraped the final counts
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        scraped = {(r["metric"]["model"], r["metric"]["protocol"]): float(r["value"][1])
+                   for r in query(prometheus, "cnn_images_total")}  # fmt: skip
+        if all(scraped.get(key) == after[key] for key in sent):
+            break
+        time.sleep(1)
+    assert all(scraped.get(key) == after[key] for key in sent), (scraped, after)
+    time.sleep(3)  # a few more scrapes, so that every rate has two samples in its window
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    empty = []
+    for expr in expressions:
+        concrete = expr.replace("$model", ".*").replace("$__rate_interval", "1m")
+        if not query(prometheus, concrete):
+            empty.append(expr)
+    assert not empty, f"dashboard queries without data: {empty}"
