@@ -53,7 +53,7 @@ dashboard: setup
 
 # Regenerate the pins of every transitive dependency from the current environment.
 lock:
-	$(BIN)/pip freeze --exclude-editable | grep -v '^cnn-serving' > requirements/constraints.txt
+	$(BIN)/pip freeze --exclude-editable | grep -v -e '^cnn-serving' -e '^uv==' | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements/constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
