@@ -10,6 +10,7 @@ from typing import Literal
 from .batching import BatchStats, DynamicBatcher
 from .errors import InvalidInput, ModelNotFound, ModelNotReady
 from .metrics import Metrics
+from .readiness import WorkerReadiness
 from .runtime import LoadedModel, ModelLoadError, load_model
 from .settings import Settings
 from .store import ModelStore, StoredVersion, is_valid_name
@@ -33,9 +34,10 @@ class ModelEntry:
 class Repository:
     """Loads every requested model in a background thread; ready once each is warm or failed."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, readiness: WorkerReadiness | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.readiness = readiness
         self.store = ModelStore(settings.model_store)
         self.entries: dict[str, ModelEntry] = {}
         self._loaded = threading.Event()
@@ -73,6 +75,8 @@ class Repository:
             if entry.stored is not None:
                 self._load(entry, entry.stored)
         self._loaded.set()
+        if self.readiness is not None and self.entries:
+            self.readiness.mark_ready()
 
     def _load(self, entry: ModelEntry, stored: StoredVersion) -> None:
         try:
@@ -124,7 +128,9 @@ class Repository:
 
     @property
     def ready(self) -> bool:
-        return self._loaded.is_set() and bool(self.entries)
+        """This worker has loaded (or failed) every model, and so has every other worker."""
+        loaded = self._loaded.is_set() and bool(self.entries)
+        return loaded and (self.readiness is None or self.readiness.all_ready())
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)
@@ -140,11 +146,14 @@ class Repository:
 
     def get(self, name: str | None, version: int | None = None) -> ModelEntry:
         """The ready entry for a request; 400/404/503 errors name what would be right."""
+        available = ", ".join(sorted(self.entries)) or "none"
+        if name == "":
+            raise InvalidInput(f"Empty model name: use one of {available}, or leave model= out for the default")
         name = name if name is not None else self.default_model
         if not name:
             raise ModelNotFound("", sorted(self.entries))
         if not is_valid_name(name):
-            raise InvalidInput(f"Invalid model name {name!r}: use one of {', '.join(sorted(self.entries)) or 'none'}")
+            raise InvalidInput(f"Invalid model name {name!r}: use one of {available}")
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFound(name, sorted(self.entries))

@@ -16,6 +16,7 @@ from .api import create_app
 from .classifier import Classifier
 from .metrics import get_metrics, process_metrics_text
 from .oip import OipHandler
+from .readiness import WorkerReadiness
 from .repository import Repository
 from .settings import get_settings
 
@@ -35,13 +36,13 @@ def _configure_logging() -> None:
 
 _configure_logging()
 settings = get_settings()
-app = create_app()
+app = create_app(settings.api_token.get_secret_value() if settings.api_token else None)
 
 
 @bentoml.service(
     name="cnn_classifier",
     workers=settings.workers,
-    traffic={"timeout": 60},
+    traffic={"timeout": settings.request_timeout_s},
     http={"port": settings.http_port, "host": settings.http_host},
 )
 @bentoml.asgi_app(app, path="/")
@@ -49,7 +50,8 @@ class CNNClassifier:
     """Image classification with the classic CNNs on ONNX Runtime, batched per model."""
 
     def __init__(self) -> None:
-        self.repository = Repository(settings, get_metrics())
+        self.readiness = WorkerReadiness(settings.workers)
+        self.repository = Repository(settings, get_metrics(), self.readiness)
         self.decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
         app.state.classifier = Classifier(self.repository, self.decoders)
         app.state.oip = OipHandler(app.state.classifier)
@@ -64,5 +66,6 @@ class CNNClassifier:
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
+        self.readiness.withdraw()
         await self.repository.close()
         self.decoders.shutdown(wait=False)

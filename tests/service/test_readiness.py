@@ -1,0 +1,47 @@
+"""Readiness across workers: one ready worker does not make the server ready."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.readiness import WorkerReadiness
+
+
+@pytest.fixture
+def tmpdir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    return tmp_path
+
+
+def test_the_server_is_ready_only_when_every_worker_is(tmpdir_env: Path) -> None:
+    this = WorkerReadiness(workers=2, server_pid=os.getpid())
+    assert not this.all_ready()
+    this.mark_ready()
+    assert not this.all_ready()  # the other worker is still loading
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (this.directory / str(other.pid)).touch()  # the other worker's marker
+        assert this.all_ready()
+    finally:
+        other.kill()
+        other.wait()
+    assert not this.all_ready()  # a dead worker's marker does not count
+
+    this.withdraw()
+    assert not this.marker.exists()
+
+
+def test_servers_do_not_share_markers(tmpdir_env: Path) -> None:
+    first = WorkerReadiness(workers=1, server_pid=os.getpid())
+    second = WorkerReadiness(workers=1, server_pid=os.getppid())
+    first.mark_ready()
+    assert first.all_ready() and not second.all_ready()
