@@ -19,6 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from .auth import BearerTokenMiddleware
 from .classifier import Classifier
 from .errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from .grpc_server import start_grpc_server
@@ -130,14 +131,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         return
     settings = handler.settings
-    server = await start_grpc_server(handler, settings.http_host, settings.grpc_port, settings.max_body_bytes)
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    server = await start_grpc_server(handler, settings.http_host, settings.grpc_port, settings.max_body_bytes, token)
     try:
         yield
     finally:
         await server.stop(grace=5)
 
 
-def create_app() -> FastAPI:
+def create_app(api_token: str | None = None) -> FastAPI:
     app = FastAPI(
         title="CNN classification",
         description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime.",
@@ -146,6 +148,8 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(v2_router)
+    if api_token:
+        app.add_middleware(BearerTokenMiddleware, token=api_token)
 
     def classifier(request: Request) -> Classifier:
         found: Classifier | None = getattr(request.app.state, "classifier", None)

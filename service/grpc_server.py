@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from .auth import OPEN_GRPC_METHODS, token_matches
 from .errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge, ServiceError
 from .oip import (
     EXTENSIONS,
@@ -146,13 +147,41 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-async def start_grpc_server(handler: OipHandler, host: str, port: int, max_message_bytes: int) -> grpc.aio.Server:
+UNAUTHENTICATED_MESSAGE = "Missing or wrong token: send the metadata 'authorization: Bearer <API_TOKEN>'"
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for every call but the health checks without ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if details.method in OPEN_GRPC_METHODS:
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        authorization = metadata.get("authorization")
+        if isinstance(authorization, bytes):
+            authorization = authorization.decode("latin-1")
+        if token_matches(authorization, self.token):
+            return await continuation(details)
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+async def start_grpc_server(
+    handler: OipHandler, host: str, port: int, max_message_bytes: int, token: str | None = None
+) -> grpc.aio.Server:
     server = grpc.aio.server(
+        interceptors=[TokenInterceptor(token)] if token else None,
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(handler), server)
     address = f"{host}:{port}"

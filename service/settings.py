@@ -7,7 +7,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1, description="Most files in one multipart request (413 above).")
     max_top_k: int = Field(1000, ge=1, description="Largest top_k accepted (400 above).")
+    request_timeout_s: float = Field(60.0, gt=0, description="Longest a request may take before the server gives up.")
+    api_token: SecretStr | None = Field(
+        None, description="When set, /classify, /models and /v2 (HTTP and gRPC) need `Authorization: Bearer <token>`."
+    )
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
     warmup_batches: tuple[int, ...] = Field(
         (1, 8), description="Batch sizes each model runs once before /readyz says ready."

@@ -1,0 +1,92 @@
+"""API_TOKEN: inference and model routes need the bearer token; probes and metrics stay open."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.auth import token_matches
+from service.store import ModelStore
+
+from ..helpers import ServiceProcess, encode
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "correct-horse-battery-staple"
+DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def locked(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    log = tmp_path_factory.mktemp("logs") / "locked.log"
+    process = ServiceProcess(Path(model_store.root), log, API_TOKEN=TOKEN, MODELS="lenet5")
+    process.start()
+    yield process
+    process.stop()
+
+
+def call(service: ServiceProcess, method: str, path: str, authorization: str | None) -> httpx.Response:
+    headers = {"Authorization": authorization} if authorization else {}
+    if method == "POST" and path.startswith("/classify"):
+        headers["Content-Type"] = "image/png"
+        return httpx.post(f"{service.url}{path}", content=DIGIT, headers=headers, timeout=30)
+    if method == "POST":
+        body = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [0] * 1024}]}
+        return httpx.post(f"{service.url}{path}", json=body, headers=headers, timeout=30)
+    return httpx.get(f"{service.url}{path}", headers=headers, timeout=30)
+
+
+PROTECTED = [
+    ("POST", "/classify?model=lenet5"),
+    ("GET", "/models"),
+    ("GET", "/v2"),
+    ("GET", "/v2/models/lenet5"),
+    ("GET", "/v2/models/lenet5/ready"),
+    ("POST", "/v2/models/lenet5/infer"),
+]
+OPEN = ["/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+def test_protected_routes_need_the_token(locked: ServiceProcess, method: str, path: str) -> None:
+    for authorization in (None, "Bearer wrong", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x"):
+        response = call(locked, method, path, authorization)
+        assert response.status_code == 401, (authorization, response.text)
+        assert "Bearer" in response.json()["error"] and response.headers["www-authenticate"].startswith("Bearer")
+    assert call(locked, method, path, f"Bearer {TOKEN}").status_code == 200
+
+
+@pytest.mark.parametrize("path", OPEN)
+def test_probes_and_metrics_stay_open(locked: ServiceProcess, path: str) -> None:
+    assert httpx.get(f"{locked.url}{path}", timeout=10).status_code == 200
+
+
+def test_grpc_needs_the_token_except_for_health(locked: ServiceProcess) -> None:
+    client = triton_grpc.InferenceServerClient(locked.grpc_target)
+    assert client.is_server_live() and client.is_server_ready()
+    files = triton_grpc.InferInput("image_bytes", [1], "BYTES")
+    files.set_data_from_numpy(np.array([DIGIT], dtype=object))
+    for headers in (None, {"authorization": "Bearer wrong"}):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("lenet5", [files], headers=headers)
+        assert str(info.value.status()) == "StatusCode.UNAUTHENTICATED"
+        with pytest.raises(InferenceServerException):
+            client.get_model_metadata("lenet5", headers=headers)
+    good = {"authorization": f"Bearer {TOKEN}"}
+    assert client.infer("lenet5", [files], headers=good).as_numpy("probabilities").shape == (1, 10)
+
+
+def test_token_comparison() -> None:
+    assert token_matches(f"Bearer {TOKEN}", TOKEN) and token_matches(f"bearer {TOKEN}", TOKEN)
+    assert not token_matches(None, TOKEN) and not token_matches("", TOKEN)
+    assert not token_matches(f"Token {TOKEN}", TOKEN) and not token_matches(f"Bearer {TOKEN[:-1]}", TOKEN)
+
+
+def test_unset_by_default(service: ServiceProcess) -> None:
+    assert httpx.get(f"{service.url}/models", timeout=10).status_code == 200
