@@ -1,0 +1,134 @@
+"""Broken model files, a graph failing inside ONNX Runtime, an empty store: the service stays up."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+import tritonclient.grpc as triton_grpc
+from onnx import TensorProto, helper
+from tritonclient.utils import InferenceServerException
+
+from service.store import ModelStore
+
+from ..helpers import ROOT, ServiceProcess, encode
+
+pytestmark = pytest.mark.integration
+
+DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
+
+
+def batch_of_eight_only_graph(path: Path) -> None:
+    """A valid LeNet-shaped graph whose fixed Reshape fails at runtime for any batch but 8."""
+    nodes = [
+        helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1, 2, 3], keepdims=0),  # [N]
+        helper.make_node("Reshape", ["mean", "eight"], ["column"]),  # [8, 1]: the fault
+        helper.make_node("Expand", ["column", "wide"], ["logits"]),  # [8, 10]
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    constants = [
+        helper.make_tensor("eight", TensorProto.INT64, [2], [8, 1]),
+        helper.make_tensor("wide", TensorProto.INT64, [2], [8, 10]),
+    ]
+    graph = helper.make_graph(
+        nodes, "fails_unless_eight",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 32, 32, 1])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 10]) for n in ("logits", "probabilities")],
+        initializer=constants,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+
+
+@pytest.fixture(scope="module")
+def faulty(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    root = tmp_path_factory.mktemp("faulty_store")
+    source = model_store.model_dir("lenet5")
+    broken = ["missing_graph", "truncated_graph", "not_onnx", "bad_metadata", "runtime_fault"]
+    for name in ["lenet5", *broken]:
+        shutil.copytree(source, root / name, ignore=shutil.ignore_patterns(".staging*"))
+    (root / "missing_graph" / "1" / "model.onnx").unlink()
+    graph = root / "truncated_graph" / "1" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:2000])
+    (root / "not_onnx" / "1" / "model.onnx").write_text("this is not a protobuf\n")
+    (root / "bad_metadata" / "1" / "metadata.json").write_text("{ not json")
+    batch_of_eight_only_graph(root / "runtime_fault" / "1" / "model.onnx")
+    process = ServiceProcess(root, root.parent / "faulty.log", WARMUP_BATCHES="[8]")
+    process.start()
+    yield process
+    process.stop()
+
+
+def classify(service: ServiceProcess, model: str, files: int = 1) -> httpx.Response:
+    parts = [("image", (f"{i}.png", DIGIT, "image/png")) for i in range(files)]
+    return httpx.post(f"{service.url}/classify", params={"model": model}, files=parts, timeout=30)
+
+
+def test_broken_models_are_listed_with_the_reason_and_the_rest_serve(faulty: ServiceProcess) -> None:
+    models = {m["name"]: m for m in httpx.get(f"{faulty.url}/models", timeout=10).json()["models"]}
+    assert models["lenet5"]["status"] == "ready" and models["runtime_fault"]["status"] == "ready"
+    reasons = {
+        "missing_graph": "model.onnx is missing",
+        "truncated_graph": "ONNX Runtime cannot load",
+        "not_onnx": "ONNX Runtime cannot load",
+        "bad_metadata": "metadata.json is invalid",
+    }
+    for name, reason in reasons.items():
+        assert models[name]["status"] == "failed" and reason in models[name]["reason"], models[name]
+        response = classify(faulty, name)
+        assert response.status_code == 503 and reason in response.json()["error"]
+    assert httpx.get(f"{faulty.url}/readyz", timeout=5).status_code == 200
+    assert classify(faulty, "lenet5").status_code == 200
+
+
+def test_an_exception_inside_inference_fails_that_request_only(faulty: ServiceProcess) -> None:
+    failed = classify(faulty, "runtime_fault", files=1)
+    assert failed.status_code == 500 and "Internal error" in failed.json()["error"]
+    assert classify(faulty, "runtime_fault", files=8).status_code == 200  # the same model, a batch it can run
+    assert classify(faulty, "lenet5").status_code == 200
+
+    client = triton_grpc.InferenceServerClient(faulty.grpc_target)
+    files = triton_grpc.InferInput("image_bytes", [1], "BYTES")
+    files.set_data_from_numpy(np.array([DIGIT], dtype=object))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("runtime_fault", [files])
+    assert str(info.value.status()) == "StatusCode.INTERNAL"
+    assert client.infer("lenet5", [files]).as_numpy("probabilities").shape == (1, 10)
+
+
+def test_an_empty_store_is_refused_with_the_remedy(tmp_path: Path) -> None:
+    env = {**os.environ, "MODEL_STORE": str(tmp_path / "nothing-here")}
+    result = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "make export" in result.stderr
+
+
+def test_bentoml_serve_on_an_empty_store_stays_unready_and_says_why(tmp_path: Path) -> None:
+    process = ServiceProcess(tmp_path, tmp_path / "empty.log")
+    command = [sys.executable, "-m", "bentoml", "serve", "service.service:CNNClassifier", "--port", str(process.port)]
+    with process.log_path.open("wb") as log:
+        process.process = subprocess.Popen(command, cwd=ROOT, env=process.env, stdout=log, stderr=subprocess.STDOUT,
+                                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{process.url}/livez", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        time.sleep(1)
+        assert httpx.get(f"{process.url}/readyz", timeout=5).status_code == 503
+        assert "make export" in process.log_path.read_text()
+    finally:
+        process.stop()

@@ -1,0 +1,144 @@
+"""Whatever a client sends costs it a clear 4xx and the service nothing; unusual but valid images classify."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from ..helpers import ServiceProcess, encode
+
+pytestmark = pytest.mark.integration
+
+PHOTO = data.astronaut()
+JPEG = encode(PHOTO, "JPEG", quality=90)
+PNG = encode(PHOTO, "PNG")
+
+
+def post(service: ServiceProcess, body: bytes, content_type: str = "image/jpeg", **params: object) -> httpx.Response:
+    headers = {"Content-Type": content_type}
+    return httpx.post(f"{service.url}/classify", params=params, content=body, headers=headers, timeout=60)
+
+
+def assert_still_serving(service: ServiceProcess) -> None:
+    assert post(service, JPEG, model="resnet18").status_code == 200
+    assert httpx.get(f"{service.url}/readyz", timeout=5).status_code == 200
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data behind it."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+BAD_BODIES = [
+    ("empty body", b"", "image/jpeg", 400),
+    ("random bytes", np.random.default_rng(0).bytes(4096), "application/octet-stream", 400),
+    ("text sent as image/jpeg", b"Dear service, this is not a photo.\n" * 20, "image/jpeg", 400),
+    ("truncated JPEG", JPEG[: len(JPEG) // 3], "image/jpeg", 400),
+    ("truncated PNG", PNG[: len(PNG) // 3], "image/png", 400),
+    ("PNG claiming 50000 x 50000", png_claiming(50_000, 50_000), "image/png", 413),
+    ("body over the limit", b"\0" * (20 * 1024 * 1024 + 1), "image/jpeg", 413),
+    ("unsupported content type", JPEG, "application/json", 415),
+    ("no content type", JPEG, "", 415),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "content_type", "status"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
+def test_bad_bodies(service: ServiceProcess, case: str, body: bytes, content_type: str, status: int) -> None:
+    response = post(service, body, content_type, model="resnet18")
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert_still_serving(service)
+
+
+BAD_PARAMETERS = [
+    ("model unknown", {"model": "resnet5"}, 404),
+    ("model empty", {"model": ""}, 400),
+    ("model with ../", {"model": "../../etc/passwd"}, 400),
+    ("model with a slash", {"model": "resnet18/1"}, 400),
+    ("model with NUL", {"model": "resnet18\x00"}, 400),
+    ("top_k 0", {"top_k": 0}, 400),
+    ("top_k -1", {"top_k": -1}, 400),
+    ("top_k abc", {"top_k": "abc"}, 400),
+    ("top_k 10**9", {"top_k": 10**9}, 400),
+    ("version absent", {"version": 99}, 404),
+]
+
+
+@pytest.mark.parametrize(("case", "params", "status"), BAD_PARAMETERS, ids=[c[0] for c in BAD_PARAMETERS])
+def test_bad_parameters(service: ServiceProcess, case: str, params: dict, status: int) -> None:
+    response = post(service, JPEG, **{"model": "resnet18", **params})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert_still_serving(service)
+
+
+def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _animated(fmt: str) -> bytes:
+    frames = [Image.fromarray(PHOTO), Image.fromarray(255 - PHOTO)]
+    return _save(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+
+
+rgb = Image.fromarray(PHOTO)
+rgba = rgb.copy()
+rgba.putalpha(200)
+palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE)
+UNUSUAL = [
+    ("grayscale", _save(rgb.convert("L"), "PNG"), "image/png"),
+    ("grayscale with alpha", _save(rgb.convert("LA"), "PNG"), "image/png"),
+    ("RGBA", _save(rgba, "PNG"), "image/png"),
+    ("palette with transparency", _save(palette, "PNG", transparency=0), "image/png"),
+    ("CMYK JPEG", _save(rgb.convert("CMYK"), "JPEG"), "image/jpeg"),
+    ("progressive JPEG", _save(rgb, "JPEG", progressive=True), "image/jpeg"),
+    ("16-bit PNG", _save(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "PNG"), "image/png"),
+    ("animated GIF", _animated("GIF"), "image/gif"),
+    ("animated WebP", _animated("WEBP"), "image/webp"),
+    ("BMP", _save(rgb, "BMP"), "image/bmp"),
+    ("TIFF", _save(rgb, "TIFF"), "image/tiff"),
+    ("1x1 pixel", _save(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "image/png"),
+    ("10000x10", _save(Image.new("RGB", (10_000, 10), (30, 200, 30)), "PNG"), "image/png"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "content_type"), UNUSUAL, ids=[c[0] for c in UNUSUAL])
+def test_unusual_images_classify(service: ServiceProcess, case: str, body: bytes, content_type: str) -> None:
+    response = post(service, body, content_type, model="resnet18")
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"][0]["predictions"]) == 5
+
+
+def test_animated_images_use_the_first_frame(service: ServiceProcess) -> None:
+    first = post(service, encode(PHOTO, "PNG"), "image/png", model="resnet18", top_k=3).json()
+    for fmt in ("GIF", "WEBP"):
+        animated = post(service, _animated(fmt), f"image/{fmt.lower()}", model="resnet18", top_k=3).json()
+        assert animated["results"][0]["predictions"][0]["index"] == first["results"][0]["predictions"][0]["index"]
+
+
+def test_exif_rotation_gives_the_upright_result(service: ServiceProcess) -> None:
+    upright = post(service, JPEG, model="resnet18", top_k=1000).json()["results"][0]["predictions"]
+    exif = Image.Exif()
+    exif[0x0112] = 8  # the file holds the photo turned 90 degrees clockwise; display rotates it back
+    rotated = _save(Image.fromarray(np.ascontiguousarray(np.rot90(PHOTO, k=-1))), "JPEG", quality=90, exif=exif)
+    turned = post(service, rotated, model="resnet18", top_k=1000).json()["results"][0]["predictions"]
+    a = {p["index"]: p["score"] for p in upright}
+    b = {p["index"]: p["score"] for p in turned}
+    assert upright[0]["index"] == turned[0]["index"]
+    assert max(abs(a[i] - b[i]) for i in a) < 2e-3  # JPEG re-encoding of the rotated pixels, nothing more

@@ -1,0 +1,43 @@
+"""SIGTERM lets the requests in flight finish, then the server exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from skimage import data
+
+from service.store import ModelStore
+
+from ..helpers import ServiceProcess, encode
+
+pytestmark = pytest.mark.integration
+
+
+def test_sigterm_drains_in_flight_requests(model_store: ModelStore, tmp_path: Path) -> None:
+    process = ServiceProcess(Path(model_store.root), tmp_path / "shutdown.log", MODELS="resnet18").start()
+    photo = encode(data.chelsea(), "JPEG")
+    files = [("image", (f"{i}.jpg", photo, "image/jpeg")) for i in range(16)]
+
+    async def scenario() -> list[int]:
+        async with httpx.AsyncClient(base_url=process.url, timeout=120) as client:
+            requests = [asyncio.create_task(client.post("/classify?model=resnet18", files=files)) for _ in range(6)]
+            await asyncio.sleep(0.5)  # all six are in flight: 96 ResNet-18 images take seconds here
+            assert process.process is not None
+            os.kill(process.process.pid, signal.SIGTERM)
+            responses = await asyncio.gather(*requests)
+            return [r.status_code for r in responses]
+
+    try:
+        assert asyncio.run(scenario()) == [200] * 6
+        assert process.process is not None
+        started = time.monotonic()
+        assert process.process.wait(60) == 0
+        assert time.monotonic() - started < 60
+    finally:
+        process.stop()
