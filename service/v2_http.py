@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import InvalidInput, ServiceError
+from .errors import InvalidInput, ModelNotFound, ServiceError
 from .http_body import read_body
 from .oip import (
     EXTENSIONS,
@@ -128,10 +128,14 @@ async def live() -> dict[str, bool]:
     return {"live": True}
 
 
+# The protocol answers readiness with 200, or a 4xx when not ready (400, as Triton does).
+NOT_READY = 400
+
+
 @router.get("/health/ready", summary="Server readiness: 200 once every model is loaded and warm, or failed")
 async def ready(request: Request) -> JSONResponse:
     is_ready = _handler(request).repository.ready
-    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+    return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else NOT_READY)
 
 
 @router.get("/models/{name}", summary="Model metadata")
@@ -143,8 +147,11 @@ async def metadata(request: Request, name: str, version: str = "") -> dict[str, 
 @router.get("/models/{name}/ready", summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness for a version")
 async def model_ready(request: Request, name: str, version: str = "") -> JSONResponse:
-    is_ready = _handler(request).model_ready(name, version)
-    return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else 503)
+    handler = _handler(request)
+    if name not in handler.repository.entries:
+        raise ModelNotFound(name, sorted(handler.repository.entries))
+    is_ready = handler.model_ready(name, version)
+    return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else NOT_READY)
 
 
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
