@@ -81,7 +81,7 @@ class Repository:
     def _load(self, entry: ModelEntry, stored: StoredVersion) -> None:
         try:
             model = load_model(self.store, stored, self.settings)
-            model.warm_up(self.settings.warmup_batches)
+            model.warm_up(self.settings.warmup)
         except ModelLoadError as exc:
             entry.status, entry.reason = "failed", str(exc)
             logger.error("%s v%d: not served: %s", stored.name, stored.version, exc)

@@ -58,6 +58,7 @@ def session_options(settings: Settings) -> ort.SessionOptions:
     spin = "1" if settings.ort_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
     options.add_session_config_entry("session.inter_op.allow_spinning", spin)
+    options.enable_cpu_mem_arena = settings.ort_cpu_arena
     options.log_severity_level = 3  # errors only: the CUDA provider's probing is noisy
     return options
 

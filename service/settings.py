@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = cores / workers.")
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads (sequential execution).")
     ort_spinning: bool = Field(False, description="Let ONNX Runtime threads spin when idle (steals CPU from decoding).")
+    ort_cpu_arena: bool = Field(
+        True, description="ONNX Runtime's CPU memory arena: faster allocation, memory kept at its peak."
+    )
     decode_threads: int = Field(0, ge=0, description="Threads decoding images; 0 = cores / workers.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per ONNX Runtime call.")
     max_batch_delay_ms: float = Field(
@@ -59,7 +62,7 @@ class Settings(BaseSettings):
     )
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
     warmup_batches: tuple[int, ...] = Field(
-        (1, 8), description="Batch sizes each model runs once before /readyz says ready."
+        (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
     )
 
     @field_validator("models")
@@ -76,6 +79,11 @@ class Settings(BaseSettings):
                 raise ValueError(f"MODELS entry {part!r}: the version after ':' must be a positive integer")
             requested[name] = int(version) if version else None
         return requested
+
+    @property
+    def warmup(self) -> tuple[int, ...]:
+        """Warming up at the largest batch makes ONNX Runtime's memory reach its peak before the first request."""
+        return self.warmup_batches or (1, self.max_batch_size)
 
     @property
     def session_threads(self) -> int:

@@ -13,7 +13,7 @@ from .helpers import ServiceProcess
 
 # Exported once per test session: the trained LeNet-5 and one ImageNet network with
 # seeded random weights (real weights cannot be downloaded here).
-STORE_MODELS = {"lenet5": "trained", "resnet18": "random"}
+STORE_MODELS = {"lenet5": "trained", "resnet18": "random", "googlenet": "random"}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,115 @@
+"""Sustained load: concurrency 32 across three models over HTTP and gRPC (``SOAK_SECONDS``, default 120).
+
+No 5xx but deliberate load shedding (503, counted); resident memory after the soak within
+15% of its value after warm-up; latency percentiles of the first and the last minute reported
+and close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc.aio as triton_aio
+from skimage import data
+from tritonclient.grpc import InferInput
+from tritonclient.utils import InferenceServerException
+
+from service.store import ModelStore
+
+from ..helpers import ServiceProcess, encode, metric_samples
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "120"))
+CONCURRENCY = 32
+MODELS = ("lenet5", "resnet18", "googlenet")
+FILES = {"lenet5": encode(255 - data.camera()[::8, ::8]), "resnet18": encode(data.chelsea(), "JPEG"),
+         "googlenet": encode(data.coffee(), "JPEG")}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def soak_service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    log = tmp_path_factory.mktemp("logs") / "soak.log"
+    process = ServiceProcess(Path(model_store.root), log, MODELS=",".join(MODELS))
+    process.start()
+    yield process
+    process.stop()
+
+
+Sample = tuple[float, float, str]  # (finished at, seconds, outcome)
+
+
+async def run_load(service: ServiceProcess, seconds: float) -> list[Sample]:
+    samples: list[Sample] = []
+    deadline = time.monotonic() + seconds
+    grpc_client = triton_aio.InferenceServerClient(service.grpc_target)
+    async with httpx.AsyncClient(base_url=service.url, timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+
+        async def worker(index: int) -> None:
+            turn = index
+            while time.monotonic() < deadline:
+                model, protocol = MODELS[turn % 3], ("http", "grpc")[(turn // 3) % 2]
+                turn += 1
+                started = time.monotonic()
+                if protocol == "http":
+                    response = await http.post(f"/classify?model={model}", content=FILES[model],
+                                               headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+                    outcome = str(response.status_code)
+                else:
+                    files = InferInput("image_bytes", [1], "BYTES")
+                    files.set_data_from_numpy(np.array([FILES[model]], dtype=object))
+                    try:
+                        await grpc_client.infer(model, [files])
+                        outcome = "200"
+                    except InferenceServerException as exc:
+                        outcome = str(exc.status())
+                samples.append((time.monotonic(), time.monotonic() - started, outcome))
+
+        await asyncio.gather(*(worker(i) for i in range(CONCURRENCY)))
+    await grpc_client.close()
+    return samples
+
+
+def resident_memory(service: ServiceProcess) -> float:
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    return metric_samples(text, "process_resident_memory_bytes")[0][1]
+
+
+def percentiles(samples: list[Sample]) -> tuple[float, float, float]:
+    latencies = np.array([s[1] for s in samples if s[2] == "200"])
+    return tuple(float(np.percentile(latencies, q)) for q in (50, 95, 99))  # type: ignore[return-value]
+
+
+def test_soak(soak_service: ServiceProcess) -> None:
+    asyncio.run(run_load(soak_service, 15))  # warm-up: allocator pools, thread pools, connections
+    warm_rss = resident_memory(soak_service)
+    started = time.monotonic()
+    samples = asyncio.run(run_load(soak_service, SOAK_SECONDS))
+    final_rss = resident_memory(soak_service)
+
+    outcomes: dict[str, int] = {}
+    for _, _, outcome in samples:
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    shed = outcomes.get("503", 0) + outcomes.get("StatusCode.UNAVAILABLE", 0)
+    window = min(60.0, SOAK_SECONDS / 2)
+    first = [s for s in samples if s[0] - started <= window]
+    last = [s for s in samples if s[0] >= started + SOAK_SECONDS - window]
+    p_first, p_last = percentiles(first), percentiles(last)
+    print(
+        f"\nsoak {SOAK_SECONDS:.0f}s at concurrency {CONCURRENCY}: {len(samples)} requests, "
+        f"{len(samples) / SOAK_SECONDS:.1f}/s, outcomes {outcomes}, shed {shed}\n"
+        f"latency p50/p95/p99 first {window:.0f}s: {' / '.join(f'{v * 1000:.0f}' for v in p_first)} ms; "
+        f"last {window:.0f}s: {' / '.join(f'{v * 1000:.0f}' for v in p_last)} ms\n"
+        f"resident memory after warm-up {warm_rss / 2**20:.0f} MiB, after the soak {final_rss / 2**20:.0f} MiB"
+    )
+    assert set(outcomes) <= {"200", "503", "StatusCode.UNAVAILABLE"}, outcomes  # no 5xx but load shedding
+    assert outcomes.get("200", 0) > 0.99 * len(samples)
+    assert final_rss <= 1.15 * warm_rss and final_rss >= 0.85 * warm_rss
+    assert 0.5 <= p_last[0] / p_first[0] <= 2.0 and 0.5 <= p_last[1] / p_first[1] <= 2.0
