@@ -26,5 +26,10 @@ def test_every_setting_is_documented_with_its_default() -> None:
     table = _section("settings-table")
     for name, field in Settings.model_fields.items():
         default = field.default
-        shown = "(empty)" if default == "" else f"`{list(default) if isinstance(default, tuple) else default}`"
+        if default is None:
+            shown = "(unset)"
+        elif default in ("", ()):
+            shown = "(empty)"
+        else:
+            shown = f"`{default}`"
         assert f"| `{name.upper()}` | {shown} | {field.description} |" in table, name
