@@ -139,7 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await server.stop(grace=5)
 
 
-def create_app(api_token: str | None = None) -> FastAPI:
+def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastAPI:
     app = FastAPI(
         title="CNN classification",
         description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime.",
@@ -204,6 +204,13 @@ def create_app(api_token: str | None = None) -> FastAPI:
             "results": [{"predictions": predictions} for predictions in results],
         }
         return JSONResponse(body)
+
+    if enable_noop:
+
+        @app.post("/noop", summary="Benchmarking: read the body, answer a fixed JSON (ENABLE_NOOP)")
+        async def noop(request: Request) -> JSONResponse:
+            body = await read_body(request, classifier(request).settings.max_body_bytes)
+            return JSONResponse({"model": "noop", "version": "0", "bytes": len(body)})
 
     @app.get("/models", response_model=ModelList, summary="Every model, its state and its metadata")
     async def models(request: Request) -> ModelList:

@@ -3,8 +3,9 @@
 One batcher per loaded model version, one session call at a time (Triton's default of
 one instance per model). While a call runs, requests queue; when it returns, the queue
 is drained into the next call, up to ``max_batch_size`` images. So batches grow with the
-load by themselves, and an idle model answers a lone request after at most
-``max_delay`` (spent waiting for company). Requests for different models never meet in
+load by themselves. Requests announce themselves (:meth:`DynamicBatcher.expect`) when
+they start decoding; the batcher waits up to ``max_delay`` for company only while such a
+request is on its way, so a lone request never waits. Requests for different models never meet in
 one call. Past ``max_queue_images`` waiting images a request is refused with 503 at once
 rather than left to time out: load shedding.
 """
@@ -12,10 +13,11 @@ rather than left to time out: load shedding.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -69,6 +71,8 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
+        self._expected = 0  # requests decoding now, that will submit soon
+        self._arrival = asyncio.Event()  # set on every submission and every announced request's end
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
@@ -76,6 +80,16 @@ class DynamicBatcher:
     @property
     def queued_images(self) -> int:
         return self._queued_images
+
+    @contextlib.contextmanager
+    def expect(self) -> Iterator[None]:
+        """Announce a request that is preprocessing, so a batch forming now waits for it."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
+            self._arrival.set()
 
     async def infer(self, images: np.ndarray) -> Outputs:
         """Run ``images`` [N, H, W, C] in the next batches; returns this request's rows only."""
@@ -94,12 +108,14 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
+            self._arrival = asyncio.Event()  # events bind to the loop that first waits on them
             self._worker = loop.create_task(self._serve(), name=f"batcher-{self.name}")
         pending = _Pending(images, loop.create_future())
         self._queue.append(pending)
         self._queued_images += pending.size
         assert self._wakeup is not None
         self._wakeup.set()
+        self._arrival.set()
         return pending.future
 
     def _take_batch(self) -> list[_Pending]:
@@ -121,11 +137,23 @@ class DynamicBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                if self.max_delay > 0 and self._queued_images < self.max_batch_size:
-                    await asyncio.sleep(self.max_delay)
+                await self._wait_for_company(loop)
                 batch = self._take_batch()
                 if batch:
                     await self._run_batch(loop, batch)
+
+    async def _wait_for_company(self, loop: asyncio.AbstractEventLoop) -> None:
+        """While announced requests are still decoding, wait for them, at most ``max_delay``."""
+        deadline = loop.time() + self.max_delay
+        while self._expected > 0 and self._queued_images < self.max_batch_size:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._arrival.clear()
+            try:
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
         started = time.perf_counter()

@@ -38,7 +38,9 @@ class Classifier:
         decode = functools.partial(
             preprocess, spec=spec, max_pixels=settings.max_image_pixels, draft=settings.jpeg_draft
         )
-        arrays = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, data) for data in files))
+        assert entry.batcher is not None
+        with entry.batcher.expect():  # a batch forming meanwhile waits for these images
+            arrays = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, data) for data in files))
         return np.stack(arrays)
 
     async def classify(self, entry: ModelEntry, files: list[bytes], k: int) -> list[list[dict[str, Any]]]:

@@ -9,6 +9,7 @@ as many markers of live workers as configured workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -33,4 +34,7 @@ class WorkerReadiness:
         return len(live) >= self.workers
 
     def withdraw(self) -> None:
+        """Remove this worker's marker; the last worker out removes the directory."""
         self.marker.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # not empty: another worker is still up
+            self.directory.rmdir()

@@ -36,7 +36,7 @@ def _configure_logging() -> None:
 
 _configure_logging()
 settings = get_settings()
-app = create_app(settings.api_token.get_secret_value() if settings.api_token else None)
+app = create_app(settings.api_token.get_secret_value() if settings.api_token else None, settings.enable_noop)
 
 
 @bentoml.service(
