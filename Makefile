@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard clean
+.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,8 @@ serve: setup
 	$(BIN)/python -m service
 
 lint: setup
-	$(BIN)/ruff check export service tests monitoring
-	$(BIN)/ruff format --check export service tests monitoring
+	$(BIN)/ruff check export service tests monitoring benchmarks
+	$(BIN)/ruff format --check export service tests monitoring benchmarks
 	$(BIN)/mypy
 
 # Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests.
@@ -46,6 +46,13 @@ test-fast: setup test-tools
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		service/protocol/grpc_predict_v2.proto
+
+# The service against raw ONNX Runtime, its own transport and a PyTorch baseline: benchmarks/results/latest.*
+bench: setup
+	$(BIN)/python -m benchmarks
+
+bench-quick: setup
+	$(BIN)/python -m benchmarks --quick
 
 # The Grafana dashboard JSON, from monitoring/dashboard.py.
 dashboard: setup

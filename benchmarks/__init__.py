@@ -1,0 +1,1 @@
+"""Benchmarks: the service against raw ONNX Runtime, its own transport and a PyTorch-eager baseline."""

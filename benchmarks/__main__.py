@@ -1,0 +1,55 @@
+"""``python -m benchmarks``: measure the service against its ceiling, its transport and a baseline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from service.store import ModelStore
+
+from .report import write
+from .run import Plan, run
+
+DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50")
+
+
+def ensure_models(store: ModelStore, models: tuple[str, ...], quick: bool) -> None:
+    """Export what the store lacks: LeNet-5 trained, ImageNet networks with their weights if cached, else random."""
+    from export.pipeline import ExportOptions, export_model
+    from export.weights import WeightsUnavailableError
+
+    for name in models:
+        if store.latest(name) is not None:
+            continue
+        epochs = 2 if quick else 40
+        try:
+            export_model(name, store, ExportOptions(epochs=epochs, progress=False))
+        except WeightsUnavailableError:
+            logging.getLogger("benchmarks").info("%s: no real weights here, benchmarking random ones", name)
+            export_model(name, store, ExportOptions(weights="random", progress=False))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="short runs at concurrency 1 and 4 (under 2 minutes)")
+    parser.add_argument(
+        "--store", type=Path, default=Path("benchmarks/.store"), help="model store; what it lacks is exported into it"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    models = tuple(m for m in args.models.split(",") if m)
+    store = ModelStore(args.store)
+    ensure_models(store, models, args.quick)
+    results = run(store, Plan.make(models, args.quick))
+    paths = write(results, args.out)
+    logging.getLogger("benchmarks").info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

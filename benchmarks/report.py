@@ -1,0 +1,67 @@
+"""The benchmark's outputs: a JSON file, a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    lines = [
+        f"Run {results['started']} on {machine['cpu']} ({machine['cores']} cores), "
+        f"providers {', '.join(machine['providers'])}, commit `{machine['commit'][:10]}`, "
+        f"{'quick' if results['quick'] else 'full'} mode.",
+        "",
+        "| model | path | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in results["runs"]:
+        batch = "-" if run.get("mean_batch") is None else f"{run['mean_batch']:.1f}"
+        cells = [run["model"], run["path"], run["concurrency"], f"{run['images_per_s']:.1f}"]
+        cells += [f"{run[k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")] + [run["errors"], batch]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
+    for ratio in results["ratios"]:
+        met = "-" if ratio["met"] is None else ("yes" if ratio["met"] else "**no**")
+        target = "-" if ratio["target"] is None else f">= {ratio['target']}"
+        lines.append(f"| {ratio['name']} | {ratio['value']:.2f} | {target} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    models = sorted({r["model"] for r in results["runs"] if r["path"] != "ceiling"})
+    figure, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 8), squeeze=False)
+    for column, model in enumerate(models):
+        runs = [r for r in results["runs"] if r["model"] == model]
+        for path_name in sorted({r["path"] for r in runs if r["path"] != "ceiling"}):
+            series = sorted((r for r in runs if r["path"] == path_name), key=lambda r: r["concurrency"])
+            x = [r["concurrency"] for r in series]
+            axes[0][column].plot(x, [r["images_per_s"] for r in series], marker="o", label=path_name)
+            axes[1][column].plot(x, [r["p99_ms"] for r in series], marker="o", label=f"{path_name} p99")
+        ceiling = max((r["images_per_s"] for r in runs if r["path"] == "ceiling"), default=None)
+        if ceiling:
+            axes[0][column].axhline(ceiling, color="black", linestyle="--", label="ONNX Runtime ceiling")
+        axes[0][column].set(title=f"{model}: throughput", xlabel="concurrency", ylabel="images/s", xscale="log")
+        axes[1][column].set(title=f"{model}: p99 latency", xlabel="concurrency", ylabel="ms", xscale="log",
+                            yscale="log")  # fmt: skip
+        for ax in axes[:, column]:
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+
+
+def write(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "latest.json", "markdown": out / "latest.md", "plot": out / "latest.png"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["markdown"].write_text(markdown(results))
+    plot(results, paths["plot"])
+    return paths
