@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -39,13 +40,26 @@ def main(argv: list[str] | None = None) -> int:
         "--store", type=Path, default=Path("benchmarks/.store"), help="model store; what it lacks is exported into it"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
+    parser.add_argument("--paths", help="only these: ceiling,http,grpc-bytes,grpc-images,noop,baseline")
+    parser.add_argument("--concurrency", help="comma-separated concurrency levels (default 1,4,16,64; quick 1,4)")
+    parser.add_argument("--seconds", type=float, help="time bound of each run")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a service setting to try")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     models = tuple(m for m in args.models.split(",") if m)
     store = ModelStore(args.store)
     ensure_models(store, models, args.quick)
-    results = run(store, Plan.make(models, args.quick))
+    plan = Plan.make(models, args.quick)
+    if args.paths:
+        plan = dataclasses.replace(plan, paths=tuple(args.paths.split(",")))
+    if args.concurrency:
+        plan = dataclasses.replace(plan, concurrency=tuple(int(c) for c in args.concurrency.split(",")))
+    if args.seconds:
+        plan = dataclasses.replace(plan, seconds=args.seconds)
+    if args.env:
+        plan = dataclasses.replace(plan, service_env=tuple(tuple(e.split("=", 1)) for e in args.env))
+    results = run(store, plan)
     paths = write(results, args.out)
     logging.getLogger("benchmarks").info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0

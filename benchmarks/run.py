@@ -42,6 +42,8 @@ class Plan:
     requests: int  # per run, at most
     ceiling_seconds: float
     large_photo: bool
+    paths: tuple[str, ...] = ("ceiling", "http", "grpc-bytes", "grpc-images", "noop", "baseline")
+    service_env: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def make(cls, models: tuple[str, ...], quick: bool) -> Plan:
@@ -181,6 +183,8 @@ async def service_runs(url: str, grpc_target: str, store: ModelStore, model: str
     }  # fmt: skip
     results = []
     for path, runner in paths.items():
+        if path not in plan.paths:
+            continue
         for concurrency in plan.concurrency:
             before = batch_totals(url, model)
             latencies, errors, seconds = await runner(concurrency)
@@ -216,23 +220,24 @@ def run(store: ModelStore, plan: Plan) -> dict[str, Any]:
 
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     runs: list[RunResult] = []
-    for model in plan.models:
+    for model in plan.models if "ceiling" in plan.paths else ():
         runs += ceiling(store, model, plan)
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "benchmark-service.log"
-    service = ServiceProcess(store.root, log, MODELS=",".join(plan.models), ENABLE_NOOP="true").start()
+    env = {"MODELS": ",".join(plan.models), "ENABLE_NOOP": "true", **dict(plan.service_env)}
+    service = ServiceProcess(store.root, log, **env).start()
     try:
         for model in plan.models:
             runs += asyncio.run(service_runs(service.url, service.grpc_target, store, model, plan))
     finally:
         service.stop()
-    for model in plan.models:
+    for model in plan.models if "baseline" in plan.paths else ():
         if model != "lenet5":
             runs += asyncio.run(baseline_runs(model, plan, free_port()))
     return {
         "started": started,
         "quick": plan.seconds < 5,
         "machine": machine(),
-        "plan": plan.__dict__,
+        "plan": {**plan.__dict__, "service_env": dict(plan.service_env)},
         "runs": [r.to_dict() for r in runs],
         "ratios": ratios(runs),
     }
