@@ -9,7 +9,7 @@ import pytest
 
 from service.store import ModelStore
 
-from .helpers import ServiceProcess
+from .helpers import ServiceProcess, running
 
 # Exported once per test session: the trained LeNet-5 and one ImageNet network with
 # seeded random weights (real weights cannot be downloaded here).
@@ -30,7 +30,5 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The service on the session store; 'ghost' is requested but absent, so it is listed as failed."""
     log = tmp_path_factory.mktemp("logs") / "service.log"
-    process = ServiceProcess(Path(model_store.root), log, MODELS="lenet5,resnet18,ghost", DEFAULT_MODEL="resnet18")
-    process.start()
-    yield process
-    process.stop()
+    with running(Path(model_store.root), log, MODELS="lenet5,resnet18,ghost", DEFAULT_MODEL="resnet18") as process:
+        yield process

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -46,11 +48,15 @@ class ServiceProcess:
             "HTTP_HOST": "127.0.0.1",
             "GRPC_PORT": str(self.grpc_port),
             "BENTOML_DO_NOT_TRACK": "true",
+            # BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir when a server starts: one home per
+            # server, or starting a second server erases the first one's metrics.
+            "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{self.port}"),
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 120.0) -> ServiceProcess:
+    def start(self, timeout: float = 120.0, wait_for: str = "/readyz") -> ServiceProcess:
+        """Start ``bentoml serve`` and return once ``wait_for`` answers 200."""
         command = [
             sys.executable, "-m", "bentoml", "serve", "service.service:CNNClassifier",
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -59,18 +65,13 @@ class ServiceProcess:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        process = self.process
+        if wait_for_ok(f"{self.url}{wait_for}", timeout, give_up=lambda: process.poll() is not None):
+            return self
+        exited = process.poll()
         self.stop()
-        raise RuntimeError(f"service not ready after {timeout}s:\n{self.log()}")
+        why = f"exited with {exited}" if exited is not None else f"not ready after {timeout}s"
+        raise RuntimeError(f"service {why}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
@@ -84,6 +85,29 @@ class ServiceProcess:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait()
+
+
+def wait_for_ok(url: str, timeout: float, give_up: Callable[[], bool] = lambda: False) -> bool:
+    """Poll ``url`` until it answers 200 (True), ``give_up()`` says so or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not give_up():
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+@contextlib.contextmanager
+def running(store: Path, log_path: Path, **env: str) -> Iterator[ServiceProcess]:
+    """The service, started and ready, for the length of the ``with`` block."""
+    process = ServiceProcess(store, log_path, **env).start()
+    try:
+        yield process
+    finally:
+        process.stop()
 
 
 def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:

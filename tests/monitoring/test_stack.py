@@ -19,7 +19,7 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from skimage import data
 
-from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples
+from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, wait_for_ok
 
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "cnn-serving.json"
@@ -95,13 +95,7 @@ def prometheus(service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        assert wait_for_ok(f"{url}/-/ready", 60), (directory / "prometheus.log").read_text()[-2000:]
         yield url
     finally:
         process.terminate()

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from service.auth import token_matches
 from service.store import ModelStore
 
-from ..helpers import ServiceProcess, encode
+from ..helpers import ServiceProcess, encode, running
 
 pytestmark = pytest.mark.integration
 
@@ -25,10 +25,8 @@ DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
 @pytest.fixture(scope="module")
 def locked(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("logs") / "locked.log"
-    process = ServiceProcess(Path(model_store.root), log, API_TOKEN=TOKEN, MODELS="lenet5")
-    process.start()
-    yield process
-    process.stop()
+    with running(Path(model_store.root), log, API_TOKEN=TOKEN, MODELS="lenet5") as process:
+        yield process
 
 
 def call(service: ServiceProcess, method: str, path: str, authorization: str | None) -> httpx.Response:

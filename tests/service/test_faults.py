@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.store import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, encode
+from ..helpers import ROOT, ServiceProcess, encode, running
 
 pytestmark = pytest.mark.integration
 
@@ -64,10 +64,8 @@ def faulty(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) ->
     (root / "not_onnx" / "1" / "model.onnx").write_text("this is not a protobuf\n")
     (root / "bad_metadata" / "1" / "metadata.json").write_text("{ not json")
     batch_of_eight_only_graph(root / "runtime_fault" / "1" / "model.onnx")
-    process = ServiceProcess(root, root.parent / "faulty.log", WARMUP_BATCHES="[8]")
-    process.start()
-    yield process
-    process.stop()
+    with running(root, root.parent / "faulty.log", WARMUP_BATCHES="[8]") as process:
+        yield process
 
 
 def classify(service: ServiceProcess, model: str, files: int = 1) -> httpx.Response:
@@ -114,19 +112,8 @@ def test_an_empty_store_is_refused_with_the_remedy(tmp_path: Path) -> None:
 
 
 def test_bentoml_serve_on_an_empty_store_stays_unready_and_says_why(tmp_path: Path) -> None:
-    process = ServiceProcess(tmp_path, tmp_path / "empty.log")
-    command = [sys.executable, "-m", "bentoml", "serve", "service.service:CNNClassifier", "--port", str(process.port)]
-    with process.log_path.open("wb") as log:
-        process.process = subprocess.Popen(command, cwd=ROOT, env=process.env, stdout=log, stderr=subprocess.STDOUT,
-                                           start_new_session=True)  # fmt: skip
+    process = ServiceProcess(tmp_path, tmp_path / "empty.log").start(wait_for="/livez")
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{process.url}/livez", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         time.sleep(1)
         assert httpx.get(f"{process.url}/readyz", timeout=5).status_code == 503
         assert "make export" in process.log_path.read_text()

@@ -20,7 +20,7 @@ from service.metadata import InputMeta
 from service.preprocess import preprocess
 from service.store import ModelStore
 
-from ..helpers import ROOT, ServiceProcess
+from ..helpers import ROOT, ServiceProcess, running
 
 SPECS = [
     InputMeta(size=224, channels=3, resize=256, crop=224, mean=[0.5] * 3, std=[0.5] * 3),
@@ -90,10 +90,8 @@ def test_corrupted_images_fail_only_as_client_errors(data: bytes, spec: InputMet
 def healthy_service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """Every model loads: a 5xx found here is a bug, not the deliberate 503 of a model that failed to load."""
     log = tmp_path_factory.mktemp("logs") / "fuzzed.log"
-    process = ServiceProcess(Path(model_store.root), log, MODELS="lenet5,resnet18")
-    process.start()
-    yield process
-    process.stop()
+    with running(Path(model_store.root), log, MODELS="lenet5,resnet18") as process:
+        yield process
 
 
 @pytest.mark.integration

@@ -23,7 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.store import ModelStore
 
-from ..helpers import ServiceProcess, encode, metric_samples
+from ..helpers import ServiceProcess, encode, metric_samples, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -37,10 +37,8 @@ FILES = {"lenet5": encode(255 - data.camera()[::8, ::8]), "resnet18": encode(dat
 @pytest.fixture(scope="module")
 def soak_service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("logs") / "soak.log"
-    process = ServiceProcess(Path(model_store.root), log, MODELS=",".join(MODELS))
-    process.start()
-    yield process
-    process.stop()
+    with running(Path(model_store.root), log, MODELS=",".join(MODELS)) as process:
+        yield process
 
 
 Sample = tuple[float, float, str]  # (finished at, seconds, outcome)

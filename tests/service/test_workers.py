@@ -13,7 +13,7 @@ import tritonclient.grpc as triton_grpc
 
 from service.store import ModelStore
 
-from ..helpers import ServiceProcess, encode, metric_samples
+from ..helpers import ServiceProcess, encode, metric_samples, running
 
 pytestmark = pytest.mark.integration
 
@@ -21,10 +21,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def two_workers(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("logs") / "two-workers.log"
-    process = ServiceProcess(Path(model_store.root), log, WORKERS="2", MODELS="lenet5")
-    process.start()
-    yield process
-    process.stop()
+    with running(Path(model_store.root), log, WORKERS="2", MODELS="lenet5") as process:
+        yield process
 
 
 def test_every_worker_serves_grpc_on_the_shared_port(two_workers: ServiceProcess) -> None:
