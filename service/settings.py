@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     ort_cpu_arena: bool = Field(
         True, description="ONNX Runtime's CPU memory arena: faster allocation, memory kept at its peak."
     )
+    inline_decode_bytes: int = Field(
+        16384, ge=0, description="Images up to this size decode on the event loop, skipping the thread pool's hops."
+    )
     decode_threads: int = Field(0, ge=0, description="Threads decoding images; 0 = cores / workers.")
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per ONNX Runtime call.")
     max_batch_delay_ms: float = Field(
