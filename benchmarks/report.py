@@ -48,7 +48,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ceiling = max((r["images_per_s"] for r in runs if r["path"] == "ceiling"), default=None)
         if ceiling:
             axes[0][column].axhline(ceiling, color="black", linestyle="--", label="ONNX Runtime ceiling")
-        axes[0][column].set(title=f"{model}: throughput", xlabel="concurrency", ylabel="images/s", xscale="log")
+        axes[0][column].set(title=f"{model}: throughput", xlabel="concurrency", ylabel="images/s", xscale="log",
+                            yscale="log")  # fmt: skip
         axes[1][column].set(title=f"{model}: p99 latency", xlabel="concurrency", ylabel="ms", xscale="log",
                             yscale="log")  # fmt: skip
         for ax in axes[:, column]:
