@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -176,28 +175,12 @@ def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastA
         settings = service.settings
         if top_k > settings.max_top_k:
             raise InvalidInput(f"top_k={top_k} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
-        # Unresolved requests are counted under model="" so that client-chosen names never become labels.
-        labels = {"model": "", "version": "", "protocol": "http"}
-        started = time.perf_counter()
-        in_flight = service.metrics.in_flight.labels(protocol="http")
-        in_flight.inc()
-        try:
+        with service.metrics.track_request("http") as record:
             entry = service.repository.get(model, version)
-            labels |= {"model": entry.name, "version": str(entry.version)}
+            record.model, record.version = entry.name, str(entry.version)
             files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
             results = await service.classify(entry, files, top_k)
-        except ServiceError as exc:
-            outcome = "4xx" if exc.status_code < 500 else "5xx"
-            service.metrics.requests.labels(**labels, outcome=outcome).inc()
-            raise
-        except Exception:
-            service.metrics.requests.labels(**labels, outcome="5xx").inc()
-            raise
-        finally:
-            in_flight.dec()
-        service.metrics.requests.labels(**labels, outcome="2xx").inc()
-        service.metrics.images.labels(**labels).inc(len(results))
-        service.metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)
+            record.images = len(results)
         body = {
             "model": entry.name,
             "version": str(entry.version),

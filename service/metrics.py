@@ -9,12 +9,17 @@ stage, outcome (2xx, 4xx, 5xx).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
 import psutil
+
+from .errors import ServiceError
 
 # 1 ms to 10 s, roughly x2 per bucket: CNN inference on a CPU or a GPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -60,6 +65,45 @@ class Metrics:
 
     def observe_stage(self, labels: dict[str, Any], stage: str, seconds: float) -> None:
         self.stage_seconds.labels(**labels, stage=stage).observe(seconds)
+
+    @contextlib.contextmanager
+    def track_request(self, protocol: str, record: RequestRecord | None = None) -> Iterator[RequestRecord]:
+        """Count one request: in flight while it runs, then its outcome, images and latency.
+
+        A request whose model is not resolved yet counts under ``model=""``, so client-chosen
+        names never become label values; the caller fills ``record`` as it learns more.
+        """
+        record = record or RequestRecord()
+        started = time.perf_counter()
+        in_flight = self.in_flight.labels(protocol=protocol)
+        in_flight.inc()
+        outcome = None
+        try:
+            yield record
+            outcome = "2xx"
+        except ServiceError as exc:
+            outcome = "4xx" if exc.status_code < 500 else "5xx"
+            raise
+        except Exception:
+            outcome = "5xx"
+            raise
+        finally:  # a cancelled request (the client went away) counts as none of these
+            in_flight.dec()
+            labels = {"model": record.model, "version": record.version, "protocol": protocol}
+            if outcome is not None:
+                self.requests.labels(**labels, outcome=outcome).inc()
+            if outcome == "2xx":
+                self.images.labels(**labels).inc(record.images)
+                self.request_seconds.labels(**labels).observe(time.perf_counter() - started)
+
+
+@dataclass
+class RequestRecord:
+    """What a request has learned about itself, for :meth:`Metrics.track_request`."""
+
+    model: str = ""
+    version: str = ""
+    images: int = 0
 
 
 @cache

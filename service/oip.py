@@ -21,6 +21,7 @@ import numpy as np
 
 from .classifier import Classifier, top_k
 from .errors import InvalidInput, PayloadTooLarge, ServiceError
+from .metrics import RequestRecord
 from .repository import ModelEntry
 from .runtime import OUTPUT_NAMES
 
@@ -195,24 +196,10 @@ class OipHandler:
         self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput], protocol: str
     ) -> list[Tensor]:
         """Run one request; counted in the metrics under ``protocol``."""
-        labels = {"model": entry.name, "version": str(entry.version), "protocol": protocol}
-        metrics = self.classifier.metrics
-        started = time.perf_counter()
-        in_flight = metrics.in_flight.labels(protocol=protocol)
-        in_flight.inc()
-        try:
+        record = RequestRecord(entry.name, str(entry.version))
+        with self.classifier.metrics.track_request(protocol, record):
             outputs = await self._infer(entry, inputs, requested)
-        except ServiceError as exc:
-            metrics.requests.labels(**labels, outcome="4xx" if exc.status_code < 500 else "5xx").inc()
-            raise
-        except Exception:
-            metrics.requests.labels(**labels, outcome="5xx").inc()
-            raise
-        finally:
-            in_flight.dec()
-        metrics.requests.labels(**labels, outcome="2xx").inc()
-        metrics.images.labels(**labels).inc(outputs[0].shape[0])
-        metrics.request_seconds.labels(**labels).observe(time.perf_counter() - started)
+            record.images = outputs[0].shape[0]
         return outputs
 
     async def _infer(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:
