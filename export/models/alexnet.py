@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..registry import register_model
 from ..spec import IMAGENET_INPUT, ReleasedWeights, imagenet_categories
+from ._utils import with_weights
 
 
 class AlexNet(nn.Module):
@@ -67,7 +68,4 @@ class AlexNet(nn.Module):
 )
 def alexnet(*, state_dict: Mapping[str, Tensor] | None = None) -> AlexNet:
     """AlexNet (one-tower variant); ``state_dict`` in torchvision's format is loaded strictly."""
-    model = AlexNet()
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model
+    return with_weights(AlexNet(), state_dict)

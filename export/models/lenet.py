@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..registry import register_model
 from ..spec import DIGIT_CATEGORIES, InputSpec
+from ._utils import with_weights
 
 
 class LeNet5(nn.Module):
@@ -61,7 +62,4 @@ LENET5_INPUT = InputSpec(size=32, channels=1, resize=32, mean=(0.5,), std=(0.5,)
 )
 def lenet5(*, state_dict: Mapping[str, Tensor] | None = None) -> LeNet5:
     """LeNet-5 for 32x32 grayscale digits; trained by ``python -m export lenet5``."""
-    model = LeNet5(num_classes=len(DIGIT_CATEGORIES))
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model
+    return with_weights(LeNet5(num_classes=len(DIGIT_CATEGORIES)), state_dict)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..registry import register
 from ..spec import IMAGENET_INPUT, ModelSpec, ReleasedWeights, imagenet_categories
+from ._utils import with_weights
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -110,10 +111,7 @@ def resnet(
     *, block: type[BasicBlock | Bottleneck], layers: list[int], state_dict: Mapping[str, Tensor] | None = None
 ) -> ResNet:
     """ResNet with ``layers`` blocks per stage; ``state_dict`` is loaded strictly."""
-    model = ResNet(block, layers)
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model
+    return with_weights(ResNet(block, layers), state_dict)
 
 
 # name: (block, blocks per stage, parameter count, release file, released top-1)

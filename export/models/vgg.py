@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from ..registry import register
 from ..spec import IMAGENET_INPUT, ModelSpec, ReleasedWeights, imagenet_categories
+from ._utils import with_weights
 
 # Output channels per 3x3 convolution, "M" = 2x2 max pool; one row per depth.
 CONFIGS: dict[str, list[int | str]] = {
@@ -65,10 +66,7 @@ class VGG(nn.Module):
 
 def vgg(*, config: str, batch_norm: bool, state_dict: Mapping[str, Tensor] | None = None) -> VGG:
     """VGG of the given configuration ("A", "B", "D", "E"); ``state_dict`` is loaded strictly."""
-    model = VGG(make_layers(CONFIGS[config], batch_norm))
-    if state_dict is not None:
-        model.load_state_dict(state_dict, strict=True)
-    return model
+    return with_weights(VGG(make_layers(CONFIGS[config], batch_norm)), state_dict)
 
 
 # name: (configuration, batch norm, parameter count, release file, released top-1)
