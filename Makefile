@@ -45,7 +45,7 @@ test-fast: setup test-tools
 # The Open Inference Protocol's Python modules (checked in; a test checks they match the .proto).
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
-		service/protocol/grpc_predict_v2.proto
+		service/frontends/v2/protocol/grpc_predict_v2.proto
 
 # The service against raw ONNX Runtime, its own transport and a PyTorch baseline: benchmarks/results/latest.*
 bench: setup

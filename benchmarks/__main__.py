@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from .report import write
 from .run import Plan, run

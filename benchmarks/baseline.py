@@ -1,7 +1,7 @@
 """The baseline a user would otherwise write: the network in PyTorch eager mode behind a minimal HTTP server.
 
 ``python -m benchmarks.baseline --model resnet50 --port 8500``: one request, one forward
-pass, no batching; the same decoding and preprocessing as the service (``service.preprocess``),
+pass, no batching; the same decoding and preprocessing as the service (``service.runtime.preprocess``),
 the normalisation written out in torch, ``torch.set_num_threads(cores)``.
 """
 
@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from export.registry import get_model_spec
-from service.metadata import InputMeta
-from service.preprocess import preprocess
+from service.runtime.preprocess import preprocess
 from service.settings import cpu_count
+from service.store.metadata import InputMeta
 
 
 def make_handler(name: str) -> type[BaseHTTPRequestHandler]:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from service.protocol import grpc_predict_v2_pb2 as pb
-from service.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.frontends.v2.protocol import grpc_predict_v2_pb2 as pb
+from service.frontends.v2.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
 
 from .load import check_loopback, drive
 

@@ -21,11 +21,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from service.metadata import ModelMetadata
-from service.preprocess import preprocess
-from service.runtime import session_options
+from service.runtime.preprocess import preprocess
+from service.runtime.session import session_options
 from service.settings import Settings, cpu_count
-from service.store import ModelStore
+from service.store.layout import ModelStore
+from service.store.metadata import ModelMetadata
 
 from .grpc_load import bytes_request, grpc_run, pixels_request
 from .load import RunResult, http_run, summarise

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from .graph import VerificationError, count_flops
 from .pipeline import ExportOptions, export_model

@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 import torch
 
-from service.store import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
+from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 
 from . import train
 from .graph import INPUT_NAME, OPSET, OUTPUT_NAMES, ClassifierGraph, count_flops, export_onnx, verify

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .settings import Settings
-from .store import ModelStore
+from .store.layout import ModelStore
 
 
 def main() -> int:

@@ -1,8 +1,8 @@
 """The BentoML service: ``bentoml serve service.service:CNNClassifier`` (``make serve``).
 
 BentoML provides the server, its workers, ``/livez``, ``/readyz``, ``/metrics`` and the
-OpenAPI page; the mounted FastAPI app (``service.api``) provides the API; the
-:class:`~service.repository.Repository` owns the ONNX Runtime sessions and batchers.
+OpenAPI page; the mounted FastAPI app (``service.frontends.app``) provides the API; the
+:class:`~service.runtime.repository.Repository` owns the ONNX Runtime sessions and batchers.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 
-from .api import create_app
-from .classifier import Classifier
+from .frontends.app import create_app
+from .frontends.v2.handler import OipHandler
 from .metrics import get_metrics, process_metrics_text
-from .oip import OipHandler
-from .readiness import WorkerReadiness
-from .repository import Repository
+from .runtime.classifier import Classifier
+from .runtime.readiness import WorkerReadiness
+from .runtime.repository import Repository
 from .settings import get_settings
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from .helpers import ServiceProcess, running
 

@@ -21,11 +21,12 @@ def test_bento_requirements_are_the_serving_dependencies() -> None:
 
 def test_generated_grpc_modules_match_the_proto(tmp_path: Path) -> None:
     """`make proto` output is checked in; regenerating it must change nothing."""
-    proto = "service/protocol/grpc_predict_v2.proto"
-    (tmp_path / "service" / "protocol").mkdir(parents=True)
+    package = Path("service", "frontends", "v2", "protocol")
+    proto = str(package / "grpc_predict_v2.proto")
+    (tmp_path / package).mkdir(parents=True)
     shutil.copy(ROOT / proto, tmp_path / proto)
     outputs = ["--python_out=.", "--pyi_out=.", "--grpc_python_out=."]
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", *outputs, proto], cwd=tmp_path, check=True)
     for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"):
-        generated = (tmp_path / "service" / "protocol" / name).read_text()
-        assert generated == (ROOT / "service" / "protocol" / name).read_text(), f"{name} is stale: run make proto"
+        generated = (tmp_path / package / name).read_text()
+        assert generated == (ROOT / package / name).read_text(), f"{name} is stale: run make proto"

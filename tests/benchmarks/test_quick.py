@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from ..helpers import ROOT
 

@@ -12,8 +12,8 @@ import pytest
 
 from export.pipeline import ExportOptions, export_model
 from export.registry import get_model_spec, list_models
-from service.metadata import ModelMetadata
-from service.store import ModelStore
+from service.store.layout import ModelStore
+from service.store.metadata import ModelMetadata
 
 from ..helpers import ROOT, free_port
 

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from export.train import load_digits_dataset, read_idx
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 
 def test_trained_lenet5_reaches_97_percent_on_the_digits_test_split(model_store: ModelStore) -> None:

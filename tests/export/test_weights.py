@@ -21,7 +21,7 @@ from export.weights import (
     fetch_released,
     load_state_dict,
 )
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 
 def _release_file(directory: Path, stem: str, state: dict[str, torch.Tensor]) -> tuple[Path, ReleasedWeights]:

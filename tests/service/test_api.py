@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from skimage import data
 
-from service.metadata import ModelMetadata
-from service.preprocess import preprocess
-from service.store import ModelStore
+from service.runtime.preprocess import preprocess
+from service.store.layout import ModelStore
+from service.store.metadata import ModelMetadata
 
 from ..helpers import ServiceProcess, encode, metric_samples
 

@@ -11,8 +11,8 @@ import pytest
 import tritonclient.grpc as triton_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.auth import token_matches
-from service.store import ModelStore
+from service.frontends.auth import token_matches
+from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, encode, running
 

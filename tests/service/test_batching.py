@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from service.batching import BatchStats, DynamicBatcher
 from service.errors import Overloaded
+from service.runtime.batching import BatchStats, DynamicBatcher
 
 
 def echo_run(calls: list[int], delay: float = 0.02):  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ import tritonclient.grpc as triton_grpc
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from ..helpers import ROOT, ServiceProcess, encode, running
 

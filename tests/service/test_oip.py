@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, encode, metric_samples
 

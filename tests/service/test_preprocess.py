@@ -10,8 +10,8 @@ from PIL import Image
 from skimage import data
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.metadata import InputMeta
-from service.preprocess import preprocess
+from service.runtime.preprocess import preprocess
+from service.store.metadata import InputMeta
 
 from ..helpers import encode
 

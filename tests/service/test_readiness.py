@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from service.readiness import WorkerReadiness
+from service.runtime.readiness import WorkerReadiness
 
 
 @pytest.fixture

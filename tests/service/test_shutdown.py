@@ -12,7 +12,7 @@ import httpx
 import pytest
 from skimage import data
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, encode
 

@@ -21,7 +21,7 @@ from skimage import data
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, encode, metric_samples, running
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 
-from service.store import ModelStore
+from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, encode, metric_samples, running
 

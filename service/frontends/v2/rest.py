@@ -15,9 +15,9 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from .errors import InvalidInput, ModelNotFound, ServiceError
-from .http_body import read_body
-from .oip import (
+from ...errors import InvalidInput, ModelNotFound, ServiceError
+from ..body import read_body
+from .handler import (
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,

@@ -10,9 +10,9 @@ from functools import cache
 import numpy as np
 import onnxruntime as ort
 
-from .metadata import ModelMetadata
-from .settings import Settings
-from .store import ModelStore, StoredVersion
+from ..settings import Settings
+from ..store.layout import ModelStore, StoredVersion
+from ..store.metadata import ModelMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from .auth import OPEN_GRPC_METHODS, token_matches
-from .errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge, ServiceError
-from .oip import (
+from ...errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge, ServiceError
+from ..auth import OPEN_GRPC_METHODS, token_matches
+from .handler import (
     EXTENSIONS,
     SERVER_NAME,
     SERVER_VERSION,

@@ -7,13 +7,13 @@ import threading
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import InvalidInput, ModelNotFound, ModelNotReady
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store.layout import ModelStore, StoredVersion, is_valid_name
 from .batching import BatchStats, DynamicBatcher
-from .errors import InvalidInput, ModelNotFound, ModelNotReady
-from .metrics import Metrics
 from .readiness import WorkerReadiness
-from .runtime import LoadedModel, ModelLoadError, load_model
-from .settings import Settings
-from .store import ModelStore, StoredVersion, is_valid_name
+from .session import LoadedModel, ModelLoadError, load_model
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import Request
 
-from .errors import PayloadTooLarge
+from ..errors import PayloadTooLarge
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .classifier import Classifier, top_k
-from .errors import InvalidInput, PayloadTooLarge, ServiceError
-from .metrics import RequestRecord
-from .repository import ModelEntry
-from .runtime import OUTPUT_NAMES
+from ...errors import InvalidInput, PayloadTooLarge, ServiceError
+from ...metrics import RequestRecord
+from ...runtime.classifier import Classifier, top_k
+from ...runtime.repository import ModelEntry
+from ...runtime.session import OUTPUT_NAMES
 
 IMAGES = "images"
 IMAGE_BYTES = "image_bytes"

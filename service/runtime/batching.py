@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import Overloaded
+from ..errors import Overloaded
 
 logger = logging.getLogger(__name__)
 

@@ -18,15 +18,15 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
+from ..errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from ..runtime.classifier import Classifier
+from ..runtime.repository import Repository
 from .auth import BearerTokenMiddleware
-from .classifier import Classifier
-from .errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from .grpc_server import start_grpc_server
-from .http_body import read_body
-from .oip import OipHandler
-from .repository import Repository
+from .body import read_body
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList
-from .v2_http import router as v2_router
+from .v2.grpc_server import start_grpc_server
+from .v2.handler import OipHandler
+from .v2.rest import router as v2_router
 
 logger = logging.getLogger(__name__)
 

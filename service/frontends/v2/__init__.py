@@ -1,0 +1,1 @@
+"""The Open Inference Protocol (KServe v2): one handler, served over ``/v2`` HTTP and gRPC."""

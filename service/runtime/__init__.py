@@ -1,0 +1,1 @@
+"""From encoded images to ranked classes: ONNX Runtime sessions, batching, the models served."""
