@@ -30,11 +30,13 @@ lint: setup
 	$(BIN)/ruff format --check export service tests monitoring benchmarks
 	$(BIN)/mypy
 
-# Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests.
+# Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests,
+# and chromium, which Playwright drives in the page's browser test (Playwright's own browser download cannot work offline).
 test-tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null || { \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
+		&& command -v chromium >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			prometheus docker-compose; }
+			prometheus docker-compose chromium; }
 
 test: lint test-tools
 	$(BIN)/pytest

@@ -23,6 +23,7 @@ from ..runtime.classifier import Classifier
 from ..runtime.repository import Repository
 from .auth import BearerTokenMiddleware
 from .body import read_body
+from .page import add_page
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList
 from .v2.grpc_server import start_grpc_server
 from .v2.handler import OipHandler
@@ -141,11 +142,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastAPI:
     app = FastAPI(
         title="CNN classification",
-        description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime.",
+        description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime. "
+        "Try them in a browser at `/`; with `API_TOKEN` set, send `Authorization: Bearer <token>`.",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's pages load Swagger UI and ReDoc from CDNs; ours are in .page
+        redoc_url=None,
     )
     install_error_handlers(app)
+    add_page(app)
     app.include_router(v2_router)
     if api_token:
         app.add_middleware(BearerTokenMiddleware, token=api_token)
@@ -158,6 +163,7 @@ def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastA
 
     @app.post(
         "/classify",
+        tags=["Classification"],
         response_model=ClassifyResponse,
         responses=ERROR_RESPONSES,
         openapi_extra={"requestBody": CLASSIFY_BODY},
@@ -195,7 +201,9 @@ def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastA
             body = await read_body(request, classifier(request).settings.max_body_bytes)
             return JSONResponse({"model": "noop", "version": "0", "bytes": len(body)})
 
-    @app.get("/models", response_model=ModelList, summary="Every model, its state and its metadata")
+    @app.get(
+        "/models", tags=["Classification"], response_model=ModelList, summary="Every model, its state and its metadata"
+    )
     async def models(request: Request) -> ModelList:
         repository = classifier(request).repository
         return ModelList(

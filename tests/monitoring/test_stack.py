@@ -73,6 +73,8 @@ def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu" in requirements and "torch" not in requirements
     assert (bento / "src" / "service" / "service.py").is_file()
+    page = bento / "src" / "service" / "frontends" / "page" / "static"
+    assert {"index.html", "page.js", "page.css", "docs.html", "docs.js"} <= {p.name for p in page.iterdir()}
 
 
 @pytest.fixture(scope="module")

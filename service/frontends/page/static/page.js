@@ -1,0 +1,420 @@
+// The page at "/": pick a model, give it images (files, drag and drop, paste, or a drawn
+// digit), see the top-5 and the curl command that does the same. Plain JavaScript, no
+// build step, nothing loaded from outside this service. Server strings (labels, file
+// names, errors) are only ever set as textContent.
+"use strict";
+
+const TOKEN_KEY = "cnn-serving-token";
+const TOP_K = 5;
+const PARALLEL_UPLOADS = 4;
+
+const state = { models: [], model: null };
+const $ = (id) => document.getElementById(id);
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+// ---- talking to the service -------------------------------------------------------
+
+function token() {
+  return sessionStorage.getItem(TOKEN_KEY);
+}
+
+function authHeaders() {
+  const value = token();
+  return value ? { Authorization: `Bearer ${value}` } : {};
+}
+
+async function call(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (_) {
+    body = null;
+  }
+  if (response.status === 401) {
+    showTokenPanel(token() ? "That token was refused." : null);
+    throw new ApiError(401, "This service needs a token: enter it above.");
+  }
+  if (!response.ok) {
+    throw new ApiError(response.status, (body && body.error) || `HTTP ${response.status} ${response.statusText}`);
+  }
+  return body;
+}
+
+function classifyUrl(model) {
+  return `/classify?model=${encodeURIComponent(model)}&top_k=${TOP_K}`;
+}
+
+function contentTypeOf(blob) {
+  return blob.type && blob.type.startsWith("image/") ? blob.type : "application/octet-stream";
+}
+
+async function classify(blob, model) {
+  const started = performance.now();
+  const body = await call(classifyUrl(model), {
+    method: "POST",
+    headers: { "Content-Type": contentTypeOf(blob) },
+    body: blob,
+  });
+  return { body, milliseconds: performance.now() - started };
+}
+
+// ---- models -----------------------------------------------------------------------
+
+function describeParams(count) {
+  if (count == null) return "–";
+  return count >= 1e6 ? `${(count / 1e6).toFixed(1)} M` : count.toLocaleString("en");
+}
+
+function describeWeights(weights) {
+  if (!weights) return "–";
+  const parts = [weights.kind, weights.source, weights.file].filter(Boolean);
+  return parts.join(" · ");
+}
+
+function selectedModel() {
+  return state.models.find((m) => m.name === state.model) || null;
+}
+
+function renderModelCard() {
+  const card = $("model-card");
+  card.replaceChildren();
+  const model = selectedModel();
+  if (!model) return;
+  const rows = [["status", model.status + (model.reason ? `: ${model.reason}` : "")]];
+  if (model.architecture) rows.push(["family", model.architecture.family]);
+  rows.push(["version", model.version == null ? "–" : String(model.version)]);
+  rows.push(["parameters", describeParams(model.num_params)]);
+  rows.push(["precision", model.precision || "fp32"]);
+  if (model.input) {
+    rows.push(["input", `${model.input.size}×${model.input.size}, ${model.input.channels === 1 ? "grayscale" : "RGB"}`]);
+  }
+  rows.push(["weights", describeWeights(model.weights)]);
+  if (model.provider) rows.push(["runs on", model.provider]);
+  for (const [term, value] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = term;
+    const dd = document.createElement("dd");
+    dd.textContent = value;
+    if (term === "status" && model.status !== "ready") dd.className = model.status === "failed" ? "error" : "warn";
+    card.append(dt, dd);
+  }
+  if (model.weights && model.weights.kind === "random") {
+    const dt = document.createElement("dt");
+    dt.textContent = "note";
+    const dd = document.createElement("dd");
+    dd.className = "warn";
+    dd.textContent = "random weights (a test or benchmark export): its predictions are meaningless";
+    card.append(dt, dd);
+  }
+  const drawable = model.status === "ready" && model.input && model.input.channels === 1;
+  $("draw-panel").hidden = !drawable;
+}
+
+function renderModelSelect(defaultModel) {
+  const select = $("model-select");
+  const wanted = new URLSearchParams(window.location.search).get("model");
+  select.replaceChildren();
+  for (const model of state.models) {
+    const option = document.createElement("option");
+    option.value = model.name;
+    const family = model.architecture ? model.architecture.family : "";
+    option.textContent = `${model.name}${family ? ` (${family})` : ""}${model.status === "ready" ? "" : ` — ${model.status}`}`;
+    option.disabled = model.status !== "ready";
+    select.append(option);
+  }
+  const ready = state.models.filter((m) => m.status === "ready").map((m) => m.name);
+  const keep = [state.model, wanted, defaultModel].find((name) => name && ready.includes(name));
+  state.model = keep || ready[0] || (state.models[0] && state.models[0].name) || null;
+  if (state.model) select.value = state.model;
+  select.disabled = state.models.length === 0;
+  renderModelCard();
+}
+
+async function loadModels() {
+  const error = $("models-error");
+  try {
+    const body = await call("/models");
+    error.hidden = true;
+    $("token-panel").hidden = true;
+    $("forget-token").hidden = !token();
+    state.models = body.models;
+    renderModelSelect(body.default_model);
+    if (state.models.some((m) => m.status === "loading")) setTimeout(loadModels, 2000);
+  } catch (exc) {
+    error.textContent = exc.message;
+    error.hidden = false;
+  }
+}
+
+// ---- the token --------------------------------------------------------------------
+
+function showTokenPanel(message) {
+  $("token-panel").hidden = false;
+  const error = $("token-error");
+  error.textContent = message || "";
+  error.hidden = !message;
+  $("token-input").focus();
+}
+
+function setUpToken() {
+  $("token-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const input = $("token-input");
+    sessionStorage.setItem(TOKEN_KEY, input.value.trim());
+    input.value = "";
+    loadModels();
+  });
+  $("forget-token").addEventListener("click", () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    window.location.reload();
+  });
+}
+
+// ---- results ----------------------------------------------------------------------
+
+function renderPredictions(list, predictions) {
+  list.replaceChildren();
+  for (const p of predictions) {
+    const item = document.createElement("li");
+    item.className = "prediction";
+    item.dataset.label = p.label;
+    item.dataset.index = String(p.index);
+    item.dataset.score = String(p.score);
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = p.label;
+    label.title = `${p.label} (class ${p.index})`;
+    const bar = document.createElement("span");
+    bar.className = "bar";
+    const fill = document.createElement("span");
+    fill.className = "fill";
+    fill.style.width = `${Math.max(0, Math.min(1, p.score)) * 100}%`;
+    bar.append(fill);
+    const score = document.createElement("span");
+    score.className = "score";
+    score.textContent = `${(p.score * 100).toFixed(1)}%`;
+    item.append(label, bar, score);
+    list.append(item);
+  }
+}
+
+function answeredBy(body, milliseconds) {
+  return `${body.model} v${body.version} · ${Math.round(milliseconds)} ms round trip`;
+}
+
+function newResultCard(name, blob) {
+  const card = document.createElement("article");
+  card.className = "result";
+  card.dataset.status = "pending";
+  card.dataset.name = name;
+  const image = document.createElement("img");
+  image.alt = name;
+  image.src = URL.createObjectURL(blob);
+  const body = document.createElement("div");
+  const title = document.createElement("h3");
+  title.textContent = name;
+  const meta = document.createElement("p");
+  meta.className = "meta";
+  meta.textContent = `classifying with ${state.model}…`;
+  const list = document.createElement("ol");
+  list.className = "predictions";
+  body.append(title, meta, list);
+  card.append(image, body);
+  $("results").prepend(card);
+  return card;
+}
+
+async function classifyFile(file) {
+  const model = state.model;
+  const name = file.name || "pasted image";
+  const card = newResultCard(name, file);
+  const meta = card.querySelector(".meta");
+  try {
+    const { body, milliseconds } = await classify(file, model);
+    meta.textContent = answeredBy(body, milliseconds);
+    card.dataset.model = body.model;
+    card.dataset.version = body.version;
+    renderPredictions(card.querySelector(".predictions"), body.results[0].predictions);
+    card.dataset.status = "done";
+  } catch (exc) {
+    meta.textContent = exc.message;
+    meta.className = "meta error";
+    card.dataset.status = "error";
+  }
+  showCurl(model, name, contentTypeOf(file));
+}
+
+async function classifyFiles(files) {
+  const images = Array.from(files);
+  if (!images.length) return;
+  if (!state.model) {
+    $("models-error").textContent = "No model is ready yet.";
+    $("models-error").hidden = false;
+    return;
+  }
+  let next = 0;
+  const worker = async () => {
+    while (next < images.length) await classifyFile(images[next++]);
+  };
+  await Promise.all(Array.from({ length: Math.min(PARALLEL_UPLOADS, images.length) }, worker));
+}
+
+// ---- curl -------------------------------------------------------------------------
+
+function shellQuote(text) {
+  return /^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replace(/'/g, "'\\''")}'`;
+}
+
+function showCurl(model, fileName, contentType) {
+  const lines = ["curl -X POST"];
+  if (token()) lines.push('-H "Authorization: Bearer $API_TOKEN"');
+  lines.push(`-H "Content-Type: ${contentType}"`);
+  lines.push(`--data-binary @${shellQuote(fileName)}`);
+  lines.push(`"${window.location.origin}${classifyUrl(model)}"`);
+  $("curl").textContent = lines.join(" \\\n  ");
+  $("curl-panel").hidden = false;
+}
+
+// ---- images in: chooser, drag and drop, paste ---------------------------------------
+
+function setUpInputs() {
+  const input = $("file-input");
+  input.addEventListener("change", () => {
+    classifyFiles(input.files);
+    input.value = "";
+  });
+  const zone = $("dropzone");
+  zone.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" || event.key === " ") input.click();
+  });
+  for (const name of ["dragenter", "dragover"]) {
+    zone.addEventListener(name, (event) => {
+      event.preventDefault();
+      zone.classList.add("over");
+    });
+  }
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  // A file dropped anywhere on the page is classified rather than opened by the browser.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => {
+    event.preventDefault();
+    zone.classList.remove("over");
+    classifyFiles(event.dataTransfer.files);
+  });
+  document.addEventListener("paste", (event) => {
+    const files = Array.from(event.clipboardData.items)
+      .filter((item) => item.kind === "file")
+      .map((item) => item.getAsFile())
+      .filter(Boolean);
+    if (files.length) classifyFiles(files);
+  });
+  $("model-select").addEventListener("change", (event) => {
+    state.model = event.target.value;
+    renderModelCard();
+    if (drawing.dirty) drawing.request();
+  });
+  $("copy-curl").addEventListener("click", () => navigator.clipboard.writeText($("curl").textContent));
+}
+
+// ---- drawing a digit ----------------------------------------------------------------
+
+const drawing = {
+  dirty: false,
+  busy: false,
+  again: false,
+  request() {
+    // One request in flight; strokes made meanwhile are sent when it returns.
+    if (this.busy) {
+      this.again = true;
+      return;
+    }
+    this.busy = true;
+    this.again = false;
+    $("canvas").toBlob((blob) => this.send(blob), "image/png");
+  },
+  async send(blob) {
+    const model = state.model;
+    try {
+      const { body, milliseconds } = await classify(blob, model);
+      const predictions = body.results[0].predictions;
+      $("draw-digit").textContent = predictions[0].label;
+      renderPredictions($("draw-predictions"), predictions);
+      $("draw-meta").textContent = answeredBy(body, milliseconds);
+      $("draw-panel").dataset.version = body.version;
+    } catch (exc) {
+      $("draw-meta").textContent = exc.message;
+    } finally {
+      showCurl(model, "digit.png", "image/png");
+      this.busy = false;
+      if (this.again) this.request();
+    }
+  },
+};
+
+function setUpCanvas() {
+  const canvas = $("canvas");
+  const context = canvas.getContext("2d");
+  const clear = () => {
+    context.fillStyle = "#fff";
+    context.fillRect(0, 0, canvas.width, canvas.height);
+    drawing.dirty = false;
+    $("draw-digit").textContent = "?";
+    $("draw-predictions").replaceChildren();
+    $("draw-meta").textContent = "";
+  };
+  clear();
+  context.lineWidth = 22;
+  context.lineCap = "round";
+  context.lineJoin = "round";
+  context.strokeStyle = "#000";
+  let last = null;
+  let lastSent = 0;
+  const point = (event) => {
+    const box = canvas.getBoundingClientRect();
+    return [((event.clientX - box.left) * canvas.width) / box.width, ((event.clientY - box.top) * canvas.height) / box.height];
+  };
+  canvas.addEventListener("pointerdown", (event) => {
+    canvas.setPointerCapture(event.pointerId);
+    last = point(event);
+    context.beginPath();
+    context.arc(last[0], last[1], context.lineWidth / 2, 0, 2 * Math.PI);
+    context.fillStyle = "#000";
+    context.fill();
+    drawing.dirty = true;
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const here = point(event);
+    context.beginPath();
+    context.moveTo(last[0], last[1]);
+    context.lineTo(here[0], here[1]);
+    context.stroke();
+    last = here;
+    if (performance.now() - lastSent > 150) {
+      lastSent = performance.now();
+      drawing.request();
+    }
+  });
+  const finish = () => {
+    if (!last) return;
+    last = null;
+    drawing.request();
+  };
+  canvas.addEventListener("pointerup", finish);
+  canvas.addEventListener("pointercancel", finish);
+  $("clear-canvas").addEventListener("click", clear);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  setUpToken();
+  setUpInputs();
+  setUpCanvas();
+  loadModels();
+});

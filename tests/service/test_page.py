@@ -1,0 +1,221 @@
+"""The page at ``/`` and ``/docs`` in a real browser: Debian's Chromium driven by Playwright.
+
+Every answer the page shows is checked against ``/classify`` for the same bytes, and
+every request the page makes must stay on the service's origin.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, Request, sync_playwright
+from skimage import data
+
+from service.store.layout import ModelStore
+
+from ..helpers import ServiceProcess, encode, running
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (make test-tools); Playwright's own download needs the internet
+
+
+@dataclass
+class Tab:
+    """A page with everything it requested and every console error it logged."""
+
+    page: Page
+    origin: str
+    requests: list[Request] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+
+    def outside_origin(self) -> list[str]:
+        return [r.url for r in self.requests if not r.url.startswith((self.origin + "/", "blob:", "data:"))]
+
+    def classify_requests(self) -> list[Request]:
+        return [r for r in self.requests if r.url.startswith(f"{self.origin}/classify")]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: run `make test-tools` (Debian's chromium package)"
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield launched
+        launched.close()
+
+
+def open_tab(browser: Browser, url: str) -> Tab:
+    page = browser.new_context(viewport={"width": 1100, "height": 1300}).new_page()
+    tab = Tab(page, url)
+    page.on("request", lambda request: tab.requests.append(request))
+    page.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
+    page.goto(f"{url}/")
+    page.wait_for_selector("#model-select:not([disabled])")
+    return tab
+
+
+@pytest.fixture
+def tab(browser: Browser, service: ServiceProcess) -> Iterator[Tab]:
+    tab = open_tab(browser, service.url)
+    yield tab
+    tab.page.context.close()
+
+
+def shown_predictions(page: Page, selector: str) -> list[dict[str, Any]]:
+    return [
+        {"label": item.get_attribute("data-label"), "index": int(item.get_attribute("data-index") or -1),
+         "score": float(item.get_attribute("data-score") or "nan")}
+        for item in page.query_selector_all(f"{selector} .prediction")
+    ]  # fmt: skip
+
+
+def classify_directly(url: str, body: bytes, model: str) -> dict[str, Any]:
+    response = httpx.post(
+        f"{url}/classify", params={"model": model, "top_k": 5}, content=body, headers={"Content-Type": "image/png"}
+    )
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def canvas_png(page: Page) -> bytes:
+    data_url: str = page.evaluate("document.getElementById('canvas').toDataURL('image/png')")
+    return base64.b64decode(data_url.split(",", 1)[1])
+
+
+def draw_a_one(page: Page) -> None:
+    """A vertical stroke down the middle of the canvas, with the mouse."""
+    box = page.locator("#canvas").bounding_box()
+    assert box is not None
+    x, top = box["x"] + box["width"] / 2, box["y"] + 50
+    page.mouse.move(x, top)
+    page.mouse.down()
+    for step in range(1, 21):
+        page.mouse.move(x, top + step * 9)
+    page.mouse.up()
+    page.wait_for_function("() => !drawing.busy && !drawing.again")
+
+
+def test_the_page_lists_models_with_their_state(tab: Tab) -> None:
+    options = {o.get_attribute("value"): o for o in tab.page.query_selector_all("#model-select option")}
+    assert set(options) == {"lenet5", "resnet18", "ghost"}
+    assert tab.page.input_value("#model-select") == "resnet18"  # DEFAULT_MODEL
+    assert options["ghost"].is_disabled() and "failed" in options["ghost"].inner_text()
+    card = tab.page.inner_text("#model-card")
+    assert "ResNet" in card and "11.7 M" in card and "fp32" in card
+    assert "random weights" in card  # the session store exports resnet18 untrained
+    assert tab.page.is_hidden("#draw-panel")  # an RGB model: nothing to draw
+
+
+def test_an_uploaded_photo_gets_the_answer_classify_gives(tab: Tab, tmp_path: Path) -> None:
+    photo = tmp_path / "chelsea.jpg"
+    photo.write_bytes(encode(data.chelsea(), "JPEG", quality=90))
+    with tab.page.expect_request(lambda r: "/classify" in r.url) as sent:
+        tab.page.set_input_files("#file-input", str(photo))
+    # Chromium does not show Playwright a File body; the headers say it went as the file itself
+    headers = sent.value.all_headers()
+    assert headers["content-type"] == "image/jpeg" and int(headers["content-length"]) == photo.stat().st_size
+    tab.page.wait_for_selector(".result[data-status=done]")
+
+    expected = classify_directly(tab.origin, photo.read_bytes(), "resnet18")
+    assert shown_predictions(tab.page, ".result") == expected["results"][0]["predictions"]
+    meta = tab.page.inner_text(".result .meta")
+    assert meta.startswith(f"resnet18 v{expected['version']}") and "ms round trip" in meta
+    curl = tab.page.inner_text("#curl")
+    assert "--data-binary @chelsea.jpg" in curl and "/classify?model=resnet18&top_k=5" in curl
+    assert "Authorization" not in curl  # no token on this service
+    assert tab.outside_origin() == []
+    assert tab.console_errors == []
+
+
+def test_a_drawn_digit_is_read_and_matches_classify(tab: Tab, tmp_path_factory: pytest.TempPathFactory) -> None:
+    tab.page.select_option("#model-select", "lenet5")
+    tab.page.wait_for_selector("#draw-panel:not([hidden])")
+    draw_a_one(tab.page)
+
+    assert tab.classify_requests()[-1].url.endswith("/classify?model=lenet5&top_k=5")
+    # Chromium does not show Playwright a Blob body; PNG is lossless, so the canvas read back
+    # now decodes to the pixels of the page's last request (sent once the last stroke ended).
+    expected = classify_directly(tab.origin, canvas_png(tab.page), "lenet5")
+    assert shown_predictions(tab.page, "#draw-panel") == expected["results"][0]["predictions"]
+    assert tab.page.inner_text("#draw-digit") == "1"
+    assert "--data-binary @digit.png" in tab.page.inner_text("#curl")
+    assert tab.outside_origin() == []
+    assert tab.console_errors == []
+    screenshot = tmp_path_factory.mktemp("page") / "page.png"
+    tab.page.screenshot(path=str(screenshot), full_page=True)
+    print(f"screenshot: {screenshot}")
+
+
+def test_a_file_that_is_no_image_shows_the_services_message(tab: Tab, tmp_path: Path) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    tab.page.set_input_files("#file-input", str(text))
+    tab.page.wait_for_selector(".result[data-status=error]")
+    assert "Cannot decode the image" in tab.page.inner_text(".result .meta")
+
+
+def test_docs_are_served_locally(browser: Browser, service: ServiceProcess) -> None:
+    page = browser.new_page()
+    requests: list[str] = []
+    errors: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+    page.goto(f"{service.url}/docs")
+    page.wait_for_selector("text=Classify one or more images")
+    assert page.get_by_text("/v2/models/{name}/infer", exact=True).is_visible()
+    assert [u for u in requests if not u.startswith((service.url + "/", "data:"))] == []
+    assert errors == []
+    page.close()
+
+
+def test_fastapis_cdn_pages_are_gone(service: ServiceProcess) -> None:
+    assert httpx.get(f"{service.url}/redoc").status_code == 404
+    page = httpx.get(f"{service.url}/").text
+    assert "googletagmanager" not in page and "cdn" not in page.lower()
+
+
+@pytest.fixture(scope="module")
+def token_service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    log = tmp_path_factory.mktemp("logs") / "token-service.log"
+    with running(Path(model_store.root), log, MODELS="lenet5", API_TOKEN="page-secret") as process:
+        yield process
+
+
+def test_with_a_token_the_page_asks_for_it_and_keeps_it_for_the_session(
+    browser: Browser, token_service: ServiceProcess
+) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    requests: list[Request] = []
+    page.on("request", lambda request: requests.append(request))
+    page.goto(f"{token_service.url}/")
+    page.wait_for_selector("#token-panel:not([hidden])")
+
+    page.fill("#token-input", "wrong")
+    page.click("#token-form button")
+    page.wait_for_selector("#token-error:not([hidden])")
+    assert "refused" in page.inner_text("#token-error")
+
+    page.fill("#token-input", "page-secret")
+    page.click("#token-form button")
+    page.wait_for_selector("#model-select:not([disabled])")
+    assert page.is_hidden("#token-panel")
+    draw_a_one(page)
+    assert page.inner_text("#draw-digit") == "1"
+    assert requests[-1].headers["authorization"] == "Bearer page-secret"
+    assert 'Bearer $API_TOKEN"' in page.inner_text("#curl")  # a placeholder, never the token itself
+
+    assert page.evaluate("sessionStorage.getItem('cnn-serving-token')") == "page-secret"
+    assert page.evaluate("localStorage.length") == 0
+    assert all("page-secret" not in r.url for r in requests)
+    assert "page-secret" not in page.content()
+    context.close()
