@@ -26,8 +26,8 @@ serve: setup
 	$(BIN)/python -m service
 
 lint: setup
-	$(BIN)/ruff check export service tests monitoring benchmarks
-	$(BIN)/ruff format --check export service tests monitoring benchmarks
+	$(BIN)/ruff check export service client tests monitoring benchmarks
+	$(BIN)/ruff format --check export service client tests monitoring benchmarks
 	$(BIN)/mypy
 
 # Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests,

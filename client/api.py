@@ -1,0 +1,197 @@
+"""``Client(url).classify(...)``: send images to ``POST /classify``, several in flight, answers in input order.
+
+Only httpx underneath (no numpy, Pillow, torch or ONNX Runtime): the bytes of each file
+go to the service as they are, and the service decodes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://localhost:3000"
+RETRY_STATUSES = frozenset({502, 503, 504})  # load shedding, a model still loading, a balancer between replicas
+
+
+class ServiceUnavailableError(RuntimeError):
+    """The service cannot be reached, or refuses every request (a missing or wrong token)."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    score: float
+
+
+@dataclass
+class Result:
+    """The answer for one input: predictions, or the reason it failed."""
+
+    source: str  # the path, or "<bytes N>" for bytes given directly
+    model: str | None = None
+    version: str | None = None
+    predictions: list[Prediction] = field(default_factory=list)
+    error: str | None = None
+    status: int | None = None  # the HTTP status; None when no request was made
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"path": self.source, "model": self.model, "version": self.version}
+        if self.ok:
+            data["predictions"] = [p.__dict__ for p in self.predictions]
+        else:
+            data |= {"error": self.error, "status": self.status}
+        return data
+
+
+Item = str | Path | bytes
+
+
+def _source(item: Item, position: int) -> str:
+    return f"<bytes {position}>" if isinstance(item, bytes) else str(item)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+class Client:
+    """A client of one service. ``token`` defaults to ``$API_TOKEN``."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 6,
+        backoff: float = 0.5,
+    ) -> None:
+        self.url = url.rstrip("/")
+        token = token if token is not None else os.environ.get("API_TOKEN")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+
+    def classify(
+        self,
+        items: Item | Sequence[Item],
+        *,
+        model: str | None = None,
+        top_k: int = 5,
+        concurrency: int = 4,
+    ) -> list[Result]:
+        """Classify paths or encoded images; one :class:`Result` per item, in order."""
+        batch = [items] if isinstance(items, str | Path | bytes) else list(items)
+
+        async def collect() -> list[Result]:
+            return [r async for r in self.stream(batch, model=model, top_k=top_k, concurrency=concurrency)]
+
+        return asyncio.run(collect())
+
+    def models(self) -> dict[str, Any]:
+        """``GET /models``: every model, its state and metadata."""
+        response = httpx.get(f"{self.url}/models", headers=self.headers, timeout=self.timeout)
+        if response.status_code != 200:
+            raise ServiceUnavailableError(_error_message(response))
+        data: dict[str, Any] = response.json()
+        return data
+
+    async def stream(
+        self,
+        items: Iterable[Item],
+        *,
+        model: str | None = None,
+        top_k: int = 5,
+        concurrency: int = 4,
+        on_done: Callable[[Result], None] | None = None,
+    ) -> AsyncIterator[Result]:
+        """Yield results in input order while up to ``concurrency`` requests are in flight.
+
+        ``on_done`` is called as each result arrives, in any order (for a progress bar).
+        Raises :class:`ServiceUnavailableError` when the service cannot be reached or
+        refuses the token, since every other item would fail the same way.
+        """
+        params: dict[str, str | int] = {"top_k": top_k} | ({"model": model} if model else {})
+        slots = asyncio.Semaphore(max(1, concurrency))
+        limits = httpx.Limits(max_connections=max(1, concurrency))
+        async with httpx.AsyncClient(headers=self.headers, timeout=self.timeout, limits=limits) as http:
+
+            async def one(position: int, item: Item) -> Result:
+                async with slots:
+                    result = await self._classify_one(http, _source(item, position), item, params)
+                if on_done is not None:
+                    on_done(result)
+                return result
+
+            tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
+            try:
+                for task in tasks:
+                    yield await task
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _classify_one(
+        self, http: httpx.AsyncClient, source: str, item: Item, params: dict[str, str | int]
+    ) -> Result:
+        if isinstance(item, bytes):
+            data = item
+        else:
+            try:
+                data = await asyncio.to_thread(Path(item).read_bytes)
+            except OSError as exc:
+                return Result(source, error=f"cannot read the file: {exc.strerror or exc}")
+        try:
+            response = await self._post(http, data, params)
+        except httpx.TimeoutException:
+            return Result(source, error=f"no answer within {self.timeout:g} s")
+        if response.status_code in (401, 403):
+            raise ServiceUnavailableError(
+                f"{self.url} refused the request ({_error_message(response)}): set API_TOKEN to the service's token"
+            )
+        if response.status_code != 200:
+            return Result(source, error=_error_message(response), status=response.status_code)
+        body = response.json()
+        ranked = body["results"][0]["predictions"]
+        predictions = [Prediction(p["label"], int(p["index"]), float(p["score"])) for p in ranked]
+        return Result(source, body["model"], body["version"], predictions, status=200)
+
+    async def _post(self, http: httpx.AsyncClient, data: bytes, params: dict[str, str | int]) -> httpx.Response:
+        """POST with retries: 502/503/504 and refused connections wait with exponential backoff and jitter."""
+        url = f"{self.url}/classify"
+        headers = {"Content-Type": "application/octet-stream"}
+        for attempt in range(self.retries + 1):
+            response = None
+            try:
+                response = await http.post(url, content=data, params=params, headers=headers)
+            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+                if attempt == self.retries:
+                    raise ServiceUnavailableError(f"cannot reach {self.url}: {exc}. Is the service running?") from exc
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return response
+            await asyncio.sleep(self._delay(attempt, response))
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        retry_after = response.headers.get("retry-after", "") if response is not None else ""
+        if retry_after.isdigit():
+            return float(retry_after)
+        return self.backoff * 2**attempt * random.uniform(0.5, 1.5)

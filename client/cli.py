@@ -1,0 +1,104 @@
+"""``python -m client``: classify files, folders and globs with a running service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+import httpx
+from tqdm import tqdm
+
+from .api import DEFAULT_URL, Client, ServiceUnavailableError
+from .files import expand
+from .output import WRITERS
+
+EPILOG = """\
+examples:
+  python -m client cat.jpg                               # the service's default model
+  python -m client photos/ --model resnet50 --concurrency 8
+  python -m client 'scans/**/*.png' --format csv --output labels.csv
+  API_TOKEN=... python -m client photos/ --url http://gpu-box:3000
+
+exit status: 0 when every file was classified, 1 when any failed, 2 when the service
+could not be used at all.
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description="Classify images with a running CNN serving service (POST /classify).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    parser.add_argument("--model", help="model name (see GET /models); default: the service's default")
+    parser.add_argument("--url", default=os.environ.get("CNN_SERVING_URL", DEFAULT_URL), help="default: %(default)s")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions per image (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
+    parser.add_argument("--format", choices=sorted(WRITERS), default="table", help="default: %(default)s")
+    parser.add_argument("--output", help="write results to this file instead of standard output")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    args = parser.parse_args(argv)
+    if args.top_k < 1 or args.concurrency < 1:
+        parser.error("--top-k and --concurrency must be at least 1")
+    return args
+
+
+@contextlib.contextmanager
+def _destination(path: str | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8", newline="") as stream:
+        yield stream
+
+
+def check_reachable(client: Client) -> None:
+    """Fail fast, with one clear message, when nothing answers at the URL."""
+    try:
+        httpx.get(f"{client.url}/livez", timeout=10)
+    except httpx.HTTPError as exc:
+        raise ServiceUnavailableError(
+            f"cannot reach {client.url} ({exc}); start the service with `make serve` or pass --url"
+        ) from None
+
+
+async def run(args: argparse.Namespace, paths: list[str], stream: TextIO) -> int:
+    client = Client(args.url, timeout=args.timeout)
+    check_reachable(client)
+    write = WRITERS[args.format](stream, args.top_k, paths)
+    failed = 0
+    show = not args.no_progress and sys.stderr.isatty()
+    with tqdm(total=len(paths), unit="image", disable=not show, file=sys.stderr) as progress:
+        results = client.stream(
+            paths, model=args.model, top_k=args.top_k, concurrency=args.concurrency, on_done=lambda _: progress.update()
+        )
+        async for result in results:
+            write(result)
+            failed += not result.ok
+    if failed:
+        sys.stderr.write(f"{failed} of {len(paths)} files failed\n")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    paths = expand(args.paths)
+    if not paths:
+        sys.stderr.write("No image found in the given paths\n")
+        return 1
+    try:
+        with _destination(args.output) as stream:
+            return asyncio.run(run(args, paths, stream))
+    except ServiceUnavailableError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,212 @@
+"""``python -m client`` and ``Client`` against the real service, on a folder of real photos.
+
+Every answer is compared with ``/classify``'s for the same bytes. The retry and token
+paths use a small stub server on loopback: they test the client's own behaviour, not
+the service's.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from skimage import data
+
+from client import Client
+from client.files import expand
+
+from ..helpers import ROOT, ServiceProcess, encode, free_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real photos in nested folders, a broken JPEG, and a text file that is no image."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "animals").mkdir()
+    (root / "things" / "deeper").mkdir(parents=True)
+    (root / "animals" / "chelsea.jpg").write_bytes(encode(data.chelsea(), "JPEG", quality=90))
+    (root / "things" / "coffee.png").write_bytes(encode(data.coffee()))
+    (root / "things" / "deeper" / "rocket.JPG").write_bytes(encode(data.rocket(), "JPEG"))
+    (root / "astronaut.webp").write_bytes(encode(data.astronaut(), "WEBP"))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    (root / "notes.txt").write_text("not an image, and folders are searched by extension")
+    return root
+
+
+def run_client(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "client", *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def classify_directly(url: str, path: Path, model: str) -> dict[str, Any]:
+    response = httpx.post(
+        f"{url}/classify",
+        params={"model": model, "top_k": 5},
+        content=path.read_bytes(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+def test_a_folder_is_classified_in_order_with_the_services_answers(service: ServiceProcess, photos: Path) -> None:
+    result = run_client(str(photos), "--url", service.url, "--model", "resnet18", "--format", "jsonl",
+                        "--concurrency", "3")  # fmt: skip
+    assert result.returncode == 1, result.stderr  # the broken file
+    assert "1 of 5 files failed" in result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    names = [Path(row["path"]).relative_to(photos).as_posix() for row in rows]
+    assert names == ["animals/chelsea.jpg", "astronaut.webp", "broken.jpg", "things/coffee.png",
+                     "things/deeper/rocket.JPG"]  # fmt: skip
+    for row in rows:
+        if row["path"].endswith("broken.jpg"):
+            assert row["status"] == 400 and "Cannot decode the image" in row["error"]
+            continue
+        expected = classify_directly(service.url, Path(row["path"]), "resnet18")
+        assert (row["model"], row["version"]) == (expected["model"], expected["version"])
+        assert row["predictions"] == expected["results"][0]["predictions"]
+
+
+def test_csv_to_a_file_with_a_glob_and_the_default_model(service: ServiceProcess, photos: Path, tmp_path: Path) -> None:
+    output = tmp_path / "labels.csv"
+    result = run_client(f"{photos}/**/*.jpg", "--url", service.url, "--format", "csv", "--top-k", "3",
+                        "--output", str(output))  # fmt: skip
+    assert result.returncode == 1  # broken.jpg
+    chelsea, broken = csv.DictReader(output.open())
+    assert Path(broken["path"]).name == "broken.jpg" and "Cannot decode" in broken["error"]
+    assert Path(chelsea["path"]).name == "chelsea.jpg" and chelsea["error"] == ""
+    expected = classify_directly(service.url, Path(chelsea["path"]), "resnet18")  # the service's default
+    top = expected["results"][0]["predictions"]
+    assert [chelsea[f"label_{k}"] for k in (1, 2, 3)] == [p["label"] for p in top[:3]]
+    assert float(chelsea["score_1"]) == top[0]["score"]
+    assert "label_4" not in chelsea
+
+
+def test_the_table_names_model_and_version(service: ServiceProcess, photos: Path) -> None:
+    result = run_client(str(photos / "things"), "--url", service.url, "--model", "lenet5", "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(" lenet5 v1 " in line for line in lines)
+    assert lines[0].startswith(str(photos / "things" / "coffee.png"))
+
+
+def test_missing_files_and_unknown_models_are_reported_per_file(service: ServiceProcess, photos: Path) -> None:
+    missing = photos / "nowhere.jpg"
+    result = run_client(str(missing), "--url", service.url, "--format", "jsonl")
+    assert result.returncode == 1
+    assert "cannot read the file" in json.loads(result.stdout)["error"]
+    result = run_client(str(photos / "astronaut.webp"), "--url", service.url, "--model", "resnet5", "--format", "jsonl")
+    row = json.loads(result.stdout)
+    assert result.returncode == 1 and row["status"] == 404 and "available: " in row["error"]
+
+
+def test_the_python_api_takes_paths_and_bytes(service: ServiceProcess, photos: Path) -> None:
+    chelsea = photos / "animals" / "chelsea.jpg"
+    results = Client(service.url).classify([chelsea, chelsea.read_bytes()], model="lenet5", top_k=3)
+    assert [r.source for r in results] == [str(chelsea), "<bytes 1>"]
+    assert results[0].predictions == results[1].predictions and len(results[0].predictions) == 3
+    assert [p.label for p in results[0].predictions] == [
+        p["label"] for p in classify_directly(service.url, chelsea, "lenet5")["results"][0]["predictions"][:3]
+    ]
+
+
+def test_nothing_listening_is_one_clear_error() -> None:
+    result = run_client("README.md", "--url", f"http://127.0.0.1:{free_port()}")
+    assert result.returncode == 2
+    assert "cannot reach" in result.stderr and "make serve" in result.stderr
+    assert result.stdout == ""
+
+
+def test_expand_searches_folders_by_extension_and_keeps_files_as_given(photos: Path) -> None:
+    found = expand([str(photos / "notes.txt"), str(photos / "things"), str(photos / "things" / "coffee.png")])
+    assert [Path(p).name for p in found] == ["notes.txt", "coffee.png", "rocket.JPG"]
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """Sheds load twice, then answers; wants a token when the server says so."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._answer(200, {})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        server: Any = self.server
+        if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+            self._answer(401, {"error": "Missing or wrong token"})
+            return
+        server.posts += 1
+        if server.posts <= 2:
+            self._answer(503, {"error": "shedding load"}, {"Retry-After": "0"})
+            return
+        self._answer(200, {"model": "stub", "version": "7",
+                           "results": [{"predictions": [{"label": "ok", "index": 0, "score": 1.0}]}]})  # fmt: skip
+
+    def _answer(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def stub() -> Iterator[Any]:
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    server.posts, server.token = 0, None
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    server.shutdown()
+
+
+def test_load_shedding_is_retried(stub: Any) -> None:
+    (result,) = Client(stub.url, backoff=0.01).classify(b"image bytes")
+    assert result.ok and (result.model, result.version) == ("stub", "7")
+    assert stub.posts == 3
+
+
+def test_a_refused_token_stops_the_run(stub: Any, photos: Path) -> None:
+    stub.token = "right"
+    result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "wrong"})
+    assert result.returncode == 2 and "set API_TOKEN" in result.stderr
+    result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "right"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_client_needs_only_httpx_and_tqdm() -> None:
+    """It installs on a laptop in seconds: nothing of the service's stack may be imported."""
+    heavy = ["numpy", "PIL", "onnxruntime", "torch", "bentoml", "fastapi", "grpc", "service", "export"]
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        f"    heavy = {heavy!r}\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in self.heavy: raise ImportError(f'{name} is not for the client')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.argv = ['client', '--help']\n"
+        "import runpy; runpy.run_module('client', run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--concurrency" in result.stdout
+    project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["httpx", "tqdm"]
