@@ -47,9 +47,10 @@ def _load_families() -> None:
 
 
 def list_models() -> list[str]:
-    """Registered names in registration order (small networks first)."""
+    """Registered names, family by family (small networks first), whatever imported a family first."""
     _load_families()
-    return list(_MODELS)
+    order = {family: i for i, family in enumerate(_FAMILIES)}
+    return sorted(_MODELS, key=lambda name: order.get(_MODELS[name].family.lower(), len(order)))
 
 
 def get_model_spec(name: str) -> ModelSpec:
