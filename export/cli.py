@@ -11,7 +11,7 @@ from service.store.layout import ModelStore
 
 from .graph import VerificationError, count_flops
 from .pipeline import ExportOptions, export_model
-from .registry import UnknownModelError, get_model_spec, list_models
+from .registry import UnknownModelError, default_models, get_model_spec, list_models
 from .weights import WeightsIntegrityError, WeightsUnavailableError
 
 logger = logging.getLogger("export")
@@ -19,8 +19,9 @@ logger = logging.getLogger("export")
 EPILOG = """\
 commands:
   python -m export NAME [NAME ...]   export these networks (a new version each)
+  python -m export default           the first-run set (`make export`): one network per family, modest sizes
   python -m export all               every registered network whose weights can be had
-  python -m export list              the registry as a table (--markdown for the README)
+  python -m export list              the registry as a table, with download and ONNX sizes
 
 examples:
   python -m export lenet5                        # trains on scikit-learn's digits
@@ -37,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("names", nargs="+", metavar="NAME", help="model names, 'all' or 'list'")
+    parser.add_argument("names", nargs="+", metavar="NAME", help="model names, 'default', 'all' or 'list'")
     parser.add_argument(
         "--weights",
         choices=["imagenet", "trained", "random"],
@@ -53,25 +54,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--markdown", action="store_true", help="with 'list': a Markdown table")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    if args.weights_file is not None and (len(args.names) != 1 or args.names[0] in ("all", "list")):
+    if args.weights_file is not None and (len(args.names) != 1 or args.names[0] in KEYWORDS):
         parser.error("--weights-file goes with exactly one model name")
     return args
 
 
+KEYWORDS = ("default", "all", "list")
+
+
+def _mib(value: float) -> str:
+    return f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.1f} MiB"
+
+
 def model_table(markdown: bool) -> str:
-    header = ("name", "family", "parameters", "GFLOPs/image", "input", "weights", "ImageNet top-1")
+    header = ("name", "family", "parameters", "GFLOPs/image", "input", "weights", "ImageNet top-1", "download",
+              "ONNX", "default")  # fmt: skip
+    defaults = default_models()
     rows = []
     for name in list_models():
         spec = get_model_spec(name)
         top1 = f"{spec.released.top1:.2f}%" if spec.released else "-"
+        download = _mib(spec.released.file_mib) if spec.released else "-"
         size = f"{spec.input.size}x{spec.input.size}x{spec.input.channels}"
         gflops = f"{count_flops(spec) / 1e9:.3f}"
-        rows.append((name, spec.family, f"{spec.num_params:,}", gflops, size, spec.default_weights, top1))
+        row = (name, spec.family, f"{spec.num_params:,}", gflops, size, spec.default_weights, top1, download,
+               _mib(spec.onnx_mib), "yes" if name in defaults else "")  # fmt: skip
+        rows.append(row)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) for row in (header, *rows))
+
+
+def the_rest(exported_set: list[str]) -> str:
+    """What a first run left out, with sizes, and how to get it."""
+    rest = [get_model_spec(name) for name in list_models() if name not in exported_set]
+    download = sum(spec.released.file_mib for spec in rest if spec.released)
+    onnx = sum(spec.onnx_mib for spec in rest)
+    each = ", ".join(f"{spec.name} {_mib(spec.released.file_mib if spec.released else 0)}" for spec in rest)
+    return (
+        f"{len(rest)} more networks are registered ({_mib(download)} to download, {_mib(onnx)} of ONNX): {each}. "
+        "Export them all with `python -m export all`, or by name, e.g. `python -m export vgg16 resnet152`; "
+        "`python -m export list` shows every size."
+    )
 
 
 def run_exports(names: list[str], store: ModelStore, options: ExportOptions, skip_unavailable: bool) -> int:
@@ -104,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.names == ["list"]:
         print(model_table(args.markdown))  # noqa: T201 - the command's output
         return 0
-    everything = args.names == ["all"]
-    names = list_models() if everything else args.names
+    keyword = args.names[0] if args.names in (["all"], ["default"]) else None
+    names = {"all": list_models, "default": default_models}[keyword]() if keyword else args.names
     try:
         for name in names:
             get_model_spec(name)
@@ -121,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         progress=not args.no_progress,
     )
-    return run_exports(names, ModelStore(args.out), options, skip_unavailable=everything)
+    status = run_exports(names, ModelStore(args.out), options, skip_unavailable=keyword is not None)
+    if keyword == "default":
+        logger.info("%s", the_rest(names))
+    return status
 
 
 if __name__ == "__main__":

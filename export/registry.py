@@ -11,6 +11,10 @@ from .spec import Builder, ModelSpec
 _MODELS: dict[str, ModelSpec] = {}
 _FAMILIES = ("lenet", "alexnet", "vgg", "googlenet", "resnet")
 
+# What `make export` writes for a first run: every family at a modest size (LeNet-5 is
+# trained here; the others download about 425 MiB). VGG's graphs are 500 MiB each.
+DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50", "googlenet", "alexnet")
+
 
 class UnknownModelError(KeyError):
     """Raised for a name that no family registered; the message lists the known names."""
@@ -51,6 +55,11 @@ def list_models() -> list[str]:
     _load_families()
     order = {family: i for i, family in enumerate(_FAMILIES)}
     return sorted(_MODELS, key=lambda name: order.get(_MODELS[name].family.lower(), len(order)))
+
+
+def default_models() -> list[str]:
+    """The first-run set, in registration order."""
+    return [name for name in list_models() if name in DEFAULT_MODELS]
 
 
 def get_model_spec(name: str) -> ModelSpec:

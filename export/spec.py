@@ -64,6 +64,7 @@ class ReleasedWeights:
 
     url: str
     top1: float  # ImageNet-1K validation accuracy the release reports, in percent
+    file_mib: float = 0.0  # the file's size as torchvision publishes it (its ``_file_size``), for `export list`
 
     @property
     def filename(self) -> str:
@@ -107,6 +108,11 @@ class ModelSpec:
     @property
     def num_classes(self) -> int:
         return len(self.categories)
+
+    @property
+    def onnx_mib(self) -> float:
+        """The exported graph's size: float32 initialisers, 4 bytes a parameter (batch norm folds into convolutions)."""
+        return 4 * self.num_params / 2**20
 
     @property
     def weight_choices(self) -> tuple[WeightsKind, ...]:

@@ -64,7 +64,9 @@ class AlexNet(nn.Module):
     input=IMAGENET_INPUT,
     categories=imagenet_categories(),
     default_weights="imagenet",
-    released=ReleasedWeights("https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", top1=56.522),
+    released=ReleasedWeights(
+        "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", top1=56.522, file_mib=233.087
+    ),
 )
 def alexnet(*, state_dict: Mapping[str, Tensor] | None = None) -> AlexNet:
     """AlexNet (one-tower variant); ``state_dict`` in torchvision's format is loaded strictly."""

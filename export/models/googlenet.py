@@ -132,7 +132,9 @@ class GoogLeNet(nn.Module):
     input=IMAGENET_INPUT,
     categories=imagenet_categories(),
     default_weights="imagenet",
-    released=ReleasedWeights("https://download.pytorch.org/models/googlenet-1378be20.pth", top1=69.778),
+    released=ReleasedWeights(
+        "https://download.pytorch.org/models/googlenet-1378be20.pth", top1=69.778, file_mib=49.731
+    ),
 )
 def googlenet(*, state_dict: Mapping[str, Tensor] | None = None) -> GoogLeNet:
     """GoogLeNet without auxiliary classifiers.

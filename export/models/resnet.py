@@ -114,16 +114,16 @@ def resnet(
     return with_weights(ResNet(block, layers), state_dict)
 
 
-# name: (block, blocks per stage, parameter count, release file, released top-1)
-VARIANTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int], int, str, float]] = {
-    "resnet18": (BasicBlock, [2, 2, 2, 2], 11_689_512, "resnet18-f37072fd.pth", 69.758),
-    "resnet34": (BasicBlock, [3, 4, 6, 3], 21_797_672, "resnet34-b627a593.pth", 73.314),
-    "resnet50": (Bottleneck, [3, 4, 6, 3], 25_557_032, "resnet50-0676ba61.pth", 76.130),
-    "resnet101": (Bottleneck, [3, 4, 23, 3], 44_549_160, "resnet101-63fe2227.pth", 77.374),
-    "resnet152": (Bottleneck, [3, 8, 36, 3], 60_192_808, "resnet152-394f9c45.pth", 78.312),
+# name: (block, blocks per stage, parameter count, release file, released top-1, its size in MiB)
+VARIANTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int], int, str, float, float]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2], 11_689_512, "resnet18-f37072fd.pth", 69.758, 44.661),
+    "resnet34": (BasicBlock, [3, 4, 6, 3], 21_797_672, "resnet34-b627a593.pth", 73.314, 83.275),
+    "resnet50": (Bottleneck, [3, 4, 6, 3], 25_557_032, "resnet50-0676ba61.pth", 76.130, 97.781),
+    "resnet101": (Bottleneck, [3, 4, 23, 3], 44_549_160, "resnet101-63fe2227.pth", 77.374, 170.511),
+    "resnet152": (Bottleneck, [3, 8, 36, 3], 60_192_808, "resnet152-394f9c45.pth", 78.312, 230.434),
 }
 
-for _name, (_block, _layers, _params, _file, _top1) in VARIANTS.items():
+for _name, (_block, _layers, _params, _file, _top1, _mib) in VARIANTS.items():
     register(
         ModelSpec(
             name=_name,
@@ -134,6 +134,6 @@ for _name, (_block, _layers, _params, _file, _top1) in VARIANTS.items():
             input=IMAGENET_INPUT,
             categories=imagenet_categories(),
             default_weights="imagenet",
-            released=ReleasedWeights(f"https://download.pytorch.org/models/{_file}", top1=_top1),
+            released=ReleasedWeights(f"https://download.pytorch.org/models/{_file}", top1=_top1, file_mib=_mib),
         )
     )

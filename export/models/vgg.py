@@ -69,19 +69,19 @@ def vgg(*, config: str, batch_norm: bool, state_dict: Mapping[str, Tensor] | Non
     return with_weights(VGG(make_layers(CONFIGS[config], batch_norm)), state_dict)
 
 
-# name: (configuration, batch norm, parameter count, release file, released top-1)
+# name: (configuration, batch norm, parameter count, release file, released top-1, its size in MiB)
 VARIANTS = {
-    "vgg11": ("A", False, 132_863_336, "vgg11-8a719046.pth", 69.020),
-    "vgg11_bn": ("A", True, 132_868_840, "vgg11_bn-6002323d.pth", 70.370),
-    "vgg13": ("B", False, 133_047_848, "vgg13-19584684.pth", 69.928),
-    "vgg13_bn": ("B", True, 133_053_736, "vgg13_bn-abd245e5.pth", 71.586),
-    "vgg16": ("D", False, 138_357_544, "vgg16-397923af.pth", 71.592),
-    "vgg16_bn": ("D", True, 138_365_992, "vgg16_bn-6c64b313.pth", 73.360),
-    "vgg19": ("E", False, 143_667_240, "vgg19-dcbb9e9d.pth", 72.376),
-    "vgg19_bn": ("E", True, 143_678_248, "vgg19_bn-c79401a0.pth", 74.218),
+    "vgg11": ("A", False, 132_863_336, "vgg11-8a719046.pth", 69.020, 506.84),
+    "vgg11_bn": ("A", True, 132_868_840, "vgg11_bn-6002323d.pth", 70.370, 506.881),
+    "vgg13": ("B", False, 133_047_848, "vgg13-19584684.pth", 69.928, 507.545),
+    "vgg13_bn": ("B", True, 133_053_736, "vgg13_bn-abd245e5.pth", 71.586, 507.59),
+    "vgg16": ("D", False, 138_357_544, "vgg16-397923af.pth", 71.592, 527.796),
+    "vgg16_bn": ("D", True, 138_365_992, "vgg16_bn-6c64b313.pth", 73.360, 527.866),
+    "vgg19": ("E", False, 143_667_240, "vgg19-dcbb9e9d.pth", 72.376, 548.051),
+    "vgg19_bn": ("E", True, 143_678_248, "vgg19_bn-c79401a0.pth", 74.218, 548.143),
 }
 
-for _name, (_config, _bn, _params, _file, _top1) in VARIANTS.items():
+for _name, (_config, _bn, _params, _file, _top1, _mib) in VARIANTS.items():
     register(
         ModelSpec(
             name=_name,
@@ -92,6 +92,6 @@ for _name, (_config, _bn, _params, _file, _top1) in VARIANTS.items():
             input=IMAGENET_INPUT,
             categories=imagenet_categories(),
             default_weights="imagenet",
-            released=ReleasedWeights(f"https://download.pytorch.org/models/{_file}", top1=_top1),
+            released=ReleasedWeights(f"https://download.pytorch.org/models/{_file}", top1=_top1, file_mib=_mib),
         )
     )

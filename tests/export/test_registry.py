@@ -3,8 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from export.registry import UnknownModelError, get_model_spec, list_models, register
+from export.models.googlenet import GoogLeNet
+from export.registry import UnknownModelError, default_models, get_model_spec, list_models, register
 from export.spec import imagenet_categories
+from service.store.layout import ModelStore
 
 # The parameter counts the networks must have: the figures torchvision publishes and LeNet-5's 61,706.
 EXPECTED_PARAMS = {
@@ -67,3 +69,33 @@ def test_unknown_name_lists_the_known_ones() -> None:
     message = str(info.value)
     assert "'resnet5'" in message
     assert all(name in message for name in ("lenet5", "alexnet", "googlenet", "resnet50"))
+
+
+def _release_format_bytes(name: str) -> int:
+    """What a torchvision release file of this network holds: every tensor of its state dict."""
+    with torch.device("meta"):
+        # GoogLeNet's release carries the two training-only auxiliary heads, which export drops
+        model = GoogLeNet(aux_logits=True) if name == "googlenet" else get_model_spec(name).build()
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if get_model_spec(n).released])
+def test_published_download_size_is_the_tensors_the_file_holds(name: str) -> None:
+    released = get_model_spec(name).released
+    assert released is not None
+    assert released.file_mib == pytest.approx(_release_format_bytes(name) / 2**20, rel=0.01)
+
+
+def test_onnx_size_estimate_matches_the_exported_graphs(model_store: ModelStore) -> None:
+    for name in model_store.names():
+        latest = model_store.latest(name)
+        assert latest is not None
+        actual_mib = latest.graph.stat().st_size / 2**20
+        assert get_model_spec(name).onnx_mib == pytest.approx(actual_mib, rel=0.03), name
+
+
+def test_the_default_set_is_small_and_covers_the_families() -> None:
+    defaults = [get_model_spec(name) for name in default_models()]
+    assert [spec.name for spec in defaults] == ["lenet5", "alexnet", "googlenet", "resnet18", "resnet50"]
+    assert {spec.family for spec in defaults} == {"LeNet", "AlexNet", "GoogLeNet", "ResNet"}
+    assert sum(spec.released.file_mib for spec in defaults if spec.released) < 500  # VGG alone is 507-548 MiB

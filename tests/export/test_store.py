@@ -61,12 +61,14 @@ def _run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 
 def test_cli_help_and_list() -> None:
     help_text = _run_cli("--help").stdout
-    for option in ("--weights", "--weights-file", "--out", "--data", "--data-dir", "all", "list"):
+    for option in ("--weights", "--weights-file", "--out", "--data", "--data-dir", "default", "all", "list"):
         assert option in help_text
     table = _run_cli("list").stdout
     for name in list_models():
         assert f"{name} " in table
     assert "25,557,032" in table  # resnet50's parameter count, from the registry
+    resnet50 = next(line for line in table.splitlines() if line.startswith("resnet50 "))
+    assert "97.8 MiB" in resnet50 and "97.5 MiB" in resnet50 and resnet50.rstrip().endswith("yes")  # download, ONNX
 
 
 def test_cli_unknown_model_fails_with_the_known_names() -> None:
@@ -74,10 +76,28 @@ def test_cli_unknown_model_fails_with_the_known_names() -> None:
     assert result.returncode == 2 and "available: lenet5" in result.stderr
 
 
-def test_export_all_offline_trains_lenet5_and_skips_the_rest_with_reasons(tmp_path: Path) -> None:
-    # No weights can be fetched: the proxy is a closed local port, and the hub cache is empty.
+def _offline(tmp_path: Path) -> dict[str, str]:
+    """No weights can be fetched: the proxy is a closed local port, and the hub cache is empty."""
     closed = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": closed, "HTTPS_PROXY": closed}
+    return {**os.environ, "TORCH_HOME": str(tmp_path / "torch"), "https_proxy": closed, "HTTPS_PROXY": closed}
+
+
+def test_export_default_offline_is_lenet5_a_reason_per_network_and_what_the_rest_costs(tmp_path: Path) -> None:
+    result = _run_cli("default", "--out", str(tmp_path / "store"), "--epochs", "2", "--no-progress",
+                      env=_offline(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert ModelStore(tmp_path / "store").names() == ["lenet5"]
+    for name in ("alexnet", "googlenet", "resnet18", "resnet50"):
+        (reason,) = [line for line in result.stderr.splitlines() if line.startswith(f"WARNING export: {name}: ")]
+        assert "cannot fetch" in reason and "--weights-file" in reason
+    assert "skipped, weights not available here: alexnet, googlenet, resnet18, resnet50" in result.stderr
+    assert "vgg" not in result.stderr.split("11 more networks")[0]  # the rest is not attempted
+    assert "11 more networks are registered (4.56 GiB to download" in result.stderr
+    assert "vgg16 527.8 MiB" in result.stderr and "python -m export all" in result.stderr
+
+
+def test_export_all_offline_trains_lenet5_and_skips_the_rest_with_reasons(tmp_path: Path) -> None:
+    env = _offline(tmp_path)
     result = _run_cli("all", "--out", str(tmp_path / "store"), "--epochs", "2", "--no-progress", env=env)
     assert result.returncode == 0, result.stderr
     assert ModelStore(tmp_path / "store").names() == ["lenet5"]
