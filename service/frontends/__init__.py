@@ -1,1 +1,1 @@
-"""The ways in: ``/classify`` and ``/models`` over HTTP, and the Open Inference Protocol (``v2``)."""
+"""The ways in: ``/classify`` and ``/models`` over HTTP, the Open Inference Protocol (``v2``), the page."""
