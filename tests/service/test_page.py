@@ -109,6 +109,8 @@ def test_the_page_lists_models_with_their_state(tab: Tab) -> None:
     assert set(options) == {"lenet5", "resnet18", "ghost"}
     assert tab.page.input_value("#model-select") == "resnet18"  # DEFAULT_MODEL
     assert options["ghost"].is_disabled() and "failed" in options["ghost"].inner_text()
+    reason = tab.page.inner_text("#unavailable li[data-model=ghost]")
+    assert reason.startswith("ghost: failed (") and "not in the model store" in reason
     card = tab.page.inner_text("#model-card")
     assert "ResNet" in card and "11.7 M" in card and "fp32" in card
     assert "random weights" in card  # the session store exports resnet18 untrained
@@ -153,6 +155,29 @@ def test_a_drawn_digit_is_read_and_matches_classify(tab: Tab, tmp_path_factory: 
     screenshot = tmp_path_factory.mktemp("page") / "page.png"
     tab.page.screenshot(path=str(screenshot), full_page=True)
     print(f"screenshot: {screenshot}")
+
+
+def test_dropped_and_pasted_images_are_classified(tab: Tab) -> None:
+    images = {"drop-a.png": encode(data.coffee()), "drop-b.jpg": encode(data.astronaut(), "JPEG"),
+              "pasted.png": encode(data.rocket())}  # fmt: skip
+    transfer = """([names, contents]) => {
+        const transfer = new DataTransfer();
+        names.forEach((name, i) => transfer.items.add(new File([new Uint8Array(contents[i])], name)));
+        return transfer;
+    }"""
+
+    def files(*names: str) -> Any:
+        return tab.page.evaluate_handle(transfer, [list(names), [list(images[n]) for n in names]])
+
+    tab.page.dispatch_event("#dropzone", "drop", {"dataTransfer": files("drop-a.png", "drop-b.jpg")})
+    pasted = files("pasted.png")
+    tab.page.evaluate("(data) => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data}))", pasted)
+    tab.page.wait_for_function("() => document.querySelectorAll('.result[data-status=done]').length === 3")
+
+    for name, body in images.items():
+        expected = classify_directly(tab.origin, body, "resnet18")
+        assert shown_predictions(tab.page, f".result[data-name='{name}']") == expected["results"][0]["predictions"]
+    assert tab.outside_origin() == []
 
 
 def test_a_file_that_is_no_image_shows_the_services_message(tab: Tab, tmp_path: Path) -> None:

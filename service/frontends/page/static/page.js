@@ -117,6 +117,17 @@ function renderModelCard() {
   $("draw-panel").hidden = !drawable;
 }
 
+function renderUnavailable() {
+  const list = $("unavailable");
+  list.replaceChildren();
+  for (const model of state.models.filter((m) => m.status !== "ready")) {
+    const item = document.createElement("li");
+    item.dataset.model = model.name;
+    item.textContent = `${model.name}: ${model.status}${model.reason ? ` (${model.reason})` : ""}`;
+    list.append(item);
+  }
+}
+
 function renderModelSelect(defaultModel) {
   const select = $("model-select");
   const wanted = new URLSearchParams(window.location.search).get("model");
@@ -135,6 +146,7 @@ function renderModelSelect(defaultModel) {
   if (state.model) select.value = state.model;
   select.disabled = state.models.length === 0;
   renderModelCard();
+  renderUnavailable();
 }
 
 async function loadModels() {
