@@ -208,6 +208,14 @@ def test_fastapis_cdn_pages_are_gone(service: ServiceProcess) -> None:
     assert "googletagmanager" not in page and "cdn" not in page.lower()
 
 
+def test_static_files_stay_inside_their_folders(service: ServiceProcess) -> None:
+    assert httpx.get(f"{service.url}/page/page.js").status_code == 200
+    for escape in ("/page/%2e%2e/__init__.py", "/page/%2e%2e/%2e%2e/settings.py", "/page/..%2f__init__.py",
+                   "/docs/assets/%2e%2e/http_app.py", "/page/"):  # fmt: skip
+        response = httpx.get(f"{service.url}{escape}")
+        assert response.status_code == 404 and "import" not in response.text, escape
+
+
 @pytest.fixture(scope="module")
 def token_service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("logs") / "token-service.log"
