@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from export.registry import get_model_spec
+from service.cpus import cpu_count
 from service.runtime.preprocess import preprocess
-from service.settings import cpu_count
 from service.store.metadata import InputMeta
 
 

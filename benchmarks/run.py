@@ -21,9 +21,10 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from service.cpus import cpu_count
 from service.runtime.preprocess import preprocess
 from service.runtime.session import session_options
-from service.settings import Settings, cpu_count
+from service.settings import Settings
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 

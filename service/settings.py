@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -10,13 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def cpu_count() -> int:
-    """Cores this process may run on (respects taskset/cgroup affinity, unlike os.cpu_count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+from .cpus import cpu_count
 
 
 class Settings(BaseSettings):
@@ -38,7 +31,9 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA where a GPU really works, else CPU; cuda: fail a model that cannot use CUDA."
     )
     workers: int = Field(1, ge=1, description="BentoML worker processes (each loads every model).")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0 = cores / workers.")
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per session; 0 = CPUs (affinity, cgroup quota) / workers."
+    )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads (sequential execution).")
     ort_spinning: bool = Field(False, description="Let ONNX Runtime threads spin when idle (steals CPU from decoding).")
     ort_cpu_arena: bool = Field(
@@ -47,7 +42,9 @@ class Settings(BaseSettings):
     inline_decode_bytes: int = Field(
         16384, ge=0, description="Images up to this size decode on the event loop, skipping the thread pool's hops."
     )
-    decode_threads: int = Field(0, ge=0, description="Threads decoding images; 0 = cores / workers.")
+    decode_threads: int = Field(
+        0, ge=0, description="Threads decoding images; 0 = CPUs (affinity, cgroup quota) / workers."
+    )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per ONNX Runtime call.")
     max_batch_delay_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a batch waits for more requests once the runtime is free."

@@ -1,0 +1,79 @@
+"""How many CPUs this process may use: its CPU affinity, and its cgroup's CPU quota.
+
+Kubernetes CPU limits are cgroup quotas (``cpu.max`` in cgroup v2,
+``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` in v1), invisible to ``os.cpu_count()`` and
+to the affinity mask: a pod limited to 2 CPUs on a 64-core node would otherwise start 64
+ONNX Runtime threads per session and be throttled to a crawl. A fractional quota rounds
+down (at least 1), as Go's automaxprocs does: 1.5 CPUs give one thread that is never
+throttled rather than two that are, a quarter of the time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _ancestors(mount: Path, relative: str) -> list[Path]:
+    """The process's cgroup folder and its parents up to the mount (a container sees its own as root)."""
+    start = mount / relative.lstrip("/")
+    if not start.is_dir():
+        return [mount]
+    return [start, *[p for p in start.parents if p.is_relative_to(mount)]]
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        value = int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):  # an unreadable file is no limit, not a crash at start-up
+        return None
+    return value if value > 0 else None  # v1 writes -1 for no quota
+
+
+def _v2_limit(directory: Path) -> float | None:
+    text = _read(directory / "cpu.max")  # "max 100000" or "<quota> <period>"
+    if text is None or text.startswith("max"):
+        return None
+    quota, _, period = text.partition(" ")
+    return _ratio(quota, period or "100000")
+
+
+def _v1_limit(directory: Path) -> float | None:
+    quota, period = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
+    return None if quota is None or period is None else _ratio(quota, period)
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
+    """CPUs the cgroup quota allows (the tightest on the way up), or None without a quota."""
+    limits: list[float] = []
+    for line in (_read(proc_cgroup) or "").splitlines():
+        hierarchy, controllers, relative = line.split(":", 2)
+        if hierarchy == "0" and (root / "cpu.max").exists():  # cgroup v2, mounted at the root
+            limits += filter(None, (_v2_limit(d) for d in _ancestors(root, relative)))
+        elif "cpu" in controllers.split(","):  # cgroup v1: /sys/fs/cgroup/cpu or /sys/fs/cgroup/cpu,cpuacct
+            mount = next((root / name for name in (controllers, "cpu") if (root / name).is_dir()), None)
+            if mount is not None:
+                limits += filter(None, (_v1_limit(d) for d in _ancestors(mount, relative)))
+    return min(limits, default=None)
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on: min(affinity, cgroup quota rounded down), at least 1."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        affinity = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    allowed = affinity if quota is None else min(affinity, math.floor(quota))
+    return max(1, allowed)
