@@ -7,8 +7,10 @@ go to the service as they are, and the service decodes them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,13 +98,23 @@ class Client:
         top_k: int = 5,
         concurrency: int = 4,
     ) -> list[Result]:
-        """Classify paths or encoded images; one :class:`Result` per item, in order."""
+        """Classify paths or encoded images; one :class:`Result` per item, in order.
+
+        Inside a running event loop (a notebook, an async app), await :meth:`aclassify`.
+        """
+        return asyncio.run(self.aclassify(items, model=model, top_k=top_k, concurrency=concurrency))
+
+    async def aclassify(
+        self,
+        items: Item | Sequence[Item],
+        *,
+        model: str | None = None,
+        top_k: int = 5,
+        concurrency: int = 4,
+    ) -> list[Result]:
+        """:meth:`classify` for code that already runs an event loop."""
         batch = [items] if isinstance(items, str | Path | bytes) else list(items)
-
-        async def collect() -> list[Result]:
-            return [r async for r in self.stream(batch, model=model, top_k=top_k, concurrency=concurrency)]
-
-        return asyncio.run(collect())
+        return [r async for r in self.stream(batch, model=model, top_k=top_k, concurrency=concurrency)]
 
     def models(self) -> dict[str, Any]:
         """``GET /models``: every model, its state and metadata."""
@@ -139,14 +151,25 @@ class Client:
                     on_done(result)
                 return result
 
-            tasks = [asyncio.ensure_future(one(i, item)) for i, item in enumerate(items)]
+            # A bounded window of tasks, so a folder of 100,000 files is not 100,000 tasks at once;
+            # it runs ahead of the oldest unfinished item so one slow answer does not idle the rest.
+            window: deque[asyncio.Task[Result]] = deque()
+            pending = enumerate(items)
+
+            def fill() -> None:
+                for position, item in itertools.islice(pending, 4 * max(1, concurrency) - len(window)):
+                    window.append(asyncio.ensure_future(one(position, item)))
+
             try:
-                for task in tasks:
-                    yield await task
+                fill()
+                while window:
+                    result = await window.popleft()
+                    fill()
+                    yield result
             finally:
-                for task in tasks:
+                for task in window:
                     task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(*window, return_exceptions=True)
 
     async def _classify_one(
         self, http: httpx.AsyncClient, source: str, item: Item, params: dict[str, str | int]

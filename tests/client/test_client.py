@@ -184,6 +184,13 @@ def test_load_shedding_is_retried(stub: Any) -> None:
     assert stub.posts == 3
 
 
+def test_many_items_come_back_in_order_through_the_bounded_window(stub: Any) -> None:
+    items = [f"image {i}".encode() for i in range(30)]  # concurrency 2: a window of 8, refilled 22 times
+    results = Client(stub.url, backoff=0.01).classify(items, concurrency=2)
+    assert [r.source for r in results] == [f"<bytes {i}>" for i in range(30)]
+    assert all(r.ok for r in results) and stub.posts == 32  # 30 answers + the 2 shed and retried
+
+
 def test_a_refused_token_stops_the_run(stub: Any, photos: Path) -> None:
     stub.token = "right"
     result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "wrong"})
