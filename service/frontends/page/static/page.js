@@ -330,7 +330,7 @@ function setUpInputs() {
   $("model-select").addEventListener("change", (event) => {
     state.model = event.target.value;
     renderModelCard();
-    if (drawing.dirty) drawing.request();
+    if (drawing.dirty && !$("draw-panel").hidden) drawing.request();
   });
   $("copy-curl").addEventListener("click", () => navigator.clipboard.writeText($("curl").textContent));
 }
@@ -341,6 +341,7 @@ const drawing = {
   dirty: false,
   busy: false,
   again: false,
+  generation: 0, // bumped by Clear: an answer for an erased drawing is not shown
   request() {
     // One request in flight; strokes made meanwhile are sent when it returns.
     if (this.busy) {
@@ -353,8 +354,10 @@ const drawing = {
   },
   async send(blob) {
     const model = state.model;
+    const generation = this.generation;
     try {
       const { body, milliseconds } = await classify(blob, model);
+      if (generation !== this.generation) return;
       const predictions = body.results[0].predictions;
       $("draw-digit").textContent = predictions[0].label;
       renderPredictions($("draw-predictions"), predictions);
@@ -377,6 +380,8 @@ function setUpCanvas() {
     context.fillStyle = "#fff";
     context.fillRect(0, 0, canvas.width, canvas.height);
     drawing.dirty = false;
+    drawing.again = false;
+    drawing.generation += 1;
     $("draw-digit").textContent = "?";
     $("draw-predictions").replaceChildren();
     $("draw-meta").textContent = "";
