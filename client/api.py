@@ -116,14 +116,6 @@ class Client:
         batch = [items] if isinstance(items, str | Path | bytes) else list(items)
         return [r async for r in self.stream(batch, model=model, top_k=top_k, concurrency=concurrency)]
 
-    def models(self) -> dict[str, Any]:
-        """``GET /models``: every model, its state and metadata."""
-        response = httpx.get(f"{self.url}/models", headers=self.headers, timeout=self.timeout)
-        if response.status_code != 200:
-            raise ServiceUnavailableError(_error_message(response))
-        data: dict[str, Any] = response.json()
-        return data
-
     async def stream(
         self,
         items: Iterable[Item],
@@ -140,9 +132,8 @@ class Client:
         refuses the token, since every other item would fail the same way.
         """
         params: dict[str, str | int] = {"top_k": top_k} | ({"model": model} if model else {})
-        slots = asyncio.Semaphore(max(1, concurrency))
-        limits = httpx.Limits(max_connections=max(1, concurrency))
-        async with httpx.AsyncClient(headers=self.headers, timeout=self.timeout, limits=limits) as http:
+        slots = asyncio.Semaphore(max(1, concurrency))  # also bounds the pool's connections
+        async with httpx.AsyncClient(headers=self.headers, timeout=self.timeout) as http:
 
             async def one(position: int, item: Item) -> Result:
                 async with slots:

@@ -32,8 +32,7 @@ def expand(arguments: Iterable[str]) -> list[str]:
             paths.extend(str(p) for p in _images_in(path))
         elif not path.exists() and _GLOB_CHARS & set(argument):
             for match in sorted(glob.glob(argument, recursive=True)):
-                matched = Path(match)
-                paths.extend(str(p) for p in _images_in(matched)) if matched.is_dir() else paths.append(match)
+                paths.extend(map(str, _images_in(Path(match))) if Path(match).is_dir() else [match])
         else:
             paths.append(argument)
     return list(dict.fromkeys(paths))
