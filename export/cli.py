@@ -59,7 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-KEYWORDS = ("default", "all", "list")
+# Names that stand for a set of networks; with 'list', the words that are no model name.
+SETS = {"default": default_models, "all": list_models}
+KEYWORDS = (*SETS, "list")
 
 
 def _mib(value: float) -> str:
@@ -130,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.names == ["list"]:
         print(model_table(args.markdown))  # noqa: T201 - the command's output
         return 0
-    keyword = args.names[0] if args.names in (["all"], ["default"]) else None
-    names = {"all": list_models, "default": default_models}[keyword]() if keyword else args.names
+    keyword = args.names[0] if len(args.names) == 1 and args.names[0] in SETS else None
+    names = SETS[keyword]() if keyword else args.names
     try:
         for name in names:
             get_model_spec(name)

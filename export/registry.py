@@ -58,7 +58,7 @@ def list_models() -> list[str]:
 
 
 def default_models() -> list[str]:
-    """The first-run set, in registration order."""
+    """The first-run set, in :func:`list_models` order."""
     return [name for name in list_models() if name in DEFAULT_MODELS]
 
 
