@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import cache
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -68,8 +69,13 @@ def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) 
     return min(limits, default=None)
 
 
+@cache
 def cpu_count() -> int:
-    """CPUs this process may run on: min(affinity, cgroup quota rounded down), at least 1."""
+    """CPUs this process may run on: min(affinity, cgroup quota rounded down), at least 1.
+
+    Read once: the settings ask on every model load, and a process's limit is fixed by
+    the container it starts in.
+    """
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
