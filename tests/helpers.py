@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -108,6 +109,22 @@ def running(store: Path, log_path: Path, **env: str) -> Iterator[ServiceProcess]
         yield process
     finally:
         process.stop()
+
+
+def classify(
+    service: ServiceProcess, body: bytes, content_type: str = "image/jpeg", **params: str | int
+) -> httpx.Response:
+    """``POST /classify`` with ``body`` as the raw image."""
+    headers = {"Content-Type": content_type}
+    return httpx.post(f"{service.url}/classify", params=params, content=body, headers=headers, timeout=60)
+
+
+def classified(service: ServiceProcess, body: bytes, model: str) -> dict[str, Any]:
+    """``/classify``'s answer (top-5) for ``body``, which must be 200."""
+    response = classify(service, body, "application/octet-stream", model=model, top_k=5)
+    assert response.status_code == 200, response.text
+    answer: dict[str, Any] = response.json()
+    return answer
 
 
 def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:

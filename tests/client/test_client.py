@@ -18,14 +18,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from skimage import data
 
 from client import Client
 from client.files import expand
 
-from ..helpers import ROOT, ServiceProcess, encode, free_port
+from ..helpers import ROOT, ServiceProcess, classified, encode, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -51,18 +50,6 @@ def run_client(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
-def classify_directly(url: str, path: Path, model: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{url}/classify",
-        params={"model": model, "top_k": 5},
-        content=path.read_bytes(),
-        headers={"Content-Type": "application/octet-stream"},
-    )
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
-
-
 def test_a_folder_is_classified_in_order_with_the_services_answers(service: ServiceProcess, photos: Path) -> None:
     result = run_client(str(photos), "--url", service.url, "--model", "resnet18", "--format", "jsonl",
                         "--concurrency", "3")  # fmt: skip
@@ -76,7 +63,7 @@ def test_a_folder_is_classified_in_order_with_the_services_answers(service: Serv
         if row["path"].endswith("broken.jpg"):
             assert row["status"] == 400 and "Cannot decode the image" in row["error"]
             continue
-        expected = classify_directly(service.url, Path(row["path"]), "resnet18")
+        expected = classified(service, Path(row["path"]).read_bytes(), "resnet18")
         assert (row["model"], row["version"]) == (expected["model"], expected["version"])
         assert row["predictions"] == expected["results"][0]["predictions"]
 
@@ -89,7 +76,7 @@ def test_csv_to_a_file_with_a_glob_and_the_default_model(service: ServiceProcess
     chelsea, broken = csv.DictReader(output.open())
     assert Path(broken["path"]).name == "broken.jpg" and "Cannot decode" in broken["error"]
     assert Path(chelsea["path"]).name == "chelsea.jpg" and chelsea["error"] == ""
-    expected = classify_directly(service.url, Path(chelsea["path"]), "resnet18")  # the service's default
+    expected = classified(service, Path(chelsea["path"]).read_bytes(), "resnet18")  # the service's default
     top = expected["results"][0]["predictions"]
     assert [chelsea[f"label_{k}"] for k in (1, 2, 3)] == [p["label"] for p in top[:3]]
     assert float(chelsea["score_1"]) == top[0]["score"]
@@ -120,7 +107,7 @@ def test_the_python_api_takes_paths_and_bytes(service: ServiceProcess, photos: P
     assert [r.source for r in results] == [str(chelsea), "<bytes 1>"]
     assert results[0].predictions == results[1].predictions and len(results[0].predictions) == 3
     assert [p.label for p in results[0].predictions] == [
-        p["label"] for p in classify_directly(service.url, chelsea, "lenet5")["results"][0]["predictions"][:3]
+        p["label"] for p in classified(service, chelsea.read_bytes(), "lenet5")["results"][0]["predictions"][:3]
     ]
 
 

@@ -14,20 +14,12 @@ from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 
-from ..helpers import ServiceProcess, encode, metric_samples
+from ..helpers import ServiceProcess, classify, encode, metric_samples
 
 pytestmark = pytest.mark.integration
 
 CAT = encode(data.chelsea(), "JPEG", quality=92)
 COFFEE = encode(data.coffee(), "PNG")
-
-
-def classify(
-    service: ServiceProcess, body: bytes, content_type: str = "image/jpeg", **params: object
-) -> httpx.Response:
-    return httpx.post(
-        f"{service.url}/classify", params=params, content=body, headers={"Content-Type": content_type}, timeout=30
-    )
 
 
 def test_raw_body_upload_classifies(service: ServiceProcess) -> None:

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ..helpers import ServiceProcess, encode
+from ..helpers import ServiceProcess, classify, encode
 
 pytestmark = pytest.mark.integration
 
@@ -21,13 +21,8 @@ JPEG = encode(PHOTO, "JPEG", quality=90)
 PNG = encode(PHOTO, "PNG")
 
 
-def post(service: ServiceProcess, body: bytes, content_type: str = "image/jpeg", **params: object) -> httpx.Response:
-    headers = {"Content-Type": content_type}
-    return httpx.post(f"{service.url}/classify", params=params, content=body, headers=headers, timeout=60)
-
-
 def assert_still_serving(service: ServiceProcess) -> None:
-    assert post(service, JPEG, model="resnet18").status_code == 200
+    assert classify(service, JPEG, model="resnet18").status_code == 200
     assert httpx.get(f"{service.url}/readyz", timeout=5).status_code == 200
 
 
@@ -58,7 +53,7 @@ BAD_BODIES = [
 
 @pytest.mark.parametrize(("case", "body", "content_type", "status"), BAD_BODIES, ids=[c[0] for c in BAD_BODIES])
 def test_bad_bodies(service: ServiceProcess, case: str, body: bytes, content_type: str, status: int) -> None:
-    response = post(service, body, content_type, model="resnet18")
+    response = classify(service, body, content_type, model="resnet18")
     assert response.status_code == status, response.text
     assert response.json()["error"]
     assert_still_serving(service)
@@ -80,7 +75,7 @@ BAD_PARAMETERS = [
 
 @pytest.mark.parametrize(("case", "params", "status"), BAD_PARAMETERS, ids=[c[0] for c in BAD_PARAMETERS])
 def test_bad_parameters(service: ServiceProcess, case: str, params: dict, status: int) -> None:
-    response = post(service, JPEG, **{"model": "resnet18", **params})
+    response = classify(service, JPEG, **{"model": "resnet18", **params})
     assert response.status_code == status, response.text
     assert response.json()["error"]
     assert_still_serving(service)
@@ -120,24 +115,24 @@ UNUSUAL = [
 
 @pytest.mark.parametrize(("case", "body", "content_type"), UNUSUAL, ids=[c[0] for c in UNUSUAL])
 def test_unusual_images_classify(service: ServiceProcess, case: str, body: bytes, content_type: str) -> None:
-    response = post(service, body, content_type, model="resnet18")
+    response = classify(service, body, content_type, model="resnet18")
     assert response.status_code == 200, response.text
     assert len(response.json()["results"][0]["predictions"]) == 5
 
 
 def test_animated_images_use_the_first_frame(service: ServiceProcess) -> None:
-    first = post(service, encode(PHOTO, "PNG"), "image/png", model="resnet18", top_k=3).json()
+    first = classify(service, encode(PHOTO, "PNG"), "image/png", model="resnet18", top_k=3).json()
     for fmt in ("GIF", "WEBP"):
-        animated = post(service, _animated(fmt), f"image/{fmt.lower()}", model="resnet18", top_k=3).json()
+        animated = classify(service, _animated(fmt), f"image/{fmt.lower()}", model="resnet18", top_k=3).json()
         assert animated["results"][0]["predictions"][0]["index"] == first["results"][0]["predictions"][0]["index"]
 
 
 def test_exif_rotation_gives_the_upright_result(service: ServiceProcess) -> None:
-    upright = post(service, JPEG, model="resnet18", top_k=1000).json()["results"][0]["predictions"]
+    upright = classify(service, JPEG, model="resnet18", top_k=1000).json()["results"][0]["predictions"]
     exif = Image.Exif()
     exif[0x0112] = 8  # the file holds the photo turned 90 degrees clockwise; display rotates it back
     rotated = _save(Image.fromarray(np.ascontiguousarray(np.rot90(PHOTO, k=-1))), "JPEG", quality=90, exif=exif)
-    turned = post(service, rotated, model="resnet18", top_k=1000).json()["results"][0]["predictions"]
+    turned = classify(service, rotated, model="resnet18", top_k=1000).json()["results"][0]["predictions"]
     a = {p["index"]: p["score"] for p in upright}
     b = {p["index"]: p["score"] for p in turned}
     assert upright[0]["index"] == turned[0]["index"]

@@ -20,7 +20,7 @@ from skimage import data
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, encode, running
+from ..helpers import ServiceProcess, classified, encode, running
 
 pytestmark = pytest.mark.integration
 
@@ -52,19 +52,20 @@ def browser() -> Iterator[Browser]:
         launched.close()
 
 
-def open_tab(browser: Browser, url: str) -> Tab:
+def open_tab(browser: Browser, origin: str, path: str = "/") -> Tab:
+    """A fresh browser context (its own session storage) on ``origin + path``, recording as it goes."""
     page = browser.new_context(viewport={"width": 1100, "height": 1300}).new_page()
-    tab = Tab(page, url)
+    tab = Tab(page, origin)
     page.on("request", lambda request: tab.requests.append(request))
     page.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
-    page.goto(f"{url}/")
-    page.wait_for_selector("#model-select:not([disabled])")
+    page.goto(f"{origin}{path}")
     return tab
 
 
 @pytest.fixture
 def tab(browser: Browser, service: ServiceProcess) -> Iterator[Tab]:
     tab = open_tab(browser, service.url)
+    tab.page.wait_for_selector("#model-select:not([disabled])")
     yield tab
     tab.page.context.close()
 
@@ -75,15 +76,6 @@ def shown_predictions(page: Page, selector: str) -> list[dict[str, Any]]:
          "score": float(item.get_attribute("data-score") or "nan")}
         for item in page.query_selector_all(f"{selector} .prediction")
     ]  # fmt: skip
-
-
-def classify_directly(url: str, body: bytes, model: str) -> dict[str, Any]:
-    response = httpx.post(
-        f"{url}/classify", params={"model": model, "top_k": 5}, content=body, headers={"Content-Type": "image/png"}
-    )
-    assert response.status_code == 200, response.text
-    answer: dict[str, Any] = response.json()
-    return answer
 
 
 def canvas_png(page: Page) -> bytes:
@@ -117,7 +109,7 @@ def test_the_page_lists_models_with_their_state(tab: Tab) -> None:
     assert tab.page.is_hidden("#draw-panel")  # an RGB model: nothing to draw
 
 
-def test_an_uploaded_photo_gets_the_answer_classify_gives(tab: Tab, tmp_path: Path) -> None:
+def test_an_uploaded_photo_gets_the_answer_classify_gives(tab: Tab, service: ServiceProcess, tmp_path: Path) -> None:
     photo = tmp_path / "chelsea.jpg"
     photo.write_bytes(encode(data.chelsea(), "JPEG", quality=90))
     with tab.page.expect_request(lambda r: "/classify" in r.url) as sent:
@@ -127,7 +119,7 @@ def test_an_uploaded_photo_gets_the_answer_classify_gives(tab: Tab, tmp_path: Pa
     assert headers["content-type"] == "image/jpeg" and int(headers["content-length"]) == photo.stat().st_size
     tab.page.wait_for_selector(".result[data-status=done]")
 
-    expected = classify_directly(tab.origin, photo.read_bytes(), "resnet18")
+    expected = classified(service, photo.read_bytes(), "resnet18")
     assert shown_predictions(tab.page, ".result") == expected["results"][0]["predictions"]
     meta = tab.page.inner_text(".result .meta")
     assert meta.startswith(f"resnet18 v{expected['version']}") and "ms round trip" in meta
@@ -138,7 +130,9 @@ def test_an_uploaded_photo_gets_the_answer_classify_gives(tab: Tab, tmp_path: Pa
     assert tab.console_errors == []
 
 
-def test_a_drawn_digit_is_read_and_matches_classify(tab: Tab, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_drawn_digit_is_read_and_matches_classify(
+    tab: Tab, service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     tab.page.select_option("#model-select", "lenet5")
     tab.page.wait_for_selector("#draw-panel:not([hidden])")
     draw_a_one(tab.page)
@@ -146,7 +140,7 @@ def test_a_drawn_digit_is_read_and_matches_classify(tab: Tab, tmp_path_factory: 
     assert tab.classify_requests()[-1].url.endswith("/classify?model=lenet5&top_k=5")
     # Chromium does not show Playwright a Blob body; PNG is lossless, so the canvas read back
     # now decodes to the pixels of the page's last request (sent once the last stroke ended).
-    expected = classify_directly(tab.origin, canvas_png(tab.page), "lenet5")
+    expected = classified(service, canvas_png(tab.page), "lenet5")
     assert shown_predictions(tab.page, "#draw-panel") == expected["results"][0]["predictions"]
     assert tab.page.inner_text("#draw-digit") == "1"
     assert "--data-binary @digit.png" in tab.page.inner_text("#curl")
@@ -157,7 +151,7 @@ def test_a_drawn_digit_is_read_and_matches_classify(tab: Tab, tmp_path_factory: 
     print(f"screenshot: {screenshot}")
 
 
-def test_dropped_and_pasted_images_are_classified(tab: Tab) -> None:
+def test_dropped_and_pasted_images_are_classified(tab: Tab, service: ServiceProcess) -> None:
     images = {"drop-a.png": encode(data.coffee()), "drop-b.jpg": encode(data.astronaut(), "JPEG"),
               "pasted.png": encode(data.rocket())}  # fmt: skip
     transfer = """([names, contents]) => {
@@ -175,7 +169,7 @@ def test_dropped_and_pasted_images_are_classified(tab: Tab) -> None:
     tab.page.wait_for_function("() => document.querySelectorAll('.result[data-status=done]').length === 3")
 
     for name, body in images.items():
-        expected = classify_directly(tab.origin, body, "resnet18")
+        expected = classified(service, body, "resnet18")
         assert shown_predictions(tab.page, f".result[data-name='{name}']") == expected["results"][0]["predictions"]
     assert tab.outside_origin() == []
 
@@ -189,17 +183,12 @@ def test_a_file_that_is_no_image_shows_the_services_message(tab: Tab, tmp_path: 
 
 
 def test_docs_are_served_locally(browser: Browser, service: ServiceProcess) -> None:
-    page = browser.new_page()
-    requests: list[str] = []
-    errors: list[str] = []
-    page.on("request", lambda r: requests.append(r.url))
-    page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-    page.goto(f"{service.url}/docs")
-    page.wait_for_selector("text=Classify one or more images")
-    assert page.get_by_text("/v2/models/{name}/infer", exact=True).is_visible()
-    assert [u for u in requests if not u.startswith((service.url + "/", "data:"))] == []
-    assert errors == []
-    page.close()
+    tab = open_tab(browser, service.url, "/docs")
+    tab.page.wait_for_selector("text=Classify one or more images")
+    assert tab.page.get_by_text("/v2/models/{name}/infer", exact=True).is_visible()
+    assert tab.outside_origin() == []
+    assert tab.console_errors == []
+    tab.page.context.close()
 
 
 def test_fastapis_cdn_pages_are_gone(service: ServiceProcess) -> None:
@@ -226,11 +215,8 @@ def token_service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFact
 def test_with_a_token_the_page_asks_for_it_and_keeps_it_for_the_session(
     browser: Browser, token_service: ServiceProcess
 ) -> None:
-    context = browser.new_context()
-    page = context.new_page()
-    requests: list[Request] = []
-    page.on("request", lambda request: requests.append(request))
-    page.goto(f"{token_service.url}/")
+    tab = open_tab(browser, token_service.url)
+    page, requests = tab.page, tab.requests
     page.wait_for_selector("#token-panel:not([hidden])")
 
     page.fill("#token-input", "wrong")
@@ -251,4 +237,5 @@ def test_with_a_token_the_page_asks_for_it_and_keeps_it_for_the_session(
     assert page.evaluate("localStorage.length") == 0
     assert all("page-secret" not in r.url for r in requests)
     assert "page-secret" not in page.content()
-    context.close()
+    assert tab.outside_origin() == []
+    tab.page.context.close()
