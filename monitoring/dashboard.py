@@ -1,8 +1,10 @@
 """Generates grafana/dashboards/cnn-serving.json: ``python monitoring/dashboard.py`` (``make dashboard``).
 
-Each panel is a title, a unit and PromQL expressions; ``$model`` is the dashboard's model
-selector and ``$__rate_interval`` Grafana's rate window. A test runs every expression
-against a real Prometheus scraping the real service.
+Each panel is a title, a unit and PromQL expressions; ``$job`` is the scrape job (whatever
+name a Prometheus gives it: ``cnn-serving`` in docker-compose, the Service's name under the
+Prometheus Operator), ``$model`` the dashboard's model selector and ``$__rate_interval``
+Grafana's rate window. A test runs every expression against a real Prometheus scraping the
+real service.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 OUT = Path(__file__).parent / "grafana" / "dashboards" / "cnn-serving.json"
-M = 'model=~"$model"'
+JOB = 'job=~"$job"'
+M = JOB + ',model=~"$model"'
 ERRORS = M + ',outcome=~"4xx|5xx"'
 RATE = "$__rate_interval"
 
@@ -29,10 +32,9 @@ def mean(metric: str, by: str) -> str:
     return f"sum by ({by}) ({rate(metric + '_sum')}) / sum by ({by}) ({rate(metric + '_count')})"
 
 
-JOB = 'job="cnn-serving"'
 ERROR_RATIO = f"sum({rate('cnn_requests_total', ERRORS)}) / sum({rate('cnn_requests_total')})"
 BENTOML_REQUESTS = (
-    f"sum by (endpoint, http_response_code) (rate(bentoml_service_request_duration_seconds_count[{RATE}]))"
+    f"sum by (endpoint, http_response_code) (rate(bentoml_service_request_duration_seconds_count{{{JOB}}}[{RATE}]))"
 )
 
 # (title, unit, [(legend, expression)], width)
@@ -42,7 +44,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
      [("{{model}} {{protocol}}", f"sum by (model, protocol) ({rate('cnn_images_total')})")], 12),
     ("Requests by outcome", "reqps", [("{{outcome}}", f"sum by (outcome) ({rate('cnn_requests_total')})")], 8),
     ("Error ratio", "percentunit", [("4xx + 5xx", ERROR_RATIO)], 8),
-    ("Requests in flight", "short", [("{{protocol}}", "sum by (protocol) (cnn_requests_in_flight)")], 8),
+    ("Requests in flight", "short", [("{{protocol}}", f"sum by (protocol) (cnn_requests_in_flight{{{JOB}}})")], 8),
     ("Latency percentiles per model", "s", [
         (f"p{int(q * 100)} {{{{model}}}}", quantile(q, "cnn_request_seconds", "model")) for q in (0.5, 0.95, 0.99)
     ], 12),
@@ -50,8 +52,9 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Stage time (p95)", "s", [("{{stage}}", quantile(0.95, "cnn_stage_seconds", "stage"))], 8),
     ("Batch size (mean images per call)", "short", [("{{model}}", mean("cnn_batch_size", "model"))], 8),
     ("Requests per batch (mean)", "short", [("{{model}}", mean("cnn_batch_requests", "model"))], 8),
-    ("Process CPU", "percentunit", [("cores busy", f'rate(process_cpu_seconds_total{{{JOB}}}[{RATE}])')], 8),
-    ("Process memory", "bytes", [("resident", f"process_resident_memory_bytes{{{JOB}}}")], 8),
+    ("Process CPU", "percentunit",
+     [("{{instance}}", f"sum by (instance) (rate(process_cpu_seconds_total{{{JOB}}}[{RATE}]))")], 8),
+    ("Process memory", "bytes", [("{{instance}}", f"sum by (instance) (process_resident_memory_bytes{{{JOB}}})")], 8),
     ("Models ready", "short", [("{{model}} v{{version}}", f"cnn_model_ready{{{M}}}"),
                                ("{{model}} on {{provider}}", f"cnn_model_info{{{M}}}")], 8),
     ("Model load and warm-up", "s", [("{{model}} {{phase}}", f"cnn_model_load_seconds{{{M}}}")], 12),
@@ -93,18 +96,31 @@ def dashboard() -> dict[str, Any]:
         "templating": {
             "list": [
                 {
+                    "name": "job",
+                    "label": "Job",
+                    "type": "query",
+                    "datasource": {"type": "prometheus", "uid": "prometheus"},
+                    "query": {"query": "label_values(cnn_model_ready, job)", "refId": "jobs"},
+                    "definition": "label_values(cnn_model_ready, job)",
+                    "refresh": 2,
+                    "includeAll": True,
+                    "multi": False,
+                    "allValue": ".*",
+                    "current": {"text": "All", "value": "$__all"},
+                },
+                {
                     "name": "model",
                     "label": "Model",
                     "type": "query",
                     "datasource": {"type": "prometheus", "uid": "prometheus"},
-                    "query": {"query": "label_values(cnn_model_ready, model)", "refId": "models"},
-                    "definition": "label_values(cnn_model_ready, model)",
+                    "query": {"query": 'label_values(cnn_model_ready{job=~"$job"}, model)', "refId": "models"},
+                    "definition": 'label_values(cnn_model_ready{job=~"$job"}, model)',
                     "refresh": 2,
                     "includeAll": True,
                     "multi": True,
                     "allValue": ".*",
                     "current": {"text": "All", "value": "$__all"},
-                }
+                },
             ]
         },
         "panels": panels,

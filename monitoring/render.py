@@ -46,7 +46,7 @@ def render(prometheus: str, minutes: float, out: Path, rate_window: str = "30s")
     figure.suptitle(f"{dashboard['title']} (model = All; rendered from the dashboard's queries)", fontsize=14)
     for ax, panel in zip(axes.ravel(), panels, strict=False):
         for target in panel["targets"]:
-            expr = target["expr"].replace("$model", ".*").replace("$__rate_interval", rate_window)
+            expr = target["expr"].replace("$job", ".*").replace("$model", ".*").replace("$__rate_interval", rate_window)
             for series in query_range(prometheus, expr, start, end, step):
                 points = [(float(t) - end, float(v)) for t, v in series["values"] if v not in ("NaN", "+Inf", "-Inf")]
                 if points:

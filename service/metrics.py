@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from .errors import ServiceError
+from .errors import Overloaded, ServiceError
 
 # 1 ms to 10 s, roughly x2 per bucket: CNN inference on a CPU or a GPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -33,6 +33,11 @@ class Metrics:
         model = ["model", "version"]
         self.requests = prom.Counter(
             "cnn_requests", "Classification requests by protocol and outcome", [*model, "protocol", "outcome"]
+        )
+        self.shed = prom.Counter(
+            "cnn_requests_shed",
+            "Requests refused with 503 because the model's queue was full (MAX_QUEUE_IMAGES)",
+            ["model", "protocol"],
         )
         self.images = prom.Counter("cnn_images", "Images classified successfully", [*model, "protocol"])
         self.request_seconds = prom.Histogram(
@@ -83,6 +88,8 @@ class Metrics:
             outcome = "2xx"
         except ServiceError as exc:
             outcome = "4xx" if exc.status_code < 500 else "5xx"
+            if isinstance(exc, Overloaded):
+                self.shed.labels(model=record.model, protocol=protocol).inc()
             raise
         except Exception:
             outcome = "5xx"

@@ -23,6 +23,7 @@ from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, w
 
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "cnn-serving.json"
+SCRAPE_JOB = "serving/cnn-serving"
 
 
 def _tool(name: str) -> str:
@@ -60,7 +61,7 @@ def test_dashboard_json_is_the_generated_one() -> None:
         sys.path.remove(str(MONITORING))
     assert DASHBOARD.read_text() == dashboard.render(), "stale: run `make dashboard`"
     variables = [v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]]
-    assert variables == ["model"]
+    assert variables == ["job", "model"]
 
 
 @pytest.mark.slow
@@ -79,11 +80,16 @@ def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def prometheus(service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Prometheus with the repository's scrape configuration, pointed at the test service."""
+    """Prometheus with the repository's scrape configuration, pointed at the test service.
+
+    The job is renamed, as a cluster's Prometheus names it after the Service: the dashboard
+    must not depend on docker-compose's job name.
+    """
     directory = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
     (job,) = config["scrape_configs"]
+    job["job_name"] = SCRAPE_JOB
     job["static_configs"] = [{"targets": [f"127.0.0.1:{service.port}"]}]
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
@@ -167,7 +173,7 @@ def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceP
     expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     empty = []
     for expr in expressions:
-        concrete = expr.replace("$model", ".*").replace("$__rate_interval", "1m")
+        concrete = expr.replace("$job", SCRAPE_JOB).replace("$model", ".*").replace("$__rate_interval", "1m")
         if not query(prometheus, concrete):
             empty.append(expr)
     assert not empty, f"dashboard queries without data: {empty}"

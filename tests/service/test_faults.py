@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, encode, running
+from ..helpers import ROOT, ServiceProcess, encode, metric_samples, running
 
 pytestmark = pytest.mark.integration
 
@@ -103,6 +103,16 @@ def test_an_exception_inside_inference_fails_that_request_only(faulty: ServicePr
         client.infer("runtime_fault", [files])
     assert str(info.value.status()) == "StatusCode.INTERNAL"
     assert client.infer("lenet5", [files]).as_numpy("probabilities").shape == (1, 10)
+
+
+def test_a_full_queue_sheds_with_503_and_counts_it(model_store: ModelStore, tmp_path: Path) -> None:
+    with running(Path(model_store.root), tmp_path / "shed.log", MODELS="lenet5", MAX_QUEUE_IMAGES="1") as process:
+        two = [("image", (f"{i}.png", DIGIT, "image/png")) for i in range(2)]
+        shed = httpx.post(f"{process.url}/classify?model=lenet5", files=two, timeout=30)
+        assert shed.status_code == 503 and "limit 1" in shed.json()["error"]
+        assert classify(process, "lenet5", files=1).status_code == 200
+        text = httpx.get(f"{process.url}/metrics", timeout=10).text
+    assert metric_samples(text, "cnn_requests_shed_total") == [({"model": "lenet5", "protocol": "http"}, 1.0)]
 
 
 def test_an_empty_store_is_refused_with_the_remedy(tmp_path: Path) -> None:
