@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard bench bench-quick clean
+.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard manifests bench bench-quick clean
 
 setup: $(STAMP)
 
@@ -27,17 +27,30 @@ serve: setup
 	$(BIN)/python -m service
 
 lint: setup
-	$(BIN)/ruff check export service client tests monitoring benchmarks
-	$(BIN)/ruff format --check export service client tests monitoring benchmarks
+	$(BIN)/ruff check export service client tests monitoring benchmarks deploy
+	$(BIN)/ruff format --check export service client tests monitoring benchmarks deploy
 	$(BIN)/mypy
 
-# Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests,
-# and chromium, which Playwright drives in the page's browser test (Playwright's own browser download cannot work offline).
-test-tools:
+# Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests;
+# chromium, which Playwright drives in the page's browser test (Playwright's own browser download cannot work offline);
+# kubectl (Kustomize), haproxy and node/npm for the deploy tests: the CRD schemas (npm, pinned in
+# deploy/kubernetes/validate/package-lock.json) and the KServe SDK wheel whose types check the InferenceServices.
+KSERVE_WHEEL := .tools/kserve-0.21.0-py3-none-any.whl
+
+test-tools: $(KSERVE_WHEEL) deploy/kubernetes/validate/node_modules/.installed
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
-		&& command -v chromium >/dev/null || { \
+		&& command -v chromium >/dev/null && command -v kubectl >/dev/null && command -v haproxy >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			prometheus docker-compose chromium; }
+			prometheus docker-compose chromium kubectl haproxy; }
+
+deploy/kubernetes/validate/node_modules/.installed: deploy/kubernetes/validate/package-lock.json
+	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends nodejs npm; }
+	cd deploy/kubernetes/validate && npm ci --silent --no-audit --no-fund
+	touch $@
+
+$(KSERVE_WHEEL): $(STAMP)
+	$(BIN)/pip download --quiet --no-deps --dest .tools kserve==0.21.0
 
 test: lint test-tools
 	$(BIN)/pytest
@@ -61,9 +74,13 @@ bench-quick: setup
 dashboard: setup
 	$(BIN)/python monitoring/dashboard.py
 
+# The PrometheusRule in deploy/kubernetes, from monitoring/alerts.yml.
+manifests: setup
+	$(BIN)/python deploy/kubernetes/prometheusrule.py
+
 # Regenerate the pins of every transitive dependency from the current environment.
 lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -e '^cnn-serving' -e '^uv==' | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements/constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools deploy/kubernetes/validate/node_modules

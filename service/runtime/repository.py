@@ -97,6 +97,8 @@ class Repository:
         self.metrics.model_info.labels(**labels, provider=model.provider).set(1)
         self.metrics.model_load_seconds.labels(**labels, phase="load").set(model.load_seconds)
         self.metrics.model_load_seconds.labels(**labels, phase="warmup").set(model.warmup_seconds)
+        for protocol in ("http", "grpc"):  # at 0 from the start: an alert's rate() then sees the first shed request
+            self.metrics.shed.labels(model=model.name, protocol=protocol)
         logger.info(
             "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d threads)",
             model.name,

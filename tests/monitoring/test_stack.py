@@ -90,6 +90,7 @@ def prometheus(service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
     config["global"]["scrape_interval"] = "1s"
     (job,) = config["scrape_configs"]
     job["job_name"] = SCRAPE_JOB
+    config["rule_files"] = [str(MONITORING / "alerts.yml")]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{service.port}"]}]
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()

@@ -112,7 +112,8 @@ def test_a_full_queue_sheds_with_503_and_counts_it(model_store: ModelStore, tmp_
         assert shed.status_code == 503 and "limit 1" in shed.json()["error"]
         assert classify(process, "lenet5", files=1).status_code == 200
         text = httpx.get(f"{process.url}/metrics", timeout=10).text
-    assert metric_samples(text, "cnn_requests_shed_total") == [({"model": "lenet5", "protocol": "http"}, 1.0)]
+    counts = {labels["protocol"]: v for labels, v in metric_samples(text, "cnn_requests_shed_total")}
+    assert counts == {"http": 1.0, "grpc": 0.0}
 
 
 def test_an_empty_store_is_refused_with_the_remedy(tmp_path: Path) -> None:
