@@ -74,6 +74,15 @@ def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu" in requirements and "torch" not in requirements
     assert (bento / "src" / "service" / "service.py").is_file()
+    assert not (bento / "src" / "model_store").exists()  # mounted, never baked in
+
+    # the image BentoML's `containerize` builds from this Dockerfile (rendered here with no container engine)
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "torch" not in dockerfile.lower()
+    users = [line.split()[1] for line in dockerfile.splitlines() if line.startswith("USER ")]
+    assert users and users[-1] == "bentoml"  # the last USER is the one that runs: non-root (uid 1034)
+    exposed = {int(line.split()[1]) for line in dockerfile.splitlines() if line.startswith("EXPOSE ")}
+    assert {3000, 8001} <= exposed
     page = bento / "src" / "service" / "frontends" / "page" / "static"
     assert {"index.html", "page.js", "page.css", "docs.html", "docs.js"} <= {p.name for p in page.iterdir()}
 
