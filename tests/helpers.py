@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,8 +37,8 @@ def encode(array: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:
 class ServiceProcess:
     """``bentoml serve`` on 127.0.0.1 and a free port, with the given environment."""
 
-    def __init__(self, store: Path, log_path: Path, **env: str) -> None:
-        self.port = free_port()
+    def __init__(self, store: Path, log_path: Path, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()  # a replacement replica takes its predecessor's port
         self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
@@ -109,6 +110,45 @@ def running(store: Path, log_path: Path, **env: str) -> Iterator[ServiceProcess]
         yield process
     finally:
         process.stop()
+
+
+def tool(name: str) -> str:
+    """The path of a command that `make test-tools` installs."""
+    path = shutil.which(name)
+    assert path, f"{name} is missing: `make test-tools` installs it (Debian package)"
+    return path
+
+
+@contextlib.contextmanager
+def prometheus(directory: Path, config: dict[str, Any]) -> Iterator[str]:
+    """A real Prometheus with ``config``, on a free loopback port; yields its URL."""
+    import yaml
+
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    command = [
+        tool("prometheus"),
+        f"--config.file={directory / 'prometheus.yml'}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with (directory / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for_ok(f"{url}/-/ready", 60), (directory / "prometheus.log").read_text()[-2000:]
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def query(prometheus_url: str, expr: str) -> list[dict[str, Any]]:
+    """An instant PromQL query's result vector."""
+    response = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert response["status"] == "success", (expr, response)
+    result: list[dict[str, Any]] = response["data"]["result"]
+    return result
 
 
 def classify(

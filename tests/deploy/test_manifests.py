@@ -4,7 +4,6 @@ with the service's own settings."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from functools import cache
@@ -16,24 +15,16 @@ import yaml
 
 from service.settings import Settings
 
-from ..helpers import ROOT
+from ..helpers import ROOT, tool
 from .schemas import CUSTOM_KINDS, validate_core, validate_custom, validate_inference_service
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 OVERLAYS = ["cpu", "gpu", "kserve", "triton"]
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is missing: `make test-tools` installs it (Debian package)"
-    return path
-
-
 @cache
 def render(directory: str) -> tuple[dict[str, Any], ...]:
-    result = subprocess.run(
-        [_tool("kubectl"), "kustomize", str(KUBERNETES / directory)], capture_output=True, text=True
-    )
+    result = subprocess.run([tool("kubectl"), "kustomize", str(KUBERNETES / directory)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return tuple(yaml.safe_load_all(result.stdout))
 
@@ -162,7 +153,7 @@ def test_the_prometheusrule_is_generated_from_the_alerts_file() -> None:
 
 
 def test_the_alerts_pass_their_promtool_unit_tests() -> None:
-    promtool = _tool("promtool")
+    promtool = tool("promtool")
     check = subprocess.run(
         [promtool, "check", "rules", "monitoring/alerts.yml"], cwd=ROOT, capture_output=True, text=True
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,21 +18,15 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from skimage import data
 
-from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, wait_for_ok
+from ..helpers import ROOT, ServiceProcess, encode, metric_samples, prometheus, query, tool
 
 MONITORING = ROOT / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "cnn-serving.json"
 SCRAPE_JOB = "serving/cnn-serving"
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    assert path, f"{name} is missing: `make test-tools` installs it (Debian package)"
-    return path
-
-
 def test_compose_files_validate(tmp_path: Path) -> None:
-    compose = _tool("docker-compose")
+    compose = tool("docker-compose")
     for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.gpu.yml"]):
         args = [a for f in files for a in ("-f", f)]
         result = subprocess.run([compose, *args, "config"], cwd=ROOT, capture_output=True, text=True)
@@ -48,7 +41,7 @@ def test_compose_files_validate(tmp_path: Path) -> None:
 
 
 def test_prometheus_config_is_valid() -> None:
-    result = subprocess.run([_tool("promtool"), "check", "config", str(MONITORING / "prometheus.yml")],
+    result = subprocess.run([tool("promtool"), "check", "config", str(MONITORING / "prometheus.yml")],
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -88,42 +81,20 @@ def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def prometheus(service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus_url(service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Prometheus with the repository's scrape configuration, pointed at the test service.
 
     The job is renamed, as a cluster's Prometheus names it after the Service: the dashboard
     must not depend on docker-compose's job name.
     """
-    directory = tmp_path_factory.mktemp("prometheus")
     config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
+    config["rule_files"] = [str(MONITORING / "alerts.yml")]
     (job,) = config["scrape_configs"]
     job["job_name"] = SCRAPE_JOB
-    config["rule_files"] = [str(MONITORING / "alerts.yml")]
     job["static_configs"] = [{"targets": [f"127.0.0.1:{service.port}"]}]
-    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (directory / "prometheus.log").open("wb")
-    command = [
-        _tool("prometheus"),
-        f"--config.file={directory / 'prometheus.yml'}",
-        f"--storage.tsdb.path={directory / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_for_ok(f"{url}/-/ready", 60), (directory / "prometheus.log").read_text()[-2000:]
+    with prometheus(tmp_path_factory.mktemp("prometheus"), config) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
-def query(prometheus: str, expr: str) -> list[dict]:
-    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10).json()
-    assert response["status"] == "success", (expr, response)
-    return response["data"]["result"]
 
 
 def images_by_protocol(service: ServiceProcess) -> dict[tuple[str, str], float]:
@@ -161,7 +132,7 @@ def send_mixed_load(service: ServiceProcess) -> dict[tuple[str, str], int]:
 
 
 @pytest.mark.integration
-def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceProcess, prometheus: str) -> None:
+def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceProcess, prometheus_url: str) -> None:
     before = images_by_protocol(service)
     sent = send_mixed_load(service)
     after = images_by_protocol(service)
@@ -172,7 +143,7 @@ def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceP
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         scraped = {(r["metric"]["model"], r["metric"]["protocol"]): float(r["value"][1])
-                   for r in query(prometheus, "cnn_images_total")}  # fmt: skip
+                   for r in query(prometheus_url, "cnn_images_total")}  # fmt: skip
         if all(scraped.get(key) == after[key] for key in sent):
             break
         time.sleep(1)
@@ -184,6 +155,6 @@ def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceP
     empty = []
     for expr in expressions:
         concrete = expr.replace("$job", SCRAPE_JOB).replace("$model", ".*").replace("$__rate_interval", "1m")
-        if not query(prometheus, concrete):
+        if not query(prometheus_url, concrete):
             empty.append(expr)
     assert not empty, f"dashboard queries without data: {empty}"
