@@ -37,8 +37,8 @@ def encode(array: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:
 class ServiceProcess:
     """``bentoml serve`` on 127.0.0.1 and a free port, with the given environment."""
 
-    def __init__(self, store: Path, log_path: Path, port: int | None = None, **env: str) -> None:
-        self.port = port or free_port()  # a replacement replica takes its predecessor's port
+    def __init__(self, store: Path, log_path: Path, **env: str) -> None:
+        self.port = free_port()
         self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
@@ -56,6 +56,12 @@ class ServiceProcess:
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
+
+    def on_port(self, port: int) -> ServiceProcess:
+        """Serve HTTP on ``port`` instead: a replacement replica takes its predecessor's port."""
+        self.port, self.url = port, f"http://127.0.0.1:{port}"
+        self.env["HTTP_PORT"] = str(port)
+        return self
 
     def start(self, timeout: float = 120.0, wait_for: str = "/readyz") -> ServiceProcess:
         """Start ``bentoml serve`` and return once ``wait_for`` answers 200."""

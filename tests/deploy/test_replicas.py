@@ -170,7 +170,8 @@ def cluster(model_store: ModelStore, tmp_path: Path) -> Iterator[tuple[list[Serv
 
 
 def replica(model_store: ModelStore, directory: Path, name: str, port: int | None = None) -> ServiceProcess:
-    return ServiceProcess(Path(model_store.root), directory / f"{name}.log", port=port, MODELS="lenet5").start()
+    process = ServiceProcess(Path(model_store.root), directory / f"{name}.log", MODELS="lenet5")
+    return (process.on_port(port) if port else process).start()
 
 
 def sigterm(process: ServiceProcess) -> int:
