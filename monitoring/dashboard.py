@@ -78,6 +78,23 @@ def panel(index: int, title: str, unit: str, targets: list[tuple[str, str]], wid
     }
 
 
+def variable(name: str, values: str, multi: bool) -> dict[str, Any]:
+    """A selector filled from a label's values, with "All" (any value) first and chosen."""
+    return {
+        "name": name,
+        "label": name.capitalize(),
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "prometheus"},
+        "query": {"query": values, "refId": f"{name}s"},
+        "definition": values,
+        "refresh": 2,
+        "includeAll": True,
+        "multi": multi,
+        "allValue": ".*",
+        "current": {"text": "All", "value": "$__all"},
+    }
+
+
 def dashboard() -> dict[str, Any]:
     panels, x, y = [], 0, 0
     for index, (title, unit, targets, width) in enumerate(PANELS):
@@ -95,32 +112,8 @@ def dashboard() -> dict[str, Any]:
         "time": {"from": "now-30m", "to": "now"},
         "templating": {
             "list": [
-                {
-                    "name": "job",
-                    "label": "Job",
-                    "type": "query",
-                    "datasource": {"type": "prometheus", "uid": "prometheus"},
-                    "query": {"query": "label_values(cnn_model_ready, job)", "refId": "jobs"},
-                    "definition": "label_values(cnn_model_ready, job)",
-                    "refresh": 2,
-                    "includeAll": True,
-                    "multi": False,
-                    "allValue": ".*",
-                    "current": {"text": "All", "value": "$__all"},
-                },
-                {
-                    "name": "model",
-                    "label": "Model",
-                    "type": "query",
-                    "datasource": {"type": "prometheus", "uid": "prometheus"},
-                    "query": {"query": 'label_values(cnn_model_ready{job=~"$job"}, model)', "refId": "models"},
-                    "definition": 'label_values(cnn_model_ready{job=~"$job"}, model)',
-                    "refresh": 2,
-                    "includeAll": True,
-                    "multi": True,
-                    "allValue": ".*",
-                    "current": {"text": "All", "value": "$__all"},
-                },
+                variable("job", "label_values(cnn_model_ready, job)", multi=False),
+                variable("model", 'label_values(cnn_model_ready{job=~"$job"}, model)', multi=True),
             ]
         },
         "panels": panels,
