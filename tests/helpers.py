@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,8 +129,6 @@ def tool(name: str) -> str:
 @contextlib.contextmanager
 def prometheus(directory: Path, config: dict[str, Any]) -> Iterator[str]:
     """A real Prometheus with ``config``, on a free loopback port; yields its URL."""
-    import yaml
-
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     command = [

@@ -19,11 +19,11 @@ import re
 import subprocess
 import zipfile
 from functools import cache
+from importlib.resources import files
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
-from importlib_resources import files
 from referencing import Registry, Resource
 
 from ..helpers import ROOT
@@ -74,6 +74,7 @@ def _kserve_types() -> dict[str, dict[str, tuple[str, str]]]:
     return types
 
 
+@cache
 def _core_schema_validator(type_name: str) -> jsonschema.Draft202012Validator:
     """A strict validator for a Kubernetes type as the SDK names it (V1Container -> container-v1.json)."""
     directory = files("kubernetes_validate") / "kubernetes-json-schema" / f"v{KUBERNETES_VERSION}-local-strict"

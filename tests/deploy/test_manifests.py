@@ -154,10 +154,7 @@ def test_the_prometheusrule_is_generated_from_the_alerts_file() -> None:
 
 def test_the_alerts_pass_their_promtool_unit_tests() -> None:
     promtool = tool("promtool")
-    check = subprocess.run(
-        [promtool, "check", "rules", "monitoring/alerts.yml"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert check.returncode == 0, check.stdout + check.stderr
+    # the rules' syntax: `promtool check config` in tests/monitoring (prometheus.yml loads alerts.yml)
     tests = subprocess.run(
         [promtool, "test", "rules", "monitoring/alerts_test.yml"], cwd=ROOT, capture_output=True, text=True
     )

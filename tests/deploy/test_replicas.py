@@ -42,8 +42,7 @@ defaults
     mode http
     log global
     option httplog
-
-    option log-separate-errors
+    option dontlog-normal  # only failed or retried requests
     timeout connect 1s
     timeout client 60s
     timeout server 60s
