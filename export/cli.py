@@ -7,10 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from service.store.layout import ModelStore
+from service.store.layout import ModelStore, StoredVersion
 
 from .graph import VerificationError, count_flops
 from .pipeline import ExportOptions, export_model
+from .precision import VariantOptions, export_variant
 from .registry import UnknownModelError, default_models, get_model_spec, list_models
 from .weights import WeightsIntegrityError, WeightsUnavailableError
 
@@ -28,6 +29,9 @@ examples:
   python -m export resnet50 googlenet            # torchvision's ImageNet weights
   python -m export resnet50 --weights-file resnet50-0676ba61.pth
   python -m export resnet18 --weights random     # for tests and benchmarks only
+  python -m export lenet5 --precision int8       # INT8 variant lenet5_int8, checked against FP32
+  python -m export resnet50 --precision int8 --calibration-dir photos/  # calibrate on your own images
+  python -m export resnet50 --precision fp16     # FP16 variant for CUDA (refused on the CPU provider)
 """
 
 
@@ -52,10 +56,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=40, help="LeNet-5 training epochs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for training and random weights")
     parser.add_argument("--markdown", action="store_true", help="with 'list': a Markdown table")
+    variant = parser.add_argument_group("lower-precision variants (written as NAME_int8 / NAME_fp16)")
+    variant.add_argument("--precision", choices=["int8", "fp16"], help="derive a variant from an FP32 version")
+    variant.add_argument("--from-version", type=int, help="the FP32 version to derive from (default: the latest)")
+    variant.add_argument("--calibration-dir", type=Path, help="INT8: calibrate on these images (your own traffic)")
+    variant.add_argument(
+        "--calibration-count", type=int, default=500, help="INT8: most calibration images (%(default)s)"
+    )
+    variant.add_argument(
+        "--calibration-method",
+        choices=["minmax", "entropy", "percentile"],
+        default="percentile",
+        help="INT8: how activation ranges are chosen (default: %(default)s)",
+    )
+    variant.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.99,
+        help="refuse below this top-1 agreement with FP32 on held-out images (%(default)s)",
+    )
+    variant.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=0.5,
+        help="refuse above this accuracy drop in points, where labels exist (%(default)s)",
+    )
+    variant.add_argument("--force", action="store_true", help="write a variant that misses the thresholds (marked)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.weights_file is not None and (len(args.names) != 1 or args.names[0] in KEYWORDS):
         parser.error("--weights-file goes with exactly one model name")
+    if args.precision is None and (args.calibration_dir or args.force or args.from_version):
+        parser.error("--calibration-dir, --from-version and --force go with --precision int8|fp16")
+    if args.calibration_count < 1 or not 0 <= args.min_agreement <= 1 or args.max_accuracy_drop < 0:
+        parser.error("--calibration-count >= 1, 0 <= --min-agreement <= 1 and --max-accuracy-drop >= 0")
     return args
 
 
@@ -69,8 +103,18 @@ def _mib(value: float) -> str:
 
 
 def model_table(markdown: bool) -> str:
-    header = ("name", "family", "parameters", "GFLOPs/image", "input", "weights", "ImageNet top-1", "download",
-              "ONNX", "default")  # fmt: skip
+    header = (
+        "name",
+        "family",
+        "parameters",
+        "GFLOPs/image",
+        "input",
+        "weights",
+        "ImageNet top-1",
+        "download",
+        "ONNX",
+        "default",
+    )
     defaults = default_models()
     rows = []
     for name in list_models():
@@ -79,8 +123,18 @@ def model_table(markdown: bool) -> str:
         download = _mib(spec.released.file_mib) if spec.released else "-"
         size = f"{spec.input.size}x{spec.input.size}x{spec.input.channels}"
         gflops = f"{count_flops(spec) / 1e9:.3f}"
-        row = (name, spec.family, f"{spec.num_params:,}", gflops, size, spec.default_weights, top1, download,
-               _mib(spec.onnx_mib), "yes" if name in defaults else "")  # fmt: skip
+        row = (
+            name,
+            spec.family,
+            f"{spec.num_params:,}",
+            gflops,
+            size,
+            spec.default_weights,
+            top1,
+            download,
+            _mib(spec.onnx_mib),
+            "yes" if name in defaults else "",
+        )
         rows.append(row)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -102,13 +156,30 @@ def the_rest(exported_set: list[str]) -> str:
     )
 
 
-def run_exports(names: list[str], store: ModelStore, options: ExportOptions, skip_unavailable: bool) -> int:
+def _export_variant(name: str, store: ModelStore, options: ExportOptions, variant: VariantOptions) -> StoredVersion:
+    """The variant of ``name``, exporting its FP32 version first where the store has none."""
+    if store.latest(name) is None:
+        logger.info("%s: no FP32 version in %s yet, exporting one first", name, store.root)
+        export_model(name, store, options)
+    return export_variant(name, store, variant)
+
+
+def run_exports(
+    names: list[str],
+    store: ModelStore,
+    options: ExportOptions,
+    skip_unavailable: bool,
+    variant: VariantOptions | None = None,
+) -> int:
     exported: list[str] = []
     skipped: list[str] = []
     failed: list[str] = []
     for name in names:
         try:
-            version = export_model(name, store, options)
+            if variant is None:
+                version = export_model(name, store, options)
+            else:
+                version = _export_variant(name, store, options, variant)
         except WeightsUnavailableError as exc:
             (skipped if skip_unavailable else failed).append(name)
             logger.warning("%s: %s", name, exc)
@@ -117,7 +188,7 @@ def run_exports(names: list[str], store: ModelStore, options: ExportOptions, ski
             failed.append(name)
             logger.error("%s: %s", name, exc)
             continue
-        exported.append(f"{name} v{version.version}")
+        exported.append(f"{version.name} v{version.version}")
     logger.info("exported: %s", ", ".join(exported) or "none")
     if skipped:
         logger.info("skipped, weights not available here: %s", ", ".join(skipped))
@@ -149,7 +220,20 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         progress=not args.no_progress,
     )
-    status = run_exports(names, ModelStore(args.out), options, skip_unavailable=keyword is not None)
+    variant = None
+    if args.precision:
+        variant = VariantOptions(
+            precision=args.precision,
+            from_version=args.from_version,
+            calibration_dir=args.calibration_dir,
+            calibration_count=args.calibration_count,
+            method=args.calibration_method,
+            min_agreement=args.min_agreement,
+            max_accuracy_drop=args.max_accuracy_drop,
+            force=args.force,
+            seed=args.seed,
+        )
+    status = run_exports(names, ModelStore(args.out), options, keyword is not None, variant)
     if keyword == "default":
         logger.info("%s", the_rest(names))
     return status

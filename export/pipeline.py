@@ -112,6 +112,7 @@ def _metadata(spec: ModelSpec, version: int, graph_path: Path, provenance: Prove
         "num_params": spec.num_params,
         "flops_per_image": count_flops(spec),
         "num_classes": spec.num_classes,
+        "precision": "fp32",
         "input": spec.input.to_dict(),
         "labels_file": f"../{LABELS_FILE}",
         "weights": provenance.to_dict(),

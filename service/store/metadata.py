@@ -41,3 +41,9 @@ class ModelMetadata(BaseModel):
     architecture: dict[str, Any]
     onnx: dict[str, Any]
     verification: dict[str, Any] = Field(default_factory=dict)
+    # Lower-precision variants (``python -m export NAME --precision int8``) say what they came from
+    # and what they cost against it; an FP32 export has neither.
+    precision: Literal["fp32", "int8", "fp16"] = "fp32"
+    derived_from: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    forced: bool = False
