@@ -31,8 +31,15 @@ class Settings(BaseSettings):
         "auto", description="auto: CUDA where a GPU really works, else CPU; cuda: fail a model that cannot use CUDA."
     )
     workers: int = Field(1, ge=1, description="BentoML worker processes (each loads every model).")
+    instances: str = Field(
+        "1",
+        description="ONNX Runtime sessions per model, fed by one batcher (Triton's instance_group count): "
+        "`N` for every model, or `name:N,...` (others 1).",
+    )
     intra_op_threads: int = Field(
-        0, ge=0, description="ONNX Runtime threads per session; 0 = CPUs (affinity, cgroup quota) / workers."
+        0,
+        ge=0,
+        description="ONNX Runtime threads per session; 0 = CPUs (affinity, cgroup quota) / workers / instances.",
     )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads (sequential execution).")
     ort_spinning: bool = Field(False, description="Let ONNX Runtime threads spin when idle (steals CPU from decoding).")
@@ -68,10 +75,30 @@ class Settings(BaseSettings):
         (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
     )
 
-    @field_validator("models")
+    @field_validator("models", "instances")
     @classmethod
     def _strip(cls, value: str) -> str:
         return ",".join(part.strip() for part in value.split(",") if part.strip())
+
+    @field_validator("instances")
+    @classmethod
+    def _instances(cls, value: str) -> str:
+        for part in value.split(","):
+            count = part.rpartition(":")[2]
+            if not count.isdigit() or not 1 <= int(count) <= 64:
+                raise ValueError(f"INSTANCES entry {part!r}: use N or name:N with N from 1 to 64")
+        return value
+
+    def instances_for(self, model: str) -> int:
+        """``INSTANCES`` for one model: its own ``name:N`` entry, else a bare ``N``, else 1."""
+        default = 1
+        for part in self.instances.split(","):
+            name, _, count = part.rpartition(":")
+            if name == model:
+                return int(count)
+            if not name:
+                default = int(count)
+        return default
 
     def requested_models(self) -> dict[str, int | None]:
         """``MODELS`` as {name: pinned version or None}; empty = all in the store."""
@@ -88,9 +115,9 @@ class Settings(BaseSettings):
         """Warming up at the largest batch makes ONNX Runtime's memory reach its peak before the first request."""
         return self.warmup_batches or (1, self.max_batch_size)
 
-    @property
-    def session_threads(self) -> int:
-        return self.intra_op_threads or max(1, cpu_count() // self.workers)
+    def session_threads(self, instances: int = 1) -> int:
+        """Threads of one session: the worker's share of the CPUs, split between the model's instances."""
+        return self.intra_op_threads or max(1, cpu_count() // (self.workers * instances))
 
     @property
     def decoder_threads(self) -> int:

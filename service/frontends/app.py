@@ -117,6 +117,10 @@ def model_info(repository: Repository, name: str) -> ModelInfo:
             "weights": meta.weights,
             "architecture": meta.architecture,
             "verification": meta.verification,
+            "precision": meta.precision,
+            "derived_from": meta.derived_from,
+            "accuracy": meta.accuracy,
+            "forced": meta.forced,
             "load_seconds": round(entry.model.load_seconds, 3),
             "warmup_seconds": round(entry.model.warmup_seconds, 3),
         }

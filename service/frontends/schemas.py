@@ -41,6 +41,12 @@ class ModelInfo(BaseModel):
     weights: dict[str, Any] | None = None
     architecture: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
+    precision: str | None = Field(None, description="fp32, or int8 / fp16 for a variant", examples=["int8"])
+    derived_from: dict[str, Any] | None = Field(None, description="A variant's FP32 model, version and graph sha256")
+    accuracy: dict[str, Any] | None = Field(
+        None, description="A variant against its FP32 model on held-out images: agreement, overlap, accuracies"
+    )
+    forced: bool | None = Field(None, description="A variant written with --force below its accuracy thresholds")
     load_seconds: float | None = None
     warmup_seconds: float | None = None
 

@@ -1,12 +1,13 @@
 """Dynamic batching: concurrent requests for one model share one ONNX Runtime call.
 
-One batcher per loaded model version, one session call at a time (Triton's default of
-one instance per model). While a call runs, requests queue; when it returns, the queue
-is drained into the next call, up to ``max_batch_size`` images. So batches grow with the
-load by themselves. Requests announce themselves (:meth:`DynamicBatcher.expect`) when
-they start decoding; the batcher waits up to ``max_delay`` for company only while such a
-request is on its way, so a lone request never waits. Requests for different models never meet in
-one call. Past ``max_queue_images`` waiting images a request is refused with 503 at once
+One batcher per loaded model version, feeding its instances: ``INSTANCES`` sessions of
+the model (Triton's ``instance_group``), each running one call at a time. While every
+instance is busy, requests queue; when one is free, the queue is drained into its next
+call, up to ``max_batch_size`` images. So batches grow with the load by themselves.
+Requests announce themselves (:meth:`DynamicBatcher.expect`) when they start decoding;
+the batcher waits up to ``max_delay`` for company only while such a request is on its
+way, so a lone request never waits. Requests for different models never meet in one
+call. Past ``max_queue_images`` waiting images a request is refused with 503 at once
 rather than left to time out: load shedding.
 """
 
@@ -56,7 +57,7 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        run: RunFn,
+        runs: list[RunFn],
         *,
         max_batch_size: int,
         max_delay: float,
@@ -64,7 +65,7 @@ class DynamicBatcher:
         on_batch: Callable[[BatchStats], None] | None = None,
     ) -> None:
         self.name = name
-        self._run = run
+        self._runs = runs
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay
         self.max_queue_images = max_queue_images
@@ -75,7 +76,10 @@ class DynamicBatcher:
         self._arrival = asyncio.Event()  # set on every submission and every announced request's end
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._free: list[int] = list(range(len(runs)))  # instances not running a batch
+        self._released: asyncio.Event | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix=f"infer-{name}")
 
     @property
     def queued_images(self) -> int:
@@ -109,6 +113,7 @@ class DynamicBatcher:
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
             self._arrival = asyncio.Event()  # events bind to the loop that first waits on them
+            self._released = asyncio.Event()
             self._worker = loop.create_task(self._serve(), name=f"batcher-{self.name}")
         pending = _Pending(images, loop.create_future())
         self._queue.append(pending)
@@ -137,10 +142,23 @@ class DynamicBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
+                instance = await self._instance()
                 await self._wait_for_company(loop)
                 batch = self._take_batch()
-                if batch:
-                    await self._run_batch(loop, batch)
+                if not batch:
+                    self._free.append(instance)
+                    continue
+                task = loop.create_task(self._run_batch(loop, batch, instance))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+
+    async def _instance(self) -> int:
+        """A free instance, waiting for a running batch to end where none is."""
+        assert self._released is not None
+        while not self._free:
+            self._released.clear()
+            await self._released.wait()
+        return self._free.pop(0)
 
     async def _wait_for_company(self, loop: asyncio.AbstractEventLoop) -> None:
         """While announced requests are still decoding, wait for them, at most ``max_delay``."""
@@ -155,17 +173,21 @@ class DynamicBatcher:
             except TimeoutError:
                 return
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], instance: int) -> None:
         started = time.perf_counter()
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         try:
-            logits, probabilities = await loop.run_in_executor(self._executor, self._run, images)
+            logits, probabilities = await loop.run_in_executor(self._executor, self._runs[instance], images)
         except Exception as exc:
             logger.exception("%s: inference failed for a batch of %d", self.name, len(images))
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
             return
+        finally:
+            self._free.append(instance)
+            assert self._released is not None
+            self._released.set()
         finished = time.perf_counter()
         offset = 0
         for pending in batch:
@@ -178,7 +200,8 @@ class DynamicBatcher:
             self._on_batch(BatchStats(len(images), len(batch), queue_seconds, finished - started))
 
     async def close(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
+        tasks = [*self._running, *([self._worker] if self._worker is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)

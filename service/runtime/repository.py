@@ -100,13 +100,14 @@ class Repository:
         for protocol in ("http", "grpc"):  # at 0 from the start: an alert's rate() then sees the first shed request
             self.metrics.shed.labels(model=model.name, protocol=protocol)
         logger.info(
-            "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d threads)",
+            "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d instance(s) of %d threads)",
             model.name,
             model.version,
             model.provider,
             model.load_seconds,
             model.warmup_seconds,
-            self.settings.session_threads,
+            model.instances,
+            model.threads,
         )
 
     def _make_batcher(self, model: LoadedModel) -> DynamicBatcher:
@@ -121,7 +122,7 @@ class Repository:
 
         return DynamicBatcher(
             model.name,
-            model.run,
+            [model.runner(i) for i in range(model.instances)],
             max_batch_size=self.settings.max_batch_size,
             max_delay=self.settings.max_batch_delay_ms / 1000,
             max_queue_images=self.settings.max_queue_images,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -49,11 +50,11 @@ def wanted_providers(choice: str) -> list[str]:
     return [CPU]
 
 
-def session_options(settings: Settings) -> ort.SessionOptions:
+def session_options(settings: Settings, instances: int = 1) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = settings.session_threads
+    options.intra_op_num_threads = settings.session_threads(instances)
     options.inter_op_num_threads = settings.inter_op_threads
     spin = "1" if settings.ort_spinning else "0"
     options.add_session_config_entry("session.intra_op.allow_spinning", spin)
@@ -65,15 +66,16 @@ def session_options(settings: Settings) -> ort.SessionOptions:
 
 @dataclass
 class LoadedModel:
-    """One model version with its session, labels and timings."""
+    """One model version with its sessions (instances), labels and timings."""
 
     stored: StoredVersion
     metadata: ModelMetadata
     labels: list[str]
-    session: ort.InferenceSession
+    sessions: list[ort.InferenceSession]
     provider: str
     load_seconds: float
     warmup_seconds: float = 0.0
+    threads: int = 1  # per session
 
     @property
     def name(self) -> str:
@@ -83,17 +85,31 @@ class LoadedModel:
     def version(self) -> int:
         return self.stored.version
 
+    @property
+    def instances(self) -> int:
+        return len(self.sessions)
+
+    def runner(self, instance: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """Instance ``instance``'s session as a function of uint8 [N, H, W, C] -> (logits, probabilities)."""
+        session = self.sessions[instance]
+
+        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+            return logits, probabilities
+
+        return run
+
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``images`` uint8 [N, H, W, C] -> (logits, probabilities), each float32 [N, classes]."""
-        logits, probabilities = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        return logits, probabilities
+        """``images`` on the first instance (warm-up, tools); requests go through the batcher's instances."""
+        return self.runner(0)(images)
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run every batch size once, so the first client request pays no allocation or kernel set-up."""
+        """Run every batch size once on every instance, so no client request pays for allocation or set-up."""
         spec = self.metadata.input
         started = time.perf_counter()
-        for batch in batch_sizes:
-            self.run(np.zeros((batch, spec.size, spec.size, spec.channels), dtype=np.uint8))
+        for instance in range(self.instances):
+            for batch in batch_sizes:
+                self.runner(instance)(np.zeros((batch, spec.size, spec.size, spec.channels), dtype=np.uint8))
         self.warmup_seconds = time.perf_counter() - started
 
 
@@ -128,12 +144,22 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     except OSError as exc:
         raise ModelLoadError(f"cannot read labels: {exc}") from None
     providers = wanted_providers(settings.providers)
+    instances = settings.instances_for(stored.name)
+    options = session_options(settings, instances)
     try:
-        session = ort.InferenceSession(str(stored.graph), session_options(settings), providers=providers)
+        sessions = [ort.InferenceSession(str(stored.graph), options, providers=providers) for _ in range(instances)]
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
         raise ModelLoadError(f"ONNX Runtime cannot load {stored.graph}: {exc}") from None
+    session = sessions[0]
     provider = session.get_providers()[0]
     if settings.providers == "cuda" and provider != CUDA:
         raise ModelLoadError("PROVIDERS=cuda, but the CUDA execution provider did not take the session")
+    if metadata.precision == "fp16" and provider != CUDA:
+        raise ModelLoadError(
+            f"an FP16 variant is served on CUDA only, and this session runs on {provider}: ONNX Runtime's CPU "
+            f"kernels run FP16 slower than FP32. Serve {metadata.derived_from and metadata.derived_from['model']} "
+            "(FP32) or an INT8 variant on CPUs"
+        )
     _check_graph(session, metadata, labels)
-    return LoadedModel(stored, metadata, labels, session, provider, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return LoadedModel(stored, metadata, labels, sessions, provider, seconds, threads=options.intra_op_num_threads)

@@ -37,7 +37,7 @@ def test_concurrent_requests_share_calls_and_get_their_own_rows() -> None:
     calls: list[int] = []
     stats: list[BatchStats] = []
     batcher = DynamicBatcher(
-        "m", echo_run(calls), max_batch_size=8, max_delay=0.001, max_queue_images=100, on_batch=stats.append
+        "m", [echo_run(calls)], max_batch_size=8, max_delay=0.001, max_queue_images=100, on_batch=stats.append
     )
     requests = [images(i, n=1 + i % 3) for i in range(30)]
     results = asyncio.run(_gather(batcher, requests))
@@ -51,14 +51,14 @@ def test_concurrent_requests_share_calls_and_get_their_own_rows() -> None:
 
 def test_a_request_larger_than_the_batch_limit_is_split() -> None:
     calls: list[int] = []
-    batcher = DynamicBatcher("m", echo_run(calls), max_batch_size=4, max_delay=0, max_queue_images=100)
+    batcher = DynamicBatcher("m", [echo_run(calls)], max_batch_size=4, max_delay=0, max_queue_images=100)
     logits, _ = asyncio.run(batcher.infer(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)))
     assert logits.ravel().tolist() == list(range(10)) and max(calls) <= 4
 
 
 def test_a_full_queue_sheds_load() -> None:
     calls: list[int] = []
-    batcher = DynamicBatcher("m", echo_run(calls, delay=0.2), max_batch_size=2, max_delay=0, max_queue_images=4)
+    batcher = DynamicBatcher("m", [echo_run(calls, delay=0.2)], max_batch_size=2, max_delay=0, max_queue_images=4)
 
     async def scenario() -> list[object]:
         return await asyncio.gather(*(batcher.infer(images(i)) for i in range(10)), return_exceptions=True)
@@ -80,7 +80,7 @@ def test_a_failing_call_fails_its_batch_only() -> None:
         out = np.zeros((len(batch), 1), dtype=np.float32)
         return out, out
 
-    batcher = DynamicBatcher("m", run, max_batch_size=4, max_delay=0, max_queue_images=100)
+    batcher = DynamicBatcher("m", [run], max_batch_size=4, max_delay=0, max_queue_images=100)
 
     async def scenario() -> None:
         with pytest.raises(RuntimeError, match="boom"):
@@ -93,7 +93,7 @@ def test_a_failing_call_fails_its_batch_only() -> None:
 
 def test_a_lone_request_does_not_wait_but_an_announced_one_is_waited_for() -> None:
     calls: list[int] = []
-    batcher = DynamicBatcher("m", echo_run(calls, delay=0), max_batch_size=8, max_delay=0.2, max_queue_images=100)
+    batcher = DynamicBatcher("m", [echo_run(calls, delay=0)], max_batch_size=8, max_delay=0.2, max_queue_images=100)
 
     async def lone() -> float:
         started = time.perf_counter()
@@ -113,3 +113,30 @@ def test_a_lone_request_does_not_wait_but_an_announced_one_is_waited_for() -> No
     calls.clear()
     asyncio.run(with_company())
     assert calls == [2]  # the announced request joined the first one's batch
+
+
+def test_instances_run_batches_at_the_same_time() -> None:
+    """Two instances: two session calls overlap, never three, and every request gets its own rows."""
+    active, most = 0, 0
+    lock = threading.Lock()
+
+    def make_run(instance: int):  # type: ignore[no-untyped-def]
+        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            nonlocal active, most
+            with lock:
+                active += 1
+                most = max(most, active)
+            time.sleep(0.05)
+            with lock:
+                active -= 1
+            first = images.reshape(len(images), -1)[:, :1].astype(np.float32)
+            return first, np.full_like(first, instance)
+
+        return run
+
+    batcher = DynamicBatcher("m", [make_run(0), make_run(1)], max_batch_size=2, max_delay=0, max_queue_images=100)
+    requests = [images(i) for i in range(16)]
+    results = asyncio.run(_gather(batcher, requests))
+    assert [int(logits[0, 0]) for logits, _ in results] == list(range(16))
+    assert most == 2
+    assert {int(p[0, 0]) for _, p in results} == {0, 1}  # both instances served

@@ -100,7 +100,7 @@ def test_a_real_cgroup_quota_sets_the_thread_defaults() -> None:
     try:
         (group / "cpu.cfs_period_us").write_text("100000")
         (group / "cpu.cfs_quota_us").write_text("150000")  # 1.5 CPUs
-        probe = "from service.settings import Settings; s = Settings(); print(s.session_threads, s.decoder_threads)"
+        probe = "from service.settings import Settings; s = Settings(); print(s.session_threads(), s.decoder_threads)"
         script = f'echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "{probe}"'
         inside = subprocess.run(["sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert inside.returncode == 0, inside.stderr

@@ -127,7 +127,12 @@ def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) 
 
 def model_metadata(entry: ModelEntry) -> dict[str, Any]:
     assert entry.model is not None
-    spec, classes = entry.model.metadata.input, entry.model.metadata.num_classes
+    meta = entry.model.metadata
+    spec, classes = meta.input, meta.num_classes
+    # HTTP only (gRPC's ModelMetadataResponse has no field for it): what a variant is and costs
+    parameters: dict[str, Any] = {"precision": meta.precision}
+    if meta.derived_from is not None:
+        parameters |= {"derived_from": meta.derived_from, "accuracy": meta.accuracy, "forced": meta.forced}
     return {
         "name": entry.name,
         "versions": [str(entry.version)],
@@ -137,6 +142,7 @@ def model_metadata(entry: ModelEntry) -> dict[str, Any]:
             {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]},
         ],
         "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUT_NAMES],
+        "parameters": parameters,
     }
 
 

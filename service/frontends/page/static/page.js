@@ -72,6 +72,17 @@ function describeParams(count) {
   return count >= 1e6 ? `${(count / 1e6).toFixed(1)} M` : count.toLocaleString("en");
 }
 
+function describePrecision(model) {
+  const parts = [model.precision.toUpperCase()];
+  if (model.derived_from) parts.push(`of ${model.derived_from.model} v${model.derived_from.version}`);
+  const accuracy = model.accuracy;
+  if (accuracy) {
+    parts.push(`top-1 agreement ${(100 * accuracy.top1_agreement).toFixed(1)}%`);
+    if (accuracy.accuracy !== undefined) parts.push(`accuracy ${accuracy.accuracy}% (FP32 ${accuracy.accuracy_fp32}%)`);
+  }
+  return parts.join(", ");
+}
+
 function describeWeights(weights) {
   if (!weights) return "–";
   const parts = [weights.kind, weights.source, weights.file].filter(Boolean);
@@ -96,6 +107,7 @@ function renderModelCard() {
     rows.push(["input", `${model.input.size}×${model.input.size}, ${model.input.channels === 1 ? "grayscale" : "RGB"}`]);
   }
   rows.push(["weights", describeWeights(model.weights)]);
+  if (model.precision && model.precision !== "fp32") rows.push(["precision", describePrecision(model)]);
   if (model.provider) rows.push(["runs on", model.provider]);
   for (const [term, value] of rows) {
     const dt = document.createElement("dt");
@@ -103,6 +115,14 @@ function renderModelCard() {
     const dd = document.createElement("dd");
     dd.textContent = value;
     if (term === "status" && model.status !== "ready") dd.className = model.status === "failed" ? "error" : "warn";
+    card.append(dt, dd);
+  }
+  if (model.forced) {
+    const dt = document.createElement("dt");
+    dt.textContent = "accuracy";
+    const dd = document.createElement("dd");
+    dd.className = "warn";
+    dd.textContent = "written with --force below its accuracy thresholds: it does not agree with its FP32 model";
     card.append(dt, dd);
   }
   if (model.weights && model.weights.kind === "random") {
