@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard manifests bench bench-quick clean
+.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard manifests bench bench-quick peers clean
 
 setup: $(STAMP)
 
@@ -63,12 +63,20 @@ proto: setup
 	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		service/frontends/v2/protocol/grpc_predict_v2.proto
 
-# The service against raw ONNX Runtime, its own transport and a PyTorch baseline: benchmarks/results/latest.*
-bench: setup
+# The service against raw ONNX Runtime, its own transport, its peers and a PyTorch baseline: benchmarks/results/latest.*
+bench: setup peers
 	$(BIN)/python -m benchmarks
 
-bench-quick: setup
+bench-quick: setup peers
 	$(BIN)/python -m benchmarks --quick
+
+# MLServer and LitServe for the benchmark, in a virtual environment of their own.
+PEERS_VENV := benchmarks/.peers-venv
+peers: $(PEERS_VENV)/.installed
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q -r benchmarks/peers/requirements.txt
+	touch $@
 
 # The Grafana dashboard JSON, from monitoring/dashboard.py.
 dashboard: setup
@@ -83,4 +91,4 @@ lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -e '^cnn-serving' -e '^uv==' | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements/constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .tools deploy/kubernetes/validate/node_modules
+	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache .tools deploy/kubernetes/validate/node_modules

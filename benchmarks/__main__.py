@@ -13,7 +13,8 @@ from service.store.layout import ModelStore
 from .report import write
 from .run import Plan, run
 
-DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50")
+DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50", "resnet50_int8")
+VARIANT_SUFFIXES = {"_int8": "int8", "_fp16": "fp16"}
 
 
 def ensure_models(store: ModelStore, models: tuple[str, ...], quick: bool) -> None:
@@ -21,8 +22,12 @@ def ensure_models(store: ModelStore, models: tuple[str, ...], quick: bool) -> No
     from export.pipeline import ExportOptions, export_model
     from export.weights import WeightsUnavailableError
 
-    for name in models:
+    for name in sorted(models, key=lambda n: n.endswith(tuple(VARIANT_SUFFIXES))):  # variants after their parents
         if store.latest(name) is not None:
+            continue
+        variant = next((suffix for suffix in VARIANT_SUFFIXES if name.endswith(suffix)), None)
+        if variant is not None:
+            export_variant_for_bench(store, name.removesuffix(variant), VARIANT_SUFFIXES[variant])
             continue
         epochs = 2 if quick else 40
         try:
@@ -30,6 +35,19 @@ def ensure_models(store: ModelStore, models: tuple[str, ...], quick: bool) -> No
         except WeightsUnavailableError:
             logging.getLogger("benchmarks").info("%s: no real weights here, benchmarking random ones", name)
             export_model(name, store, ExportOptions(weights="random", progress=False))
+
+
+def export_variant_for_bench(store: ModelStore, parent: str, precision: str) -> None:
+    """The variant; forced where the parent has random weights (no agreement to speak of), and said so."""
+    from export.precision import VariantOptions, export_variant
+
+    ensure_models(store, (parent,), quick=False)
+    latest = store.latest(parent)
+    assert latest is not None
+    random_weights = latest.read_metadata()["weights"]["kind"] == "random"
+    if random_weights:
+        logging.getLogger("benchmarks").info("%s has random weights: its %s variant is forced", parent, precision)
+    export_variant(parent, store, VariantOptions(precision, force=random_weights))  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         "--store", type=Path, default=Path("benchmarks/.store"), help="model store; what it lacks is exported into it"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
-    parser.add_argument("--paths", help="only these: ceiling,http,grpc-bytes,grpc-images,noop,baseline")
+    parser.add_argument("--paths", help="only these: ceiling,http,grpc-bytes,grpc-images,noop,scaling,peers,baseline")
     parser.add_argument("--concurrency", help="comma-separated concurrency levels (default 1,4,16,64; quick 1,4)")
     parser.add_argument("--seconds", type=float, help="time bound of each run")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a service setting to try")

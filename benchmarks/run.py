@@ -1,4 +1,5 @@
-"""One benchmark run: the ceiling, the service over HTTP and gRPC, the no-op endpoint, the baseline."""
+"""One benchmark run: the ceiling, the service over HTTP and gRPC, the no-op endpoint, other
+process and instance counts, the peers (MLServer, LitServe) on the same graph, the baseline."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,13 +45,16 @@ class Plan:
     requests: int  # per run, at most
     ceiling_seconds: float
     large_photo: bool
-    paths: tuple[str, ...] = ("ceiling", "http", "grpc-bytes", "grpc-images", "noop", "baseline")
+    paths: tuple[str, ...] = ("ceiling", "http", "grpc-bytes", "grpc-images", "noop", "scaling", "peers", "baseline")
     service_env: tuple[tuple[str, str], ...] = ()
+    # the other process/instance layouts tried, and the concurrency they and the peers run at
+    scaling: tuple[tuple[str, str], ...] = (("http-instances2", "INSTANCES=2"), ("http-workers2", "WORKERS=2"))
+    peer_concurrency: tuple[int, ...] = (1, 16, 64)
 
     @classmethod
     def make(cls, models: tuple[str, ...], quick: bool) -> Plan:
         if quick:
-            return cls(models, (1, 4), 1.5, 200, 0.5, large_photo=False)
+            return cls(models, (1, 4), 1.5, 200, 0.5, large_photo=False, peer_concurrency=(1, 4))
         return cls(models, (1, 4, 16, 64), 8.0, 2000, 4.0, large_photo=True)
 
 
@@ -98,6 +103,17 @@ def ceiling(store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
     return results
 
 
+def reference_answers(url: str, model: str, files: list[bytes], content_type: str) -> list[list[int]]:
+    """The service's top-5 class indices for each payload file, to check the peers answer alike."""
+    answers = []
+    for body in files:
+        response = httpx.post(f"{url}/classify", params={"model": model, "top_k": 5}, content=body,
+                              headers={"Content-Type": content_type}, timeout=60)  # fmt: skip
+        response.raise_for_status()
+        answers.append([p["index"] for p in response.json()["results"][0]["predictions"]])
+    return answers
+
+
 def batch_totals(url: str, model: str) -> tuple[float, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -111,16 +127,24 @@ def batch_totals(url: str, model: str) -> tuple[float, float]:
     return count, total
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor()
+def cpuinfo(field: str) -> str | None:
     with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in info if line.startswith(field))
+    return None
+
+
+def machine() -> dict[str, Any]:
+    from export.precision import int8_target
+
+    cpu = cpuinfo("model name") or platform.processor()
+    mhz = cpuinfo("cpu MHz")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
     return {"cpu": cpu, "cores": cpu_count(), "providers": ["CPUExecutionProvider"], "commit": commit or "unknown",
-            "python": platform.python_version(), "onnxruntime": ort.__version__}  # fmt: skip
+            "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": int8_target()}  # fmt: skip
 
 
 def ratio(name: str, value: float, target: float | None) -> dict[str, Any]:
@@ -132,22 +156,56 @@ def best(runs: list[RunResult], model: str, path: str) -> float:
     return max((r.images_per_s for r in runs if r.model == model and r.path == path), default=0.0)
 
 
-def ratios(runs: list[RunResult]) -> list[dict[str, Any]]:
-    """The issue's targets for ResNet-50 and LeNet-5; the same ratios, untargeted, for other models."""
+def at(runs: list[RunResult], model: str, path: str, concurrency: int) -> float:
+    return next((r.images_per_s for r in runs if (r.model, r.path, r.concurrency) == (model, path, concurrency)), 0.0)
+
+
+# Multiply-accumulates per cycle and core: AVX2/AVX-512 FP32 FMA (Zen 4 runs AVX-512 on
+# 256-bit units: 2 x 8 lanes) and INT8 with VNNI (2 x 32 lanes).
+MAC_PER_CYCLE = {"fp32": 16, "int8": 64}
+CEILING_TARGETS = {"resnet50": 0.95, "resnet50_int8": 0.85}
+PEER_TARGETS = {"resnet50": 1.0, "lenet5": 1.2}
+
+
+def physical_fraction(images_per_s: float, macs_per_image: float, precision: str, machine: dict[str, Any]) -> float:
+    peak = machine["cores"] * machine["clock_ghz"] * 1e9 * MAC_PER_CYCLE[precision]
+    return images_per_s * macs_per_image / peak
+
+
+def ratios(runs: list[RunResult], macs: dict[str, float], machine: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets for ResNet-50 (FP32, INT8) and LeNet-5; the same ratios, untargeted, for others."""
     out = []
     for model in sorted({r.model for r in runs}):
         top = best(runs, model, "ceiling")
-        if model == "lenet5":
+        if model.startswith("lenet5"):  # there the HTTP stack is the cost: against the no-op endpoint
             noop = best(runs, model, "noop")
-            if noop:
+            if noop and model == "lenet5":
                 out.append(ratio("lenet5 HTTP /classify / no-op (requests/s)", best(runs, model, "http") / noop, 0.6))
-            continue
-        targets = (0.90, 0.95, 2.0) if model == "resnet50" else (None, None, None)
-        out.append(ratio(f"{model} HTTP / ceiling", best(runs, model, "http") / top, targets[0]))
-        out.append(ratio(f"{model} gRPC images / ceiling", best(runs, model, "grpc-images") / top, targets[1]))
+        elif top:
+            out.append(ratio(f"{model} HTTP / ceiling", best(runs, model, "http") / top, CEILING_TARGETS.get(model)))
+            if best(runs, model, "grpc-images"):
+                out.append(ratio(f"{model} gRPC images / ceiling", best(runs, model, "grpc-images") / top, None))
+        for peer in ("mlserver", "litserve"):
+            for concurrency in (16, 1):
+                theirs = at(runs, model, peer, concurrency)
+                if theirs:
+                    target = PEER_TARGETS.get(model) if concurrency == 16 else 1.0
+                    value = at(runs, model, "http", concurrency) / theirs
+                    out.append(ratio(f"{model} HTTP / {peer} at concurrency {concurrency}", value, target))
         baseline = best(runs, model, "baseline")
         if baseline:
-            out.append(ratio(f"{model} service / PyTorch baseline", best(runs, model, "http") / baseline, targets[2]))
+            target = 2.0 if model == "resnet50" else None
+            out.append(ratio(f"{model} service / PyTorch baseline", best(runs, model, "http") / baseline, target))
+        int8 = f"{model}_int8"
+        if at(runs, int8, "ceiling", 8) and at(runs, model, "ceiling", 8):
+            value = at(runs, int8, "ceiling", 8) / at(runs, model, "ceiling", 8)
+            out.append(ratio(f"{int8} / {model} in-process at batch 8", value, 2.5 if model == "resnet50" else None))
+        precision = "int8" if model.endswith("_int8") else "fp32"
+        if model in macs and machine.get("clock_ghz") and at(runs, model, "ceiling", 8):
+            fraction = physical_fraction(at(runs, model, "ceiling", 8), macs[model], precision, machine)
+            name = f"{model} in-process batch 8 / physical {precision.upper()} limit"
+            out.append(ratio(f"{name} ({MAC_PER_CYCLE[precision]} MAC/cycle/core at {machine['clock_ghz']} GHz)",
+                             fraction, None))  # fmt: skip
     return out
 
 
@@ -166,7 +224,7 @@ def start_baseline(model: str, port: int) -> subprocess.Popen[bytes]:
 
 
 def payload(model: str, large: bool) -> tuple[list[bytes], str]:
-    return ([digit_png()], "image/png") if model == "lenet5" else (photos(large), "image/jpeg")
+    return ([digit_png()], "image/png") if model.startswith("lenet5") else (photos(large), "image/jpeg")
 
 
 async def service_runs(url: str, grpc_target: str, store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
@@ -199,6 +257,51 @@ async def service_runs(url: str, grpc_target: str, store: ModelStore, model: str
     return results
 
 
+async def scaling_runs(url: str, model: str, plan: Plan, path: str) -> list[RunResult]:
+    """/classify on the service started with another process/instance layout."""
+    files, content_type = payload(model, plan.large_photo)
+    results = []
+    for concurrency in plan.peer_concurrency:
+        latencies, errors, seconds = await http_run(url, f"/classify?model={model}", files, content_type, concurrency,
+                                                    plan.requests, plan.seconds)  # fmt: skip
+        results.append(summarise(path, model, concurrency, latencies, errors, seconds))
+        logger.info("%s %s c=%d: %.1f images/s", model, path, concurrency, results[-1].images_per_s)
+    return results
+
+
+def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[int]], workdir: Path) -> list[RunResult]:
+    """MLServer and LitServe on the same graph, their answers checked against the service's first."""
+    from tests.helpers import free_port
+
+    from .peers.launch import Peer, start_litserve, start_mlserver
+
+    files, _ = payload(model, plan.large_photo)
+    version = store.latest(model)
+    assert version is not None
+    results = []
+    starts = {"mlserver": lambda: start_mlserver(version.directory, (free_port(), free_port(), free_port()), workdir),
+              "litserve": lambda: start_litserve(version.directory, free_port(), workdir)}  # fmt: skip
+    for name, start in starts.items():
+        peer = start()
+        try:
+            bodies = [peer.body(f) for f in files]
+            for body, expected in zip(bodies, reference, strict=True):
+                answer = Peer.answer(name, httpx.post(peer.url, content=body, timeout=60,
+                                                      headers={"Content-Type": "application/json"}).json())  # fmt: skip
+                if [p["index"] for p in answer] != expected:
+                    raise RuntimeError(f"{name} answers {answer} where the service answers {expected}")
+            for concurrency in plan.peer_concurrency:
+                latencies, errors, seconds = asyncio.run(
+                    http_run(peer.base, peer.path, bodies, "application/json", concurrency, plan.requests, plan.seconds)
+                )
+                results.append(summarise(name, model, concurrency, latencies, errors, seconds))
+                logger.info("%s %s c=%d: %.1f images/s, p50 %.0f ms, p99 %.0f ms", model, name, concurrency,
+                            results[-1].images_per_s, results[-1].p50_ms, results[-1].p99_ms)  # fmt: skip
+        finally:
+            peer.stop()
+    return results
+
+
 async def baseline_runs(model: str, plan: Plan, port: int) -> list[RunResult]:
     files, content_type = payload(model, plan.large_photo)
     process = start_baseline(model, port)
@@ -226,19 +329,38 @@ def run(store: ModelStore, plan: Plan) -> dict[str, Any]:
     log = Path(os.environ.get("TMPDIR", "/tmp")) / "benchmark-service.log"
     env = {"MODELS": ",".join(plan.models), "ENABLE_NOOP": "true", **dict(plan.service_env)}
     service = ServiceProcess(store.root, log, **env).start()
+    references = {}
     try:
         for model in plan.models:
             runs += asyncio.run(service_runs(service.url, service.grpc_target, store, model, plan))
+            references[model] = reference_answers(service.url, model, *payload(model, plan.large_photo))
     finally:
         service.stop()
+    for path, setting in plan.scaling if "scaling" in plan.paths else ():
+        key, value = setting.split("=", 1)
+        service = ServiceProcess(store.root, log, **{**env, key: value}).start()
+        try:
+            for model in plan.models:
+                runs += asyncio.run(scaling_runs(service.url, model, plan, path))
+        finally:
+            service.stop()
+    with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
+        for model in plan.models if "peers" in plan.paths else ():
+            if not model.endswith(("_int8", "_fp16")):
+                runs += peer_runs(store, model, plan, references[model], Path(workdir))
     for model in plan.models if "baseline" in plan.paths else ():
-        if model != "lenet5":
+        if not model.startswith("lenet5") and not model.endswith(("_int8", "_fp16")):
             runs += asyncio.run(baseline_runs(model, plan, free_port()))
+    host = machine()
+    macs = {}
+    for model in plan.models:
+        meta = ModelMetadata.model_validate(store.latest(model).read_metadata())  # type: ignore[union-attr]
+        macs[model] = meta.flops_per_image / 2
     return {
         "started": started,
         "quick": plan.seconds < 5,
-        "machine": machine(),
+        "machine": host,
         "plan": {**plan.__dict__, "service_env": dict(plan.service_env)},
         "runs": [r.to_dict() for r in runs],
-        "ratios": ratios(runs),
+        "ratios": ratios(runs, macs, host),
     }
