@@ -33,11 +33,12 @@ lint: setup
 
 # Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests;
 # chromium, which Playwright drives in the page's browser test (Playwright's own browser download cannot work offline);
+# The peers' virtual environment (MLServer, LitServe) for the benchmark's peer test.
 # kubectl (Kustomize), haproxy and node/npm for the deploy tests: the CRD schemas (npm, pinned in
 # deploy/kubernetes/validate/package-lock.json) and the KServe SDK wheel whose types check the InferenceServices.
 KSERVE_WHEEL := .tools/kserve-0.21.0-py3-none-any.whl
 
-test-tools: $(KSERVE_WHEEL) deploy/kubernetes/validate/node_modules/.installed
+test-tools: $(KSERVE_WHEEL) deploy/kubernetes/validate/node_modules/.installed peers
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
 		&& command -v chromium >/dev/null && command -v kubectl >/dev/null && command -v haproxy >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
     parser.add_argument("--paths", help="only these: ceiling,http,grpc-bytes,grpc-images,noop,scaling,peers,baseline")
-    parser.add_argument("--concurrency", help="comma-separated concurrency levels (default 1,4,16,64; quick 1,4)")
+    parser.add_argument(
+        "--concurrency",
+        help="comma-separated concurrency levels (default 1,4,16,64, peers and layouts 1,16,64; quick 1,4)",
+    )
     parser.add_argument("--seconds", type=float, help="time bound of each run")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a service setting to try")
     args = parser.parse_args(argv)
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.paths:
         plan = dataclasses.replace(plan, paths=tuple(args.paths.split(",")))
     if args.concurrency:
-        plan = dataclasses.replace(plan, concurrency=tuple(int(c) for c in args.concurrency.split(",")))
+        levels = tuple(int(c) for c in args.concurrency.split(","))
+        plan = dataclasses.replace(plan, concurrency=levels, peer_concurrency=levels)
     if args.seconds:
         plan = dataclasses.replace(plan, seconds=args.seconds)
     if args.env:

@@ -269,6 +269,12 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
             "derived_from": {"model": parent.name, "version": parent.version, "sha256": sha256_file(parent.graph)},
             "onnx": {**meta.onnx, "sha256": sha256_file(graph)},
             "accuracy": {**figures, "thresholds": thresholds, "passed": not misses},
+            # what verifies a variant is its FP32 parent, not PyTorch
+            "verification": {
+                "against": f"{parent.name} v{parent.version} (FP32, ONNX Runtime)",
+                "top1_agreement": figures["top1_agreement"],
+                "max_abs_diff_probabilities": figures["max_abs_diff_probabilities"],
+            },
             "forced": bool(misses),
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "exported_on": platform.node(),

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -18,27 +19,53 @@ from ..helpers import ROOT
 pytestmark = pytest.mark.integration
 
 
-def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp_path: Path) -> None:
+def quick(model_store: ModelStore, tmp_path: Path, models: str, *args: str) -> dict[str, Any]:
     store = tmp_path / "store"
     for name in ("lenet5", "resnet18"):
         shutil.copytree(model_store.model_dir(name), store / name)
     out = tmp_path / "results"
-    command = [sys.executable, "-m", "benchmarks", "--quick", "--models", "lenet5,resnet18", "--store", str(store),
-               "--out", str(out)]  # fmt: skip
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--models", models, "--store", str(store),
+               "--out", str(out), *args]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    results: dict[str, Any] = json.loads((out / "latest.json").read_text())
+    return results
 
-    results = json.loads((out / "latest.json").read_text())
+
+def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp_path: Path) -> None:
+    paths = "ceiling,http,grpc-bytes,grpc-images,noop,scaling,baseline"
+    results = quick(model_store, tmp_path, "lenet5,lenet5_int8,resnet18", "--paths", paths)
+    out = tmp_path / "results"
     assert results["quick"] is True and results["machine"]["cores"] >= 1 and results["machine"]["commit"]
+    assert results["machine"]["int8"]["activations"] in ("int8", "uint8") and results["machine"]["clock_ghz"] > 0
     paths = {(r["model"], r["path"]) for r in results["runs"]}
-    for model in ("lenet5", "resnet18"):
+    for model in ("lenet5", "lenet5_int8", "resnet18"):
         assert {(model, p) for p in ("ceiling", "http", "grpc-bytes", "grpc-images", "noop")} <= paths
-    assert ("resnet18", "baseline") in paths
+        assert {(model, "http-instances2"), (model, "http-workers2")} <= paths
+    assert ("resnet18", "baseline") in paths and ("lenet5_int8", "baseline") not in paths
+    # the variant was exported into the store by the benchmark, from the FP32 LeNet-5
+    variant = json.loads((tmp_path / "store" / "lenet5_int8" / "1" / "metadata.json").read_text())
+    assert variant["precision"] == "int8" and variant["derived_from"]["model"] == "lenet5"
     for run in results["runs"]:
         assert run["errors"] == 0 and run["requests"] > 0 and run["images_per_s"] > 0
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
     names = {r["name"] for r in results["ratios"]}
     assert "lenet5 HTTP /classify / no-op (requests/s)" in names and "resnet18 HTTP / ceiling" in names
+    assert "lenet5_int8 / lenet5 in-process at batch 8" in names
+    assert any(n.startswith("lenet5_int8 in-process batch 8 / physical INT8 limit") for n in names)
     table = (out / "latest.md").read_text()
     assert "| model | path | concurrency | images/s |" in table and "| ratio | value | target | met |" in table
     assert Image.open(out / "latest.png").size[0] > 0
+
+
+@pytest.mark.slow
+def test_the_peers_serve_the_same_graph_and_answer_alike(model_store: ModelStore, tmp_path: Path) -> None:
+    """MLServer and LitServe from the peers' venv (`make peers`): started, checked against /classify, loaded."""
+    results = quick(model_store, tmp_path, "lenet5", "--paths", "http,peers")
+    runs = {(r["path"], r["concurrency"]): r for r in results["runs"]}
+    for peer in ("mlserver", "litserve"):
+        for concurrency in (1, 4):
+            run = runs[(peer, concurrency)]
+            assert run["errors"] == 0 and run["requests"] > 0
+    names = {r["name"] for r in results["ratios"]}
+    assert {"lenet5 HTTP / mlserver at concurrency 1", "lenet5 HTTP / litserve at concurrency 1"} <= names
