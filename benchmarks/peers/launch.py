@@ -10,12 +10,9 @@ import base64
 import json
 import os
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / "benchmarks" / ".peers-venv"
@@ -76,14 +73,10 @@ def _spawn(command: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[
 
 
 def _wait(peer: Peer, ready_url: str, timeout: float = 180) -> Peer:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and peer.process.poll() is None:
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return peer
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    from tests.helpers import wait_for_ok
+
+    if wait_for_ok(ready_url, timeout, give_up=lambda: peer.process.poll() is not None):
+        return peer
     peer.stop()
     raise PeerUnavailable(f"{peer.name} did not start: {peer.log.read_text(errors='replace')[-2000:]}")
 

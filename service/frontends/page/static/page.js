@@ -72,6 +72,15 @@ function describeParams(count) {
   return count >= 1e6 ? `${(count / 1e6).toFixed(1)} M` : count.toLocaleString("en");
 }
 
+function appendWarning(card, term, text) {
+  const dt = document.createElement("dt");
+  dt.textContent = term;
+  const dd = document.createElement("dd");
+  dd.className = "warn";
+  dd.textContent = text;
+  card.append(dt, dd);
+}
+
 function describePrecision(model) {
   const parts = [model.precision.toUpperCase()];
   if (model.derived_from) parts.push(`of ${model.derived_from.model} v${model.derived_from.version}`);
@@ -118,20 +127,10 @@ function renderModelCard() {
     card.append(dt, dd);
   }
   if (model.forced) {
-    const dt = document.createElement("dt");
-    dt.textContent = "accuracy";
-    const dd = document.createElement("dd");
-    dd.className = "warn";
-    dd.textContent = "written with --force below its accuracy thresholds: it does not agree with its FP32 model";
-    card.append(dt, dd);
+    appendWarning(card, "accuracy", "written with --force below its accuracy thresholds: it does not agree with its FP32 model");
   }
   if (model.weights && model.weights.kind === "random") {
-    const dt = document.createElement("dt");
-    dt.textContent = "note";
-    const dd = document.createElement("dd");
-    dd.className = "warn";
-    dd.textContent = "random weights (a test or benchmark export): its predictions are meaningless";
-    card.append(dt, dd);
+    appendWarning(card, "note", "random weights (a test or benchmark export): its predictions are meaningless");
   }
   const drawable = model.status === "ready" && model.input && model.input.channels === 1;
   $("draw-panel").hidden = !drawable;
