@@ -273,7 +273,7 @@ def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[in
     """MLServer and LitServe on the same graph, their answers checked against the service's first."""
     from tests.helpers import free_port
 
-    from .peers.launch import Peer, start_litserve, start_mlserver
+    from .peers.launch import start_litserve, start_mlserver
 
     files, _ = payload(model, plan.large_photo)
     version = store.latest(model)
@@ -286,7 +286,7 @@ def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[in
         try:
             bodies = [peer.body(f) for f in files]
             for body, expected in zip(bodies, reference, strict=True):
-                answer = Peer.answer(name, httpx.post(peer.url, content=body, timeout=60,
+                answer = peer.answer(httpx.post(peer.url, content=body, timeout=60,
                                                       headers={"Content-Type": "application/json"}).json())  # fmt: skip
                 if [p["index"] for p in answer] != expected:
                     raise RuntimeError(f"{name} answers {answer} where the service answers {expected}")

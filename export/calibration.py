@@ -92,17 +92,14 @@ def from_directory(directory: Path, spec: InputMeta, count: int) -> ImageSet:
     return ImageSet(f"directory {directory} ({len(files)} of {len(paths)} images)", _served(files, spec))
 
 
-def digits(spec: InputMeta, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """scikit-learn's digits: the train split to calibrate, the labelled test split to check."""
+def digits(spec: InputMeta, split: str, seed: int = 0) -> ImageSet:
+    """scikit-learn's digits: the ``train`` split to calibrate, the labelled ``test`` split to check."""
     from .train import load_digits_dataset
 
     data = load_digits_dataset(seed=seed)
-    train = _served([_encode_png(x) for x in data.x_train], spec)
-    test = _served([_encode_png(x) for x in data.x_test], spec)
-    return (
-        ImageSet(f"scikit-learn digits, train split ({data.split})", train),
-        ImageSet(f"scikit-learn digits, test split ({data.split})", test, data.y_test),
-    )
+    images, labels = (data.x_train, None) if split == "train" else (data.x_test, data.y_test)
+    served = _served([_encode_png(x) for x in images], spec)
+    return ImageSet(f"scikit-learn digits, {split} split ({data.split})", served, labels)
 
 
 def _views(pixels: np.ndarray) -> list[np.ndarray]:
@@ -124,17 +121,23 @@ def photos(names: tuple[str, ...], spec: InputMeta) -> ImageSet:
     return ImageSet(f"scikit-image photos {', '.join(names)} (6 views each)", _served(files, spec))
 
 
-def default_sets(model_family: str, spec: InputMeta, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """(calibration, held-out) when the user gives no images of their own."""
+def held_out(spec: InputMeta, seed: int = 0) -> ImageSet:
+    """The images a variant is checked on, never calibrated on."""
     if spec.channels == 1:  # LeNet-5: digits, the data it was trained on
-        return digits(spec, seed)
+        return digits(spec, "test", seed)
+    return photos(HELD_OUT_PHOTOS, spec)
+
+
+def default_calibration(model: str, spec: InputMeta, seed: int = 0) -> ImageSet:
+    """The calibration images when the user gives none of their own."""
+    if spec.channels == 1:
+        return digits(spec, "train", seed)
     calibration = photos(CALIBRATION_PHOTOS, spec)
-    held_out = photos(HELD_OUT_PHOTOS, spec)
     logger.warning(
         "%s: calibrating on %d views of %d scikit-image photos; MLPerf and NVIDIA use about 500 images of the real "
         "task. For a model you serve, pass --calibration-dir with a few hundred images of your own traffic.",
-        model_family,
+        model,
         len(calibration),
         len(CALIBRATION_PHOTOS),
     )
-    return calibration, held_out
+    return calibration

@@ -242,16 +242,14 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
     started = time.perf_counter()
     parent, meta = _parent(store, name, options.from_version)
     target_name = variant_name(name, options.precision)
-    calibration_set, held_out = calibration.default_sets(meta.architecture.get("family", name), meta.input,
-                                                          options.seed)  # fmt: skip
     model_dir = store.model_dir(target_name)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
     try:
         graph = staging / GRAPH_FILE
-        extra = _convert(parent.graph, graph, meta, calibration_set, options)
+        extra = _convert(parent.graph, graph, meta, options)
         onnx.checker.check_model(onnx.load(str(graph)), full_check=True)
-        figures = compare(parent.graph, graph, held_out)
+        figures = compare(parent.graph, graph, calibration.held_out(meta.input, options.seed))
         misses = check(figures, options)
         if misses and not options.force:
             raise PrecisionRefused(
@@ -296,18 +294,15 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
     return StoredVersion(target_name, version, model_dir / str(version))
 
 
-def _convert(
-    source: Path, target: Path, meta: ModelMetadata, default_calibration: ImageSet, options: VariantOptions
-) -> dict[str, Any]:
+def _convert(source: Path, target: Path, meta: ModelMetadata, options: VariantOptions) -> dict[str, Any]:
     """Write the variant's graph; returns what its metadata says about how."""
     if options.precision == "fp16":
         return {"conversion": convert_fp16(source, target)}
     if options.calibration_dir is not None:
         images = calibration.from_directory(options.calibration_dir, meta.input, options.calibration_count)
     else:
-        images = dataclasses.replace(
-            default_calibration, images=default_calibration.images[: options.calibration_count]
-        )
+        images = calibration.default_calibration(meta.name, meta.input, options.seed)
+        images = dataclasses.replace(images, images=images.images[: options.calibration_count])
     cpu = int8_target()
     logger.info("%s: calibrating INT8 (%s) on %d images; %s", meta.name, options.method, len(images), cpu["reason"])
     quantization = quantize_int8(source, target, images, options.method, cpu)

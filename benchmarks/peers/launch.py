@@ -44,10 +44,9 @@ class Peer:
             return json.dumps({"inputs": [tensor]}).encode()
         return json.dumps({"image": encoded}).encode()
 
-    @staticmethod
-    def answer(name: str, response: dict[str, Any]) -> list[dict[str, Any]]:
-        """The top 5 ``[{"index", "score"}]`` from a peer's response."""
-        if name == "mlserver":
+    def answer(self, response: dict[str, Any]) -> list[dict[str, Any]]:
+        """The top 5 ``[{"index", "score"}]`` from this peer's response."""
+        if self.name == "mlserver":
             top: list[dict[str, Any]] = json.loads(response["outputs"][0]["data"][0])
             return top
         predictions: list[dict[str, Any]] = response["predictions"]

@@ -99,10 +99,6 @@ class LoadedModel:
 
         return run
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``images`` on the first instance (warm-up, tools); requests go through the batcher's instances."""
-        return self.runner(0)(images)
-
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """Run every batch size once on every instance, so no client request pays for allocation or set-up."""
         spec = self.metadata.input

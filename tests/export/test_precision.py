@@ -91,7 +91,7 @@ def test_variants_derive_only_from_fp32(lenet_store: ModelStore) -> None:
 
 def test_calibration_sets_are_disjoint_and_preprocessed_as_served() -> None:
     spec = ModelMetadata.model_validate(json.loads(_resnet_meta())).input
-    calibrate, held_out = calibration.default_sets("resnet", spec)
+    calibrate, held_out = calibration.default_calibration("resnet18", spec), calibration.held_out(spec)
     assert calibrate.images.shape[1:] == held_out.images.shape[1:] == (224, 224, 3)
     assert len(calibrate) == 6 * len(calibration.CALIBRATION_PHOTOS)
     assert not set(calibration.CALIBRATION_PHOTOS) & set(calibration.HELD_OUT_PHOTOS)
