@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard manifests bench bench-quick peers clean
+.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard manifests bench bench-quick peers lock-peers clean
 
 setup: $(STAMP)
 
@@ -74,10 +74,15 @@ bench-quick: setup peers
 # MLServer and LitServe for the benchmark, in a virtual environment of their own.
 PEERS_VENV := benchmarks/.peers-venv
 peers: $(PEERS_VENV)/.installed
-$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt
+$(PEERS_VENV)/.installed: benchmarks/peers/requirements.txt benchmarks/peers/constraints.txt
 	$(PYTHON) -m venv $(PEERS_VENV)
-	$(PEERS_VENV)/bin/pip install -q -r benchmarks/peers/requirements.txt
+	$(PEERS_VENV)/bin/pip install -q -c benchmarks/peers/constraints.txt -r benchmarks/peers/requirements.txt
 	touch $@
+
+# Re-pin every package of the peers' venv (after changing benchmarks/peers/requirements.txt).
+lock-peers: peers
+	{ echo "# Every package of benchmarks/.peers-venv, pinned (make lock-peers rewrites it)."; \
+		$(PEERS_VENV)/bin/pip freeze; } > benchmarks/peers/constraints.txt
 
 # The Grafana dashboard JSON, from monitoring/dashboard.py.
 dashboard: setup
