@@ -25,6 +25,24 @@ class ModelNotFound(ServiceError):
         super().__init__(f"Unknown {what}; available: {', '.join(available) or 'none'}")
 
 
+class ModelUnloaded(ServiceError):
+    """A model in the store that the repository API unloaded (MODEL_CONTROL=explicit)."""
+
+    status_code = 404
+
+
+class RepositoryError(ServiceError):
+    """A repository call the service's model control refuses (not explicit mode): 409 Conflict."""
+
+    status_code = 409
+
+
+class ModelLoadFailed(ServiceError):
+    """A repository load whose model cannot be served; the message carries the reason (400, as Triton)."""
+
+    status_code = 400
+
+
 class PayloadTooLarge(ServiceError):
     status_code = 413
 

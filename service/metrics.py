@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -24,6 +24,7 @@ from .errors import Overloaded, ServiceError
 # 1 ms to 10 s, roughly x2 per bucket: CNN inference on a CPU or a GPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 class Metrics:
@@ -55,17 +56,15 @@ class Metrics:
         self.in_flight = prom.Gauge(
             "cnn_requests_in_flight", "Classification requests being served", ["protocol"], multiprocess_mode="livesum"
         )
-        self.model_ready = prom.Gauge(
-            "cnn_model_ready", "1 when the model serves, 0 while loading or after a failure", model,
-            multiprocess_mode="livemin",
-        )  # fmt: skip
-        self.model_info = prom.Gauge(
-            "cnn_model_info", "1 per served model, with the execution provider it runs on", [*model, "provider"],
-            multiprocess_mode="livemax",
-        )  # fmt: skip
-        self.model_load_seconds = prom.Gauge(
-            "cnn_model_load_seconds", "Time to load (phase=load) and warm up (phase=warmup) a model",
-            [*model, "phase"], multiprocess_mode="livemax",
+        self.model_changes = prom.Counter(
+            "cnn_model_changes",
+            "Loads and unloads of model versions by outcome (success, failure), per worker",
+            ["model", "action", "outcome"],
+        )
+        self.switch_seconds = prom.Histogram(
+            "cnn_model_switch_seconds",
+            "Time a version switch took: phase=load (load and warm-up until it serves), phase=unload (drain)",
+            ["model", "phase"], buckets=SWITCH_BUCKETS,
         )  # fmt: skip
 
     def observe_stage(self, labels: dict[str, Any], stage: str, seconds: float) -> None:
@@ -156,15 +155,58 @@ class ServerProcessCollector:
         yield GaugeMetricFamily("process_start_time_seconds", "Start time of the server", self.root.create_time())
 
 
-@cache
-def process_metrics_text() -> Any:
-    """A function rendering :class:`ServerProcessCollector` in the text exposition format."""
+class ModelStateCollector:
+    """``cnn_model_ready``, ``cnn_model_info`` and ``cnn_model_load_seconds`` from every worker's published state.
+
+    Not multiprocess gauges: prometheus_client cannot remove a series in multiprocess mode,
+    and a version that was unloaded must disappear rather than read 0 (not ready) for ever.
+    A version is ready (1) only when it is ready in every worker.
+    """
+
+    def __init__(self, states: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        self.states = states
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        ready: dict[tuple[str, str], float] = {}
+        info: dict[tuple[str, str, str], float] = {}
+        load: dict[tuple[str, str, str], float] = {}
+        for state in self.states():
+            for model, versions in state.get("models", {}).items():
+                for version, entry in versions.items():
+                    key = (model, version)
+                    ready[key] = min(ready.get(key, 1.0), 1.0 if entry.get("status") == "ready" else 0.0)
+                    if entry.get("provider"):
+                        info[(*key, entry["provider"])] = 1.0
+                    for phase in ("load", "warmup"):
+                        if f"{phase}_seconds" in entry:
+                            load[(*key, phase)] = max(load.get((*key, phase), 0.0), entry[f"{phase}_seconds"])
+        families: list[tuple[str, str, list[str], dict[Any, float]]] = [
+            ("cnn_model_ready", "1 when the version serves in every worker, 0 while loading, draining or failed",
+             ["model", "version"], ready),
+            ("cnn_model_info", "1 per served version, with the execution provider it runs on",
+             ["model", "version", "provider"], info),
+            ("cnn_model_load_seconds", "Time to load (phase=load) and warm up (phase=warmup) a version",
+             ["model", "version", "phase"], load),
+        ]  # fmt: skip
+        for name, documentation, labels, values in families:
+            family = GaugeMetricFamily(name, documentation, labels=labels)
+            for key, value in sorted(values.items()):
+                family.add_metric(list(key), value)
+            yield family
+
+
+def render(collector: Any) -> Callable[[], str]:
+    """A function rendering ``collector`` in the text exposition format."""
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServerProcessCollector())
+    registry.register(collector)
+    return lambda: generate_latest(registry).decode()
 
-    def render() -> str:
-        return generate_latest(registry).decode()
 
-    return render
+@cache
+def process_metrics_text() -> Callable[[], str]:
+    """:class:`ServerProcessCollector`, rendered."""
+    return render(ServerProcessCollector())

@@ -14,8 +14,9 @@ import bentoml
 
 from .frontends.app import create_app
 from .frontends.v2.handler import OipHandler
-from .metrics import get_metrics, process_metrics_text
+from .metrics import ModelStateCollector, get_metrics, process_metrics_text, render
 from .runtime.classifier import Classifier
+from .runtime.lifecycle import ModelControl
 from .runtime.readiness import WorkerReadiness
 from .runtime.repository import Repository
 from .settings import get_settings
@@ -36,7 +37,11 @@ def _configure_logging() -> None:
 
 _configure_logging()
 settings = get_settings()
-app = create_app(settings.api_token.get_secret_value() if settings.api_token else None, settings.enable_noop)
+app = create_app(
+    settings.api_token.get_secret_value() if settings.api_token else None,
+    settings.enable_noop,
+    settings.admin_token.get_secret_value() if settings.admin_token else None,
+)
 
 
 @bentoml.service(
@@ -52,20 +57,23 @@ class CNNClassifier:
     def __init__(self) -> None:
         self.readiness = WorkerReadiness(settings.workers)
         self.repository = Repository(settings, get_metrics(), self.readiness)
+        self.control = ModelControl(self.repository, self.readiness)
         self.decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
+        self.model_metrics = render(ModelStateCollector(lambda: self.readiness.states().values()))
         app.state.classifier = Classifier(self.repository, self.decoders)
-        app.state.oip = OipHandler(app.state.classifier)
-        self.repository.start()  # loads and warms up in the background; /readyz waits for it
+        app.state.oip = OipHandler(app.state.classifier, self.control)
+        self.control.start()  # loads and warms up in the background (then follows MODEL_CONTROL); /readyz waits
 
     def __is_ready__(self) -> bool:
         return self.repository.ready
 
     def __metrics__(self, content: str) -> str:
-        """BentoML's and our metrics, plus CPU and memory of the whole server process tree."""
-        return content + process_metrics_text()()
+        """BentoML's and our metrics, CPU and memory of the whole server process tree, every worker's models."""
+        return content + process_metrics_text()() + self.model_metrics()
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
+        self.control.stop()
         self.readiness.withdraw()
         await self.repository.close()
         self.decoders.shutdown(wait=False)

@@ -24,6 +24,22 @@ class Settings(BaseSettings):
     models: str = Field(
         "", description="Comma-separated models to load, `name` or `name:version`; empty = every model in the store."
     )
+    model_control: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="none: load at start only; poll: follow the store every POLL_INTERVAL_S; "
+        "explicit: change only on /v2/repository load and unload calls.",
+    )
+    poll_interval_s: float = Field(
+        5.0, gt=0, le=3600, description="How often MODEL_CONTROL=poll re-reads the store (and explicit the state file)."
+    )
+    model_control_state: Path | None = Field(
+        None,
+        description="MODEL_CONTROL=explicit's declared models, shared by every worker and replica; "
+        "empty = MODEL_STORE/.model-control.json.",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="When set, /v2/repository (HTTP and gRPC) needs `Authorization: Bearer <ADMIN_TOKEN>`."
+    )
     default_model: str = Field(
         "", description="Model for requests without ?model=; empty = resnet50 if loaded, else the first."
     )
@@ -118,6 +134,10 @@ class Settings(BaseSettings):
     def session_threads(self, instances: int = 1) -> int:
         """Threads of one session: the worker's share of the CPUs, split between the model's instances."""
         return self.intra_op_threads or max(1, cpu_count() // (self.workers * instances))
+
+    @property
+    def control_state_path(self) -> Path:
+        return self.model_control_state or self.model_store / ".model-control.json"
 
     @property
     def decoder_threads(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -21,10 +22,11 @@ from starlette.formparsers import MultiPartException
 from ..errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from ..runtime.classifier import Classifier
 from ..runtime.repository import Repository
+from ..store.layout import is_valid_name
 from .auth import BearerTokenMiddleware
 from .body import read_body
 from .page import add_page
-from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList
+from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList, VersionState
 from .v2.grpc_server import start_grpc_server
 from .v2.handler import OipHandler
 from .v2.rest import router as v2_router
@@ -98,15 +100,23 @@ async def read_images(request: Request, max_body: int, max_files: int) -> list[b
 
 
 def model_info(repository: Repository, name: str) -> ModelInfo:
-    entry = repository.entries[name]
+    """The model as a request without a version sees it, and every version this worker holds."""
+    entries = sorted(repository.versions.get(name, {}).values(), key=lambda e: e.version)
+    entry = repository.serving(name) or (entries[-1] if entries else None)
+    status = entry.status if entry is not None else "failed"
     info: dict[str, Any] = {
         "name": name,
-        "version": entry.version,
-        "versions": [v.version for v in repository.store.versions(name)] if entry.stored else [],
-        "status": entry.status,
-        "reason": entry.reason,
-    }
-    if entry.model is not None:
+        "version": entry.version if entry is not None else None,
+        "versions": [v.version for v in repository.store.versions(name)] if is_valid_name(name) else [],
+        "status": status,
+        "reason": repository.problems.get(name) or (entry.reason if entry is not None else None),
+        "served": [
+            VersionState(version=e.version, status=e.status, reason=e.reason, in_flight=e.in_flight,
+                         since=datetime.fromtimestamp(e.since, UTC).isoformat(timespec="seconds"))
+            for e in entries
+        ],
+    }  # fmt: skip
+    if entry is not None and entry.model is not None:
         meta = entry.model.metadata
         info |= {
             "provider": entry.model.provider,
@@ -136,14 +146,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         return
     settings = handler.settings
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    server = await start_grpc_server(handler, settings.http_host, settings.grpc_port, settings.max_body_bytes, token)
+    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+    server = await start_grpc_server(
+        handler, settings.http_host, settings.grpc_port, settings.max_body_bytes, token, admin
+    )
     try:
         yield
     finally:
         await server.stop(grace=5)
 
 
-def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastAPI:
+def create_app(api_token: str | None = None, enable_noop: bool = False, admin_token: str | None = None) -> FastAPI:
     app = FastAPI(
         title="CNN classification",
         description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime. "
@@ -156,8 +169,8 @@ def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastA
     install_error_handlers(app)
     add_page(app)
     app.include_router(v2_router)
-    if api_token:
-        app.add_middleware(BearerTokenMiddleware, token=api_token)
+    if api_token or admin_token:
+        app.add_middleware(BearerTokenMiddleware, token=api_token, admin_token=admin_token)
 
     def classifier(request: Request) -> Classifier:
         found: Classifier | None = getattr(request.app.state, "classifier", None)
@@ -177,7 +190,7 @@ def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastA
         request: Request,
         model: Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")] = None,
         top_k: Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")] = 5,
-        version: Annotated[int | None, Query(ge=1, description="Model version; default the loaded one")] = None,
+        version: Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")] = None,
     ) -> JSONResponse:
         """The body is the image file itself (`Content-Type: image/jpeg`, `image/png`, ...,
         or `application/octet-stream`), or `multipart/form-data` with one or more files."""
@@ -185,8 +198,7 @@ def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastA
         settings = service.settings
         if top_k > settings.max_top_k:
             raise InvalidInput(f"top_k={top_k} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
-        with service.metrics.track_request("http") as record:
-            entry = service.repository.get(model, version)
+        with service.metrics.track_request("http") as record, service.repository.lease(model, version) as entry:
             record.model, record.version = entry.name, str(entry.version)
             files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
             results = await service.classify(entry, files, top_k)
@@ -212,7 +224,7 @@ def create_app(api_token: str | None = None, enable_noop: bool = False) -> FastA
         repository = classifier(request).repository
         return ModelList(
             default_model=repository.default_model,
-            models=[model_info(repository, name) for name in repository.entries],
+            models=[model_info(repository, name) for name in repository.names()],
         )
 
     return app

@@ -27,12 +27,23 @@ class ErrorResponse(BaseModel):
     error: str = Field(description="What was wrong, and what would be right")
 
 
+class VersionState(BaseModel):
+    version: int
+    status: str = Field(description="loading, ready, draining (finishing its requests before release) or failed")
+    reason: str | None = Field(None, description="Why the version failed")
+    in_flight: int = Field(description="Requests this version is answering now")
+    since: str = Field(description="When it entered this state (UTC)")
+
+
 class ModelInfo(BaseModel):
     name: str
-    version: int | None
+    version: int | None = Field(description="The version a request without ?version= gets: the highest ready one")
     versions: list[int] = Field(description="Versions present in the store")
-    status: str = Field(description="loading, ready or failed")
+    status: str = Field(description="That version's state: loading, ready, draining or failed")
     reason: str | None = Field(None, description="Why the model is not ready")
+    served: list[VersionState] = Field(
+        default_factory=list, description="Every version this worker holds (its version policy), with its state"
+    )
     provider: str | None = Field(None, description="ONNX Runtime execution provider serving it")
     input: dict[str, Any] | None = None
     num_classes: int | None = None

@@ -79,6 +79,7 @@ class DynamicBatcher:
         self._free: list[int] = list(range(len(runs)))  # instances not running a batch
         self._released: asyncio.Event | None = None
         self._running: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the worker's, once a request came
         self._executor = ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix=f"infer-{name}")
 
     @property
@@ -115,6 +116,7 @@ class DynamicBatcher:
             self._arrival = asyncio.Event()  # events bind to the loop that first waits on them
             self._released = asyncio.Event()
             self._worker = loop.create_task(self._serve(), name=f"batcher-{self.name}")
+            self._loop = loop
         pending = _Pending(images, loop.create_future())
         self._queue.append(pending)
         self._queued_images += pending.size
@@ -198,6 +200,14 @@ class DynamicBatcher:
         if self._on_batch is not None:
             queue_seconds = [started - p.enqueued for p in batch]
             self._on_batch(BatchStats(len(images), len(batch), queue_seconds, finished - started))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """:meth:`close` from another thread (the model lifecycle's), once no request is left."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            self._executor.shutdown(wait=False)
+            return
+        asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout)
 
     async def close(self) -> None:
         tasks = [*self._running, *([self._worker] if self._worker is not None else [])]

@@ -1,15 +1,28 @@
-"""The models this process serves: which to load, their state, and how a request finds one."""
+"""The model versions this process serves, their states, and how a request finds one.
+
+A model may serve several versions at once (its ``version_policy``); each
+:class:`ModelEntry` is one version: ``loading`` → ``ready`` → ``draining`` → released, or
+``failed``. A request goes to the highest ready version unless it names one, and holds a
+lease on that version until it is answered, so a version being unloaded finishes the
+requests it holds before its sessions are released. What to load and unload is decided
+by :class:`~service.runtime.lifecycle.ModelControl`; this module only does it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import threading
-from dataclasses import dataclass
-from typing import Literal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from ..errors import InvalidInput, ModelNotFound, ModelNotReady
+from ..errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnloaded
 from ..metrics import Metrics
 from ..settings import Settings
+from ..store.integrity import Signature
 from ..store.layout import ModelStore, StoredVersion, is_valid_name
 from .batching import BatchStats, DynamicBatcher
 from .readiness import WorkerReadiness
@@ -17,98 +30,217 @@ from .session import LoadedModel, ModelLoadError, load_model
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["loading", "ready", "failed"]
+Status = Literal["loading", "ready", "draining", "failed"]
 
 
-@dataclass
+@dataclass(eq=False)
 class ModelEntry:
+    """One version of a model in this worker."""
+
     name: str
-    version: int | None
+    version: int
     status: Status = "loading"
     reason: str | None = None
     model: LoadedModel | None = None
     batcher: DynamicBatcher | None = None
-    stored: StoredVersion | None = None
+    signature: Signature = ()  # the files it was loaded (or failed) from
+    in_flight: int = 0  # requests holding a lease
+    since: float = field(default_factory=time.time)
+
+    def state(self) -> dict[str, Any]:
+        """What the worker publishes about this version (``/metrics``, repository calls)."""
+        state: dict[str, Any] = {"status": self.status, "reason": self.reason, "since": self.since}
+        if self.model is not None:
+            state |= {
+                "provider": self.model.provider,
+                "load_seconds": self.model.load_seconds,
+                "warmup_seconds": self.model.warmup_seconds,
+            }
+        return state
 
 
 class Repository:
-    """Loads every requested model in a background thread; ready once each is warm or failed."""
-
     def __init__(self, settings: Settings, metrics: Metrics, readiness: WorkerReadiness | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
         self.readiness = readiness
         self.store = ModelStore(settings.model_store)
-        self.entries: dict[str, ModelEntry] = {}
+        self.versions: dict[str, dict[int, ModelEntry]] = {}
+        self.problems: dict[str, str] = {}  # models asked for that cannot be served at all, and why
+        self.generation = 0  # of the declared state (MODEL_CONTROL=explicit) this worker has applied
+        self._lock = threading.Lock()  # between the event loop's leases and the lifecycle thread
         self._loaded = threading.Event()
-        self._discover()
 
-    def _discover(self) -> None:
-        requested = self.settings.requested_models() or dict.fromkeys(self.store.names())
-        if not requested:
-            logger.error(
-                "The model store %s holds no model: run `make export` (or `python -m export lenet5 --out %s`)",
-                self.store.root.resolve(),
-                self.store.root,
-            )
-        for name, version in requested.items():
-            entry = ModelEntry(name, version)
-            self.entries[name] = entry
-            if not is_valid_name(name):
-                entry.status, entry.reason = "failed", f"invalid model name {name!r}"
-                continue
-            versions = {v.version: v for v in self.store.versions(name)}
-            wanted = version if version is not None else max(versions, default=None)
-            if wanted is None or wanted not in versions:
-                what = f"version {version} of {name!r}" if version else f"{name!r}"
-                entry.status = "failed"
-                entry.reason = f"{what} is not in the model store {self.store.root} (run `make export`)"
-            else:
-                entry.version, entry.stored = wanted, versions[wanted]
-            self.metrics.model_ready.labels(model=name, version=str(entry.version or "")).set(0)
+    # -- what the front ends see ---------------------------------------------------------
 
-    def start(self) -> None:
-        threading.Thread(target=self._load_all, name="model-loader", daemon=True).start()
+    def names(self) -> list[str]:
+        """Models with a version in this worker, or a reason why not; sorted."""
+        return sorted({*self.versions, *self.problems})
 
-    def _load_all(self) -> None:
-        for entry in self.entries.values():
-            if entry.stored is not None:
-                self._load(entry, entry.stored)
+    @property
+    def ready(self) -> bool:
+        """This worker has been through its first load, and so has every other worker."""
+        loaded = self._loaded.is_set() and bool(self.names())
+        return loaded and (self.readiness is None or self.readiness.all_ready())
+
+    def mark_loaded(self) -> None:
         self._loaded.set()
-        if self.readiness is not None and self.entries:
+        if self.readiness is not None and self.names():
             self.readiness.mark_ready()
 
-    def _load(self, entry: ModelEntry, stored: StoredVersion) -> None:
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    @property
+    def default_model(self) -> str | None:
+        if self.settings.default_model:
+            return self.settings.default_model
+        ready = [name for name in self.versions if self.serving(name)]
+        if "resnet50" in ready:
+            return "resnet50"
+        return ready[0] if ready else next(iter(self.names()), None)
+
+    def serving(self, name: str) -> ModelEntry | None:
+        """The version a request without a version goes to: the highest ready one."""
+        ready = [e for e in self.versions.get(name, {}).values() if e.status == "ready"]
+        return max(ready, key=lambda e: e.version, default=None)
+
+    def get(self, name: str | None, version: int | None = None) -> ModelEntry:
+        """The ready version for a request; 400/404/503 errors name what would be right."""
+        available = ", ".join(self.names()) or "none"
+        if name == "":
+            raise InvalidInput(f"Empty model name: use one of {available}, or leave model= out for the default")
+        name = name if name is not None else self.default_model
+        if not name:
+            raise ModelNotFound("", self.names())
+        if not is_valid_name(name):
+            raise InvalidInput(f"Invalid model name {name!r}: use one of {available}")
+        versions = self.versions.get(name)
+        if not versions:
+            if name in self.problems:
+                raise ModelNotReady(f"Model {name!r} is not available: {self.problems[name]}")
+            if self.settings.model_control == "explicit" and self.store.versions(name):
+                raise ModelUnloaded(
+                    f"Model {name!r} is not loaded: load it with POST /v2/repository/models/{name}/load; "
+                    f"loaded: {available}"
+                )
+            raise ModelNotFound(name, self.names())
+        if version is None:
+            entry = self.serving(name) or max(versions.values(), key=lambda e: e.version)
+        else:
+            entry = versions.get(version)  # type: ignore[assignment]
+            if entry is None or entry.status == "draining":
+                served = [f"{name} version {v}" for v, e in sorted(versions.items()) if e.status == "ready"]
+                raise ModelNotFound(name, served, version)
+        if entry.status == "loading":
+            raise ModelNotReady(f"Model {name!r} version {entry.version} is still loading; retry in a few seconds")
+        if entry.status != "ready" or entry.batcher is None:
+            raise ModelNotReady(f"Model {name!r} version {entry.version} is not available: {entry.reason}")
+        return entry
+
+    @contextlib.contextmanager
+    def lease(self, name: str | None, version: int | None = None) -> Iterator[ModelEntry]:
+        """The version for a request, held (not released by an unload) until the request is answered."""
+        with self._lock:
+            entry = self.get(name, version)
+            entry.in_flight += 1
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                entry.in_flight -= 1
+
+    # -- what the lifecycle does ---------------------------------------------------------
+
+    def failed(self, name: str, version: int) -> ModelEntry | None:
+        entry = self.versions.get(name, {}).get(version)
+        return entry if entry is not None and entry.status == "failed" else None
+
+    def load(self, stored: StoredVersion, signature: Signature) -> ModelEntry:
+        """Load and warm up one version beside those serving; it takes requests once warm."""
+        entry = ModelEntry(stored.name, stored.version, signature=signature)
+        with self._lock:
+            self.versions.setdefault(stored.name, {})[stored.version] = entry
+        self.publish()
+        started = time.perf_counter()
         try:
             model = load_model(self.store, stored, self.settings)
             model.warm_up(self.settings.warmup)
         except ModelLoadError as exc:
-            entry.status, entry.reason = "failed", str(exc)
-            logger.error("%s v%d: not served: %s", stored.name, stored.version, exc)
-            return
-        except Exception as exc:  # a failing warm-up run, say: that model is out, the others go on
-            entry.status, entry.reason = "failed", f"{type(exc).__name__}: {exc}"
-            logger.exception("%s v%d: not served", stored.name, stored.version)
-            return
-        entry.batcher = self._make_batcher(model)
-        entry.model, entry.status = model, "ready"
-        labels = {"model": model.name, "version": str(model.version)}
-        self.metrics.model_ready.labels(**labels).set(1)
-        self.metrics.model_info.labels(**labels, provider=model.provider).set(1)
-        self.metrics.model_load_seconds.labels(**labels, phase="load").set(model.load_seconds)
-        self.metrics.model_load_seconds.labels(**labels, phase="warmup").set(model.warmup_seconds)
+            return self.fail(entry, str(exc))
+        except Exception as exc:  # a failing warm-up run, say: this version is out, the others go on
+            logger.exception("%s v%d: warm-up failed", stored.name, stored.version)
+            return self.fail(entry, f"{type(exc).__name__}: {exc}")
+        entry.batcher, entry.model = self._make_batcher(model), model
+        with self._lock:
+            entry.status, entry.since = "ready", time.time()
+        self._count(entry, "load", "success", time.perf_counter() - started)
         for protocol in ("http", "grpc"):  # at 0 from the start: an alert's rate() then sees the first shed request
             self.metrics.shed.labels(model=model.name, protocol=protocol)
         logger.info(
             "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d instance(s) of %d threads)",
-            model.name,
-            model.version,
-            model.provider,
-            model.load_seconds,
-            model.warmup_seconds,
-            model.instances,
-            model.threads,
-        )
+            model.name, model.version, model.provider, model.load_seconds, model.warmup_seconds,
+            model.instances, model.threads,
+        )  # fmt: skip
+        self.publish()
+        return entry
+
+    def fail(self, entry: ModelEntry, reason: str) -> ModelEntry:
+        """Record a version that cannot be served; it never replaces one that serves."""
+        with self._lock:
+            self.versions.setdefault(entry.name, {})[entry.version] = entry
+            entry.status, entry.reason, entry.since = "failed", reason, time.time()
+        self._count(entry, "load", "failure")
+        logger.error("%s v%d: not served: %s", entry.name, entry.version, reason)
+        self.publish()
+        return entry
+
+    def unload(self, entry: ModelEntry) -> None:
+        """Take the version out of routing, let it finish the requests it holds, then release it."""
+        with self._lock:
+            entry.status, entry.since = "draining", time.time()
+        self.publish()
+        started = time.perf_counter()
+        deadline = time.monotonic() + self.settings.request_timeout_s
+        while entry.in_flight and time.monotonic() < deadline:
+            time.sleep(0.005)
+        outcome = "success"
+        if entry.in_flight:
+            outcome = "failure"
+            logger.warning("%s v%d: %d requests still running after REQUEST_TIMEOUT_S; cut off",
+                           entry.name, entry.version, entry.in_flight)  # fmt: skip
+        if entry.batcher is not None:
+            entry.batcher.shutdown()
+        self.forget(entry)
+        entry.model = entry.batcher = None
+        gc.collect()  # the sessions' memory goes back now, not at the next collection
+        self._count(entry, "unload", outcome, time.perf_counter() - started)
+        logger.info("%s v%d: unloaded (drained in %.3fs)", entry.name, entry.version, time.perf_counter() - started)
+
+    def forget(self, entry: ModelEntry) -> None:
+        with self._lock:
+            versions = self.versions.get(entry.name, {})
+            if versions.get(entry.version) is entry:
+                del versions[entry.version]
+            if not versions:
+                self.versions.pop(entry.name, None)
+        self.publish()
+
+    def publish(self) -> None:
+        """Tell the other workers (and ``/metrics``) what this worker serves."""
+        if self.readiness is None:
+            return
+        models: dict[str, dict[str, Any]] = {
+            name: {str(v): e.state() for v, e in sorted(versions.items())} for name, versions in self.versions.items()
+        }
+        for name, reason in self.problems.items():
+            models.setdefault(name, {})[""] = {"status": "failed", "reason": reason}
+        self.readiness.publish({"generation": self.generation, "models": models})
+
+    def _count(self, entry: ModelEntry, action: str, outcome: str, seconds: float | None = None) -> None:
+        self.metrics.model_changes.labels(model=entry.name, action=action, outcome=outcome).inc()
+        if seconds is not None:
+            self.metrics.switch_seconds.labels(model=entry.name, phase=action).observe(seconds)
 
     def _make_batcher(self, model: LoadedModel) -> DynamicBatcher:
         labels = {"model": model.name, "version": str(model.version)}
@@ -129,46 +261,8 @@ class Repository:
             on_batch=on_batch,
         )
 
-    @property
-    def ready(self) -> bool:
-        """This worker has loaded (or failed) every model, and so has every other worker."""
-        loaded = self._loaded.is_set() and bool(self.entries)
-        return loaded and (self.readiness is None or self.readiness.all_ready())
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._loaded.wait(timeout)
-
-    @property
-    def default_model(self) -> str | None:
-        if self.settings.default_model:
-            return self.settings.default_model
-        ready = [name for name, e in self.entries.items() if e.status == "ready"]
-        if "resnet50" in ready:
-            return "resnet50"
-        return ready[0] if ready else next(iter(self.entries), None)
-
-    def get(self, name: str | None, version: int | None = None) -> ModelEntry:
-        """The ready entry for a request; 400/404/503 errors name what would be right."""
-        available = ", ".join(sorted(self.entries)) or "none"
-        if name == "":
-            raise InvalidInput(f"Empty model name: use one of {available}, or leave model= out for the default")
-        name = name if name is not None else self.default_model
-        if not name:
-            raise ModelNotFound("", sorted(self.entries))
-        if not is_valid_name(name):
-            raise InvalidInput(f"Invalid model name {name!r}: use one of {available}")
-        entry = self.entries.get(name)
-        if entry is None:
-            raise ModelNotFound(name, sorted(self.entries))
-        if version is not None and version != entry.version:
-            raise ModelNotFound(name, [f"{name} version {entry.version}"], version)
-        if entry.status == "loading":
-            raise ModelNotReady(f"Model {name!r} is still loading; retry when /readyz answers 200")
-        if entry.status == "failed" or entry.batcher is None:
-            raise ModelNotReady(f"Model {name!r} is not available: {entry.reason}")
-        return entry
-
     async def close(self) -> None:
-        for entry in self.entries.values():
-            if entry.batcher is not None:
-                await entry.batcher.close()
+        for versions in list(self.versions.values()):
+            for entry in list(versions.values()):
+                if entry.batcher is not None:
+                    await entry.batcher.close()

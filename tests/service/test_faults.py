@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -51,6 +53,12 @@ def batch_of_eight_only_graph(path: Path) -> None:
     onnx.save(model, path)
 
 
+def record_graph_hash(version: Path) -> None:
+    metadata = json.loads((version / "metadata.json").read_text())
+    metadata["onnx"]["sha256"] = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
+    (version / "metadata.json").write_text(json.dumps(metadata))
+
+
 @pytest.fixture(scope="module")
 def faulty(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("faulty_store")
@@ -64,6 +72,8 @@ def faulty(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) ->
     (root / "not_onnx" / "1" / "model.onnx").write_text("this is not a protobuf\n")
     (root / "bad_metadata" / "1" / "metadata.json").write_text("{ not json")
     batch_of_eight_only_graph(root / "runtime_fault" / "1" / "model.onnx")
+    for name in ("not_onnx", "runtime_fault"):  # recorded as the export would: past the integrity check
+        record_graph_hash(root / name / "1")
     with running(root, root.parent / "faulty.log", WARMUP_BATCHES="[8]") as process:
         yield process
 
@@ -78,7 +88,7 @@ def test_broken_models_are_listed_with_the_reason_and_the_rest_serve(faulty: Ser
     assert models["lenet5"]["status"] == "ready" and models["runtime_fault"]["status"] == "ready"
     reasons = {
         "missing_graph": "model.onnx is missing",
-        "truncated_graph": "ONNX Runtime cannot load",
+        "truncated_graph": "model.onnx's sha256 does not match metadata.json",
         "not_onnx": "ONNX Runtime cannot load",
         "bad_metadata": "metadata.json is invalid",
     }

@@ -13,8 +13,18 @@ from typing import Any
 import grpc
 import numpy as np
 
-from ...errors import InvalidInput, ModelNotFound, ModelNotReady, Overloaded, PayloadTooLarge, ServiceError
-from ..auth import OPEN_GRPC_METHODS, token_matches
+from ...errors import (
+    InvalidInput,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    ModelUnloaded,
+    Overloaded,
+    PayloadTooLarge,
+    RepositoryError,
+    ServiceError,
+)
+from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
 from .handler import (
     EXTENSIONS,
     SERVER_NAME,
@@ -22,7 +32,6 @@ from .handler import (
     OipHandler,
     RequestedOutput,
     Tensor,
-    model_metadata,
     serialize_bytes,
     tensor_from_raw,
     tensor_from_values,
@@ -35,6 +44,9 @@ logger = logging.getLogger(__name__)
 STATUS = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    ModelUnloaded: grpc.StatusCode.NOT_FOUND,
+    RepositoryError: grpc.StatusCode.FAILED_PRECONDITION,
+    ModelLoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.UNAVAILABLE,
     PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -117,7 +129,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            metadata = model_metadata(self.handler.entry(request.name, request.version))
+            metadata = self.handler.metadata(request.name, request.version)
         except Exception as exc:
             await self._abort(context, exc)
             raise  # pragma: no cover - abort raises
@@ -131,14 +143,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
-            entry = self.handler.entry(request.model_name, request.model_version)
-            requested = [
-                RequestedOutput(o.name, int(_parameter(o.parameters["classification"]) or 0))
-                if "classification" in o.parameters
-                else RequestedOutput(o.name)
-                for o in request.outputs
-            ]
-            outputs = await self.handler.infer(entry, decode_inputs(request), requested, protocol="grpc")
+            with self.handler.lease(request.model_name, request.model_version) as entry:
+                requested = [
+                    RequestedOutput(o.name, int(_parameter(o.parameters["classification"]) or 0))
+                    if "classification" in o.parameters
+                    else RequestedOutput(o.name)
+                    for o in request.outputs
+                ]
+                outputs = await self.handler.infer(entry, decode_inputs(request), requested, protocol="grpc")
         except Exception as exc:
             await self._abort(context, exc)
             raise  # pragma: no cover - abort raises
@@ -146,15 +158,49 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         encode_outputs(response, outputs)
         return response
 
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        try:
+            rows = self.handler.manager.index(ready_only=request.ready)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise  # pragma: no cover - abort raises
+        response = pb.RepositoryIndexResponse()
+        for row in rows:
+            response.models.add(**row)
+        return response
 
-UNAUTHENTICATED_MESSAGE = "Missing or wrong token: send the metadata 'authorization: Bearer <API_TOKEN>'"
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            parameters = {key: _parameter(value) for key, value in request.parameters.items()}
+            await self.handler.manager.load(request.model_name, parameters)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise  # pragma: no cover - abort raises
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            parameters = {key: _parameter(value) for key, value in request.parameters.items()}
+            await self.handler.manager.unload(request.model_name, parameters)
+        except Exception as exc:
+            await self._abort(context, exc)
+            raise  # pragma: no cover - abort raises
+        return pb.RepositoryModelUnloadResponse()
+
+
+GRPC_STATUS = {Access.MISSING: grpc.StatusCode.UNAUTHENTICATED, Access.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED}
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED for every call but the health checks without ``authorization: Bearer <token>``."""
+    """``API_TOKEN`` for inference and metadata, ``ADMIN_TOKEN`` for the repository calls; health stays open."""
 
-    def __init__(self, token: str) -> None:
-        self.token = token
+    def __init__(self, api_token: str | None, admin_token: str | None) -> None:
+        self.api_token = api_token
+        self.admin_token = admin_token
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if details.method in OPEN_GRPC_METHODS:
@@ -163,20 +209,27 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         authorization = metadata.get("authorization")
         if isinstance(authorization, bytes):
             authorization = authorization.decode("latin-1")
-        if token_matches(authorization, self.token):
+        admin = details.method in ADMIN_GRPC_METHODS
+        access, message = check_access(authorization, self.api_token, self.admin_token, admin, grpc=True)
+        if access is Access.GRANTED:
             return await continuation(details)
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+            await context.abort(GRPC_STATUS[access], message)
 
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
 async def start_grpc_server(
-    handler: OipHandler, host: str, port: int, max_message_bytes: int, token: str | None = None
+    handler: OipHandler,
+    host: str,
+    port: int,
+    max_message_bytes: int,
+    token: str | None = None,
+    admin_token: str | None = None,
 ) -> grpc.aio.Server:
     server = grpc.aio.server(
-        interceptors=[TokenInterceptor(token)] if token else None,
+        interceptors=[TokenInterceptor(token, admin_token)] if token or admin_token else None,
         options=[
             ("grpc.so_reuseport", 1),
             ("grpc.max_receive_message_length", max_message_bytes),

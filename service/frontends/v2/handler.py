@@ -12,6 +12,7 @@ decodes them. Outputs: ``logits`` and ``probabilities`` (FP32 ``[N, classes]``);
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from dataclasses import dataclass, field
@@ -22,8 +23,10 @@ import numpy as np
 from ...errors import InvalidInput, PayloadTooLarge, ServiceError
 from ...metrics import RequestRecord
 from ...runtime.classifier import Classifier, top_k
+from ...runtime.lifecycle import ModelControl
 from ...runtime.repository import ModelEntry
 from ...runtime.session import OUTPUT_NAMES
+from .management import RepositoryManager
 
 IMAGES = "images"
 IMAGE_BYTES = "image_bytes"
@@ -125,7 +128,8 @@ def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) 
     return Tensor(name, datatype, shape, array.reshape(shape) if datatype != "BYTES" else array)
 
 
-def model_metadata(entry: ModelEntry) -> dict[str, Any]:
+def model_metadata(entry: ModelEntry, versions: list[int]) -> dict[str, Any]:
+    """Triton's model metadata; ``versions`` are those serving, the one described among them."""
     assert entry.model is not None
     meta = entry.model.metadata
     spec, classes = meta.input, meta.num_classes
@@ -135,7 +139,7 @@ def model_metadata(entry: ModelEntry) -> dict[str, Any]:
         parameters |= {"derived_from": meta.derived_from, "accuracy": meta.accuracy, "forced": meta.forced}
     return {
         "name": entry.name,
-        "versions": [str(entry.version)],
+        "versions": [str(v) for v in versions],
         "platform": PLATFORM,
         "inputs": [
             {"name": IMAGES, "datatype": "UINT8", "shape": [-1, spec.size, spec.size, spec.channels]},
@@ -149,17 +153,30 @@ def model_metadata(entry: ModelEntry) -> dict[str, Any]:
 class OipHandler:
     """ModelInfer and the metadata calls, for any transport."""
 
-    def __init__(self, classifier: Classifier) -> None:
+    def __init__(self, classifier: Classifier, control: ModelControl) -> None:
         self.classifier = classifier
         self.repository = classifier.repository
         self.settings = classifier.settings
+        self.manager = RepositoryManager(control)
+
+    def _resolve(self, name: str, version: str) -> int | None:
+        if not name:
+            raise InvalidInput(f"No model name given; available: {', '.join(self.repository.names())}")
+        if version and not (version.isdigit() and int(version) > 0):
+            raise InvalidInput(f"Model version must be a positive integer, got {version!r}")
+        return int(version) if version else None
 
     def entry(self, name: str, version: str = "") -> ModelEntry:
-        if not name:
-            raise InvalidInput(f"No model name given; available: {', '.join(sorted(self.repository.entries))}")
-        if version and not version.isdigit():
-            raise InvalidInput(f"Model version must be a positive integer, got {version!r}")
-        return self.repository.get(name, int(version) if version else None)
+        return self.repository.get(name, self._resolve(name, version))
+
+    def lease(self, name: str, version: str = "") -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for an inference, held until it is answered (see :meth:`Repository.lease`)."""
+        return self.repository.lease(name, self._resolve(name, version))
+
+    def metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        entry = self.entry(name, version)
+        served = self.repository.versions.get(entry.name, {})
+        return model_metadata(entry, sorted(v for v, e in served.items() if e.status == "ready"))
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

@@ -24,7 +24,6 @@ from .handler import (
     OipHandler,
     RequestedOutput,
     Tensor,
-    model_metadata,
     serialize_bytes,
     tensor_from_raw,
     tensor_from_values,
@@ -141,15 +140,15 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata for a version")
 async def metadata(request: Request, name: str, version: str = "") -> dict[str, Any]:
-    return model_metadata(_handler(request).entry(name, version))
+    return _handler(request).metadata(name, version)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness for a version")
 async def model_ready(request: Request, name: str, version: str = "") -> JSONResponse:
     handler = _handler(request)
-    if name not in handler.repository.entries:
-        raise ModelNotFound(name, sorted(handler.repository.entries))
+    if name not in handler.repository.names():
+        raise ModelNotFound(name, handler.repository.names())
     is_ready = handler.model_ready(name, version)
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else NOT_READY)
 
@@ -158,9 +157,50 @@ async def model_ready(request: Request, name: str, version: str = "") -> JSONRes
 @router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version")
 async def infer(request: Request, name: str, version: str = "") -> Response:
     handler = _handler(request)
-    entry = handler.entry(name, version)
-    body = await read_body(request, handler.settings.max_body_bytes)
-    header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
-    requested, default_binary = requested_outputs(header)
-    outputs = await handler.infer(entry, inputs, requested, protocol="http")
+    with handler.lease(name, version) as entry:
+        body = await read_body(request, handler.settings.max_body_bytes)
+        header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+        requested, default_binary = requested_outputs(header)
+        outputs = await handler.infer(entry, inputs, requested, protocol="http")
     return encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary)
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    """A repository call's body: empty, or a JSON object."""
+    body = await read_body(request, 1 << 20)
+    if not body.strip():
+        return {}
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object")
+    return data
+
+
+def _parameters(data: dict[str, Any]) -> dict[str, Any]:
+    parameters = data.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput('"parameters" must be a JSON object')
+    return parameters
+
+
+@router.post("/repository/index", tags=["Model repository"], summary="The store's models and their versions' states")
+async def repository_index(request: Request) -> JSONResponse:
+    data = await _json_object(request)
+    return JSONResponse(_handler(request).manager.index(ready_only=bool(data.get("ready", False))))
+
+
+@router.post("/repository/models/{name}/load", tags=["Model repository"], summary="Load a model of the store")
+async def repository_load(request: Request, name: str) -> JSONResponse:
+    handler = _handler(request)
+    await handler.manager.load(name, _parameters(await _json_object(request)))
+    return JSONResponse({})
+
+
+@router.post("/repository/models/{name}/unload", tags=["Model repository"], summary="Unload a model (drained first)")
+async def repository_unload(request: Request, name: str) -> JSONResponse:
+    handler = _handler(request)
+    await handler.manager.unload(name, _parameters(await _json_object(request)))
+    return JSONResponse({})

@@ -1,0 +1,116 @@
+"""The Open Inference Protocol's repository extension, as Triton serves it: index, load, unload.
+
+Transport-neutral, like :mod:`.handler`: ``/v2/repository/...`` and gRPC's ``Repository*``
+calls decode their wire format and call :class:`RepositoryManager`.
+
+A load names a model *in the store* and nothing else: Triton's ``config`` and ``file:``
+parameters (a configuration or a graph sent with the request) are refused, and the name
+must be a plain store name, so no request ever picks what is read from disk (TorchServe's
+CVE-2023-43654 came from loading what a request pointed at). Load and unload change the
+declared state (:class:`~service.runtime.lifecycle.DeclaredState`) and return once every
+worker has applied it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ...errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, RepositoryError
+from ...runtime.lifecycle import ModelControl
+from ...store.layout import is_valid_name
+
+# Triton's index states
+READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
+STATES = {"ready": READY, "loading": LOADING, "draining": UNAVAILABLE, "failed": UNAVAILABLE}
+UNLOAD_PARAMETERS = {"unload_dependents"}  # tritonclient sends it; a CNN has no dependents
+
+
+class RepositoryManager:
+    def __init__(self, control: ModelControl) -> None:
+        self.control = control
+        self.repository = control.repository
+        self.settings = control.settings
+
+    def require_explicit(self) -> None:
+        if self.settings.model_control != "explicit":
+            raise RepositoryError(
+                f"The repository API is off: MODEL_CONTROL is {self.settings.model_control!r}. "
+                "Start the service with MODEL_CONTROL=explicit to load and unload models through it"
+                + (" (poll mode follows the store by itself)" if self.settings.model_control == "poll" else "")
+            )
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every model in the store with each version this worker holds (Triton's ``ModelIndex``)."""
+        self.require_explicit()
+        rows = []
+        for name in self.repository.store.names():
+            entries = sorted(self.repository.versions.get(name, {}).values(), key=lambda e: e.version)
+            if not entries and not ready_only:
+                rows.append({"name": name, "version": "", "state": UNAVAILABLE, "reason": "unloaded"})
+            for entry in entries:
+                state = STATES[entry.status]
+                if not ready_only or state == READY:
+                    reason = entry.reason or ("draining" if entry.status == "draining" else "")
+                    rows.append({"name": name, "version": str(entry.version), "state": state, "reason": reason})
+        return rows
+
+    def _checked_name(self, name: str) -> str:
+        if not is_valid_name(name):
+            raise InvalidInput(
+                f"Invalid model name {name!r}: a load names a model in the store (lower-case letters, digits, "
+                "'_', '-', '.'), never a path"
+            )
+        if not self.repository.store.versions(name):
+            raise ModelNotFound(name, self.repository.store.names())
+        return name
+
+    async def load(self, name: str, parameters: dict[str, Any]) -> None:
+        """Serve ``name`` at the versions its policy selects now; returns once every worker serves them."""
+        self.require_explicit()
+        if parameters:  # Triton's "config" and "file:<path>" among them
+            raise InvalidInput(
+                f"Load parameters {sorted(parameters)} refused: this service loads only what the model store holds "
+                "under the model's name, never a configuration or files sent with the request"
+            )
+        name = self._checked_name(name)
+        try:
+            versions = await asyncio.to_thread(self.control.resolve, name)
+        except ValueError as exc:
+            raise ModelLoadFailed(f"Failed to load {name!r}: {exc}") from None
+        declared = self.control.declared
+        assert declared is not None
+        before = ((await asyncio.to_thread(declared.read)) or {}).get("models", {}).get(name)
+        try:
+            await self._change(name, versions)
+        except ModelLoadFailed:  # what a restart would come back to: what served before
+            await self._change(name, before, wait=False)
+            raise
+
+    async def unload(self, name: str, parameters: dict[str, Any]) -> None:
+        """Stop serving ``name``; returns once every worker has drained and released it."""
+        self.require_explicit()
+        unknown = sorted(set(parameters) - UNLOAD_PARAMETERS)
+        if unknown:
+            raise InvalidInput(f"Unknown unload parameters {unknown}; accepted: {sorted(UNLOAD_PARAMETERS)}")
+        await self._change(self._checked_name(name), None)
+
+    async def _change(self, name: str, versions: list[int] | None, wait: bool = True) -> None:
+        assert self.control.declared is not None
+        try:
+            generation = await asyncio.to_thread(self.control.declared.declare, name, versions)
+        except (OSError, ValueError) as exc:
+            raise RepositoryError(
+                f"Cannot record the change in {self.control.declared.path}: {exc}; point MODEL_CONTROL_STATE at a "
+                "writable file every worker and replica shares"
+            ) from None
+        self.control.wake()
+        if not wait:
+            return
+        timeout = self.settings.request_timeout_s
+        failure = await asyncio.to_thread(self.control.wait, generation, name, versions, timeout)
+        if failure is None:
+            return
+        if "failed to load" in failure:
+            raise ModelLoadFailed(f"Failed to load {name!r}: {failure}")
+        raise ModelNotReady(f"{'Load' if versions else 'Unload'} of {name!r}: {failure}")

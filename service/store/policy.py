@@ -1,0 +1,78 @@
+"""Which versions of a model to serve: Triton's ``version_policy``, read from the model's ``config.pbtxt``.
+
+The same file governs this service and Triton, so it is parsed here, not restated in a
+setting. The three policies of Triton's ``ModelVersionPolicy``::
+
+    version_policy: { latest: { num_versions: 2 } }     # the N highest versions (the default, N = 1)
+    version_policy: { specific: { versions: [1, 3] } }  # exactly these
+    version_policy: { all: { } }                        # every version
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+_POLICY = re.compile(r"version_policy\s*:?\s*\{\s*(\w+)\s*:?\s*\{([^{}]*)\}\s*\}", re.S)
+_COMMENT = re.compile(r"#[^\n]*")
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    kind: Literal["latest", "specific", "all"] = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve among ``available`` (any order), ascending."""
+        ordered = sorted(set(available))
+        if self.kind == "all":
+            return ordered
+        if self.kind == "specific":
+            return [v for v in ordered if v in self.versions]
+        return ordered[-self.num_versions :]
+
+    def describe(self) -> str:
+        if self.kind == "latest":
+            return f"latest {self.num_versions}"
+        return "all" if self.kind == "all" else f"specific {list(self.versions)}"
+
+
+def parse_version_policy(text: str) -> VersionPolicy:
+    """The policy in a ``config.pbtxt``'s text; Triton's default (latest 1) when it names none.
+
+    Raises ``ValueError`` naming what is wrong, for a policy Triton would refuse too.
+    """
+    text = _COMMENT.sub("", text)
+    if "version_policy" not in text:
+        return VersionPolicy()
+    match = _POLICY.search(text)
+    if match is None:
+        raise ValueError("version_policy is not of the form `version_policy: { latest|specific|all: { ... } }`")
+    kind, body = match.group(1), match.group(2)
+    if kind == "all":
+        return VersionPolicy("all")
+    if kind == "latest":
+        found = re.search(r"num_versions\s*:\s*(\d+)", body)
+        if found is None or int(found.group(1)) < 1:
+            raise ValueError("version_policy latest needs `num_versions: N` with N >= 1")
+        return VersionPolicy("latest", num_versions=int(found.group(1)))
+    if kind == "specific":
+        listed = re.findall(r"versions\s*:\s*\[([^\]]*)\]", body)
+        numbers = [n for group in listed for n in re.split(r"[\s,]+", group.strip()) if n]
+        numbers += re.findall(r"versions\s*:\s*(\d+)", body)  # the repeated-field form
+        if not numbers or not all(n.isdigit() and int(n) > 0 for n in numbers):
+            raise ValueError("version_policy specific needs `versions: [1, 2, ...]` of positive integers")
+        return VersionPolicy("specific", versions=tuple(sorted({int(n) for n in numbers})))
+    raise ValueError(f"unknown version_policy {kind!r}: use latest, specific or all")
+
+
+def read_version_policy(config: Path) -> VersionPolicy:
+    """The policy of a ``config.pbtxt``; a model without one is served as Triton would (latest 1)."""
+    try:
+        text = config.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return VersionPolicy()
+    return parse_version_policy(text)
