@@ -124,6 +124,8 @@ class ModelControl:
         self._warned_empty = False
 
     def start(self) -> None:
+        if self.mode == "explicit" and not (self.settings.admin_token or self.settings.api_token):
+            logger.warning("MODEL_CONTROL=explicit with no ADMIN_TOKEN: anyone who reaches the port can unload models")
         threading.Thread(target=self._run, name="model-control", daemon=True).start()
 
     def stop(self) -> None:
