@@ -172,24 +172,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        try:
-            parameters = {key: _parameter(value) for key, value in request.parameters.items()}
-            await self.handler.manager.load(request.model_name, parameters)
-        except Exception as exc:
-            await self._abort(context, exc)
-            raise  # pragma: no cover - abort raises
+        await self._manage(context, self.handler.manager.load, request)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        await self._manage(context, self.handler.manager.unload, request)
+        return pb.RepositoryModelUnloadResponse()
+
+    async def _manage(self, context: Any, action: Any, request: Any) -> None:
+        """A load or unload: the model's name and the request's parameters, errors as gRPC statuses."""
         try:
             parameters = {key: _parameter(value) for key, value in request.parameters.items()}
-            await self.handler.manager.unload(request.model_name, parameters)
+            await action(request.model_name, parameters)
         except Exception as exc:
             await self._abort(context, exc)
             raise  # pragma: no cover - abort raises
-        return pb.RepositoryModelUnloadResponse()
 
 
 GRPC_STATUS = {Access.MISSING: grpc.StatusCode.UNAUTHENTICATED, Access.FORBIDDEN: grpc.StatusCode.PERMISSION_DENIED}
