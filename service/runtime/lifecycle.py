@@ -280,11 +280,8 @@ class ModelControl:
 
     def worker_states(self) -> list[dict[str, Any]]:
         if self.readiness is None:
-            return [{"generation": self.repository.generation, "models": self._own_state()}]
+            return [self.repository.state()]
         return list(self.readiness.states().values())
-
-    def _own_state(self) -> dict[str, Any]:
-        return {n: {str(v): e.state() for v, e in vs.items()} for n, vs in self.repository.versions.items()}
 
     def converged(self, generation: int, name: str, versions: list[int] | None) -> tuple[bool, str | None]:
         """(every worker applied ``generation`` and serves ``name`` at ``versions`` (None: not at all), failure)."""

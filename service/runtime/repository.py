@@ -88,9 +88,6 @@ class Repository:
         if self.readiness is not None and self.names():
             self.readiness.mark_ready()
 
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._loaded.wait(timeout)
-
     @property
     def default_model(self) -> str | None:
         if self.settings.default_model:
@@ -226,16 +223,19 @@ class Repository:
                 self.versions.pop(entry.name, None)
         self.publish()
 
-    def publish(self) -> None:
-        """Tell the other workers (and ``/metrics``) what this worker serves."""
-        if self.readiness is None:
-            return
+    def state(self) -> dict[str, Any]:
+        """What this worker serves, by model and version, and the declared generation it applied."""
         models: dict[str, dict[str, Any]] = {
             name: {str(v): e.state() for v, e in sorted(versions.items())} for name, versions in self.versions.items()
         }
         for name, reason in self.problems.items():
             models.setdefault(name, {})[""] = {"status": "failed", "reason": reason}
-        self.readiness.publish({"generation": self.generation, "models": models})
+        return {"generation": self.generation, "models": models}
+
+    def publish(self) -> None:
+        """Tell the other workers (and ``/metrics``) what this worker serves."""
+        if self.readiness is not None:
+            self.readiness.publish(self.state())
 
     def _count(self, entry: ModelEntry, action: str, outcome: str, seconds: float | None = None) -> None:
         self.metrics.model_changes.labels(model=entry.name, action=action, outcome=outcome).inc()

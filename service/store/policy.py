@@ -34,11 +34,6 @@ class VersionPolicy:
             return [v for v in ordered if v in self.versions]
         return ordered[-self.num_versions :]
 
-    def describe(self) -> str:
-        if self.kind == "latest":
-            return f"latest {self.num_versions}"
-        return "all" if self.kind == "all" else f"specific {list(self.versions)}"
-
 
 def parse_version_policy(text: str) -> VersionPolicy:
     """The policy in a ``config.pbtxt``'s text; Triton's default (latest 1) when it names none.

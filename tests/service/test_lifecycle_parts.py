@@ -13,7 +13,7 @@ from service.frontends.auth import Access, check_access
 from service.runtime.lifecycle import DeclaredState
 from service.store.integrity import IntegrityChecker
 from service.store.layout import StoredVersion
-from service.store.policy import VersionPolicy, parse_version_policy
+from service.store.policy import parse_version_policy
 
 
 @pytest.mark.parametrize(
@@ -44,10 +44,6 @@ def test_version_policies_select_as_triton_does(text: str, available: list[int],
 def test_a_bad_policy_says_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_version_policy(text)
-
-
-def test_policies_describe_themselves() -> None:
-    assert VersionPolicy("specific", versions=(1, 3)).describe() == "specific [1, 3]"
 
 
 def version(tmp_path: Path, graph: bytes, recorded: bytes | None = None) -> StoredVersion:
