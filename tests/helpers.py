@@ -148,9 +148,10 @@ def prometheus(directory: Path, config: dict[str, Any]) -> Iterator[str]:
         process.wait(30)
 
 
-def query(prometheus_url: str, expr: str) -> list[dict[str, Any]]:
-    """An instant PromQL query's result vector."""
-    response = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": expr}, timeout=10).json()
+def query(prometheus_url: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+    """An instant PromQL query's result vector, now or ``at`` a Unix time."""
+    params = {"query": expr} | ({"time": f"{at:.3f}"} if at is not None else {})
+    response = httpx.get(f"{prometheus_url}/api/v1/query", params=params, timeout=10).json()
     assert response["status"] == "success", (expr, response)
     result: list[dict[str, Any]] = response["data"]["result"]
     return result
