@@ -21,9 +21,12 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 export: setup
 	$(BIN)/python -m export default --out $(MODEL_STORE)
 
+# Exports only when the store holds no model (exit 3 below); any other failure of the check stops here,
+# rather than passing for an empty store and re-exporting at every start.
 serve: setup
-	@if [ -z "$$($(BIN)/python -c 'from service.store import ModelStore; print(*ModelStore("$(MODEL_STORE)").names())')" ]; then \
-		$(MAKE) export; fi
+	@$(BIN)/python -c 'import sys; from service.store.layout import ModelStore; \
+		sys.exit(0 if ModelStore(sys.argv[1]).names() else 3)' "$(MODEL_STORE)"; \
+		case $$? in 0) ;; 3) $(MAKE) export ;; *) echo "make serve: cannot read the model store $(MODEL_STORE)" >&2; exit 1 ;; esac
 	$(BIN)/python -m service
 
 lint: setup
