@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast test-tools lint lock proto dashboard manifests bench bench-quick peers lock-peers clean
+.PHONY: setup export serve test test-fast test-tools load-tools lint lock proto dashboard manifests bench bench-quick profile peers lock-peers clean
 
 setup: $(STAMP)
 
@@ -41,11 +41,16 @@ lint: setup
 # deploy/kubernetes/validate/package-lock.json) and the KServe SDK wheel whose types check the InferenceServices.
 KSERVE_WHEEL := .tools/kserve-0.21.0-py3-none-any.whl
 
-test-tools: $(KSERVE_WHEEL) deploy/kubernetes/validate/node_modules/.installed peers
+test-tools: $(KSERVE_WHEEL) deploy/kubernetes/validate/node_modules/.installed peers load-tools
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
 		&& command -v chromium >/dev/null && command -v kubectl >/dev/null && command -v haproxy >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			prometheus docker-compose chromium kubectl haproxy; }
+
+# wrk, the benchmark's and the profile's HTTP load generator (Debian package).
+load-tools:
+	@command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends wrk; }
 
 deploy/kubernetes/validate/node_modules/.installed: deploy/kubernetes/validate/package-lock.json
 	@command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -68,11 +73,17 @@ proto: setup
 		service/frontends/v2/protocol/grpc_predict_v2.proto
 
 # The service against raw ONNX Runtime, its own transport, its peers and a PyTorch baseline: benchmarks/results/latest.*
-bench: setup peers
+bench: setup peers load-tools
 	$(BIN)/python -m benchmarks
 
-bench-quick: setup peers
+bench-quick: setup peers load-tools
 	$(BIN)/python -m benchmarks --quick
+
+# Flame graphs of one worker under /noop and LeNet-5 /classify (py-spy), by layer:
+# benchmarks/results/profile-$(LABEL)-*.svg and profile.md (LABEL=before / after compares two states of the code).
+LABEL ?= latest
+profile: setup load-tools
+	$(BIN)/python -m benchmarks.profile --label $(LABEL)
 
 # MLServer and LitServe for the benchmark, in a virtual environment of their own.
 PEERS_VENV := benchmarks/.peers-venv

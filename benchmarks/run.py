@@ -133,8 +133,12 @@ def cpuinfo(field: str) -> str | None:
     return None
 
 
+# The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
 def machine() -> dict[str, Any]:
-    from export.precision import int8_target
+    from export.precision import cpu_flags, int8_target
 
     cpu = cpuinfo("model name") or platform.processor()
     mhz = cpuinfo("cpu MHz")
@@ -144,7 +148,8 @@ def machine() -> dict[str, Any]:
         commit = "unknown"
     return {"cpu": cpu, "cores": cpu_count(), "providers": ["CPUExecutionProvider"], "commit": commit or "unknown",
             "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": int8_target()}  # fmt: skip
+            "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": int8_target(),
+            "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpu_flags()]}  # fmt: skip
 
 
 def ratio(name: str, value: float, target: float | None) -> dict[str, Any]:
