@@ -33,9 +33,7 @@ def mean(metric: str, by: str) -> str:
 
 
 ERROR_RATIO = f"sum({rate('cnn_requests_total', ERRORS)}) / sum({rate('cnn_requests_total')})"
-BENTOML_REQUESTS = (
-    f"sum by (endpoint, http_response_code) (rate(bentoml_service_request_duration_seconds_count{{{JOB}}}[{RATE}]))"
-)
+HTTP_REQUESTS = f"sum by (route, code) ({rate('cnn_http_requests_total', JOB)})"
 
 # (title, unit, [(legend, expression)], width)
 PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
@@ -58,7 +56,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Models ready", "short", [("{{model}} v{{version}}", f"cnn_model_ready{{{M}}}"),
                                ("{{model}} on {{provider}}", f"cnn_model_info{{{M}}}")], 8),
     ("Model load and warm-up", "s", [("{{model}} {{phase}}", f"cnn_model_load_seconds{{{M}}}")], 12),
-    ("HTTP requests by endpoint (BentoML)", "reqps", [("{{endpoint}} {{http_response_code}}", BENTOML_REQUESTS)], 12),
+    ("HTTP requests by route and status", "reqps", [("{{route}} {{code}}", HTTP_REQUESTS)], 12),
 ]  # fmt: skip
 
 

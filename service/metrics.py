@@ -1,10 +1,13 @@
-"""The service's own Prometheus metrics, next to BentoML's built-in ones on ``/metrics``.
+"""The service's Prometheus metrics and their exposition on ``/metrics``.
 
 BentoML runs prometheus_client in multiprocess mode and sets ``PROMETHEUS_MULTIPROC_DIR``
 in each worker after importing the service module, so prometheus_client is imported only
 when :class:`Metrics` is built (in the service's ``__init__``); every worker's samples are
-then merged into one exposition. Labels stay low-cardinality: model, version, protocol,
-stage, outcome (2xx, 4xx, 5xx).
+then merged into one exposition (:func:`exposition`). BentoML's own request metrics are
+off (they duplicated these at several times their cost per request), and so is its
+``/metrics`` route: the service serves ``/metrics`` itself. Labels stay low-cardinality:
+model, version, protocol, stage, outcome (2xx, 4xx, 5xx), and for HTTP the route's template
+and the status code.
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ class Metrics:
         model = ["model", "version"]
         self.requests = prom.Counter(
             "cnn_requests", "Classification requests by protocol and outcome", [*model, "protocol", "outcome"]
+        )
+        self.http_requests = prom.Counter(
+            "cnn_http_requests", "HTTP requests by route (its template) and status code", ["route", "code"]
         )
         self.shed = prom.Counter(
             "cnn_requests_shed",
@@ -197,16 +203,31 @@ class ModelStateCollector:
             yield family
 
 
-def render(collector: Any) -> Callable[[], str]:
-    """A function rendering ``collector`` in the text exposition format."""
-    from prometheus_client import CollectorRegistry, generate_latest
+def exposition(states: Callable[[], Iterable[dict[str, Any]]]) -> Callable[[], bytes]:
+    """``/metrics``: every worker's samples, the server's processes and every worker's model states.
+
+    ``states`` gives each worker's published state (see :class:`ModelStateCollector`).
+    """
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    return lambda: generate_latest(registry).decode()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:  # outside BentoML's server: this process's own samples
+        registry.register(_Samples(REGISTRY))
+    registry.register(ServerProcessCollector())
+    registry.register(ModelStateCollector(states))
+    return lambda: generate_latest(registry)
 
 
-@cache
-def process_metrics_text() -> Callable[[], str]:
-    """:class:`ServerProcessCollector`, rendered."""
-    return render(ServerProcessCollector())
+class _Samples:
+    """Another registry's samples, without its process collector (ours covers every process)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.registry.collect():
+            if not family.name.startswith(("process_", "python_")):
+                yield family

@@ -87,6 +87,18 @@ class Settings(BaseSettings):
         None, description="When set, /classify, /models and /v2 (HTTP and gRPC) need `Authorization: Bearer <token>`."
     )
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
+    access_log: Literal["off", "json"] = Field(
+        "off", description="json: one JSON line per HTTP request on standard output (id, model, status, latency)."
+    )
+    tracing: Literal["off", "otlp"] = Field(
+        "off", description="otlp: OpenTelemetry spans (request, decode, queue, infer, postprocess) to OTLP_ENDPOINT."
+    )
+    otlp_endpoint: str = Field(
+        "http://127.0.0.1:4318/v1/traces", description="Where TRACING=otlp sends spans (OTLP over HTTP, protobuf)."
+    )
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces TRACING=otlp records; a caller's sampled flag wins."
+    )
     warmup_batches: tuple[int, ...] = Field(
         (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
     )

@@ -6,6 +6,7 @@ itself (``image/jpeg``, ...) or a multipart form, which BentoML's JSON-first API
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -14,8 +15,8 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.datastructures import UploadFile
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 
@@ -23,17 +24,20 @@ from ..errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMed
 from ..runtime.classifier import Classifier
 from ..runtime.repository import Repository
 from ..store.layout import is_valid_name
-from .auth import BearerTokenMiddleware
 from .body import read_body
+from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList, VersionState
 from .v2.grpc_server import start_grpc_server
 from .v2.handler import OipHandler
+from .v2.rest import infer as v2_infer
 from .v2.rest import router as v2_router
 
 logger = logging.getLogger(__name__)
 
 RAW_TYPES = ("image/", "application/octet-stream")
+# the Open Inference Protocol's inference routes (v2.rest), answered by the fast path too
+V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 CLASSIFY_BODY = {
     "required": True,
     "content": {
@@ -50,10 +54,6 @@ CLASSIFY_BODY = {
 }
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -65,9 +65,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, f"Invalid parameter: {problems}")
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("Unhandled error", exc_info=exc)
-        return error_response(500, f"Internal error ({type(exc).__name__}); the service logs say more")
+    async def unhandled_error(_: Request, exc: Exception) -> JSONResponse:
+        return internal_error(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -97,6 +96,68 @@ async def read_images(request: Request, max_body: int, max_files: int) -> list[b
     if len(files) > max_files:
         raise PayloadTooLarge(f"Too many files: {len(files)}, at most {max_files} per request (MAX_IMAGES_PER_REQUEST)")
     return [await f.read() for f in files]
+
+
+def classifier(request: Request) -> Classifier:
+    found: Classifier | None = getattr(request.app.state, "classifier", None)
+    if found is None:
+        raise ServiceError("The service is starting: no model repository yet")
+    return found
+
+
+def positive_int(query: QueryParams, name: str, default: int | None, most: int | None = None) -> int | None:
+    """Query parameter ``name`` as an integer from 1 (to ``most``), or ``default`` when absent."""
+    text = query.get(name)
+    if text is None:
+        return default
+    bounds = f"1 to {most}" if most else "a positive integer"
+    digits = text.strip().removeprefix("+")
+    if not digits.isdecimal():
+        raise InvalidInput(f"Invalid parameter: {name}={text!r} is not an integer; use {bounds}")
+    value = int(digits) if len(digits) <= 18 else None
+    if value is None or value < 1 or (most is not None and value > most):
+        raise InvalidInput(f"Invalid parameter: {name}={text.strip()} is out of range; use {bounds}")
+    return value
+
+
+async def classify(request: Request) -> Response:
+    """``POST /classify``: the image files of the body, each ranked by the model (see the route's docs)."""
+    service = classifier(request)
+    settings = service.settings
+    query = request.query_params
+    top = positive_int(query, "top_k", 5)
+    assert top is not None
+    if top > settings.max_top_k:
+        raise InvalidInput(f"top_k={top} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
+    version = positive_int(query, "version", None)
+    lease = service.repository.lease(query.get("model"), version)
+    with service.metrics.track_request("http") as record, lease as entry:
+        request.scope["request_record"] = record
+        record.model, record.version = entry.name, str(entry.version)
+        files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
+        results = await service.classify(entry, files, top)
+        record.images = len(results)
+    body = {
+        "model": entry.name,
+        "version": str(entry.version),
+        "results": [{"predictions": predictions} for predictions in results],
+    }
+    return JSONResponse(body)
+
+
+async def noop(request: Request) -> Response:
+    """``POST /noop`` (``ENABLE_NOOP``): the HTTP stack's own ceiling."""
+    body = await read_body(request, classifier(request).settings.max_body_bytes)
+    return JSONResponse({"model": "noop", "version": "0", "bytes": len(body)})
+
+
+async def metrics(request: Request) -> Response:
+    """``GET /metrics``: every worker's samples (prometheus_client reads their files: off the event loop)."""
+    render = getattr(request.app.state, "metrics", None)
+    if render is None:
+        raise ServiceError("The service is starting: no metrics yet")
+    text = await asyncio.get_running_loop().run_in_executor(None, render)
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def model_info(repository: Repository, name: str) -> ModelInfo:
@@ -156,11 +217,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await server.stop(grace=5)
 
 
-def create_app(api_token: str | None = None, enable_noop: bool = False, admin_token: str | None = None) -> FastAPI:
+def create_app(enable_noop: bool = False) -> FastAPI:
+    """The HTTP API; its inference routes are also served by :mod:`.fastpath` (``app.state.fast_routes``)."""
     app = FastAPI(
         title="CNN classification",
         description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime. "
-        "Try them in a browser at `/`; with `API_TOKEN` set, send `Authorization: Bearer <token>`.",
+        "Try them in a browser at `/`; with `API_TOKEN` set, send `Authorization: Bearer <token>`. "
+        "Every answer carries an `X-Request-ID` (yours, if you send one).",
         version="0.1.0",
         lifespan=lifespan,
         docs_url=None,  # FastAPI's pages load Swagger UI and ReDoc from CDNs; ours are in .page
@@ -169,14 +232,10 @@ def create_app(api_token: str | None = None, enable_noop: bool = False, admin_to
     install_error_handlers(app)
     add_page(app)
     app.include_router(v2_router)
-    if api_token or admin_token:
-        app.add_middleware(BearerTokenMiddleware, token=api_token, admin_token=admin_token)
-
-    def classifier(request: Request) -> Classifier:
-        found: Classifier | None = getattr(request.app.state, "classifier", None)
-        if found is None:
-            raise ServiceError("The service is starting: no model repository yet")
-        return found
+    fast = [("POST", "/classify", classify)] + [("POST", path, v2_infer) for path in V2_INFER]
+    if enable_noop:
+        fast.append(("POST", "/noop", noop))
+    app.state.fast_routes = FastRoutes(fast)
 
     @app.post(
         "/classify",
@@ -186,36 +245,20 @@ def create_app(api_token: str | None = None, enable_noop: bool = False, admin_to
         openapi_extra={"requestBody": CLASSIFY_BODY},
         summary="Classify one or more images",
     )
-    async def classify(
+    async def classify_route(
         request: Request,
         model: Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")] = None,
         top_k: Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")] = 5,
         version: Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")] = None,
-    ) -> JSONResponse:
+    ) -> Response:
         """The body is the image file itself (`Content-Type: image/jpeg`, `image/png`, ...,
         or `application/octet-stream`), or `multipart/form-data` with one or more files."""
-        service = classifier(request)
-        settings = service.settings
-        if top_k > settings.max_top_k:
-            raise InvalidInput(f"top_k={top_k} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
-        with service.metrics.track_request("http") as record, service.repository.lease(model, version) as entry:
-            record.model, record.version = entry.name, str(entry.version)
-            files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-            results = await service.classify(entry, files, top_k)
-            record.images = len(results)
-        body = {
-            "model": entry.name,
-            "version": str(entry.version),
-            "results": [{"predictions": predictions} for predictions in results],
-        }
-        return JSONResponse(body)
+        return await classify(request)
 
     if enable_noop:
+        app.post("/noop", summary="Benchmarking: read the body, answer a fixed JSON (ENABLE_NOOP)")(noop)
 
-        @app.post("/noop", summary="Benchmarking: read the body, answer a fixed JSON (ENABLE_NOOP)")
-        async def noop(request: Request) -> JSONResponse:
-            body = await read_body(request, classifier(request).settings.max_body_bytes)
-            return JSONResponse({"model": "noop", "version": "0", "bytes": len(body)})
+    app.get("/metrics", tags=["Operations"], summary="Prometheus metrics (open, like /livez and /readyz)")(metrics)
 
     @app.get(
         "/models", tags=["Classification"], response_model=ModelList, summary="Every model, its state and its metadata"

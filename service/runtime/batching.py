@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -34,18 +35,32 @@ RunFn = Callable[[np.ndarray], Outputs]
 
 @dataclass
 class BatchStats:
-    """What one session call did, for the metrics."""
+    """What one session call did, for the metrics and the traces (times are ``perf_counter``'s)."""
 
     size: int
-    requests: int
-    queue_seconds: list[float]
-    inference_seconds: float
+    enqueued: list[float]  # per request
+    started: float
+    finished: float
+    contexts: list[Any]  # per request: what the caller passed to :meth:`DynamicBatcher.infer`
+
+    @property
+    def requests(self) -> int:
+        return len(self.enqueued)
+
+    @property
+    def queue_seconds(self) -> list[float]:
+        return [self.started - enqueued for enqueued in self.enqueued]
+
+    @property
+    def inference_seconds(self) -> float:
+        return self.finished - self.started
 
 
 @dataclass
 class _Pending:
     images: np.ndarray
     future: asyncio.Future[Outputs]
+    context: Any = None
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
@@ -96,20 +111,23 @@ class DynamicBatcher:
             self._expected -= 1
             self._arrival.set()
 
-    async def infer(self, images: np.ndarray) -> Outputs:
-        """Run ``images`` [N, H, W, C] in the next batches; returns this request's rows only."""
+    async def infer(self, images: np.ndarray, context: Any = None) -> Outputs:
+        """Run ``images`` [N, H, W, C] in the next batches; returns this request's rows only.
+
+        ``context`` (the request's trace context, say) comes back in the batch's :class:`BatchStats`.
+        """
         chunks = [images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
         if self._queued_images + len(images) > self.max_queue_images:
             raise Overloaded(
                 f"Model {self.name!r} has {self._queued_images} images waiting (limit {self.max_queue_images}); "
                 "retry shortly"
             )
-        results = await asyncio.gather(*(self._submit(chunk) for chunk in chunks))
+        results = await asyncio.gather(*(self._submit(chunk, context) for chunk in chunks))
         if len(results) == 1:
             return results[0]
         return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
 
-    def _submit(self, images: np.ndarray) -> asyncio.Future[Outputs]:
+    def _submit(self, images: np.ndarray, context: Any) -> asyncio.Future[Outputs]:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
@@ -117,7 +135,7 @@ class DynamicBatcher:
             self._released = asyncio.Event()
             self._worker = loop.create_task(self._serve(), name=f"batcher-{self.name}")
             self._loop = loop
-        pending = _Pending(images, loop.create_future())
+        pending = _Pending(images, loop.create_future(), context)
         self._queue.append(pending)
         self._queued_images += pending.size
         assert self._wakeup is not None
@@ -198,8 +216,8 @@ class DynamicBatcher:
             if not pending.future.done():
                 pending.future.set_result((logits[rows], probabilities[rows]))
         if self._on_batch is not None:
-            queue_seconds = [started - p.enqueued for p in batch]
-            self._on_batch(BatchStats(len(images), len(batch), queue_seconds, finished - started))
+            enqueued, contexts = [p.enqueued for p in batch], [p.context for p in batch]
+            self._on_batch(BatchStats(len(images), enqueued, started, finished, contexts))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """:meth:`close` from another thread (the model lifecycle's), once no request is left."""

@@ -24,6 +24,7 @@ from ..metrics import Metrics
 from ..settings import Settings
 from ..store.integrity import Signature
 from ..store.layout import ModelStore, StoredVersion, is_valid_name
+from ..tracing import Tracing
 from .batching import BatchStats, DynamicBatcher
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
@@ -60,10 +61,17 @@ class ModelEntry:
 
 
 class Repository:
-    def __init__(self, settings: Settings, metrics: Metrics, readiness: WorkerReadiness | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        readiness: WorkerReadiness | None = None,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.readiness = readiness
+        self.tracing = tracing or Tracing(settings)
         self.store = ModelStore(settings.model_store)
         self.versions: dict[str, dict[int, ModelEntry]] = {}
         self.problems: dict[str, str] = {}  # models asked for that cannot be served at all, and why
@@ -251,6 +259,8 @@ class Repository:
             self.metrics.observe_stage(labels, "inference", stats.inference_seconds)
             for seconds in stats.queue_seconds:
                 self.metrics.observe_stage(labels, "queue", seconds)
+            traced = {"model": model.name, "model.version": model.version, "batch.size": stats.size}
+            self.tracing.batch(stats.contexts, stats.enqueued, stats.started, stats.finished, traced)
 
         return DynamicBatcher(
             model.name,

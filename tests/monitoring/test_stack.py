@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from skimage import data
 
 from ..helpers import ROOT, ServiceProcess, encode, metric_samples, prometheus, query, tool
@@ -158,3 +160,29 @@ def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceP
         if not query(prometheus_url, concrete):
             empty.append(expr)
     assert not empty, f"dashboard queries without data: {empty}"
+
+
+def queried_metric_names() -> set[str]:
+    """Every ``cnn_*`` and ``process_*`` series the dashboard, the alerts and the autoscaler query."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    alerts = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    expressions += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
+    keda = ROOT / "deploy" / "kubernetes" / "components" / "keda" / "scaledobject.yaml"
+    expressions += [t["metadata"]["query"] for t in yaml.safe_load(keda.read_text())["spec"]["triggers"]]
+    return {name for expr in expressions for name in re.findall(r"\b(?:cnn|process)_[a-z_]+\b", expr)}
+
+
+@pytest.mark.integration
+def test_metrics_exposes_every_series_the_dashboard_alerts_and_autoscaler_query(service: ServiceProcess) -> None:
+    """/metrics is the service's own (BentoML's is off): nothing a panel, an alert or KEDA reads may go missing."""
+    digit = encode(np.full((28, 28), 255, dtype=np.uint8))
+    response = httpx.post(f"{service.url}/classify?model=lenet5", content=digit, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200
+    exposition = httpx.get(f"{service.url}/metrics", timeout=10)
+    assert exposition.status_code == 200 and exposition.headers["content-type"].startswith("text/plain")
+    exposed = {sample.name for family in text_string_to_metric_families(exposition.text) for sample in family.samples}
+    wanted = queried_metric_names()
+    assert {"cnn_request_seconds_sum", "cnn_model_ready", "cnn_http_requests_total"} <= wanted  # the parse works
+    assert wanted - exposed == set(), f"queried but not on /metrics: {sorted(wanted - exposed)}"
+    assert not any(name.startswith("bentoml_") for name in exposed)  # BentoML's request metrics are off

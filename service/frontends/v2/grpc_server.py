@@ -24,6 +24,7 @@ from ...errors import (
     RepositoryError,
     ServiceError,
 )
+from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
 from .handler import (
     EXTENSIONS,
@@ -142,6 +143,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        tracing = self.handler.classifier.tracing
+        metadata = carrier(context.invocation_metadata() or ()) if tracing.enabled else {}
+        with tracing.request("ModelInfer", metadata, {"rpc.system": "grpc", "model": request.model_name}):
+            return await self._infer(request, context)
+
+    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
             with self.handler.lease(request.model_name, request.model_version) as entry:
                 requested = [

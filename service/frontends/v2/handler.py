@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -213,13 +212,19 @@ class OipHandler:
             )
         if tensor.name == IMAGE_BYTES:
             return await self.classifier.preprocess(entry, [bytes(b) for b in tensor.data.ravel()])
-        return np.ascontiguousarray(tensor.data, dtype=np.uint8)
+        with self.classifier.stage(entry, "preprocess"):
+            return np.ascontiguousarray(tensor.data, dtype=np.uint8)
 
     async def infer(
-        self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput], protocol: str
+        self,
+        entry: ModelEntry,
+        inputs: list[Tensor],
+        requested: list[RequestedOutput],
+        protocol: str,
+        record: RequestRecord | None = None,
     ) -> list[Tensor]:
-        """Run one request; counted in the metrics under ``protocol``."""
-        record = RequestRecord(entry.name, str(entry.version))
+        """Run one request; counted in the metrics under ``protocol`` (``record`` learns its images)."""
+        record = record or RequestRecord(entry.name, str(entry.version))
         with self.classifier.metrics.track_request(protocol, record):
             outputs = await self._infer(entry, inputs, requested)
             record.images = outputs[0].shape[0]
@@ -232,17 +237,12 @@ class OipHandler:
                 raise InvalidInput(f"Unknown output {output.name!r}; the model has {', '.join(OUTPUT_NAMES)}")
             if output.classification < 0:
                 raise InvalidInput(f"Output {output.name!r}: classification must be a positive count")
-        labels = {"model": entry.name, "version": str(entry.version)}
-        started = time.perf_counter()
         images = await self.images(entry, inputs)
-        self.classifier.metrics.observe_stage(labels, "preprocess", time.perf_counter() - started)
-        logits, probabilities = await entry.batcher.infer(images)
-        started = time.perf_counter()
-        arrays = dict(zip(OUTPUT_NAMES, (logits, probabilities), strict=True))
-        requested = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
-        outputs = [self._output(entry, arrays[r.name], r) for r in requested]
-        self.classifier.metrics.observe_stage(labels, "postprocess", time.perf_counter() - started)
-        return outputs
+        logits, probabilities = await self.classifier.infer(entry, images)
+        with self.classifier.stage(entry, "postprocess"):
+            arrays = dict(zip(OUTPUT_NAMES, (logits, probabilities), strict=True))
+            requested = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
+            return [self._output(entry, arrays[r.name], r) for r in requested]
 
     @staticmethod
     def _output(entry: ModelEntry, values: np.ndarray, requested: RequestedOutput) -> Tensor:

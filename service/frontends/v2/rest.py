@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...errors import InvalidInput, ModelNotFound, ServiceError
+from ...metrics import RequestRecord
 from ..body import read_body
 from .handler import (
     EXTENSIONS,
@@ -153,16 +154,23 @@ async def model_ready(request: Request, name: str, version: str = "") -> JSONRes
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else NOT_READY)
 
 
-@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
-@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version")
-async def infer(request: Request, name: str, version: str = "") -> Response:
+async def infer(request: Request) -> Response:
+    """``POST /v2/models/{name}[/versions/{version}]/infer`` (also answered by the fast path)."""
     handler = _handler(request)
+    name, version = request.path_params["name"], request.path_params.get("version", "")
     with handler.lease(name, version) as entry:
+        record = request.scope["request_record"] = RequestRecord(entry.name, str(entry.version))
         body = await read_body(request, handler.settings.max_body_bytes)
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
         requested, default_binary = requested_outputs(header)
-        outputs = await handler.infer(entry, inputs, requested, protocol="http")
+        outputs = await handler.infer(entry, inputs, requested, protocol="http", record=record)
     return encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary)
+
+
+@router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
+@router.post("/models/{name}/versions/{version}/infer", summary="Inference on a version")
+async def infer_route(request: Request, name: str, version: str = "") -> Response:
+    return await infer(request)
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

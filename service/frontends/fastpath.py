@@ -1,0 +1,87 @@
+"""The inference routes, answered without the web framework's layers.
+
+``POST /classify``, ``POST /v2/models/{name}[/versions/{version}]/infer`` (and ``/noop``)
+are also FastAPI routes, which document them in the OpenAPI schema; but a request that
+goes through BentoML's router, ``PassiveMount``'s second match and FastAPI's middlewares,
+router and parameter validation pays ~0.2 ms of Python before the handler runs, more than
+LeNet-5 takes to decode and infer. This middleware (the last of the service's, inside
+:mod:`.observe` and the token check) matches these few routes itself and calls the same
+handlers, with the same errors; everything else goes on to BentoML and FastAPI.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ..errors import ServiceError
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def internal_error(exc: Exception) -> JSONResponse:
+    logger.exception("Unhandled error", exc_info=exc)
+    return error_response(500, f"Internal error ({type(exc).__name__}); the service logs say more")
+
+
+class FastRoutes:
+    """Routes of ``(method, template, handler)``; templates are literal paths with ``{name}`` segments."""
+
+    def __init__(self, routes: Sequence[tuple[str, str, Handler]]) -> None:
+        self.exact: dict[tuple[str, str], tuple[str, Handler]] = {}
+        self.patterns: list[tuple[str, re.Pattern[str], str, Handler]] = []
+        for method, template, handler in routes:
+            if "{" not in template:
+                self.exact[(method, template)] = (template, handler)
+            else:
+                pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+                self.patterns.append((method, re.compile(pattern + "$"), template, handler))
+
+    def match(self, method: str, path: str) -> tuple[str, Handler, dict[str, str]] | None:
+        found = self.exact.get((method, path))
+        if found is not None:
+            return found[0], found[1], {}
+        for wanted, pattern, template, handler in self.patterns:
+            if method == wanted and (matched := pattern.match(path)):
+                return template, handler, matched.groupdict()
+        return None
+
+
+class FastPathMiddleware:
+    """Answers ``api.state.fast_routes`` itself; ``api`` is the service's FastAPI app."""
+
+    def __init__(self, app: ASGIApp, api: Any) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        routes: FastRoutes | None = getattr(self.api.state, "fast_routes", None)
+        found = routes.match(scope["method"], scope["path"]) if routes and scope["type"] == "http" else None
+        if found is None:
+            await self.app(scope, receive, send)
+            return
+        template, handler, path_params = found
+        scope["route_template"], scope["path_params"], scope["app"] = template, path_params, self.api
+        request = Request(scope, receive, send)
+        try:
+            response = await handler(request)
+        except ServiceError as exc:
+            response = error_response(exc.status_code, exc.message)
+        except HTTPException as exc:  # Starlette's own, e.g. from a malformed multipart form
+            response = error_response(exc.status_code, str(exc.detail))
+        except Exception as exc:
+            response = internal_error(exc)
+        await response(scope, receive, send)
