@@ -24,6 +24,7 @@ from .frontends.app import create_app
 from .frontends.auth import BearerTokenMiddleware
 from .frontends.fastpath import FastPathMiddleware
 from .frontends.observe import RequestObserver
+from .frontends.timeout import install as install_request_timeout
 from .frontends.v2.handler import OipHandler
 from .metrics import exposition, get_metrics
 from .runtime.classifier import Classifier
@@ -53,6 +54,7 @@ def _configure_logging() -> None:
 
 
 _configure_logging()
+install_request_timeout()  # BentoML's timeout middleware kept every request's timer for the whole timeout
 settings = get_settings()
 app = create_app(settings.enable_noop)
 

@@ -1,0 +1,58 @@
+"""``REQUEST_TIMEOUT_S`` for HTTP: BentoML's timeout middleware, without what it leaves behind.
+
+BentoML 1.4.39's ``TimeoutMiddleware`` runs each request in a task of its own and arms a
+timer (``loop.call_later``) that is never cancelled: every request leaves a timer and a
+future alive for the whole timeout. At 5,000 requests/s and 60 s that is 300,000 of each,
+and Python's full garbage collections, which walk them all, stopped the worker for 130 to
+300 ms every few seconds, longer as the load went on (measured with a closed-loop client on
+``/noop``). This one has the same contract (a request that has not started its answer
+within the timeout is cancelled and gets 504 with a JSON error; once the answer has
+started, it is not cut), runs the request in the caller's task, and disarms its timer when
+the answer starts or the request ends.
+
+BentoML has no setting for its middleware; :func:`install` puts this class where BentoML
+looks for its own (``tests/service/test_http_stack.py`` fails if an upgrade moves it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class RequestTimeout:
+    def __init__(self, app: ASGIApp, timeout: float) -> None:
+        self.app = app
+        self.timeout = timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        answering = False
+        deadline = asyncio.timeout(self.timeout)
+
+        async def send_and_disarm(message: Message) -> None:
+            nonlocal answering
+            if not answering:
+                answering = True
+                deadline.reschedule(None)  # an answer under way is not cut
+            await send(message)
+
+        try:
+            async with deadline:
+                await self.app(scope, receive, send_and_disarm)
+        except TimeoutError:
+            if answering or not deadline.expired():  # not ours: an error of the app's
+                raise
+            error = f"Not able to process the request in {self.timeout} seconds (REQUEST_TIMEOUT_S)"
+            await JSONResponse({"error": error}, status_code=504)(scope, receive, send)
+
+
+def install() -> None:
+    """Make BentoML build this middleware where it would build its own (it imports the name at build time)."""
+    from bentoml._internal.server.http import traffic
+
+    traffic.TimeoutMiddleware = RequestTimeout  # type: ignore[misc, assignment]
