@@ -113,3 +113,12 @@ def preprocess(data: bytes, spec: InputMeta, *, max_pixels: int, draft: bool = T
 def _border_mean(pixels: np.ndarray) -> float:
     border = np.concatenate([pixels[0].ravel(), pixels[-1].ravel(), pixels[:, 0].ravel(), pixels[:, -1].ravel()])
     return float(border.mean())
+
+
+def warm_up(spec: InputMeta) -> None:
+    """Decode a small PNG and JPEG once, so the first request does not pay for Pillow's plugins (~20 ms)."""
+    image = Image.new("RGB", (16, 16), (128, 64, 32))
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt)
+        preprocess(buffer.getvalue(), spec, max_pixels=16 * 16)

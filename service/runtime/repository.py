@@ -25,6 +25,7 @@ from ..settings import Settings
 from ..store.integrity import Signature
 from ..store.layout import ModelStore, StoredVersion, is_valid_name
 from ..tracing import Tracing
+from . import preprocess
 from .batching import BatchStats, DynamicBatcher
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
@@ -32,6 +33,20 @@ from .session import LoadedModel, ModelLoadError, load_model
 logger = logging.getLogger(__name__)
 
 Status = Literal["loading", "ready", "draining", "failed"]
+
+
+def settle_memory(release: bool = False) -> None:
+    """Collect, then keep every object alive now out of later full collections (``gc.freeze``).
+
+    A full collection walks every tracked object: with the service's modules, FastAPI's
+    models and the loaded sessions that took 85 ms, a stop of every request in flight each
+    time the young objects pile up (measured on LeNet-5 under load). Frozen, what was loaded
+    is no longer walked. ``release``: unfreeze first, so what an unload let go is found.
+    """
+    if release:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(eq=False)
@@ -171,6 +186,7 @@ class Repository:
         try:
             model = load_model(self.store, stored, self.settings)
             model.warm_up(self.settings.warmup)
+            preprocess.warm_up(model.metadata.input)
         except ModelLoadError as exc:
             return self.fail(entry, str(exc))
         except Exception as exc:  # a failing warm-up run, say: this version is out, the others go on
@@ -188,6 +204,7 @@ class Repository:
             model.instances, model.threads,
         )  # fmt: skip
         self.publish()
+        settle_memory()
         return entry
 
     def fail(self, entry: ModelEntry, reason: str) -> ModelEntry:
@@ -218,7 +235,7 @@ class Repository:
             entry.batcher.shutdown()
         self.forget(entry)
         entry.model = entry.batcher = None
-        gc.collect()  # the sessions' memory goes back now, not at the next collection
+        settle_memory(release=True)  # the sessions' memory goes back now, not at the next collection
         self._count(entry, "unload", outcome, time.perf_counter() - started)
         logger.info("%s v%d: unloaded (drained in %.3fs)", entry.name, entry.version, time.perf_counter() - started)
 
