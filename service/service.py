@@ -16,6 +16,7 @@ from it, so it returns at its first check.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
@@ -31,6 +32,7 @@ from .runtime.classifier import Classifier
 from .runtime.lifecycle import ModelControl
 from .runtime.readiness import WorkerReadiness
 from .runtime.repository import Repository
+from .runtime.sizing import sized
 from .settings import get_settings
 from .tracing import Tracing
 
@@ -55,7 +57,9 @@ def _configure_logging() -> None:
 
 _configure_logging()
 install_request_timeout()  # BentoML's timeout middleware kept every request's timer for the whole timeout
-settings = get_settings()
+settings = sized(get_settings())
+# the worker processes BentoML starts inherit this environment, and so agree on the count
+os.environ["WORKERS"] = str(settings.workers)
 app = create_app(settings.enable_noop)
 
 

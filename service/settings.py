@@ -46,7 +46,12 @@ class Settings(BaseSettings):
     providers: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto: CUDA where a GPU really works, else CPU; cuda: fail a model that cannot use CUDA."
     )
-    workers: int = Field(1, ge=1, description="BentoML worker processes (each loads every model).")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="BentoML worker processes, each loading every model; 0 = one per CPU when every model "
+        "served is under 0.1 GFLOPs per image (LeNet-5: the HTTP stack is the cost), else 1.",
+    )
     instances: str = Field(
         "1",
         description="ONNX Runtime sessions per model, fed by one batcher (Triton's instance_group count): "
@@ -66,7 +71,10 @@ class Settings(BaseSettings):
         16384, ge=0, description="Images up to this size decode on the event loop, skipping the thread pool's hops."
     )
     decode_threads: int = Field(
-        0, ge=0, description="Threads decoding images; 0 = CPUs (affinity, cgroup quota) / workers."
+        0,
+        ge=0,
+        description="Threads decoding images per worker; 0 = half the CPUs (affinity, cgroup quota) / workers, "
+        "at least 1: decoders take cores from ONNX Runtime's threads.",
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per ONNX Runtime call.")
     max_batch_delay_ms: float = Field(
@@ -143,9 +151,14 @@ class Settings(BaseSettings):
         """Warming up at the largest batch makes ONNX Runtime's memory reach its peak before the first request."""
         return self.warmup_batches or (1, self.max_batch_size)
 
+    @property
+    def processes(self) -> int:
+        """Worker processes: ``WORKERS``, or 1 where it is still 0 (outside the server, see runtime.sizing)."""
+        return self.workers or 1
+
     def session_threads(self, instances: int = 1) -> int:
         """Threads of one session: the worker's share of the CPUs, split between the model's instances."""
-        return self.intra_op_threads or max(1, cpu_count() // (self.workers * instances))
+        return self.intra_op_threads or max(1, cpu_count() // (self.processes * instances))
 
     @property
     def control_state_path(self) -> Path:
@@ -153,7 +166,7 @@ class Settings(BaseSettings):
 
     @property
     def decoder_threads(self) -> int:
-        return self.decode_threads or max(1, cpu_count() // self.workers)
+        return self.decode_threads or max(1, cpu_count() // (2 * self.processes))
 
 
 @cache

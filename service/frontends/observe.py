@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,7 +40,7 @@ def request_id(headers: list[tuple[bytes, bytes]]) -> str:
             if 0 < len(value) <= 128 and all(32 < byte < 127 for byte in value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def route_of(scope: Scope) -> str:

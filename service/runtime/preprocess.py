@@ -42,7 +42,8 @@ def open_image(data: bytes, max_pixels: int, *, draft_to: int | None = None) -> 
             if draft_to is not None and image.format == "JPEG":
                 image.draft("RGB", (draft_to * _DRAFT_FACTOR, draft_to * _DRAFT_FACTOR))
             image.load()
-            return ImageOps.exif_transpose(image) or image
+            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+            return image
     except PayloadTooLarge:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -111,8 +112,9 @@ def preprocess(data: bytes, spec: InputMeta, *, max_pixels: int, draft: bool = T
 
 
 def _border_mean(pixels: np.ndarray) -> float:
-    border = np.concatenate([pixels[0].ravel(), pixels[-1].ravel(), pixels[:, 0].ravel(), pixels[:, -1].ravel()])
-    return float(border.mean())
+    """The mean of the first and last rows and columns (corners count twice)."""
+    edges = (pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1])
+    return sum(int(edge.sum()) for edge in edges) / sum(edge.size for edge in edges)
 
 
 def warm_up(spec: InputMeta) -> None:

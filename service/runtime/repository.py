@@ -271,8 +271,8 @@ class Repository:
         labels = {"model": model.name, "version": str(model.version)}
 
         def on_batch(stats: BatchStats) -> None:
-            self.metrics.batch_size.labels(**labels).observe(stats.size)
-            self.metrics.batch_requests.labels(**labels).observe(stats.requests)
+            self.metrics.child(self.metrics.batch_size, *labels.values()).observe(stats.size)
+            self.metrics.child(self.metrics.batch_requests, *labels.values()).observe(stats.requests)
             self.metrics.observe_stage(labels, "inference", stats.inference_seconds)
             for seconds in stats.queue_seconds:
                 self.metrics.observe_stage(labels, "queue", seconds)

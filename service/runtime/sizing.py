@@ -1,0 +1,60 @@
+"""How many worker processes serve, from the CPUs the service may use and the models it serves.
+
+One BentoML worker runs HTTP parsing, routing and the request path in one Python thread.
+For a network that costs a few MFLOPs (LeNet-5) that thread is the limit, and one worker
+per CPU doubles the requests a 2-core machine answers (LeNet-5 /classify at concurrency 16:
+1,552 -> 2,703 requests/s). For ImageNet networks the sessions are the cost: one worker
+whose sessions use every core answers a lone request fastest (ResNet-50 at concurrency 1:
+20.9 images/s with one worker, 13.6 with two one-thread workers), and each more worker
+loads every model again. So ``WORKERS=0`` (the default) gives one worker per CPU when every
+model served is light, else one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..cpus import cpu_count
+from ..settings import Settings
+from ..store.layout import ModelStore, is_valid_name
+
+logger = logging.getLogger(__name__)
+
+# Below this the HTTP stack costs more than the network: LeNet-5 is 0.0008, AlexNet 1.4
+LIGHT_GFLOPS_PER_IMAGE = 0.1
+
+
+def model_gflops(store: ModelStore, name: str, version: int | None) -> float | None:
+    """GFLOPs per image of the version that would serve, from its metadata; None where unknown."""
+    if not is_valid_name(name):
+        return None
+    versions = {v.version: v for v in store.versions(name)}
+    chosen = versions.get(version) if version is not None else versions.get(max(versions, default=-1))
+    try:
+        return float(chosen.read_metadata()["flops_per_image"]) / 1e9 if chosen is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def auto_workers(settings: Settings) -> tuple[int, str]:
+    """``WORKERS=0``: the worker count, and why."""
+    cpus = cpu_count()
+    store = ModelStore(settings.model_store)
+    wanted = settings.requested_models() or dict.fromkeys(store.names())
+    costs = {name: model_gflops(store, name, version) for name, version in wanted.items()}
+    heavy = sorted(name for name, gflops in costs.items() if gflops is None or gflops > LIGHT_GFLOPS_PER_IMAGE)
+    if cpus == 1:
+        return 1, "one CPU"
+    if heavy or not costs:
+        why = f"{', '.join(heavy)} over {LIGHT_GFLOPS_PER_IMAGE} GFLOPs per image" if heavy else "no model yet"
+        return 1, f"{why}: one worker, whose sessions use all {cpus} CPUs"
+    return cpus, f"every model under {LIGHT_GFLOPS_PER_IMAGE} GFLOPs per image: one worker per CPU ({cpus})"
+
+
+def sized(settings: Settings) -> Settings:
+    """``settings`` with ``WORKERS=0`` resolved (logged once)."""
+    if settings.workers:
+        return settings
+    workers, why = auto_workers(settings)
+    logger.info("WORKERS=0: %d worker(s): %s", workers, why)
+    return settings.model_copy(update={"workers": workers})
