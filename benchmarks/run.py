@@ -138,7 +138,7 @@ CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "a
 
 
 def machine() -> dict[str, Any]:
-    from export.precision import cpu_flags, int8_target
+    from export.precision import cpu_flags, cpu_info
 
     cpu = cpuinfo("model name") or platform.processor()
     mhz = cpuinfo("cpu MHz")
@@ -148,7 +148,7 @@ def machine() -> dict[str, Any]:
         commit = "unknown"
     return {"cpu": cpu, "cores": cpu_count(), "providers": ["CPUExecutionProvider"], "commit": commit or "unknown",
             "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": int8_target(),
+            "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": cpu_info(),
             "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpu_flags()]}  # fmt: skip
 
 

@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="refuse above this accuracy drop in points, where labels exist (%(default)s)",
     )
+    variant.add_argument(
+        "--recipe",
+        choices=["auto", "s8s8", "s8s8_reduced", "u8s8", "u8s8_reduced"],
+        default="auto",
+        help="INT8: auto times every recipe here and keeps the fastest that passes; or force one (%(default)s)",
+    )
     variant.add_argument("--force", action="store_true", help="write a variant that misses the thresholds (marked)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
@@ -88,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--weights-file goes with exactly one model name")
     if args.precision is None and (args.calibration_dir or args.force or args.from_version):
         parser.error("--calibration-dir, --from-version and --force go with --precision int8|fp16")
+    if args.recipe != "auto" and args.precision != "int8":
+        parser.error("--recipe goes with --precision int8")
     if args.calibration_count < 1 or not 0 <= args.min_agreement <= 1 or args.max_accuracy_drop < 0:
         parser.error("--calibration-count >= 1, 0 <= --min-agreement <= 1 and --max-accuracy-drop >= 0")
     return args
@@ -232,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             max_accuracy_drop=args.max_accuracy_drop,
             force=args.force,
             seed=args.seed,
+            recipe=args.recipe,
         )
     status = run_exports(names, ModelStore(args.out), options, keyword is not None, variant)
     if keyword == "default":

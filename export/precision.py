@@ -6,12 +6,14 @@ folder, so Triton can serve it too. Before anything is written the variant is ru
 against its FP32 parent on held-out images, and the figures go into its metadata. Below
 the thresholds the export refuses, with the figures, unless ``--force``.
 
-INT8: ONNX Runtime static quantization, QDQ, per-channel signed weights and signed
-activations (S8S8; U8S8 on x86 CPUs without VNNI, see :func:`int8_target`). The
-normalisation at the graph's input and the softmax at its end stay in float. CPUs
-without VNNI multiply u8 by s8 into saturating 16-bit sums (``vpmaddubsw``), which costs
-4-6 top-1 points unless the weights use 7 bits (``reduce_range``), so the export checks
-the CPU and records what it did.
+INT8: ONNX Runtime static quantization, QDQ, per-channel int8 weights, activations
+calibrated once. Which recipe is fastest depends on the CPU and on which QDQ patterns ONNX
+Runtime fuses there, so the export does not guess from the CPU's flags: it writes every
+recipe (``RECIPES``: signed or unsigned activations, 8- or 7-bit weights), times each with
+the service's session options at batch 1 and 8, checks each on the held-out images, and
+keeps the fastest at batch 8 that passes; ``--recipe`` forces one. The metadata records
+every candidate's speed, its fused operators and accuracy, and the choice. The
+normalisation at the graph's input and the softmax at its end stay in float.
 
 FP16: every float tensor of the graph in half precision, the uint8 input and float32
 outputs kept. ONNX Runtime's CPU provider runs such a graph slowly, so the service
@@ -50,6 +52,20 @@ logger = logging.getLogger(__name__)
 
 Precision = Literal["int8", "fp16"]
 Method = Literal["minmax", "entropy", "percentile"]
+Recipe = Literal["auto", "s8s8", "s8s8_reduced", "u8s8", "u8s8_reduced"]
+# recipe: (activations, 7-bit weights). S8S8 is ONNX Runtime's recommendation; on x86 MLAS
+# multiplies u8 activations by s8 weights natively, and without VNNI its 16-bit sums can
+# saturate with full 8-bit weights, which 7-bit weights (reduce_range) avoid.
+RECIPES: dict[str, tuple[Literal["int8", "uint8"], bool]] = {
+    "s8s8": ("int8", False),
+    "s8s8_reduced": ("int8", True),
+    "u8s8": ("uint8", False),
+    "u8s8_reduced": ("uint8", True),
+}
+TIMED_BATCHES = (1, 8)
+# what the timing counts in the graph ONNX Runtime optimizes: fused INT8 kernels, and what stayed float
+COUNTED_OPS = ("QLinearConv", "QLinearAdd", "QLinearMatMul", "QGemm", "QLinearGlobalAveragePool", "Conv", "FusedConv",
+               "Gemm", "Transpose", "QuantizeLinear", "DequantizeLinear")  # fmt: skip
 
 # Operators that run in INT8; everything else (the input's cast, transpose and normalisation,
 # the final softmax) stays in float.
@@ -73,6 +89,8 @@ class VariantOptions:
     max_accuracy_drop: float = 0.5  # points, where the held-out images have labels
     force: bool = False
     seed: int = 0
+    recipe: Recipe = "auto"  # INT8: every recipe timed and the fastest that passes kept, or this one
+    timing_seconds: float = 1.5  # per recipe and batch size
 
 
 def cpu_flags() -> set[str]:
@@ -84,26 +102,14 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
-def int8_target() -> dict[str, Any]:
-    """The INT8 scheme this CPU runs fastest without losing accuracy, and why.
+def cpu_info() -> dict[str, Any]:
+    """What the INT8 timings depend on: the machine, its INT8 dot-product flags, its core count."""
+    from service.cpus import cpu_count
 
-    With VNNI: signed activations and full 8-bit weights (S8S8, ONNX Runtime's recommendation).
-    On an x86 CPU without VNNI, ONNX Runtime's MLAS multiplies u8 activations by s8 weights
-    (``vpmaddubsw``): S8S8 there leaves every convolution that feeds a residual ``Add`` in
-    float behind transposes, slower than FP32 (ResNet-50 17 vs 20 images/s measured on an
-    AVX2-only Zen 4 guest), while U8S8 fuses all 53 (32 images/s). Its 16-bit sums saturate
-    with full 8-bit weights, so the weights use 7 bits (``reduce_range``).
-    """
-    machine = platform.machine().lower()
     flags = cpu_flags()
-    vnni = sorted(flags & set(VNNI_FLAGS))
-    if machine not in ("x86_64", "amd64") or vnni:
-        reason = f"the CPU has {', '.join(vnni)}" if vnni else f"{machine}: signed 8-bit dot products"
-        return {"machine": machine, "vnni": vnni, "activations": "int8", "reduce_range": False,
-                "reason": f"{reason}: S8S8, full 8-bit weights"}  # fmt: skip
-    return {"machine": machine, "vnni": [], "activations": "uint8", "reduce_range": True,
-            "reason": "x86 CPU without VNNI (no avx512_vnni or avx_vnni flag): U8S8, MLAS's native path, with "
-                      "7-bit weights (reduce_range) so u8 x s8 products do not saturate 16-bit sums"}  # fmt: skip
+    int8_flags = sorted(flags & {*VNNI_FLAGS, "avx2", "avx512f", "avx512bw", "amx_int8", "asimddp", "i8mm"})
+    return {"machine": platform.machine().lower(), "vnni": sorted(flags & set(VNNI_FLAGS)), "flags": int8_flags,
+            "cores": cpu_count()}  # fmt: skip
 
 
 class _DebugLog(io.StringIO):
@@ -124,16 +130,15 @@ class _Reader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def quantize_int8(source: Path, target: Path, images: ImageSet, method: Method, cpu: dict[str, Any]) -> dict[str, Any]:
+def quantize_int8(prepared: Path, target: Path, images: ImageSet, method: Method, recipe: str, cache: Path) -> None:
+    """One recipe's QDQ graph; the activation ranges are computed once per ``cache`` and reused."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}  # fmt: skip
+    activations, reduce_range = RECIPES[recipe]
     # the calibrators print their progress; it goes to the debug log instead
-    with tempfile.TemporaryDirectory() as scratch, contextlib.redirect_stdout(_DebugLog()):
-        prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    with contextlib.redirect_stdout(_DebugLog()):
         quantize_static(
             str(prepared),
             str(target),
@@ -142,22 +147,38 @@ def quantize_int8(source: Path, target: Path, images: ImageSet, method: Method, 
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
             per_channel=True,
-            reduce_range=cpu["reduce_range"],
-            activation_type=QuantType.QUInt8 if cpu["activations"] == "uint8" else QuantType.QInt8,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=methods[method],
+            calibration_cache_path=str(cache),
             extra_options={"CalibTensorRangeSymmetric": False},
         )
-    return {
-        "tool": f"onnxruntime {ort.__version__} quantize_static",
-        "format": "QDQ",
-        "weights": "int8, per channel",
-        "activations": cpu["activations"],
-        "calibration_method": method,
-        "reduce_range": cpu["reduce_range"],
-        "quantized_ops": list(QUANTIZED_OPS),
-        "float_ops": "the input's cast, transpose and normalisation; softmax",
-    }
+
+
+def timed(graph: Path, spec: Any, seconds: float) -> tuple[dict[str, float], dict[str, int]]:
+    """Images/s at each of ``TIMED_BATCHES`` with the service's session options, and the operators
+    of the graph ONNX Runtime runs (what it fused, what stayed float)."""
+    from service.runtime.session import session_options
+    from service.settings import Settings
+
+    speeds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        options = session_options(Settings())
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    counts = {op: n for op in COUNTED_OPS if (n := sum(node.op_type == op for node in optimized.graph.node))}
+    rng = np.random.default_rng(0)
+    for batch in TIMED_BATCHES:
+        images = rng.integers(0, 256, (batch, spec.size, spec.size, spec.channels), dtype=np.uint8)
+        session.run(None, {INPUT_NAME: images})  # allocation, kernel selection
+        runs, started = 0, time.perf_counter()
+        while runs < 3 or time.perf_counter() - started < seconds:
+            session.run(None, {INPUT_NAME: images})
+            runs += 1
+        speeds[str(batch)] = round(runs * batch / (time.perf_counter() - started), 1)
+    return speeds, counts
 
 
 def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
@@ -303,10 +324,64 @@ def _convert(source: Path, target: Path, meta: ModelMetadata, options: VariantOp
     else:
         images = calibration.default_calibration(meta.name, meta.input, options.seed)
         images = dataclasses.replace(images, images=images.images[: options.calibration_count])
-    cpu = int8_target()
-    logger.info("%s: calibrating INT8 (%s) on %d images; %s", meta.name, options.method, len(images), cpu["reason"])
-    quantization = quantize_int8(source, target, images, options.method, cpu)
-    return {"quantization": {**quantization, "cpu": cpu}, "calibration": images.describe()}
+    recipes = list(RECIPES) if options.recipe == "auto" else [options.recipe]
+    held_out = calibration.held_out(meta.input, options.seed)
+    cpu = cpu_info()
+    flags = ", ".join(cpu["flags"]) or "no INT8 flags"
+    logger.info("%s: calibrating INT8 (%s) on %d images; trying %s on %s (%s)", meta.name, options.method,
+                len(images), ", ".join(recipes), cpu["machine"], flags)  # fmt: skip
+    candidates = []
+    with tempfile.TemporaryDirectory() as scratch:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        prepared, cache = Path(scratch) / "prepared.onnx", Path(scratch) / "calibration.json"
+        with contextlib.redirect_stdout(_DebugLog()):
+            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        for recipe in recipes:
+            graph = Path(scratch) / f"{recipe}.onnx"
+            quantize_int8(prepared, graph, images, options.method, recipe, cache)
+            figures = compare(source, graph, held_out)
+            speeds, ops = timed(graph, meta.input, options.timing_seconds)
+            activations, reduce_range = RECIPES[recipe]
+            candidates.append({"recipe": recipe, "activations": activations, "reduce_range": reduce_range,
+                               "images_per_s": speeds, "ops": ops, "top1_agreement": figures["top1_agreement"],
+                               "passed": not check(figures, options), "graph": graph})  # fmt: skip
+            logger.info("%s %s: %s images/s at batch %s; %s; top-1 agreement %.2f%%", meta.name, recipe,
+                        " / ".join(str(v) for v in speeds.values()), " / ".join(speeds), _ops(ops),
+                        100 * figures["top1_agreement"])  # fmt: skip
+        chosen, why = _choose(candidates, options)
+        shutil.copyfile(chosen["graph"], target)
+    for candidate in candidates:
+        del candidate["graph"]
+    quantization = {
+        "tool": f"onnxruntime {ort.__version__} quantize_static",
+        "format": "QDQ",
+        "weights": "int8, per channel",
+        "recipe": chosen["recipe"],
+        "activations": chosen["activations"],
+        "reduce_range": chosen["reduce_range"],
+        "choice": why,
+        "candidates": candidates,
+        "calibration_method": options.method,
+        "quantized_ops": list(QUANTIZED_OPS),
+        "float_ops": "the input's cast, transpose and normalisation; softmax",
+        "cpu": cpu,
+    }
+    return {"quantization": quantization, "calibration": images.describe()}
+
+
+def _choose(candidates: list[dict[str, Any]], options: VariantOptions) -> tuple[dict[str, Any], str]:
+    """The fastest at batch 8 of those that pass the accuracy gate (of all, when none does)."""
+    if len(candidates) == 1:
+        return candidates[0], f"forced with --recipe {candidates[0]['recipe']}"
+    passing = [c for c in candidates if c["passed"]] or candidates
+    chosen = max(passing, key=lambda c: c["images_per_s"][str(TIMED_BATCHES[-1])])
+    what = "that passed the accuracy gate" if chosen["passed"] else "(none passed the accuracy gate)"
+    return chosen, f"the fastest at batch {TIMED_BATCHES[-1]} of {len(candidates)} recipes {what}, timed here"
+
+
+def _ops(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {op}" for op, n in counts.items() if op not in ("QuantizeLinear", "DequantizeLinear"))
 
 
 def _summary(figures: dict[str, Any]) -> str:

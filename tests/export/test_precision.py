@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from export import calibration
-from export.precision import PrecisionRefused, VariantOptions, export_variant, int8_target
+from export.precision import RECIPES, PrecisionRefused, VariantOptions, export_variant
 from export.train import load_digits_dataset
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
@@ -44,7 +44,19 @@ def test_int8_lenet5_records_its_accuracy_against_fp32(lenet_store: ModelStore) 
     raw = stored.read_metadata()
     assert raw["calibration"]["count"] == 500 and "train split" in raw["calibration"]["source"]
     assert raw["calibration"]["sha256"] != accuracy["held_out"]["sha256"]
-    assert raw["quantization"]["format"] == "QDQ" and raw["quantization"]["cpu"] == int8_target()
+    quantization = raw["quantization"]
+    assert quantization["format"] == "QDQ" and quantization["cpu"]["machine"] and quantization["cpu"]["cores"] >= 1
+    # every recipe was written, timed and checked here; the fastest at batch 8 that passed was kept
+    candidates = {c["recipe"]: c for c in quantization["candidates"]}
+    assert set(candidates) == set(RECIPES)
+    for candidate in candidates.values():
+        assert candidate["images_per_s"]["1"] > 0 and candidate["images_per_s"]["8"] > 0
+        assert candidate["ops"].get("QLinearConv", 0) + candidate["ops"].get("Conv", 0) == 3  # LeNet-5's convolutions
+    passing = [c for c in candidates.values() if c["passed"]]
+    fastest = max(passing, key=lambda c: c["images_per_s"]["8"])
+    assert quantization["recipe"] == fastest["recipe"] and "fastest at batch 8" in quantization["choice"]
+    assert (quantization["activations"], quantization["reduce_range"]) == RECIPES[fastest["recipe"]]
+    assert activation_type(stored.graph) == quantization["activations"]  # the file written is the recipe chosen
     # the graph really is quantized, and its own Triton-shaped folder names it
     graph = onnx.load(str(stored.graph))
     ops = {node.op_type for node in graph.graph.node}
@@ -55,15 +67,34 @@ def test_int8_lenet5_records_its_accuracy_against_fp32(lenet_store: ModelStore) 
     assert lenet_store.read_labels("lenet5_int8") == lenet_store.read_labels("lenet5")
 
 
+def activation_type(graph: Path) -> str:
+    """uint8 or int8: the zero points of the graph's activation QuantizeLinear nodes."""
+    model = onnx.load(str(graph))
+    initializers = {i.name: i for i in model.graph.initializer}
+    points = {initializers[n.input[2]].data_type for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    (kind,) = points
+    return {onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT8: "int8"}[kind]
+
+
+def test_a_forced_recipe_is_the_only_one_written(lenet_store: ModelStore) -> None:
+    stored = export_variant("lenet5", lenet_store, VariantOptions("int8", recipe="s8s8", timing_seconds=0.1))
+    quantization = stored.read_metadata()["quantization"]
+    assert [c["recipe"] for c in quantization["candidates"]] == ["s8s8"] and quantization["recipe"] == "s8s8"
+    assert quantization["choice"] == "forced with --recipe s8s8" and activation_type(stored.graph) == "int8"
+    shutil.rmtree(stored.directory)
+
+
 def test_a_blank_calibration_image_is_refused_with_the_figures(lenet_store: ModelStore, tmp_path: Path) -> None:
     Image.new("L", (32, 32), 0).save(tmp_path / "blank.png")
     before = sorted(p.name for p in lenet_store.root.iterdir())
-    options = VariantOptions("int8", calibration_dir=tmp_path, method="minmax")
+    options = VariantOptions("int8", calibration_dir=tmp_path, method="minmax", timing_seconds=0.1)
     with pytest.raises(PrecisionRefused, match=r"top-1 agreement with FP32 \d+\.\d+% < 99%.*accuracy .*\(drop") as info:
         export_variant("lenet5", lenet_store, options)
     assert "--force" in str(info.value)
     assert sorted(p.name for p in lenet_store.root.iterdir()) == before  # nothing written
-    forced = export_variant("lenet5", lenet_store, VariantOptions("int8", calibration_dir=tmp_path, force=True))
+    forced = export_variant(
+        "lenet5", lenet_store, VariantOptions("int8", calibration_dir=tmp_path, force=True, timing_seconds=0.1)
+    )
     raw = forced.read_metadata()
     assert raw["forced"] is True and raw["accuracy"]["passed"] is False
     assert raw["calibration"]["count"] == 1 and str(tmp_path) in raw["calibration"]["source"]
@@ -130,9 +161,11 @@ def test_the_cli_writes_a_variant_and_reports_a_refusal(lenet_store: ModelStore,
 
     misuse = cli("--force")
     assert misuse.returncode == 2 and "go with --precision" in misuse.stderr
+    misuse = cli("--precision", "fp16", "--recipe", "u8s8")
+    assert misuse.returncode == 2 and "--recipe goes with --precision int8" in misuse.stderr
     Image.new("L", (32, 32), 0).save(tmp_path / "blank.png")
-    refused = cli("--precision", "int8", "--calibration-dir", str(tmp_path))
+    refused = cli("--precision", "int8", "--calibration-dir", str(tmp_path), "--recipe", "u8s8")
     assert refused.returncode == 1 and "lenet5_int8 refused: top-1 agreement" in refused.stderr
-    written = cli("--precision", "int8", "--calibration-method", "minmax", "--no-progress")
+    written = cli("--precision", "int8", "--calibration-method", "minmax", "--recipe", "u8s8_reduced", "--no-progress")
     assert written.returncode == 0, written.stderr
     assert "exported: lenet5_int8 v" in written.stderr
