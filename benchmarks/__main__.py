@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         "--store", type=Path, default=Path("benchmarks/.store"), help="model store; what it lacks is exported into it"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
-    parser.add_argument("--paths", help="only these: ceiling,http,grpc-bytes,grpc-images,noop,scaling,peers,baseline")
+    parser.add_argument(
+        "--paths", help="only these: ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,peers,baseline"
+    )
     parser.add_argument(
         "--concurrency",
         help="comma-separated concurrency levels (default 1,4,16,64, peers and layouts 1,16,64; quick 1,4)",

@@ -1,8 +1,7 @@
-"""An asyncio load generator: a fixed number of requests, a time bound, loopback targets only.
+"""What a load run measures, and an asyncio driver for the gRPC load (HTTP load is wrk's, see ``wrk.py``).
 
-In-process rather than hey or wrk because it drives HTTP uploads, multipart and gRPC alike
-and records every request's latency and outcome; aiohttp keeps its own CPU cost per request
-small, which matters when client and server share two cores.
+The gRPC driver issues a fixed number of requests with a time bound, to loopback targets
+only, and records every request's latency and outcome.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-import aiohttp
 import numpy as np
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -64,7 +62,7 @@ async def drive(
             started = time.perf_counter()
             try:
                 ok = await call(index)
-            except (TimeoutError, aiohttp.ClientError, OSError):
+            except (TimeoutError, OSError):
                 ok = False
             latencies.append(time.perf_counter() - started)
             errors += not ok
@@ -84,20 +82,3 @@ def summarise(path: str, model: str, concurrency: int, latencies: Sequence[float
         p50_ms=round(float(np.percentile(ms, 50)), 2), p95_ms=round(float(np.percentile(ms, 95)), 2),
         p99_ms=round(float(np.percentile(ms, 99)), 2),
     )  # fmt: skip
-
-
-async def http_run(url: str, path: str, bodies: Sequence[bytes], content_type: str, concurrency: int,
-                   requests: int, seconds: float) -> tuple[list[float], int, float]:  # fmt: skip
-    """POST raw bodies round-robin to ``url`` + ``path``."""
-    check_loopback(url)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=120)
-    async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as session:
-
-        async def call(i: int) -> bool:
-            body = bodies[i % len(bodies)]
-            async with session.post(path, data=body, headers={"Content-Type": content_type}) as response:
-                await response.read()
-                return response.status == 200
-
-        return await drive(call, concurrency, requests, seconds)

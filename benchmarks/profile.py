@@ -31,7 +31,8 @@ import psutil
 from service.store.layout import ModelStore
 
 from . import flamegraph, wrk
-from .run import digit_png, machine
+from .payloads import digit_png
+from .run import machine
 
 logger = logging.getLogger("benchmarks.profile")
 

@@ -15,24 +15,45 @@ import matplotlib.pyplot as plt
 def markdown(results: dict[str, Any]) -> str:
     machine = results["machine"]
     lines = [
-        f"Run {results['started']} on {machine['cpu']} ({machine['cores']} cores), "
+        f"Run {results['started']} on {machine['cpu']} ({machine['cores']} cores; "
+        f"flags {', '.join(machine.get('cpu_flags', [])) or 'none of note'}), "
         f"providers {', '.join(machine['providers'])}, commit `{machine['commit'][:10]}`, "
         f"{'quick' if results['quick'] else 'full'} mode.",
         "",
-        "| model | path | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | path | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch | vs floor |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         batch = "-" if run.get("mean_batch") is None else f"{run['mean_batch']:.1f}"
+        floor = "-" if run.get("vs_floor") is None else f"{run['vs_floor']:.2f}"
         cells = [run["model"], run["path"], run["concurrency"], f"{run['images_per_s']:.1f}"]
-        cells += [f"{run[k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")] + [run["errors"], batch]
+        cells += [f"{run[k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")] + [run["errors"], batch, floor]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for ratio in results["ratios"]:
         met = "-" if ratio["met"] is None else ("yes" if ratio["met"] else "**no**")
         target = "-" if ratio["target"] is None else f">= {ratio['target']}"
         lines.append(f"| {ratio['name']} | {ratio['value']:.2f} | {target} | {met} |")
+    lines += recipes(results.get("int8_recipes", {}))
     return "\n".join(lines) + "\n"
+
+
+def recipes(found: dict[str, Any]) -> list[str]:
+    """The INT8 recipes each variant's export timed, as its metadata records them."""
+    lines = []
+    for model, quantization in found.items():
+        flags = ", ".join(quantization["cpu"].get("flags", [])) or "none"
+        lines += ["", f"INT8 recipes of `{model}` as its export timed them (INT8 flags: {flags}); kept: "
+                  f"**{quantization['recipe']}**, {quantization['choice']}.", "",
+                  "| recipe | images/s at batch 1 | at batch 8 | fused INT8 operators | left in float | agreement |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for c in quantization["candidates"]:
+            ops = c["ops"]
+            fused = ", ".join(f"{n} {op}" for op, n in ops.items() if op.startswith("Q") and op != "QuantizeLinear")
+            left = ", ".join(f"{n} {op}" for op, n in ops.items() if op in ("Conv", "FusedConv", "Gemm", "Transpose"))
+            lines.append(f"| {c['recipe']} | {c['images_per_s']['1']} | {c['images_per_s']['8']} | {fused} | "
+                         f"{left or '-'} | {100 * c['top1_agreement']:.1f}% |")  # fmt: skip
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

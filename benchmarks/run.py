@@ -1,12 +1,15 @@
-"""One benchmark run: the ceiling, the service over HTTP and gRPC, the no-op endpoint, other
-process and instance counts, the peers (MLServer, LitServe) on the same graph, the baseline."""
+"""One benchmark run: the ceiling, the stack floor, the service over HTTP and gRPC, the no-op endpoint,
+other process and instance counts, the peers (MLServer, LitServe) on the same graph, the baseline.
+
+Each model is served by a service of its own (``MODELS=<model>``, otherwise the defaults), as
+each peer serves one: a deployment for that model.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime as dt
-import io
 import logging
 import os
 import platform
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,6 @@ from typing import Any
 import httpx
 import numpy as np
 import onnxruntime as ort
-from PIL import Image
 
 from service.cpus import cpu_count
 from service.runtime.preprocess import preprocess
@@ -31,76 +34,87 @@ from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 
 from .grpc_load import bytes_request, grpc_run, pixels_request
-from .load import RunResult, http_run, summarise
+from .load import RunResult, summarise
+from .payloads import payload
+from .targets import ratios, vs_floor
+from .wrk import http_load
 
 logger = logging.getLogger("benchmarks")
 ROOT = Path(__file__).resolve().parent.parent
+# The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 @dataclass(frozen=True)
 class Plan:
     models: tuple[str, ...]
     concurrency: tuple[int, ...]
-    seconds: float  # per run, at most
-    requests: int  # per run, at most
+    seconds: float  # per run
+    requests: int  # per gRPC run, at most
     ceiling_seconds: float
     large_photo: bool
-    paths: tuple[str, ...] = ("ceiling", "http", "grpc-bytes", "grpc-images", "noop", "scaling", "peers", "baseline")
+    paths: tuple[str, ...] = ("ceiling", "floor", "http", "grpc-bytes", "grpc-images", "noop", "scaling", "peers",
+                              "baseline")  # fmt: skip
     service_env: tuple[tuple[str, str], ...] = ()
     # the other process/instance layouts tried, and the concurrency they and the peers run at
-    scaling: tuple[tuple[str, str], ...] = (("http-instances2", "INSTANCES=2"), ("http-workers2", "WORKERS=2"))
+    scaling: tuple[tuple[str, str], ...] = (
+        ("http-workers1", "WORKERS=1"), ("http-workers2", "WORKERS=2"), ("http-instances2", "INSTANCES=2"),
+    )  # fmt: skip
     peer_concurrency: tuple[int, ...] = (1, 16, 64)
 
     @classmethod
     def make(cls, models: tuple[str, ...], quick: bool) -> Plan:
         if quick:
-            return cls(models, (1, 4), 1.5, 200, 0.5, large_photo=False, peer_concurrency=(1, 4))
-        return cls(models, (1, 4, 16, 64), 8.0, 2000, 4.0, large_photo=True)
+            return cls(models, (1, 4), 1.0, 200, 0.5, large_photo=False, peer_concurrency=(1, 4))
+        return cls(models, (1, 4, 16, 64), 8.0, 4000, 4.0, large_photo=True)
 
 
-def photos(large: bool) -> list[bytes]:
-    """scikit-image's photos as JPEG files: native size, 1600x1200 and (full mode) one 4000x3000."""
-    from skimage import data
-
-    images = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("chelsea", "coffee", "astronaut")]
-    sizes = [None, (1600, 1200)] + ([(4000, 3000)] if large else [])
-    files = []
-    for size in sizes:
-        for image in images if size != (4000, 3000) else images[:1]:
-            buffer = io.BytesIO()
-            (image if size is None else image.resize(size, Image.Resampling.BICUBIC)).save(buffer, "JPEG", quality=90)
-            files.append(buffer.getvalue())
-    return files
-
-
-def digit_png() -> bytes:
-    canvas = np.full((64, 64), 255, dtype=np.uint8)
-    canvas[12:52, 28:36] = 0  # a "1" in dark ink
-    buffer = io.BytesIO()
-    Image.fromarray(canvas).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def ceiling(store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
-    """ONNX Runtime in-process on the exported graph, with the service's session options."""
+def session(store: ModelStore, model: str) -> tuple[ort.InferenceSession, ModelMetadata]:
     version = store.latest(model)
     assert version is not None
     meta = ModelMetadata.model_validate(version.read_metadata())
-    session = ort.InferenceSession(str(version.graph), session_options(Settings()), providers=["CPUExecutionProvider"])
+    options = session_options(Settings())
+    return ort.InferenceSession(str(version.graph), options, providers=["CPUExecutionProvider"]), meta
+
+
+def timed_runs(run: Any, seconds: float) -> tuple[list[float], float]:
+    """``run()`` repeatedly for ``seconds`` (twice at least): each call's time, and the total."""
+    latencies: list[float] = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(latencies) < 2:
+        t = time.perf_counter()
+        run()
+        latencies.append(time.perf_counter() - t)
+    return latencies, time.perf_counter() - started
+
+
+def ceiling(store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
+    """ONNX Runtime in-process on the exported graph, with the service's session options; no decoding."""
+    graph, meta = session(store, model)
     results = []
     for batch in (1, 8, 32):
         images = np.random.default_rng(0).integers(0, 256, (batch, meta.input.size, meta.input.size,
                                                               meta.input.channels), dtype=np.uint8)  # fmt: skip
-        session.run(None, {"images": images})
-        latencies: list[float] = []
-        started = time.perf_counter()
-        while time.perf_counter() - started < plan.ceiling_seconds or len(latencies) < 2:
-            t = time.perf_counter()
-            session.run(None, {"images": images})
-            latencies.append(time.perf_counter() - t)
-        result = summarise("ceiling", model, batch, latencies, 0, time.perf_counter() - started, batch)
-        results.append(result)
+        graph.run(None, {"images": images})
+        latencies, seconds = timed_runs(lambda: graph.run(None, {"images": images}), plan.ceiling_seconds)  # noqa: B023
+        results.append(summarise("ceiling", model, batch, latencies, 0, seconds, batch))
     return results
+
+
+def ceiling_with_decode(store: ModelStore, model: str, plan: Plan) -> RunResult:
+    """The same, plus decoding the benchmark's files (one thread), then one call at batch 8: the
+    work a service must do per image, done one step after the other in one process."""
+    graph, meta = session(store, model)
+    files, _ = payload(model, plan.large_photo)
+    turn = iter(range(10**9))
+
+    def step() -> None:
+        batch = [files[next(turn) % len(files)] for _ in range(8)]
+        graph.run(None, {"images": np.stack([preprocess(f, meta.input, max_pixels=10**9) for f in batch])})
+
+    step()
+    latencies, seconds = timed_runs(step, plan.ceiling_seconds)
+    return summarise("ceiling+decode", model, 8, latencies, 0, seconds, 8)
 
 
 def reference_answers(url: str, model: str, files: list[bytes], content_type: str) -> list[list[int]]:
@@ -133,10 +147,6 @@ def cpuinfo(field: str) -> str | None:
     return None
 
 
-# The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-
-
 def machine() -> dict[str, Any]:
     from export.precision import cpu_flags, cpu_info
 
@@ -152,126 +162,84 @@ def machine() -> dict[str, Any]:
             "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpu_flags()]}  # fmt: skip
 
 
-def ratio(name: str, value: float, target: float | None) -> dict[str, Any]:
-    met = None if target is None else value >= target
-    return {"name": name, "value": round(value, 3), "target": target, "met": met}
+def logged(result: RunResult) -> RunResult:
+    logger.info("%s %s c=%d: %.1f images/s, p50 %.1f ms, p99 %.1f ms, %d errors", result.model, result.path,
+                result.concurrency, result.images_per_s, result.p50_ms, result.p99_ms, result.errors)  # fmt: skip
+    return result
 
 
-def best(runs: list[RunResult], model: str, path: str) -> float:
-    return max((r.images_per_s for r in runs if r.model == model and r.path == path), default=0.0)
+@contextlib.contextmanager
+def serving(store: ModelStore, model: str, plan: Plan, **extra: str) -> Iterator[Any]:
+    """The service for ``model`` alone, with the plan's settings and ``extra``."""
+    from tests.helpers import ServiceProcess
+
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"benchmark-service-{model}.log"
+    env = {"MODELS": model, "ENABLE_NOOP": "true", **dict(plan.service_env), **extra}
+    service = ServiceProcess(store.root, log, **env).start()
+    try:
+        yield service
+    finally:
+        service.stop()
 
 
-def at(runs: list[RunResult], model: str, path: str, concurrency: int) -> float:
-    return next((r.images_per_s for r in runs if (r.model, r.path, r.concurrency) == (model, path, concurrency)), 0.0)
-
-
-# Multiply-accumulates per cycle and core: AVX2/AVX-512 FP32 FMA (Zen 4 runs AVX-512 on
-# 256-bit units: 2 x 8 lanes) and INT8 with VNNI (2 x 32 lanes).
-MAC_PER_CYCLE = {"fp32": 16, "int8": 64}
-CEILING_TARGETS = {"resnet50": 0.95, "resnet50_int8": 0.85}
-PEER_TARGETS = {"resnet50": 1.0, "lenet5": 1.2}
-
-
-def physical_fraction(images_per_s: float, macs_per_image: float, precision: str, machine: dict[str, Any]) -> float:
-    peak = machine["cores"] * machine["clock_ghz"] * 1e9 * MAC_PER_CYCLE[precision]
-    return images_per_s * macs_per_image / peak
-
-
-def ratios(runs: list[RunResult], macs: dict[str, float], machine: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's targets for ResNet-50 (FP32, INT8) and LeNet-5; the same ratios, untargeted, for others."""
-    out = []
-    for model in sorted({r.model for r in runs}):
-        top = best(runs, model, "ceiling")
-        if model.startswith("lenet5"):  # there the HTTP stack is the cost: against the no-op endpoint
-            noop = best(runs, model, "noop")
-            if noop and model == "lenet5":
-                out.append(ratio("lenet5 HTTP /classify / no-op (requests/s)", best(runs, model, "http") / noop, 0.6))
-        elif top:
-            out.append(ratio(f"{model} HTTP / ceiling", best(runs, model, "http") / top, CEILING_TARGETS.get(model)))
-            if best(runs, model, "grpc-images"):
-                out.append(ratio(f"{model} gRPC images / ceiling", best(runs, model, "grpc-images") / top, None))
-        for peer in ("mlserver", "litserve"):
-            for concurrency in (16, 1):
-                theirs = at(runs, model, peer, concurrency)
-                if theirs:
-                    target = PEER_TARGETS.get(model) if concurrency == 16 else 1.0
-                    value = at(runs, model, "http", concurrency) / theirs
-                    out.append(ratio(f"{model} HTTP / {peer} at concurrency {concurrency}", value, target))
-        baseline = best(runs, model, "baseline")
-        if baseline:
-            target = 2.0 if model == "resnet50" else None
-            out.append(ratio(f"{model} service / PyTorch baseline", best(runs, model, "http") / baseline, target))
-        int8 = f"{model}_int8"
-        if at(runs, int8, "ceiling", 8) and at(runs, model, "ceiling", 8):
-            value = at(runs, int8, "ceiling", 8) / at(runs, model, "ceiling", 8)
-            out.append(ratio(f"{int8} / {model} in-process at batch 8", value, 2.5 if model == "resnet50" else None))
-        precision = "int8" if model.endswith("_int8") else "fp32"
-        if model in macs and machine.get("clock_ghz") and at(runs, model, "ceiling", 8):
-            fraction = physical_fraction(at(runs, model, "ceiling", 8), macs[model], precision, machine)
-            name = f"{model} in-process batch 8 / physical {precision.upper()} limit"
-            out.append(ratio(f"{name} ({MAC_PER_CYCLE[precision]} MAC/cycle/core at {machine['clock_ghz']} GHz)",
-                             fraction, None))  # fmt: skip
-    return out
-
-
-def start_baseline(model: str, port: int) -> subprocess.Popen[bytes]:
-    process = subprocess.Popen([sys.executable, "-m", "benchmarks.baseline", "--model", model, "--port", str(port)],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-            return process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"the baseline server for {model} did not start")
-
-
-def payload(model: str, large: bool) -> tuple[list[bytes], str]:
-    return ([digit_png()], "image/png") if model.startswith("lenet5") else (photos(large), "image/jpeg")
-
-
-async def service_runs(url: str, grpc_target: str, store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
+def http_runs(url: str, model: str, plan: Plan, path: str, route: str, levels: tuple[int, ...]) -> list[RunResult]:
     files, content_type = payload(model, plan.large_photo)
+    return [logged(http_load(url + route, files, content_type, c, plan.seconds, path, model)) for c in levels]
+
+
+def service_runs(service: Any, store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
+    files, _ = payload(model, plan.large_photo)
     meta = ModelMetadata.model_validate(store.latest(model).read_metadata())  # type: ignore[union-attr]
     pixels = [preprocess(f, meta.input, max_pixels=10**9)[None] for f in files]
-    classify = f"/classify?model={model}"
-    paths = {
-        "http": lambda c: http_run(url, classify, files, content_type, c, plan.requests, plan.seconds),
-        "grpc-bytes": lambda c: grpc_run(grpc_target, [bytes_request(model, f) for f in files], c, plan.requests,
-                                         plan.seconds),
-        "grpc-images": lambda c: grpc_run(grpc_target, [pixels_request(model, p) for p in pixels], c, plan.requests,
-                                          plan.seconds),
-        "noop": lambda c: http_run(url, "/noop", files, content_type, c, plan.requests, plan.seconds),
-    }  # fmt: skip
+    grpc_pools = {"grpc-bytes": [bytes_request(model, f) for f in files],
+                  "grpc-images": [pixels_request(model, p) for p in pixels]}  # fmt: skip
     results = []
-    for path, runner in paths.items():
+    for path in ("http", "grpc-bytes", "grpc-images", "noop"):
         if path not in plan.paths:
             continue
         for concurrency in plan.concurrency:
-            before = batch_totals(url, model)
-            latencies, errors, seconds = await runner(concurrency)
-            result = summarise(path, model, concurrency, latencies, errors, seconds)
-            after = batch_totals(url, model)
+            before = batch_totals(service.url, model)
+            if path in grpc_pools:
+                latencies, errors, seconds = asyncio.run(
+                    grpc_run(service.grpc_target, grpc_pools[path], concurrency, plan.requests, plan.seconds)
+                )
+                result = summarise(path, model, concurrency, latencies, errors, seconds)
+            else:
+                route = f"/classify?model={model}" if path == "http" else "/noop"
+                (result,) = http_runs(service.url, model, plan, path, route, (concurrency,))
+            after = batch_totals(service.url, model)
             if path != "noop" and after[0] > before[0]:
                 result.mean_batch = round((after[1] - before[1]) / (after[0] - before[0]), 2)
-            logger.info("%s %s c=%d: %.1f images/s, p50 %.0f ms, p99 %.0f ms, %d errors", model, path, concurrency,
-                        result.images_per_s, result.p50_ms, result.p99_ms, result.errors)  # fmt: skip
-            results.append(result)
+            results.append(logged(result) if path.startswith("grpc") else result)
     return results
 
 
-async def scaling_runs(url: str, model: str, plan: Plan, path: str) -> list[RunResult]:
-    """/classify on the service started with another process/instance layout."""
-    files, content_type = payload(model, plan.large_photo)
-    results = []
-    for concurrency in plan.peer_concurrency:
-        latencies, errors, seconds = await http_run(url, f"/classify?model={model}", files, content_type, concurrency,
-                                                    plan.requests, plan.seconds)  # fmt: skip
-        results.append(summarise(path, model, concurrency, latencies, errors, seconds))
-        logger.info("%s %s c=%d: %.1f images/s", model, path, concurrency, results[-1].images_per_s)
-    return results
+def floor_runs(models: tuple[str, ...], plan: Plan) -> list[RunResult]:
+    """The stack floor (benchmarks/floor.py) with each model's files."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "benchmarks.floor:app", "--host", "127.0.0.1", "--port", str(port),
+               "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not _answers(f"{url}/noop"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the stack floor (benchmarks/floor.py) did not start")
+            time.sleep(0.2)
+        return [r for m in models for r in http_runs(url, m, plan, "floor", "/noop", plan.concurrency)]
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.post(url, content=b"x", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[int]], workdir: Path) -> list[RunResult]:
@@ -292,80 +260,87 @@ def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[in
             bodies = [peer.body(f) for f in files]
             for body, expected in zip(bodies, reference, strict=True):
                 answer = peer.answer(httpx.post(peer.url, content=body, timeout=60,
-                                                      headers={"Content-Type": "application/json"}).json())  # fmt: skip
+                                                headers={"Content-Type": "application/json"}).json())  # fmt: skip
                 if [p["index"] for p in answer] != expected:
                     raise RuntimeError(f"{name} answers {answer} where the service answers {expected}")
             for concurrency in plan.peer_concurrency:
-                latencies, errors, seconds = asyncio.run(
-                    http_run(peer.base, peer.path, bodies, "application/json", concurrency, plan.requests, plan.seconds)
-                )
-                results.append(summarise(name, model, concurrency, latencies, errors, seconds))
-                logger.info("%s %s c=%d: %.1f images/s, p50 %.0f ms, p99 %.0f ms", model, name, concurrency,
-                            results[-1].images_per_s, results[-1].p50_ms, results[-1].p99_ms)  # fmt: skip
+                result = http_load(peer.url, bodies, "application/json", concurrency, plan.seconds, name, model)
+                results.append(logged(result))
         finally:
             peer.stop()
     return results
 
 
-async def baseline_runs(model: str, plan: Plan, port: int) -> list[RunResult]:
-    files, content_type = payload(model, plan.large_photo)
-    process = start_baseline(model, port)
+def baseline_runs(model: str, plan: Plan) -> list[RunResult]:
+    """The PyTorch-eager baseline (benchmarks/baseline.py)."""
+    from tests.helpers import free_port, wait_for_ok
+
+    port = free_port()
+    command = [sys.executable, "-m", "benchmarks.baseline", "--model", model, "--port", str(port)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        results = []
-        for concurrency in plan.concurrency:
-            url = f"http://127.0.0.1:{port}"
-            latencies, errors, seconds = await http_run(url, "/", files, content_type, concurrency, plan.requests,
-                                                        plan.seconds)  # fmt: skip
-            results.append(summarise("baseline", model, concurrency, latencies, errors, seconds))
-            logger.info("%s baseline c=%d: %.1f images/s", model, concurrency, results[-1].images_per_s)
-        return results
+        if not wait_for_ok(f"http://127.0.0.1:{port}/", 120, give_up=lambda: process.poll() is not None):
+            raise RuntimeError(f"the baseline server for {model} did not start")
+        return http_runs(f"http://127.0.0.1:{port}", model, plan, "baseline", "/", plan.concurrency)
     finally:
         process.terminate()
         process.wait(30)
 
 
-def run(store: ModelStore, plan: Plan) -> dict[str, Any]:
-    from tests.helpers import ServiceProcess, free_port
+def model_runs(store: ModelStore, model: str, plan: Plan, workdir: Path) -> list[RunResult]:
+    """Everything measured on one model's services and peers."""
+    runs: list[RunResult] = []
+    with serving(store, model, plan) as service:
+        runs += service_runs(service, store, model, plan)
+        reference = reference_answers(service.url, model, *payload(model, plan.large_photo))
+    for path, setting in plan.scaling if "scaling" in plan.paths else ():
+        key, value = setting.split("=", 1)
+        with serving(store, model, plan, **{key: value}) as service:
+            runs += http_runs(service.url, model, plan, path, f"/classify?model={model}", plan.peer_concurrency)
+    variant = model.endswith(("_int8", "_fp16"))
+    if "peers" in plan.paths and not variant:
+        runs += peer_runs(store, model, plan, reference, workdir)
+    if "baseline" in plan.paths and not variant and not model.startswith("lenet5"):
+        runs += baseline_runs(model, plan)
+    return runs
 
+
+def run(store: ModelStore, plan: Plan) -> dict[str, Any]:
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     runs: list[RunResult] = []
     for model in plan.models if "ceiling" in plan.paths else ():
         runs += ceiling(store, model, plan)
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / "benchmark-service.log"
-    env = {"MODELS": ",".join(plan.models), "ENABLE_NOOP": "true", **dict(plan.service_env)}
-    service = ServiceProcess(store.root, log, **env).start()
-    references = {}
-    try:
-        for model in plan.models:
-            runs += asyncio.run(service_runs(service.url, service.grpc_target, store, model, plan))
-            references[model] = reference_answers(service.url, model, *payload(model, plan.large_photo))
-    finally:
-        service.stop()
-    for path, setting in plan.scaling if "scaling" in plan.paths else ():
-        key, value = setting.split("=", 1)
-        service = ServiceProcess(store.root, log, **{**env, key: value}).start()
-        try:
-            for model in plan.models:
-                runs += asyncio.run(scaling_runs(service.url, model, plan, path))
-        finally:
-            service.stop()
+        if not model.startswith("lenet5"):
+            runs.append(ceiling_with_decode(store, model, plan))
+    if "floor" in plan.paths:
+        runs += floor_runs(plan.models, plan)
     with tempfile.TemporaryDirectory(prefix="peers-") as workdir:
-        for model in plan.models if "peers" in plan.paths else ():
-            if not model.endswith(("_int8", "_fp16")):
-                runs += peer_runs(store, model, plan, references[model], Path(workdir))
-    for model in plan.models if "baseline" in plan.paths else ():
-        if not model.startswith("lenet5") and not model.endswith(("_int8", "_fp16")):
-            runs += asyncio.run(baseline_runs(model, plan, free_port()))
+        for model in plan.models:
+            runs += model_runs(store, model, plan, Path(workdir))
     host = machine()
     macs = {}
     for model in plan.models:
         meta = ModelMetadata.model_validate(store.latest(model).read_metadata())  # type: ignore[union-attr]
         macs[model] = meta.flops_per_image / 2
+    floors = vs_floor(runs)
     return {
         "started": started,
         "quick": plan.seconds < 5,
         "machine": host,
         "plan": {**plan.__dict__, "service_env": dict(plan.service_env)},
-        "runs": [r.to_dict() for r in runs],
+        "runs": [r.to_dict() | {"vs_floor": floors.get((r.model, r.path, r.concurrency))} for r in runs],
         "ratios": ratios(runs, macs, host),
+        "int8_recipes": int8_recipes(store, plan.models),
     }
+
+
+def int8_recipes(store: ModelStore, models: tuple[str, ...]) -> dict[str, Any]:
+    """What the export measured for each INT8 recipe of the variants benchmarked (its metadata)."""
+    found = {}
+    for model in models:
+        version = store.latest(model)
+        quantization = version.read_metadata().get("quantization") if version is not None else None
+        if quantization and "candidates" in quantization:
+            found[model] = {"recipe": quantization["recipe"], "choice": quantization["choice"],
+                            "cpu": quantization["cpu"], "candidates": quantization["candidates"]}  # fmt: skip
+    return found

@@ -33,15 +33,18 @@ def quick(model_store: ModelStore, tmp_path: Path, models: str, *args: str) -> d
 
 
 def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp_path: Path) -> None:
-    paths = "ceiling,http,grpc-bytes,grpc-images,noop,scaling,baseline"
+    paths = "ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,baseline"
     results = quick(model_store, tmp_path, "lenet5,lenet5_int8,resnet18", "--paths", paths)
     out = tmp_path / "results"
     assert results["quick"] is True and results["machine"]["cores"] >= 1 and results["machine"]["commit"]
     assert results["machine"]["int8"]["machine"] and results["machine"]["clock_ghz"] > 0
     paths = {(r["model"], r["path"]) for r in results["runs"]}
     for model in ("lenet5", "lenet5_int8", "resnet18"):
-        assert {(model, p) for p in ("ceiling", "http", "grpc-bytes", "grpc-images", "noop")} <= paths
-        assert {(model, "http-instances2"), (model, "http-workers2")} <= paths
+        assert {(model, p) for p in ("ceiling", "floor", "http", "grpc-bytes", "grpc-images", "noop")} <= paths
+        assert {(model, "http-instances2"), (model, "http-workers1"), (model, "http-workers2")} <= paths
+    assert ("resnet18", "ceiling+decode") in paths and ("lenet5", "ceiling+decode") not in paths
+    # every HTTP row against the stack floor with the same files
+    assert all(r["vs_floor"] > 0 for r in results["runs"] if r["path"] in ("http", "noop", "baseline"))
     assert ("resnet18", "baseline") in paths and ("lenet5_int8", "baseline") not in paths
     # the variant was exported into the store by the benchmark, from the FP32 LeNet-5
     variant = json.loads((tmp_path / "store" / "lenet5_int8" / "1" / "metadata.json").read_text())
@@ -50,11 +53,15 @@ def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp
         assert run["errors"] == 0 and run["requests"] > 0 and run["images_per_s"] > 0
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
     names = {r["name"] for r in results["ratios"]}
-    assert "lenet5 HTTP /classify / no-op (requests/s)" in names and "resnet18 HTTP / ceiling" in names
-    assert "lenet5_int8 / lenet5 in-process at batch 8" in names
+    assert "lenet5 HTTP /classify / no-op (requests/s)" in names and "/noop / stack floor at concurrency 4" in names
+    assert "resnet18 HTTP / in-process ceiling at concurrency 4" in names
+    assert any(n.startswith("lenet5_int8 / lenet5 in-process at batch 8") for n in names)
     assert any(n.startswith("lenet5_int8 in-process batch 8 / physical INT8 limit") for n in names)
     table = (out / "latest.md").read_text()
     assert "| model | path | concurrency | images/s |" in table and "| ratio | value | target | met |" in table
+    # the INT8 recipes the variant's export timed, from its metadata
+    assert "INT8 recipes of `lenet5_int8`" in table and "| u8s8 |" in table
+    assert set(results["int8_recipes"]["lenet5_int8"]["candidates"][0]["images_per_s"]) == {"1", "8"}
     assert Image.open(out / "latest.png").size[0] > 0
 
 
