@@ -30,6 +30,8 @@ def make_handler(name: str) -> type[BaseHTTPRequestHandler]:
     lock = threading.Lock()  # one forward pass at a time, as a plain script would do
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as every other server measured
+
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             pixels = preprocess(body, meta, max_pixels=100_000_000)
@@ -46,6 +48,7 @@ def make_handler(name: str) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             self.send_response(200)
+            self.send_header("Content-Length", "0")
             self.end_headers()
 
         def log_message(self, *args: object) -> None:

@@ -34,6 +34,7 @@ class RunResult:
     p95_ms: float
     p99_ms: float
     mean_batch: float | None = None
+    server_cpu_ms: float | None = None  # CPU time the server's processes spent per image (user + system)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

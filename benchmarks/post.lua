@@ -18,8 +18,10 @@ end
 
 function done(summary, latency, _)
   local e = summary.errors
+  -- requests: answers received (status: those that were not 2xx/3xx); the others are socket errors
   io.write(string.format(
-    '{"requests": %d, "duration_us": %d, "errors": %d, "p50_us": %d, "p95_us": %d, "p99_us": %d}\n',
-    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout + e.status,
+    '{"requests": %d, "duration_us": %d, "status_errors": %d, "socket_errors": %d, '
+    .. '"p50_us": %d, "p95_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
     latency:percentile(50), latency:percentile(95), latency:percentile(99)))
 end

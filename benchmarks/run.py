@@ -17,14 +17,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import onnxruntime as ort
+import psutil
 
 from service.cpus import cpu_count
 from service.runtime.preprocess import preprocess
@@ -162,6 +164,30 @@ def machine() -> dict[str, Any]:
             "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpu_flags()]}  # fmt: skip
 
 
+def process_cpu(pid: int) -> float:
+    """User and system CPU seconds of ``pid`` and its descendants."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def priced(pid: int, measure: Callable[[], RunResult]) -> RunResult:
+    """``measure()``, with the server's CPU time per image over the run: the price of an image there."""
+    before = process_cpu(pid)
+    result = measure()
+    if result.images:
+        result.server_cpu_ms = round((process_cpu(pid) - before) * 1000 / result.images, 3)
+    return result
+
+
 def logged(result: RunResult) -> RunResult:
     logger.info("%s %s c=%d: %.1f images/s, p50 %.1f ms, p99 %.1f ms, %d errors", result.model, result.path,
                 result.concurrency, result.images_per_s, result.p50_ms, result.p99_ms, result.errors)  # fmt: skip
@@ -182,9 +208,18 @@ def serving(store: ModelStore, model: str, plan: Plan, **extra: str) -> Iterator
         service.stop()
 
 
-def http_runs(url: str, model: str, plan: Plan, path: str, route: str, levels: tuple[int, ...]) -> list[RunResult]:
+def http_runs(
+    url: str, model: str, plan: Plan, path: str, route: str, levels: tuple[int, ...], pid: int
+) -> list[RunResult]:
+    """wrk on ``url + route`` at each concurrency; ``pid`` is the server's, whose CPU is counted."""
     files, content_type = payload(model, plan.large_photo)
-    return [logged(http_load(url + route, files, content_type, c, plan.seconds, path, model)) for c in levels]
+    loads = [partial(http_load, url + route, files, content_type, c, plan.seconds, path, model) for c in levels]
+    return [logged(priced(pid, load)) for load in loads]
+
+
+def grpc_result(target: str, pool: list[Any], path: str, model: str, concurrency: int, plan: Plan) -> RunResult:
+    latencies, errors, seconds = asyncio.run(grpc_run(target, pool, concurrency, plan.requests, plan.seconds))
+    return summarise(path, model, concurrency, latencies, errors, seconds)
 
 
 def service_runs(service: Any, store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
@@ -200,13 +235,11 @@ def service_runs(service: Any, store: ModelStore, model: str, plan: Plan) -> lis
         for concurrency in plan.concurrency:
             before = batch_totals(service.url, model)
             if path in grpc_pools:
-                latencies, errors, seconds = asyncio.run(
-                    grpc_run(service.grpc_target, grpc_pools[path], concurrency, plan.requests, plan.seconds)
-                )
-                result = summarise(path, model, concurrency, latencies, errors, seconds)
+                load = partial(grpc_result, service.grpc_target, grpc_pools[path], path, model, concurrency, plan)
+                result = priced(service.process.pid, load)
             else:
                 route = f"/classify?model={model}" if path == "http" else "/noop"
-                (result,) = http_runs(service.url, model, plan, path, route, (concurrency,))
+                (result,) = http_runs(service.url, model, plan, path, route, (concurrency,), service.process.pid)
             after = batch_totals(service.url, model)
             if path != "noop" and after[0] > before[0]:
                 result.mean_batch = round((after[1] - before[1]) / (after[0] - before[0]), 2)
@@ -229,7 +262,7 @@ def floor_runs(models: tuple[str, ...], plan: Plan) -> list[RunResult]:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the stack floor (benchmarks/floor.py) did not start")
             time.sleep(0.2)
-        return [r for m in models for r in http_runs(url, m, plan, "floor", "/noop", plan.concurrency)]
+        return [r for m in models for r in http_runs(url, m, plan, "floor", "/noop", plan.concurrency, process.pid)]
     finally:
         process.terminate()
         process.wait(30)
@@ -264,8 +297,8 @@ def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[in
                 if [p["index"] for p in answer] != expected:
                     raise RuntimeError(f"{name} answers {answer} where the service answers {expected}")
             for concurrency in plan.peer_concurrency:
-                result = http_load(peer.url, bodies, "application/json", concurrency, plan.seconds, name, model)
-                results.append(logged(result))
+                load = partial(http_load, peer.url, bodies, "application/json", concurrency, plan.seconds, name, model)
+                results.append(logged(priced(peer.process.pid, load)))
         finally:
             peer.stop()
     return results
@@ -281,7 +314,7 @@ def baseline_runs(model: str, plan: Plan) -> list[RunResult]:
     try:
         if not wait_for_ok(f"http://127.0.0.1:{port}/", 120, give_up=lambda: process.poll() is not None):
             raise RuntimeError(f"the baseline server for {model} did not start")
-        return http_runs(f"http://127.0.0.1:{port}", model, plan, "baseline", "/", plan.concurrency)
+        return http_runs(f"http://127.0.0.1:{port}", model, plan, "baseline", "/", plan.concurrency, process.pid)
     finally:
         process.terminate()
         process.wait(30)
@@ -296,7 +329,8 @@ def model_runs(store: ModelStore, model: str, plan: Plan, workdir: Path) -> list
     for path, setting in plan.scaling if "scaling" in plan.paths else ():
         key, value = setting.split("=", 1)
         with serving(store, model, plan, **{key: value}) as service:
-            runs += http_runs(service.url, model, plan, path, f"/classify?model={model}", plan.peer_concurrency)
+            route = f"/classify?model={model}"
+            runs += http_runs(service.url, model, plan, path, route, plan.peer_concurrency, service.process.pid)
     variant = model.endswith(("_int8", "_fp16"))
     if "peers" in plan.paths and not variant:
         runs += peer_runs(store, model, plan, reference, workdir)

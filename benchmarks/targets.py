@@ -30,6 +30,12 @@ def at(runs: list[RunResult], model: str, path: str, concurrency: int) -> float:
     return next((r.images_per_s for r in runs if (r.model, r.path, r.concurrency) == (model, path, concurrency)), 0.0)
 
 
+def cpu_at(runs: list[RunResult], model: str, path: str, concurrency: int) -> float:
+    """The server's CPU milliseconds per image in that run (0 where not measured)."""
+    found = [r.server_cpu_ms for r in runs if (r.model, r.path, r.concurrency) == (model, path, concurrency)]
+    return (found[0] or 0.0) if found else 0.0
+
+
 def vs_floor(runs: list[RunResult]) -> dict[tuple[str, str, int], float]:
     """Every HTTP row's requests/s as a fraction of the stack floor's, same payload and concurrency."""
     out = {}
@@ -76,6 +82,10 @@ def peers(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
                 target = PEER_TARGETS.get((model, level)) if peer == "mlserver" or model == "resnet50" else None
                 value = at(runs, model, "http", concurrency) / theirs
                 out.append(ratio(f"{model} HTTP / {peer} at concurrency {concurrency}", value, target))
+        ours, theirs = cpu_at(runs, model, "http", high(runs)), cpu_at(runs, model, peer, high(runs))
+        if ours and theirs:  # the price of an image: the server's CPU time per image
+            name = f"{model} server CPU per image, {peer} / ours at concurrency {high(runs)}"
+            out.append(ratio(name, theirs / ours, None))
     return out
 
 
@@ -92,6 +102,9 @@ def ceilings(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
         value = at(runs, model, "grpc-bytes", c) / at(runs, model, "http", c)
         target = 1.0 if model == "resnet50" else None
         out.append(ratio(f"{model} gRPC / HTTP at concurrency {c} (same files)", value, target))
+    if cpu_at(runs, model, "grpc-bytes", c) and cpu_at(runs, model, "http", c):  # the client's cost left out
+        value = cpu_at(runs, model, "http", c) / cpu_at(runs, model, "grpc-bytes", c)
+        out.append(ratio(f"{model} server CPU per image, HTTP / gRPC at concurrency {c}", value, None))
     return out
 
 

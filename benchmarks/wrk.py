@@ -49,10 +49,11 @@ def finish(process: subprocess.Popen[str], path: str, model: str, concurrency: i
         raise RuntimeError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
     summary = json.loads(lines[-1])
     seconds = summary["duration_us"] / 1e6
-    served = summary["requests"] - summary["errors"]
+    served = summary["requests"] - summary["status_errors"]
+    errors = summary["status_errors"] + summary["socket_errors"]
     return RunResult(
         path=path, model=model, concurrency=concurrency, requests=summary["requests"], images=served,
-        errors=summary["errors"], seconds=round(seconds, 3), images_per_s=round(served / seconds, 2),
+        errors=errors, seconds=round(seconds, 3), images_per_s=round(served / seconds, 2),
         p50_ms=round(summary["p50_us"] / 1000, 2), p95_ms=round(summary["p95_us"] / 1000, 2),
         p99_ms=round(summary["p99_us"] / 1000, 2),
     )  # fmt: skip

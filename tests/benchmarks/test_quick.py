@@ -45,6 +45,8 @@ def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp
     assert ("resnet18", "ceiling+decode") in paths and ("lenet5", "ceiling+decode") not in paths
     # every HTTP row against the stack floor with the same files
     assert all(r["vs_floor"] > 0 for r in results["runs"] if r["path"] in ("http", "noop", "baseline"))
+    # and the price of an image: the server's own CPU time per image, measured on its processes
+    assert all(r["server_cpu_ms"] > 0 for r in results["runs"] if r["path"] not in ("ceiling", "ceiling+decode"))
     assert ("resnet18", "baseline") in paths and ("lenet5_int8", "baseline") not in paths
     # the variant was exported into the store by the benchmark, from the FP32 LeNet-5
     variant = json.loads((tmp_path / "store" / "lenet5_int8" / "1" / "metadata.json").read_text())
