@@ -32,6 +32,7 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -112,6 +113,24 @@ def cpu_info() -> dict[str, Any]:
             "cores": cpu_count()}  # fmt: skip
 
 
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ONNX Runtime's quantizer logs a line per copied bias on the root logger, at INFO: to debug."""
+
+    def demote(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            logger.debug("onnxruntime: %s", record.getMessage())
+            return False
+        return True
+
+    root = logging.getLogger()
+    root.addFilter(demote)
+    try:
+        yield
+    finally:
+        root.removeFilter(demote)
+
+
 class _DebugLog(io.StringIO):
     def write(self, text: str) -> int:
         if text.strip():
@@ -138,7 +157,7 @@ def quantize_int8(prepared: Path, target: Path, images: ImageSet, method: Method
                "percentile": CalibrationMethod.Percentile}  # fmt: skip
     activations, reduce_range = RECIPES[recipe]
     # the calibrators print their progress; it goes to the debug log instead
-    with contextlib.redirect_stdout(_DebugLog()):
+    with contextlib.redirect_stdout(_DebugLog()), _quiet_quantizer():
         quantize_static(
             str(prepared),
             str(target),

@@ -69,7 +69,6 @@ class RequestObserver:
     def __init__(self, app: ASGIApp, api: Any) -> None:
         self.app = app
         self.api = api
-        self._counters: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         classifier = getattr(self.api.state, "classifier", None)
@@ -98,7 +97,7 @@ class RequestObserver:
                     span.update_name(f"{scope['method']} {route_of(scope)}")
                     span.set_attribute("http.response.status_code", status)
         except asyncio.CancelledError:
-            status = 504  # BentoML's timeout cancelled the request, and answers 504 itself
+            status = 504  # the request timeout (frontends/timeout.py) cancelled it, and answers 504 itself
             raise
         finally:
             route = route_of(scope)
@@ -106,11 +105,9 @@ class RequestObserver:
             if settings.access_log == "json":
                 self._log(scope, identifier, route, status, time.perf_counter() - started)
 
-    def _count(self, metrics: Any, route: str, status: int) -> None:
-        counter = self._counters.get((route, status))
-        if counter is None:
-            counter = self._counters[(route, status)] = metrics.http_requests.labels(route=route, code=str(status))
-        counter.inc()
+    @staticmethod
+    def _count(metrics: Any, route: str, status: int) -> None:
+        metrics.child(metrics.http_requests, route, str(status)).inc()
 
     @staticmethod
     def _log(scope: Scope, identifier: str, route: str, status: int, seconds: float) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as triton_grpc
 
@@ -68,6 +69,17 @@ def test_bentoml_runs_only_what_the_service_relies_on(tmp_path: Path) -> None:
     ], stack["middlewares"]
     assert all(stack["otel_excludes"])  # OpenTelemetry's middleware returns at its first check
     assert "/metrics" not in stack["routes"] and "/readyz" in stack["routes"]  # BentoML's /metrics is off
+
+
+def test_the_workers_run_on_uvloop_and_httptools(service: ServiceProcess) -> None:
+    """uvicorn takes them only if they import (BentoML does not ask for them): they are the service's own pins."""
+    assert service.process is not None
+    workers = [p for p in psutil.Process(service.process.pid).children(recursive=True)
+               if any("_bentoml_impl.worker" in part for part in p.cmdline())]  # fmt: skip
+    assert workers
+    for worker in workers:
+        mapped = Path(f"/proc/{worker.pid}/maps").read_text()
+        assert "uvloop/loop." in mapped and "httptools/parser/parser." in mapped
 
 
 def test_every_answer_carries_a_request_id(service: ServiceProcess) -> None:
