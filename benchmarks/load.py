@@ -35,6 +35,7 @@ class RunResult:
     p99_ms: float
     mean_batch: float | None = None
     server_cpu_ms: float | None = None  # CPU time the server's processes spent per image (user + system)
+    others_cores: float | None = None  # CPU taken meanwhile by neither the server nor the load (cores)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,15 +21,16 @@ def markdown(results: dict[str, Any]) -> str:
         f"{'quick' if results['quick'] else 'full'} mode.",
         "",
         "| model | path | concurrency | images/s | p50 ms | p95 ms | p99 ms | errors | mean batch | vs floor "
-        "| server CPU ms/image |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server CPU ms/image | others' cores |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         batch = "-" if run.get("mean_batch") is None else f"{run['mean_batch']:.1f}"
         floor = "-" if run.get("vs_floor") is None else f"{run['vs_floor']:.2f}"
         cpu = "-" if run.get("server_cpu_ms") is None else f"{run['server_cpu_ms']:.2f}"
         cells = [run["model"], run["path"], run["concurrency"], f"{run['images_per_s']:.1f}"]
-        cells += [f"{run[k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")] + [run["errors"], batch, floor, cpu]
+        others = "-" if run.get("others_cores") is None else f"{run['others_cores']:.2f}"
+        cells += [f"{run[k]:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms")] + [run["errors"], batch, floor, cpu, others]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "| ratio | value | target | met |", "|---|---|---|---|"]
     for ratio in results["ratios"]:

@@ -13,6 +13,7 @@ import datetime as dt
 import logging
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -179,13 +180,40 @@ def process_cpu(pid: int) -> float:
     return total
 
 
+def machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (steal included: the host took them)."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def ours() -> float:
+    """CPU seconds of the benchmark process and its children (wrk): the load generator."""
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+# A run during which other processes (or the host) took more than this many cores is measured again.
+DISTURBED_CORES = 0.15
+
+
 def priced(pid: int, measure: Callable[[], RunResult]) -> RunResult:
-    """``measure()``, with the server's CPU time per image over the run: the price of an image there."""
-    before = process_cpu(pid)
-    result = measure()
-    if result.images:
-        result.server_cpu_ms = round((process_cpu(pid) - before) * 1000 / result.images, 3)
-    return result
+    """``measure()``, with the server's CPU time per image over the run (the price of an image there) and
+    what neither the server nor the load generator used; a run that something else disturbed is repeated once."""
+    for attempt in (1, 2):
+        server, machine_, load = process_cpu(pid), machine_busy(), ours()
+        result = measure()
+        server = process_cpu(pid) - server
+        others = machine_busy() - machine_ - server - (ours() - load)
+        if result.images:
+            result.server_cpu_ms = round(server * 1000 / result.images, 3)
+        result.others_cores = round(max(0.0, others) / result.seconds, 3)
+        if result.others_cores <= DISTURBED_CORES or attempt == 2:
+            return result
+        logger.warning("%s %s c=%d: %.2f cores taken by other processes meanwhile; measuring again",
+                       result.model, result.path, result.concurrency, result.others_cores)  # fmt: skip
+    raise AssertionError("unreachable")
 
 
 def logged(result: RunResult) -> RunResult:
