@@ -53,13 +53,10 @@ class Peer:
         return predictions
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, 9)
-                self.process.wait()
+        """Every process of the peer's group, not only its first: see ``tests.helpers.stop_group``."""
+        from tests.helpers import stop_group
+
+        stop_group(self.process)
 
 
 def _spawn(command: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
