@@ -305,18 +305,18 @@ def _answers(url: str) -> bool:
 
 def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[int]], workdir: Path) -> list[RunResult]:
     """MLServer and LitServe on the same graph, their answers checked against the service's first."""
-    from tests.helpers import free_port
+    from tests.helpers import free_port, free_ports
 
-    from .peers.launch import start_litserve, start_mlserver
+    from .peers.launch import start_litserve, start_mlserver, start_on_free_ports
 
     files, _ = payload(model, plan.large_photo)
     version = store.latest(model)
     assert version is not None
     results = []
-    starts = {"mlserver": lambda: start_mlserver(version.directory, (free_port(), free_port(), free_port()), workdir),
+    starts = {"mlserver": lambda: start_mlserver(version.directory, free_ports(3), workdir),
               "litserve": lambda: start_litserve(version.directory, free_port(), workdir)}  # fmt: skip
     for name, start in starts.items():
-        peer = start()
+        peer = start_on_free_ports(start)
         try:
             bodies = [peer.body(f) for f in files]
             for body, expected in zip(bodies, reference, strict=True):

@@ -29,6 +29,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> tuple[int, ...]:
+    """``count`` different free ports (held together while picked, so none is picked twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return tuple(int(s.getsockname()[1]) for s in sockets)
+
+
 def encode(array: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format=fmt, **options)
@@ -39,8 +48,7 @@ class ServiceProcess:
     """``bentoml serve`` on 127.0.0.1 and a free port, with the given environment."""
 
     def __init__(self, store: Path, log_path: Path, **env: str) -> None:
-        self.port = free_port()
-        self.grpc_port = free_port()
+        self.port, self.grpc_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
         self.grpc_target = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path

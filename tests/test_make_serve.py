@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import ROOT, free_port, wait_for_ok
+from .helpers import ROOT, free_ports, wait_for_ok
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -26,9 +26,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @contextmanager
 def make_serve(store: Path, home: Path, log: Path, timeout: float) -> Iterator[tuple[str, float]]:
     """``make serve`` on ``store`` and free loopback ports; yields its URL and the seconds it took to be ready."""
-    port = free_port()
+    port, grpc_port = free_ports(2)
     env = {**os.environ, "MODEL_STORE": str(store), "HTTP_HOST": "127.0.0.1", "HTTP_PORT": str(port),
-           "GRPC_PORT": str(free_port()), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}  # fmt: skip
+           "GRPC_PORT": str(grpc_port), "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}  # fmt: skip
     env.pop("MAKEFLAGS", None)  # `make test`'s own flags are not a newcomer's
     started = time.monotonic()
     with log.open("wb") as out:

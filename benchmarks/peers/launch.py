@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ MLSERVER_MAX_BATCH_TIME_S = 0.002  # the service's MAX_BATCH_DELAY_MS, 2 ms
 
 class PeerUnavailable(RuntimeError):
     """The peers' virtual environment is missing or a peer did not start."""
+
+
+class PortTaken(PeerUnavailable):
+    """A port picked free was bound by another socket before the peer could bind it."""
 
 
 @dataclass
@@ -71,13 +76,37 @@ def _spawn(command: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[
 def _wait(peer: Peer, ready_url: str, timeout: float = 180) -> Peer:
     from tests.helpers import wait_for_ok
 
-    if wait_for_ok(ready_url, timeout, give_up=lambda: peer.process.poll() is not None):
+    # MLServer whose metrics port is taken logs the bind error and hangs rather than exit
+    if wait_for_ok(ready_url, timeout, give_up=lambda: peer.process.poll() is not None or _port_taken(peer.log)):
         return peer
     peer.stop()
-    raise PeerUnavailable(f"{peer.name} did not start: {peer.log.read_text(errors='replace')[-2000:]}")
+    text = peer.log.read_text(errors="replace")
+    # uvicorn's bind failure is one ERROR line far above the traceback of the shutdown it causes
+    errors = "\n".join(line for line in text.splitlines() if "ERROR" in line or "Errno" in line)
+    error = PortTaken if _port_taken(peer.log) else PeerUnavailable
+    raise error(f"{peer.name} did not start: {errors[-1000:]}\n...\n{text[-1500:]}")
 
 
-def start_mlserver(version_dir: Path, ports: tuple[int, int, int], workdir: Path) -> Peer:
+def _port_taken(log: Path) -> bool:
+    return "address already in use" in log.read_text(errors="replace").lower()
+
+
+def start_on_free_ports(start: Callable[[], Peer], attempts: int = 3) -> Peer:
+    """``start()``, which picks its ports as it starts, again where a port it picked was taken meanwhile.
+
+    A port that was free when picked (``tests.helpers.free_ports``) can become any client's
+    local port before the peer binds it; fresh ports on the next attempt.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except PortTaken:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def start_mlserver(version_dir: Path, ports: tuple[int, ...], workdir: Path) -> Peer:
     """MLServer with a custom runtime, adaptive batching on, one inference worker."""
     http, grpc, metrics = ports
     repository = workdir / "mlserver"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT
+from ..helpers import ROOT, free_ports
 
 pytestmark = pytest.mark.integration
 
@@ -78,3 +79,32 @@ def test_the_peers_serve_the_same_graph_and_answer_alike(model_store: ModelStore
             assert run["errors"] == 0 and run["requests"] > 0
     names = {r["name"] for r in results["ratios"]}
     assert {"lenet5 HTTP / mlserver at concurrency 1", "lenet5 HTTP / litserve at concurrency 1"} <= names
+
+
+@pytest.mark.slow
+def test_a_peer_port_taken_meanwhile_is_told_apart_and_tried_again(model_store: ModelStore, tmp_path: Path) -> None:
+    """A port picked free can be bound by someone else before the peer binds it (CI saw MLServer's
+    metrics port go so): that failure is ``PortTaken``, and the start is tried again on fresh ports."""
+    from benchmarks.peers.launch import Peer, PortTaken, start_mlserver, start_on_free_ports
+
+    version = model_store.latest("lenet5")
+    assert version is not None
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        http, grpc = free_ports(2)
+        with pytest.raises(PortTaken, match=r"(?i)address already in use"):
+            start_mlserver(version.directory, (http, grpc, taken.getsockname()[1]), tmp_path / "first")
+
+        attempts: list[tuple[int, ...]] = []
+
+        def start() -> Peer:
+            ports = free_ports(3) if attempts else (*free_ports(2), taken.getsockname()[1])
+            attempts.append(ports)
+            return start_mlserver(version.directory, ports, tmp_path / f"attempt-{len(attempts)}")
+
+        peer = start_on_free_ports(start)
+        try:
+            assert len(attempts) == 2 and peer.process.poll() is None
+        finally:
+            peer.stop()
