@@ -111,8 +111,9 @@ def start_mlserver(version_dir: Path, ports: tuple[int, ...], workdir: Path) -> 
     http, grpc, metrics = ports
     repository = workdir / "mlserver"
     (repository / "cnn").mkdir(parents=True, exist_ok=True)
+    # metrics_dir: MLServer's default is .metrics in the working directory, the project's root
     settings = {"http_port": http, "grpc_port": grpc, "metrics_port": metrics, "host": "127.0.0.1",
-                "parallel_workers": 1, "debug": False}  # fmt: skip
+                "parallel_workers": 1, "debug": False, "metrics_dir": str(repository / ".metrics")}  # fmt: skip
     model = {"name": "cnn", "implementation": "benchmarks.peers.mlserver_runtime.CNNRuntime",
              "max_batch_size": MLSERVER_MAX_BATCH_SIZE, "max_batch_time": MLSERVER_MAX_BATCH_TIME_S,
              "parameters": {"uri": str(version_dir)}}  # fmt: skip
