@@ -23,6 +23,7 @@ from typing import Any
 import psutil
 
 from .errors import Overloaded, ServiceError
+from .runtime.quality import CONFIDENCE_BUCKETS, ENTROPY_BUCKETS, confidence_and_entropy
 
 # 1 ms to 10 s, roughly x2 per bucket: CNN inference on a CPU or a GPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -73,6 +74,15 @@ class Metrics:
             ["model", "phase"], buckets=SWITCH_BUCKETS,
         )  # fmt: skip
 
+        self.confidence = prom.Histogram(
+            "cnn_prediction_confidence", "Top-1 probability of each image's prediction", model,
+            buckets=CONFIDENCE_BUCKETS,
+        )  # fmt: skip
+        self.entropy = prom.Histogram(
+            "cnn_prediction_entropy", "Entropy of each image's prediction over log(classes): 0 sure, 1 uniform", model,
+            buckets=ENTROPY_BUCKETS,
+        )  # fmt: skip
+
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *values: str) -> Any:
@@ -82,6 +92,15 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+    def observe_predictions(self, model: str, version: str, probabilities: Any) -> None:
+        """Each image's top-1 probability and normalised entropy (see ``runtime.quality``)."""
+        top1, entropy = confidence_and_entropy(probabilities)
+        confidence, spread = self.child(self.confidence, model, version), self.child(self.entropy, model, version)
+        for value in top1.tolist():
+            confidence.observe(value)
+        for value in entropy.tolist():
+            spread.observe(value)
 
     def observe_stage(self, labels: dict[str, Any], stage: str, seconds: float) -> None:
         self.child(self.stage_seconds, labels["model"], labels["version"], stage).observe(seconds)

@@ -130,6 +130,7 @@ async def classify(request: Request) -> Response:
     if top > settings.max_top_k:
         raise InvalidInput(f"top_k={top} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
     version = positive_int(query, "version", None)
+    wanted = probability(query, "min_confidence")
     lease = service.repository.lease(query.get("model"), version)
     with service.metrics.track_request("http") as record, lease as entry:
         request.scope["request_record"] = record
@@ -137,12 +138,28 @@ async def classify(request: Request) -> Response:
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
         results = await service.classify(entry, files, top)
         record.images = len(results)
-    body = {
-        "model": entry.name,
-        "version": str(entry.version),
-        "results": [{"predictions": predictions} for predictions in results],
-    }
+    assert entry.model is not None
+    least = wanted if wanted is not None else entry.model.metadata.abstain_threshold
+    body: dict[str, Any] = {"model": entry.name, "version": str(entry.version), "min_confidence": least}
+    if least is None:
+        body["results"] = [{"predictions": predictions} for predictions in results]
+    else:  # predictions[0] is the top-1 at any top_k
+        body["results"] = [{"predictions": p, "confident": p[0]["score"] >= least} for p in results]
     return JSONResponse(body)
+
+
+def probability(query: QueryParams, name: str) -> float | None:
+    """Query parameter ``name`` as a probability in [0, 1], or None when absent."""
+    text = query.get(name)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise InvalidInput(f"Invalid parameter: {name}={text.strip()!r} is not a probability; use a number from 0 to 1")
+    return value
 
 
 async def noop(request: Request) -> Response:
@@ -250,6 +267,15 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         model: Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")] = None,
         top_k: Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")] = 5,
         version: Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")] = None,
+        min_confidence: Annotated[
+            float | None,
+            Query(
+                ge=0,
+                le=1,
+                description="Each result says whether its top-1 probability reaches this "
+                "(`confident`); default the model's abstain threshold, where its export derived one",
+            ),
+        ] = None,
     ) -> Response:
         """The body is the image file itself (`Content-Type: image/jpeg`, `image/png`, ...,
         or `application/octet-stream`), or `multipart/form-data` with one or more files."""

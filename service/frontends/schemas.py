@@ -15,11 +15,20 @@ class Prediction(BaseModel):
 
 class ImageResult(BaseModel):
     predictions: list[Prediction]
+    confident: bool | None = Field(
+        None,
+        description="Whether the top-1 probability reaches min_confidence; absent where no threshold applies",
+    )
 
 
 class ClassifyResponse(BaseModel):
     model: str = Field(examples=["resnet50"])
     version: str = Field(examples=["1"])
+    min_confidence: float | None = Field(
+        None,
+        description="The threshold `confident` was judged by: the request's min_confidence, else the model's "
+        "abstain threshold (derived from held-out images at export), else none",
+    )
     results: list[ImageResult] = Field(description="One entry per image, in request order")
 
 

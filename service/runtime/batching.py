@@ -42,6 +42,7 @@ class BatchStats:
     started: float
     finished: float
     contexts: list[Any]  # per request: what the caller passed to :meth:`DynamicBatcher.infer`
+    probabilities: np.ndarray | None = None  # the batch's, row per image
 
     @property
     def requests(self) -> int:
@@ -217,7 +218,7 @@ class DynamicBatcher:
                 pending.future.set_result((logits[rows], probabilities[rows]))
         if self._on_batch is not None:
             enqueued, contexts = [p.enqueued for p in batch], [p.context for p in batch]
-            self._on_batch(BatchStats(len(images), enqueued, started, finished, contexts))
+            self._on_batch(BatchStats(len(images), enqueued, started, finished, contexts, probabilities))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """:meth:`close` from another thread (the model lifecycle's), once no request is left."""

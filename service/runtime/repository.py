@@ -276,6 +276,8 @@ class Repository:
             self.metrics.observe_stage(labels, "inference", stats.inference_seconds)
             for seconds in stats.queue_seconds:
                 self.metrics.observe_stage(labels, "queue", seconds)
+            if stats.probabilities is not None:
+                self.metrics.observe_predictions(labels["model"], labels["version"], stats.probabilities)
             traced = {"model": model.name, "model.version": model.version, "batch.size": stats.size}
             self.tracing.batch(stats.contexts, stats.enqueued, stats.started, stats.finished, traced)
 

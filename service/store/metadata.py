@@ -47,3 +47,10 @@ class ModelMetadata(BaseModel):
     derived_from: dict[str, Any] | None = None
     accuracy: dict[str, Any] | None = None
     forced: bool = False
+    # The top-1 probability below which an answer is not to be trusted, derived by the export
+    # from labelled held-out images (``export/abstain.py``); absent where it had none.
+    abstain: dict[str, Any] | None = None
+
+    @property
+    def abstain_threshold(self) -> float | None:
+        return None if self.abstain is None else float(self.abstain["threshold"])

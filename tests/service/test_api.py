@@ -185,7 +185,12 @@ def test_health_endpoints(service: ServiceProcess) -> None:
 def test_openapi_describes_classify_truthfully(service: ServiceProcess) -> None:
     spec = httpx.get(f"{service.url}/docs.json", timeout=10).json()
     operation = spec["paths"]["/classify"]["post"]
-    assert {p["name"] for p in operation["parameters"] if p["in"] == "query"} == {"model", "top_k", "version"}
+    assert {p["name"] for p in operation["parameters"] if p["in"] == "query"} == {
+        "model",
+        "top_k",
+        "version",
+        "min_confidence",
+    }
     assert {"image/*", "application/octet-stream", "multipart/form-data"} <= set(operation["requestBody"]["content"])
     assert {"200", "400", "404", "413", "415", "503"} <= set(operation["responses"])
     assert "/models" in spec["paths"]

@@ -237,7 +237,21 @@ function renderPredictions(list, predictions) {
 }
 
 function answeredBy(body, milliseconds) {
-  return `${body.model} v${body.version} · ${Math.round(milliseconds)} ms round trip`;
+  return `${body.model} v${body.version} · ${Math.round(milliseconds)} ms round trip${confidenceNote(body)}`;
+}
+
+// `confident` is there where a threshold applies (the model's abstain threshold, or the request's)
+function confidenceNote(body) {
+  const result = body.results[0];
+  if (!result || typeof result.confident !== "boolean") return "";
+  if (result.confident) return " · confident";
+  return ` · not confident: top-1 under ${(body.min_confidence * 100).toFixed(1)}%`;
+}
+
+function markConfidence(element, body) {
+  const result = body.results[0];
+  if (result && typeof result.confident === "boolean") element.dataset.confident = String(result.confident);
+  else delete element.dataset.confident;
 }
 
 function newResultCard(name, blob) {
@@ -272,6 +286,7 @@ async function classifyFile(file) {
     meta.textContent = answeredBy(body, milliseconds);
     card.dataset.model = body.model;
     card.dataset.version = body.version;
+    markConfidence(card, body);
     renderPredictions(card.querySelector(".predictions"), body.results[0].predictions);
     card.dataset.status = "done";
   } catch (exc) {
@@ -382,6 +397,7 @@ const drawing = {
       renderPredictions($("draw-predictions"), predictions);
       $("draw-meta").textContent = answeredBy(body, milliseconds);
       $("draw-panel").dataset.version = body.version;
+      markConfidence($("draw-panel"), body);
     } catch (exc) {
       $("draw-meta").textContent = exc.message;
     } finally {

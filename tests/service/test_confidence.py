@@ -1,0 +1,112 @@
+"""What every answer knows about itself: `confident`, `min_confidence`, and the confidence and entropy histograms."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+from service.store.layout import ModelStore
+
+from ..helpers import ServiceProcess, metric_samples
+from .test_digits import drawn
+
+pytestmark = pytest.mark.integration
+
+
+def held_out_drawings(count: int) -> tuple[list[bytes], np.ndarray]:
+    digits = load_digits()
+    _, images, _, labels = train_test_split(
+        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    return [drawn(image) for image in images[:count]], labels[:count]
+
+
+def classify(service: ServiceProcess, files: list[bytes], **params: Any) -> httpx.Response:
+    parts = [("image", (f"{i}.png", body, "image/png")) for i, body in enumerate(files)]
+    return httpx.post(f"{service.url}/classify", params={"top_k": 1, **params}, files=parts, timeout=60)
+
+
+def stored_threshold(store: ModelStore, name: str) -> float | None:
+    version = store.latest(name)
+    assert version is not None
+    abstain = json.loads((version.directory / "metadata.json").read_text()).get("abstain")
+    return None if abstain is None else float(abstain["threshold"])
+
+
+def test_each_digit_says_whether_it_clears_the_threshold_the_export_derived(
+    service: ServiceProcess, model_store: ModelStore
+) -> None:
+    files, labels = held_out_drawings(60)
+    response = classify(service, files, model="lenet5")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    least = stored_threshold(model_store, "lenet5")
+    assert least is not None and body["min_confidence"] == least
+    top1 = np.array([r["predictions"][0]["score"] for r in body["results"]])
+    confident = np.array([r["confident"] for r in body["results"]])
+    assert np.array_equal(confident, top1 >= least)
+    right = np.array([int(r["predictions"][0]["label"]) for r in body["results"]]) == labels
+    print(f"lenet5: {confident.sum()} of {len(files)} drawn digits confident (threshold {least:.4f}); "
+          f"accuracy {right[confident].mean():.3f} of those, {right.mean():.3f} of all")  # fmt: skip
+    assert confident.mean() > 0.8 and right[confident].mean() >= right.mean()
+
+
+def test_a_client_asks_for_its_own_threshold(service: ServiceProcess) -> None:
+    files, _ = held_out_drawings(8)
+    for wanted, expected in (("0", True), ("0.0", True)):
+        body = classify(service, files, model="lenet5", min_confidence=wanted).json()
+        assert body["min_confidence"] == 0.0 and all(r["confident"] is expected for r in body["results"])
+    body = classify(service, files, model="lenet5", min_confidence="1").json()
+    assert all(r["confident"] == (r["predictions"][0]["score"] >= 1.0) for r in body["results"])
+    # a model without a derived threshold (random weights) says none applies, unless asked
+    plain = classify(service, files[:1], model="resnet18").json()
+    assert plain["min_confidence"] is None and "confident" not in plain["results"][0]
+    asked = classify(service, files[:1], model="resnet18", min_confidence="0.5").json()
+    assert asked["min_confidence"] == 0.5
+    assert asked["results"][0]["confident"] == (asked["results"][0]["predictions"][0]["score"] >= 0.5)
+
+
+@pytest.mark.parametrize("wanted", ["-0.1", "1.5", "high", "nan", ""])
+def test_a_threshold_that_is_no_probability_is_a_400_that_says_so(service: ServiceProcess, wanted: str) -> None:
+    files, _ = held_out_drawings(1)
+    response = classify(service, files, model="lenet5", min_confidence=wanted)
+    assert response.status_code == 400
+    assert "min_confidence" in response.json()["error"] and "from 0 to 1" in response.json()["error"]
+
+
+def test_every_image_served_on_any_protocol_is_in_the_confidence_and_entropy_histograms(
+    service: ServiceProcess,
+) -> None:
+    def totals() -> dict[str, float]:
+        text = httpx.get(f"{service.url}/metrics", timeout=10).text
+        return {
+            name: sum(v for labels, v in metric_samples(text, name) if labels.get("model") == "lenet5")
+            for name in ("cnn_prediction_confidence_count", "cnn_prediction_confidence_sum",
+                         "cnn_prediction_entropy_count", "cnn_prediction_entropy_sum")
+        }  # fmt: skip
+
+    files, _ = held_out_drawings(20)
+    before = totals()
+    body = classify(service, files, model="lenet5", top_k=10).json()
+    grpc = triton_grpc.InferenceServerClient(service.grpc_target)
+    tensor = triton_grpc.InferInput("image_bytes", [5], "BYTES")
+    tensor.set_data_from_numpy(np.array(files[:5], dtype=object))
+    probabilities = grpc.infer("lenet5", [tensor]).as_numpy("probabilities")
+    after = totals()
+    # the answers' own probabilities, all ten classes of each
+    rows = [np.array([p["score"] for p in r["predictions"]]) for r in body["results"]] + list(probabilities)
+    top1 = np.array([row.max() for row in rows])
+    entropy = np.array([-(row * np.log(np.clip(row, 1e-12, 1))).sum() / np.log(10) for row in rows])
+    assert after["cnn_prediction_confidence_count"] - before["cnn_prediction_confidence_count"] == 25
+    assert after["cnn_prediction_entropy_count"] - before["cnn_prediction_entropy_count"] == 25
+    seen = after["cnn_prediction_confidence_sum"] - before["cnn_prediction_confidence_sum"]
+    assert seen == pytest.approx(top1.sum(), abs=1e-3)
+    spread = after["cnn_prediction_entropy_sum"] - before["cnn_prediction_entropy_sum"]
+    assert spread == pytest.approx(entropy.sum(), abs=1e-3)
