@@ -10,13 +10,9 @@ client should ask a person, or another model. Only where labelled held-out image
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
-
-from .graph import INPUT_NAME
 
 TARGET_ACCURACY = 0.99
 
@@ -40,13 +36,3 @@ def threshold(top1: np.ndarray, correct: np.ndarray, target: float = TARGET_ACCU
         "held_out": len(top1),
         "accuracy": round(float(correct.mean()), 4),
     }
-
-
-def from_held_out(graph: Path, images: np.ndarray, labels: np.ndarray, source: str,
-                  target: float = TARGET_ACCURACY) -> dict[str, Any]:  # fmt: skip
-    """Run ``images`` (uint8, N x H x W x C, as served) through ``graph`` and derive the threshold."""
-    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    probabilities = session.run(None, {INPUT_NAME: images})[1]
-    top1 = probabilities.max(axis=1)
-    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
-    return {**threshold(top1, correct, target), "source": source}

@@ -69,13 +69,13 @@ def _served(files: list[bytes], spec: InputMeta) -> np.ndarray:
     return np.stack([preprocess(data, spec, max_pixels=MAX_PIXELS) for data in files])
 
 
-def from_directory(directory: Path, spec: InputMeta, count: int) -> ImageSet:
-    """Up to ``count`` images from ``directory`` (recursively, sorted by path)."""
+def from_directory(directory: Path, spec: InputMeta, count: int, option: str = "--calibration-dir") -> ImageSet:
+    """Up to ``count`` images from ``directory`` (recursively, sorted by path); ``option`` names it in errors."""
     if not directory.is_dir():
-        raise ValueError(f"--calibration-dir {directory} is not a directory")
+        raise ValueError(f"{option} {directory} is not a directory")
     paths = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not paths:
-        raise ValueError(f"--calibration-dir {directory} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise ValueError(f"{option} {directory} holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
     files, skipped = [], []
     for path in paths[:count]:
         data = path.read_bytes()
@@ -86,9 +86,9 @@ def from_directory(directory: Path, spec: InputMeta, count: int) -> ImageSet:
             continue
         files.append(data)
     if skipped:
-        logger.warning("calibration: skipped %d files that do not decode: %s", len(skipped), "; ".join(skipped[:5]))
+        logger.warning("%s: skipped %d files that do not decode: %s", option, len(skipped), "; ".join(skipped[:5]))
     if not files:
-        raise ValueError(f"--calibration-dir {directory}: no file decodes as an image")
+        raise ValueError(f"{option} {directory}: no file decodes as an image")
     return ImageSet(f"directory {directory} ({len(files)} of {len(paths)} images)", _served(files, spec))
 
 

@@ -29,6 +29,7 @@ examples:
   python -m export resnet50 googlenet            # torchvision's ImageNet weights
   python -m export resnet50 --weights-file resnet50-0676ba61.pth
   python -m export resnet18 --weights random     # for tests and benchmarks only
+  python -m export resnet50 --baseline-dir traffic/  # drift measured against your own images
   python -m export lenet5 --precision int8       # INT8 variant lenet5_int8, checked against FP32
   python -m export resnet50 --precision int8 --calibration-dir photos/  # calibrate on your own images
   python -m export resnet50 --precision fp16     # FP16 variant for CUDA (refused on the CPU provider)
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=40, help="LeNet-5 training epochs (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed for training and random weights")
     parser.add_argument("--markdown", action="store_true", help="with 'list': a Markdown table")
+    parser.add_argument("--baseline-dir", type=Path,
+                        help="measure the answers' baseline (for drift) on these images: your own representative "
+                             "ones (default: the held-out digits or scikit-image's photos)")  # fmt: skip
     variant = parser.add_argument_group("lower-precision variants (written as NAME_int8 / NAME_fp16)")
     variant.add_argument("--precision", choices=["int8", "fp16"], help="derive a variant from an FP32 version")
     variant.add_argument("--from-version", type=int, help="the FP32 version to derive from (default: the latest)")
@@ -227,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         epochs=args.epochs,
         progress=not args.no_progress,
+        baseline_dir=args.baseline_dir,
     )
     variant = None
     if args.precision:

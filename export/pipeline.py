@@ -18,8 +18,9 @@ import onnx
 import torch
 
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
+from service.store.metadata import InputMeta
 
-from . import abstain, train
+from . import baseline, train
 from .graph import INPUT_NAME, OPSET, OUTPUT_NAMES, ClassifierGraph, count_flops, export_onnx, verify
 from .registry import get_model_spec
 from .spec import ModelSpec, WeightsKind
@@ -40,6 +41,7 @@ class ExportOptions:
     epochs: int = 40
     progress: bool = True
     cache_dir: Path | None = None  # torch hub's checkpoints directory by default
+    baseline_dir: Path | None = None  # the images the answers' baseline is measured on (held-out ones by default)
 
 
 def _weights_kind(spec: ModelSpec, options: ExportOptions) -> WeightsKind:
@@ -59,22 +61,21 @@ def _build_with(spec: ModelSpec, state: Mapping[str, torch.Tensor], provenance: 
         raise ValueError(f"{provenance.file or provenance.url} does not fit {spec.name}: {detail}") from None
 
 
-def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Module, Provenance, train.Dataset | None]:
-    """The PyTorch model with its weights, in eval mode, where the weights came from, and the
-    data it was trained on here (None for released, file or random weights)."""
+def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Module, Provenance]:
+    """The PyTorch model with its weights, in eval mode, and where the weights came from."""
     kind = _weights_kind(spec, options)
     if kind == "imagenet":
         assert spec.released is not None
         state, provenance = released_state_dict(spec.released, options.cache_dir, options.progress)
-        return _build_with(spec, state, provenance), provenance, None
+        return _build_with(spec, state, provenance), provenance
     if kind == "file":
         assert options.weights_file is not None
         state, provenance = file_state_dict(options.weights_file)
-        return _build_with(spec, state, provenance), provenance, None
+        return _build_with(spec, state, provenance), provenance
     torch.manual_seed(options.seed)
     model = spec.build()
     if kind == "random":
-        return model.eval(), random_provenance(options.seed), None
+        return model.eval(), random_provenance(options.seed)
     if options.data == "mnist":
         if options.data_dir is None:
             raise ValueError("--data mnist needs --data-dir DIR (where the IDX files are, or will be downloaded)")
@@ -90,7 +91,7 @@ def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Modul
         seed=options.seed,
         progress=options.progress,
     )
-    return model.eval(), provenance, data
+    return model.eval(), provenance
 
 
 def triton_config(spec: ModelSpec) -> str:
@@ -136,7 +137,7 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
     options = options or ExportOptions()
     spec = get_model_spec(name)
     started = time.perf_counter()
-    model, provenance, data = build_model(spec, options)
+    model, provenance = build_model(spec, options)
     graph = ClassifierGraph(model, spec.input)
     model_dir = store.model_dir(spec.name)
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +146,9 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
         graph_path = staging / GRAPH_FILE
         export_onnx(graph, spec.input, graph_path)
         verification = verify(graph, spec.input, graph_path)
-        extra: dict[str, Any] = {}
-        if data is not None:  # labelled held-out images: when to abstain
-            held_out = f"{data.name}, held-out test split ({data.split})"
-            extra["abstain"] = abstain.from_held_out(graph_path, data.x_test[..., None], data.y_test, held_out)
-            logger.info("%s: abstain below top-1 probability %.4f (%.1f%% of held-out images above it, %.2f%% right)",
-                        spec.name, extra["abstain"]["threshold"], 100 * extra["abstain"]["coverage"],
-                        100 * (extra["abstain"]["accuracy_above"] or 0))  # fmt: skip
+        # what its answers look like on images it should see (and, where labelled, when to abstain)
+        quality = baseline.measure(graph_path, InputMeta.model_validate(spec.input.to_dict()), spec.name,
+                                   options.baseline_dir, options.seed)  # fmt: skip
         version = store.next_version(spec.name)
         metadata = _metadata(
             spec,
@@ -160,7 +157,7 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
             provenance,
             verification=verification.to_dict(),
             export_seconds=round(time.perf_counter() - started, 2),
-            **extra,
+            **quality,
         )
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         (model_dir / LABELS_FILE).write_text("\n".join(spec.categories) + "\n", encoding="utf-8")

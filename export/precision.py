@@ -44,7 +44,7 @@ import onnxruntime as ort
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import ModelMetadata
 
-from . import calibration
+from . import baseline, calibration
 from .calibration import ImageSet
 from .graph import INPUT_NAME, OUTPUT_NAMES
 from .weights import sha256_file
@@ -318,6 +318,8 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
             "exported_on": platform.node(),
             "export_seconds": round(time.perf_counter() - started, 2),
             **extra,
+            # its own answers' baseline and abstain threshold, not its parent's (copied above)
+            **baseline.measure(graph, meta.input, target_name, seed=options.seed),
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(store.labels_path(name), model_dir / LABELS_FILE)

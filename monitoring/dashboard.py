@@ -34,6 +34,9 @@ def mean(metric: str, by: str) -> str:
 
 ERROR_RATIO = f"sum({rate('cnn_requests_total', ERRORS)}) / sum({rate('cnn_requests_total')})"
 HTTP_REQUESTS = f"sum by (route, code) ({rate('cnn_http_requests_total', JOB)})"
+UNDER_HALF = M + ',le="0.5"'
+UNSURE = (f"sum by (model, version) ({rate('cnn_prediction_confidence_bucket', UNDER_HALF)})"
+          f" / sum by (model, version) ({rate('cnn_prediction_confidence_count')})")  # fmt: skip
 
 # (title, unit, [(legend, expression)], width)
 PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
@@ -57,6 +60,14 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
                                ("{{model}} on {{provider}}", f"cnn_model_info{{{M}}}")], 8),
     ("Model load and warm-up", "s", [("{{model}} {{phase}}", f"cnn_model_load_seconds{{{M}}}")], 12),
     ("HTTP requests by route and status", "reqps", [("{{route}} {{code}}", HTTP_REQUESTS)], 12),
+    # is the model still right?
+    ("Prediction drift from the baseline (alert above 0.1)", "short",
+     [("{{model}} v{{version}} {{kind}}", f"max by (model, version, kind) (cnn_prediction_drift{{{M}}})")], 8),
+    ("Top-1 confidence (p10, median)", "percentunit", [
+        (f"p{int(q * 100)} {{{{model}}}} v{{{{version}}}}", quantile(q, "cnn_prediction_confidence", "model, version"))
+        for q in (0.1, 0.5)
+    ], 8),
+    ("Answers with top-1 under 0.5", "percentunit", [("{{model}} v{{version}}", UNSURE)], 8),
 ]  # fmt: skip
 
 

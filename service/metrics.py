@@ -82,6 +82,16 @@ class Metrics:
             "cnn_prediction_entropy", "Entropy of each image's prediction over log(classes): 0 sure, 1 uniform", model,
             buckets=ENTROPY_BUCKETS,
         )  # fmt: skip
+        self.drift = prom.Gauge(
+            "cnn_prediction_drift",
+            "Jensen-Shannon divergence (0 same, 1 disjoint) of the latest answers from the version's baseline: "
+            "kind=confidence (top-1 probability bins), kind=classes (top-1 class mix); the largest over workers",
+            [*model, "kind"], multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.drift_window = prom.Gauge(
+            "cnn_prediction_drift_window", "Answers the drift was measured over (DRIFT_WINDOW once full)", model,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
 
         self._children: dict[tuple[Any, ...], Any] = {}
 

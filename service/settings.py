@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     trace_sample_ratio: float = Field(
         1.0, ge=0, le=1, description="Share of new traces TRACING=otlp records; a caller's sampled flag wins."
     )
+    drift_window: int = Field(
+        500, ge=10, le=1_000_000,
+        description="Latest answers per model version (and worker) that drift from the baseline is measured over.",
+    )  # fmt: skip
+    baseline_requests: int = Field(
+        500, ge=0,
+        description="Where a version's export recorded no baseline, learn one from its first N answers; 0 = none.",
+    )  # fmt: skip
     warmup_batches: tuple[int, ...] = Field(
         (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
     )

@@ -30,5 +30,7 @@ def model_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The service on the session store; 'ghost' is requested but absent, so it is listed as failed."""
     log = tmp_path_factory.mktemp("logs") / "service.log"
-    with running(Path(model_store.root), log, MODELS="lenet5,resnet18,ghost", DEFAULT_MODEL="resnet18") as process:
+    # a short drift window, so that the few images a test sends already measure drift (the dashboard's panels)
+    with running(Path(model_store.root), log, MODELS="lenet5,resnet18,ghost", DEFAULT_MODEL="resnet18",
+                 DRIFT_WINDOW="20") as process:  # fmt: skip
         yield process

@@ -211,6 +211,7 @@ def model_info(repository: Repository, name: str) -> ModelInfo:
             "forced": meta.forced,
             "load_seconds": round(entry.model.load_seconds, 3),
             "warmup_seconds": round(entry.model.warmup_seconds, 3),
+            "quality": {"abstain_threshold": meta.abstain_threshold, **(entry.drift.describe() if entry.drift else {})},
         }
     return ModelInfo(**info)
 

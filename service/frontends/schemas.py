@@ -69,6 +69,11 @@ class ModelInfo(BaseModel):
     forced: bool | None = Field(None, description="A variant written with --force below its accuracy thresholds")
     load_seconds: float | None = None
     warmup_seconds: float | None = None
+    quality: dict[str, Any] | None = Field(
+        None,
+        description="Is it still right: the abstain threshold, the baseline its answers are compared with, and their "
+        "drift over the latest DRIFT_WINDOW answers (in the worker that answered)",
+    )
 
 
 class ModelList(BaseModel):

@@ -27,3 +27,90 @@ def confidence_and_entropy(probabilities: np.ndarray) -> tuple[np.ndarray, np.nd
     p = np.clip(probabilities, 1e-12, 1.0)
     entropy = -(probabilities * np.log(p)).sum(axis=1) / np.log(classes)
     return top1, np.clip(entropy, 0.0, 1.0)
+
+
+def distributions(probabilities: np.ndarray) -> dict[str, list[float]]:
+    """The share of images per confidence bin and per top-1 class: what a baseline records, what drift compares.
+
+    Confidence bins are the histogram's buckets as intervals: [0, 0.1], (0.1, 0.2], ... (0.999, 1].
+    """
+    top1 = probabilities.max(axis=1)
+    edges = np.searchsorted(np.array(CONFIDENCE_BUCKETS), top1, side="left").clip(0, len(CONFIDENCE_BUCKETS) - 1)
+    confidence = np.bincount(edges, minlength=len(CONFIDENCE_BUCKETS)) / len(top1)
+    classes = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1]) / len(top1)
+    return {"confidence": [round(float(x), 6) for x in confidence], "classes": [round(float(x), 6) for x in classes]}
+
+
+def js_divergence(p: np.ndarray, q: np.ndarray, smoothing: float = 1e-4) -> float:
+    """Jensen-Shannon divergence (base 2: 0 same, 1 disjoint) of two distributions over the same bins."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)  # counts or shares alike
+    p = (p / p.sum() + smoothing) / (1 + smoothing * len(p))
+    q = (q / q.sum() + smoothing) / (1 + smoothing * len(q))
+    m = (p + q) / 2
+    return float(0.5 * np.sum(p * np.log2(p / m)) + 0.5 * np.sum(q * np.log2(q / m)))
+
+
+class Drift:
+    """One version's answers against its baseline, over a sliding window of the latest ones (one worker's).
+
+    The baseline is the export's (``baseline`` in the metadata), else learned from this
+    version's first ``learn`` answers, else there is none and nothing is measured. Once the
+    window is full, every tenth of a window the Jensen-Shannon divergence of the window's
+    confidence bins and of its top-1 class mix against the baseline's is recomputed.
+    """
+
+    def __init__(self, baseline: dict | None, classes: int, window: int, learn: int) -> None:
+        self.window = window
+        self.learn = learn
+        self.every = max(1, window // 10)
+        self._confidence = np.zeros(window, dtype=np.int16)  # bin per answer, a ring
+        self._classes = np.zeros(window, dtype=np.int32)
+        self._seen = 0  # answers since the window started (or the baseline was learned)
+        self._learning: list[np.ndarray] = []
+        self.classes = classes
+        self.base: dict[str, np.ndarray] | None = None
+        self.source = "none"
+        if baseline is not None and len(baseline.get("classes", ())) == classes:
+            self.base = {kind: np.asarray(baseline[kind], dtype=np.float64) for kind in ("confidence", "classes")}
+            self.source = f"export: {baseline.get('source', 'held-out images')} ({baseline.get('count', '?')} images)"
+        elif learn > 0:
+            self.source = f"learning from the first {learn} answers"
+        self.values: dict[str, float] = {}  # kind -> divergence, once measured
+
+    @property
+    def filled(self) -> int:
+        return min(self._seen, self.window)
+
+    def add(self, probabilities: np.ndarray) -> bool:
+        """Count a batch's answers; True when the divergences were just recomputed."""
+        if self.base is None:
+            if self.learn <= 0:
+                return False
+            self._learning.append(probabilities)
+            learned = sum(len(p) for p in self._learning)
+            if learned >= self.learn:
+                rows = np.concatenate(self._learning)[: self.learn]
+                self.base = {k: np.asarray(v, dtype=np.float64) for k, v in distributions(rows).items()}
+                self.source, self._learning = f"learned from this version's first {self.learn} answers", []
+            return False
+        bins = np.searchsorted(np.array(CONFIDENCE_BUCKETS), probabilities.max(axis=1), side="left")
+        bins = bins.clip(0, len(CONFIDENCE_BUCKETS) - 1)
+        top = probabilities.argmax(axis=1)
+        before = self._seen
+        for start in range(0, len(bins), self.window):  # a batch larger than the window keeps its last rows
+            chunk = slice(start, start + self.window)
+            at = (self._seen + np.arange(len(bins[chunk]))) % self.window
+            self._confidence[at], self._classes[at] = bins[chunk], top[chunk]
+            self._seen += len(bins[chunk])
+        if self._seen < self.window or before // self.every == self._seen // self.every:
+            return False
+        self.values = {
+            "confidence": js_divergence(np.bincount(self._confidence, minlength=len(CONFIDENCE_BUCKETS)),
+                                        self.base["confidence"]),
+            "classes": js_divergence(np.bincount(self._classes, minlength=self.classes), self.base["classes"]),
+        }  # fmt: skip
+        return True
+
+    def describe(self) -> dict[str, object]:
+        return {"baseline": self.source, "window": self.window, "answers_in_window": self.filled,
+                "drift": {k: round(v, 4) for k, v in self.values.items()}}  # fmt: skip

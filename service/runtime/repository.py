@@ -27,6 +27,7 @@ from ..store.layout import ModelStore, StoredVersion, is_valid_name
 from ..tracing import Tracing
 from . import preprocess
 from .batching import BatchStats, DynamicBatcher
+from .quality import Drift
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
 
@@ -60,6 +61,7 @@ class ModelEntry:
     model: LoadedModel | None = None
     batcher: DynamicBatcher | None = None
     signature: Signature = ()  # the files it was loaded (or failed) from
+    drift: Drift | None = None  # its answers against their baseline
     in_flight: int = 0  # requests holding a lease
     since: float = field(default_factory=time.time)
 
@@ -192,7 +194,11 @@ class Repository:
         except Exception as exc:  # a failing warm-up run, say: this version is out, the others go on
             logger.exception("%s v%d: warm-up failed", stored.name, stored.version)
             return self.fail(entry, f"{type(exc).__name__}: {exc}")
-        entry.batcher, entry.model = self._make_batcher(model), model
+        meta = model.metadata
+        entry.drift = Drift(
+            meta.baseline, meta.num_classes, self.settings.drift_window, self.settings.baseline_requests
+        )
+        entry.batcher, entry.model = self._make_batcher(model, entry.drift), model
         with self._lock:
             entry.status, entry.since = "ready", time.time()
         self._count(entry, "load", "success", time.perf_counter() - started)
@@ -234,6 +240,10 @@ class Repository:
         if entry.batcher is not None:
             entry.batcher.shutdown()
         self.forget(entry)
+        if entry.drift is not None and entry.drift.values:  # a multiprocess gauge cannot be removed: not a number
+            for kind in entry.drift.values:
+                self.metrics.child(self.metrics.drift, entry.name, str(entry.version), kind).set(float("nan"))
+            self.metrics.child(self.metrics.drift_window, entry.name, str(entry.version)).set(0)
         entry.model = entry.batcher = None
         settle_memory(release=True)  # the sessions' memory goes back now, not at the next collection
         self._count(entry, "unload", outcome, time.perf_counter() - started)
@@ -267,7 +277,7 @@ class Repository:
         if seconds is not None:
             self.metrics.switch_seconds.labels(model=entry.name, phase=action).observe(seconds)
 
-    def _make_batcher(self, model: LoadedModel) -> DynamicBatcher:
+    def _make_batcher(self, model: LoadedModel, drift: Drift) -> DynamicBatcher:
         labels = {"model": model.name, "version": str(model.version)}
 
         def on_batch(stats: BatchStats) -> None:
@@ -278,6 +288,10 @@ class Repository:
                 self.metrics.observe_stage(labels, "queue", seconds)
             if stats.probabilities is not None:
                 self.metrics.observe_predictions(labels["model"], labels["version"], stats.probabilities)
+                if drift.add(stats.probabilities):
+                    for kind, value in drift.values.items():
+                        self.metrics.child(self.metrics.drift, *labels.values(), kind).set(value)
+                    self.metrics.child(self.metrics.drift_window, *labels.values()).set(drift.filled)
             traced = {"model": model.name, "model.version": model.version, "batch.size": stats.size}
             self.tracing.batch(stats.contexts, stats.enqueued, stats.started, stats.finished, traced)
 

@@ -50,6 +50,8 @@ class ModelMetadata(BaseModel):
     # The top-1 probability below which an answer is not to be trusted, derived by the export
     # from labelled held-out images (``export/abstain.py``); absent where it had none.
     abstain: dict[str, Any] | None = None
+    # The answers' distributions on the images the export measured them on (``export/baseline.py``)
+    baseline: dict[str, Any] | None = None
 
     @property
     def abstain_threshold(self) -> float | None:

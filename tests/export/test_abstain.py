@@ -35,7 +35,18 @@ def test_trained_lenet5_records_its_threshold_and_random_weights_none(model_stor
         assert version is not None
         return json.loads((version.directory / "metadata.json").read_text())
 
-    abstain = metadata("lenet5")["abstain"]
+    lenet5 = metadata("lenet5")
+    abstain, baseline = lenet5["abstain"], lenet5["baseline"]
     assert 0.0 < abstain["threshold"] < 1.0 and abstain["accuracy_above"] >= abstain["target_accuracy"] == 0.99
-    assert abstain["held_out"] == 360 and abstain["coverage"] > 0.9 and "held-out" in abstain["source"]
-    assert "abstain" not in metadata("resnet18")  # random weights: no labelled held-out images
+    assert abstain["held_out"] == 360 and abstain["coverage"] > 0.9 and "test split" in abstain["source"]
+    # the baseline: the same held-out digits' answers, per confidence bin and per class
+    assert baseline["count"] == 360 and baseline["labelled"] and baseline["source"] == abstain["source"]
+    assert len(baseline["classes"]) == 10 and sum(baseline["classes"]) == pytest.approx(1, abs=1e-4)
+    assert min(baseline["classes"]) > 0.08  # a stratified split: every digit about a tenth
+    assert sum(baseline["confidence"][-3:]) > 0.8  # a trained classifier is mostly sure of them
+    resnet18 = metadata("resnet18")
+    assert "abstain" not in resnet18  # the photos have no labels
+    assert (
+        resnet18["baseline"]["source"].startswith("scikit-image photos")
+        and len(resnet18["baseline"]["classes"]) == 1000
+    )

@@ -43,6 +43,10 @@ def test_int8_lenet5_records_its_accuracy_against_fp32(lenet_store: ModelStore) 
     assert accuracy["accuracy_fp32"] > 95 and 0 < accuracy["max_abs_diff_probabilities"] < 0.5
     raw = stored.read_metadata()
     assert raw["calibration"]["count"] == 500 and "train split" in raw["calibration"]["source"]
+    # its own answers' baseline and abstain threshold, measured on its own graph, not its parent's copied
+    assert raw["baseline"]["sha256"] == accuracy["held_out"]["sha256"] and meta.abstain is not None
+    assert meta.abstain["source"] == raw["baseline"]["source"] and 0 < meta.abstain["threshold"] < 1
+    assert meta.baseline is not None and meta.baseline["count"] == raw["baseline"]["count"] == 360
     assert raw["calibration"]["sha256"] != accuracy["held_out"]["sha256"]
     quantization = raw["quantization"]
     assert quantization["format"] == "QDQ" and quantization["cpu"]["machine"] and quantization["cpu"]["cores"] >= 1
