@@ -92,6 +92,29 @@ class Metrics:
             "cnn_prediction_drift_window", "Answers the drift was measured over (DRIFT_WINDOW once full)", model,
             multiprocess_mode="livemax",
         )  # fmt: skip
+        pair = ["primary", "candidate"]  # SHADOW's NAME or NAME@VERSION: a few configured pairs
+        self.shadow_images = prom.Counter("cnn_shadow_images", "Images the candidate answered beside the primary", pair)
+        self.shadow_top1_agreements = prom.Counter(
+            "cnn_shadow_top1_agreements",
+            "Shadowed images whose top-1 class the candidate and the primary agree on",
+            pair,
+        )
+        self.shadow_top5_overlap = prom.Counter(
+            "cnn_shadow_top5_overlap", "Sum over shadowed images of the share of top-5 classes both answered", pair
+        )
+        self.shadow_abs_diff = prom.Histogram(
+            "cnn_shadow_abs_diff", "Per shadowed image, the largest difference of a class's probability", pair,
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+        )  # fmt: skip
+        self.shadow_seconds = prom.Histogram(
+            "cnn_shadow_seconds", "Inference time of a shadowed request, queue included, on each side", [*pair, "side"],
+            buckets=LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.shadow_skipped = prom.Counter(
+            "cnn_shadow_skipped_images",
+            "Images not shadowed: reason=dropped (the queue was full), unavailable, incompatible, error",
+            [*pair, "reason"],
+        )  # fmt: skip
 
         self._children: dict[tuple[Any, ...], Any] = {}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -115,6 +116,15 @@ class Settings(BaseSettings):
         500, ge=0,
         description="Where a version's export recorded no baseline, learn one from its first N answers; 0 = none.",
     )  # fmt: skip
+    shadow: str = Field(
+        "",
+        description="PRIMARY:CANDIDATE:FRACTION, comma-separated, each model NAME or NAME@VERSION: that fraction of "
+        "the primary's requests also runs, already decoded, through the candidate off the request path, compared "
+        "live (cnn_shadow_*, GET /models).",
+    )
+    shadow_queue: int = Field(
+        64, ge=1, le=100_000, description="Shadow requests waiting per pair; more are dropped (and counted)."
+    )
     warmup_batches: tuple[int, ...] = Field(
         (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
     )
@@ -132,6 +142,17 @@ class Settings(BaseSettings):
             if not count.isdigit() or not 1 <= int(count) <= 64:
                 raise ValueError(f"INSTANCES entry {part!r}: use N or name:N with N from 1 to 64")
         return value
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow(cls, value: str) -> str:
+        value = ",".join(part.strip() for part in value.split(",") if part.strip())
+        for part in filter(None, value.split(",")):
+            shadow_pair(part)  # raises ValueError with what is wrong
+        return value
+
+    def shadow_pairs(self) -> list[ShadowPair]:
+        return [shadow_pair(part) for part in filter(None, self.shadow.split(","))]
 
     def instances_for(self, model: str) -> int:
         """``INSTANCES`` for one model: its own ``name:N`` entry, else a bare ``N``, else 1."""
@@ -152,6 +173,10 @@ class Settings(BaseSettings):
             if version and not version.isdigit():
                 raise ValueError(f"MODELS entry {part!r}: the version after ':' must be a positive integer")
             requested[name] = int(version) if version else None
+        if requested:  # a shadow's models are served too
+            for pair in self.shadow_pairs():
+                requested.setdefault(pair.primary.name, None)
+                requested.setdefault(pair.candidate.name, None)
         return requested
 
     @property
@@ -180,3 +205,49 @@ class Settings(BaseSettings):
 @cache
 def get_settings() -> Settings:
     return Settings()
+
+
+@dataclass(frozen=True)
+class ShadowTarget:
+    name: str
+    version: int | None = None  # None: the version a request without ?version= gets
+
+    def __str__(self) -> str:
+        return self.name if self.version is None else f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ShadowPair:
+    primary: ShadowTarget
+    candidate: ShadowTarget
+    fraction: float
+
+    def __str__(self) -> str:
+        return f"{self.primary}:{self.candidate}:{self.fraction:g}"
+
+
+def shadow_pair(text: str) -> ShadowPair:
+    """One ``SHADOW`` entry, ``PRIMARY:CANDIDATE:FRACTION``, with each model ``NAME`` or ``NAME@VERSION``."""
+    parts = text.split(":")
+    usage = (
+        f"SHADOW entry {text!r}: use PRIMARY:CANDIDATE:FRACTION (e.g. resnet50:resnet50_int8:0.2, lenet5@3:lenet5@2:1)"
+    )
+    if len(parts) != 3:
+        raise ValueError(usage)
+
+    def target(part: str) -> ShadowTarget:
+        name, _, version = part.strip().partition("@")
+        if not name or (version and not (version.isdigit() and int(version) >= 1)):
+            raise ValueError(usage)
+        return ShadowTarget(name, int(version) if version else None)
+
+    try:
+        fraction = float(parts[2])
+    except ValueError:
+        raise ValueError(usage) from None
+    if not 0 < fraction <= 1:
+        raise ValueError(f"SHADOW entry {text!r}: the fraction must be above 0 and at most 1")
+    primary, candidate = target(parts[0]), target(parts[1])
+    if primary == candidate:
+        raise ValueError(f"SHADOW entry {text!r}: a model cannot shadow itself")
+    return ShadowPair(primary, candidate, fraction)

@@ -23,6 +23,7 @@ from starlette.formparsers import MultiPartException
 from ..errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from ..runtime.classifier import Classifier
 from ..runtime.repository import Repository
+from ..runtime.shadow import Shadow
 from ..store.layout import is_valid_name
 from .body import read_body
 from .fastpath import FastRoutes, error_response, internal_error
@@ -177,7 +178,7 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def model_info(repository: Repository, name: str) -> ModelInfo:
+def model_info(repository: Repository, name: str, shadow: Shadow | None = None) -> ModelInfo:
     """The model as a request without a version sees it, and every version this worker holds."""
     entries = sorted(repository.versions.get(name, {}).values(), key=lambda e: e.version)
     entry = repository.serving(name) or (entries[-1] if entries else None)
@@ -213,6 +214,8 @@ def model_info(repository: Repository, name: str) -> ModelInfo:
             "warmup_seconds": round(entry.model.warmup_seconds, 3),
             "quality": {"abstain_threshold": meta.abstain_threshold, **(entry.drift.describe() if entry.drift else {})},
         }
+    if shadow is not None and (lanes := shadow.describe(name)):
+        info["shadow"] = lanes
     return ModelInfo(**info)
 
 
@@ -233,6 +236,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         await server.stop(grace=5)
+        if handler.classifier.shadow is not None:
+            await handler.classifier.shadow.close()
 
 
 def create_app(enable_noop: bool = False) -> FastAPI:
@@ -294,7 +299,7 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         repository = classifier(request).repository
         return ModelList(
             default_model=repository.default_model,
-            models=[model_info(repository, name) for name in repository.names()],
+            models=[model_info(repository, name, classifier(request).shadow) for name in repository.names()],
         )
 
     return app

@@ -69,6 +69,10 @@ class ModelInfo(BaseModel):
     forced: bool | None = Field(None, description="A variant written with --force below its accuracy thresholds")
     load_seconds: float | None = None
     warmup_seconds: float | None = None
+    shadow: list[dict[str, Any]] | None = Field(
+        None,
+        description="SHADOW pairs this model is the primary of: the candidate's live agreement with it, and a verdict",
+    )
     quality: dict[str, Any] | None = Field(
         None,
         description="Is it still right: the abstain threshold, the baseline its answers are compared with, and their "

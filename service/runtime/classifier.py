@@ -15,6 +15,7 @@ import numpy as np
 from .batching import Outputs
 from .preprocess import preprocess
 from .repository import ModelEntry, Repository
+from .shadow import Shadow
 
 # the metrics' stage names, and the spans' (TRACING=otlp)
 SPANS = {"preprocess": "decode", "postprocess": "postprocess"}
@@ -37,6 +38,8 @@ class Classifier:
         self.metrics = repository.metrics
         self.tracing = repository.tracing
         self.decoders = decoders
+        pairs = self.settings.shadow_pairs()
+        self.shadow = Shadow(pairs, repository, self.metrics, self.settings.shadow_queue) if pairs else None
 
     @contextlib.contextmanager
     def stage(self, entry: ModelEntry, name: str) -> Iterator[None]:
@@ -64,9 +67,18 @@ class Classifier:
             return np.stack(arrays)
 
     async def infer(self, entry: ModelEntry, images: np.ndarray) -> Outputs:
-        """``images`` through the model's batcher: (logits, probabilities) of these images."""
+        """``images`` through the model's batcher: (logits, probabilities) of these images.
+
+        Where the model is a ``SHADOW`` primary, the images are then offered to its candidate,
+        which runs them later, off this request's path.
+        """
         assert entry.batcher is not None
-        return await entry.batcher.infer(images, self.tracing.current())
+        if self.shadow is None:
+            return await entry.batcher.infer(images, self.tracing.current())
+        started = time.perf_counter()
+        outputs = await entry.batcher.infer(images, self.tracing.current())
+        self.shadow.offer(entry, images, outputs[1], time.perf_counter() - started)
+        return outputs
 
     async def classify(self, entry: ModelEntry, files: list[bytes], k: int) -> list[list[dict[str, Any]]]:
         assert entry.model is not None

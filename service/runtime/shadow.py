@@ -1,0 +1,183 @@
+"""Shadow traffic: a candidate answers a share of a primary's requests off the request path, compared live.
+
+``SHADOW=PRIMARY:CANDIDATE:FRACTION`` (see ``settings.shadow_pair``). Once the primary has
+answered, the request's already-decoded images are offered here (that fraction of the
+requests); they wait in a bounded queue per pair (``SHADOW_QUEUE``: when full they are
+dropped and counted, never waited for), and a task of the worker's event loop runs them
+through the candidate's batcher only while neither model has live images queued: lower
+priority than live batches, and nothing on the primary's path waits for it or can fail
+because of it. Each image's answers are compared: top-1 agreement, top-5 overlap, largest
+probability difference, and each side's latency, as ``cnn_shadow_*`` metrics and in
+``GET /models``, with a verdict against the same agreement threshold as the export's
+accuracy gate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import ServiceError
+from ..metrics import Metrics
+from ..settings import ShadowPair, ShadowTarget
+from .repository import ModelEntry, Repository
+
+logger = logging.getLogger(__name__)
+
+MIN_TOP1_AGREEMENT = 0.99  # the export's gate (python -m export --min-agreement), unless the candidate records its own
+IDLE_POLL_S = 0.002
+
+
+@dataclass
+class _Job:
+    images: np.ndarray
+    probabilities: np.ndarray  # the primary's
+    seconds: float  # the primary's inference, queue included
+
+
+@dataclass
+class Lane:
+    """One pair's queue, task and tallies (in this worker)."""
+
+    pair: ShadowPair
+    queue: asyncio.Queue[_Job]
+    task: asyncio.Task[None] | None = None
+    images: int = 0
+    top1_agreements: int = 0
+    top5_overlap: float = 0.0
+    max_abs_diff: float = 0.0
+    dropped: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    primary_seconds: float = 0.0
+    candidate_seconds: float = 0.0
+    threshold: float = MIN_TOP1_AGREEMENT
+
+    def describe(self) -> dict[str, Any]:
+        agreement = self.top1_agreements / self.images if self.images else None
+        if agreement is None:
+            verdict = "no live images compared yet"
+        else:
+            agrees = "agrees" if agreement >= self.threshold else "does not agree"
+            verdict = (f"the candidate {agrees} on {self.images} live images: top-1 agreement {agreement:.2%} "
+                       f"(the gate: {self.threshold:.0%})")  # fmt: skip
+        return {
+            "primary": str(self.pair.primary), "candidate": str(self.pair.candidate), "fraction": self.pair.fraction,
+            "images": self.images, "top1_agreement": agreement,
+            "top5_overlap": self.top5_overlap / self.images if self.images else None,
+            "max_abs_diff_probabilities": self.max_abs_diff, "dropped": self.dropped, "skipped": dict(self.skipped),
+            "mean_seconds": {"primary": self.primary_seconds / self.images if self.images else None,
+                             "candidate": self.candidate_seconds / self.images if self.images else None},
+            "agrees": None if agreement is None else agreement >= self.threshold, "verdict": verdict,
+        }  # fmt: skip
+
+
+def _matches(target: ShadowTarget, entry: ModelEntry) -> bool:
+    return target.name == entry.name and (target.version is None or target.version == entry.version)
+
+
+def top5_overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, the share of a's five best classes that are among b's five best."""
+    k = min(5, a.shape[1])
+    best_a, best_b = np.argpartition(-a, k - 1, axis=1)[:, :k], np.argpartition(-b, k - 1, axis=1)[:, :k]
+    return np.array([len(set(x) & set(y)) / k for x, y in zip(best_a.tolist(), best_b.tolist(), strict=True)])
+
+
+class Shadow:
+    def __init__(self, pairs: list[ShadowPair], repository: Repository, metrics: Metrics, queue_size: int) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.queue_size = queue_size
+        self.lanes = [Lane(pair, asyncio.Queue(queue_size)) for pair in pairs]
+
+    def offer(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
+        """After the primary answered (on the event loop): queue the images for every pair it is the primary of."""
+        for lane in self.lanes:
+            if not _matches(lane.pair.primary, entry) or random.random() >= lane.pair.fraction:
+                continue
+            if lane.queue.full():
+                lane.dropped += len(images)
+                self._count(lane, "dropped", len(images))
+                continue
+            lane.queue.put_nowait(_Job(images, probabilities, seconds))
+            if lane.task is None or lane.task.done():
+                lane.task = asyncio.get_running_loop().create_task(self._serve(lane))
+
+    def describe(self, name: str) -> list[dict[str, Any]]:
+        return [lane.describe() for lane in self.lanes if lane.pair.primary.name == name]
+
+    async def close(self) -> None:
+        for lane in self.lanes:
+            if lane.task is not None:
+                lane.task.cancel()
+
+    def _labels(self, lane: Lane) -> tuple[str, str]:
+        return str(lane.pair.primary), str(lane.pair.candidate)
+
+    def _count(self, lane: Lane, reason: str, images: int) -> None:
+        self.metrics.child(self.metrics.shadow_skipped, *self._labels(lane), reason).inc(images)
+
+    async def _idle(self, *entries: ModelEntry) -> None:
+        """Until no live images wait for either model: shadow work goes after live work."""
+        while any(e.batcher is not None and e.batcher.queued_images > 0 for e in entries):
+            await asyncio.sleep(IDLE_POLL_S)
+
+    async def _serve(self, lane: Lane) -> None:
+        while not lane.queue.empty():
+            job = lane.queue.get_nowait()
+            try:
+                await self._compare(lane, job)
+            except ServiceError as exc:  # the candidate is not served (yet), or its queue is full
+                reason = "unavailable" if exc.status_code in (404, 503) else "refused"
+                lane.skipped[reason] = lane.skipped.get(reason, 0) + len(job.images)
+                self._count(lane, reason, len(job.images))
+            except Exception:
+                logger.exception("shadow %s: the candidate failed", lane.pair)
+                lane.skipped["error"] = lane.skipped.get("error", 0) + len(job.images)
+                self._count(lane, "error", len(job.images))
+
+    async def _compare(self, lane: Lane, job: _Job) -> None:
+        pair = lane.pair
+        with self.repository.lease(pair.candidate.name, pair.candidate.version) as candidate:
+            primary = self.repository.serving(pair.primary.name)
+            await self._idle(candidate, *([primary] if primary is not None else []))
+            assert candidate.model is not None and candidate.batcher is not None
+            meta = candidate.model.metadata
+            if meta.num_classes != job.probabilities.shape[1] or job.images.shape[1:] != (
+                meta.input.size,
+                meta.input.size,
+                meta.input.channels,
+            ):
+                lane.skipped["incompatible"] = lane.skipped.get("incompatible", 0) + len(job.images)
+                self._count(lane, "incompatible", len(job.images))
+                return
+            gate = (meta.accuracy or {}).get("thresholds", {}).get("min_top1_agreement")
+            lane.threshold = float(gate) if gate is not None else MIN_TOP1_AGREEMENT
+            started = time.perf_counter()
+            _, theirs = await candidate.batcher.infer(job.images)
+            seconds = time.perf_counter() - started
+        ours = job.probabilities
+        agree = int((ours.argmax(axis=1) == theirs.argmax(axis=1)).sum())
+        overlap = float(top5_overlap(ours, theirs).sum())
+        diff = float(np.abs(ours - theirs).max(axis=1).max())
+        count = len(job.images)
+        lane.images += count
+        lane.top1_agreements += agree
+        lane.top5_overlap += overlap
+        lane.max_abs_diff = max(lane.max_abs_diff, diff)
+        lane.primary_seconds += job.seconds * count
+        lane.candidate_seconds += seconds * count
+        labels = self._labels(lane)
+        m = self.metrics
+        m.child(m.shadow_images, *labels).inc(count)
+        m.child(m.shadow_top1_agreements, *labels).inc(agree)
+        m.child(m.shadow_top5_overlap, *labels).inc(overlap)
+        for row in np.abs(ours - theirs).max(axis=1).tolist():
+            m.child(m.shadow_abs_diff, *labels).observe(row)
+        m.child(m.shadow_seconds, *labels, "primary").observe(job.seconds)
+        m.child(m.shadow_seconds, *labels, "candidate").observe(seconds)
