@@ -11,7 +11,7 @@ from pathlib import Path
 from service.store.layout import ModelStore
 
 from .report import write
-from .run import Plan, run
+from .run import SHADOW_MODELS, Plan, run
 
 DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50", "resnet50_int8")
 VARIANT_SUFFIXES = {"_int8": "int8", "_fp16": "fp16"}
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
     parser.add_argument(
-        "--paths", help="only these: ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,peers,baseline"
+        "--paths", help="only these: ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,shadow,peers,baseline"
     )
     parser.add_argument(
         "--concurrency",
@@ -72,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     models = tuple(m for m in args.models.split(",") if m)
     store = ModelStore(args.store)
-    ensure_models(store, models, args.quick)
     plan = Plan.make(models, args.quick)
     if args.paths:
         plan = dataclasses.replace(plan, paths=tuple(args.paths.split(",")))
+    shadows = tuple(f"{m}_int8" for m in models if m in SHADOW_MODELS) if "shadow" in plan.paths else ()
+    ensure_models(store, models + tuple(s for s in shadows if s not in models), args.quick)
     if args.concurrency:
         levels = tuple(int(c) for c in args.concurrency.split(","))
         plan = dataclasses.replace(plan, concurrency=levels, peer_concurrency=levels)

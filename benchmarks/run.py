@@ -39,10 +39,12 @@ from service.store.metadata import ModelMetadata
 from .grpc_load import bytes_request, grpc_run, pixels_request
 from .load import RunResult, summarise
 from .payloads import payload
-from .targets import ratios, vs_floor
+from .targets import ratio, ratios, vs_floor
 from .wrk import http_load
 
 logger = logging.getLogger("benchmarks")
+SHADOW_MODELS = ("lenet5", "resnet50")  # with "shadow": their INT8 variants are exported to shadow them
+SHADOW_FRACTIONS = (1.0, 0.1)
 ROOT = Path(__file__).resolve().parent.parent
 # The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
@@ -56,8 +58,8 @@ class Plan:
     requests: int  # per gRPC run, at most
     ceiling_seconds: float
     large_photo: bool
-    paths: tuple[str, ...] = ("ceiling", "floor", "http", "grpc-bytes", "grpc-images", "noop", "scaling", "peers",
-                              "baseline")  # fmt: skip
+    paths: tuple[str, ...] = ("ceiling", "floor", "http", "grpc-bytes", "grpc-images", "noop", "scaling", "shadow",
+                              "peers", "baseline")  # fmt: skip
     service_env: tuple[tuple[str, str], ...] = ()
     # the other process/instance layouts tried, and the concurrency they and the peers run at
     scaling: tuple[tuple[str, str], ...] = (
@@ -359,6 +361,12 @@ def model_runs(store: ModelStore, model: str, plan: Plan, workdir: Path) -> list
         with serving(store, model, plan, **{key: value}) as service:
             route = f"/classify?model={model}"
             runs += http_runs(service.url, model, plan, path, route, plan.peer_concurrency, service.process.pid)
+    if "shadow" in plan.paths and store.latest(f"{model}_int8") is not None:
+        for fraction in SHADOW_FRACTIONS:  # its INT8 variant shadows it: the primary's price of a shadow
+            with serving(store, model, plan, SHADOW=f"{model}:{model}_int8:{fraction:g}") as service:
+                route = f"/classify?model={model}"
+                path = f"http-shadow{fraction:g}"
+                runs += http_runs(service.url, model, plan, path, route, plan.peer_concurrency, service.process.pid)
     variant = model.endswith(("_int8", "_fp16"))
     if "peers" in plan.paths and not variant:
         runs += peer_runs(store, model, plan, reference, workdir)
@@ -391,9 +399,39 @@ def run(store: ModelStore, plan: Plan) -> dict[str, Any]:
         "machine": host,
         "plan": {**plan.__dict__, "service_env": dict(plan.service_env)},
         "runs": [r.to_dict() | {"vs_floor": floors.get((r.model, r.path, r.concurrency))} for r in runs],
-        "ratios": ratios(runs, macs, host),
+        "ratios": ratios(runs, macs, host) + bookkeeping(store, plan.models),
         "int8_recipes": int8_recipes(store, plan.models),
     }
+
+
+def bookkeeping(
+    store: ModelStore, models: tuple[str, ...], batch: int = 16, repeats: int = 300
+) -> list[dict[str, Any]]:
+    """What every answer's quality signals cost in-process: the confidence and entropy histograms and
+    the drift window, per image, at a batch of 16 (prometheus_client in multiprocess mode, as served)."""
+    from service.metrics import Metrics
+    from service.runtime.quality import Drift, distributions
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="metrics-") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+        try:
+            metrics = Metrics()
+            for model in models:
+                meta = ModelMetadata.model_validate(store.latest(model).read_metadata())  # type: ignore[union-attr]
+                rng = np.random.default_rng(0)
+                rows = rng.dirichlet(np.full(meta.num_classes, 0.1), size=batch).astype(np.float32)
+                drift = Drift(distributions(rows) | {"source": "bench"}, meta.num_classes, 500, 0)
+                started = time.perf_counter()
+                for _ in range(repeats):
+                    metrics.observe_predictions(model, "1", rows)
+                    drift.add(rows)
+                micros = (time.perf_counter() - started) / (repeats * batch) * 1e6
+                name = f"{model}: answers' quality bookkeeping, microseconds per image ({meta.num_classes} classes)"
+                out.append(ratio(name, micros, None))
+        finally:
+            del os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    return out
 
 
 def int8_recipes(store: ModelStore, models: tuple[str, ...]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from .load import RunResult
 # units), INT8 with VNNI on 2 x 32 lanes
 MAC_PER_CYCLE = {"fp32": 16, "int8": 64}
 HTTP_PATHS = ("http", "noop", "floor", "mlserver", "litserve", "baseline", "http-workers1", "http-workers2",
-              "http-instances2")  # fmt: skip
+              "http-instances2", "http-shadow1", "http-shadow0.1")  # fmt: skip
 
 
 def ratio(name: str, value: float, target: float | None) -> dict[str, Any]:
@@ -142,5 +142,17 @@ def ratios(runs: list[RunResult], macs: dict[str, float], machine: dict[str, Any
         if baseline:
             target = 2.0 if model == "resnet50" else None
             out.append(ratio(f"{model} service / PyTorch baseline", best(runs, model, "http") / baseline, target))
-        out += physical(runs, model, macs, machine)
+        out += physical(runs, model, macs, machine) + shadow(runs, model)
+    return out
+
+
+def shadow(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
+    """The primary's throughput with its INT8 variant shadowing a share of its requests, against without."""
+    out = []
+    c = high(runs)
+    for fraction in ("1", "0.1"):
+        with_shadow, without = at(runs, model, f"http-shadow{fraction}", c), at(runs, model, "http", c)
+        if with_shadow and without:
+            name = f"{model} HTTP with a shadow of {fraction} / without at concurrency {c}"
+            out.append(ratio(name, with_shadow / without, None))
     return out

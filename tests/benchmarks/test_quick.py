@@ -34,7 +34,7 @@ def quick(model_store: ModelStore, tmp_path: Path, models: str, *args: str) -> d
 
 
 def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp_path: Path) -> None:
-    paths = "ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,baseline"
+    paths = "ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,shadow,baseline"
     results = quick(model_store, tmp_path, "lenet5,lenet5_int8,resnet18", "--paths", paths)
     out = tmp_path / "results"
     assert results["quick"] is True and results["machine"]["cores"] >= 1 and results["machine"]["commit"]
@@ -44,6 +44,9 @@ def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp
         assert {(model, p) for p in ("ceiling", "floor", "http", "grpc-bytes", "grpc-images", "noop")} <= paths
         assert {(model, "http-instances2"), (model, "http-workers1"), (model, "http-workers2")} <= paths
     assert ("resnet18", "ceiling+decode") in paths and ("lenet5", "ceiling+decode") not in paths
+    # LeNet-5 shadowed by its INT8 variant (in the store), at both fractions; no other model has one
+    assert {("lenet5", "http-shadow1"), ("lenet5", "http-shadow0.1")} <= paths
+    assert not any(p.startswith("http-shadow") for m, p in paths if m != "lenet5")
     # every HTTP row against the stack floor with the same files
     assert all(r["vs_floor"] > 0 for r in results["runs"] if r["path"] in ("http", "noop", "baseline"))
     # and the price of an image: the server's own CPU time per image, measured on its processes
@@ -58,6 +61,11 @@ def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp
     names = {r["name"] for r in results["ratios"]}
     assert "lenet5 HTTP /classify / no-op (requests/s)" in names and "/noop / stack floor at concurrency 4" in names
     assert "resnet18 HTTP / in-process ceiling at concurrency 4" in names
+    assert "lenet5 HTTP with a shadow of 1 / without at concurrency 4" in names
+    costs = {r["name"]: r["value"] for r in results["ratios"] if "quality bookkeeping" in r["name"]}
+    assert set(costs) == {f"{m}: answers' quality bookkeeping, microseconds per image ({c} classes)"
+                          for m, c in (("lenet5", 10), ("lenet5_int8", 10), ("resnet18", 1000))}  # fmt: skip
+    assert all(0 < v < 10_000 for v in costs.values())
     assert any(n.startswith("lenet5_int8 / lenet5 in-process at batch 8") for n in names)
     assert any(n.startswith("lenet5_int8 in-process batch 8 / physical INT8 limit") for n in names)
     table = (out / "latest.md").read_text()
