@@ -1,5 +1,8 @@
 """Generates grafana/dashboards/cnn-serving.json: ``python monitoring/dashboard.py`` (``make dashboard``).
 
+Built with Grafana's own dashboards-as-code SDK (``grafana-foundation-sdk``), so panels,
+variables and units follow Grafana's schema by construction.
+
 Each panel is a title, a unit and PromQL expressions; ``$job`` is the scrape job (whatever
 name a Prometheus gives it: ``cnn-serving`` in docker-compose, the Service's name under the
 Prometheus Operator), ``$model`` the dashboard's model selector and ``$__rate_interval``
@@ -9,9 +12,16 @@ real service.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+
+from grafana_foundation_sdk.builders.common import VizLegendOptions
+from grafana_foundation_sdk.builders.dashboard import Dashboard as DashboardBuilder
+from grafana_foundation_sdk.builders.dashboard import QueryVariable
+from grafana_foundation_sdk.builders.prometheus import Dataquery
+from grafana_foundation_sdk.builders.timeseries import Panel
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableOption, VariableRefresh
 
 OUT = Path(__file__).parent / "grafana" / "dashboards" / "cnn-serving.json"
 JOB = 'job=~"$job"'
@@ -71,66 +81,49 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
 ]  # fmt: skip
 
 
-def panel(index: int, title: str, unit: str, targets: list[tuple[str, str]], width: int, x: int, y: int) -> dict:
-    return {
-        "id": index + 1,
-        "type": "timeseries",
-        "title": title,
-        "datasource": {"type": "prometheus", "uid": "prometheus"},
-        "gridPos": {"h": 8, "w": width, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
-        "targets": [
-            {"refId": chr(ord("A") + i), "expr": expr, "legendFormat": legend}
-            for i, (legend, expr) in enumerate(targets)
-        ],
-    }
+PROMETHEUS = DataSourceRef(type_val="prometheus", uid="prometheus")
 
 
-def variable(name: str, values: str, multi: bool) -> dict[str, Any]:
+def panel(index: int, title: str, unit: str, targets: list[tuple[str, str]], width: int, x: int, y: int) -> Panel:
+    built = (
+        Panel().id(index + 1).title(title).unit(unit).datasource(PROMETHEUS)
+        .grid_pos(GridPos(h=8, w=width, x=x, y=y))
+        .legend(VizLegendOptions().display_mode(LegendDisplayMode.LIST).placement(LegendPlacement.BOTTOM)
+                .show_legend(True))
+    )  # fmt: skip
+    for i, (legend, expr) in enumerate(targets):
+        built = built.with_target(Dataquery().ref_id(chr(ord("A") + i)).expr(expr).legend_format(legend))
+    return built
+
+
+def variable(name: str, values: str, multi: bool) -> QueryVariable:
     """A selector filled from a label's values, with "All" (any value) first and chosen."""
-    return {
-        "name": name,
-        "label": name.capitalize(),
-        "type": "query",
-        "datasource": {"type": "prometheus", "uid": "prometheus"},
-        "query": {"query": values, "refId": f"{name}s"},
-        "definition": values,
-        "refresh": 2,
-        "includeAll": True,
-        "multi": multi,
-        "allValue": ".*",
-        "current": {"text": "All", "value": "$__all"},
-    }
+    return (
+        QueryVariable(name).label(name.capitalize()).datasource(PROMETHEUS)
+        .query({"query": values, "refId": f"{name}s"})
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).include_all(True).multi(multi).all_value(".*")
+        .current(VariableOption(text="All", value="$__all"))
+    )  # fmt: skip
 
 
-def dashboard() -> dict[str, Any]:
-    panels, x, y = [], 0, 0
+def dashboard() -> DashboardBuilder:
+    built = (
+        DashboardBuilder("CNN serving").uid("cnn-serving").tags(["cnn-serving"]).timezone("browser")
+        .refresh("10s").time("now-30m", "now")
+        .with_variable(variable("job", "label_values(cnn_model_ready, job)", multi=False))
+        .with_variable(variable("model", 'label_values(cnn_model_ready{job=~"$job"}, model)', multi=True))
+    )  # fmt: skip
+    x, y = 0, 0
     for index, (title, unit, targets, width) in enumerate(PANELS):
         if x + width > 24:
             x, y = 0, y + 8
-        panels.append(panel(index, title, unit, targets, width, x, y))
+        built = built.with_panel(panel(index, title, unit, targets, width, x, y))
         x += width
-    return {
-        "uid": "cnn-serving",
-        "title": "CNN serving",
-        "tags": ["cnn-serving"],
-        "timezone": "browser",
-        "schemaVersion": 39,
-        "refresh": "10s",
-        "time": {"from": "now-30m", "to": "now"},
-        "templating": {
-            "list": [
-                variable("job", "label_values(cnn_model_ready, job)", multi=False),
-                variable("model", 'label_values(cnn_model_ready{job=~"$job"}, model)', multi=True),
-            ]
-        },
-        "panels": panels,
-    }
+    return built
 
 
 def render() -> str:
-    return json.dumps(dashboard(), indent=2) + "\n"
+    return JSONEncoder(sort_keys=True, indent=2).encode(dashboard().build()) + "\n"
 
 
 if __name__ == "__main__":
