@@ -44,6 +44,14 @@ def encode(array: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:
     return buffer.getvalue()
 
 
+# how uvicorn and grpc say that a port is taken
+BIND_FAILURES = ("address already in use", "Failed to bind to address")
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind a port picked free: another socket took it meanwhile."""
+
+
 class ServiceProcess:
     """``bentoml serve`` on 127.0.0.1 and a free port, with the given environment."""
 
@@ -65,15 +73,35 @@ class ServiceProcess:
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
+        self.http_port_chosen = False  # by on_port: kept when the start is tried again
 
     def on_port(self, port: int) -> ServiceProcess:
         """Serve HTTP on ``port`` instead: a replacement replica takes its predecessor's port."""
         self.port, self.url = port, f"http://127.0.0.1:{port}"
         self.env["HTTP_PORT"] = str(port)
+        self.http_port_chosen = True
         return self
 
-    def start(self, timeout: float = 120.0, wait_for: str = "/readyz") -> ServiceProcess:
-        """Start ``bentoml serve`` and return once ``wait_for`` answers 200."""
+    def start(self, timeout: float = 120.0, wait_for: str = "/readyz", attempts: int = 3) -> ServiceProcess:
+        """Start ``bentoml serve`` and return once ``wait_for`` answers 200.
+
+        A port picked free can be bound by another socket (any client's local port) in the
+        seconds before the server binds it (CI saw the gRPC port go so): then the server fails
+        to start, and it is started again on fresh ports, up to ``attempts`` times.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start(timeout, wait_for)
+            except PortTaken:
+                if attempt == attempts:
+                    raise
+                http, grpc = free_ports(2)
+                if not self.http_port_chosen:
+                    self.port, self.url, self.env["HTTP_PORT"] = http, f"http://127.0.0.1:{http}", str(http)
+                self.grpc_port, self.grpc_target, self.env["GRPC_PORT"] = grpc, f"127.0.0.1:{grpc}", str(grpc)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float, wait_for: str) -> ServiceProcess:
         command = [
             sys.executable, "-m", "bentoml", "serve", "service.service:CNNClassifier",
             "--host", "127.0.0.1", "--port", str(self.port),
@@ -83,12 +111,17 @@ class ServiceProcess:
                 command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         process = self.process
-        if wait_for_ok(f"{self.url}{wait_for}", timeout, give_up=lambda: process.poll() is not None):
+        # a worker that cannot bind logs it, and the server may wait on without it: give up at once
+        if wait_for_ok(f"{self.url}{wait_for}", timeout, give_up=lambda: process.poll() is not None or self._unbound()):
             return self
         exited = process.poll()
         self.stop()
         why = f"exited with {exited}" if exited is not None else f"not ready after {timeout}s"
-        raise RuntimeError(f"service {why}:\n{self.log()}")
+        raise (PortTaken if self._unbound() else RuntimeError)(f"service {why}:\n{self.log()}")
+
+    def _unbound(self) -> bool:
+        text = self.log_path.read_text(errors="replace")
+        return any(failure in text for failure in BIND_FAILURES)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
