@@ -307,9 +307,9 @@ def _answers(url: str) -> bool:
 
 def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[int]], workdir: Path) -> list[RunResult]:
     """MLServer and LitServe on the same graph, their answers checked against the service's first."""
-    from tests.helpers import free_port, free_ports
+    from tests.helpers import free_port, free_ports, on_fresh_ports
 
-    from .peers.launch import start_litserve, start_mlserver, start_on_free_ports
+    from .peers.launch import start_litserve, start_mlserver
 
     files, _ = payload(model, plan.large_photo)
     version = store.latest(model)
@@ -318,7 +318,7 @@ def peer_runs(store: ModelStore, model: str, plan: Plan, reference: list[list[in
     starts = {"mlserver": lambda: start_mlserver(version.directory, free_ports(3), workdir),
               "litserve": lambda: start_litserve(version.directory, free_port(), workdir)}  # fmt: skip
     for name, start in starts.items():
-        peer = start_on_free_ports(start)
+        peer = on_fresh_ports(start)  # each start picks its own ports
         try:
             bodies = [peer.body(f) for f in files]
             for body, expected in zip(bodies, reference, strict=True):

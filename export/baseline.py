@@ -22,7 +22,7 @@ from service.runtime.quality import distributions
 from service.store.metadata import InputMeta
 
 from . import abstain, calibration
-from .graph import INPUT_NAME
+from .graph import INPUT_NAME, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +36,19 @@ def images_for(spec: InputMeta, directory: Path | None, seed: int = 0) -> calibr
 
 
 def probabilities_of(graph: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """``graph``'s probabilities for ``images`` (uint8, as served), in batches."""
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
-    return np.concatenate([session.run(None, {INPUT_NAME: images[i : i + batch]})[1]
-                           for i in range(0, len(images), batch)])  # fmt: skip
+    rows = [
+        session.run([OUTPUT_NAMES[1]], {INPUT_NAME: images[i : i + batch]})[0] for i in range(0, len(images), batch)
+    ]
+    return np.concatenate(rows).astype(np.float32)
 
 
-def measure(graph: Path, spec: InputMeta, name: str, directory: Path | None = None, seed: int = 0) -> dict[str, Any]:
-    """``{"baseline": ..., "abstain": ...}`` (abstain only where the images are labelled) for the metadata."""
-    images = images_for(spec, directory, seed)
+def measure(graph: Path, spec: InputMeta, name: str, directory: Path | None = None, seed: int = 0,
+            images: calibration.ImageSet | None = None) -> dict[str, Any]:  # fmt: skip
+    """``{"baseline": ..., "abstain": ...}`` (abstain only where the images are labelled) for the metadata;
+    on ``images`` where the caller has them already decoded."""
+    images = images or images_for(spec, directory, seed)
     probabilities = probabilities_of(graph, images.images)
     out: dict[str, Any] = {"baseline": {**images.describe(), **distributions(probabilities)}}
     if images.labels is not None:

@@ -46,7 +46,7 @@ from service.store.metadata import ModelMetadata
 
 from . import baseline, calibration
 from .calibration import ImageSet
-from .graph import INPUT_NAME, OUTPUT_NAMES
+from .graph import INPUT_NAME
 from .weights import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -209,17 +209,12 @@ def convert_fp16(source: Path, target: Path) -> dict[str, Any]:
             "note": "uint8 input and float32 outputs kept; every float tensor inside in half precision"}  # fmt: skip
 
 
-def _run(path: Path, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    rows = [
-        session.run([OUTPUT_NAMES[1]], {INPUT_NAME: images[i : i + batch]})[0] for i in range(0, len(images), batch)
-    ]
-    return np.concatenate(rows).astype(np.float32)
-
-
 def compare(parent: Path, variant: Path, held_out: ImageSet) -> dict[str, Any]:
     """FP32 against the variant on held-out images: top-1 agreement, top-5 overlap, largest |dp|, accuracies."""
-    reference, candidate = _run(parent, held_out.images), _run(variant, held_out.images)
+    reference, candidate = (
+        baseline.probabilities_of(parent, held_out.images),
+        baseline.probabilities_of(variant, held_out.images),
+    )
     k = min(5, reference.shape[1])
     top_ref = np.argsort(-reference, axis=1)[:, :k]
     top_var = np.argsort(-candidate, axis=1)[:, :k]
@@ -289,7 +284,8 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
         graph = staging / GRAPH_FILE
         extra = _convert(parent.graph, graph, meta, options)
         onnx.checker.check_model(onnx.load(str(graph)), full_check=True)
-        figures = compare(parent.graph, graph, calibration.held_out(meta.input, options.seed))
+        held_out = calibration.held_out(meta.input, options.seed)
+        figures = compare(parent.graph, graph, held_out)
         misses = check(figures, options)
         if misses and not options.force:
             raise PrecisionRefused(
@@ -319,7 +315,7 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
             "export_seconds": round(time.perf_counter() - started, 2),
             **extra,
             # its own answers' baseline and abstain threshold, not its parent's (copied above)
-            **baseline.measure(graph, meta.input, target_name, seed=options.seed),
+            **baseline.measure(graph, meta.input, target_name, images=held_out),
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(store.labels_path(name), model_dir / LABELS_FILE)

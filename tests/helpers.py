@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -13,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -44,12 +45,37 @@ def encode(array: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:
     return buffer.getvalue()
 
 
+T = TypeVar("T")
+
 # how uvicorn and grpc say that a port is taken
-BIND_FAILURES = ("address already in use", "Failed to bind to address")
+BIND_FAILURES = ("address already in use", "failed to bind to address")
 
 
 class PortTaken(RuntimeError):
     """The server could not bind a port picked free: another socket took it meanwhile."""
+
+
+def bind_failed(log: Path) -> bool:
+    """Whether a server's log says it could not bind a port."""
+    text = log.read_text(errors="replace").lower()
+    return any(failure in text for failure in BIND_FAILURES)
+
+
+def on_fresh_ports(start: Callable[[], T], repick: Callable[[], None] = lambda: None, attempts: int = 3) -> T:
+    """``start()`` again where it raised :class:`PortTaken`, after ``repick()`` chose fresh ports.
+
+    A port picked free can be bound by another socket (any client's local port) in the
+    seconds before the server binds it; CI saw it happen to MLServer's metrics port and to
+    the service's gRPC port.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except PortTaken:
+            if attempt == attempts:
+                raise
+            repick()
+    raise AssertionError("unreachable")
 
 
 class ServiceProcess:
@@ -82,24 +108,15 @@ class ServiceProcess:
         self.http_port_chosen = True
         return self
 
-    def start(self, timeout: float = 120.0, wait_for: str = "/readyz", attempts: int = 3) -> ServiceProcess:
-        """Start ``bentoml serve`` and return once ``wait_for`` answers 200.
+    def start(self, timeout: float = 120.0, wait_for: str = "/readyz") -> ServiceProcess:
+        """Start ``bentoml serve`` and return once ``wait_for`` answers 200 (on fresh ports if one was taken)."""
+        return on_fresh_ports(lambda: self._start(timeout, wait_for), self._repick)
 
-        A port picked free can be bound by another socket (any client's local port) in the
-        seconds before the server binds it (CI saw the gRPC port go so): then the server fails
-        to start, and it is started again on fresh ports, up to ``attempts`` times.
-        """
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start(timeout, wait_for)
-            except PortTaken:
-                if attempt == attempts:
-                    raise
-                http, grpc = free_ports(2)
-                if not self.http_port_chosen:
-                    self.port, self.url, self.env["HTTP_PORT"] = http, f"http://127.0.0.1:{http}", str(http)
-                self.grpc_port, self.grpc_target, self.env["GRPC_PORT"] = grpc, f"127.0.0.1:{grpc}", str(grpc)
-        raise AssertionError("unreachable")
+    def _repick(self) -> None:
+        http, grpc = free_ports(2)
+        if not self.http_port_chosen:
+            self.port, self.url, self.env["HTTP_PORT"] = http, f"http://127.0.0.1:{http}", str(http)
+        self.grpc_port, self.grpc_target, self.env["GRPC_PORT"] = grpc, f"127.0.0.1:{grpc}", str(grpc)
 
     def _start(self, timeout: float, wait_for: str) -> ServiceProcess:
         command = [
@@ -112,16 +129,13 @@ class ServiceProcess:
             )
         process = self.process
         # a worker that cannot bind logs it, and the server may wait on without it: give up at once
-        if wait_for_ok(f"{self.url}{wait_for}", timeout, give_up=lambda: process.poll() is not None or self._unbound()):
+        unbound = functools.partial(bind_failed, self.log_path)
+        if wait_for_ok(f"{self.url}{wait_for}", timeout, give_up=lambda: process.poll() is not None or unbound()):
             return self
         exited = process.poll()
         self.stop()
         why = f"exited with {exited}" if exited is not None else f"not ready after {timeout}s"
-        raise (PortTaken if self._unbound() else RuntimeError)(f"service {why}:\n{self.log()}")
-
-    def _unbound(self) -> bool:
-        text = self.log_path.read_text(errors="replace")
-        return any(failure in text for failure in BIND_FAILURES)
+        raise (PortTaken if unbound() else RuntimeError)(f"service {why}:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]

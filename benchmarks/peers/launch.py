@@ -7,13 +7,15 @@ Runs in the benchmark's own interpreter; the peer runs in the peers' virtual env
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / "benchmarks" / ".peers-venv"
@@ -25,7 +27,7 @@ class PeerUnavailable(RuntimeError):
     """The peers' virtual environment is missing or a peer did not start."""
 
 
-class PortTaken(PeerUnavailable):
+class PortTaken(PeerUnavailable, helpers.PortTaken):
     """A port picked free was bound by another socket before the peer could bind it."""
 
 
@@ -59,9 +61,7 @@ class Peer:
 
     def stop(self) -> None:
         """Every process of the peer's group, not only its first: see ``tests.helpers.stop_group``."""
-        from tests.helpers import stop_group
-
-        stop_group(self.process)
+        helpers.stop_group(self.process)
 
 
 def _spawn(command: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
@@ -74,36 +74,17 @@ def _spawn(command: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen[
 
 
 def _wait(peer: Peer, ready_url: str, timeout: float = 180) -> Peer:
-    from tests.helpers import wait_for_ok
-
     # MLServer whose metrics port is taken logs the bind error and hangs rather than exit
-    if wait_for_ok(ready_url, timeout, give_up=lambda: peer.process.poll() is not None or _port_taken(peer.log)):
+    unbound = functools.partial(helpers.bind_failed, peer.log)
+    if helpers.wait_for_ok(ready_url, timeout, give_up=lambda: peer.process.poll() is not None or unbound()):
         return peer
     peer.stop()
     text = peer.log.read_text(errors="replace")
     # uvicorn's bind failure is one ERROR line far above the traceback of the shutdown it causes
     errors = "\n".join(line for line in text.splitlines() if "ERROR" in line or "Errno" in line)
-    error = PortTaken if _port_taken(peer.log) else PeerUnavailable
-    raise error(f"{peer.name} did not start: {errors[-1000:]}\n...\n{text[-1500:]}")
-
-
-def _port_taken(log: Path) -> bool:
-    return "address already in use" in log.read_text(errors="replace").lower()
-
-
-def start_on_free_ports(start: Callable[[], Peer], attempts: int = 3) -> Peer:
-    """``start()``, which picks its ports as it starts, again where a port it picked was taken meanwhile.
-
-    A port that was free when picked (``tests.helpers.free_ports``) can become any client's
-    local port before the peer binds it; fresh ports on the next attempt.
-    """
-    for attempt in range(1, attempts + 1):
-        try:
-            return start()
-        except PortTaken:
-            if attempt == attempts:
-                raise
-    raise AssertionError("unreachable")
+    raise (PortTaken if unbound() else PeerUnavailable)(
+        f"{peer.name} did not start: {errors[-1000:]}\n...\n{text[-1500:]}"
+    )
 
 
 def start_mlserver(version_dir: Path, ports: tuple[int, ...], workdir: Path) -> Peer:

@@ -29,15 +29,19 @@ def confidence_and_entropy(probabilities: np.ndarray) -> tuple[np.ndarray, np.nd
     return top1, np.clip(entropy, 0.0, 1.0)
 
 
+def confidence_bins(probabilities: np.ndarray) -> np.ndarray:
+    """Per row, the index of the confidence bucket its top-1 probability falls in."""
+    bins = np.searchsorted(np.array(CONFIDENCE_BUCKETS), probabilities.max(axis=1), side="left")
+    return bins.clip(0, len(CONFIDENCE_BUCKETS) - 1)
+
+
 def distributions(probabilities: np.ndarray) -> dict[str, list[float]]:
     """The share of images per confidence bin and per top-1 class: what a baseline records, what drift compares.
 
     Confidence bins are the histogram's buckets as intervals: [0, 0.1], (0.1, 0.2], ... (0.999, 1].
     """
-    top1 = probabilities.max(axis=1)
-    edges = np.searchsorted(np.array(CONFIDENCE_BUCKETS), top1, side="left").clip(0, len(CONFIDENCE_BUCKETS) - 1)
-    confidence = np.bincount(edges, minlength=len(CONFIDENCE_BUCKETS)) / len(top1)
-    classes = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1]) / len(top1)
+    confidence = np.bincount(confidence_bins(probabilities), minlength=len(CONFIDENCE_BUCKETS)) / len(probabilities)
+    classes = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1]) / len(probabilities)
     return {"confidence": [round(float(x), 6) for x in confidence], "classes": [round(float(x), 6) for x in classes]}
 
 
@@ -93,8 +97,7 @@ class Drift:
                 self.base = {k: np.asarray(v, dtype=np.float64) for k, v in distributions(rows).items()}
                 self.source, self._learning = f"learned from this version's first {self.learn} answers", []
             return False
-        bins = np.searchsorted(np.array(CONFIDENCE_BUCKETS), probabilities.max(axis=1), side="left")
-        bins = bins.clip(0, len(CONFIDENCE_BUCKETS) - 1)
+        bins = confidence_bins(probabilities)
         top = probabilities.argmax(axis=1)
         before = self._seen
         for start in range(0, len(bins), self.window):  # a batch larger than the window keeps its last rows

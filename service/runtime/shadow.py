@@ -52,7 +52,6 @@ class Lane:
     top1_agreements: int = 0
     top5_overlap: float = 0.0
     max_abs_diff: float = 0.0
-    dropped: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     primary_seconds: float = 0.0
     candidate_seconds: float = 0.0
@@ -70,7 +69,8 @@ class Lane:
             "primary": str(self.pair.primary), "candidate": str(self.pair.candidate), "fraction": self.pair.fraction,
             "images": self.images, "top1_agreement": agreement,
             "top5_overlap": self.top5_overlap / self.images if self.images else None,
-            "max_abs_diff_probabilities": self.max_abs_diff, "dropped": self.dropped, "skipped": dict(self.skipped),
+            "max_abs_diff_probabilities": self.max_abs_diff, "dropped": self.skipped.get("dropped", 0),
+            "skipped": {reason: n for reason, n in self.skipped.items() if reason != "dropped"},
             "mean_seconds": {"primary": self.primary_seconds / self.images if self.images else None,
                              "candidate": self.candidate_seconds / self.images if self.images else None},
             "agrees": None if agreement is None else agreement >= self.threshold, "verdict": verdict,
@@ -101,8 +101,7 @@ class Shadow:
             if not _matches(lane.pair.primary, entry) or random.random() >= lane.pair.fraction:
                 continue
             if lane.queue.full():
-                lane.dropped += len(images)
-                self._count(lane, "dropped", len(images))
+                self._skip(lane, "dropped", len(images))
                 continue
             lane.queue.put_nowait(_Job(images, probabilities, seconds))
             if lane.task is None or lane.task.done():
@@ -119,7 +118,9 @@ class Shadow:
     def _labels(self, lane: Lane) -> tuple[str, str]:
         return str(lane.pair.primary), str(lane.pair.candidate)
 
-    def _count(self, lane: Lane, reason: str, images: int) -> None:
+    def _skip(self, lane: Lane, reason: str, images: int) -> None:
+        """Images not shadowed, and why: in /models and in ``cnn_shadow_skipped_images_total``."""
+        lane.skipped[reason] = lane.skipped.get(reason, 0) + images
         self.metrics.child(self.metrics.shadow_skipped, *self._labels(lane), reason).inc(images)
 
     async def _idle(self, *entries: ModelEntry) -> None:
@@ -133,13 +134,10 @@ class Shadow:
             try:
                 await self._compare(lane, job)
             except ServiceError as exc:  # the candidate is not served (yet), or its queue is full
-                reason = "unavailable" if exc.status_code in (404, 503) else "refused"
-                lane.skipped[reason] = lane.skipped.get(reason, 0) + len(job.images)
-                self._count(lane, reason, len(job.images))
+                self._skip(lane, "unavailable" if exc.status_code in (404, 503) else "refused", len(job.images))
             except Exception:
                 logger.exception("shadow %s: the candidate failed", lane.pair)
-                lane.skipped["error"] = lane.skipped.get("error", 0) + len(job.images)
-                self._count(lane, "error", len(job.images))
+                self._skip(lane, "error", len(job.images))
 
     async def _compare(self, lane: Lane, job: _Job) -> None:
         pair = lane.pair
@@ -153,8 +151,7 @@ class Shadow:
                 meta.input.size,
                 meta.input.channels,
             ):
-                lane.skipped["incompatible"] = lane.skipped.get("incompatible", 0) + len(job.images)
-                self._count(lane, "incompatible", len(job.images))
+                self._skip(lane, "incompatible", len(job.images))
                 return
             gate = (meta.accuracy or {}).get("thresholds", {}).get("min_top1_agreement")
             lane.threshold = float(gate) if gate is not None else MIN_TOP1_AGREEMENT

@@ -15,7 +15,7 @@ from PIL import Image
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, free_ports
+from ..helpers import ROOT, free_ports, on_fresh_ports
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,7 @@ def test_the_peers_serve_the_same_graph_and_answer_alike(model_store: ModelStore
 def test_a_peer_port_taken_meanwhile_is_told_apart_and_tried_again(model_store: ModelStore, tmp_path: Path) -> None:
     """A port picked free can be bound by someone else before the peer binds it (CI saw MLServer's
     metrics port go so): that failure is ``PortTaken``, and the start is tried again on fresh ports."""
-    from benchmarks.peers.launch import Peer, PortTaken, start_mlserver, start_on_free_ports
+    from benchmarks.peers.launch import Peer, PortTaken, start_mlserver
 
     version = model_store.latest("lenet5")
     assert version is not None
@@ -111,7 +111,7 @@ def test_a_peer_port_taken_meanwhile_is_told_apart_and_tried_again(model_store: 
             attempts.append(ports)
             return start_mlserver(version.directory, ports, tmp_path / f"attempt-{len(attempts)}")
 
-        peer = start_on_free_ports(start)
+        peer = on_fresh_ports(start)
         try:
             assert len(attempts) == 2 and peer.process.poll() is None
         finally:
