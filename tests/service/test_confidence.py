@@ -9,23 +9,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, metric_samples
-from .test_digits import drawn
+from .pictures import held_out_drawings
 
 pytestmark = pytest.mark.integration
-
-
-def held_out_drawings(count: int) -> tuple[list[bytes], np.ndarray]:
-    digits = load_digits()
-    _, images, _, labels = train_test_split(
-        digits.images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
-    )
-    return [drawn(image) for image in images[:count]], labels[:count]
 
 
 def classify(service: ServiceProcess, files: list[bytes], **params: Any) -> httpx.Response:

@@ -5,21 +5,13 @@ from __future__ import annotations
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from ..helpers import ServiceProcess, encode
+from ..helpers import ServiceProcess
+from .pictures import drawn
 
 pytestmark = pytest.mark.integration
-
-
-def drawn(digit: np.ndarray) -> bytes:
-    """An 8x8 digit (0..16) drawn in dark ink on a white 64x64 canvas with a margin, as a PNG."""
-    ink = Image.fromarray((digit * (255 / 16)).astype(np.uint8)).resize((48, 48), Image.Resampling.BILINEAR)
-    canvas = np.full((64, 64), 255, dtype=np.uint8)
-    canvas[8:56, 8:56] = 255 - np.asarray(ink)
-    return encode(canvas)
 
 
 def test_served_lenet5_reads_drawn_digits(service: ServiceProcess) -> None:

@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
-from skimage import data as photos
 
 from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, metric_samples, running
-from .test_confidence import held_out_drawings
+from .pictures import held_out_drawings, out_of_distribution
 
 pytestmark = pytest.mark.integration
 
 WINDOW = 100
 THRESHOLD = 0.1  # the CNNPredictionDrift alert's (monitoring/alerts.yml)
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def out_of_distribution(count: int) -> list[bytes]:
-    """Uniform noise, patches of scikit-image's photos and printed letters, in turn."""
-    rng = np.random.default_rng(0)
-    grey = [np.asarray(Image.fromarray(getattr(photos, n)()).convert("L")) for n in ("chelsea", "coffee", "camera")]
-    files = []
-    for i in range(count):
-        if i % 3 == 0:
-            files.append(png(rng.integers(0, 256, (64, 64), dtype=np.uint8)))
-        elif i % 3 == 1:
-            p = grey[i % len(grey)]
-            y, x = rng.integers(0, p.shape[0] - 64), rng.integers(0, p.shape[1] - 64)
-            files.append(png(np.ascontiguousarray(p[y : y + 64, x : x + 64])))
-        else:
-            letter = Image.new("L", (64, 64), 255)
-            ImageDraw.Draw(letter).text((12, 8), "ABEHKMRWX"[i % 9], fill=0, font_size=40)
-            files.append(png(np.asarray(letter)))
-    return files
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from export.precision import VariantOptions, export_variant
 from service.store.layout import ModelStore
 
 from ..helpers import ServiceProcess, metric_samples, running
-from .test_confidence import held_out_drawings
+from .pictures import held_out_drawings
 
 pytestmark = pytest.mark.integration
 
