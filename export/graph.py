@@ -3,7 +3,8 @@
 Input ``images``: UINT8 ``[batch, H, W, C]`` (NHWC, RGB, or C = 1). The graph casts,
 scales, normalises with the weights' mean and std and transposes to NCHW itself, so a
 client only ever sends pixels. Outputs ``logits`` and ``probabilities`` (softmax), FP32
-``[batch, num_classes]``. The batch axis is dynamic.
+``[batch, num_classes]``; where the export fitted a typicality check (``export/typicality.py``),
+a third, ``distance`` (FP32 ``[batch]``). The batch axis is dynamic.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ import torch
 from torch import Tensor, nn
 
 from .spec import InputSpec, ModelSpec
+from .typicality import DistanceHead
 
 logger = logging.getLogger(__name__)
 
 OPSET = 18
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
+DISTANCE_NAME = "distance"
 TOLERANCE = 1e-4  # largest accepted |p_onnx - p_torch| on any probability
+DISTANCE_TOLERANCE = 1e-3  # largest accepted |d_onnx - d_torch| / d_torch
 
 
 class VerificationError(RuntimeError):
@@ -34,26 +38,42 @@ class VerificationError(RuntimeError):
 
 
 class ClassifierGraph(nn.Module):
-    """uint8 NHWC pixels -> (logits, probabilities), the contract's whole computation."""
+    """uint8 NHWC pixels -> (logits, probabilities[, distance]), the contract's whole computation.
+
+    With a ``typicality`` head, the features at ``layer`` (caught by a forward hook, so the
+    network's own code is untouched) also go through it, giving each image's ``distance``.
+    """
 
     mean: Tensor
     std: Tensor
 
-    def __init__(self, model: nn.Module, spec: InputSpec) -> None:
+    def __init__(self, model: nn.Module, spec: InputSpec, typicality: tuple[str, DistanceHead] | None = None) -> None:
         super().__init__()
         self.model = model
         channels = spec.channels
         # Folding the /255 into mean and std: (x/255 - m)/s == (x - 255m)/(255s)
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, channels, 1, 1) * 255.0)
         self.register_buffer("std", torch.tensor(spec.std).view(1, channels, 1, 1) * 255.0)
+        self.typicality: DistanceHead | None = None
+        self._features: list[Tensor] = []
+        if typicality is not None:
+            layer, self.typicality = typicality
+            model.get_submodule(layer).register_forward_hook(lambda _m, _i, out: self._features.append(out))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (*OUTPUT_NAMES, DISTANCE_NAME) if self.typicality is not None else OUTPUT_NAMES
 
     def normalise(self, images: Tensor) -> Tensor:
         x = images.permute(0, 3, 1, 2).float()  # N x C x H x W
         return (x - self.mean) / self.std
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        self._features.clear()
         logits = self.model(self.normalise(images))
-        return logits, torch.softmax(logits, dim=1)
+        if self.typicality is None:
+            return logits, torch.softmax(logits, dim=1)
+        return logits, torch.softmax(logits, dim=1), self.typicality(self._features.pop())
 
 
 def random_images(spec: InputSpec, batch: int, seed: int = 0) -> np.ndarray:
@@ -77,8 +97,8 @@ def export_onnx(graph: ClassifierGraph, spec: InputSpec, path: Path) -> None:
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: batch_axis for name in (INPUT_NAME, *OUTPUT_NAMES)},
+            output_names=list(graph.output_names),
+            dynamic_axes={name: batch_axis for name in (INPUT_NAME, *graph.output_names)},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -92,31 +112,42 @@ class Verification:
     max_abs_diff_logits: float
     top1_agreement: float
     tolerance: float = TOLERANCE
+    max_rel_diff_distance: float | None = None  # where the graph has a typicality check
 
     def to_dict(self) -> dict[str, float | int]:
-        return dict(self.__dict__)
+        return {key: value for key, value in self.__dict__.items() if value is not None}
 
 
 def verify(graph: ClassifierGraph, spec: InputSpec, path: Path, batch: int = 8, seed: int = 0) -> Verification:
     """Run the ONNX graph and the PyTorch model on the same random pixels and compare.
 
-    Raises :class:`VerificationError` above :data:`TOLERANCE` or below 100% top-1 agreement.
+    Raises :class:`VerificationError` above :data:`TOLERANCE` (:data:`DISTANCE_TOLERANCE` for
+    the distance, relative) or below 100% top-1 agreement.
     """
     images = random_images(spec, batch, seed)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_logits, onnx_probs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+    ours = session.run(list(graph.output_names), {INPUT_NAME: images})
     with torch.no_grad():
-        torch_logits, torch_probs = (t.numpy() for t in graph.eval()(torch.from_numpy(images)))
+        theirs = [t.numpy() for t in graph.eval()(torch.from_numpy(images))]
+    (onnx_logits, onnx_probs), (torch_logits, torch_probs) = ours[:2], theirs[:2]
     result = Verification(
         batch=batch,
         max_abs_diff_probabilities=float(np.abs(onnx_probs - torch_probs).max()),
         max_abs_diff_logits=float(np.abs(onnx_logits - torch_logits).max()),
         top1_agreement=float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()),
+        max_rel_diff_distance=(
+            float((np.abs(ours[2] - theirs[2]) / np.maximum(np.abs(theirs[2]), 1e-6)).max()) if len(ours) > 2 else None
+        ),
     )
-    if result.max_abs_diff_probabilities > TOLERANCE or result.top1_agreement < 1.0:
+    distance_off = (result.max_rel_diff_distance or 0.0) > DISTANCE_TOLERANCE
+    if result.max_abs_diff_probabilities > TOLERANCE or result.top1_agreement < 1.0 or distance_off:
         raise VerificationError(
             f"{path}: ONNX Runtime differs from PyTorch (max |dp| = {result.max_abs_diff_probabilities:.2e}, "
-            f"top-1 agreement {result.top1_agreement:.0%}; need <= {TOLERANCE:.0e} and 100%)"
+            f"top-1 agreement {result.top1_agreement:.0%}"
+            + (f", max relative distance difference {result.max_rel_diff_distance:.2e}" if distance_off else "")
+            + f"; need <= {TOLERANCE:.0e} and 100%"
+            + (f" and <= {DISTANCE_TOLERANCE:.0e}" if distance_off else "")
+            + ")"
         )
     return result
 

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import InputMeta
 
-from . import baseline, train
-from .graph import INPUT_NAME, OPSET, OUTPUT_NAMES, ClassifierGraph, count_flops, export_onnx, verify
+from . import baseline, train, typicality
+from .graph import INPUT_NAME, OPSET, ClassifierGraph, count_flops, export_onnx, verify
 from .registry import get_model_spec
 from .spec import ModelSpec, WeightsKind
 from .weights import Provenance, file_state_dict, random_provenance, released_state_dict, sha256_file
@@ -29,6 +30,7 @@ from .weights import Provenance, file_state_dict, random_provenance, released_st
 logger = logging.getLogger(__name__)
 
 TRITON_MAX_BATCH = 64
+TYPICALITY_VIEWS = 20_000  # augmented training views the typicality check is fitted on, at most
 
 
 @dataclass(frozen=True)
@@ -61,21 +63,22 @@ def _build_with(spec: ModelSpec, state: Mapping[str, torch.Tensor], provenance: 
         raise ValueError(f"{provenance.file or provenance.url} does not fit {spec.name}: {detail}") from None
 
 
-def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Module, Provenance]:
-    """The PyTorch model with its weights, in eval mode, and where the weights came from."""
+def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Module, Provenance, train.Dataset | None]:
+    """The PyTorch model with its weights, in eval mode, where the weights came from, and the
+    images it was trained on where it was trained here."""
     kind = _weights_kind(spec, options)
     if kind == "imagenet":
         assert spec.released is not None
         state, provenance = released_state_dict(spec.released, options.cache_dir, options.progress)
-        return _build_with(spec, state, provenance), provenance
+        return _build_with(spec, state, provenance), provenance, None
     if kind == "file":
         assert options.weights_file is not None
         state, provenance = file_state_dict(options.weights_file)
-        return _build_with(spec, state, provenance), provenance
+        return _build_with(spec, state, provenance), provenance, None
     torch.manual_seed(options.seed)
     model = spec.build()
     if kind == "random":
-        return model.eval(), random_provenance(options.seed)
+        return model.eval(), random_provenance(options.seed), None
     if options.data == "mnist":
         if options.data_dir is None:
             raise ValueError("--data mnist needs --data-dir DIR (where the IDX files are, or will be downloaded)")
@@ -91,22 +94,44 @@ def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Modul
         seed=options.seed,
         progress=options.progress,
     )
-    return model.eval(), provenance
+    return model.eval(), provenance, data
 
 
-def triton_config(spec: ModelSpec) -> str:
+def fit_typicality(spec: ModelSpec, model: torch.nn.Module, data: train.Dataset, seed: int) -> typicality.Typicality:
+    """The typicality check on the views of the training images that training saw; threshold on the test split's."""
+    assert spec.typicality_layer is not None
+    copies = max(1, TYPICALITY_VIEWS // len(data.x_train))
+    take = np.random.default_rng(seed).permutation(len(data.x_train))[: TYPICALITY_VIEWS // copies]
+    views = train.augmented_views(data.x_train[take], copies, seed)
+    held_out = train.augmented_views(data.x_test, 2, seed + 1)
+    source = (f"{data.name} ({data.split}): {len(views)} augmented views of {len(take)} training images; "
+              f"threshold on {len(held_out)} views of the test split")  # fmt: skip
+    normalise = ClassifierGraph(model, spec.input).normalise
+    return typicality.measure(model, normalise, spec.typicality_layer, (views, np.tile(data.y_train[take], copies)),
+                              held_out, spec.num_classes, source)  # fmt: skip
+
+
+def triton_config(spec: ModelSpec, outputs: tuple[str, ...]) -> str:
     """Triton's ``config.pbtxt``, so the store serves unchanged under Triton too."""
     size, channels, classes = spec.input.size, spec.input.channels, spec.num_classes
+    logits, probabilities, *rest = outputs
+    lines = [
+        f'  {{ name: "{logits}" data_type: TYPE_FP32 dims: [{classes}] }}',
+        f'  {{ name: "{probabilities}" data_type: TYPE_FP32 dims: [{classes}] label_filename: "{LABELS_FILE}" }}',
+        # one value per image: Triton wants a dimension under max_batch_size, reshaped away
+        *(f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [1] reshape: {{ shape: [] }} }}' for name in rest),
+    ]
     return (
         f'name: "{spec.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {TRITON_MAX_BATCH}\n'
         f'input [{{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [{size}, {size}, {channels}] }}]\n'
-        f'output [\n  {{ name: "{OUTPUT_NAMES[0]}" data_type: TYPE_FP32 dims: [{classes}] }},\n'
-        f'  {{ name: "{OUTPUT_NAMES[1]}" data_type: TYPE_FP32 dims: [{classes}] label_filename: "{LABELS_FILE}" }}\n]\n'
+        "output [\n" + ",\n".join(lines) + "\n]\n"
         "dynamic_batching { }\nversion_policy: { latest: { num_versions: 1 } }\n"
     )
 
 
-def _metadata(spec: ModelSpec, version: int, graph_path: Path, provenance: Provenance, **extra: Any) -> dict[str, Any]:
+def _metadata(
+    spec: ModelSpec, version: int, graph_path: Path, provenance: Provenance, outputs: tuple[str, ...], **extra: Any
+) -> dict[str, Any]:
     return {
         "name": spec.name,
         "version": version,
@@ -123,7 +148,7 @@ def _metadata(spec: ModelSpec, version: int, graph_path: Path, provenance: Prove
             "sha256": sha256_file(graph_path),
             "opset": OPSET,
             "input": INPUT_NAME,
-            "outputs": list(OUTPUT_NAMES),
+            "outputs": list(outputs),
             "exporter": f"torch {torch.__version__} (TorchScript exporter), onnx {onnx.__version__}",
         },
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -137,8 +162,11 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
     options = options or ExportOptions()
     spec = get_model_spec(name)
     started = time.perf_counter()
-    model, provenance = build_model(spec, options)
-    graph = ClassifierGraph(model, spec.input)
+    model, provenance, data = build_model(spec, options)
+    check = None
+    if data is not None and spec.typicality_layer is not None:
+        check = fit_typicality(spec, model, data, options.seed)
+    graph = ClassifierGraph(model, spec.input, None if check is None else (check.layer, check.head()))
     model_dir = store.model_dir(spec.name)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
@@ -155,13 +183,15 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
             version,
             graph_path,
             provenance,
+            graph.output_names,
             verification=verification.to_dict(),
             export_seconds=round(time.perf_counter() - started, 2),
             **quality,
+            **({} if check is None else {"typicality": check.to_dict()}),
         )
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         (model_dir / LABELS_FILE).write_text("\n".join(spec.categories) + "\n", encoding="utf-8")
-        (model_dir / CONFIG_FILE).write_text(triton_config(spec), encoding="utf-8")
+        (model_dir / CONFIG_FILE).write_text(triton_config(spec, graph.output_names), encoding="utf-8")
         staging.rename(model_dir / str(version))  # atomic: a version folder is complete or absent
     finally:
         shutil.rmtree(staging, ignore_errors=True)

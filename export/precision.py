@@ -44,7 +44,7 @@ import onnxruntime as ort
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import ModelMetadata
 
-from . import baseline, calibration
+from . import baseline, calibration, train, typicality
 from .calibration import ImageSet
 from .graph import INPUT_NAME
 from .weights import sha256_file
@@ -150,7 +150,11 @@ class _Reader:
 
 
 def quantize_int8(prepared: Path, target: Path, images: ImageSet, method: Method, recipe: str, cache: Path) -> None:
-    """One recipe's QDQ graph; the activation ranges are computed once per ``cache`` and reused."""
+    """One recipe's QDQ graph; the activation ranges are computed once per ``cache`` and reused.
+
+    The typicality check's nodes (``distance``) stay in float: a distance is a sum of squared
+    differences, which 8 bits would flatten.
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -165,6 +169,7 @@ def quantize_int8(prepared: Path, target: Path, images: ImageSet, method: Method
             _Reader(images.images, batch=16 if method == "minmax" else 1),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(QUANTIZED_OPS),
+            nodes_to_exclude=[n.name for n in onnx.load(str(prepared)).graph.node if n.name.startswith("/typicality/")],
             per_channel=True,
             reduce_range=reduce_range,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
@@ -314,8 +319,9 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
             "exported_on": platform.node(),
             "export_seconds": round(time.perf_counter() - started, 2),
             **extra,
-            # its own answers' baseline and abstain threshold, not its parent's (copied above)
+            # its own answers' baseline, abstain and typicality thresholds, not its parent's (copied above)
             **baseline.measure(graph, meta.input, target_name, images=held_out),
+            **_typicality(meta, graph, held_out, options.seed, target_name),
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(store.labels_path(name), model_dir / LABELS_FILE)
@@ -330,6 +336,23 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
         "%s: version %d written from %s v%d (%s)", target_name, version, name, parent.version, _summary(figures)
     )
     return StoredVersion(target_name, version, model_dir / str(version))
+
+
+def _typicality(meta: ModelMetadata, graph: Path, held_out: ImageSet, seed: int, name: str) -> dict[str, Any]:
+    """The parent's typicality check with this variant's own threshold, on views of the held-out digits
+    augmented as the parent's threshold views were (``export.pipeline.fit_typicality``)."""
+    if meta.typicality is None:
+        return {}
+    views = train.augmented_views(held_out.images[..., 0], 2, seed + 1)
+    own = typicality.threshold_of(typicality.graph_distances(graph, views))
+    logger.info("%s: typicality threshold %.1f (its parent's: %.1f)", name, own, meta.typicality["threshold"])
+    source = f"this variant's distances on {len(views)} views of {held_out.source}"
+    own_check = {
+        "threshold": round(own, 4),
+        "parent_threshold": meta.typicality["threshold"],
+        "threshold_source": source,
+    }
+    return {"typicality": {**meta.typicality, **own_check}}
 
 
 def _convert(source: Path, target: Path, meta: ModelMetadata, options: VariantOptions) -> dict[str, Any]:
@@ -381,7 +404,7 @@ def _convert(source: Path, target: Path, meta: ModelMetadata, options: VariantOp
         "candidates": candidates,
         "calibration_method": options.method,
         "quantized_ops": list(QUANTIZED_OPS),
-        "float_ops": "the input's cast, transpose and normalisation; softmax",
+        "float_ops": "the input's cast, transpose and normalisation; softmax; the typicality distance",
         "cpu": cpu,
     }
     return {"quantization": quantization, "calibration": images.describe()}

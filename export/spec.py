@@ -101,6 +101,10 @@ class ModelSpec:
     released: ReleasedWeights | None = None
     notes: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # the module whose output the typicality check is fitted on, where the export has the
+    # training images (``export/typicality.py``), and how many features it gives per image
+    typicality_layer: str | None = None
+    typicality_features: int = 0
 
     def build(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
         return self.builder(state_dict=state_dict, **self.extra)
@@ -111,8 +115,10 @@ class ModelSpec:
 
     @property
     def onnx_mib(self) -> float:
-        """The exported graph's size: float32 initialisers, 4 bytes a parameter (batch norm folds into convolutions)."""
-        return 4 * self.num_params / 2**20
+        """The exported graph's size: float32 initialisers, 4 bytes a parameter (batch norm folds into convolutions),
+        and the typicality check's whitening, centres and their norms where the default weights get one."""
+        d, c = self.typicality_features, self.num_classes
+        return 4 * (self.num_params + (d * d + c * d + c if d else 0)) / 2**20
 
     @property
     def weight_choices(self) -> tuple[WeightsKind, ...]:

@@ -129,6 +129,13 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def augmented_views(x: np.ndarray, copies: int, seed: int = 0) -> np.ndarray:
+    """``copies`` views of each uint8 image (N x 32 x 32) as training augments them, as served: uint8 NHWC."""
+    generator = torch.Generator().manual_seed(seed)
+    views = _augment(_pixels(x).repeat(copies, 1, 1, 1), generator)
+    return (views * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
     model.eval()
     with torch.no_grad():

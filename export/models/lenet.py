@@ -59,6 +59,8 @@ LENET5_INPUT = InputSpec(size=32, channels=1, resize=32, mean=(0.5,), std=(0.5,)
     input=LENET5_INPUT,
     categories=DIGIT_CATEGORIES,
     default_weights="trained",
+    typicality_layer="features.5",  # S4
+    typicality_features=16 * 5 * 5,
 )
 def lenet5(*, state_dict: Mapping[str, Tensor] | None = None) -> LeNet5:
     """LeNet-5 for 32x32 grayscale digits; trained by ``python -m export lenet5``."""
