@@ -82,6 +82,10 @@ class Metrics:
             "cnn_prediction_entropy", "Entropy of each image's prediction over log(classes): 0 sure, 1 uniform", model,
             buckets=ENTROPY_BUCKETS,
         )  # fmt: skip
+        self.atypical = prom.Counter(
+            "cnn_prediction_atypical", "Images unlike the model's training images: feature distance over the threshold "
+            "its export derived (models with a typicality check only)", model,
+        )  # fmt: skip
         self.drift = prom.Gauge(
             "cnn_prediction_drift",
             "Jensen-Shannon divergence (0 same, 1 disjoint) of the latest answers from the version's baseline: "

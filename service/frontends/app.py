@@ -137,15 +137,20 @@ async def classify(request: Request) -> Response:
         request.scope["request_record"] = record
         record.model, record.version = entry.name, str(entry.version)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-        results = await service.classify(entry, files, top)
+        results, distances = await service.classify(entry, files, top)
         record.images = len(results)
     assert entry.model is not None
-    least = wanted if wanted is not None else entry.model.metadata.abstain_threshold
+    meta = entry.model.metadata
+    least = wanted if wanted is not None else meta.abstain_threshold
     body: dict[str, Any] = {"model": entry.name, "version": str(entry.version), "min_confidence": least}
-    if least is None:
-        body["results"] = [{"predictions": predictions} for predictions in results]
-    else:  # predictions[0] is the top-1 at any top_k
-        body["results"] = [{"predictions": p, "confident": p[0]["score"] >= least} for p in results]
+    body["results"] = [{"predictions": predictions} for predictions in results]
+    if distances is not None and meta.typicality_threshold is not None:
+        for result, distance in zip(body["results"], distances.tolist(), strict=True):
+            result["typical"] = distance <= meta.typicality_threshold
+    if least is not None or distances is not None:
+        for result in body["results"]:  # predictions[0] is the top-1 at any top_k
+            sure = least is None or result["predictions"][0]["score"] >= least
+            result["confident"] = sure and result.get("typical", True)
     return JSONResponse(body)
 
 
@@ -212,7 +217,11 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None) 
             "forced": meta.forced,
             "load_seconds": round(entry.model.load_seconds, 3),
             "warmup_seconds": round(entry.model.warmup_seconds, 3),
-            "quality": {"abstain_threshold": meta.abstain_threshold, **(entry.drift.describe() if entry.drift else {})},
+            "quality": {
+                "abstain_threshold": meta.abstain_threshold,
+                "typicality_threshold": meta.typicality_threshold,
+                **(entry.drift.describe() if entry.drift else {}),
+            },
         }
     if shadow is not None and (lanes := shadow.describe(name)):
         info["shadow"] = lanes

@@ -15,9 +15,15 @@ class Prediction(BaseModel):
 
 class ImageResult(BaseModel):
     predictions: list[Prediction]
+    typical: bool | None = Field(
+        None,
+        description="Whether the image is like the model's training images (its feature distance is under the "
+        "threshold the export derived); absent where the export fitted no such check",
+    )
     confident: bool | None = Field(
         None,
-        description="Whether the top-1 probability reaches min_confidence; absent where no threshold applies",
+        description="Whether to trust the answer: the top-1 probability reaches min_confidence and the image is "
+        "typical; absent where neither check applies",
     )
 
 
@@ -75,8 +81,8 @@ class ModelInfo(BaseModel):
     )
     quality: dict[str, Any] | None = Field(
         None,
-        description="Is it still right: the abstain threshold, the baseline its answers are compared with, and their "
-        "drift over the latest DRIFT_WINDOW answers (in the worker that answered)",
+        description="Is it still right: the abstain and typicality thresholds, the baseline its answers are compared "
+        "with, and their drift over the latest DRIFT_WINDOW answers (in the worker that answered)",
     )
 
 

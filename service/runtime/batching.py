@@ -29,7 +29,7 @@ from ..errors import Overloaded
 
 logger = logging.getLogger(__name__)
 
-Outputs = tuple[np.ndarray, np.ndarray]
+Outputs = tuple[np.ndarray, ...]  # logits, probabilities[, distance]: row per image
 RunFn = Callable[[np.ndarray], Outputs]
 
 
@@ -43,6 +43,7 @@ class BatchStats:
     finished: float
     contexts: list[Any]  # per request: what the caller passed to :meth:`DynamicBatcher.infer`
     probabilities: np.ndarray | None = None  # the batch's, row per image
+    distances: np.ndarray | None = None  # the batch's, where the graph has a typicality check
 
     @property
     def requests(self) -> int:
@@ -126,7 +127,7 @@ class DynamicBatcher:
         results = await asyncio.gather(*(self._submit(chunk, context) for chunk in chunks))
         if len(results) == 1:
             return results[0]
-        return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+        return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
     def _submit(self, images: np.ndarray, context: Any) -> asyncio.Future[Outputs]:
         loop = asyncio.get_running_loop()
@@ -198,7 +199,7 @@ class DynamicBatcher:
         started = time.perf_counter()
         images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
         try:
-            logits, probabilities = await loop.run_in_executor(self._executor, self._runs[instance], images)
+            outputs = await loop.run_in_executor(self._executor, self._runs[instance], images)
         except Exception as exc:
             logger.exception("%s: inference failed for a batch of %d", self.name, len(images))
             for pending in batch:
@@ -215,10 +216,11 @@ class DynamicBatcher:
             rows = slice(offset, offset + pending.size)
             offset += pending.size
             if not pending.future.done():
-                pending.future.set_result((logits[rows], probabilities[rows]))
+                pending.future.set_result(tuple(output[rows] for output in outputs))
         if self._on_batch is not None:
             enqueued, contexts = [p.enqueued for p in batch], [p.context for p in batch]
-            self._on_batch(BatchStats(len(images), enqueued, started, finished, contexts, probabilities))
+            distances = outputs[2] if len(outputs) > 2 else None
+            self._on_batch(BatchStats(len(images), enqueued, started, finished, contexts, outputs[1], distances))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """:meth:`close` from another thread (the model lifecycle's), once no request is left."""

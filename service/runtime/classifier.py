@@ -67,7 +67,7 @@ class Classifier:
             return np.stack(arrays)
 
     async def infer(self, entry: ModelEntry, images: np.ndarray) -> Outputs:
-        """``images`` through the model's batcher: (logits, probabilities) of these images.
+        """``images`` through the model's batcher: (logits, probabilities[, distance]) of these images.
 
         Where the model is a ``SHADOW`` primary, the images are then offered to its candidate,
         which runs them later, off this request's path.
@@ -80,9 +80,13 @@ class Classifier:
         self.shadow.offer(entry, images, outputs[1], time.perf_counter() - started)
         return outputs
 
-    async def classify(self, entry: ModelEntry, files: list[bytes], k: int) -> list[list[dict[str, Any]]]:
+    async def classify(
+        self, entry: ModelEntry, files: list[bytes], k: int
+    ) -> tuple[list[list[dict[str, Any]]], np.ndarray | None]:
+        """Each image's ``k`` best classes, and its typicality distance where the graph computes one."""
         assert entry.model is not None
         images = await self.preprocess(entry, files)
-        _, probabilities = await self.infer(entry, images)
+        outputs = await self.infer(entry, images)
         with self.stage(entry, "postprocess"):
-            return [top_k(row, entry.model.labels, k) for row in probabilities]
+            ranked = [top_k(row, entry.model.labels, k) for row in outputs[1]]
+        return ranked, outputs[2] if len(outputs) > 2 else None

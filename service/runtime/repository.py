@@ -279,6 +279,9 @@ class Repository:
 
     def _make_batcher(self, model: LoadedModel, drift: Drift) -> DynamicBatcher:
         labels = {"model": model.name, "version": str(model.version)}
+        typical_below = model.metadata.typicality_threshold
+        if typical_below is not None:  # the series exists from the load on, at 0: a rate over it is never empty
+            self.metrics.child(self.metrics.atypical, *labels.values())
 
         def on_batch(stats: BatchStats) -> None:
             self.metrics.child(self.metrics.batch_size, *labels.values()).observe(stats.size)
@@ -286,6 +289,10 @@ class Repository:
             self.metrics.observe_stage(labels, "inference", stats.inference_seconds)
             for seconds in stats.queue_seconds:
                 self.metrics.observe_stage(labels, "queue", seconds)
+            if stats.distances is not None and typical_below is not None:
+                atypical = int((stats.distances > typical_below).sum())
+                if atypical:
+                    self.metrics.child(self.metrics.atypical, *labels.values()).inc(atypical)
             if stats.probabilities is not None:
                 self.metrics.observe_predictions(labels["model"], labels["version"], stats.probabilities)
                 if drift.add(stats.probabilities):

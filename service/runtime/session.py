@@ -21,6 +21,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probabilities")
+DISTANCE_NAME = "distance"  # FP32 [batch], where the export fitted a typicality check into the graph
 
 
 class ModelLoadError(RuntimeError):
@@ -76,6 +77,7 @@ class LoadedModel:
     load_seconds: float
     warmup_seconds: float = 0.0
     threads: int = 1  # per session
+    output_names: tuple[str, ...] = OUTPUT_NAMES  # and DISTANCE_NAME where the metadata has a typicality check
 
     @property
     def name(self) -> str:
@@ -89,13 +91,12 @@ class LoadedModel:
     def instances(self) -> int:
         return len(self.sessions)
 
-    def runner(self, instance: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        """Instance ``instance``'s session as a function of uint8 [N, H, W, C] -> (logits, probabilities)."""
-        session = self.sessions[instance]
+    def runner(self, instance: int) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
+        """Instance ``instance``'s session: uint8 [N, H, W, C] -> (logits, probabilities[, distance])."""
+        session, names = self.sessions[instance], list(self.output_names)
 
-        def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            logits, probabilities = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-            return logits, probabilities
+        def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
+            return tuple(session.run(names, {INPUT_NAME: images}))
 
         return run
 
@@ -122,6 +123,8 @@ def _check_graph(session: ort.InferenceSession, metadata: ModelMetadata, labels:
             raise ModelLoadError(f"graph output {name!r} missing or not {metadata.num_classes} wide")
     if len(labels) != metadata.num_classes:
         raise ModelLoadError(f"labels.txt has {len(labels)} names for {metadata.num_classes} classes")
+    if metadata.typicality is not None and DISTANCE_NAME not in outputs:
+        raise ModelLoadError(f"the metadata has a typicality check, but the graph has no {DISTANCE_NAME!r} output")
 
 
 def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> LoadedModel:
@@ -158,4 +161,6 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
         )
     _check_graph(session, metadata, labels)
     seconds = time.perf_counter() - started
-    return LoadedModel(stored, metadata, labels, sessions, provider, seconds, threads=options.intra_op_num_threads)
+    names = OUTPUT_NAMES if metadata.typicality is None else (*OUTPUT_NAMES, DISTANCE_NAME)
+    return LoadedModel(stored, metadata, labels, sessions, provider, seconds, threads=options.intra_op_num_threads,
+                       output_names=names)  # fmt: skip

@@ -156,7 +156,7 @@ class Shadow:
             gate = (meta.accuracy or {}).get("thresholds", {}).get("min_top1_agreement")
             lane.threshold = float(gate) if gate is not None else MIN_TOP1_AGREEMENT
             started = time.perf_counter()
-            _, theirs = await candidate.batcher.infer(job.images)
+            theirs = (await candidate.batcher.infer(job.images))[1]
             seconds = time.perf_counter() - started
         ours = job.probabilities
         agree = int((ours.argmax(axis=1) == theirs.argmax(axis=1)).sum())

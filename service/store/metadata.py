@@ -52,7 +52,14 @@ class ModelMetadata(BaseModel):
     abstain: dict[str, Any] | None = None
     # The answers' distributions on the images the export measured them on (``export/baseline.py``)
     baseline: dict[str, Any] | None = None
+    # The feature distance above which an image is unlike the training images, where the export
+    # fitted the check into the graph's ``distance`` output (``export/typicality.py``)
+    typicality: dict[str, Any] | None = None
 
     @property
     def abstain_threshold(self) -> float | None:
         return None if self.abstain is None else float(self.abstain["threshold"])
+
+    @property
+    def typicality_threshold(self) -> float | None:
+        return None if self.typicality is None else float(self.typicality["threshold"])

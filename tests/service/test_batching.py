@@ -56,6 +56,24 @@ def test_a_request_larger_than_the_batch_limit_is_split() -> None:
     assert logits.ravel().tolist() == list(range(10)) and max(calls) <= 4
 
 
+def test_every_output_keeps_its_rows_when_batched_and_when_split() -> None:
+    """A graph with a typicality check returns a third output, one value per image: it follows its rows."""
+    stats: list[BatchStats] = []
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        first = images.reshape(len(images), -1)[:, :1].astype(np.float32)
+        return first, first * 2, first[:, 0] * 3
+
+    batcher = DynamicBatcher("m", [run], max_batch_size=4, max_delay=0.001, max_queue_images=100, on_batch=stats.append)
+    split = asyncio.run(batcher.infer(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)))
+    assert [output.shape for output in split] == [(10, 1), (10, 1), (10,)]
+    assert split[2].tolist() == [3.0 * i for i in range(10)]
+    shared = asyncio.run(_gather(batcher, [images(i, n=1 + i % 3) for i in range(12)]))
+    for i, (_, _, distances) in enumerate(shared):
+        assert distances.tolist() == [3.0 * i] * (1 + i % 3)
+    assert all(s.distances is not None and len(s.distances) == s.size for s in stats)
+
+
 def test_a_full_queue_sheds_load() -> None:
     calls: list[int] = []
     batcher = DynamicBatcher("m", [echo_run(calls, delay=0.2)], max_batch_size=2, max_delay=0, max_queue_images=4)

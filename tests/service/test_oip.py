@@ -70,20 +70,24 @@ def test_health_and_server_metadata(service: ServiceProcess, module: ModuleType)
 
 
 @pytest.mark.parametrize("module", PROTOCOLS)
-def test_model_metadata_matches_the_graph(service: ServiceProcess, model_store: ModelStore, module: ModuleType) -> None:
-    raw = client(module, service).get_model_metadata("resnet18")
+@pytest.mark.parametrize("name", ["resnet18", "lenet5"])  # LeNet-5's graph has a typicality distance
+def test_model_metadata_matches_the_graph(
+    service: ServiceProcess, model_store: ModelStore, module: ModuleType, name: str
+) -> None:
+    raw = client(module, service).get_model_metadata(name)
     if module is triton_grpc:
         raw = {
             "versions": list(raw.versions),
             "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in raw.inputs],
             "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in raw.outputs],
         }
-    session = ort.InferenceSession(str(model_store.latest("resnet18").graph), providers=["CPUExecutionProvider"])  # type: ignore[union-attr]
+    session = ort.InferenceSession(str(model_store.latest(name).graph), providers=["CPUExecutionProvider"])  # type: ignore[union-attr]
     graph_input = session.get_inputs()[0]
     inputs = {t["name"]: t for t in raw["inputs"]}
     assert inputs["images"] == {"name": "images", "datatype": "UINT8", "shape": [-1, *graph_input.shape[1:]]}
     assert inputs["image_bytes"]["datatype"] == "BYTES"
     outputs = {t["name"]: t for t in raw["outputs"]}
+    assert set(outputs) == {o.name for o in session.get_outputs()}
     for graph_output in session.get_outputs():
         assert outputs[graph_output.name] == {
             "name": graph_output.name, "datatype": "FP32", "shape": [-1, *graph_output.shape[1:]]

@@ -143,10 +143,13 @@ def test_a_drawn_digit_is_read_and_matches_classify(
     expected = classified(service, canvas_png(tab.page), "lenet5")
     assert shown_predictions(tab.page, "#draw-panel") == expected["results"][0]["predictions"]
     assert tab.page.inner_text("#draw-digit") == "1"
-    # LeNet-5's export derived an abstain threshold: the page says what /classify says of this drawing
-    confident = expected["results"][0]["confident"]
-    assert tab.page.get_attribute("#draw-panel", "data-confident") == str(confident).lower()
-    note = "confident" if confident else f"not confident: top-1 under {expected['min_confidence'] * 100:.1f}%"
+    # LeNet-5's export derived an abstain threshold and a typicality check: the page says what
+    # /classify says of this drawing
+    result = expected["results"][0]
+    assert tab.page.get_attribute("#draw-panel", "data-confident") == str(result["confident"]).lower()
+    note = "confident" if result["confident"] else f"not confident: top-1 under {expected['min_confidence'] * 100:.1f}%"
+    if not result["typical"]:
+        note = "not confident: unlike the images it was trained on"
     assert tab.page.inner_text("#draw-meta").endswith(note)
     assert "--data-binary @digit.png" in tab.page.inner_text("#curl")
     assert tab.outside_origin() == []

@@ -8,6 +8,7 @@ Inputs (one per request): ``images``, UINT8 ``[N, H, W, C]`` preprocessed pixels
 ONNX contract), or ``image_bytes``, BYTES ``[N]`` encoded files decoded as ``/classify``
 decodes them. Outputs: ``logits`` and ``probabilities`` (FP32 ``[N, classes]``); with the
 ``classification`` parameter K an output becomes BYTES ``[N, K]`` of ``"score:index:label"``.
+Where the graph has a typicality check, ``distance`` (FP32 ``[N]``) too, when asked for by name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from ...metrics import RequestRecord
 from ...runtime.classifier import Classifier, top_k
 from ...runtime.lifecycle import ModelControl
 from ...runtime.repository import ModelEntry
-from ...runtime.session import OUTPUT_NAMES
+from ...runtime.session import DISTANCE_NAME, OUTPUT_NAMES
 from .management import RepositoryManager
 
 IMAGES = "images"
@@ -144,7 +145,10 @@ def model_metadata(entry: ModelEntry, versions: list[int]) -> dict[str, Any]:
             {"name": IMAGES, "datatype": "UINT8", "shape": [-1, spec.size, spec.size, spec.channels]},
             {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]},
         ],
-        "outputs": [{"name": name, "datatype": "FP32", "shape": [-1, classes]} for name in OUTPUT_NAMES],
+        "outputs": [
+            {"name": name, "datatype": "FP32", "shape": [-1, classes] if name in OUTPUT_NAMES else [-1]}
+            for name in entry.model.output_names
+        ],
         "parameters": parameters,
     }
 
@@ -232,15 +236,19 @@ class OipHandler:
 
     async def _infer(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:
         assert entry.model is not None and entry.batcher is not None
+        names = entry.model.output_names  # and the typicality distance, where the graph has it: asked for by name
         for output in requested:
-            if output.name not in OUTPUT_NAMES:
-                raise InvalidInput(f"Unknown output {output.name!r}; the model has {', '.join(OUTPUT_NAMES)}")
+            if output.name not in names:
+                raise InvalidInput(f"Unknown output {output.name!r}; the model has {', '.join(names)}")
             if output.classification < 0:
                 raise InvalidInput(f"Output {output.name!r}: classification must be a positive count")
+            if output.classification and output.name == DISTANCE_NAME:
+                raise InvalidInput(f"Output {DISTANCE_NAME!r} is one value per image: classification applies to "
+                                   f"{' and '.join(OUTPUT_NAMES)}")  # fmt: skip
         images = await self.images(entry, inputs)
-        logits, probabilities = await self.classifier.infer(entry, images)
+        outputs = await self.classifier.infer(entry, images)
         with self.classifier.stage(entry, "postprocess"):
-            arrays = dict(zip(OUTPUT_NAMES, (logits, probabilities), strict=True))
+            arrays = dict(zip(names, outputs, strict=True))
             requested = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
             return [self._output(entry, arrays[r.name], r) for r in requested]
 

@@ -240,11 +240,13 @@ function answeredBy(body, milliseconds) {
   return `${body.model} v${body.version} · ${Math.round(milliseconds)} ms round trip${confidenceNote(body)}`;
 }
 
-// `confident` is there where a threshold applies (the model's abstain threshold, or the request's)
+// `confident` is there where a check applies: the model's abstain threshold (or the request's), or
+// its typicality check (`typical`: is the image like the ones the model was trained on)
 function confidenceNote(body) {
   const result = body.results[0];
   if (!result || typeof result.confident !== "boolean") return "";
   if (result.confident) return " · confident";
+  if (result.typical === false) return " · not confident: unlike the images it was trained on";
   return ` · not confident: top-1 under ${(body.min_confidence * 100).toFixed(1)}%`;
 }
 
