@@ -110,6 +110,10 @@ class Shadow:
     def describe(self, name: str) -> list[dict[str, Any]]:
         return [lane.describe() for lane in self.lanes if lane.pair.primary.name == name]
 
+    def involving(self, name: str) -> list[dict[str, Any]]:
+        """The figures of every pair ``name`` is the primary or the candidate of."""
+        return [lane.describe() for lane in self.lanes if name in (lane.pair.primary.name, lane.pair.candidate.name)]
+
     async def close(self) -> None:
         for lane in self.lanes:
             if lane.task is not None:

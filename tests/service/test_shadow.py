@@ -98,13 +98,21 @@ def test_a_candidate_calibrated_on_one_blank_image_is_found_out(model_store: Mod
     Image.new("L", (64, 64), 255).save(blank / "blank.png")
     store_with_candidate(model_store, tmp_path / "store", calibration_dir=blank)
     with running(tmp_path / "store", tmp_path / "service.log", MODELS="lenet5", WORKERS="1",
-                 SHADOW="lenet5:lenet5_int8:1.0") as service:  # fmt: skip
+                 SHADOW="lenet5:lenet5_int8:1.0", MODEL_CONTROL="explicit") as service:  # fmt: skip
         digits, _ = held_out_drawings(200)
         send(service, digits)
         found = lane(service, 200)
+        # the path from shadow to serving, here to not serving: the repository API's change is logged
+        # beside the figures that justified it
+        rejected = httpx.post(f"{service.url}/v2/repository/models/lenet5_int8/unload", timeout=60)
+        assert rejected.status_code == 200, rejected.text
+        log = service.log()
     print(f"shadow of a badly calibrated lenet5_int8: {found['verdict']}")
     assert found["agrees"] is False and found["top1_agreement"] < 0.99
     assert found["verdict"].startswith("the candidate does not agree on 200 live images")
+    (line,) = [line for line in log.splitlines() if "repository API: unload of 'lenet5_int8'" in line]
+    assert "shadow lenet5 -> lenet5_int8: the candidate does not agree on 200 live images" in line
+    assert '"top1_agreement": ' + str(found["top1_agreement"]) in line
 
 
 def test_a_full_shadow_queue_drops_shadow_work_and_fails_no_request(

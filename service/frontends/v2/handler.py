@@ -160,7 +160,7 @@ class OipHandler:
         self.classifier = classifier
         self.repository = classifier.repository
         self.settings = classifier.settings
-        self.manager = RepositoryManager(control)
+        self.manager = RepositoryManager(control, classifier.shadow)
 
     def _resolve(self, name: str, version: str) -> int | None:
         if not name:

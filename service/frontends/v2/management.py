@@ -14,11 +14,16 @@ worker has applied it.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from typing import Any
 
 from ...errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, RepositoryError
 from ...runtime.lifecycle import ModelControl
+from ...runtime.shadow import Shadow
 from ...store.layout import is_valid_name
+
+logger = logging.getLogger(__name__)
 
 # Triton's index states
 READY, LOADING, UNAVAILABLE = "READY", "LOADING", "UNAVAILABLE"
@@ -27,10 +32,11 @@ UNLOAD_PARAMETERS = {"unload_dependents"}  # tritonclient sends it; a CNN has no
 
 
 class RepositoryManager:
-    def __init__(self, control: ModelControl) -> None:
+    def __init__(self, control: ModelControl, shadow: Shadow | None = None) -> None:
         self.control = control
         self.repository = control.repository
         self.settings = control.settings
+        self.shadow = shadow
 
     def require_explicit(self) -> None:
         if self.settings.model_control != "explicit":
@@ -86,6 +92,7 @@ class RepositoryManager:
         except ModelLoadFailed:  # what a restart would come back to: what served before
             await self._change(name, before, wait=False)
             raise
+        self._log_shadow("load", name)
 
     async def unload(self, name: str, parameters: dict[str, Any]) -> None:
         """Stop serving ``name``; returns once every worker has drained and released it."""
@@ -94,6 +101,14 @@ class RepositoryManager:
         if unknown:
             raise InvalidInput(f"Unknown unload parameters {unknown}; accepted: {sorted(UNLOAD_PARAMETERS)}")
         await self._change(self._checked_name(name), None)
+        self._log_shadow("unload", name)
+
+    def _log_shadow(self, action: str, name: str) -> None:
+        """A promotion's evidence in the log: the live figures of every SHADOW pair of ``name``, as this worker
+        measured them, next to the change they justified."""
+        for figures in self.shadow.involving(name) if self.shadow is not None else []:
+            logger.info("repository API: %s of %r; shadow %s -> %s: %s; figures %s", action, name,
+                        figures["primary"], figures["candidate"], figures["verdict"], json.dumps(figures))  # fmt: skip
 
     async def _change(self, name: str, versions: list[int] | None, wait: bool = True) -> None:
         assert self.control.declared is not None
