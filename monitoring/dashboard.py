@@ -47,6 +47,8 @@ HTTP_REQUESTS = f"sum by (route, code) ({rate('cnn_http_requests_total', JOB)})"
 UNDER_HALF = M + ',le="0.5"'
 UNSURE = (f"sum by (model, version) ({rate('cnn_prediction_confidence_bucket', UNDER_HALF)})"
           f" / sum by (model, version) ({rate('cnn_prediction_confidence_count')})")  # fmt: skip
+UNFAMILIAR = (f"sum by (model, version) ({rate('cnn_prediction_atypical_total')})"
+              f" / sum by (model, version) ({rate('cnn_prediction_confidence_count')})")  # fmt: skip
 
 # (title, unit, [(legend, expression)], width)
 PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
@@ -77,7 +79,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
         (f"p{int(q * 100)} {{{{model}}}} v{{{{version}}}}", quantile(q, "cnn_prediction_confidence", "model, version"))
         for q in (0.1, 0.5)
     ], 8),
-    ("Answers with top-1 under 0.5", "percentunit", [("{{model}} v{{version}}", UNSURE)], 8),
+    ("Unsure answers (top-1 under 0.5) and unfamiliar images", "percentunit",
+     [("unsure {{model}} v{{version}}", UNSURE), ("unfamiliar {{model}} v{{version}}", UNFAMILIAR)], 8),
 ]  # fmt: skip
 
 
