@@ -35,15 +35,18 @@ def legend(template: str, labels: dict[str, str]) -> str:
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m.group(1), ""), template).strip() or "value"
 
 
-def render(prometheus: str, minutes: float, out: Path, rate_window: str = "30s") -> None:
+def render(
+    prometheus: str, minutes: float, out: Path, rate_window: str = "30s", panels_like: str = "", title: str = ""
+) -> None:
+    """The panels whose title matches ``panels_like`` (all by default), over the last ``minutes``."""
     dashboard = json.loads(DASHBOARD.read_text())
-    panels = dashboard["panels"]
+    panels = [p for p in dashboard["panels"] if re.search(panels_like, p["title"])]
     end = time.time()
     start, step = end - minutes * 60, max(1.0, minutes * 60 / 200)
-    columns = 3
+    columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.2 * rows), squeeze=False)
-    figure.suptitle(f"{dashboard['title']} (model = All; rendered from the dashboard's queries)", fontsize=14)
+    figure.suptitle(title or f"{dashboard['title']} (model = All; rendered from the dashboard's queries)", fontsize=14)
     for ax, panel in zip(axes.ravel(), panels, strict=False):
         for target in panel["targets"]:
             expr = target["expr"].replace("$job", ".*").replace("$model", ".*").replace("$__rate_interval", rate_window)
@@ -70,8 +73,9 @@ def main() -> None:
     parser.add_argument("--prometheus", default="http://127.0.0.1:9090")
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
+    parser.add_argument("--panels", default="", help="only the panels whose title matches this regular expression")
     args = parser.parse_args()
-    render(args.prometheus, args.minutes, args.out)
+    render(args.prometheus, args.minutes, args.out, panels_like=args.panels)
 
 
 if __name__ == "__main__":
