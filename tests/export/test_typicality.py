@@ -118,3 +118,48 @@ def test_the_trained_lenet5_is_exported_with_its_check(model_store: ModelStore) 
     # a model whose weights did not come from training here has no check
     plain = model_store.latest("resnet18")
     assert plain is not None and "typicality" not in json.loads((plain.directory / "metadata.json").read_text())
+
+
+@pytest.mark.integration
+def test_the_trained_lenet5_calls_other_kinds_of_images_atypical_and_its_digits_typical(
+    model_store: ModelStore,
+) -> None:
+    """Through the service's decoder and the exported graph; the last two kinds were not looked at when the
+    layer was chosen (noise, photos and letters were)."""
+    from PIL import Image
+    from skimage import data as photos
+
+    from service.runtime.preprocess import preprocess
+    from service.store.metadata import InputMeta
+    from tests.helpers import encode
+    from tests.service.pictures import held_out_drawings, out_of_distribution
+
+    version = model_store.latest("lenet5")
+    assert version is not None
+    meta = json.loads((version.directory / "metadata.json").read_text())
+    spec, threshold = InputMeta.model_validate(meta["input"]), meta["typicality"]["threshold"]
+    session = ort.InferenceSession(str(version.graph), providers=["CPUExecutionProvider"])
+
+    def atypical(files: list[bytes]) -> float:
+        images = np.stack([preprocess(f, spec, max_pixels=10**8) for f in files])
+        (distances,) = session.run(["distance"], {"images": images})
+        return float((distances > threshold).mean())
+
+    rng = np.random.default_rng(5)
+    astronaut = np.asarray(Image.fromarray(photos.astronaut()).convert("L"))
+    others = out_of_distribution(150)
+    kinds = {
+        "held-out digits, drawn": held_out_drawings(360)[0],
+        "uniform noise": others[0::3],
+        "photo patches": others[1::3],
+        "printed letters": others[2::3],
+        "gaussian noise": [encode(np.clip(rng.normal(128, 60, (48, 48)), 0, 255).astype(np.uint8)) for _ in range(50)],
+        "astronaut patches": [
+            encode(np.ascontiguousarray(astronaut[y : y + 80, x : x + 80])) for y, x in rng.integers(0, 400, (50, 2))
+        ],
+    }
+    shares = {kind: atypical(files) for kind, files in kinds.items()}
+    listed = ", ".join(f"{kind} {share:.0%}" for kind, share in shares.items())
+    print(f"lenet5 atypical (distance over {threshold:.1f}): {listed}")
+    assert shares.pop("held-out digits, drawn") <= 0.03
+    assert all(share >= 0.9 for share in shares.values()), shares
