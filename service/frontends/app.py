@@ -16,18 +16,16 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from starlette.datastructures import QueryParams, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.formparsers import MultiPartException
 
-from ..errors import InvalidInput, PayloadTooLarge, ServiceError, UnsupportedMediaType
-from ..runtime.classifier import Classifier
+from ..errors import InvalidInput, ServiceError
 from ..runtime.repository import Repository
 from ..runtime.shadow import Shadow
 from ..store.layout import is_valid_name
 from .body import read_body
 from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
+from .params import classifier, positive_int, probability, read_images
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList, VersionState
 from .v2.grpc_server import start_grpc_server
 from .v2.handler import OipHandler
@@ -36,7 +34,6 @@ from .v2.rest import router as v2_router
 
 logger = logging.getLogger(__name__)
 
-RAW_TYPES = ("image/", "application/octet-stream")
 # the Open Inference Protocol's inference routes (v2.rest), answered by the fast path too
 V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 CLASSIFY_BODY = {
@@ -74,53 +71,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, str(exc.detail))
 
 
-async def read_images(request: Request, max_body: int, max_files: int) -> list[bytes]:
-    """The encoded images of a raw-body or multipart request, in order."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type.startswith(RAW_TYPES):
-        return [await read_body(request, max_body)]
-    if content_type != "multipart/form-data":
-        raise UnsupportedMediaType(
-            f"Unsupported Content-Type {content_type or '(none)'!r}: send the image file as the body with "
-            "Content-Type image/jpeg, image/png, ... or application/octet-stream, or as multipart/form-data files"
-        )
-    await read_body(request, max_body)
-    try:
-        form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
-    except MultiPartException as exc:
-        if "Too many files" in exc.message:
-            raise PayloadTooLarge(f"Too many files: at most {max_files} per request (MAX_IMAGES_PER_REQUEST)") from None
-        raise InvalidInput(f"Malformed multipart body: {exc.message}") from None
-    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
-    if not files:
-        raise InvalidInput("The multipart form holds no file: send images as file fields, e.g. curl -F image=@cat.jpg")
-    if len(files) > max_files:
-        raise PayloadTooLarge(f"Too many files: {len(files)}, at most {max_files} per request (MAX_IMAGES_PER_REQUEST)")
-    return [await f.read() for f in files]
-
-
-def classifier(request: Request) -> Classifier:
-    found: Classifier | None = getattr(request.app.state, "classifier", None)
-    if found is None:
-        raise ServiceError("The service is starting: no model repository yet")
-    return found
-
-
-def positive_int(query: QueryParams, name: str, default: int | None, most: int | None = None) -> int | None:
-    """Query parameter ``name`` as an integer from 1 (to ``most``), or ``default`` when absent."""
-    text = query.get(name)
-    if text is None:
-        return default
-    bounds = f"1 to {most}" if most else "a positive integer"
-    digits = text.strip().removeprefix("+")
-    if not digits.isdecimal():
-        raise InvalidInput(f"Invalid parameter: {name}={text!r} is not an integer; use {bounds}")
-    value = int(digits) if len(digits) <= 18 else None
-    if value is None or value < 1 or (most is not None and value > most):
-        raise InvalidInput(f"Invalid parameter: {name}={text.strip()} is out of range; use {bounds}")
-    return value
-
-
 async def classify(request: Request) -> Response:
     """``POST /classify``: the image files of the body, each ranked by the model (see the route's docs)."""
     service = classifier(request)
@@ -152,20 +102,6 @@ async def classify(request: Request) -> Response:
             sure = least is None or result["predictions"][0]["score"] >= least
             result["confident"] = sure and result.get("typical", True)
     return JSONResponse(body)
-
-
-def probability(query: QueryParams, name: str) -> float | None:
-    """Query parameter ``name`` as a probability in [0, 1], or None when absent."""
-    text = query.get(name)
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0.0 <= value <= 1.0:  # NaN fails too
-        raise InvalidInput(f"Invalid parameter: {name}={text.strip()!r} is not a probability; use a number from 0 to 1")
-    return value
 
 
 async def noop(request: Request) -> Response:
