@@ -21,7 +21,7 @@ import torch
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import InputMeta
 
-from . import baseline, train, typicality
+from . import baseline, explanation, train, typicality
 from .graph import INPUT_NAME, OPSET, ClassifierGraph, count_flops, export_onnx, verify
 from .registry import get_model_spec
 from .spec import ModelSpec, WeightsKind
@@ -174,6 +174,7 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
         graph_path = staging / GRAPH_FILE
         export_onnx(graph, spec.input, graph_path)
         verification = verify(graph, spec.input, graph_path)
+        explained = explanation.write(model, spec, staging)  # explain.onnx, verified against autograd
         # what its answers look like on images it should see (and, where labelled, when to abstain)
         quality = baseline.measure(graph_path, InputMeta.model_validate(spec.input.to_dict()), spec.name,
                                    options.baseline_dir, options.seed)  # fmt: skip
@@ -185,6 +186,7 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
             provenance,
             graph.output_names,
             verification=verification.to_dict(),
+            explanation=explained,
             export_seconds=round(time.perf_counter() - started, 2),
             **quality,
             **({} if check is None else {"typicality": check.to_dict()}),

@@ -315,6 +315,10 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
                 "max_abs_diff_probabilities": figures["max_abs_diff_probabilities"],
             },
             "forced": bool(misses),
+            # explained by its FP32 parent's Grad-CAM graph (``export/explanation.py``), and its answers say so
+            "explanation": None
+            if meta.explanation is None
+            else {**meta.explanation, "from": {"model": parent.name, "version": parent.version}},
             "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "exported_on": platform.node(),
             "export_seconds": round(time.perf_counter() - started, 2),

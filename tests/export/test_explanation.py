@@ -1,0 +1,73 @@
+"""Every family's Grad-CAM graph computes what PyTorch's autograd computes, and a graph that does not is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+
+from export import explanation
+from export.graph import random_images
+from export.registry import get_model_spec, list_models
+from service.store.layout import ModelStore
+
+LARGE = {"vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "resnet101", "resnet152"}
+NETWORKS = [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in list_models()]
+MAP_SIZES = {"LeNet": (10, 10), "AlexNet": (6, 6), "VGG": (7, 7), "GoogLeNet": (7, 7), "ResNet": (7, 7)}
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_the_grad_cam_graph_matches_autograd(name: str, tmp_path: Path) -> None:
+    spec = get_model_spec(name)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    written = explanation.write(model, spec, tmp_path)
+    assert written["verification"]["max_abs_diff_map"] <= explanation.TOLERANCE
+    assert tuple(written["map_size"]) == MAP_SIZES[spec.family]
+    # a batch size and classes the export's check did not use: the autograd reference again
+    images = random_images(spec.input, batch=3, seed=7)
+    classes = np.array([spec.num_classes - 1, -1, 3], dtype=np.int64)
+    session = ort.InferenceSession(str(tmp_path / explanation.FILE), providers=["CPUExecutionProvider"])
+    probabilities, maps = session.run(None, {"images": images, "classes": classes})
+    expected = explanation.autograd_gradcam(model, spec.input, written["layer"], images, classes)
+    np.testing.assert_allclose(maps, expected, atol=explanation.TOLERANCE)
+    assert probabilities.shape == (3, spec.num_classes) and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    print(f"{name}: Grad-CAM at {written['layer']} {maps.shape[1]}x{maps.shape[2]}, max |d| vs autograd "
+          f"{np.abs(maps - expected).max():.1e}")  # fmt: skip
+
+
+def test_a_graph_that_differs_from_autograd_is_refused(tmp_path: Path) -> None:
+    spec = get_model_spec("lenet5")
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    graph = explanation.GradCamGraph(model, spec.input, spec.family)
+    path = tmp_path / explanation.FILE
+    explanation.export(graph, spec.input, path)
+    tampered = onnx.load(str(path))
+    (weight,) = [t for t in tampered.graph.initializer if t.name.endswith("classifier.2.weight")]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight)[::-1].copy(), weight.name))
+    onnx.save(tampered, str(path))
+    with pytest.raises(explanation.ExplanationError, match=r"differs from PyTorch.s autograd at features\.4"):
+        explanation.verify(graph, spec.input, path)
+
+
+def test_a_family_without_a_head_rule_is_refused() -> None:
+    with pytest.raises(ValueError, match="no Grad-CAM head for the Perceptron family"):
+        explanation.GradCamGraph(torch.nn.Linear(2, 2), get_model_spec("lenet5").input, "Perceptron")
+
+
+@pytest.mark.integration
+def test_the_store_holds_each_versions_verified_graph(model_store: ModelStore) -> None:
+    for name in model_store.names():
+        version = model_store.latest(name)
+        assert version is not None
+        meta = json.loads((version.directory / "metadata.json").read_text())["explanation"]
+        assert meta["method"] == "gradcam" and (version.directory / meta["file"]).is_file()
+        assert meta["verification"]["max_abs_diff_map"] <= meta["verification"]["tolerance"]
+        assert meta["layer"] == explanation.LAYERS[get_model_spec(name).family][0]
