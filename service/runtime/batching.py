@@ -30,7 +30,23 @@ from ..errors import Overloaded
 logger = logging.getLogger(__name__)
 
 Outputs = tuple[np.ndarray, ...]  # logits, probabilities[, distance]: row per image
-RunFn = Callable[[np.ndarray], Outputs]
+# a graph's inputs, a row per image: the images alone, or with more (an explanation graph's class per image)
+Inputs = np.ndarray | tuple[np.ndarray, ...]
+RunFn = Callable[[Any], Outputs]
+
+
+def count_rows(inputs: Inputs) -> int:
+    return int((inputs[0] if isinstance(inputs, tuple) else inputs).shape[0])
+
+
+def take(inputs: Inputs, part: slice) -> Inputs:
+    return tuple(array[part] for array in inputs) if isinstance(inputs, tuple) else inputs[part]
+
+
+def joined(parts: list[Inputs]) -> Inputs:
+    if isinstance(parts[0], tuple):
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
+    return np.concatenate(parts)
 
 
 @dataclass
@@ -60,14 +76,15 @@ class BatchStats:
 
 @dataclass
 class _Pending:
-    images: np.ndarray
+    images: Inputs
     future: asyncio.Future[Outputs]
     context: Any = None
+    observe: bool = True  # its answers count in the quality metrics (an explanation's occluded copies do not)
     enqueued: float = field(default_factory=time.perf_counter)
 
     @property
     def size(self) -> int:
-        return int(self.images.shape[0])
+        return count_rows(self.images)
 
 
 class DynamicBatcher:
@@ -113,23 +130,25 @@ class DynamicBatcher:
             self._expected -= 1
             self._arrival.set()
 
-    async def infer(self, images: np.ndarray, context: Any = None) -> Outputs:
+    async def infer(self, images: Inputs, context: Any = None, observe: bool = True) -> Outputs:
         """Run ``images`` [N, H, W, C] in the next batches; returns this request's rows only.
 
-        ``context`` (the request's trace context, say) comes back in the batch's :class:`BatchStats`.
+        ``context`` (the request's trace context, say) comes back in the batch's :class:`BatchStats`;
+        with ``observe=False`` its rows are left out of the batch's ``probabilities`` and ``distances``.
         """
-        chunks = [images[i : i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
-        if self._queued_images + len(images) > self.max_queue_images:
+        count = count_rows(images)
+        chunks = [take(images, slice(i, i + self.max_batch_size)) for i in range(0, count, self.max_batch_size)]
+        if self._queued_images + count > self.max_queue_images:
             raise Overloaded(
                 f"Model {self.name!r} has {self._queued_images} images waiting (limit {self.max_queue_images}); "
                 "retry shortly"
             )
-        results = await asyncio.gather(*(self._submit(chunk, context) for chunk in chunks))
+        results = await asyncio.gather(*(self._submit(chunk, context, observe) for chunk in chunks))
         if len(results) == 1:
             return results[0]
         return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
-    def _submit(self, images: np.ndarray, context: Any) -> asyncio.Future[Outputs]:
+    def _submit(self, images: Inputs, context: Any, observe: bool = True) -> asyncio.Future[Outputs]:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
@@ -137,7 +156,7 @@ class DynamicBatcher:
             self._released = asyncio.Event()
             self._worker = loop.create_task(self._serve(), name=f"batcher-{self.name}")
             self._loop = loop
-        pending = _Pending(images, loop.create_future(), context)
+        pending = _Pending(images, loop.create_future(), context, observe)
         self._queue.append(pending)
         self._queued_images += pending.size
         assert self._wakeup is not None
@@ -197,11 +216,11 @@ class DynamicBatcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], instance: int) -> None:
         started = time.perf_counter()
-        images = batch[0].images if len(batch) == 1 else np.concatenate([p.images for p in batch])
+        images = batch[0].images if len(batch) == 1 else joined([p.images for p in batch])
         try:
             outputs = await loop.run_in_executor(self._executor, self._runs[instance], images)
         except Exception as exc:
-            logger.exception("%s: inference failed for a batch of %d", self.name, len(images))
+            logger.exception("%s: inference failed for a batch of %d", self.name, count_rows(images))
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
@@ -219,8 +238,8 @@ class DynamicBatcher:
                 pending.future.set_result(tuple(output[rows] for output in outputs))
         if self._on_batch is not None:
             enqueued, contexts = [p.enqueued for p in batch], [p.context for p in batch]
-            distances = outputs[2] if len(outputs) > 2 else None
-            self._on_batch(BatchStats(len(images), enqueued, started, finished, contexts, outputs[1], distances))
+            observed = _observed(batch, outputs)
+            self._on_batch(BatchStats(count_rows(images), enqueued, started, finished, contexts, *observed))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """:meth:`close` from another thread (the model lifecycle's), once no request is left."""
@@ -236,3 +255,14 @@ class DynamicBatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
+
+
+def _observed(batch: list[_Pending], outputs: Outputs) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The batch's probabilities and distances, of the rows whose requests are observed."""
+    distances = outputs[2] if len(outputs) > 2 else None
+    if all(pending.observe for pending in batch):
+        return outputs[1], distances
+    keep = np.concatenate([np.full(pending.size, pending.observe) for pending in batch])
+    if not keep.any():
+        return None, None
+    return outputs[1][keep], None if distances is None else distances[keep]

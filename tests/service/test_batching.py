@@ -74,6 +74,30 @@ def test_every_output_keeps_its_rows_when_batched_and_when_split() -> None:
     assert all(s.distances is not None and len(s.distances) == s.size for s in stats)
 
 
+def test_inputs_with_a_value_per_image_travel_with_their_rows() -> None:
+    """An explanation graph takes each image with its class: both are split, joined and sliced together."""
+    observed: list[BatchStats] = []
+
+    def run(inputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+        pixels, classes = inputs
+        return pixels.reshape(len(pixels), -1)[:, :1].astype(np.float32), classes.astype(np.float32) * 10
+
+    batcher = DynamicBatcher(
+        "m", [run], max_batch_size=4, max_delay=0.001, max_queue_images=100, on_batch=observed.append
+    )
+
+    async def both() -> list[tuple[np.ndarray, ...]]:
+        first = (np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1), np.arange(6, dtype=np.int64))
+        second = (np.full((3, 1, 1, 1), 9, dtype=np.uint8), np.full(3, 7, dtype=np.int64))
+        return await asyncio.gather(batcher.infer(first, observe=False), batcher.infer(second))
+
+    (pixels_a, classes_a), (pixels_b, classes_b) = asyncio.run(both())
+    assert pixels_a.ravel().tolist() == list(range(6)) and classes_a.tolist() == [10.0 * i for i in range(6)]
+    assert pixels_b.ravel().tolist() == [9] * 3 and classes_b.tolist() == [70.0] * 3
+    # only the observed request's rows reach the quality metrics
+    assert sum(0 if s.probabilities is None else len(s.probabilities) for s in observed) == 3
+
+
 def test_a_full_queue_sheds_load() -> None:
     calls: list[int] = []
     batcher = DynamicBatcher("m", [echo_run(calls, delay=0.2)], max_batch_size=2, max_delay=0, max_queue_images=4)
