@@ -82,6 +82,9 @@ class Metrics:
             "cnn_prediction_entropy", "Entropy of each image's prediction over log(classes): 0 sure, 1 uniform", model,
             buckets=ENTROPY_BUCKETS,
         )  # fmt: skip
+        self.explanations = prom.Counter(
+            "cnn_explanations", "Images explained (POST /explain), per method", [*model, "method"]
+        )
         self.atypical = prom.Counter(
             "cnn_prediction_atypical", "Images unlike the model's training images: feature distance over the threshold "
             "its export derived (models with a typicality check only)", model,

@@ -23,10 +23,11 @@ from ..runtime.repository import Repository
 from ..runtime.shadow import Shadow
 from ..store.layout import is_valid_name
 from .body import read_body
+from .explain import explain
 from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
 from .params import classifier, positive_int, probability, read_images
-from .schemas import ERROR_RESPONSES, ClassifyResponse, ModelInfo, ModelList, VersionState
+from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList, VersionState
 from .v2.grpc_server import start_grpc_server
 from .v2.handler import OipHandler
 from .v2.rest import infer as v2_infer
@@ -231,6 +232,35 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         """The body is the image file itself (`Content-Type: image/jpeg`, `image/png`, ...,
         or `application/octet-stream`), or `multipart/form-data` with one or more files."""
         return await classify(request)
+
+    @app.post(
+        "/explain",
+        tags=["Classification"],
+        response_model=ExplainResponse,
+        responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": CLASSIFY_BODY},
+        summary="Where the network looked: an occlusion map per image",
+    )
+    async def explain_route(
+        request: Request,
+        model: Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")] = None,
+        version: Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")] = None,
+        class_: Annotated[
+            str | None, Query(alias="class", description="Class to explain: a label or an index; default the top-1")
+        ] = None,
+        method: Annotated[
+            str | None,
+            Query(description="gradcam (default where the version has an explanation graph) or occlusion (any model)"),
+        ] = None,
+        patch: Annotated[
+            int | None, Query(ge=1, description="Occluding square's side in input pixels; default a seventh of it")
+        ] = None,
+        stride: Annotated[int | None, Query(ge=1, description="Its step; default half the patch")] = None,
+        overlay: Annotated[bool, Query(description="Add the map drawn over the crop, a base64 PNG")] = False,
+        top_k: Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")] = 5,
+    ) -> Response:
+        """The same bodies as `/classify`. With `Accept: image/png` and one image, the answer is the overlay PNG."""
+        return await explain(request)
 
     if enable_noop:
         app.post("/noop", summary="Benchmarking: read the body, answer a fixed JSON (ENABLE_NOOP)")(noop)

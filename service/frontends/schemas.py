@@ -38,6 +38,36 @@ class ClassifyResponse(BaseModel):
     results: list[ImageResult] = Field(description="One entry per image, in request order")
 
 
+class ExplainedClass(BaseModel):
+    index: int
+    label: str
+    score: float = Field(description="Its probability for the whole image")
+
+
+class Explanation(BaseModel):
+    method: str = Field(examples=["occlusion"])
+    class_: ExplainedClass = Field(alias="class")
+    layer: str = Field(description="Where the map lives: Grad-CAM's layer, or `input` for occlusion (the crop)")
+    patch: int | None = Field(None, description="Occlusion's square, in input pixels")
+    stride: int | None = Field(None, description="Occlusion's step")
+    explained_by: dict[str, Any] | None = Field(
+        None, description="A variant's Grad-CAM comes from its FP32 parent's explanation graph: which"
+    )
+    map: list[list[float]] = Field(description="Rows of floats in [0, 1], row-major, before upsampling")
+
+
+class ExplainedImage(BaseModel):
+    predictions: list[Prediction]
+    explanation: Explanation
+    overlay: str | None = Field(None, description="With overlay=true: the map over the crop, a base64 PNG")
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    version: str
+    results: list[ExplainedImage] = Field(description="One entry per image, in request order")
+
+
 class ErrorResponse(BaseModel):
     error: str = Field(description="What was wrong, and what would be right")
 

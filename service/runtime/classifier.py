@@ -8,17 +8,19 @@ import functools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .batching import Outputs
+from .occlusion import Occlusion, mean_pixel
 from .preprocess import preprocess
 from .repository import ModelEntry, Repository
 from .shadow import Shadow
 
 # the metrics' stage names, and the spans' (TRACING=otlp)
-SPANS = {"preprocess": "decode", "postprocess": "postprocess"}
+SPANS = {"preprocess": "decode", "postprocess": "postprocess", "explain": "explain"}
 
 
 def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str, Any]]:
@@ -27,6 +29,16 @@ def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str
     best = np.argpartition(-probabilities, k - 1)[:k]
     best = best[np.argsort(-probabilities[best], kind="stable")]
     return [{"label": labels[i], "index": int(i), "score": float(probabilities[i])} for i in best]
+
+
+@dataclass
+class Explained:
+    """One image's explanation: the pixels the network saw, its probabilities, the class explained, the map."""
+
+    pixels: np.ndarray  # uint8 [H, W, C]
+    probabilities: np.ndarray  # [classes]
+    index: int
+    heat: np.ndarray  # [rows, columns] in [0, 1]
 
 
 class Classifier:
@@ -90,3 +102,36 @@ class Classifier:
         with self.stage(entry, "postprocess"):
             ranked = [top_k(row, entry.model.labels, k) for row in outputs[1]]
         return ranked, outputs[2] if len(outputs) > 2 else None
+
+    async def explain(
+        self, entry: ModelEntry, files: list[bytes], index: int | None, method: str, occlusion: Occlusion
+    ) -> tuple[list[Explained], dict[str, Any]]:
+        """Each image's map for class ``index`` (its top-1 where None), and what the answer says of how.
+
+        ``gradcam``: all images through the version's explanation graph (``runtime.gradcam``) at
+        once. ``occlusion``: image after image, each with its occluded copies as one request to the
+        model's own batcher, so they share batches with other requests. Neither counts in the
+        quality metrics nor as shadow traffic.
+        """
+        assert entry.model is not None and entry.batcher is not None
+        images = await self.preprocess(entry, files)
+        if method == "gradcam":
+            graph = await self.repository.gradcams.get(entry)
+            with self.stage(entry, "explain"):
+                classes = np.full(len(images), -1 if index is None else index, dtype=np.int64)
+                probabilities, maps = await graph.batcher.infer((images, classes), self.tracing.current(), False)
+            chosen = probabilities.argmax(1) if index is None else classes
+            explained = [Explained(images[i], probabilities[i], int(chosen[i]), maps[i]) for i in range(len(images))]
+            how: dict[str, Any] = {"layer": graph.layer}
+            if graph.explained_by is not None:  # a variant: its FP32 parent's graph
+                how["explained_by"] = graph.explained_by
+            return explained, how
+        fill, size = mean_pixel(entry.model.metadata.input), entry.model.metadata.input.size
+        explained = []
+        with self.stage(entry, "explain"):
+            for image in images:
+                outputs = await entry.batcher.infer(occlusion.images(image, fill), self.tracing.current(), False)
+                row = outputs[1]
+                chosen = int(np.argmax(row[0])) if index is None else index
+                explained.append(Explained(image, row[0], chosen, occlusion.heat(row, chosen, size)))
+        return explained, {"layer": "input", "patch": occlusion.patch, "stride": occlusion.stride}

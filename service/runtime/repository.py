@@ -27,6 +27,7 @@ from ..store.layout import ModelStore, StoredVersion, is_valid_name
 from ..tracing import Tracing
 from . import preprocess
 from .batching import BatchStats, DynamicBatcher
+from .gradcam import GradCams
 from .quality import Drift
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
@@ -91,6 +92,7 @@ class Repository:
         self.tracing = tracing or Tracing(settings)
         self.store = ModelStore(settings.model_store)
         self.versions: dict[str, dict[int, ModelEntry]] = {}
+        self.gradcams = GradCams(self)  # explanation graphs, opened on first use
         self.problems: dict[str, str] = {}  # models asked for that cannot be served at all, and why
         self.generation = 0  # of the declared state (MODEL_CONTROL=explicit) this worker has applied
         self._lock = threading.Lock()  # between the event loop's leases and the lifecycle thread
@@ -244,6 +246,7 @@ class Repository:
             for kind in entry.drift.values:
                 self.metrics.child(self.metrics.drift, entry.name, str(entry.version), kind).set(float("nan"))
             self.metrics.child(self.metrics.drift_window, entry.name, str(entry.version)).set(0)
+        self.gradcams.release(entry)
         entry.model = entry.batcher = None
         settle_memory(release=True)  # the sessions' memory goes back now, not at the next collection
         self._count(entry, "unload", outcome, time.perf_counter() - started)
@@ -316,3 +319,5 @@ class Repository:
             for entry in list(versions.values()):
                 if entry.batcher is not None:
                     await entry.batcher.close()
+        for graph in list(self.gradcams.loaded.values()):
+            await graph.batcher.close()

@@ -55,6 +55,9 @@ class ModelMetadata(BaseModel):
     # The feature distance above which an image is unlike the training images, where the export
     # fitted the check into the graph's ``distance`` output (``export/typicality.py``)
     typicality: dict[str, Any] | None = None
+    # The Grad-CAM graph beside the classifier (``export/explanation.py``): file, layer, map size,
+    # its verification; for a variant, ``from`` names the FP32 parent whose graph explains it
+    explanation: dict[str, Any] | None = None
 
     @property
     def abstain_threshold(self) -> float | None:

@@ -31,7 +31,7 @@ def locked(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) ->
 
 def call(service: ServiceProcess, method: str, path: str, authorization: str | None) -> httpx.Response:
     headers = {"Authorization": authorization} if authorization else {}
-    if method == "POST" and path.startswith("/classify"):
+    if method == "POST" and path.startswith(("/classify", "/explain")):
         headers["Content-Type"] = "image/png"
         return httpx.post(f"{service.url}{path}", content=DIGIT, headers=headers, timeout=30)
     if method == "POST":
@@ -42,6 +42,7 @@ def call(service: ServiceProcess, method: str, path: str, authorization: str | N
 
 PROTECTED = [
     ("POST", "/classify?model=lenet5"),
+    ("POST", "/explain?model=lenet5"),
     ("GET", "/models"),
     ("GET", "/v2"),
     ("GET", "/v2/models/lenet5"),

@@ -87,7 +87,10 @@ def test_model_metadata_matches_the_graph(
     assert inputs["images"] == {"name": "images", "datatype": "UINT8", "shape": [-1, *graph_input.shape[1:]]}
     assert inputs["image_bytes"]["datatype"] == "BYTES"
     outputs = {t["name"]: t for t in raw["outputs"]}
-    assert set(outputs) == {o.name for o in session.get_outputs()}
+    # and the Grad-CAM map of the explanation graph beside it (its layer's size: LeNet-5 C3, ResNet layer4)
+    assert set(outputs) == {o.name for o in session.get_outputs()} | {"gradcam"}
+    map_size = [10, 10] if name == "lenet5" else [7, 7]
+    assert outputs["gradcam"] == {"name": "gradcam", "datatype": "FP32", "shape": [-1, *map_size]}
     for graph_output in session.get_outputs():
         assert outputs[graph_output.name] == {
             "name": graph_output.name, "datatype": "FP32", "shape": [-1, *graph_output.shape[1:]]

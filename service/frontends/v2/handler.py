@@ -8,7 +8,9 @@ Inputs (one per request): ``images``, UINT8 ``[N, H, W, C]`` preprocessed pixels
 ONNX contract), or ``image_bytes``, BYTES ``[N]`` encoded files decoded as ``/classify``
 decodes them. Outputs: ``logits`` and ``probabilities`` (FP32 ``[N, classes]``); with the
 ``classification`` parameter K an output becomes BYTES ``[N, K]`` of ``"score:index:label"``.
-Where the graph has a typicality check, ``distance`` (FP32 ``[N]``) too, when asked for by name.
+Where the graph has a typicality check, ``distance`` (FP32 ``[N]``) too, when asked for by name;
+where the version has an explanation graph, ``gradcam`` (FP32 ``[N, h, w]``: each image's
+Grad-CAM map of its top-1 class, ``runtime/gradcam.py``), when asked for by name.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ...runtime.repository import ModelEntry
 from ...runtime.session import DISTANCE_NAME, OUTPUT_NAMES
 from .management import RepositoryManager
 
+GRADCAM = "gradcam"  # an output of versions with an explanation graph
 IMAGES = "images"
 IMAGE_BYTES = "image_bytes"
 SERVER_NAME = "cnn-serving"
@@ -148,7 +151,12 @@ def model_metadata(entry: ModelEntry, versions: list[int]) -> dict[str, Any]:
         "outputs": [
             {"name": name, "datatype": "FP32", "shape": [-1, classes] if name in OUTPUT_NAMES else [-1]}
             for name in entry.model.output_names
-        ],
+        ]
+        + (
+            [{"name": GRADCAM, "datatype": "FP32", "shape": [-1, *meta.explanation["map_size"]]}]
+            if meta.explanation
+            else []
+        ),
         "parameters": parameters,
     }
 
@@ -237,9 +245,16 @@ class OipHandler:
     async def _infer(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:
         assert entry.model is not None and entry.batcher is not None
         names = entry.model.output_names  # and the typicality distance, where the graph has it: asked for by name
+        explained = bool(entry.model.metadata.explanation)
         for output in requested:
+            if output.name == GRADCAM and explained:
+                if output.classification:
+                    raise InvalidInput(f"Output {GRADCAM!r} is a map per image: classification applies to "
+                                       f"{' and '.join(OUTPUT_NAMES)}")  # fmt: skip
+                continue
             if output.name not in names:
-                raise InvalidInput(f"Unknown output {output.name!r}; the model has {', '.join(names)}")
+                available = (*names, GRADCAM) if explained else names
+                raise InvalidInput(f"Unknown output {output.name!r}; the model has {', '.join(available)}")
             if output.classification < 0:
                 raise InvalidInput(f"Output {output.name!r}: classification must be a positive count")
             if output.classification and output.name == DISTANCE_NAME:
@@ -247,8 +262,12 @@ class OipHandler:
                                    f"{' and '.join(OUTPUT_NAMES)}")  # fmt: skip
         images = await self.images(entry, inputs)
         outputs = await self.classifier.infer(entry, images)
+        arrays = dict(zip(names, outputs, strict=True))
+        if any(r.name == GRADCAM for r in requested):  # the top-1's map, from the explanation graph
+            graph = await self.classifier.repository.gradcams.get(entry)
+            classes = np.full(len(images), -1, dtype=np.int64)
+            arrays[GRADCAM] = (await graph.batcher.infer((images, classes), observe=False))[1]
         with self.classifier.stage(entry, "postprocess"):
-            arrays = dict(zip(names, outputs, strict=True))
             requested = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
             return [self._output(entry, arrays[r.name], r) for r in requested]
 

@@ -1,0 +1,138 @@
+"""``POST /explain``: where the network looked, for each image of a ``/classify`` body.
+
+The same bodies, model choice, limits, tokens and errors as ``/classify``; each image's
+result adds its ``explanation``: the method (``gradcam`` from the version's explanation graph,
+``runtime/gradcam.py``, the default where it has one; ``occlusion`` through the served graph
+itself, ``runtime/occlusion.py``, for any model), the class explained (``class=INDEX_OR_LABEL``,
+its top-1 by default) with its probability, the layer, and the map, a 2-D grid of floats in
+[0, 1]. ``overlay=true`` adds the map drawn over the crop the network saw as a base64 PNG;
+``Accept: image/png`` with one image answers that PNG itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from starlette.datastructures import QueryParams
+
+from ..errors import InvalidInput
+from ..runtime.classifier import Explained, top_k
+from ..runtime.occlusion import Occlusion
+from .params import classifier, positive_int, read_images
+
+METHODS = ("occlusion", "gradcam")
+OVERLAY_MIN_SIDE = 224  # small inputs (LeNet-5's 32 pixels) are enlarged, pixel for pixel, to at least this
+
+
+def class_index(text: str | None, labels: list[str], model: str) -> int | None:
+    """``class=`` as a class index: a label of the model, or an index into its labels; None when absent."""
+    if text is None:
+        return None
+    wanted = text.strip()
+    if wanted in labels:
+        return labels.index(wanted)
+    if wanted.isdecimal():
+        index = int(wanted)
+        if index < len(labels):
+            return index
+        raise InvalidInput(f"class={wanted} is out of range: {model} has classes 0 to {len(labels) - 1}")
+    examples = ", ".join(repr(label) for label in labels[:3])
+    raise InvalidInput(
+        f"Unknown class {wanted!r} for {model}: give a label of its labels.txt ({examples}, ...) or an index "
+        f"from 0 to {len(labels) - 1}"
+    )
+
+
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # what FastAPI's bool query parameters take
+
+
+def flag(query: QueryParams, name: str) -> bool:
+    text = query.get(name, "false").strip().lower()
+    if text not in TRUE + FALSE:
+        raise InvalidInput(f"Invalid parameter: {name}={text!r}; use true or false")
+    return text in TRUE
+
+
+def method_of(query: QueryParams) -> str | None:
+    """``method=``, checked; None when absent (Grad-CAM where the version has its graph, else occlusion)."""
+    text = query.get("method")
+    if text is None:
+        return None
+    method = text.strip().lower()
+    if method not in METHODS:
+        raise InvalidInput(f"Unknown method {method!r}: use {' or '.join(METHODS)}")
+    return method
+
+
+def hot(heat: np.ndarray) -> np.ndarray:
+    """A black-red-yellow-white colour ramp for values in [0, 1], as float RGB."""
+    return np.clip(np.stack([3 * heat, 3 * heat - 1, 3 * heat - 2], axis=-1), 0.0, 1.0)
+
+
+def overlay_png(pixels: np.ndarray, heat: np.ndarray) -> bytes:
+    """The map, upsampled bilinearly, over the pixels the network saw (enlarged where small), as PNG."""
+    height, width, channels = pixels.shape
+    scale = max(1, -(-OVERLAY_MIN_SIDE // min(height, width)))
+    base = Image.fromarray(pixels[..., 0] if channels == 1 else pixels).convert("RGB")
+    base = base.resize((width * scale, height * scale), Image.Resampling.NEAREST)
+    levels = Image.fromarray(np.round(heat * 255).astype(np.uint8)).resize(base.size, Image.Resampling.BILINEAR)
+    weight = np.asarray(levels, dtype=np.float32)[..., None] / 255.0
+    blended = np.asarray(base, dtype=np.float32) * (1 - 0.7 * weight) + 255 * hot(weight[..., 0]) * 0.7 * weight
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(blended).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def explanation(item: Explained, labels: list[str], method: str, how: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "method": method,
+        "class": {"index": item.index, "label": labels[item.index], "score": float(item.probabilities[item.index])},
+        **how,
+        "map": np.round(item.heat.astype(np.float64), 4).tolist(),
+    }
+
+
+async def explain(request: Request) -> Response:
+    """``POST /explain`` (see the route's docs)."""
+    service = classifier(request)
+    settings = service.settings
+    query = request.query_params
+    top = positive_int(query, "top_k", 5, settings.max_top_k)
+    assert top is not None
+    version = positive_int(query, "version", None)
+    wanted = method_of(query)
+    patch, stride = positive_int(query, "patch", None), positive_int(query, "stride", None)
+    with_overlay = flag(query, "overlay")
+    as_png = "image/png" in request.headers.get("accept", "").lower()
+    with service.repository.lease(query.get("model"), version) as entry:
+        assert entry.model is not None
+        meta, labels = entry.model.metadata, entry.model.labels
+        occlusion = Occlusion.for_input(meta.input, patch, stride)
+        index = class_index(query.get("class"), labels, entry.name)
+        method = wanted or ("gradcam" if service.repository.gradcams.graph_of(entry) else "occlusion")
+        files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
+        if as_png and len(files) != 1:
+            raise InvalidInput(
+                f"Accept: image/png answers one image's overlay, and the request has {len(files)}: send one image, "
+                "or ask for JSON with overlay=true"
+            )
+        explained, how = await service.explain(entry, files, index, method, occlusion)
+    service.metrics.child(service.metrics.explanations, entry.name, str(entry.version), method).inc(len(explained))
+    if as_png:
+        return Response(overlay_png(explained[0].pixels, explained[0].heat), media_type="image/png")
+    results = []
+    for item in explained:
+        result: dict[str, Any] = {
+            "predictions": top_k(item.probabilities, labels, top),
+            "explanation": explanation(item, labels, method, how),
+        }
+        if with_overlay:
+            result["overlay"] = base64.b64encode(overlay_png(item.pixels, item.heat)).decode("ascii")
+        results.append(result)
+    return JSONResponse({"model": entry.name, "version": str(entry.version), "results": results})

@@ -1,0 +1,115 @@
+"""Grad-CAM from a model's explanation graph, loaded on the first explanation asked of it.
+
+The export writes ``explain.onnx`` beside each FP32 graph and verifies it against PyTorch's
+autograd (``export/explanation.py``); an INT8 or FP16 variant is explained by its FP32
+parent's (the metadata's ``explanation.from``), and every answer says so. The graph holds the
+whole network again (a VGG's weights twice), so it is opened only when a model is first
+asked for a Grad-CAM, once per version and worker however many requests ask at once, and
+released with the version. Its requests share batches with each other through a batcher of
+their own; the images go in with one class index each (negative: the top-1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import InvalidInput, ModelLoadFailed
+from .batching import DynamicBatcher
+from .session import INPUT_NAME, session_options, wanted_providers
+
+if TYPE_CHECKING:
+    from .repository import ModelEntry, Repository
+
+logger = logging.getLogger(__name__)
+
+CLASSES_NAME = "classes"
+OUTPUT_NAMES = ("probabilities", "gradcam")
+
+
+@dataclass
+class GradCam:
+    """One version's explanation graph and its batcher."""
+
+    path: Path
+    layer: str
+    explained_by: dict[str, Any] | None  # the FP32 parent, for a variant
+    batcher: DynamicBatcher
+    load_seconds: float
+
+
+@dataclass
+class GradCams:
+    """The loaded explanation graphs of a worker, by (model, version), loaded once each."""
+
+    repository: Repository
+    loaded: dict[tuple[str, int], GradCam] = field(default_factory=dict)
+    _locks: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
+
+    def graph_of(self, entry: ModelEntry) -> tuple[Path, dict[str, Any]] | None:
+        """Where ``entry``'s explanation graph is and what its metadata says of it; None without one."""
+        assert entry.model is not None
+        info = entry.model.metadata.explanation
+        if not info:
+            return None
+        parent = info.get("from")
+        store = self.repository.store
+        directory = (
+            store.model_dir(parent["model"]) / str(parent["version"]) if parent else entry.model.stored.directory
+        )
+        path = directory / str(info["file"])
+        return (path, info) if path.is_file() else None
+
+    async def get(self, entry: ModelEntry) -> GradCam:
+        """The version's loaded graph, loading it now (one load however many ask)."""
+        key = (entry.name, entry.version)
+        if key in self.loaded:
+            return self.loaded[key]
+        found = self.graph_of(entry)
+        if found is None:
+            raise InvalidInput(
+                f"{entry.name} v{entry.version} has no explanation graph (exported before explanations, or its "
+                "explain.onnx is missing): use method=occlusion, which explains any model through its own graph"
+            )
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            if key not in self.loaded:
+                self.loaded[key] = await asyncio.to_thread(self._load, entry, *found)
+        return self.loaded[key]
+
+    def _load(self, entry: ModelEntry, path: Path, info: dict[str, Any]) -> GradCam:
+        settings = self.repository.settings
+        started = time.perf_counter()
+        try:
+            session = ort.InferenceSession(
+                str(path), session_options(settings), providers=wanted_providers(settings.providers)
+            )
+        except Exception as exc:  # ORT raises its own types
+            raise ModelLoadFailed(f"Cannot load the explanation graph {path}: {exc}") from None
+
+        def run(inputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
+            return tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs[0], CLASSES_NAME: inputs[1]}))
+
+        batcher = DynamicBatcher(
+            f"{entry.name}-explain",
+            [run],
+            max_batch_size=settings.max_batch_size,
+            max_delay=settings.max_batch_delay_ms / 1000,
+            max_queue_images=settings.max_queue_images,
+        )
+        seconds = time.perf_counter() - started
+        logger.info("%s v%d: explanation graph %s loaded in %.2fs", entry.name, entry.version, path, seconds)
+        return GradCam(path, str(info["layer"]), info.get("from"), batcher, seconds)
+
+    def release(self, entry: ModelEntry) -> None:
+        """Drop the version's graph, if loaded (its requests have drained with the version's)."""
+        found = self.loaded.pop((entry.name, entry.version), None)
+        self._locks.pop((entry.name, entry.version), None)
+        if found is not None:
+            found.batcher.shutdown()

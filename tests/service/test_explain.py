@@ -1,0 +1,252 @@
+"""POST /explain: occlusion maps from the served graph itself, over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton_grpc
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from export.precision import VariantOptions, export_variant
+from service.errors import InvalidInput
+from service.runtime.occlusion import Occlusion, mean_pixel
+from service.runtime.preprocess import preprocess
+from service.store.layout import ModelStore
+from service.store.metadata import InputMeta
+
+from ..helpers import ServiceProcess, metric_samples, running
+from .pictures import held_out_drawings
+
+LENET5 = InputMeta(size=32, channels=1, resize=32, crop=32, mean=[0.5], std=[0.5], polarity="light-on-dark")
+
+
+def test_the_patch_covers_every_pixel_and_the_far_edge() -> None:
+    occlusion = Occlusion.for_input(LENET5, None, None)
+    assert (occlusion.patch, occlusion.stride) == (5, 2)  # a seventh of 32, moved by half
+    offsets = occlusion.offsets(32)
+    assert offsets[0] == 0 and offsets[-1] == 32 - 5 and len(offsets) == 15
+    image = np.zeros((32, 32, 1), dtype=np.uint8)
+    batch = occlusion.images(image, mean_pixel(LENET5))
+    assert batch.shape == (1 + 15 * 15, 32, 32, 1) and not batch[0].any()
+    covered = (batch[1:] == 128).any(axis=0)
+    assert covered.all()
+    assert (batch[1 + 15 * 15 - 1, 27:, 27:] == 128).all() and (batch[1 + 15 * 15 - 1, :27, :] == 0).all()
+
+
+def test_the_map_is_the_drop_of_the_class_scaled_to_one() -> None:
+    occlusion = Occlusion(patch=16, stride=16)  # 2 x 2 positions on 32 pixels
+    probabilities = np.array([[0.1, 0.9], [0.5, 0.5], [0.1, 0.9], [0.2, 0.8], [0.0, 1.0]])
+    np.testing.assert_allclose(occlusion.heat(probabilities, 1, 32), [[1.0, 0.0], [0.25, 0.0]])
+    np.testing.assert_allclose(occlusion.heat(probabilities, 0, 32), [[0.0, 0.0], [0.0, 1.0]])
+    steady = np.tile([[0.3, 0.7]], (5, 1))
+    assert not occlusion.heat(steady, 1, 32).any()  # no position lowers the class: all zeros, no division
+
+
+@pytest.mark.parametrize(
+    ("patch", "stride", "why"),
+    [(33, None, "patch=33 must be from 1 to the input size, 32"), (1, 1, "1024 positions")],
+)
+def test_a_patch_that_does_not_fit_is_refused(patch: int, stride: int | None, why: str) -> None:
+    if why == "1024 positions":
+        Occlusion.for_input(LENET5, 1, 1)  # 32 x 32 = 1024: the limit itself is allowed
+        with pytest.raises(InvalidInput, match="over the limit"):
+            Occlusion.for_input(InputMeta(size=33, channels=1, resize=33, crop=33, mean=[0.5], std=[0.5]), 1, 1)
+    else:
+        with pytest.raises(InvalidInput, match=why):
+            Occlusion.for_input(LENET5, patch, stride)
+
+
+def explain(service: ServiceProcess, files: list[bytes], **params: Any) -> httpx.Response:
+    parts = [("image", (f"{i}.png", body, "image/png")) for i, body in enumerate(files)]
+    return httpx.post(f"{service.url}/explain", params=params, files=parts, timeout=120)
+
+
+def window_means(pixels: np.ndarray, occlusion: Occlusion) -> np.ndarray:
+    """Each patch position's mean of ``pixels`` (a 2-D array), as a grid like the map's."""
+    offsets = occlusion.offsets(pixels.shape[0])
+    p = occlusion.patch
+    return np.array([[pixels[t : t + p, left : left + p].mean() for left in offsets] for t in offsets])
+
+
+@pytest.mark.integration
+def test_a_digits_map_puts_its_mass_on_the_strokes(service: ServiceProcess, model_store: ModelStore) -> None:
+    files, _ = held_out_drawings(30)
+    response = explain(service, files, model="lenet5", top_k=1, method="occlusion")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "lenet5" and len(body["results"]) == 30
+    version = model_store.latest("lenet5")
+    assert version is not None
+    spec = InputMeta.model_validate(json.loads((version.directory / "metadata.json").read_text())["input"])
+    occlusion = Occlusion.for_input(spec, None, None)
+    on_ink, ink = [], []
+    for data, result in zip(files, body["results"], strict=True):
+        found = result["explanation"]
+        assert found["method"] == "occlusion" and found["layer"] == "input"
+        assert (found["patch"], found["stride"]) == (occlusion.patch, occlusion.stride)
+        assert found["class"]["index"] == result["predictions"][0]["index"]  # the top-1 by default
+        heat = np.array(found["map"])
+        assert heat.shape == (15, 15) and heat.min() >= 0 and heat.max() == pytest.approx(1.0)
+        strokes = (preprocess(data, spec, max_pixels=10**8)[..., 0] > 64).astype(float)  # light strokes
+        covered = window_means(strokes, occlusion)
+        on_ink.append(float((heat * covered).sum() / heat.sum()))
+        ink.append(float(covered.mean()))
+    print(f"lenet5 occlusion maps of 30 drawn digits: {np.mean(on_ink):.0%} of the map's mass on ink, "
+          f"where the ink covers {np.mean(ink):.0%} of the windows")  # fmt: skip
+    assert np.mean(on_ink) > 1.5 * np.mean(ink)
+    assert sum(a > b for a, b in zip(on_ink, ink, strict=True)) >= 27
+
+
+@pytest.mark.integration
+def test_any_class_by_index_or_label_and_the_overlay_as_png(service: ServiceProcess) -> None:
+    files, _ = held_out_drawings(1)
+    occlusion = {"method": "occlusion"}
+    by_index = explain(service, files, model="lenet5", **occlusion, **{"class": "3"}).json()["results"][0]
+    by_index = by_index["explanation"]
+    by_label = explain(service, files, model="resnet18", **occlusion, **{"class": "tabby"}).json()["results"][0]
+    by_label = by_label["explanation"]
+    assert by_index["class"]["index"] == 3 and by_index["class"]["label"] == "3"
+    assert by_label["class"]["index"] == 281 and by_label["class"]["label"] == "tabby"
+    assert np.array(by_label["map"]).shape == (13, 13)  # a 32-pixel patch every 16 over 224
+
+    png = httpx.post(f"{service.url}/explain?model=lenet5", content=files[0],
+                     headers={"Content-Type": "image/png", "Accept": "image/png"}, timeout=60)  # fmt: skip
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    picture = Image.open(io.BytesIO(png.content))
+    assert picture.size == (224, 224) and picture.mode == "RGB"  # 32 pixels enlarged 7 times
+    json_overlay = explain(service, files, model="lenet5", overlay="true").json()["results"][0]["overlay"]  # Grad-CAM
+    assert base64.b64decode(json_overlay) == png.content
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("params", "images", "error"),
+    [
+        ({"class": "cat"}, 1, "Unknown class 'cat' for lenet5"),
+        ({"class": "10"}, 1, "class=10 is out of range: lenet5 has classes 0 to 9"),
+        ({"method": "lime"}, 1, "Unknown method 'lime'"),
+        ({"patch": "40"}, 1, "patch=40 must be from 1 to the input size, 32"),
+        ({"overlay": "maybe"}, 1, "overlay"),
+        ({"model": "nope"}, 1, "nope"),
+    ],
+)
+def test_a_request_the_service_cannot_explain_is_a_4xx_that_says_why(
+    service: ServiceProcess, params: dict[str, str], images: int, error: str
+) -> None:
+    files, _ = held_out_drawings(images)
+    response = explain(service, files, **{"model": "lenet5", **params})
+    assert 400 <= response.status_code < 500 and error in response.json()["error"], response.text
+
+
+@pytest.mark.integration
+def test_png_is_for_one_image_and_explanations_are_counted_apart_from_answers(service: ServiceProcess) -> None:
+    files, _ = held_out_drawings(2)
+    parts = [("image", (f"{i}.png", body, "image/png")) for i, body in enumerate(files)]
+    two = httpx.post(f"{service.url}/explain?model=lenet5", files=parts, headers={"Accept": "image/png"}, timeout=60)
+    assert two.status_code == 400 and "send one image" in two.json()["error"]
+
+    def counts() -> tuple[float, float]:
+        text = httpx.get(f"{service.url}/metrics", timeout=10).text
+        explained = sum(v for s, v in metric_samples(text, "cnn_explanations_total") if s["model"] == "lenet5")
+        answered = sum(v for s, v in metric_samples(text, "cnn_prediction_confidence_count") if s["model"] == "lenet5")
+        return explained, answered
+
+    before = counts()
+    assert explain(service, files, model="lenet5").status_code == 200
+    after = counts()
+    # two images explained; their 2 x 226 runs through the graph are not answers to anyone
+    assert after[0] - before[0] == 2 and after[1] == before[1]
+
+
+def upsampled(heat: np.ndarray, size: int) -> np.ndarray:
+    levels = Image.fromarray(heat.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(levels, dtype=np.float64)
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    return np.argsort(np.argsort(values.ravel())).astype(np.float64)
+
+
+@pytest.mark.integration
+def test_grad_cam_is_the_default_looks_at_the_strokes_and_agrees_with_occlusion(
+    service: ServiceProcess, model_store: ModelStore
+) -> None:
+    files, _ = held_out_drawings(30)
+    grad = explain(service, files, model="lenet5", top_k=1).json()["results"]
+    occluded = explain(service, files, model="lenet5", top_k=1, method="occlusion").json()["results"]
+    version = model_store.latest("lenet5")
+    assert version is not None
+    spec = InputMeta.model_validate(json.loads((version.directory / "metadata.json").read_text())["input"])
+    on_ink, ink, agreement = [], [], []
+    for data, ours, theirs in zip(files, grad, occluded, strict=True):
+        found = ours["explanation"]
+        assert found["method"] == "gradcam" and found["layer"] == "features.4" and "patch" not in found
+        assert found["class"] == theirs["explanation"]["class"]  # both explain the same top-1
+        heat = np.array(found["map"])
+        assert heat.shape == (10, 10) and heat.min() >= 0 and heat.max() <= 1
+        strokes = (preprocess(data, spec, max_pixels=10**8)[..., 0] > 64).astype(float)
+        full = upsampled(heat, 32)
+        on_ink.append(float((full * strokes).sum() / max(full.sum(), 1e-9)))
+        ink.append(float(strokes.mean()))
+        other = upsampled(np.array(theirs["explanation"]["map"]), 32)
+        agreement.append(float(np.corrcoef(ranks(full), ranks(other))[0, 1]))  # Spearman's rank correlation
+    print(f"lenet5 Grad-CAM of 30 drawn digits: {np.mean(on_ink):.0%} of the map's mass on ink pixels, which are "
+          f"{np.mean(ink):.0%} of the image; rank correlation with occlusion: median {np.median(agreement):.2f}, "
+          f"mean {np.mean(agreement):.2f}")  # fmt: skip
+    assert np.mean(on_ink) > 1.5 * np.mean(ink)
+    assert np.median(agreement) > 0
+
+
+@pytest.fixture(scope="module")
+def older_store(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """LeNet-5 as a store written before explanations (no `explanation` in its metadata), and an INT8 variant
+    exported while it still had one: explained by its parent's graph."""
+    root = tmp_path_factory.mktemp("older")
+    shutil.copytree(model_store.model_dir("lenet5"), root / "store" / "lenet5")
+    store = ModelStore(root / "store")
+    export_variant("lenet5", store, VariantOptions("int8", recipe="u8s8"))
+    metadata = root / "store" / "lenet5" / "1" / "metadata.json"
+    older = json.loads(metadata.read_text())
+    del older["explanation"]
+    metadata.write_text(json.dumps(older))
+    with running(root / "store", root / "service.log", MODELS="lenet5,lenet5_int8", WORKERS="1") as service:
+        yield service
+
+
+@pytest.mark.integration
+def test_a_model_without_a_graph_falls_back_to_occlusion_and_a_variant_uses_its_parents(
+    older_store: ServiceProcess,
+) -> None:
+    files, _ = held_out_drawings(2)
+    plain = explain(older_store, files, model="lenet5")
+    assert plain.status_code == 200 and plain.json()["results"][0]["explanation"]["method"] == "occlusion"
+    refused = explain(older_store, files, model="lenet5", method="gradcam")
+    assert refused.status_code == 400
+    assert "lenet5 v1 has no explanation graph" in refused.json()["error"] and "method=occlusion" in refused.text
+    variant = explain(older_store, files, model="lenet5_int8").json()["results"][0]["explanation"]
+    assert variant["method"] == "gradcam" and variant["explained_by"] == {"model": "lenet5", "version": 1}
+
+
+@pytest.mark.integration
+def test_grad_cam_is_an_output_of_the_open_inference_protocol(service: ServiceProcess) -> None:
+    files, _ = held_out_drawings(4)
+    maps = [np.array(r["explanation"]["map"]) for r in explain(service, files, model="lenet5").json()["results"]]
+    grpc = triton_grpc.InferenceServerClient(service.grpc_target)
+    tensor = triton_grpc.InferInput("image_bytes", [len(files)], "BYTES")
+    tensor.set_data_from_numpy(np.array(files, dtype=object))
+    asked = [triton_grpc.InferRequestedOutput("gradcam"), triton_grpc.InferRequestedOutput("probabilities")]
+    result = grpc.infer("lenet5", [tensor], outputs=asked)
+    got = result.as_numpy("gradcam")
+    assert got.shape == (4, 10, 10) and result.as_numpy("probabilities").shape == (4, 10)
+    np.testing.assert_allclose(got, np.stack(maps), atol=1e-4)  # the JSON's maps are rounded to 4 decimals
+    with pytest.raises(InferenceServerException, match="a map per image"):
+        grpc.infer("lenet5", [tensor], outputs=[triton_grpc.InferRequestedOutput("gradcam", class_count=3)])
