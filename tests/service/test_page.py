@@ -159,6 +159,44 @@ def test_a_drawn_digit_is_read_and_matches_classify(
     print(f"screenshot: {screenshot}")
 
 
+def test_why_lays_the_heat_map_over_the_image_for_any_class(
+    tab: Tab, service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    photo = tmp_path_factory.mktemp("why") / "coffee.jpg"
+    photo.write_bytes(encode(data.coffee(), "JPEG", quality=90))
+    tab.page.set_input_files("#file-input", str(photo))
+    card = ".result[data-status=done]"
+    tab.page.wait_for_selector(card)
+    shown = shown_predictions(tab.page, card)
+    with tab.page.expect_request(lambda r: "/explain" in r.url) as sent:
+        tab.page.click(f"{card} button.why")
+    tab.page.wait_for_selector(f"{card}[data-explained='{shown[0]['index']}']")
+    assert sent.value.url.endswith(f"/explain?model=resnet18&version=1&class={shown[0]['index']}")
+    assert sent.value.all_headers()["accept"] == "image/png"
+    # the card now shows the very PNG /explain gives for these bytes and this class
+    pixels: list[int] = tab.page.evaluate(
+        "async () => Array.from(new Uint8Array(await (await fetch(document.querySelector('.result img').src))"
+        ".arrayBuffer()))"
+    )
+    direct = httpx.post(f"{service.url}/explain?model=resnet18&class={shown[0]['index']}", content=photo.read_bytes(),
+                        headers={"Content-Type": "image/jpeg", "Accept": "image/png"}, timeout=60)  # fmt: skip
+    assert direct.status_code == 200 and bytes(pixels) == direct.content
+    screenshot = tmp_path_factory.mktemp("why-page") / "why.png"
+    tab.page.screenshot(path=str(screenshot), full_page=True)
+    print(f"screenshot: {screenshot}")
+    # any other class: a click on its prediction
+    other = shown[1]["index"]
+    tab.page.click(f"{card} .prediction[data-index='{other}']")
+    tab.page.wait_for_selector(f"{card}[data-explained='{other}']")
+    assert tab.page.get_attribute(f"{card} .prediction.explained", "data-index") == str(other)
+    # and back to the photo
+    tab.page.click(f"{card} button.why")
+    assert tab.page.get_attribute(card, "data-explained") is None
+    assert tab.page.inner_text(f"{card} button.why") == "why?"
+    assert tab.outside_origin() == []
+    assert tab.console_errors == []
+
+
 def test_dropped_and_pasted_images_are_classified(tab: Tab, service: ServiceProcess) -> None:
     images = {"drop-a.png": encode(data.coffee()), "drop-b.jpg": encode(data.astronaut(), "JPEG"),
               "pasted.png": encode(data.rocket())}  # fmt: skip

@@ -290,6 +290,7 @@ async function classifyFile(file) {
     card.dataset.version = body.version;
     markConfidence(card, body);
     renderPredictions(card.querySelector(".predictions"), body.results[0].predictions);
+    addWhy(card, file, body.results[0].predictions);
     card.dataset.status = "done";
   } catch (exc) {
     meta.textContent = exc.message;
@@ -312,6 +313,66 @@ async function classifyFiles(files) {
     while (next < images.length) await classifyFile(images[next++]);
   };
   await Promise.all(Array.from({ length: Math.min(PARALLEL_UPLOADS, images.length) }, worker));
+}
+
+// ---- why? (POST /explain) -----------------------------------------------------------
+
+function explainUrl(model, version, index) {
+  return `/explain?model=${encodeURIComponent(model)}&version=${encodeURIComponent(version)}&class=${index}`;
+}
+
+// The heat map of class `index` over the crop the network saw, in place of the card's image
+async function explainInto(card, blob, index) {
+  const meta = card.querySelector(".meta");
+  card.dataset.explaining = String(index);
+  const response = await fetch(explainUrl(card.dataset.model, card.dataset.version, index), {
+    method: "POST",
+    headers: { "Content-Type": contentTypeOf(blob), Accept: "image/png", ...authHeaders() },
+    body: blob,
+  });
+  delete card.dataset.explaining;
+  if (!response.ok) {
+    let reason = `HTTP ${response.status}`;
+    try {
+      reason = (await response.json()).error || reason;
+    } catch (_) {
+      // not JSON: keep the status
+    }
+    meta.textContent = `no explanation: ${reason}`;
+    return false;
+  }
+  const image = card.querySelector("img");
+  image.src = URL.createObjectURL(await response.blob());
+  card.dataset.explained = String(index);
+  for (const item of card.querySelectorAll(".prediction")) item.classList.toggle("explained", item.dataset.index === String(index));
+  return true;
+}
+
+// "why?" lays the top-1's heat map over the image (again: back to the image); a click on any
+// prediction explains that class instead
+function addWhy(card, blob, predictions) {
+  const image = card.querySelector("img");
+  const original = image.src;
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "link why";
+  button.textContent = "why?";
+  button.title = "Where the network looked (POST /explain)";
+  const show = async (index) => {
+    if (await explainInto(card, blob, index)) button.textContent = "show the image";
+  };
+  button.addEventListener("click", () => {
+    if (card.dataset.explained === undefined) return show(predictions[0].index);
+    image.src = original;
+    delete card.dataset.explained;
+    for (const item of card.querySelectorAll(".prediction")) item.classList.remove("explained");
+    button.textContent = "why?";
+  });
+  for (const item of card.querySelectorAll(".prediction")) {
+    item.title = `${item.dataset.label}: click to see where the network looked for it`;
+    item.addEventListener("click", () => show(Number(item.dataset.index)));
+  }
+  card.querySelector(".predictions").after(button);
 }
 
 // ---- curl -------------------------------------------------------------------------
