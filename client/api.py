@@ -43,6 +43,7 @@ class Result:
     predictions: list[Prediction] = field(default_factory=list)
     error: str | None = None
     status: int | None = None  # the HTTP status; None when no request was made
+    explanation: str | None = None  # with explain_dir: the heat map's file, or why there is none
 
     @property
     def ok(self) -> bool:
@@ -52,6 +53,8 @@ class Result:
         data: dict[str, Any] = {"path": self.source, "model": self.model, "version": self.version}
         if self.ok:
             data["predictions"] = [p.__dict__ for p in self.predictions]
+            if self.explanation is not None:
+                data["explanation"] = self.explanation
         else:
             data |= {"error": self.error, "status": self.status}
         return data
@@ -124,20 +127,26 @@ class Client:
         top_k: int = 5,
         concurrency: int = 4,
         on_done: Callable[[Result], None] | None = None,
+        explain_dir: Path | None = None,
     ) -> AsyncIterator[Result]:
         """Yield results in input order while up to ``concurrency`` requests are in flight.
 
-        ``on_done`` is called as each result arrives, in any order (for a progress bar).
+        ``on_done`` is called as each result arrives, in any order (for a progress bar). With
+        ``explain_dir``, each classified image's heat map for its top-1 class (``POST /explain``,
+        the PNG overlay) is written there as ``<file stem>.png`` (``-2``, ``-3``, ... where stems repeat).
         Raises :class:`ServiceUnavailableError` when the service cannot be reached or
         refuses the token, since every other item would fail the same way.
         """
         params: dict[str, str | int] = {"top_k": top_k} | ({"model": model} if model else {})
         slots = asyncio.Semaphore(max(1, concurrency))  # also bounds the pool's connections
         async with httpx.AsyncClient(headers=self.headers, timeout=self.timeout) as http:
+            taken: set[str] = set()
 
             async def one(position: int, item: Item) -> Result:
                 async with slots:
                     result = await self._classify_one(http, _source(item, position), item, params)
+                    if explain_dir is not None and result.ok:
+                        result.explanation = await self._explain_one(http, item, result, explain_dir, taken)
                 if on_done is not None:
                     on_done(result)
                 return result
@@ -187,10 +196,40 @@ class Client:
         predictions = [Prediction(p["label"], int(p["index"]), float(p["score"])) for p in ranked]
         return Result(source, body["model"], body["version"], predictions, status=200)
 
-    async def _post(self, http: httpx.AsyncClient, data: bytes, params: dict[str, str | int]) -> httpx.Response:
+    async def _explain_one(
+        self, http: httpx.AsyncClient, item: Item, result: Result, directory: Path, taken: set[str]
+    ) -> str:
+        """The top-1's heat map of an image ``result`` classified, written into ``directory``; its path, or why not."""
+        data = item if isinstance(item, bytes) else await asyncio.to_thread(Path(item).read_bytes)
+        params: dict[str, str | int] = {"model": str(result.model), "version": str(result.version),
+                                        "class": result.predictions[0].index}  # fmt: skip
+        try:
+            response = await self._post(http, data, params, path="/explain", accept="image/png")
+        except httpx.TimeoutException:
+            return f"no explanation within {self.timeout:g} s"
+        if response.status_code != 200:
+            return f"no explanation: {_error_message(response)}"
+        stem = Path(result.source).stem if not isinstance(item, bytes) else f"image-{result.source.split()[-1][:-1]}"
+        name, n = f"{stem}.png", 1
+        while name in taken:
+            n += 1
+            name = f"{stem}-{n}.png"
+        taken.add(name)
+        target = directory / name
+        await asyncio.to_thread(target.write_bytes, response.content)
+        return str(target)
+
+    async def _post(
+        self,
+        http: httpx.AsyncClient,
+        data: bytes,
+        params: dict[str, str | int],
+        path: str = "/classify",
+        accept: str | None = None,
+    ) -> httpx.Response:
         """POST with retries: 502/503/504 and refused connections wait with exponential backoff and jitter."""
-        url = f"{self.url}/classify"
-        headers = {"Content-Type": "application/octet-stream"}
+        url = f"{self.url}{path}"
+        headers = {"Content-Type": "application/octet-stream"} | ({"Accept": accept} if accept else {})
         for attempt in range(self.retries + 1):
             response = None
             try:

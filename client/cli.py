@@ -8,6 +8,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TextIO
 
 import httpx
@@ -23,6 +24,7 @@ examples:
   python -m client photos/ --model resnet50 --concurrency 8
   python -m client 'scans/**/*.png' --format csv --output labels.csv
   API_TOKEN=... python -m client photos/ --url http://gpu-box:3000
+  python -m client photos/ --explain heatmaps/           # and where the network looked, one PNG per image
 
 exit status: 0 when every file was classified, 1 when any failed, 2 when the service
 could not be used at all.
@@ -45,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="write results to this file instead of standard output")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    explain = "also write each image's heat map for its top-1 class here (POST /explain), as PNG"
+    parser.add_argument("--explain", metavar="OUT_DIR", type=Path, help=explain)
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.concurrency < 1:
         parser.error("--top-k and --concurrency must be at least 1")
@@ -77,9 +81,12 @@ async def run(args: argparse.Namespace, paths: list[str], stream: TextIO) -> int
     failed = 0
     show = not args.no_progress and sys.stderr.isatty()
     with tqdm(total=len(paths), unit="image", disable=not show, file=sys.stderr) as progress:
+        if args.explain is not None:
+            args.explain.mkdir(parents=True, exist_ok=True)
         results = client.stream(
-            paths, model=args.model, top_k=args.top_k, concurrency=args.concurrency, on_done=lambda _: progress.update()
-        )
+            paths, model=args.model, top_k=args.top_k, concurrency=args.concurrency,
+            on_done=lambda _: progress.update(), explain_dir=args.explain,
+        )  # fmt: skip
         async for result in results:
             write(result)
             failed += not result.ok
