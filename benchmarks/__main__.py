@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
     parser.add_argument(
-        "--paths", help="only these: ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,shadow,peers,baseline"
+        "--paths",
+        help="only these: ceiling,floor,http,grpc-bytes,grpc-images,noop,explain,scaling,shadow,peers,baseline",
     )
     parser.add_argument(
         "--concurrency",

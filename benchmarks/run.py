@@ -45,6 +45,7 @@ from .wrk import http_load
 logger = logging.getLogger("benchmarks")
 SHADOW_MODELS = ("lenet5", "resnet50")  # with "shadow": their INT8 variants are exported to shadow them
 SHADOW_FRACTIONS = (1.0, 0.1)
+EXPLAIN_METHODS = ("gradcam", "occlusion")  # POST /explain, at the peers' concurrency levels
 ROOT = Path(__file__).resolve().parent.parent
 # The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
@@ -58,8 +59,8 @@ class Plan:
     requests: int  # per gRPC run, at most
     ceiling_seconds: float
     large_photo: bool
-    paths: tuple[str, ...] = ("ceiling", "floor", "http", "grpc-bytes", "grpc-images", "noop", "scaling", "shadow",
-                              "peers", "baseline")  # fmt: skip
+    paths: tuple[str, ...] = ("ceiling", "floor", "http", "grpc-bytes", "grpc-images", "noop", "explain", "scaling",
+                              "shadow", "peers", "baseline")  # fmt: skip
     service_env: tuple[tuple[str, str], ...] = ()
     # the other process/instance layouts tried, and the concurrency they and the peers run at
     scaling: tuple[tuple[str, str], ...] = (
@@ -353,9 +354,13 @@ def baseline_runs(model: str, plan: Plan) -> list[RunResult]:
 def model_runs(store: ModelStore, model: str, plan: Plan, workdir: Path) -> list[RunResult]:
     """Everything measured on one model's services and peers."""
     runs: list[RunResult] = []
+    variant = model.endswith(("_int8", "_fp16"))
     with serving(store, model, plan) as service:
         runs += service_runs(service, store, model, plan)
         reference = reference_answers(service.url, model, *payload(model, plan.large_photo))
+        for method in EXPLAIN_METHODS if "explain" in plan.paths and not variant else ():
+            route = f"/explain?model={model}&method={method}"
+            runs += http_runs(service.url, model, plan, f"explain-{method}", route, (1, 4), service.process.pid)
     for path, setting in plan.scaling if "scaling" in plan.paths else ():
         key, value = setting.split("=", 1)
         with serving(store, model, plan, **{key: value}) as service:
@@ -367,7 +372,6 @@ def model_runs(store: ModelStore, model: str, plan: Plan, workdir: Path) -> list
                 route = f"/classify?model={model}"
                 path = f"http-shadow{fraction:g}"
                 runs += http_runs(service.url, model, plan, path, route, plan.peer_concurrency, service.process.pid)
-    variant = model.endswith(("_int8", "_fp16"))
     if "peers" in plan.paths and not variant:
         runs += peer_runs(store, model, plan, reference, workdir)
     if "baseline" in plan.paths and not variant and not model.startswith("lenet5"):

@@ -14,7 +14,7 @@ from .load import RunResult
 # units), INT8 with VNNI on 2 x 32 lanes
 MAC_PER_CYCLE = {"fp32": 16, "int8": 64}
 HTTP_PATHS = ("http", "noop", "floor", "mlserver", "litserve", "baseline", "http-workers1", "http-workers2",
-              "http-instances2", "http-shadow1", "http-shadow0.1")  # fmt: skip
+              "http-instances2", "http-shadow1", "http-shadow0.1", "explain-gradcam", "explain-occlusion")  # fmt: skip
 
 
 def ratio(name: str, value: float, target: float | None) -> dict[str, Any]:
@@ -142,7 +142,18 @@ def ratios(runs: list[RunResult], macs: dict[str, float], machine: dict[str, Any
         if baseline:
             target = 2.0 if model == "resnet50" else None
             out.append(ratio(f"{model} service / PyTorch baseline", best(runs, model, "http") / baseline, target))
-        out += physical(runs, model, macs, machine) + shadow(runs, model)
+        out += physical(runs, model, macs, machine) + shadow(runs, model) + explained(runs, model)
+    return out
+
+
+def explained(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
+    """An explanation's price: images explained per second against images classified, at concurrency 4."""
+    out = []
+    for method in ("gradcam", "occlusion"):
+        explaining, classifying = at(runs, model, f"explain-{method}", 4), at(runs, model, "http", 4)
+        if explaining and classifying:
+            out.append(ratio(f"{model} /explain {method} / /classify images per second at concurrency 4",
+                             explaining / classifying, None))  # fmt: skip
     return out
 
 

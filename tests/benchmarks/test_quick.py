@@ -34,7 +34,7 @@ def quick(model_store: ModelStore, tmp_path: Path, models: str, *args: str) -> d
 
 
 def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp_path: Path) -> None:
-    paths = "ceiling,floor,http,grpc-bytes,grpc-images,noop,scaling,shadow,baseline"
+    paths = "ceiling,floor,http,grpc-bytes,grpc-images,noop,explain,scaling,shadow,baseline"
     results = quick(model_store, tmp_path, "lenet5,lenet5_int8,resnet18", "--paths", paths)
     out = tmp_path / "results"
     assert results["quick"] is True and results["machine"]["cores"] >= 1 and results["machine"]["commit"]
@@ -47,6 +47,9 @@ def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp
     # LeNet-5 shadowed by its INT8 variant (in the store), at both fractions; no other model has one
     assert {("lenet5", "http-shadow1"), ("lenet5", "http-shadow0.1")} <= paths
     assert not any(p.startswith("http-shadow") for m, p in paths if m != "lenet5")
+    # explanations, both methods, for the FP32 models (a variant is explained by its parent's graph)
+    assert {(m, f"explain-{method}") for m in ("lenet5", "resnet18") for method in ("gradcam", "occlusion")} <= paths
+    assert not any(p.startswith("explain") for m, p in paths if m == "lenet5_int8")
     # every HTTP row against the stack floor with the same files
     assert all(r["vs_floor"] > 0 for r in results["runs"] if r["path"] in ("http", "noop", "baseline"))
     # and the price of an image: the server's own CPU time per image, measured on its processes
@@ -62,6 +65,7 @@ def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp
     assert "lenet5 HTTP /classify / no-op (requests/s)" in names and "/noop / stack floor at concurrency 4" in names
     assert "resnet18 HTTP / in-process ceiling at concurrency 4" in names
     assert "lenet5 HTTP with a shadow of 1 / without at concurrency 4" in names
+    assert "resnet18 /explain occlusion / /classify images per second at concurrency 4" in names
     costs = {r["name"]: r["value"] for r in results["ratios"] if "quality bookkeeping" in r["name"]}
     assert set(costs) == {f"{m}: answers' quality bookkeeping, microseconds per image ({c} classes)"
                           for m, c in (("lenet5", 10), ("lenet5_int8", 10), ("resnet18", 1000))}  # fmt: skip
