@@ -19,24 +19,24 @@ operations, which trace into a plain inference graph (``explain.onnx``):
 Inputs: ``images`` (uint8 NHWC, as the classifier's) and ``classes`` (int64 ``[N]``; a
 negative entry means the image's top-1). Outputs: ``probabilities`` and ``gradcam``
 (``[N, h, w]`` in [0, 1], each map divided by its largest value; all zeros where no
-position has a positive weight), before any upsampling. :func:`verify` compares it with
+position has a positive weight), before any upsampling. LeNet-5's graph also outputs what
+each layer sees (``FEATURE_MAPS``: C1, S2, C3 and S4's activations), for the page's layer
+view: what every course on these networks draws, from the real served model. :func:`verify` compares it with
 :func:`autograd_gradcam` on the same pixels; the export fails above ``TOLERANCE``.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from .graph import INPUT_NAME, OPSET, ClassifierGraph, random_images
+from .graph import INPUT_NAME, ClassifierGraph, random_images, trace
 from .spec import InputSpec, ModelSpec
 from .weights import sha256_file
 
@@ -53,6 +53,12 @@ LAYERS: dict[str, tuple[str, str]] = {
     "VGG": ("features", "mlp"),
     "GoogLeNet": ("inception5b", "pooled-linear"),
     "ResNet": ("layer4", "pooled-linear"),
+}
+
+
+# family -> {output name: module}: the feature maps its explanation graph also outputs
+FEATURE_MAPS: dict[str, dict[str, str]] = {
+    "LeNet": {"C1": "features.1", "S2": "features.2", "C3": "features.4", "S4": "features.5"},
 }
 
 
@@ -77,15 +83,29 @@ class GradCamGraph(nn.Module):
         self.model = model
         self._maps: list[Tensor] = []
         model.get_submodule(self.layer).register_forward_hook(lambda _m, _i, out: self._maps.append(out))
+        self.feature_maps = FEATURE_MAPS.get(family, {})
+        self._seen: dict[str, Tensor] = {}
+        for name, module in self.feature_maps.items():
+            model.get_submodule(module).register_forward_hook(self._keeper(name))
 
-    def forward(self, images: Tensor, classes: Tensor) -> tuple[Tensor, Tensor]:
+    def _keeper(self, name: str) -> Any:
+        def keep(_m: nn.Module, _i: Any, out: Tensor) -> None:
+            self._seen[name] = out
+
+        return keep
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (*OUTPUT_NAMES, *self.feature_maps)
+
+    def forward(self, images: Tensor, classes: Tensor) -> tuple[Tensor, ...]:
         self._maps.clear()
         logits, probabilities = self.classifier(images)
         chosen = torch.where(classes < 0, logits.argmax(1), classes)
         maps = self._maps.pop()
         weights = getattr(self, f"_weights_{self.head.replace('-', '_')}")(maps, chosen)  # N x C
         cam = torch.relu((weights[:, :, None, None] * maps).sum(1))
-        return probabilities, _normalised(cam)
+        return probabilities, _normalised(cam), *(self._seen[name] for name in self.feature_maps)
 
     def _part(self, path: str) -> Any:
         return self.model.get_submodule(path)
@@ -146,20 +166,8 @@ def autograd_gradcam(model: nn.Module, spec: InputSpec, layer: str, images: np.n
 
 def export(graph: GradCamGraph, spec: InputSpec, path: Path) -> None:
     example = (torch.from_numpy(random_images(spec, batch=2)), torch.tensor([-1, 0]))
-    axes = {0: "batch"}
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph.eval(),
-            example,
-            str(path),
-            input_names=[INPUT_NAME, CLASSES_NAME],
-            output_names=list(OUTPUT_NAMES),
-            dynamic_axes={name: axes for name in (INPUT_NAME, CLASSES_NAME, *OUTPUT_NAMES)},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    with torch.no_grad():
+        trace(graph, example, path, [INPUT_NAME, CLASSES_NAME], list(graph.output_names))
 
 
 @dataclass(frozen=True)
@@ -179,7 +187,7 @@ def verify(graph: GradCamGraph, spec: InputSpec, path: Path, batch: int = 4, see
     images = random_images(spec, batch, seed)
     classes = np.array([-1, 0] * (batch // 2), dtype=np.int64)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    _, maps = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images, CLASSES_NAME: classes})
+    _, maps, *seen = session.run(list(graph.output_names), {INPUT_NAME: images, CLASSES_NAME: classes})
     expected = autograd_gradcam(graph.model, spec, graph.layer, images, classes)
     difference = float(np.abs(maps - expected).max())
     if difference > TOLERANCE or maps.shape != expected.shape:
@@ -187,6 +195,12 @@ def verify(graph: GradCamGraph, spec: InputSpec, path: Path, batch: int = 4, see
             f"{path}: the Grad-CAM graph differs from PyTorch's autograd at {graph.layer} (max |d map| = "
             f"{difference:.2e}, need <= {TOLERANCE:.0e}; shapes {maps.shape} and {expected.shape})"
         )
+    with torch.no_grad():
+        theirs = graph(torch.from_numpy(images), torch.from_numpy(classes))[2:]
+    for name, ours, reference in zip(graph.feature_maps, seen, theirs, strict=True):
+        off = float(np.abs(ours - reference.numpy()).max())
+        if off > TOLERANCE:
+            raise ExplanationError(f"{path}: feature map {name} differs from PyTorch's by {off:.2e}")
     return ExplanationCheck(batch, difference, (int(maps.shape[1]), int(maps.shape[2])))
 
 
@@ -198,5 +212,6 @@ def write(model: nn.Module, spec: ModelSpec, directory: Path) -> dict[str, Any]:
     check = verify(graph, spec.input, path)
     return {"method": "gradcam", "file": FILE, "sha256": sha256_file(path), "layer": graph.layer,
             "map_size": list(check.map_size),
-            "description": METHOD, "inputs": [INPUT_NAME, CLASSES_NAME], "outputs": list(OUTPUT_NAMES),
+            "description": METHOD, "inputs": [INPUT_NAME, CLASSES_NAME], "outputs": list(graph.output_names),
+            "feature_maps": {name: module for name, module in graph.feature_maps.items()},
             "verification": check.to_dict()}  # fmt: skip

@@ -34,10 +34,14 @@ def test_the_grad_cam_graph_matches_autograd(name: str, tmp_path: Path) -> None:
     images = random_images(spec.input, batch=3, seed=7)
     classes = np.array([spec.num_classes - 1, -1, 3], dtype=np.int64)
     session = ort.InferenceSession(str(tmp_path / explanation.FILE), providers=["CPUExecutionProvider"])
-    probabilities, maps = session.run(None, {"images": images, "classes": classes})
+    probabilities, maps, *layers = session.run(None, {"images": images, "classes": classes})
     expected = explanation.autograd_gradcam(model, spec.input, written["layer"], images, classes)
     np.testing.assert_allclose(maps, expected, atol=explanation.TOLERANCE)
     assert probabilities.shape == (3, spec.num_classes) and maps.min() >= 0 and maps.max() <= 1 + 1e-6
+    # LeNet-5's graph also gives what each layer sees, for the page: C1, S2, C3 and S4
+    expected_layers = {"C1": (3, 6, 28, 28), "S2": (3, 6, 14, 14), "C3": (3, 16, 10, 10), "S4": (3, 16, 5, 5)}
+    assert [layer.shape for layer in layers] == (list(expected_layers.values()) if name == "lenet5" else [])
+    assert written["feature_maps"] == (dict(explanation.FEATURE_MAPS["LeNet"]) if name == "lenet5" else {})
     print(f"{name}: Grad-CAM at {written['layer']} {maps.shape[1]}x{maps.shape[2]}, max |d| vs autograd "
           f"{np.abs(maps - expected).max():.1e}")  # fmt: skip
 
