@@ -53,6 +53,12 @@ CLASSIFY_BODY = {
 }
 
 
+# the query parameters /classify and /explain share, as the API reference shows them
+ModelQuery = Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")]
+VersionQuery = Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")]
+TopKQuery = Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
@@ -148,6 +154,7 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None) 
             "weights": meta.weights,
             "architecture": meta.architecture,
             "verification": meta.verification,
+            "explanation": meta.explanation,
             "precision": meta.precision,
             "derived_from": meta.derived_from,
             "accuracy": meta.accuracy,
@@ -216,9 +223,9 @@ def create_app(enable_noop: bool = False) -> FastAPI:
     )
     async def classify_route(
         request: Request,
-        model: Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")] = None,
-        top_k: Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")] = 5,
-        version: Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")] = None,
+        model: ModelQuery = None,
+        top_k: TopKQuery = 5,
+        version: VersionQuery = None,
         min_confidence: Annotated[
             float | None,
             Query(
@@ -239,12 +246,12 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         response_model=ExplainResponse,
         responses=ERROR_RESPONSES,
         openapi_extra={"requestBody": CLASSIFY_BODY},
-        summary="Where the network looked: an occlusion map per image",
+        summary="Where the network looked: a Grad-CAM or occlusion map per image",
     )
     async def explain_route(
         request: Request,
-        model: Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")] = None,
-        version: Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")] = None,
+        model: ModelQuery = None,
+        version: VersionQuery = None,
         class_: Annotated[
             str | None, Query(alias="class", description="Class to explain: a label or an index; default the top-1")
         ] = None,
@@ -257,7 +264,10 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         ] = None,
         stride: Annotated[int | None, Query(ge=1, description="Its step; default half the patch")] = None,
         overlay: Annotated[bool, Query(description="Add the map drawn over the crop, a base64 PNG")] = False,
-        top_k: Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")] = 5,
+        layers: Annotated[
+            bool, Query(description="Add what each layer sees (LeNet-5's C1, S2, C3 and S4 activations)")
+        ] = False,
+        top_k: TopKQuery = 5,
     ) -> Response:
         """The same bodies as `/classify`. With `Accept: image/png` and one image, the answer is the overlay PNG."""
         return await explain(request)

@@ -108,7 +108,7 @@ async def explain(request: Request) -> Response:
     version = positive_int(query, "version", None)
     wanted = method_of(query)
     patch, stride = positive_int(query, "patch", None), positive_int(query, "stride", None)
-    with_overlay = flag(query, "overlay")
+    with_overlay, with_layers = flag(query, "overlay"), flag(query, "layers")
     as_png = "image/png" in request.headers.get("accept", "").lower()
     with service.repository.lease(query.get("model"), version) as entry:
         assert entry.model is not None
@@ -122,6 +122,11 @@ async def explain(request: Request) -> Response:
                 f"Accept: image/png answers one image's overlay, and the request has {len(files)}: send one image, "
                 "or ask for JSON with overlay=true"
             )
+        if with_layers and (method != "gradcam" or not (meta.explanation or {}).get("feature_maps")):
+            raise InvalidInput(
+                f"layers=true: {entry.name}'s explanation graph does not output its feature maps (LeNet-5's does); "
+                "ask without layers"
+            )
         explained, how = await service.explain(entry, files, index, method, occlusion)
     service.metrics.child(service.metrics.explanations, entry.name, str(entry.version), method).inc(len(explained))
     if as_png:
@@ -134,5 +139,9 @@ async def explain(request: Request) -> Response:
         }
         if with_overlay:
             result["overlay"] = base64.b64encode(overlay_png(item.pixels, item.heat)).decode("ascii")
+        if with_layers:  # each layer's activations, [maps, rows, columns]
+            result["layers"] = {
+                name: np.round(seen.astype(np.float64), 3).tolist() for name, seen in item.layers.items()
+            }
         results.append(result)
     return JSONResponse({"model": entry.name, "version": str(entry.version), "results": results})

@@ -60,6 +60,9 @@ class ExplainedImage(BaseModel):
     predictions: list[Prediction]
     explanation: Explanation
     overlay: str | None = Field(None, description="With overlay=true: the map over the crop, a base64 PNG")
+    layers: dict[str, list[list[list[float]]]] | None = Field(
+        None, description="With layers=true (LeNet-5): each layer's activations, [maps][rows][columns]"
+    )
 
 
 class ExplainResponse(BaseModel):
@@ -97,6 +100,9 @@ class ModelInfo(BaseModel):
     weights: dict[str, Any] | None = None
     architecture: dict[str, Any] | None = None
     verification: dict[str, Any] | None = None
+    explanation: dict[str, Any] | None = Field(
+        None, description="Its Grad-CAM graph (POST /explain): layer, map size, verification, feature maps"
+    )
     precision: str | None = Field(None, description="fp32, or int8 / fp16 for a variant", examples=["int8"])
     derived_from: dict[str, Any] | None = Field(None, description="A variant's FP32 model, version and graph sha256")
     accuracy: dict[str, Any] | None = Field(

@@ -8,7 +8,7 @@ import functools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ class Explained:
     probabilities: np.ndarray  # [classes]
     index: int
     heat: np.ndarray  # [rows, columns] in [0, 1]
+    layers: dict[str, np.ndarray] = field(default_factory=dict)  # LeNet-5: what C1, S2, C3 and S4 see
 
 
 class Classifier:
@@ -119,9 +120,13 @@ class Classifier:
             graph = await self.repository.gradcams.get(entry)
             with self.stage(entry, "explain"):
                 classes = np.full(len(images), -1 if index is None else index, dtype=np.int64)
-                probabilities, maps = await graph.batcher.infer((images, classes), self.tracing.current(), False)
+                probabilities, maps, *seen = await graph.batcher.infer((images, classes), self.tracing.current(), False)
             chosen = probabilities.argmax(1) if index is None else classes
-            explained = [Explained(images[i], probabilities[i], int(chosen[i]), maps[i]) for i in range(len(images))]
+            explained = [
+                Explained(images[i], probabilities[i], int(chosen[i]), maps[i],
+                          {name: layer[i] for name, layer in zip(graph.feature_maps, seen, strict=True)})
+                for i in range(len(images))
+            ]  # fmt: skip
             how: dict[str, Any] = {"layer": graph.layer}
             if graph.explained_by is not None:  # a variant: its FP32 parent's graph
                 how["explained_by"] = graph.explained_by

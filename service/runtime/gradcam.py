@@ -43,6 +43,7 @@ class GradCam:
     explained_by: dict[str, Any] | None  # the FP32 parent, for a variant
     batcher: DynamicBatcher
     load_seconds: float
+    feature_maps: tuple[str, ...] = ()  # LeNet-5's graph also outputs what each layer sees (C1, S2, C3, S4)
 
 
 @dataclass
@@ -93,8 +94,12 @@ class GradCams:
         except Exception as exc:  # ORT raises its own types
             raise ModelLoadFailed(f"Cannot load the explanation graph {path}: {exc}") from None
 
+        names = [output.name for output in session.get_outputs()]
+        if names[:2] != list(OUTPUT_NAMES):
+            raise ModelLoadFailed(f"{path} is no explanation graph: its outputs are {names}, not {OUTPUT_NAMES} first")
+
         def run(inputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
-            return tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs[0], CLASSES_NAME: inputs[1]}))
+            return tuple(session.run(names, {INPUT_NAME: inputs[0], CLASSES_NAME: inputs[1]}))
 
         batcher = DynamicBatcher(
             f"{entry.name}-explain",
@@ -105,7 +110,7 @@ class GradCams:
         )
         seconds = time.perf_counter() - started
         logger.info("%s v%d: explanation graph %s loaded in %.2fs", entry.name, entry.version, path, seconds)
-        return GradCam(path, str(info["layer"]), info.get("from"), batcher, seconds)
+        return GradCam(path, str(info["layer"]), info.get("from"), batcher, seconds, tuple(names[2:]))
 
     def release(self, entry: ModelEntry) -> None:
         """Drop the version's graph, if loaded (its requests have drained with the version's)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, Request, sync_playwright
 from skimage import data
@@ -195,6 +196,38 @@ def test_why_lays_the_heat_map_over_the_image_for_any_class(
     assert tab.page.inner_text(f"{card} button.why") == "why?"
     assert tab.outside_origin() == []
     assert tab.console_errors == []
+
+
+def test_what_each_layer_of_lenet5_sees_is_drawn_under_the_canvas(
+    tab: Tab, service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tab.page.select_option("#model-select", "lenet5")
+    tab.page.wait_for_selector("#draw-panel:not([hidden])")
+    assert tab.page.is_hidden("#layers")
+    draw_a_one(tab.page)
+    tab.page.wait_for_selector("#layers:not([hidden])")
+    explained = [r for r in tab.requests if "/explain?" in r.url]
+    assert explained and explained[-1].url.endswith("/explain?model=lenet5&version=1&layers=true&top_k=1")
+    counts = {name: len(tab.page.query_selector_all(f"#layers [data-layer={name}] canvas"))
+              for name in ("C1", "S2", "C3", "S4")}  # fmt: skip
+    assert counts == {"C1": 6, "S2": 6, "C3": 16, "S4": 16}
+    # the first C3 map, pixel for pixel: the layer's activations for this drawing, scaled to its range
+    body = httpx.post(f"{service.url}/explain?model=lenet5&layers=true&top_k=1", content=canvas_png(tab.page),
+                      headers={"Content-Type": "image/png"}, timeout=60).json()  # fmt: skip
+    c3 = np.array(body["results"][0]["layers"]["C3"])
+    assert c3.shape == (16, 10, 10)
+    expected = np.floor(255 * (c3[0] - c3.min()) / (c3.max() - c3.min()) + 0.5)  # JavaScript's Math.round
+    shown: list[int] = tab.page.evaluate(
+        "() => { const c = document.querySelector('#layers [data-layer=C3] canvas');"
+        " return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }"
+    )
+    assert np.array(shown).reshape(10, 10, 4)[..., 0].tolist() == expected.astype(int).tolist()
+    screenshot = tmp_path_factory.mktemp("layers-page") / "layers.png"
+    tab.page.screenshot(path=str(screenshot), full_page=True)
+    print(f"screenshot: {screenshot}")
+    tab.page.click("#clear-canvas")
+    assert tab.page.is_hidden("#layers")
+    assert tab.outside_origin() == [] and tab.console_errors == []
 
 
 def test_dropped_and_pasted_images_are_classified(tab: Tab, service: ServiceProcess) -> None:

@@ -461,6 +461,7 @@ const drawing = {
       $("draw-meta").textContent = answeredBy(body, milliseconds);
       $("draw-panel").dataset.version = body.version;
       markConfidence($("draw-panel"), body);
+      await showLayers(blob, model, body.version, generation);
     } catch (exc) {
       $("draw-meta").textContent = exc.message;
     } finally {
@@ -470,6 +471,66 @@ const drawing = {
     }
   },
 };
+
+// ---- what each layer sees (LeNet-5) ------------------------------------------------
+
+function featureMapsOf(model) {
+  const info = state.models.find((m) => m.name === model);
+  return (info && info.explanation && info.explanation.feature_maps) || null;
+}
+
+// One small canvas per feature map, grey levels scaled to the layer's own range
+function drawMaps(row, name, maps) {
+  let low = Infinity;
+  let high = -Infinity;
+  for (const map of maps) for (const line of map) for (const v of line) {
+    low = Math.min(low, v);
+    high = Math.max(high, v);
+  }
+  const span = high - low || 1;
+  const title = document.createElement("h4");
+  title.textContent = `${name} · ${maps.length} maps of ${maps[0].length}×${maps[0][0].length}`;
+  const grid = document.createElement("div");
+  grid.className = "maps";
+  for (const map of maps) {
+    const canvas = document.createElement("canvas");
+    canvas.width = map[0].length;
+    canvas.height = map.length;
+    const context = canvas.getContext("2d");
+    const image = context.createImageData(canvas.width, canvas.height);
+    map.forEach((line, y) => line.forEach((v, x) => {
+      const level = Math.round((255 * (v - low)) / span);
+      image.data.set([level, level, level, 255], 4 * (y * canvas.width + x));
+    }));
+    context.putImageData(image, 0, 0);
+    grid.append(canvas);
+  }
+  row.replaceChildren(title, grid);
+}
+
+async function showLayers(blob, model, version, generation) {
+  if (!featureMapsOf(model)) {
+    $("layers").hidden = true;
+    return;
+  }
+  const url = `/explain?model=${encodeURIComponent(model)}&version=${encodeURIComponent(version)}&layers=true&top_k=1`;
+  const body = await call(url, { method: "POST", headers: { "Content-Type": "image/png" }, body: blob });
+  if (generation !== drawing.generation) return;
+  const layers = body.results[0].layers;
+  const panel = $("layers");
+  for (const [name, maps] of Object.entries(layers)) {
+    let row = panel.querySelector(`[data-layer="${name}"]`);
+    if (!row) {
+      row = document.createElement("div");
+      row.className = "layer";
+      row.dataset.layer = name;
+      panel.append(row);
+    }
+    drawMaps(row, name, maps);
+  }
+  panel.dataset.drawn = String(Number(panel.dataset.drawn || 0) + 1);
+  panel.hidden = false;
+}
 
 function setUpCanvas() {
   const canvas = $("canvas");
@@ -483,6 +544,7 @@ function setUpCanvas() {
     $("draw-digit").textContent = "?";
     $("draw-predictions").replaceChildren();
     $("draw-meta").textContent = "";
+    $("layers").hidden = true;
   };
   clear();
   context.lineWidth = 22;
