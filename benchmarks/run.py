@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,9 @@ from .wrk import http_load
 logger = logging.getLogger("benchmarks")
 SHADOW_MODELS = ("lenet5", "resnet50")  # with "shadow": their INT8 variants are exported to shadow them
 SHADOW_FRACTIONS = (1.0, 0.1)
-EXPLAIN_METHODS = ("gradcam", "occlusion")  # POST /explain, at the peers' concurrency levels
+# POST /explain: Grad-CAM at concurrency 1 and 4; occlusion (170 to 226 images a request) at 1, for three
+# times as long, so that even ResNet-50's seconds-long requests are a few per run
+EXPLAIN_RUNS = (("gradcam", (1, 4), 1), ("occlusion", (1,), 3))
 ROOT = Path(__file__).resolve().parent.parent
 # The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
@@ -358,9 +360,9 @@ def model_runs(store: ModelStore, model: str, plan: Plan, workdir: Path) -> list
     with serving(store, model, plan) as service:
         runs += service_runs(service, store, model, plan)
         reference = reference_answers(service.url, model, *payload(model, plan.large_photo))
-        for method in EXPLAIN_METHODS if "explain" in plan.paths and not variant else ():
-            route = f"/explain?model={model}&method={method}"
-            runs += http_runs(service.url, model, plan, f"explain-{method}", route, (1, 4), service.process.pid)
+        for method, levels, longer in EXPLAIN_RUNS if "explain" in plan.paths and not variant else ():
+            route, timed = f"/explain?model={model}&method={method}", replace(plan, seconds=plan.seconds * longer)
+            runs += http_runs(service.url, model, timed, f"explain-{method}", route, levels, service.process.pid)
     for path, setting in plan.scaling if "scaling" in plan.paths else ():
         key, value = setting.split("=", 1)
         with serving(store, model, plan, **{key: value}) as service:

@@ -175,17 +175,24 @@ class ExplanationCheck:
     images: int
     max_abs_diff_map: float
     map_size: tuple[int, int]
+    random: int  # of the images, random pixels; the rest real (the held-out digits or photos)
 
     def to_dict(self) -> dict[str, Any]:
-        against = "PyTorch autograd Grad-CAM at the same layer, on random pixels (top-1 and class 0)"
+        against = (f"PyTorch autograd Grad-CAM at the same layer, on {self.random} random and "
+                   f"{self.images - self.random} held-out images (top-1 and class 0)")  # fmt: skip
         return {"images": self.images, "max_abs_diff_map": self.max_abs_diff_map, "tolerance": TOLERANCE,
                 "against": against}  # fmt: skip
 
 
-def verify(graph: GradCamGraph, spec: InputSpec, path: Path, batch: int = 4, seed: int = 1) -> ExplanationCheck:
-    """The graph's maps against autograd's on random pixels, for the top-1 and for class 0."""
+def verify(
+    graph: GradCamGraph, spec: InputSpec, path: Path, real: np.ndarray | None = None, batch: int = 4, seed: int = 1
+) -> ExplanationCheck:
+    """The graph's maps against autograd's on random pixels and ``real`` images (uint8, as served), for the
+    top-1 and for class 0."""
     images = random_images(spec, batch, seed)
-    classes = np.array([-1, 0] * (batch // 2), dtype=np.int64)
+    if real is not None and len(real):
+        images = np.concatenate([images, real])
+    classes = np.array([-1, 0] * (len(images) // 2) + [-1] * (len(images) % 2), dtype=np.int64)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     _, maps, *seen = session.run(list(graph.output_names), {INPUT_NAME: images, CLASSES_NAME: classes})
     expected = autograd_gradcam(graph.model, spec, graph.layer, images, classes)
@@ -201,15 +208,16 @@ def verify(graph: GradCamGraph, spec: InputSpec, path: Path, batch: int = 4, see
         off = float(np.abs(ours - reference.numpy()).max())
         if off > TOLERANCE:
             raise ExplanationError(f"{path}: feature map {name} differs from PyTorch's by {off:.2e}")
-    return ExplanationCheck(batch, difference, (int(maps.shape[1]), int(maps.shape[2])))
+    return ExplanationCheck(len(images), difference, (int(maps.shape[1]), int(maps.shape[2])), batch)
 
 
-def write(model: nn.Module, spec: ModelSpec, directory: Path) -> dict[str, Any]:
-    """``explain.onnx`` in ``directory``, verified; what the metadata records of it."""
+def write(model: nn.Module, spec: ModelSpec, directory: Path, real: np.ndarray | None = None) -> dict[str, Any]:
+    """``explain.onnx`` in ``directory``, verified (also on ``real`` images where given); what the metadata
+    records of it."""
     graph = GradCamGraph(model, spec.input, spec.family)
     path = directory / FILE
     export(graph, spec.input, path)
-    check = verify(graph, spec.input, path)
+    check = verify(graph, spec.input, path, real)
     return {"method": "gradcam", "file": FILE, "sha256": sha256_file(path), "layer": graph.layer,
             "map_size": list(check.map_size),
             "description": METHOD, "inputs": [INPUT_NAME, CLASSES_NAME], "outputs": list(graph.output_names),

@@ -21,7 +21,7 @@ import torch
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import InputMeta
 
-from . import baseline, explanation, train, typicality
+from . import baseline, calibration, explanation, train, typicality
 from .graph import INPUT_NAME, OPSET, ClassifierGraph, count_flops, export_onnx, verify
 from .registry import get_model_spec
 from .spec import ModelSpec, WeightsKind
@@ -174,7 +174,9 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
         graph_path = staging / GRAPH_FILE
         export_onnx(graph, spec.input, graph_path)
         verification = verify(graph, spec.input, graph_path)
-        explained = explanation.write(model, spec, staging)  # explain.onnx, verified against autograd
+        held_out = calibration.held_out(InputMeta.model_validate(spec.input.to_dict()), options.seed)
+        # explain.onnx, verified against autograd on random pixels and four held-out images
+        explained = explanation.write(model, spec, staging, held_out.images[:4])
         # what its answers look like on images it should see (and, where labelled, when to abstain)
         quality = baseline.measure(graph_path, InputMeta.model_validate(spec.input.to_dict()), spec.name,
                                    options.baseline_dir, options.seed)  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .batching import Outputs
-from .occlusion import Occlusion, mean_pixel
+from .occlusion import Occlusion, fill_pixel
 from .preprocess import preprocess
 from .repository import ModelEntry, Repository
 from .shadow import Shadow
@@ -110,9 +110,10 @@ class Classifier:
         """Each image's map for class ``index`` (its top-1 where None), and what the answer says of how.
 
         ``gradcam``: all images through the version's explanation graph (``runtime.gradcam``) at
-        once. ``occlusion``: image after image, each with its occluded copies as one request to the
-        model's own batcher, so they share batches with other requests. Neither counts in the
-        quality metrics nor as shadow traffic.
+        once. ``occlusion``: image after image, each with its occluded copies sent to the model's own
+        batcher a batch's worth at a time, so that live requests interleave with them and a few
+        concurrent explanations do not fill its queue. Neither counts in the quality metrics nor
+        as shadow traffic.
         """
         assert entry.model is not None and entry.batcher is not None
         images = await self.preprocess(entry, files)
@@ -131,12 +132,15 @@ class Classifier:
             if graph.explained_by is not None:  # a variant: its FP32 parent's graph
                 how["explained_by"] = graph.explained_by
             return explained, how
-        fill, size = mean_pixel(entry.model.metadata.input), entry.model.metadata.input.size
+        fill, size = fill_pixel(entry.model.metadata.input), entry.model.metadata.input.size
         explained = []
         with self.stage(entry, "explain"):
+            step = entry.batcher.max_batch_size
             for image in images:
-                outputs = await entry.batcher.infer(occlusion.images(image, fill), self.tracing.current(), False)
-                row = outputs[1]
+                copies = occlusion.images(image, fill)
+                parts = [await entry.batcher.infer(copies[i : i + step], self.tracing.current(), False)
+                         for i in range(0, len(copies), step)]  # fmt: skip
+                row = np.concatenate([part[1] for part in parts])
                 chosen = int(np.argmax(row[0])) if index is None else index
                 explained.append(Explained(image, row[0], chosen, occlusion.heat(row, chosen, size)))
         return explained, {"layer": "input", "patch": occlusion.patch, "stride": occlusion.stride}

@@ -4,8 +4,10 @@ Zeiler and Fergus ("Visualizing and Understanding Convolutional Networks", ECCV 
 a grey square over the image and watch the class's probability: where covering the image
 costs the class most, the network was looking. It needs nothing but the graph, so it
 explains any model of the store at any precision, and it is the cross-check for gradient
-methods. The patch is filled with the model's mean pixel (the input's ``mean`` x 255), which
-its normalisation maps to zero: "no information" in the network's own terms.
+methods. The patch is filled with what the model takes for "nothing there": for photos the
+mean pixel (the input's ``mean`` x 255), which its normalisation maps to zero; for light
+strokes on a dark ground (LeNet-5) the ground itself, since a grey square on black is half
+a stroke, and covering the empty ground with it moved the digits' maps onto the background.
 
 Every position of the patch is one image of a single batch through the model's batcher; the
 map is each position's drop in the class's probability, clipped at zero and divided by the
@@ -75,6 +77,9 @@ class Occlusion:
         return drop / largest if largest > 0 else drop
 
 
-def mean_pixel(spec: InputMeta) -> np.ndarray:
-    """The pixel the model's normalisation maps to zero, as uint8 per channel."""
+def fill_pixel(spec: InputMeta) -> np.ndarray:
+    """The occluding patch's pixel, uint8 per channel: the dark ground for light-on-dark inputs, else the
+    pixel the model's normalisation maps to zero."""
+    if spec.polarity == "light-on-dark":
+        return np.zeros(spec.channels, dtype=np.uint8)
     return np.clip(np.round(np.asarray(spec.mean) * 255.0), 0, 255).astype(np.uint8)

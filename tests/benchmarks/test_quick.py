@@ -65,7 +65,8 @@ def test_quick_benchmark_writes_table_json_and_plot(model_store: ModelStore, tmp
     assert "lenet5 HTTP /classify / no-op (requests/s)" in names and "/noop / stack floor at concurrency 4" in names
     assert "resnet18 HTTP / in-process ceiling at concurrency 4" in names
     assert "lenet5 HTTP with a shadow of 1 / without at concurrency 4" in names
-    assert "resnet18 /explain occlusion / /classify images per second at concurrency 4" in names
+    assert "resnet18 /explain occlusion / /classify images per second at concurrency 1" in names
+    assert "resnet18 /explain gradcam / /classify images per second at concurrency 4" in names
     costs = {r["name"]: r["value"] for r in results["ratios"] if "quality bookkeeping" in r["name"]}
     assert set(costs) == {f"{m}: answers' quality bookkeeping, microseconds per image ({c} classes)"
                           for m, c in (("lenet5", 10), ("lenet5_int8", 10), ("resnet18", 1000))}  # fmt: skip

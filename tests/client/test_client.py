@@ -72,27 +72,24 @@ def test_a_folder_is_classified_in_order_with_the_services_answers(service: Serv
 def test_explain_writes_each_images_heat_map_beside_the_results(
     service: ServiceProcess, photos: Path, tmp_path: Path
 ) -> None:
-    (photos / "animals" / "coffee.png").write_bytes((photos / "things" / "coffee.png").read_bytes())  # a stem twice
+    twice = photos / "animals" / "coffee.png"  # a stem twice
+    twice.write_bytes((photos / "things" / "coffee.png").read_bytes())
     try:
         result = run_client(str(photos), "--url", service.url, "--model", "resnet18", "--format", "jsonl",
                             "--explain", str(tmp_path / "heat"))  # fmt: skip
+        assert result.returncode == 1, result.stderr  # the broken file, as without --explain
+        rows = {Path(r["path"]).relative_to(photos).as_posix(): r for r in map(json.loads, result.stdout.splitlines())}
+        assert "explanation" not in rows.pop("broken.jpg")
+        written = sorted(p.name for p in (tmp_path / "heat").iterdir())
+        assert written == ["astronaut.png", "chelsea.png", "coffee-2.png", "coffee.png", "rocket.png"]
+        for name, row in rows.items():
+            top = row["predictions"][0]["index"]
+            headers = {"Content-Type": "application/octet-stream", "Accept": "image/png"}
+            url = f"{service.url}/explain?model=resnet18&class={top}"
+            expected = httpx.post(url, content=(photos / name).read_bytes(), headers=headers, timeout=60)
+            assert Path(row["explanation"]).read_bytes() == expected.content, name
     finally:
-        (photos / "animals" / "coffee.png").unlink()
-    assert result.returncode == 1, result.stderr  # the broken file, as without --explain
-    rows = {
-        Path(row["path"]).relative_to(photos).as_posix(): row for row in map(json.loads, result.stdout.splitlines())
-    }
-    assert "explanation" not in rows["broken.jpg"]
-    written = sorted(p.name for p in (tmp_path / "heat").iterdir())
-    assert written == ["astronaut.png", "chelsea.png", "coffee-2.png", "coffee.png", "rocket.png"]
-    for name, row in rows.items():
-        if name == "broken.jpg":
-            continue
-        top = row["predictions"][0]["index"]
-        headers = {"Content-Type": "application/octet-stream", "Accept": "image/png"}
-        url = f"{service.url}/explain?model=resnet18&class={top}"
-        expected = httpx.post(url, content=(photos / name).read_bytes(), headers=headers, timeout=60)
-        assert Path(row["explanation"]).read_bytes() == expected.content, name
+        twice.unlink()
 
 
 def test_csv_to_a_file_with_a_glob_and_the_default_model(service: ServiceProcess, photos: Path, tmp_path: Path) -> None:

