@@ -38,7 +38,11 @@ def test_every_config_is_a_triton_model_config_matching_its_graph(model_store: M
         ]:
             assert declared.name == actual.name
             assert declared.data_type == ONNX_TO_TRITON[actual.type.tensor_type.elem_type]
-            assert [-1, *declared.dims] == shape(actual)  # the batch dimension is Triton's, and dynamic
+            # the batch dimension is Triton's, and dynamic; a tensor that is only the batch axis (the typicality
+            # distance) is declared dims [1] with reshape { shape: [] }, as Triton's model configuration says
+            model_dims = list(declared.reshape.shape) if declared.HasField("reshape") else list(declared.dims)
+            assert [-1, *model_dims] == shape(actual)
+            assert declared.dims and (not declared.HasField("reshape") or list(declared.dims) == [1])
         labels = [o.label_filename for o in config.output if o.label_filename]
         for label_file in labels:
             lines = (directory / label_file).read_text().splitlines()
