@@ -29,14 +29,16 @@ pytestmark = pytest.mark.integration
 DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
 
 
-def batch_of_eight_only_graph(path: Path) -> None:
-    """A valid LeNet-shaped graph whose fixed Reshape fails at runtime for any batch but 8."""
+def batch_of_eight_only_graph(path: Path, distance: bool = True) -> None:
+    """A valid LeNet-shaped graph whose fixed Reshape fails at runtime for any batch but 8 (with LeNet-5's
+    typicality ``distance`` output, unless told)."""
     nodes = [
         helper.make_node("Cast", ["images"], ["x"], to=TensorProto.FLOAT),
         helper.make_node("ReduceMean", ["x"], ["mean"], axes=[1, 2, 3], keepdims=0),  # [N]
         helper.make_node("Reshape", ["mean", "eight"], ["column"]),  # [8, 1]: the fault
         helper.make_node("Expand", ["column", "wide"], ["logits"]),  # [8, 10]
         helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        *([helper.make_node("Identity", ["mean"], ["distance"])] if distance else []),
     ]
     constants = [
         helper.make_tensor("eight", TensorProto.INT64, [2], [8, 1]),
@@ -45,7 +47,8 @@ def batch_of_eight_only_graph(path: Path) -> None:
     graph = helper.make_graph(
         nodes, "fails_unless_eight",
         [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 32, 32, 1])],
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 10]) for n in ("logits", "probabilities")],
+        [*(helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", 10]) for n in ("logits", "probabilities")),
+         *([helper.make_tensor_value_info("distance", TensorProto.FLOAT, ["batch"])] if distance else [])],
         initializer=constants,
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
@@ -63,7 +66,7 @@ def record_graph_hash(version: Path) -> None:
 def faulty(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     root = tmp_path_factory.mktemp("faulty_store")
     source = model_store.model_dir("lenet5")
-    broken = ["missing_graph", "truncated_graph", "not_onnx", "bad_metadata", "runtime_fault"]
+    broken = ["missing_graph", "truncated_graph", "not_onnx", "bad_metadata", "runtime_fault", "no_distance"]
     for name in ["lenet5", *broken]:
         shutil.copytree(source, root / name, ignore=shutil.ignore_patterns(".staging*"))
     (root / "missing_graph" / "1" / "model.onnx").unlink()
@@ -72,7 +75,8 @@ def faulty(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) ->
     (root / "not_onnx" / "1" / "model.onnx").write_text("this is not a protobuf\n")
     (root / "bad_metadata" / "1" / "metadata.json").write_text("{ not json")
     batch_of_eight_only_graph(root / "runtime_fault" / "1" / "model.onnx")
-    for name in ("not_onnx", "runtime_fault"):  # recorded as the export would: past the integrity check
+    batch_of_eight_only_graph(root / "no_distance" / "1" / "model.onnx", distance=False)
+    for name in ("not_onnx", "runtime_fault", "no_distance"):  # recorded as the export would: past the integrity check
         record_graph_hash(root / name / "1")
     with running(root, root.parent / "faulty.log", WARMUP_BATCHES="[8]") as process:
         yield process
@@ -91,6 +95,7 @@ def test_broken_models_are_listed_with_the_reason_and_the_rest_serve(faulty: Ser
         "truncated_graph": "model.onnx's sha256 does not match metadata.json",
         "not_onnx": "ONNX Runtime cannot load",
         "bad_metadata": "metadata.json is invalid",
+        "no_distance": "the metadata has a typicality check, but the graph has no 'distance' output",
     }
     for name, reason in reasons.items():
         assert models[name]["status"] == "failed" and reason in models[name]["reason"], models[name]
