@@ -174,12 +174,13 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
         graph_path = staging / GRAPH_FILE
         export_onnx(graph, spec.input, graph_path)
         verification = verify(graph, spec.input, graph_path)
-        held_out = calibration.held_out(InputMeta.model_validate(spec.input.to_dict()), options.seed)
+        served = InputMeta.model_validate(spec.input.to_dict())
+        held_out = calibration.held_out(served, options.seed)  # decoded once, for both checks below
         # explain.onnx, verified against autograd on random pixels and four held-out images
         explained = explanation.write(model, spec, staging, held_out.images[:4])
         # what its answers look like on images it should see (and, where labelled, when to abstain)
-        quality = baseline.measure(graph_path, InputMeta.model_validate(spec.input.to_dict()), spec.name,
-                                   options.baseline_dir, options.seed)  # fmt: skip
+        quality = baseline.measure(graph_path, served, spec.name, options.baseline_dir, options.seed,
+                                   images=None if options.baseline_dir else held_out)  # fmt: skip
         version = store.next_version(spec.name)
         metadata = _metadata(
             spec,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .batching import Outputs
+from .gradcam import GradCam
 from .occlusion import Occlusion, fill_pixel
 from .preprocess import preprocess
 from .repository import ModelEntry, Repository
@@ -104,6 +105,13 @@ class Classifier:
             ranked = [top_k(row, entry.model.labels, k) for row in outputs[1]]
         return ranked, outputs[2] if len(outputs) > 2 else None
 
+    async def gradcam(self, entry: ModelEntry, images: np.ndarray, index: int | None = None) -> tuple[GradCam, Outputs]:
+        """``images`` through the version's explanation graph (opened at first use), for class ``index`` or
+        each image's top-1: (probabilities, maps, feature maps...). No answers: not in the quality metrics."""
+        graph = await self.repository.gradcams.get(entry)
+        classes = np.full(len(images), -1 if index is None else index, dtype=np.int64)
+        return graph, await graph.batcher.infer((images, classes), self.tracing.current(), observe=False)
+
     async def explain(
         self, entry: ModelEntry, files: list[bytes], index: int | None, method: str, occlusion: Occlusion
     ) -> tuple[list[Explained], dict[str, Any]]:
@@ -118,11 +126,9 @@ class Classifier:
         assert entry.model is not None and entry.batcher is not None
         images = await self.preprocess(entry, files)
         if method == "gradcam":
-            graph = await self.repository.gradcams.get(entry)
             with self.stage(entry, "explain"):
-                classes = np.full(len(images), -1 if index is None else index, dtype=np.int64)
-                probabilities, maps, *seen = await graph.batcher.infer((images, classes), self.tracing.current(), False)
-            chosen = probabilities.argmax(1) if index is None else classes
+                graph, (probabilities, maps, *seen) = await self.gradcam(entry, images, index)
+            chosen = probabilities.argmax(1) if index is None else np.full(len(images), index)
             explained = [
                 Explained(images[i], probabilities[i], int(chosen[i]), maps[i],
                           {name: layer[i] for name, layer in zip(graph.feature_maps, seen, strict=True)})

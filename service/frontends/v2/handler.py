@@ -264,9 +264,7 @@ class OipHandler:
         outputs = await self.classifier.infer(entry, images)
         arrays = dict(zip(names, outputs, strict=True))
         if any(r.name == GRADCAM for r in requested):  # the top-1's map, from the explanation graph
-            graph = await self.classifier.repository.gradcams.get(entry)
-            classes = np.full(len(images), -1, dtype=np.int64)
-            arrays[GRADCAM] = (await graph.batcher.infer((images, classes), observe=False))[1]
+            arrays[GRADCAM] = (await self.classifier.gradcam(entry, images))[1][1]
         with self.classifier.stage(entry, "postprocess"):
             requested = requested or [RequestedOutput(name) for name in OUTPUT_NAMES]
             return [self._output(entry, arrays[r.name], r) for r in requested]
