@@ -2,11 +2,12 @@
 
 The same bodies, model choice, limits, tokens and errors as ``/classify``; each image's
 result adds its ``explanation``: the method (``gradcam`` from the version's explanation graph,
-``runtime/gradcam.py``, the default where it has one; ``occlusion`` through the served graph
-itself, ``runtime/occlusion.py``, for any model), the class explained (``class=INDEX_OR_LABEL``,
-its top-1 by default) with its probability, the layer, and the map, a 2-D grid of floats in
-[0, 1]. ``overlay=true`` adds the map drawn over the crop the network saw as a base64 PNG;
-``Accept: image/png`` with one image answers that PNG itself.
+``runtime/gradcam.py``; ``occlusion`` through the served graph itself, ``runtime/occlusion.py``,
+for any model; the default is the one the export recorded, ``default_method``), the class
+explained (``class=INDEX_OR_LABEL``, its top-1 by default) with its probability, the layer, and
+the map, a 2-D grid of floats in [0, 1]. ``overlay=true`` adds the map drawn over the crop the
+network saw as a base64 PNG; ``Accept: image/png`` with one image answers that PNG itself (its
+method in ``X-Explanation-Method``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,15 @@ def overlay_png(pixels: np.ndarray, heat: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def default_method(graph: tuple[Any, dict[str, Any]] | None, with_layers: bool) -> str:
+    """Without ``method=``: what the export chose for the family (Grad-CAM, or occlusion for LeNet-5, whose
+    Grad-CAM does not single out the strokes); Grad-CAM for ``layers=true``, which its graph outputs;
+    occlusion for a version without an explanation graph."""
+    if graph is None:
+        return "occlusion"
+    return "gradcam" if with_layers else str(graph[1].get("default", "gradcam"))
+
+
 def explanation(item: Explained, labels: list[str], method: str, how: dict[str, Any]) -> dict[str, Any]:
     return {
         "method": method,
@@ -115,7 +125,7 @@ async def explain(request: Request) -> Response:
         meta, labels = entry.model.metadata, entry.model.labels
         occlusion = Occlusion.for_input(meta.input, patch, stride)
         index = class_index(query.get("class"), labels, entry.name)
-        method = wanted or ("gradcam" if service.repository.gradcams.graph_of(entry) else "occlusion")
+        method = wanted or default_method(service.repository.gradcams.graph_of(entry), with_layers)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
         if as_png and len(files) != 1:
             raise InvalidInput(
@@ -130,7 +140,11 @@ async def explain(request: Request) -> Response:
         explained, how = await service.explain(entry, files, index, method, occlusion)
     service.metrics.child(service.metrics.explanations, entry.name, str(entry.version), method).inc(len(explained))
     if as_png:
-        return Response(overlay_png(explained[0].pixels, explained[0].heat), media_type="image/png")
+        return Response(
+            overlay_png(explained[0].pixels, explained[0].heat),
+            media_type="image/png",
+            headers={"X-Explanation-Method": method},
+        )
     results = []
     for item in explained:
         result: dict[str, Any] = {

@@ -85,8 +85,9 @@ def window_means(pixels: np.ndarray, occlusion: Occlusion) -> np.ndarray:
 
 @pytest.mark.integration
 def test_a_digits_map_puts_its_mass_on_the_strokes(service: ServiceProcess, model_store: ModelStore) -> None:
+    """The map a reader of LeNet-5's answer gets by default (occlusion, as its export recorded)."""
     files, _ = held_out_drawings(30)
-    response = explain(service, files, model="lenet5", top_k=1, method="occlusion")
+    response = explain(service, files, model="lenet5", top_k=1)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == "lenet5" and len(body["results"]) == 30
@@ -108,7 +109,7 @@ def test_a_digits_map_puts_its_mass_on_the_strokes(service: ServiceProcess, mode
         ink.append(float(covered.mean()))
     print(f"lenet5 occlusion maps of 30 drawn digits: {np.mean(on_ink):.0%} of the map's mass on ink, "
           f"where the ink covers {np.mean(ink):.0%} of the windows")  # fmt: skip
-    assert np.mean(on_ink) > 1.5 * np.mean(ink)
+    assert np.mean(on_ink) > 0.5 and np.mean(on_ink) > 1.5 * np.mean(ink)
     assert sum(a > b for a, b in zip(on_ink, ink, strict=True)) >= 27
 
 
@@ -129,8 +130,12 @@ def test_any_class_by_index_or_label_and_the_overlay_as_png(service: ServiceProc
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     picture = Image.open(io.BytesIO(png.content))
     assert picture.size == (224, 224) and picture.mode == "RGB"  # 32 pixels enlarged 7 times
-    json_overlay = explain(service, files, model="lenet5", overlay="true").json()["results"][0]["overlay"]  # Grad-CAM
+    assert png.headers["x-explanation-method"] == "occlusion"  # LeNet-5's default
+    json_overlay = explain(service, files, model="lenet5", overlay="true").json()["results"][0]["overlay"]
     assert base64.b64decode(json_overlay) == png.content
+    cam = httpx.post(f"{service.url}/explain?model=resnet18", content=files[0],
+                     headers={"Content-Type": "image/png", "Accept": "image/png"}, timeout=60)  # fmt: skip
+    assert cam.status_code == 200 and cam.headers["x-explanation-method"] == "gradcam"  # ResNet's default
 
 
 @pytest.mark.integration
@@ -178,21 +183,23 @@ def ranks(values: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.integration
-def test_grad_cam_is_the_default_and_is_what_the_export_verified(
+def test_lenet5s_default_is_occlusion_and_its_grad_cam_is_what_the_export_verified(
     service: ServiceProcess, model_store: ModelStore
 ) -> None:
     """LeNet-5's Grad-CAM at C3, and how it compares with occlusion on drawn digits (reported: at C3 this tanh
-    network's Grad-CAM does not single out the strokes, where occlusion does; see the README)."""
+    network's Grad-CAM does not single out the strokes, where occlusion does, which is why the export records
+    occlusion as its default; see the README)."""
     from scipy.ndimage import map_coordinates
 
     files, _ = held_out_drawings(30)
-    grad = explain(service, files, model="lenet5", top_k=1).json()["results"]
+    grad = explain(service, files, model="lenet5", top_k=1, method="gradcam").json()["results"]
     occluded = explain(service, files, model="lenet5", top_k=1, method="occlusion").json()["results"]
     version = model_store.latest("lenet5")
     assert version is not None
     meta = json.loads((version.directory / "metadata.json").read_text())
     spec = InputMeta.model_validate(meta["input"])
     assert "and 4 held-out images" in meta["explanation"]["verification"]["against"]
+    assert meta["explanation"]["default"] == "occlusion" and "strokes" in meta["explanation"]["default_because"]
     # C3's 10 x 10 positions sit at input pixels 6.5 + 2i (two 5 x 5 convolutions and a 2 x 2 pooling);
     # occlusion's 15 x 15 at 2 + 2k: both are compared there, at C3's positions
     centres = np.meshgrid(6.5 + 2 * np.arange(10), 6.5 + 2 * np.arange(10), indexing="ij")
@@ -242,14 +249,15 @@ def test_a_model_without_a_graph_falls_back_to_occlusion_and_a_variant_uses_its_
     refused = explain(older_store, files, model="lenet5", method="gradcam")
     assert refused.status_code == 400
     assert "lenet5 v1 has no explanation graph" in refused.json()["error"] and "method=occlusion" in refused.text
-    variant = explain(older_store, files, model="lenet5_int8").json()["results"][0]["explanation"]
+    variant = explain(older_store, files, model="lenet5_int8", method="gradcam").json()["results"][0]["explanation"]
     assert variant["method"] == "gradcam" and variant["explained_by"] == {"model": "lenet5", "version": 1}
 
 
 @pytest.mark.integration
 def test_grad_cam_is_an_output_of_the_open_inference_protocol(service: ServiceProcess) -> None:
     files, _ = held_out_drawings(4)
-    maps = [np.array(r["explanation"]["map"]) for r in explain(service, files, model="lenet5").json()["results"]]
+    found = explain(service, files, model="lenet5", method="gradcam").json()["results"]
+    maps = [np.array(r["explanation"]["map"]) for r in found]
     grpc = triton_grpc.InferenceServerClient(service.grpc_target)
     tensor = triton_grpc.InferInput("image_bytes", [len(files)], "BYTES")
     tensor.set_data_from_numpy(np.array(files, dtype=object))

@@ -187,6 +187,7 @@ def test_why_lays_the_heat_map_over_the_image_for_any_class(
     assert direct.status_code == 200
     expected = np.asarray(Image.open(io.BytesIO(direct.content)).convert("RGBA"))
     assert np.array_equal(np.array(pixels, dtype=np.uint8).reshape(expected.shape), expected)
+    assert tab.page.get_attribute(f"{card} img", "title") == f"gradcam map of class {shown[0]['index']}"
     screenshot = tmp_path_factory.mktemp("why-page") / "why.png"
     tab.page.screenshot(path=str(screenshot), full_page=True)
     print(f"screenshot: {screenshot}")
@@ -198,6 +199,7 @@ def test_why_lays_the_heat_map_over_the_image_for_any_class(
     # and back to the photo
     tab.page.click(f"{card} button.why")
     assert tab.page.get_attribute(card, "data-explained") is None
+    assert tab.page.get_attribute(f"{card} img", "title") is None
     assert tab.page.inner_text(f"{card} button.why") == "why?"
     assert tab.outside_origin() == []
     assert tab.console_errors == []

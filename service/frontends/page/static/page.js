@@ -343,6 +343,7 @@ async function explainInto(card, blob, index) {
   }
   const image = card.querySelector("img");
   image.src = URL.createObjectURL(await response.blob());
+  image.title = `${response.headers.get("X-Explanation-Method") || "heat"} map of class ${index}`;
   card.dataset.explained = String(index);
   for (const item of card.querySelectorAll(".prediction")) item.classList.toggle("explained", item.dataset.index === String(index));
   return true;
@@ -364,6 +365,7 @@ function addWhy(card, blob, predictions) {
   button.addEventListener("click", () => {
     if (card.dataset.explained === undefined) return show(predictions[0].index);
     image.src = original;
+    image.removeAttribute("title");
     delete card.dataset.explained;
     for (const item of card.querySelectorAll(".prediction")) item.classList.remove("explained");
     button.textContent = "why?";
