@@ -139,7 +139,7 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     if not stored.graph.is_file():
         raise ModelLoadError(f"{stored.graph} is missing")
     try:
-        labels = store.read_labels(stored.name)
+        labels = store.read_labels(stored.name, stored)
     except OSError as exc:
         raise ModelLoadError(f"cannot read labels: {exc}") from None
     providers = wanted_providers(settings.providers)

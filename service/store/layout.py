@@ -1,9 +1,15 @@
 """The model store's layout, a valid Triton model repository::
 
     <root>/<name>/config.pbtxt            Triton's model configuration
-    <root>/<name>/labels.txt              one class name per line, index = class id
+    <root>/<name>/labels.txt              one class name per line, index = class id (the latest's)
     <root>/<name>/<version>/model.onnx
     <root>/<name>/<version>/metadata.json
+    <root>/<name>/<version>/labels.txt    the version's own class names (exports since custom heads)
+
+A version's labels are its own ``labels.txt`` where it has one, else the model's: a model
+whose classes change from one version to the next (a fine-tune with another class) keeps
+each version's answers named right; Triton reads the model's, which the export keeps equal
+to the latest version's.
 
 The export stage writes it and the service reads it, both through this module, so the
 layout is written down once.
@@ -89,5 +95,8 @@ class ModelStore:
         latest = self.latest(name)
         return 1 if latest is None else latest.version + 1
 
-    def read_labels(self, name: str) -> list[str]:
-        return self.labels_path(name).read_text(encoding="utf-8").splitlines()
+    def read_labels(self, name: str, version: StoredVersion | None = None) -> list[str]:
+        """The class names of ``version`` (its own ``labels.txt``, else the model's), or the model's."""
+        own = None if version is None else version.directory / LABELS_FILE
+        path = own if own is not None and own.is_file() else self.labels_path(name)
+        return path.read_text(encoding="utf-8").splitlines()
