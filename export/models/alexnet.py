@@ -68,6 +68,6 @@ class AlexNet(nn.Module):
         "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth", top1=56.522, file_mib=233.087
     ),
 )
-def alexnet(*, state_dict: Mapping[str, Tensor] | None = None) -> AlexNet:
+def alexnet(*, state_dict: Mapping[str, Tensor] | None = None, num_classes: int = 1000) -> AlexNet:
     """AlexNet (one-tower variant); ``state_dict`` in torchvision's format is loaded strictly."""
-    return with_weights(AlexNet(), state_dict)
+    return with_weights(AlexNet(num_classes), state_dict)

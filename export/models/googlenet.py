@@ -136,16 +136,16 @@ class GoogLeNet(nn.Module):
         "https://download.pytorch.org/models/googlenet-1378be20.pth", top1=69.778, file_mib=49.731
     ),
 )
-def googlenet(*, state_dict: Mapping[str, Tensor] | None = None) -> GoogLeNet:
+def googlenet(*, state_dict: Mapping[str, Tensor] | None = None, num_classes: int = 1000) -> GoogLeNet:
     """GoogLeNet without auxiliary classifiers.
 
     A ``state_dict`` in torchvision's release format (auxiliary heads included or not) is
     loaded strictly and switches on ``transform_input``, the convention of those weights.
     """
     if state_dict is None:
-        return GoogLeNet()
+        return GoogLeNet(num_classes)
     has_aux = any(key.startswith(("aux1.", "aux2.")) for key in state_dict)
-    model = GoogLeNet(aux_logits=has_aux, transform_input=True)
+    model = GoogLeNet(num_classes, aux_logits=has_aux, transform_input=True)
     model.load_state_dict(state_dict, strict=True)
     model.drop_aux_logits()
     return model

@@ -62,6 +62,6 @@ LENET5_INPUT = InputSpec(size=32, channels=1, resize=32, mean=(0.5,), std=(0.5,)
     typicality_layer="features.5",  # S4
     typicality_features=16 * 5 * 5,
 )
-def lenet5(*, state_dict: Mapping[str, Tensor] | None = None) -> LeNet5:
+def lenet5(*, state_dict: Mapping[str, Tensor] | None = None, num_classes: int = len(DIGIT_CATEGORIES)) -> LeNet5:
     """LeNet-5 for 32x32 grayscale digits; trained by ``python -m export lenet5``."""
-    return with_weights(LeNet5(num_classes=len(DIGIT_CATEGORIES)), state_dict)
+    return with_weights(LeNet5(num_classes=num_classes), state_dict)

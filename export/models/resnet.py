@@ -108,10 +108,14 @@ class ResNet(nn.Module):
 
 
 def resnet(
-    *, block: type[BasicBlock | Bottleneck], layers: list[int], state_dict: Mapping[str, Tensor] | None = None
+    *,
+    block: type[BasicBlock | Bottleneck],
+    layers: list[int],
+    state_dict: Mapping[str, Tensor] | None = None,
+    num_classes: int = 1000,
 ) -> ResNet:
     """ResNet with ``layers`` blocks per stage; ``state_dict`` is loaded strictly."""
-    return with_weights(ResNet(block, layers), state_dict)
+    return with_weights(ResNet(block, layers, num_classes), state_dict)
 
 
 # name: (block, blocks per stage, parameter count, release file, released top-1, its size in MiB)

@@ -64,9 +64,11 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
-def vgg(*, config: str, batch_norm: bool, state_dict: Mapping[str, Tensor] | None = None) -> VGG:
+def vgg(
+    *, config: str, batch_norm: bool, state_dict: Mapping[str, Tensor] | None = None, num_classes: int = 1000
+) -> VGG:
     """VGG of the given configuration ("A", "B", "D", "E"); ``state_dict`` is loaded strictly."""
-    return with_weights(VGG(make_layers(CONFIGS[config], batch_norm)), state_dict)
+    return with_weights(VGG(make_layers(CONFIGS[config], batch_norm), num_classes), state_dict)
 
 
 # name: (configuration, batch norm, parameter count, release file, released top-1, its size in MiB)
