@@ -9,6 +9,7 @@ from pathlib import Path
 
 from service.store.layout import ModelStore, StoredVersion
 
+from .checkpoint import CheckpointError, InputOverrides, labels_from_folder, read_labels
 from .graph import VerificationError, count_flops
 from .pipeline import ExportOptions, export_model
 from .precision import VariantOptions, export_variant
@@ -33,6 +34,12 @@ examples:
   python -m export lenet5 --precision int8       # INT8 variant lenet5_int8, checked against FP32
   python -m export resnet50 --precision int8 --calibration-dir photos/  # calibrate on your own images
   python -m export resnet50 --precision fp16     # FP16 variant for CUDA (refused on the CPU provider)
+
+your own classes (a checkpoint fine-tuned elsewhere, any head width):
+  python -m export resnet18 --weights-file shoes.pt --labels labels.txt --as shoes
+  python -m export googlenet --weights-file ckpt.pth --labels-from photos/train --as defects --precision int8
+  python -m export resnet50 --weights-file my.pt --labels labels.txt --input-size 160 \\
+      --mean 0.5,0.5,0.5 --std 0.5,0.5,0.5       # trained at 160 pixels with another normalisation
 """
 
 
@@ -60,6 +67,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-dir", type=Path,
                         help="measure the answers' baseline (for drift) on these images: your own representative "
                              "ones (default: the held-out digits or scikit-image's photos)")  # fmt: skip
+    own = parser.add_argument_group("your own model (with --weights-file: a checkpoint of the architecture NAME)")
+    labels = own.add_mutually_exclusive_group()
+    labels.add_argument("--labels", type=Path, help="its class names, one a line, in the head's order")
+    labels.add_argument("--labels-from", type=Path, metavar="DIR",
+                        help="its class names: DIR's class folders in sorted order, as torchvision's ImageFolder "
+                             "numbers them")  # fmt: skip
+    own.add_argument("--as", dest="as_name", metavar="NAME",
+                     help="write it as its own model NAME in the store (default: a new version of NAME)")  # fmt: skip
+    own.add_argument("--input-size", type=int, help="the side of the square the network saw in training")
+    own.add_argument("--resize", type=int, help="the shorter side before the centre crop (default: in the "
+                                                "architecture's ratio, 256/224)")  # fmt: skip
+    own.add_argument("--mean", type=_floats, help="per-channel mean of pixels in [0, 1], e.g. 0.5,0.5,0.5")
+    own.add_argument("--std", type=_floats, help="per-channel standard deviation, e.g. 0.5,0.5,0.5")
     variant = parser.add_argument_group("lower-precision variants (written as NAME_int8 / NAME_fp16)")
     variant.add_argument("--precision", choices=["int8", "fp16"], help="derive a variant from an FP32 version")
     variant.add_argument("--from-version", type=int, help="the FP32 version to derive from (default: the latest)")
@@ -96,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.weights_file is not None and (len(args.names) != 1 or args.names[0] in KEYWORDS):
         parser.error("--weights-file goes with exactly one model name")
+    own_model = (args.labels, args.labels_from, args.as_name, args.input_size, args.resize, args.mean, args.std)
+    if any(value is not None for value in own_model) and (len(args.names) != 1 or args.names[0] in KEYWORDS):
+        parser.error("--labels, --labels-from, --as and the input options go with exactly one model name")
     if args.precision is None and (args.calibration_dir or args.force or args.from_version):
         parser.error("--calibration-dir, --from-version and --force go with --precision int8|fp16")
     if args.recipe != "auto" and args.precision != "int8":
@@ -103,6 +126,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.calibration_count < 1 or not 0 <= args.min_agreement <= 1 or args.max_accuracy_drop < 0:
         parser.error("--calibration-count >= 1, 0 <= --min-agreement <= 1 and --max-accuracy-drop >= 0")
     return args
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers, e.g. 0.5,0.5,0.5") from None
 
 
 # Names that stand for a set of networks; with 'list', the words that are no model name.
@@ -169,7 +199,10 @@ def the_rest(exported_set: list[str]) -> str:
 
 
 def _export_variant(name: str, store: ModelStore, options: ExportOptions, variant: VariantOptions) -> StoredVersion:
-    """The variant of ``name``, exporting its FP32 version first where the store has none."""
+    """The variant of ``name`` (or of the user's model made from it), exporting its FP32 version first where the
+    store has none, or where the command gives a checkpoint or a model of the user's to export."""
+    if options.custom or options.weights_file is not None:
+        return export_variant(export_model(name, store, options).name, store, variant)
     if store.latest(name) is None:
         logger.info("%s: no FP32 version in %s yet, exporting one first", name, store.root)
         export_model(name, store, options)
@@ -209,6 +242,14 @@ def run_exports(
     return 1 if failed or not exported else 0
 
 
+def _labels(args: argparse.Namespace) -> tuple[str, ...] | None:
+    if args.labels is not None:
+        return tuple(read_labels(args.labels))
+    if args.labels_from is not None:
+        return tuple(labels_from_folder(args.labels_from))
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -217,10 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     keyword = args.names[0] if len(args.names) == 1 and args.names[0] in SETS else None
     names = SETS[keyword]() if keyword else args.names
+    store = ModelStore(args.out)
     try:
         for name in names:
-            get_model_spec(name)
-    except UnknownModelError as exc:
+            if not (args.precision and store.latest(name) is not None):  # a variant of a model of the store
+                get_model_spec(name)
+        labels = _labels(args)
+    except (UnknownModelError, CheckpointError) as exc:
         logger.error("%s", exc)
         return 2
     options = ExportOptions(
@@ -232,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         progress=not args.no_progress,
         baseline_dir=args.baseline_dir,
+        labels=labels,
+        as_name=args.as_name,
+        inputs=InputOverrides(args.input_size, args.resize, args.mean, args.std),
     )
     variant = None
     if args.precision:
@@ -247,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             recipe=args.recipe,
         )
-    status = run_exports(names, ModelStore(args.out), options, keyword is not None, variant)
+    status = run_exports(names, store, options, keyword is not None, variant)
     if keyword == "default":
         logger.info("%s", the_rest(names))
     return status

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -10,7 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,10 @@ import torch
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import InputMeta
 
-from . import baseline, calibration, explanation, train, typicality
+from . import baseline, calibration, checkpoint, explanation, train, typicality
+from .checkpoint import InputOverrides
 from .graph import INPUT_NAME, OPSET, ClassifierGraph, count_flops, export_onnx, verify
-from .registry import get_model_spec
+from .registry import get_model_spec, list_models
 from .spec import ModelSpec, WeightsKind
 from .weights import Provenance, file_state_dict, random_provenance, released_state_dict, sha256_file
 
@@ -44,6 +46,25 @@ class ExportOptions:
     progress: bool = True
     cache_dir: Path | None = None  # torch hub's checkpoints directory by default
     baseline_dir: Path | None = None  # the images the answers' baseline is measured on (held-out ones by default)
+    # a user's model (``export/checkpoint.py``): its class names, its name in the store, its input convention
+    labels: tuple[str, ...] | None = None
+    as_name: str | None = None
+    inputs: InputOverrides = field(default_factory=InputOverrides)
+
+    @property
+    def custom(self) -> bool:
+        return self.labels is not None or self.as_name is not None or self.inputs != InputOverrides()
+
+
+@dataclass
+class Built:
+    """The PyTorch model with its weights, in eval mode; what it is (the registered spec, or the user's model
+    derived from it); where the weights came from; the images it was trained on where it was trained here."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    provenance: Provenance
+    data: train.Dataset | None = None
 
 
 def _weights_kind(spec: ModelSpec, options: ExportOptions) -> WeightsKind:
@@ -63,22 +84,38 @@ def _build_with(spec: ModelSpec, state: Mapping[str, torch.Tensor], provenance: 
         raise ValueError(f"{provenance.file or provenance.url} does not fit {spec.name}: {detail}") from None
 
 
-def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Module, Provenance, train.Dataset | None]:
-    """The PyTorch model with its weights, in eval mode, where the weights came from, and the
-    images it was trained on where it was trained here."""
+def _own(spec: ModelSpec, options: ExportOptions, state: Mapping[str, torch.Tensor] | None, where: str) -> ModelSpec:
+    """The user's model where the options or the checkpoint's head ask for one, else ``spec``."""
+    labels = list(options.labels) if options.labels is not None else None
+    if state is not None:
+        labels = checkpoint.fit_labels(spec, state, labels, where)
+    if not options.custom and (labels is None or labels == list(spec.categories)):
+        return spec
+    if options.as_name not in (None, spec.name) and options.as_name in list_models():
+        raise checkpoint.CheckpointError(
+            f"--as {options.as_name}: that is a registered network's name; choose a name of your own"
+        )
+    return checkpoint.adapt(spec, labels or list(spec.categories), options.as_name, options.inputs)
+
+
+def build_model(spec: ModelSpec, options: ExportOptions) -> Built:
+    """``spec``'s network (or the user's model built on it) with the weights the options ask for."""
     kind = _weights_kind(spec, options)
     if kind == "imagenet":
         assert spec.released is not None
         state, provenance = released_state_dict(spec.released, options.cache_dir, options.progress)
-        return _build_with(spec, state, provenance), provenance, None
+        spec = _own(spec, options, None, "")
+        return Built(_build_with(spec, state, provenance), spec, provenance)
     if kind == "file":
         assert options.weights_file is not None
         state, provenance = file_state_dict(options.weights_file)
-        return _build_with(spec, state, provenance), provenance, None
+        spec = _own(spec, options, state, str(options.weights_file))
+        return Built(_build_with(spec, state, provenance), spec, provenance)
+    spec = _own(spec, options, None, "")
     torch.manual_seed(options.seed)
     model = spec.build()
     if kind == "random":
-        return model.eval(), random_provenance(options.seed), None
+        return Built(model.eval(), spec, random_provenance(options.seed))
     if options.data == "mnist":
         if options.data_dir is None:
             raise ValueError("--data mnist needs --data-dir DIR (where the IDX files are, or will be downloaded)")
@@ -94,7 +131,7 @@ def build_model(spec: ModelSpec, options: ExportOptions) -> tuple[torch.nn.Modul
         seed=options.seed,
         progress=options.progress,
     )
-    return model.eval(), provenance, data
+    return Built(model.eval(), spec, provenance, data)
 
 
 def fit_typicality(spec: ModelSpec, model: torch.nn.Module, data: train.Dataset, seed: int) -> typicality.Typicality:
@@ -135,13 +172,18 @@ def _metadata(
     return {
         "name": spec.name,
         "version": version,
-        "architecture": {"family": spec.family, "paper": spec.paper, "notes": spec.notes or None},
+        "architecture": {
+            "family": spec.family,
+            "paper": spec.paper,
+            "notes": spec.notes or None,
+            **({"built_on": spec.built_on} if spec.built_on else {}),
+        },
         "num_params": spec.num_params,
         "flops_per_image": count_flops(spec),
         "num_classes": spec.num_classes,
         "precision": "fp32",
         "input": spec.input.to_dict(),
-        "labels_file": f"../{LABELS_FILE}",
+        "labels_file": LABELS_FILE,
         "weights": provenance.to_dict(),
         "onnx": {
             "file": GRAPH_FILE,
@@ -160,9 +202,9 @@ def _metadata(
 def export_model(name: str, store: ModelStore, options: ExportOptions | None = None) -> StoredVersion:
     """Export ``name`` into ``store`` as its next version; nothing is written unless it verifies."""
     options = options or ExportOptions()
-    spec = get_model_spec(name)
     started = time.perf_counter()
-    model, provenance, data = build_model(spec, options)
+    built = build_model(get_model_spec(name), options)
+    model, spec, provenance, data = built.model, built.spec, built.provenance, built.data
     check = None
     if data is not None and spec.typicality_layer is not None:
         check = fit_typicality(spec, model, data, options.seed)
@@ -176,6 +218,8 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
         verification = verify(graph, spec.input, graph_path)
         served = InputMeta.model_validate(spec.input.to_dict())
         held_out = calibration.held_out(served, options.seed)  # decoded once, for both checks below
+        if spec.built_on is not None:  # the digits' or photos' labels are not a user's model's classes
+            held_out = dataclasses.replace(held_out, labels=None)
         # explain.onnx, verified against autograd on random pixels and four held-out images
         explained = explanation.write(model, spec, staging, held_out.images[:4])
         # what its answers look like on images it should see (and, where labelled, when to abstain)
@@ -195,7 +239,9 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
             **({} if check is None else {"typicality": check.to_dict()}),
         )
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        (model_dir / LABELS_FILE).write_text("\n".join(spec.categories) + "\n", encoding="utf-8")
+        labels = "\n".join(spec.categories) + "\n"
+        (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # the version's own
+        (model_dir / LABELS_FILE).write_text(labels, encoding="utf-8")  # the latest's, which Triton reads
         (model_dir / CONFIG_FILE).write_text(triton_config(spec, graph.output_names), encoding="utf-8")
         staging.rename(model_dir / str(version))  # atomic: a version folder is complete or absent
     finally:

@@ -290,6 +290,8 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
         extra = _convert(parent.graph, graph, meta, options)
         onnx.checker.check_model(onnx.load(str(graph)), full_check=True)
         held_out = calibration.held_out(meta.input, options.seed)
+        if meta.architecture.get("built_on"):  # a user's model: the digits' or photos' labels are not its classes
+            held_out = dataclasses.replace(held_out, labels=None)
         figures = compare(parent.graph, graph, held_out)
         misses = check(figures, options)
         if misses and not options.force:
@@ -328,7 +330,9 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
             **_typicality(meta, graph, held_out, options.seed, target_name),
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(store.labels_path(name), model_dir / LABELS_FILE)
+        labels = "\n".join(store.read_labels(name, parent)) + "\n"
+        (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
+        (model_dir / LABELS_FILE).write_text(labels, encoding="utf-8")
         config = store.model_dir(name) / CONFIG_FILE
         (model_dir / CONFIG_FILE).write_text(_triton_config(config.read_text(encoding="utf-8"), target_name))
         staging.rename(model_dir / str(version))

@@ -105,6 +105,8 @@ class ModelSpec:
     # training images (``export/typicality.py``), and how many features it gives per image
     typicality_layer: str | None = None
     typicality_features: int = 0
+    # a user's model (``export/checkpoint.py``): the registered architecture it is built on
+    built_on: str | None = None
 
     def build(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
         return self.builder(state_dict=state_dict, **self.extra)

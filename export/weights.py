@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint import unwrap
 from .spec import ReleasedWeights
 
 logger = logging.getLogger(__name__)
@@ -85,16 +86,20 @@ def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, prog
     return target
 
 
-def load_state_dict(path: Path) -> Mapping[str, Tensor]:
-    """A plain ``torch.save(model.state_dict())`` file, read without unpickling code."""
+def read_checkpoint(path: Path) -> tuple[Mapping[str, Tensor], str]:
+    """The state dict in a ``torch.save`` file, read without unpickling code: a plain
+    ``model.state_dict()`` or one of the common wrappers (``checkpoint.unwrap``); and what was found."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).splitlines()[-1] if str(exc) else "not a torch file"
         raise ValueError(f"{path} holds more than tensors; refusing to unpickle it ({reason})") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict (a mapping of parameter names to tensors)")
-    return state
+    return unwrap(loaded, str(path))
+
+
+def load_state_dict(path: Path) -> Mapping[str, Tensor]:
+    """The state dict in a ``torch.save`` file (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path)[0]
 
 
 def released_state_dict(
@@ -115,8 +120,11 @@ def released_state_dict(
 def file_state_dict(path: Path) -> tuple[Mapping[str, Tensor], Provenance]:
     if not path.is_file():
         raise WeightsUnavailableError(f"--weights-file {path} does not exist")
-    provenance = Provenance(kind="file", source="user-supplied state dict", file=path.name, sha256=sha256_file(path))
-    return load_state_dict(path), provenance
+    state, found = read_checkpoint(path)
+    logger.info("%s: %s", path, found)
+    provenance = Provenance(kind="file", source="user-supplied state dict", file=path.name, sha256=sha256_file(path),
+                            details={"found": found})  # fmt: skip
+    return state, provenance
 
 
 def random_provenance(seed: int) -> Provenance:
