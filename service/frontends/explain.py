@@ -25,7 +25,7 @@ from starlette.datastructures import QueryParams
 from ..errors import InvalidInput
 from ..runtime.classifier import Explained, top_k
 from ..runtime.occlusion import Occlusion
-from .params import classifier, positive_int, read_images
+from .params import classifier, flag, positive_int, read_images
 
 METHODS = ("occlusion", "gradcam")
 OVERLAY_MIN_SIDE = 224  # small inputs (LeNet-5's 32 pixels) are enlarged, pixel for pixel, to at least this
@@ -48,16 +48,6 @@ def class_index(text: str | None, labels: list[str], model: str) -> int | None:
         f"Unknown class {wanted!r} for {model}: give a label of its labels.txt ({examples}, ...) or an index "
         f"from 0 to {len(labels) - 1}"
     )
-
-
-TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # what FastAPI's bool query parameters take
-
-
-def flag(query: QueryParams, name: str) -> bool:
-    text = query.get(name, "false").strip().lower()
-    if text not in TRUE + FALSE:
-        raise InvalidInput(f"Invalid parameter: {name}={text!r}; use true or false")
-    return text in TRUE
 
 
 def method_of(query: QueryParams) -> str | None:

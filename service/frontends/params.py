@@ -76,3 +76,13 @@ def probability(query: QueryParams, name: str) -> float | None:
     if not 0.0 <= value <= 1.0:  # NaN fails too
         raise InvalidInput(f"Invalid parameter: {name}={text.strip()!r} is not a probability; use a number from 0 to 1")
     return value
+
+
+TRUE, FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")  # what FastAPI's bool query parameters take
+
+
+def flag(query: QueryParams, name: str) -> bool:
+    text = query.get(name, "false").strip().lower()
+    if text not in TRUE + FALSE:
+        raise InvalidInput(f"Invalid parameter: {name}={text!r}; use true or false")
+    return text in TRUE
