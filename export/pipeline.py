@@ -10,7 +10,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,7 +203,18 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
     """Export ``name`` into ``store`` as its next version; nothing is written unless it verifies."""
     options = options or ExportOptions()
     started = time.perf_counter()
-    built = build_model(get_model_spec(name), options)
+    return write_version(build_model(get_model_spec(name), options), store, options, started)
+
+
+# What a caller checks on the staged graph before it becomes a version: the metadata it adds; raises to refuse.
+Gate = Callable[[Path], dict[str, Any]]
+
+
+def write_version(built: Built, store: ModelStore, options: ExportOptions, started: float,
+                  held_out: calibration.ImageSet | None = None, gate: Gate | None = None) -> StoredVersion:  # fmt: skip
+    """``built`` as the next version of its model: converted, verified, measured, then ``gate``d; nothing is
+    written unless all pass. ``held_out``: labelled images of the model's own classes, where the caller has
+    them (a fine-tune's held-out split), else the digits or photos the export keeps."""
     model, spec, provenance, data = built.model, built.spec, built.provenance, built.data
     check = None
     if data is not None and spec.typicality_layer is not None:
@@ -217,14 +228,16 @@ def export_model(name: str, store: ModelStore, options: ExportOptions | None = N
         export_onnx(graph, spec.input, graph_path)
         verification = verify(graph, spec.input, graph_path)
         served = InputMeta.model_validate(spec.input.to_dict())
-        held_out = calibration.held_out(served, options.seed)  # decoded once, for both checks below
-        if spec.built_on is not None:  # the digits' or photos' labels are not a user's model's classes
-            held_out = dataclasses.replace(held_out, labels=None)
+        if held_out is None:
+            held_out = calibration.held_out(served, options.seed)  # decoded once, for both checks below
+            if spec.built_on is not None:  # the digits' or photos' labels are not a user's model's classes
+                held_out = dataclasses.replace(held_out, labels=None)
         # explain.onnx, verified against autograd on random pixels and four held-out images
         explained = explanation.write(model, spec, staging, held_out.images[:4])
         # what its answers look like on images it should see (and, where labelled, when to abstain)
         quality = baseline.measure(graph_path, served, spec.name, options.baseline_dir, options.seed,
                                    images=None if options.baseline_dir else held_out)  # fmt: skip
+        quality |= gate(graph_path) if gate is not None else {}
         version = store.next_version(spec.name)
         metadata = _metadata(
             spec,

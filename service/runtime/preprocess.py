@@ -102,7 +102,14 @@ def resize_and_crop(image: Image.Image, resize: int, crop: int) -> Image.Image:
 def preprocess(data: bytes, spec: InputMeta, *, max_pixels: int, draft: bool = True) -> np.ndarray:
     """Encoded image -> uint8 array ``[size, size, channels]``, ready for the graph's ``images``."""
     image = open_image(data, max_pixels, draft_to=spec.resize if draft else None)
-    image = resize_and_crop(to_mode(image, spec.channels), spec.resize, spec.crop)
+    return pixels_of(image, spec, spec.crop)
+
+
+def pixels_of(image: Image.Image, spec: InputMeta, crop: int) -> np.ndarray:
+    """A decoded image -> uint8 ``[crop, crop, channels]``: ``spec``'s mode, its resize and a centre crop of
+    ``crop`` (the served one is ``spec.crop``; fine-tuning takes the whole ``resize`` square to crop at random),
+    its polarity."""
+    image = resize_and_crop(to_mode(image, spec.channels), spec.resize, crop)
     pixels = np.asarray(image, dtype=np.uint8)
     if spec.channels == 1:
         pixels = pixels[:, :, None]
