@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 from service.store.layout import ModelStore, StoredVersion
 
 from .checkpoint import CheckpointError, InputOverrides, labels_from_folder, read_labels
+from .finetune import FinetuneOptions, finetune
 from .graph import VerificationError, count_flops
 from .pipeline import ExportOptions, export_model
 from .precision import VariantOptions, export_variant
@@ -61,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("model_store"), help="the model store (default: %(default)s)")
     parser.add_argument("--data", choices=["digits", "mnist"], default="digits", help="LeNet-5 training data")
     parser.add_argument("--data-dir", type=Path, help="where the MNIST IDX files are or are downloaded to")
-    parser.add_argument("--epochs", type=int, default=40, help="LeNet-5 training epochs (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, help="training epochs: LeNet-5's (default 40), or fine-tuning's (most; "
+                                                  "default 10)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed for training and random weights")
     parser.add_argument("--markdown", action="store_true", help="with 'list': a Markdown table")
     parser.add_argument("--baseline-dir", type=Path,
@@ -80,6 +83,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                 "architecture's ratio, 256/224)")  # fmt: skip
     own.add_argument("--mean", type=_floats, help="per-channel mean of pixels in [0, 1], e.g. 0.5,0.5,0.5")
     own.add_argument("--std", type=_floats, help="per-channel standard deviation, e.g. 0.5,0.5,0.5")
+    tune = parser.add_argument_group("fine-tuning NAME on your folder of labelled images (DIR/<class>/<image>)")
+    tune.add_argument("--finetune", type=Path, metavar="DIR", help="train on DIR's classes, then export (with --as)")
+    tune.add_argument("--unfreeze", choices=["head", "last", "all"],
+                      help="what trains: the output layer, the last block too, or everything (default: head from "
+                           "released weights, all from random ones)")  # fmt: skip
+    tune.add_argument("--val-split", type=float, default=0.2,
+                      help="the share of each class held out to measure accuracy on (%(default)s)")  # fmt: skip
+    tune.add_argument("--augment", choices=["crop,flip", "crop", "flip", "none"], default="crop,flip",
+                      help="random resized crops and mirror images in training (%(default)s; "
+                           "'crop' for digits and text)")  # fmt: skip
+    tune.add_argument("--min-accuracy", type=float,
+                      help="refuse to write it below this held-out top-1 (0-1; default: what always answering "
+                           "the largest class scores)")  # fmt: skip
+    tune.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (%(default)s)")
+    tune.add_argument("--batch-size", type=int, default=32, help="images a step (%(default)s)")
+    tune.add_argument("--patience", type=int, default=3, help="stop after this many epochs without a better one")
     variant = parser.add_argument_group("lower-precision variants (written as NAME_int8 / NAME_fp16)")
     variant.add_argument("--precision", choices=["int8", "fp16"], help="derive a variant from an FP32 version")
     variant.add_argument("--from-version", type=int, help="the FP32 version to derive from (default: the latest)")
@@ -111,16 +130,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="INT8: auto times every recipe here and keeps the fastest that passes; or force one (%(default)s)",
     )
-    variant.add_argument("--force", action="store_true", help="write a variant that misses the thresholds (marked)")
+    variant.add_argument("--force", action="store_true",
+                         help="write a variant, or a fine-tune, that misses its thresholds (marked)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.weights_file is not None and (len(args.names) != 1 or args.names[0] in KEYWORDS):
         parser.error("--weights-file goes with exactly one model name")
     own_model = (args.labels, args.labels_from, args.as_name, args.input_size, args.resize, args.mean, args.std)
-    if any(value is not None for value in own_model) and (len(args.names) != 1 or args.names[0] in KEYWORDS):
+    one_name = len(args.names) == 1 and args.names[0] not in KEYWORDS
+    if (any(value is not None for value in own_model) or args.finetune) and not one_name:
         parser.error("--labels, --labels-from, --as and the input options go with exactly one model name")
-    if args.precision is None and (args.calibration_dir or args.force or args.from_version):
-        parser.error("--calibration-dir, --from-version and --force go with --precision int8|fp16")
+    if args.precision is None and (args.calibration_dir or args.from_version):
+        parser.error("--calibration-dir and --from-version go with --precision int8|fp16")
+    if args.force and not (args.precision or args.finetune):
+        parser.error("--force goes with --precision int8|fp16 or --finetune DIR")
+    elsewhere = args.weights_file or args.labels or args.labels_from or args.weights == "trained"
+    if args.finetune is not None and elsewhere:
+        parser.error("--finetune takes its classes from DIR and starts from --weights imagenet or random")
+    if args.finetune is not None and args.as_name is None:
+        parser.error("--finetune DIR needs --as NAME: the name your model will have in the store")
+    if not 0 < args.val_split < 1 or (args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1):
+        parser.error("0 < --val-split < 1 and 0 <= --min-accuracy <= 1")
     if args.recipe != "auto" and args.precision != "int8":
         parser.error("--recipe goes with --precision int8")
     if args.calibration_count < 1 or not 0 <= args.min_agreement <= 1 or args.max_accuracy_drop < 0:
@@ -209,19 +239,36 @@ def _export_variant(name: str, store: ModelStore, options: ExportOptions, varian
     return export_variant(name, store, variant)
 
 
+def _finetune(
+    name: str, store: ModelStore, options: ExportOptions, tune: FinetuneOptions, variant: VariantOptions | None
+) -> StoredVersion:
+    """The fine-tuned model, and its variant where asked: calibrated on its training split, gated on its
+    held-out split with labels."""
+    tuned = finetune(name, store, options, tune)
+    if variant is None:
+        return tuned.version
+    own = dataclasses.replace(variant, calibration_images=tuned.calibration, held_out_images=tuned.held_out)
+    if variant.calibration_dir is not None:  # the user's calibration images win over the training split
+        own = dataclasses.replace(own, calibration_images=None)
+    return export_variant(tuned.version.name, store, own)
+
+
 def run_exports(
     names: list[str],
     store: ModelStore,
     options: ExportOptions,
     skip_unavailable: bool,
     variant: VariantOptions | None = None,
+    tune: FinetuneOptions | None = None,
 ) -> int:
     exported: list[str] = []
     skipped: list[str] = []
     failed: list[str] = []
     for name in names:
         try:
-            if variant is None:
+            if tune is not None:
+                version = _finetune(name, store, options, tune, variant)
+            elif variant is None:
                 version = export_model(name, store, options)
             else:
                 version = _export_variant(name, store, options, variant)
@@ -273,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         data=args.data,
         data_dir=args.data_dir,
         seed=args.seed,
-        epochs=args.epochs,
+        epochs=args.epochs or 40,
         progress=not args.no_progress,
         baseline_dir=args.baseline_dir,
         labels=labels,
@@ -294,7 +341,21 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             recipe=args.recipe,
         )
-    status = run_exports(names, store, options, keyword is not None, variant)
+    tune = None
+    if args.finetune is not None:
+        tune = FinetuneOptions(
+            folder=args.finetune,
+            epochs=args.epochs or 10,
+            unfreeze=args.unfreeze,
+            held_out=args.val_split,
+            augment=tuple(args.augment.split(",")) if args.augment != "none" else (),
+            batch_size=args.batch_size,
+            lr=args.lr,
+            patience=args.patience,
+            min_accuracy=args.min_accuracy,
+            force=args.force,
+        )
+    status = run_exports(names, store, options, keyword is not None, variant, tune)
     if keyword == "default":
         logger.info("%s", the_rest(names))
     return status

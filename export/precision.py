@@ -44,7 +44,7 @@ import onnxruntime as ort
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import ModelMetadata
 
-from . import baseline, calibration, train, typicality
+from . import baseline, calibration, evaluation, train, typicality
 from .calibration import ImageSet
 from .graph import INPUT_NAME
 from .weights import sha256_file
@@ -92,6 +92,10 @@ class VariantOptions:
     seed: int = 0
     recipe: Recipe = "auto"  # INT8: every recipe timed and the fastest that passes kept, or this one
     timing_seconds: float = 1.5  # per recipe and batch size
+    # a fine-tune's own images (``export/finetune.py``): its training split to calibrate on, its labelled
+    # held-out split to gate on; otherwise --calibration-dir or the defaults, and the digits or photos
+    calibration_images: ImageSet | None = None
+    held_out_images: ImageSet | None = None
 
 
 def cpu_flags() -> set[str]:
@@ -289,9 +293,7 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
         graph = staging / GRAPH_FILE
         extra = _convert(parent.graph, graph, meta, options)
         onnx.checker.check_model(onnx.load(str(graph)), full_check=True)
-        held_out = calibration.held_out(meta.input, options.seed)
-        if meta.architecture.get("built_on"):  # a user's model: the digits' or photos' labels are not its classes
-            held_out = dataclasses.replace(held_out, labels=None)
+        held_out = _held_out(meta, options)
         figures = compare(parent.graph, graph, held_out)
         misses = check(figures, options)
         if misses and not options.force:
@@ -327,6 +329,7 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
             **extra,
             # its own answers' baseline, abstain and typicality thresholds, not its parent's (copied above)
             **baseline.measure(graph, meta.input, target_name, images=held_out),
+            **_evaluation(meta, graph, held_out, store.read_labels(name, parent), options),
             **_typicality(meta, graph, held_out, options.seed, target_name),
         }
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -363,17 +366,39 @@ def _typicality(meta: ModelMetadata, graph: Path, held_out: ImageSet, seed: int,
     return {"typicality": {**meta.typicality, **own_check}}
 
 
+def _evaluation(meta: ModelMetadata, graph: Path, held_out: ImageSet, classes: list[str],
+                options: VariantOptions) -> dict[str, Any]:  # fmt: skip
+    """A fine-tuned parent's accuracy figures, measured again on the variant's graph where the held-out split is
+    at hand (the same command), else none: the parent's are not the variant's."""
+    if not getattr(meta, "evaluation", None) or options.held_out_images is None:
+        return {"evaluation": None}
+    found = evaluation.measure(graph, held_out, classes)
+    summary = f"held-out top-1 {100 * found['top1']:.2f}% on {found['images']} images"
+    return {"evaluation": {**found, "summary": summary}}
+
+
+def _held_out(meta: ModelMetadata, options: VariantOptions) -> ImageSet:
+    """The images a variant is checked on: the fine-tune's labelled held-out split, or the digits or photos
+    (without their labels for a user's model: they are not its classes)."""
+    if options.held_out_images is not None:
+        return options.held_out_images
+    images = calibration.held_out(meta.input, options.seed)
+    return dataclasses.replace(images, labels=None) if meta.architecture.get("built_on") else images
+
+
 def _convert(source: Path, target: Path, meta: ModelMetadata, options: VariantOptions) -> dict[str, Any]:
     """Write the variant's graph; returns what its metadata says about how."""
     if options.precision == "fp16":
         return {"conversion": convert_fp16(source, target)}
-    if options.calibration_dir is not None:
+    if options.calibration_images is not None:
+        images = options.calibration_images
+    elif options.calibration_dir is not None:
         images = calibration.from_directory(options.calibration_dir, meta.input, options.calibration_count)
     else:
         images = calibration.default_calibration(meta.name, meta.input, options.seed)
         images = dataclasses.replace(images, images=images.images[: options.calibration_count])
     recipes = list(RECIPES) if options.recipe == "auto" else [options.recipe]
-    held_out = calibration.held_out(meta.input, options.seed)
+    held_out = _held_out(meta, options)
     cpu = cpu_info()
     flags = ", ".join(cpu["flags"]) or "no INT8 flags"
     logger.info("%s: calibrating INT8 (%s) on %d images; trying %s on %s (%s)", meta.name, options.method,

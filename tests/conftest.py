@@ -34,3 +34,20 @@ def service(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -
     with running(Path(model_store.root), log, MODELS="lenet5,resnet18,ghost", DEFAULT_MODEL="resnet18",
                  DRIFT_WINDOW="20") as process:  # fmt: skip
         yield process
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """scikit-learn's 1,797 handwritten digits as an ImageFolder tree of 32 x 32 PNGs (``DIR/<digit>/<n>.png``),
+    light strokes on a dark ground as the data set has them: a real labelled folder to fine-tune on."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits-folder")
+    digits = load_digits()
+    for i, (pixels, digit) in enumerate(zip(digits.images, digits.target, strict=True)):
+        (root / str(digit)).mkdir(exist_ok=True)
+        image = Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((32, 32), Image.Resampling.BILINEAR)
+        image.save(root / str(digit) / f"{i:04d}.png")
+    return root

@@ -26,7 +26,7 @@ from .body import read_body
 from .explain import explain
 from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
-from .params import classifier, positive_int, probability, read_images
+from .params import classifier, flag, positive_int, probability, read_images
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList, VersionState
 from .v2.grpc_server import start_grpc_server
 from .v2.handler import OipHandler
@@ -126,8 +126,9 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def model_info(repository: Repository, name: str, shadow: Shadow | None = None) -> ModelInfo:
-    """The model as a request without a version sees it, and every version this worker holds."""
+def model_info(repository: Repository, name: str, shadow: Shadow | None = None, per_class: bool = False) -> ModelInfo:
+    """The model as a request without a version sees it, and every version this worker holds; with
+    ``per_class``, its held-out accuracy per class and its confusion matrix too."""
     entries = sorted(repository.versions.get(name, {}).values(), key=lambda e: e.version)
     entry = repository.serving(name) or (entries[-1] if entries else None)
     status = entry.status if entry is not None else "failed"
@@ -158,6 +159,7 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None) 
             "precision": meta.precision,
             "derived_from": meta.derived_from,
             "accuracy": meta.accuracy,
+            "evaluation": _evaluation(getattr(meta, "evaluation", None), per_class),
             "forced": meta.forced,
             "load_seconds": round(entry.model.load_seconds, 3),
             "warmup_seconds": round(entry.model.warmup_seconds, 3),
@@ -170,6 +172,14 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None) 
     if shadow is not None and (lanes := shadow.describe(name)):
         info["shadow"] = lanes
     return ModelInfo(**info)
+
+
+def _evaluation(found: dict[str, Any] | None, per_class: bool) -> dict[str, Any] | None:
+    """A fine-tuned model's held-out accuracy; per class and the confusion matrix only when asked (a thousand
+    classes make a large answer)."""
+    if not found:
+        return None
+    return found if per_class else {k: v for k, v in found.items() if k not in ("per_class", "confusion")}
 
 
 @contextlib.asynccontextmanager
@@ -281,10 +291,12 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         "/models", tags=["Classification"], response_model=ModelList, summary="Every model, its state and its metadata"
     )
     async def models(request: Request) -> ModelList:
-        repository = classifier(request).repository
+        """``?per_class=true`` adds each fine-tuned model's held-out accuracy per class and confusion matrix."""
+        repository, shadow = classifier(request).repository, classifier(request).shadow
+        per_class = flag(request.query_params, "per_class")
         return ModelList(
             default_model=repository.default_model,
-            models=[model_info(repository, name, classifier(request).shadow) for name in repository.names()],
+            models=[model_info(repository, name, shadow, per_class) for name in repository.names()],
         )
 
     return app

@@ -108,6 +108,11 @@ class ModelInfo(BaseModel):
     accuracy: dict[str, Any] | None = Field(
         None, description="A variant against its FP32 model on held-out images: agreement, overlap, accuracies"
     )
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="A fine-tuned model's accuracy on the held-out split of its folder, measured on its graph: top-1, "
+        "top-5, the floor it had to pass (per class and the confusion matrix with ?per_class=true)",
+    )
     forced: bool | None = Field(None, description="A variant written with --force below its accuracy thresholds")
     load_seconds: float | None = None
     warmup_seconds: float | None = None
