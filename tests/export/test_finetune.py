@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
@@ -98,3 +99,32 @@ def test_training_views_crop_and_mirror_at_random_and_repeat_with_the_seed() -> 
     one = views(squares, 32, ("crop", "flip"), 32 / 37, torch.Generator().manual_seed(5))
     again = views(squares, 32, ("crop", "flip"), 32 / 37, torch.Generator().manual_seed(5))
     assert torch.equal(one, again) and not torch.equal(one[0], one[1])
+
+
+def test_it_starts_from_the_released_weights_with_a_new_head(tmp_path: Path) -> None:
+    """GoogLeNet's release (auxiliary heads, transform_input), downloaded by the real code from a file:// mirror:
+    every tensor but the heads is the release's, the new head has the folder's width."""
+    from export.checkpoint import InputOverrides, adapt
+    from export.finetune import _start
+    from export.models.googlenet import GoogLeNet
+    from export.pipeline import ExportOptions
+    from export.registry import get_model_spec
+
+    from .test_weights import _release_file
+
+    torch.manual_seed(1)
+    released = GoogLeNet(aux_logits=True, transform_input=True).state_dict()
+    (tmp_path / "mirror").mkdir()
+    _, release = _release_file(tmp_path / "mirror", "googlenet", released)
+    base = dataclasses.replace(get_model_spec("googlenet"), released=release)
+    spec = adapt(base, ["cat", "dog", "fox"], "pets", InputOverrides())
+    options = ExportOptions(progress=False, cache_dir=tmp_path / "cache")
+    model, provenance = _start(base, spec, "imagenet", options)
+    state = model.state_dict()
+    assert provenance.kind == "imagenet" and provenance.file == Path(release.url).name
+    assert state["fc.weight"].shape == (3, 1024) and not any(k.startswith("aux") for k in state)
+    assert all(torch.equal(state[k], v) for k, v in released.items() if k in state and not k.startswith("fc."))
+    assert model.transform_input  # the release's convention, as torchvision's fine-tuning keeps it
+    assert sum(not k.startswith("fc.") for k in state) == sum(
+        k in released for k in state if not k.startswith("fc.")
+    )  # nothing else was left at its initialisation

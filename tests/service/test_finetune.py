@@ -92,6 +92,33 @@ def test_models_shows_the_accuracy_and_per_class_on_demand(tuned_service: Servic
     assert variant["evaluation"]["images"] == found["images"]
 
 
+def test_the_page_shows_its_accuracy_and_per_class_on_demand(tuned_service: ServiceProcess) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from .test_page import CHROMIUM, open_tab
+
+    listed = httpx.get(f"{tuned_service.url}/models", params={"per_class": "true"}, timeout=10).json()["models"]
+    expected = next(m for m in listed if m["name"] == "digits")["evaluation"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        tab = open_tab(browser, tuned_service.url)
+        page = tab.page
+        page.wait_for_selector("#model-select:not([disabled])")
+        page.select_option("#model-select", "digits")
+        card = page.inner_text("#model-card")
+        assert "LeNet, built on lenet5" in card
+        assert f"top-1 {100 * expected['top1']:.1f}%" in card and f"on {expected['images']} held-out images" in card
+        page.click("#model-card .per-class button")
+        page.wait_for_selector("#model-card .per-class li")
+        shown = {item.get_attribute("data-label"): item.inner_text() for item in page.query_selector_all(
+            "#model-card .per-class li")}  # fmt: skip
+        assert set(shown) == {str(d) for d in range(10)}
+        for label, figures in expected["per_class"].items():
+            assert shown[label] == f"{label}: {100 * figures['top1']:.1f}% of {figures['images']}"
+        assert not tab.console_errors and not tab.outside_origin()
+        browser.close()
+
+
 def test_a_second_fine_tune_takes_over_under_load_and_no_request_fails(
     tuned: ModelStore, tuned_service: ServiceProcess, digits_folder: Path
 ) -> None:

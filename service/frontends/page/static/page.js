@@ -98,6 +98,41 @@ function describeWeights(weights) {
   return parts.join(" · ");
 }
 
+// A fine-tuned model's accuracy on the held-out part of its folder (GET /models)
+function describeEvaluation(found) {
+  const top5 = found.top5 === undefined ? "" : `, top-5 ${(100 * found.top5).toFixed(1)}%`;
+  const forced = found.forced ? " (below its floor: written with --force)" : "";
+  return `top-1 ${(100 * found.top1).toFixed(1)}%${top5} on ${found.images} held-out images${forced}`;
+}
+
+// "per class": each class's held-out top-1, fetched when asked (GET /models?per_class=true)
+function perClassToggle(model) {
+  const dd = document.createElement("dd");
+  dd.className = "per-class";
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "link";
+  button.textContent = "accuracy per class";
+  button.addEventListener("click", async () => {
+    const body = await call("/models?per_class=true");
+    const found = (body.models || []).find((m) => m.name === model.name);
+    const list = document.createElement("ul");
+    for (const [label, figures] of Object.entries((found && found.evaluation && found.evaluation.per_class) || {})) {
+      const item = document.createElement("li");
+      item.dataset.label = label;
+      item.textContent = `${label}: ${figures.top1 === null ? "–" : (100 * figures.top1).toFixed(1) + "%"} of ${figures.images}`;
+      list.append(item);
+    }
+    dd.replaceChildren(list);
+  });
+  dd.append(button);
+  const dt = document.createElement("dt");
+  dt.textContent = "per class";
+  const fragment = document.createDocumentFragment();
+  fragment.append(dt, dd);
+  return fragment;
+}
+
 function selectedModel() {
   return state.models.find((m) => m.name === state.model) || null;
 }
@@ -108,7 +143,10 @@ function renderModelCard() {
   const model = selectedModel();
   if (!model) return;
   const rows = [["status", model.status + (model.reason ? `: ${model.reason}` : "")]];
-  if (model.architecture) rows.push(["family", model.architecture.family]);
+  if (model.architecture) {
+    const built = model.architecture.built_on ? `, built on ${model.architecture.built_on}` : "";
+    rows.push(["family", model.architecture.family + built]);
+  }
   rows.push(["version", model.version == null ? "–" : String(model.version)]);
   rows.push(["parameters", describeParams(model.num_params)]);
   rows.push(["precision", model.precision || "fp32"]);
@@ -117,6 +155,7 @@ function renderModelCard() {
   }
   rows.push(["weights", describeWeights(model.weights)]);
   if (model.precision && model.precision !== "fp32") rows.push(["precision", describePrecision(model)]);
+  if (model.evaluation) rows.push(["accuracy", describeEvaluation(model.evaluation)]);
   if (model.provider) rows.push(["runs on", model.provider]);
   for (const [term, value] of rows) {
     const dt = document.createElement("dt");
@@ -126,6 +165,7 @@ function renderModelCard() {
     if (term === "status" && model.status !== "ready") dd.className = model.status === "failed" ? "error" : "warn";
     card.append(dt, dd);
   }
+  if (model.evaluation) card.append(perClassToggle(model));
   if (model.forced) {
     appendWarning(card, "accuracy", "written with --force below its accuracy thresholds: it does not agree with its FP32 model");
   }
