@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .cpus import cpu_count
+from .memory import parse_size
 
 
 class Settings(BaseSettings):
@@ -25,10 +26,25 @@ class Settings(BaseSettings):
     models: str = Field(
         "", description="Comma-separated models to load, `name` or `name:version`; empty = every model in the store."
     )
-    model_control: Literal["none", "poll", "explicit"] = Field(
+    model_control: Literal["none", "poll", "explicit", "on-demand"] = Field(
         "none",
         description="none: load at start only; poll: follow the store every POLL_INTERVAL_S; "
-        "explicit: change only on /v2/repository load and unload calls.",
+        "explicit: change only on /v2/repository load and unload calls; on-demand: any model of the store, loaded "
+        "by the first request that names it and evicted, least recently used first, to stay within MEMORY_BUDGET.",
+    )
+    pinned: str = Field(
+        "", description="MODEL_CONTROL=on-demand: models loaded at start and never evicted (comma-separated)."
+    )
+    memory_budget: str = Field(
+        "",
+        description="MODEL_CONTROL=on-demand: memory the models of the whole server may take (bytes, or 4GiB, "
+        "512MiB); empty = the cgroup memory limit (else the machine's) less 10% and the server's baseline.",
+    )
+    cold_start_timeout_s: float = Field(
+        60.0, gt=0, description="MODEL_CONTROL=on-demand: how long a request waits for its model to load (then 503)."
+    )
+    idle_unload_s: float = Field(
+        0.0, ge=0, description="MODEL_CONTROL=on-demand: unload a model unused this long (0 = only under pressure)."
     )
     poll_interval_s: float = Field(
         5.0, gt=0, le=3600, description="How often MODEL_CONTROL=poll re-reads the store (and explicit the state file)."
@@ -178,6 +194,16 @@ class Settings(BaseSettings):
                 requested.setdefault(pair.primary.name, None)
                 requested.setdefault(pair.candidate.name, None)
         return requested
+
+    def pinned_models(self) -> list[str]:
+        return [name.strip() for name in self.pinned.split(",") if name.strip()]
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _a_size(cls, value: str) -> str:
+        if value.strip():
+            parse_size(value)
+        return value
 
     @property
     def warmup(self) -> tuple[int, ...]:
