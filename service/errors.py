@@ -5,6 +5,7 @@ from __future__ import annotations
 
 class ServiceError(Exception):
     status_code = 500
+    retry_after: int | None = None  # seconds, sent as Retry-After where set
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

@@ -123,6 +123,35 @@ class Metrics:
             [*pair, "reason"],
         )  # fmt: skip
 
+        # MODEL_CONTROL=on-demand (runtime/residency.py): memory, loads, evictions, cold starts
+        self.resident_bytes = prom.Gauge(
+            "cnn_model_resident_bytes", "Resident memory a model version's load and warm-up added, summed over "
+            "workers (0 once evicted)", model, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.memory_budget = prom.Gauge(
+            "cnn_memory_budget_bytes", "MEMORY_BUDGET: what the models of all workers may take", [],
+            multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.model_loads = prom.Counter(
+            "cnn_model_loads", "On-demand loads: reason=request (a cold start), start (PINNED and MODELS)",
+            ["model", "reason"],
+        )  # fmt: skip
+        self.evictions = prom.Counter(
+            "cnn_model_evictions", "Models unloaded to stay within MEMORY_BUDGET (reason=pressure) or unused for "
+            "IDLE_UNLOAD_S (reason=idle)", ["model", "reason"],
+        )  # fmt: skip
+        self.cold_start = prom.Histogram(
+            "cnn_cold_start_seconds", "Load and warm-up of a model that was not resident", ["model"],
+            buckets=SWITCH_BUCKETS,
+        )  # fmt: skip
+        self.cold_waits = prom.Counter(
+            "cnn_cold_start_waits", "Requests that waited for their model to load", ["model"]
+        )
+        self.budget_exhausted = prom.Counter(
+            "cnn_budget_exhausted", "Requests refused with 503: their model could not be made resident within "
+            "MEMORY_BUDGET (pinned or busy models hold it)", ["model"],
+        )  # fmt: skip
+
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def child(self, metric: Any, *values: str) -> Any:

@@ -32,6 +32,7 @@ from .runtime.classifier import Classifier
 from .runtime.lifecycle import ModelControl
 from .runtime.readiness import WorkerReadiness
 from .runtime.repository import Repository
+from .runtime.residency import Residency
 from .runtime.sizing import sized
 from .settings import get_settings
 from .tracing import Tracing
@@ -81,6 +82,8 @@ class CNNClassifier:
         self.tracing = Tracing(settings)
         self.repository = Repository(settings, get_metrics(), self.readiness, self.tracing)
         self.control = ModelControl(self.repository, self.readiness)
+        if settings.model_control == "on-demand":  # before any load: the budget is what this worker holds now
+            self.repository.residency = Residency.create(self.repository, self.control)
         self.decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
         app.state.metrics = exposition(lambda: self.readiness.states().values())
         app.state.classifier = Classifier(self.repository, self.decoders)

@@ -62,7 +62,7 @@ TopKQuery = Annotated[int, Query(ge=1, description="Predictions per image (clamp
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(_: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message)
+        return error_response(exc.status_code, exc.message, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -89,8 +89,11 @@ async def classify(request: Request) -> Response:
         raise InvalidInput(f"top_k={top} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
     version = positive_int(query, "version", None)
     wanted = probability(query, "min_confidence")
-    lease = service.repository.lease(query.get("model"), version)
-    with service.metrics.track_request("http") as record, lease as entry:
+    # the lease is taken inside the record (on demand: once the model is loaded), so its errors count too
+    with (
+        service.metrics.track_request("http") as record,
+        await service.repository.acquire(query.get("model"), version) as entry,
+    ):
         request.scope["request_record"] = record
         record.model, record.version = entry.name, str(entry.version)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
@@ -131,7 +134,8 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None, 
     ``per_class``, its held-out accuracy per class and its confusion matrix too."""
     entries = sorted(repository.versions.get(name, {}).values(), key=lambda e: e.version)
     entry = repository.serving(name) or (entries[-1] if entries else None)
-    status = entry.status if entry is not None else "failed"
+    residency = repository.residency.describe(name) if repository.residency is not None else None
+    status = entry.status if entry is not None else (residency["state"] if residency else "failed")
     info: dict[str, Any] = {
         "name": name,
         "version": entry.version if entry is not None else None,
@@ -169,6 +173,8 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None, 
                 **(entry.drift.describe() if entry.drift else {}),
             },
         }
+    if residency is not None:
+        info["residency"] = residency
     if shadow is not None and (lanes := shadow.describe(name)):
         info["shadow"] = lanes
     return ModelInfo(**info)

@@ -110,7 +110,7 @@ async def explain(request: Request) -> Response:
     patch, stride = positive_int(query, "patch", None), positive_int(query, "stride", None)
     with_overlay, with_layers = flag(query, "overlay"), flag(query, "layers")
     as_png = "image/png" in request.headers.get("accept", "").lower()
-    with service.repository.lease(query.get("model"), version) as entry:
+    with await service.repository.acquire(query.get("model"), version) as entry:
         assert entry.model is not None
         meta, labels = entry.model.metadata, entry.model.labels
         occlusion = Occlusion.for_input(meta.input, patch, stride)

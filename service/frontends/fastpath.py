@@ -28,8 +28,9 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def internal_error(exc: Exception) -> JSONResponse:
@@ -79,7 +80,7 @@ class FastPathMiddleware:
         try:
             response = await handler(request)
         except ServiceError as exc:
-            response = error_response(exc.status_code, exc.message)
+            response = error_response(exc.status_code, exc.message, exc.retry_after)
         except HTTPException as exc:  # Starlette's own, e.g. from a malformed multipart form
             response = error_response(exc.status_code, str(exc.detail))
         except Exception as exc:

@@ -87,7 +87,10 @@ class ModelInfo(BaseModel):
     name: str
     version: int | None = Field(description="The version a request without ?version= gets: the highest ready one")
     versions: list[int] = Field(description="Versions present in the store")
-    status: str = Field(description="That version's state: loading, ready, draining or failed")
+    status: str = Field(
+        description="That version's state: loading, ready, draining or failed; MODEL_CONTROL=on-demand adds "
+        "'not loaded' and 'evicted' for models of the store that are not resident (a request loads them)"
+    )
     reason: str | None = Field(None, description="Why the model is not ready")
     served: list[VersionState] = Field(
         default_factory=list, description="Every version this worker holds (its version policy), with its state"
@@ -116,6 +119,11 @@ class ModelInfo(BaseModel):
     forced: bool | None = Field(None, description="A variant written with --force below its accuracy thresholds")
     load_seconds: float | None = None
     warmup_seconds: float | None = None
+    residency: dict[str, Any] | None = Field(
+        None,
+        description="MODEL_CONTROL=on-demand: resident (bytes its load added, idle seconds), loading, not loaded, "
+        "evicted or failed; pinned",
+    )
     shadow: list[dict[str, Any]] | None = Field(
         None,
         description="SHADOW pairs this model is the primary of: the candidate's live agreement with it, and a verdict",

@@ -8,6 +8,9 @@
   are loaded and those that leave it are unloaded.
 * ``explicit``: the models and versions in the declared state file
   (``MODEL_CONTROL_STATE``), which only the repository API's load and unload change.
+* ``on-demand``: ``PINNED`` and ``MODELS`` at start; then any model of the store, loaded by
+  the first request that names it and evicted within ``MEMORY_BUDGET``
+  (:mod:`~service.runtime.residency`); every ``IDLE_UNLOAD_S``, what nobody used that long.
 
 Every pass loads what is missing beside what serves (a new version takes requests once
 warm), then drains what is no longer wanted, and only once a wanted version of that
@@ -137,6 +140,8 @@ class ModelControl:
         self._wake.set()
 
     def _run(self) -> None:
+        if self.mode == "on-demand":
+            return self._on_demand()
         self._pass()
         self.repository.mark_loaded()
         if self.mode == "none":
@@ -147,6 +152,21 @@ class ModelControl:
             self._wake.clear()
             if not self._stop.is_set():
                 self._pass()
+
+    def _on_demand(self) -> None:
+        """The pinned and warm models, then the idle sweep; everything else loads when a request asks."""
+        residency = self.repository.residency
+        assert residency is not None
+        warm = {**dict.fromkeys(self.settings.pinned_models()), **self.settings.requested_models()}
+        for name, version in warm.items():
+            try:
+                residency.load(name, version, "start")
+            except Exception as exc:  # serving goes on; a request for it tries again and says why
+                logger.error("on-demand: %s could not be loaded at start: %s", name, exc)
+        self.repository.mark_loaded()
+        interval = max(1.0, min(self.settings.idle_unload_s / 4, 30.0)) if self.settings.idle_unload_s else None
+        while interval is not None and not self._stop.wait(interval):
+            residency.evict_idle()
 
     def _pass(self) -> None:
         try:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnloaded
 from ..metrics import Metrics
@@ -31,6 +31,9 @@ from .gradcam import GradCams
 from .quality import Drift
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
+
+if TYPE_CHECKING:
+    from .residency import Residency
 
 logger = logging.getLogger(__name__)
 
@@ -95,14 +98,16 @@ class Repository:
         self.gradcams = GradCams(self)  # explanation graphs, opened on first use
         self.problems: dict[str, str] = {}  # models asked for that cannot be served at all, and why
         self.generation = 0  # of the declared state (MODEL_CONTROL=explicit) this worker has applied
+        self.residency: Residency | None = None  # MODEL_CONTROL=on-demand: loads on request, evicts within budget
         self._lock = threading.Lock()  # between the event loop's leases and the lifecycle thread
         self._loaded = threading.Event()
 
     # -- what the front ends see ---------------------------------------------------------
 
     def names(self) -> list[str]:
-        """Models with a version in this worker, or a reason why not; sorted."""
-        return sorted({*self.versions, *self.problems})
+        """Models with a version in this worker, or a reason why not (on demand: every model of the store); sorted."""
+        catalogue = self.store.names() if self.residency is not None else []
+        return sorted({*self.versions, *self.problems, *catalogue})
 
     @property
     def ready(self) -> bool:
@@ -131,14 +136,17 @@ class Repository:
 
     def get(self, name: str | None, version: int | None = None) -> ModelEntry:
         """The ready version for a request; 400/404/503 errors name what would be right."""
-        available = ", ".join(self.names()) or "none"
+
+        def available() -> str:  # read only for an error: on demand it lists the store
+            return ", ".join(self.names()) or "none"
+
         if name == "":
-            raise InvalidInput(f"Empty model name: use one of {available}, or leave model= out for the default")
+            raise InvalidInput(f"Empty model name: use one of {available()}, or leave model= out for the default")
         name = name if name is not None else self.default_model
         if not name:
             raise ModelNotFound("", self.names())
         if not is_valid_name(name):
-            raise InvalidInput(f"Invalid model name {name!r}: use one of {available}")
+            raise InvalidInput(f"Invalid model name {name!r}: use one of {available()}")
         versions = self.versions.get(name)
         if not versions:
             if name in self.problems:
@@ -146,7 +154,7 @@ class Repository:
             if self.settings.model_control == "explicit" and self.store.versions(name):
                 raise ModelUnloaded(
                     f"Model {name!r} is not loaded: load it with POST /v2/repository/models/{name}/load; "
-                    f"loaded: {available}"
+                    f"loaded: {available()}"
                 )
             raise ModelNotFound(name, self.names())
         if version is None:
@@ -161,6 +169,43 @@ class Repository:
         if entry.status != "ready" or entry.batcher is None:
             raise ModelNotReady(f"Model {name!r} version {entry.version} is not available: {entry.reason}")
         return entry
+
+    async def acquire(
+        self, name: str | None, version: int | None = None
+    ) -> contextlib.AbstractContextManager[ModelEntry]:
+        """:meth:`lease`, once the model is resident (MODEL_CONTROL=on-demand loads it now, or says why not)."""
+        if self.residency is None:
+            return self.lease(name, version)
+        for attempt in range(3):
+            await self.residency.ensure(name, version)
+            with self._lock:
+                try:
+                    entry = self.get(name, version)
+                except (ModelNotReady, ModelNotFound):  # evicted between the load and this lease: load it again
+                    if attempt == 2:
+                        raise
+                    continue
+                entry.in_flight += 1
+            return self._held(entry)
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _held(self, entry: ModelEntry) -> Iterator[ModelEntry]:
+        try:
+            yield entry
+        finally:
+            with self._lock:
+                entry.in_flight -= 1
+
+    def retire_if_idle(self, name: str) -> list[ModelEntry] | None:
+        """Every ready version of ``name`` out of routing at once, if none holds a request; else None."""
+        with self._lock:
+            entries = [e for e in self.versions.get(name, {}).values() if e.status == "ready"]
+            if not entries or any(e.in_flight for e in entries):
+                return None
+            for entry in entries:
+                entry.status, entry.since = "draining", time.time()
+        return entries
 
     @contextlib.contextmanager
     def lease(self, name: str | None, version: int | None = None) -> Iterator[ModelEntry]:

@@ -150,7 +150,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
-            with self.handler.lease(request.model_name, request.model_version) as entry:
+            with await self.handler.lease(request.model_name, request.model_version) as entry:
                 requested = [
                     RequestedOutput(o.name, int(_parameter(o.parameters["classification"]) or 0))
                     if "classification" in o.parameters

@@ -180,9 +180,9 @@ class OipHandler:
     def entry(self, name: str, version: str = "") -> ModelEntry:
         return self.repository.get(name, self._resolve(name, version))
 
-    def lease(self, name: str, version: str = "") -> contextlib.AbstractContextManager[ModelEntry]:
-        """The version for an inference, held until it is answered (see :meth:`Repository.lease`)."""
-        return self.repository.lease(name, self._resolve(name, version))
+    async def lease(self, name: str, version: str = "") -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for an inference, held until it is answered (see :meth:`Repository.acquire`)."""
+        return await self.repository.acquire(name, self._resolve(name, version))
 
     def metadata(self, name: str, version: str = "") -> dict[str, Any]:
         entry = self.entry(name, version)

@@ -158,7 +158,7 @@ async def infer(request: Request) -> Response:
     """``POST /v2/models/{name}[/versions/{version}]/infer`` (also answered by the fast path)."""
     handler = _handler(request)
     name, version = request.path_params["name"], request.path_params.get("version", "")
-    with handler.lease(name, version) as entry:
+    with await handler.lease(name, version) as entry:
         record = request.scope["request_record"] = RequestRecord(entry.name, str(entry.version))
         body = await read_body(request, handler.settings.max_body_bytes)
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))

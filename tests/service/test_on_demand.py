@@ -1,0 +1,247 @@
+"""MODEL_CONTROL=on-demand: the whole store on a small memory budget, loaded on first request, least recently
+used evicted, no request lost; against the real service, the real store and real memory."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+import tritonclient.grpc as triton_grpc
+from skimage import data as photos
+
+from export.pipeline import ExportOptions, export_model
+from service.runtime.preprocess import preprocess
+from service.store.layout import ModelStore
+from service.store.metadata import InputMeta
+
+from ..helpers import ROOT, ServiceProcess, encode, metric_samples, running
+
+pytestmark = pytest.mark.integration
+
+MiB = 2**20
+# lenet5 is pinned; the other four take about 1.3 GiB resident here, and the budget holds about half
+ZOO = {"lenet5": 0.35, "resnet18": 0.25, "googlenet": 0.18, "resnet50": 0.12, "alexnet": 0.10}  # how often asked
+BUDGET_MIB = 700
+RSS_MARGIN_MIB = 150  # what the budget does not count: decoding, request buffers, a load's transient peak
+PHOTO = encode(photos.chelsea(), "JPEG", quality=90)
+ON_DEMAND = {"MODEL_CONTROL": "on-demand", "WORKERS": "1", "MAX_BATCH_SIZE": "8"}  # warm-up at batch 1 and 8
+
+
+@pytest.fixture(scope="module")
+def zoo(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """Five networks with random weights: the session's three, and AlexNet and ResNet-50 exported here."""
+    store = ModelStore(tmp_path_factory.mktemp("zoo") / "store")
+    for name in ("lenet5", "resnet18", "googlenet"):
+        shutil.copytree(model_store.model_dir(name), store.model_dir(name), ignore=shutil.ignore_patterns(".staging*"))
+    for name in ("alexnet", "resnet50"):
+        export_model(name, store, ExportOptions(weights="random", progress=False))
+    return store
+
+
+JPEG = {"content-type": "image/jpeg"}
+
+
+def classify(service: ServiceProcess, model: str) -> httpx.Response:
+    return httpx.post(f"{service.url}/classify", params={"model": model}, content=PHOTO, headers=JPEG, timeout=120)
+
+
+def worker_rss(service: ServiceProcess) -> int:
+    """Resident bytes of the server's worker process (the one that holds the models)."""
+    assert service.process is not None
+    children = psutil.Process(service.process.pid).children(recursive=True)
+    workers = [p for p in children if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    return sum(p.memory_info().rss for p in workers)
+
+
+def metric(service: ServiceProcess, name: str) -> dict[tuple[str, ...], float]:
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    return {tuple(labels.values()): value for labels, value in metric_samples(text, name)}
+
+
+def reference(store: ModelStore, name: str) -> np.ndarray:
+    """The photo's probabilities from the graph run directly, as an always-loaded server gives them."""
+    version = store.latest(name)
+    assert version is not None
+    spec = InputMeta.model_validate(version.read_metadata()["input"])
+    session = ort.InferenceSession(str(version.graph), providers=["CPUExecutionProvider"])
+    return session.run(["probabilities"], {"images": preprocess(PHOTO, spec, max_pixels=10**8)[None]})[0][0]
+
+
+class Workload:
+    """``concurrency`` clients, half HTTP and half gRPC, asking for the zoo's models with skewed popularity."""
+
+    def __init__(self, service: ServiceProcess, seconds: float, concurrency: int = 8) -> None:
+        self.service, self.seconds, self.concurrency = service, seconds, concurrency
+        self.answers: list[tuple[str, str, int, float, list[float] | None, str | None]] = []
+        self.rss: list[int] = []
+
+    def run(self) -> None:
+        stop = threading.Event()
+        threads = [threading.Thread(target=self._client, args=(i, stop)) for i in range(self.concurrency)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            self.rss.append(worker_rss(self.service))
+            time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+
+    def _client(self, index: int, stop: threading.Event) -> None:
+        chooser = random.Random(index)
+        names, weights = list(ZOO), list(ZOO.values())
+        grpc = triton_grpc.InferenceServerClient(self.service.grpc_target) if index % 2 else None
+        with httpx.Client(base_url=self.service.url, timeout=120) as http:
+            while not stop.is_set():
+                name = chooser.choices(names, weights)[0]
+                started = time.monotonic()
+                try:
+                    scores = self._grpc(grpc, name) if grpc is not None else self._http(http, name)
+                    self.answers.append((name, "grpc" if grpc else "http", 200, time.monotonic() - started, scores,
+                                         None))  # fmt: skip
+                except Exception as exc:  # every failure is recorded, none raised in the thread
+                    self.answers.append((name, "grpc" if grpc else "http", 0, time.monotonic() - started, None,
+                                         repr(exc)[:300]))  # fmt: skip
+
+    @staticmethod
+    def _http(http: httpx.Client, name: str) -> list[float]:
+        response = http.post("/classify", params={"model": name, "top_k": 3}, content=PHOTO,
+                             headers={"content-type": "image/jpeg"})  # fmt: skip
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code} {response.text[:200]}")
+        return [p["score"] for p in response.json()["results"][0]["predictions"]]
+
+    @staticmethod
+    def _grpc(client: triton_grpc.InferenceServerClient, name: str) -> list[float]:
+        tensor = triton_grpc.InferInput("image_bytes", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([PHOTO], dtype=object))
+        probabilities = client.infer(name, [tensor], outputs=[triton_grpc.InferRequestedOutput("probabilities")])
+        return sorted(probabilities.as_numpy("probabilities")[0].tolist(), reverse=True)[:3]
+
+
+@pytest.fixture(scope="module")
+def zoo_service(zoo: ModelStore) -> Iterator[ServiceProcess]:
+    env = {**ON_DEMAND, "PINNED": "lenet5", "MEMORY_BUDGET": f"{BUDGET_MIB}MiB"}
+    with running(zoo.root, zoo.root.parent / "zoo.log", **env) as service:
+        yield service
+
+
+def test_the_whole_zoo_answers_within_the_budget_and_no_request_fails(
+    zoo: ModelStore, zoo_service: ServiceProcess
+) -> None:
+    listed = {m["name"]: m for m in httpx.get(f"{zoo_service.url}/models", timeout=10).json()["models"]}
+    assert set(listed) == set(ZOO) and listed["lenet5"]["residency"]["state"] == "resident"
+    assert {listed[n]["status"] for n in ZOO if n != "lenet5"} == {"not loaded"}
+    baseline = worker_rss(zoo_service)
+    workload = Workload(zoo_service, seconds=40)
+    workload.run()
+    failed = [a for a in workload.answers if a[5] is not None]
+    assert not failed, failed[:5]
+    asked = {a[0] for a in workload.answers}
+    assert asked == set(ZOO), asked
+    for name in ZOO:  # the same answers as the graph run directly: cold or warm, HTTP or gRPC
+        expected = np.sort(reference(zoo, name))[::-1][:3]
+        for answer in (a for a in workload.answers if a[0] == name):
+            np.testing.assert_allclose(answer[4], expected, atol=1e-4)
+    evictions = metric(zoo_service, "cnn_model_evictions_total")
+    loads = metric(zoo_service, "cnn_model_loads_total")
+    assert sum(evictions.values()) > 0 and not any(model == "lenet5" for model, _ in evictions)  # pinned stays
+    waits = sum(metric(zoo_service, "cnn_cold_start_waits_total").values())
+    peak, budget = max(workload.rss), BUDGET_MIB * MiB
+    cold = [a[3] for a in workload.answers if a[3] > 0.3]
+    print(f"\n{len(workload.answers)} requests, 0 failed; {int(sum(loads.values()))} loads, "
+          f"{int(sum(evictions.values()))} evictions, {int(waits)} requests waited for a cold start "
+          f"(p50 {np.median(cold) if cold else 0:.2f} s); worker RSS {baseline / MiB:.0f} MiB at start (LeNet-5 "
+          f"pinned), peak {peak / MiB:.0f} MiB; budget + baseline {(budget + baseline) / MiB:.0f} MiB")  # fmt: skip
+    costs = {m["name"]: m["residency"].get("bytes", m["residency"].get("bytes_when_resident", 0)) // MiB
+             for m in httpx.get(f"{zoo_service.url}/models", timeout=10).json()["models"]}  # fmt: skip
+    print(f"measured resident MiB per model: {costs}")
+    assert peak <= baseline + budget + RSS_MARGIN_MIB * MiB
+
+
+def test_a_long_request_is_not_evicted_under_and_concurrent_first_requests_share_one_load(
+    zoo: ModelStore, tmp_path: Path
+) -> None:
+    """Room for LeNet-5 (pinned) and one of ResNet-18 (about 200 MiB here) and GoogLeNet (about 130): GoogLeNet
+    waits for ResNet-18's occlusion (170 copies of the photo through it) to finish before ResNet-18 makes room;
+    then eight first requests for ResNet-18 again cause one load."""
+    env = {**ON_DEMAND, "PINNED": "lenet5", "MEMORY_BUDGET": "330MiB"}
+    with running(zoo.root, tmp_path / "long.log", **env) as service:
+        assert classify(service, "resnet18").status_code == 200
+        done: dict[str, float] = {}
+
+        def explain() -> int:
+            response = httpx.post(f"{service.url}/explain", params={"model": "resnet18", "method": "occlusion"},
+                                  content=PHOTO, headers=JPEG, timeout=120)  # fmt: skip
+            done["explain"] = time.monotonic()
+            return response.status_code
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            long = pool.submit(explain)
+            time.sleep(0.5)
+            other = classify(service, "googlenet")
+            answered = time.monotonic()
+            assert long.result() == 200 and other.status_code == 200, other.text
+            assert answered >= done["explain"]  # GoogLeNet's load waited for ResNet-18 to fall idle
+            evictions = metric(service, "cnn_model_evictions_total")
+            assert evictions.get(("resnet18", "pressure")) == 1.0
+            firsts = list(pool.map(lambda _: classify(service, "resnet18").status_code, range(8)))
+        assert firsts == [200] * 8
+        loads = metric(service, "cnn_model_loads_total")
+        assert loads[("resnet18", "request")] == 2.0  # once at the start of this test, once for the eight
+        # 50 load/evict cycles: the memory an eviction frees goes back
+        rss = []
+        for _ in range(50):
+            for name in ("googlenet", "resnet18"):
+                assert classify(service, name).status_code == 200
+            rss.append(worker_rss(service))
+        print(f"\nworker RSS after cycle 1: {rss[0] / MiB:.0f} MiB, after 50: {rss[-1] / MiB:.0f} MiB")
+        assert rss[-1] <= 1.1 * rss[0]
+
+
+def test_where_no_room_can_be_made_the_answer_is_503_with_its_reason(zoo: ModelStore, tmp_path: Path) -> None:
+    env = {**ON_DEMAND, "PINNED": "lenet5,resnet18", "MEMORY_BUDGET": "400MiB"}
+    with running(zoo.root, tmp_path / "full.log", **env) as service:
+        refused = classify(service, "googlenet")
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert "held by pinned models (lenet5, resnet18)" in refused.json()["error"]
+        assert classify(service, "resnet18").status_code == 200
+        assert metric(service, "cnn_budget_exhausted_total")[("googlenet",)] == 1.0
+        unknown = classify(service, "vgg99")
+        assert unknown.status_code == 404 and "googlenet" in unknown.json()["error"]  # the store's models
+
+
+V1_MEMORY = Path("/sys/fs/cgroup/memory")
+
+
+def test_the_default_budget_comes_from_a_real_cgroup_memory_limit() -> None:
+    if not (V1_MEMORY / "memory.limit_in_bytes").exists() or not os.access(V1_MEMORY, os.W_OK):
+        pytest.skip("needs a writable cgroup v1 memory controller at /sys/fs/cgroup/memory (root on this machine)")
+    group = V1_MEMORY / f"cnn-serving-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        (group / "memory.limit_in_bytes").write_text(str(2 * 2**30))
+        probe = "from service.memory import default_budget; print(*default_budget(100 * 2**20, 2))"
+        script = f'echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "{probe}"'
+        inside = subprocess.run(["sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert inside.returncode == 0, inside.stderr
+    finally:
+        group.rmdir()
+    budget, how = inside.stdout.split(" ", 1)
+    assert int(budget) == int(2 * 2**30 * 0.9) - 2 * 100 * 2**20
+    assert how.startswith("the cgroup memory limit 2048 MiB")
