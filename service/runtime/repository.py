@@ -251,6 +251,8 @@ class Repository:
         self._count(entry, "load", "success", time.perf_counter() - started)
         for protocol in ("http", "grpc"):  # at 0 from the start: an alert's rate() then sees the first shed request
             self.metrics.shed.labels(model=model.name, protocol=protocol)
+        self.metrics.child(self.metrics.evictions, model.name, "pressure")  # the same for the on-demand alerts
+        self.metrics.child(self.metrics.budget_exhausted, model.name)
         logger.info(
             "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d instance(s) of %d threads)",
             model.name, model.version, model.provider, model.load_seconds, model.warmup_seconds,
