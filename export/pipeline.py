@@ -34,10 +34,10 @@ logger = logging.getLogger(__name__)
 TRITON_MAX_BATCH = 64
 # Resident memory per graph byte once ONNX Runtime has loaded a family's graph and warmed it up at batch 1 and 32
 # (2 threads, default arena), measured here: VGG16 1,619 MiB for a 528 MiB graph, ResNet-50 441 for 97, ResNet-18
-# 295 for 45, GoogLeNet 239 for 25, AlexNet 314 for 233; LeNet-5 about 17 MiB for its 0.3 MiB. The arenas sized by
+# 295 for 45, GoogLeNet 239 for 25, AlexNet 314 for 233; LeNet-5 17 MiB for its 0.87 MiB. The arenas sized by
 # the warm-up's activations dominate the small graphs. MODEL_CONTROL=on-demand admits a model by this estimate
 # until its first load measures it.
-RESIDENT_PER_GRAPH_BYTE = {"LeNet": 60.0, "AlexNet": 1.35, "VGG": 3.1, "GoogLeNet": 9.6, "ResNet": 6.6}
+RESIDENT_PER_GRAPH_BYTE = {"LeNet": 20.0, "AlexNet": 1.35, "VGG": 3.1, "GoogLeNet": 9.6, "ResNet": 6.6}
 TYPICALITY_VIEWS = 20_000  # augmented training views the typicality check is fitted on, at most
 
 

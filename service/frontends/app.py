@@ -22,6 +22,7 @@ from ..errors import InvalidInput, ServiceError
 from ..runtime.repository import Repository
 from ..runtime.shadow import Shadow
 from ..store.layout import is_valid_name
+from ..store.metadata import ModelMetadata
 from .body import read_body
 from .explain import explain
 from .fastpath import FastRoutes, error_response, internal_error
@@ -175,9 +176,23 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None, 
         }
     if residency is not None:
         info["residency"] = residency
+        if entry is None:  # not resident: what its latest version is, from the store
+            info |= _stored(repository, name)
     if shadow is not None and (lanes := shadow.describe(name)):
         info["shadow"] = lanes
     return ModelInfo(**info)
+
+
+def _stored(repository: Repository, name: str) -> dict[str, Any]:
+    latest = repository.store.latest(name)
+    try:
+        meta = ModelMetadata.model_validate(latest.read_metadata()) if latest is not None else None
+    except (OSError, ValueError):  # a broken version says so when a request loads it
+        return {}
+    if meta is None:
+        return {}
+    return {"input": meta.input.model_dump(), "num_classes": meta.num_classes, "num_params": meta.num_params,
+            "architecture": meta.architecture, "weights": meta.weights, "precision": meta.precision}  # fmt: skip
 
 
 def _evaluation(found: dict[str, Any] | None, per_class: bool) -> dict[str, Any] | None:

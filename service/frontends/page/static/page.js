@@ -143,6 +143,10 @@ function renderModelCard() {
   const model = selectedModel();
   if (!model) return;
   const rows = [["status", model.status + (model.reason ? `: ${model.reason}` : "")]];
+  if (coldStart(model)) rows.push(["memory", "not resident: the first request loads it (a cold start of a second or so)"]);
+  else if (model.residency && model.residency.bytes) {
+    rows.push(["memory", `${(model.residency.bytes / 2 ** 20).toFixed(0)} MiB resident${model.residency.pinned ? ", pinned" : ""}`]);
+  }
   if (model.architecture) {
     const built = model.architecture.built_on ? `, built on ${model.architecture.built_on}` : "";
     rows.push(["family", model.architecture.family + built]);
@@ -162,7 +166,9 @@ function renderModelCard() {
     dt.textContent = term;
     const dd = document.createElement("dd");
     dd.textContent = value;
-    if (term === "status" && model.status !== "ready") dd.className = model.status === "failed" ? "error" : "warn";
+    if (term === "status" && model.status !== "ready" && !coldStart(model)) {
+      dd.className = model.status === "failed" ? "error" : "warn";
+    }
     card.append(dt, dd);
   }
   if (model.evaluation) card.append(perClassToggle(model));
@@ -172,14 +178,23 @@ function renderModelCard() {
   if (model.weights && model.weights.kind === "random") {
     appendWarning(card, "note", "random weights (a test or benchmark export): its predictions are meaningless");
   }
-  const drawable = model.status === "ready" && model.input && model.input.channels === 1;
+  const drawable = answers(model) && model.input && model.input.channels === 1;
   $("draw-panel").hidden = !drawable;
+}
+
+// MODEL_CONTROL=on-demand: a model of the store that is not resident answers after a cold start
+function coldStart(model) {
+  return Boolean(model.residency) && ["not loaded", "evicted"].includes(model.residency.state);
+}
+
+function answers(model) {
+  return model.status === "ready" || coldStart(model);
 }
 
 function renderUnavailable() {
   const list = $("unavailable");
   list.replaceChildren();
-  for (const model of state.models.filter((m) => m.status !== "ready")) {
+  for (const model of state.models.filter((m) => !answers(m))) {
     const item = document.createElement("li");
     item.dataset.model = model.name;
     item.textContent = `${model.name}: ${model.status}${model.reason ? ` (${model.reason})` : ""}`;
@@ -195,11 +210,12 @@ function renderModelSelect(defaultModel) {
     const option = document.createElement("option");
     option.value = model.name;
     const family = model.architecture ? model.architecture.family : "";
-    option.textContent = `${model.name}${family ? ` (${family})` : ""}${model.status === "ready" ? "" : ` — ${model.status}`}`;
-    option.disabled = model.status !== "ready";
+    const status = model.status === "ready" ? "" : coldStart(model) ? " — loads on first use" : ` — ${model.status}`;
+    option.textContent = `${model.name}${family ? ` (${family})` : ""}${status}`;
+    option.disabled = !answers(model);
     select.append(option);
   }
-  const ready = state.models.filter((m) => m.status === "ready").map((m) => m.name);
+  const ready = state.models.filter(answers).map((m) => m.name);
   const keep = [state.model, wanted, defaultModel].find((name) => name && ready.includes(name));
   state.model = keep || ready[0] || (state.models[0] && state.models[0].name) || null;
   if (state.model) select.value = state.model;
