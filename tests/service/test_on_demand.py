@@ -148,7 +148,7 @@ def test_the_whole_zoo_answers_within_the_budget_and_no_request_fails(
     assert set(listed) == set(ZOO) and listed["lenet5"]["residency"]["state"] == "resident"
     assert {listed[n]["status"] for n in ZOO if n != "lenet5"} == {"not loaded"}
     baseline = worker_rss(zoo_service)
-    workload = Workload(zoo_service, seconds=40)
+    workload = Workload(zoo_service, seconds=30)
     workload.run()
     failed = [a for a in workload.answers if a[5] is not None]
     assert not failed, failed[:5]
@@ -269,3 +269,20 @@ def test_the_default_budget_comes_from_a_real_cgroup_memory_limit() -> None:
     budget, how = inside.stdout.split(" ", 1)
     assert int(budget) == int(2 * 2**30 * 0.9) - 2 * 100 * 2**20
     assert how.startswith("the cgroup memory limit 2048 MiB")
+
+
+def test_two_workers_share_the_budget_and_idle_models_are_unloaded(zoo: ModelStore, tmp_path: Path) -> None:
+    env = {**ON_DEMAND, "WORKERS": "2", "PINNED": "lenet5", "MEMORY_BUDGET": "1GiB", "IDLE_UNLOAD_S": "3"}
+    with running(zoo.root, tmp_path / "workers.log", **env) as service:
+        assert metric(service, "cnn_memory_budget_bytes")[()] == 2**30  # each worker half of it, summed
+        for _ in range(6):  # new connections: either worker may answer, and loads its own
+            with httpx.Client(base_url=service.url, timeout=120) as client:
+                response = client.post("/classify", params={"model": "googlenet"}, content=PHOTO, headers=JPEG)
+                assert response.status_code == 200
+        loads = metric(service, "cnn_model_loads_total")
+        assert 1 <= loads[("googlenet", "request")] <= 2
+        time.sleep(3 + 3 + 1)  # idle for IDLE_UNLOAD_S, and a sweep (every second at this setting)
+        evictions = metric(service, "cnn_model_evictions_total")
+        assert evictions[("googlenet", "idle")] == loads[("googlenet", "request")]
+        assert not evictions.get(("lenet5", "idle"))  # pinned
+    assert "shared by 2 workers" in (tmp_path / "workers.log").read_text()
