@@ -19,7 +19,7 @@ from ..helpers import ROOT, tool
 from .schemas import CUSTOM_KINDS, validate_core, validate_custom, validate_inference_service
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
-OVERLAYS = ["cpu", "gpu", "kserve", "triton"]
+OVERLAYS = ["cpu", "gpu", "kserve", "triton", "whole-store"]
 
 
 @cache
@@ -122,6 +122,14 @@ def test_the_gpu_overlay_asks_for_one_gpu_and_cuda() -> None:
     (container,) = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert find(objects, "ConfigMap")["data"]["PROVIDERS"] == "cuda"
+
+
+def test_the_whole_store_overlay_serves_on_demand_within_the_containers_limit() -> None:
+    objects = render("overlays/whole-store")
+    settings = find(objects, "ConfigMap")["data"]
+    assert settings["MODEL_CONTROL"] == "on-demand" and "MEMORY_BUDGET" not in settings  # from the cgroup limit
+    (container,) = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["memory"] == container["resources"]["requests"]["memory"]
 
 
 def test_the_kserve_overlays_serve_the_store_over_v2() -> None:
