@@ -28,7 +28,7 @@ from export.pipeline import ExportOptions
 from export.registry import get_model_spec
 from service.store.metadata import InputMeta
 
-from .run import machine
+from .host import machine
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # one class each
 

@@ -31,8 +31,8 @@ import psutil
 from service.store.layout import ModelStore
 
 from . import flamegraph, wrk
+from .host import machine
 from .payloads import digit_png
-from .run import machine
 
 logger = logging.getLogger("benchmarks.profile")
 

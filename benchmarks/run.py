@@ -12,7 +12,6 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,7 +28,6 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from service.cpus import cpu_count
 from service.runtime.preprocess import preprocess
 from service.runtime.session import session_options
 from service.settings import Settings
@@ -37,6 +35,7 @@ from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 
 from .grpc_load import bytes_request, grpc_run, pixels_request
+from .host import machine
 from .load import RunResult, summarise
 from .payloads import payload
 from .targets import ratio, ratios, vs_floor
@@ -49,8 +48,6 @@ SHADOW_FRACTIONS = (1.0, 0.1)
 # times as long, so that even ResNet-50's seconds-long requests are a few per run
 EXPLAIN_RUNS = (("gradcam", (1, 4), 1), ("occlusion", (1,), 3))
 ROOT = Path(__file__).resolve().parent.parent
-# The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 @dataclass(frozen=True)
@@ -147,27 +144,6 @@ def batch_totals(url: str, model: str) -> tuple[float, float]:
             elif sample.labels.get("model") == model and sample.name == "cnn_batch_size_sum":
                 total += sample.value
     return count, total
-
-
-def cpuinfo(field: str) -> str | None:
-    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
-        return next(line.split(":", 1)[1].strip() for line in info if line.startswith(field))
-    return None
-
-
-def machine() -> dict[str, Any]:
-    from export.precision import cpu_flags, cpu_info
-
-    cpu = cpuinfo("model name") or platform.processor()
-    mhz = cpuinfo("cpu MHz")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    return {"cpu": cpu, "cores": cpu_count(), "providers": ["CPUExecutionProvider"], "commit": commit or "unknown",
-            "python": platform.python_version(), "onnxruntime": ort.__version__,
-            "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": cpu_info(),
-            "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpu_flags()]}  # fmt: skip
 
 
 def process_cpu(pid: int) -> float:

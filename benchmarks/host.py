@@ -1,0 +1,40 @@
+"""The machine a benchmark ran on, recorded beside its figures: CPU, cores, clock, the flags that set the price
+of an image (FMA, AVX-512, VNNI, AMX), library versions and the commit. Imports nothing that registers gRPC
+messages, so that benchmarks driving tritonclient can use it too."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from service.cpus import cpu_count
+
+ROOT = Path(__file__).resolve().parent.parent
+# The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpuinfo(field: str) -> str | None:
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        return next(line.split(":", 1)[1].strip() for line in info if line.startswith(field))
+    return None
+
+
+def machine() -> dict[str, Any]:
+    from export.precision import cpu_flags, cpu_info
+
+    cpu = cpuinfo("model name") or platform.processor()
+    mhz = cpuinfo("cpu MHz")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    return {"cpu": cpu, "cores": cpu_count(), "providers": ["CPUExecutionProvider"], "commit": commit or "unknown",
+            "python": platform.python_version(), "onnxruntime": ort.__version__,
+            "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": cpu_info(),
+            "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpu_flags()]}  # fmt: skip
