@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import dataclass
 
 import httpx
 import numpy as np
+import psutil
 import tritonclient.grpc as triton_grpc
 
 from ..helpers import ServiceProcess, encode
@@ -88,3 +90,65 @@ def percentiles(answers: list[Answer]) -> str:
     milliseconds = np.array([a.seconds for a in answers]) * 1000
     p50, p99 = np.percentile(milliseconds, [50, 99])
     return f"{len(answers)} requests, p50 {p50:.1f} ms, p99 {p99:.1f} ms"
+
+
+def worker_rss(service: ServiceProcess) -> int:
+    """Resident bytes of the server's worker process (the one that holds the models)."""
+    assert service.process is not None
+    children = psutil.Process(service.process.pid).children(recursive=True)
+    workers = [p for p in children if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+    return sum(p.memory_info().rss for p in workers)
+
+
+class Workload:
+    """``concurrency`` clients, half HTTP and half gRPC, asking for models by ``popularity`` (weights), recording
+    every answer (model, protocol, status, seconds, top-3 scores, error) and the worker's resident memory."""
+
+    def __init__(self, service: ServiceProcess, popularity: dict[str, float], photo: bytes, seconds: float,
+                 concurrency: int = 8) -> None:  # fmt: skip
+        self.service, self.popularity, self.photo = service, popularity, photo
+        self.seconds, self.concurrency = seconds, concurrency
+        self.answers: list[tuple[str, str, int, float, list[float] | None, str | None]] = []
+        self.rss: list[int] = []
+
+    def run(self) -> None:
+        stop = threading.Event()
+        threads = [threading.Thread(target=self._client, args=(i, stop)) for i in range(self.concurrency)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            self.rss.append(worker_rss(self.service))
+            time.sleep(0.2)
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+
+    def _client(self, index: int, stop: threading.Event) -> None:
+        chooser = random.Random(index)
+        names, weights = list(self.popularity), list(self.popularity.values())
+        grpc = triton_grpc.InferenceServerClient(self.service.grpc_target) if index % 2 else None
+        with httpx.Client(base_url=self.service.url, timeout=120) as http:
+            while not stop.is_set():
+                name = chooser.choices(names, weights)[0]
+                started = time.monotonic()
+                try:
+                    scores = self._grpc(grpc, name) if grpc is not None else self._http(http, name)
+                    self.answers.append((name, "grpc" if grpc else "http", 200, time.monotonic() - started, scores,
+                                         None))  # fmt: skip
+                except Exception as exc:  # every failure is recorded, none raised in the thread
+                    self.answers.append((name, "grpc" if grpc else "http", 0, time.monotonic() - started, None,
+                                         repr(exc)[:300]))  # fmt: skip
+
+    def _http(self, http: httpx.Client, name: str) -> list[float]:
+        response = http.post("/classify", params={"model": name, "top_k": 3}, content=self.photo,
+                             headers={"content-type": "image/jpeg"})  # fmt: skip
+        if response.status_code != 200:
+            raise RuntimeError(f"{response.status_code} {response.text[:200]}")
+        return [p["score"] for p in response.json()["results"][0]["predictions"]]
+
+    def _grpc(self, client: triton_grpc.InferenceServerClient, name: str) -> list[float]:
+        tensor = triton_grpc.InferInput("image_bytes", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([self.photo], dtype=object))
+        probabilities = client.infer(name, [tensor], outputs=[triton_grpc.InferRequestedOutput("probabilities")])
+        return sorted(probabilities.as_numpy("probabilities")[0].tolist(), reverse=True)[:3]

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import random
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,9 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
-import psutil
 import pytest
-import tritonclient.grpc as triton_grpc
 from skimage import data as photos
 
 from export.pipeline import ExportOptions, export_model
@@ -29,6 +25,7 @@ from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 
 from ..helpers import ROOT, ServiceProcess, encode, metric_samples, running
+from .lifecycle_load import Workload, worker_rss
 
 pytestmark = pytest.mark.integration
 
@@ -59,14 +56,6 @@ def classify(service: ServiceProcess, model: str) -> httpx.Response:
     return httpx.post(f"{service.url}/classify", params={"model": model}, content=PHOTO, headers=JPEG, timeout=120)
 
 
-def worker_rss(service: ServiceProcess) -> int:
-    """Resident bytes of the server's worker process (the one that holds the models)."""
-    assert service.process is not None
-    children = psutil.Process(service.process.pid).children(recursive=True)
-    workers = [p for p in children if "_bentoml_impl.worker" in " ".join(p.cmdline())]
-    return sum(p.memory_info().rss for p in workers)
-
-
 def metric(service: ServiceProcess, name: str) -> dict[tuple[str, ...], float]:
     text = httpx.get(f"{service.url}/metrics", timeout=10).text
     return {tuple(labels.values()): value for labels, value in metric_samples(text, name)}
@@ -79,59 +68,6 @@ def reference(store: ModelStore, name: str) -> np.ndarray:
     spec = InputMeta.model_validate(version.read_metadata()["input"])
     session = ort.InferenceSession(str(version.graph), providers=["CPUExecutionProvider"])
     return session.run(["probabilities"], {"images": preprocess(PHOTO, spec, max_pixels=10**8)[None]})[0][0]
-
-
-class Workload:
-    """``concurrency`` clients, half HTTP and half gRPC, asking for the zoo's models with skewed popularity."""
-
-    def __init__(self, service: ServiceProcess, seconds: float, concurrency: int = 8) -> None:
-        self.service, self.seconds, self.concurrency = service, seconds, concurrency
-        self.answers: list[tuple[str, str, int, float, list[float] | None, str | None]] = []
-        self.rss: list[int] = []
-
-    def run(self) -> None:
-        stop = threading.Event()
-        threads = [threading.Thread(target=self._client, args=(i, stop)) for i in range(self.concurrency)]
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + self.seconds
-        while time.monotonic() < deadline:
-            self.rss.append(worker_rss(self.service))
-            time.sleep(0.2)
-        stop.set()
-        for thread in threads:
-            thread.join(120)
-
-    def _client(self, index: int, stop: threading.Event) -> None:
-        chooser = random.Random(index)
-        names, weights = list(ZOO), list(ZOO.values())
-        grpc = triton_grpc.InferenceServerClient(self.service.grpc_target) if index % 2 else None
-        with httpx.Client(base_url=self.service.url, timeout=120) as http:
-            while not stop.is_set():
-                name = chooser.choices(names, weights)[0]
-                started = time.monotonic()
-                try:
-                    scores = self._grpc(grpc, name) if grpc is not None else self._http(http, name)
-                    self.answers.append((name, "grpc" if grpc else "http", 200, time.monotonic() - started, scores,
-                                         None))  # fmt: skip
-                except Exception as exc:  # every failure is recorded, none raised in the thread
-                    self.answers.append((name, "grpc" if grpc else "http", 0, time.monotonic() - started, None,
-                                         repr(exc)[:300]))  # fmt: skip
-
-    @staticmethod
-    def _http(http: httpx.Client, name: str) -> list[float]:
-        response = http.post("/classify", params={"model": name, "top_k": 3}, content=PHOTO,
-                             headers={"content-type": "image/jpeg"})  # fmt: skip
-        if response.status_code != 200:
-            raise RuntimeError(f"{response.status_code} {response.text[:200]}")
-        return [p["score"] for p in response.json()["results"][0]["predictions"]]
-
-    @staticmethod
-    def _grpc(client: triton_grpc.InferenceServerClient, name: str) -> list[float]:
-        tensor = triton_grpc.InferInput("image_bytes", [1], "BYTES")
-        tensor.set_data_from_numpy(np.array([PHOTO], dtype=object))
-        probabilities = client.infer(name, [tensor], outputs=[triton_grpc.InferRequestedOutput("probabilities")])
-        return sorted(probabilities.as_numpy("probabilities")[0].tolist(), reverse=True)[:3]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +84,7 @@ def test_the_whole_zoo_answers_within_the_budget_and_no_request_fails(
     assert set(listed) == set(ZOO) and listed["lenet5"]["residency"]["state"] == "resident"
     assert {listed[n]["status"] for n in ZOO if n != "lenet5"} == {"not loaded"}
     baseline = worker_rss(zoo_service)
-    workload = Workload(zoo_service, seconds=30)
+    workload = Workload(zoo_service, ZOO, PHOTO, seconds=30)
     workload.run()
     failed = [a for a in workload.answers if a[5] is not None]
     assert not failed, failed[:5]
