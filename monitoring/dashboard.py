@@ -47,6 +47,8 @@ HTTP_REQUESTS = f"sum by (route, code) ({rate('cnn_http_requests_total', JOB)})"
 UNDER_HALF = M + ',le="0.5"'
 UNSURE = (f"sum by (model, version) ({rate('cnn_prediction_confidence_bucket', UNDER_HALF)})"
           f" / sum by (model, version) ({rate('cnn_prediction_confidence_count')})")  # fmt: skip
+LOADED = M + ',action="load",outcome="success"'
+LOADS = f"sum by (model) ({rate('cnn_model_changes_total', LOADED)})"
 UNFAMILIAR = (f"sum by (model, version) ({rate('cnn_prediction_atypical_total')})"
               f" / sum by (model, version) ({rate('cnn_prediction_confidence_count')})")  # fmt: skip
 
@@ -71,6 +73,16 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Models ready", "short", [("{{model}} v{{version}}", f"cnn_model_ready{{{M}}}"),
                                ("{{model}} on {{provider}}", f"cnn_model_info{{{M}}}")], 8),
     ("Model load and warm-up", "s", [("{{model}} {{phase}}", f"cnn_model_load_seconds{{{M}}}")], 12),
+    # what each model holds, and serving the whole store on demand (MODEL_CONTROL=on-demand)
+    ("Resident memory per model (what its load added)", "bytes",
+     [("{{model}} v{{version}}", f"sum by (model, version) (cnn_model_resident_bytes{{{M}}})")], 8),
+    ("Loads, evictions and budget refusals", "ops", [
+        ("loads {{model}}", LOADS),
+        ("evictions {{model}} ({{reason}})", f"sum by (model, reason) ({rate('cnn_model_evictions_total')})"),
+        ("refused {{model}}", f"sum by (model) ({rate('cnn_budget_exhausted_total')})"),
+    ], 8),
+    ("Cold start: load and warm-up until it answers (p95)", "s",
+     [("{{model}}", quantile(0.95, "cnn_cold_start_seconds", "model"))], 8),
     ("HTTP requests by route and status", "reqps", [("{{route}} {{code}}", HTTP_REQUESTS)], 12),
     # is the model still right?
     ("Prediction drift from the baseline (alert above 0.1)", "short",

@@ -123,10 +123,10 @@ class Metrics:
             [*pair, "reason"],
         )  # fmt: skip
 
-        # MODEL_CONTROL=on-demand (runtime/residency.py): memory, loads, evictions, cold starts
+        # what a model holds and costs to load (every mode); MODEL_CONTROL=on-demand's budget, loads, evictions
         self.resident_bytes = prom.Gauge(
             "cnn_model_resident_bytes", "Resident memory a model version's load and warm-up added, summed over "
-            "workers (0 once evicted)", model, multiprocess_mode="livesum",
+            "workers (0 once unloaded)", model, multiprocess_mode="livesum",
         )  # fmt: skip
         self.memory_budget = prom.Gauge(
             "cnn_memory_budget_bytes", "MEMORY_BUDGET: what the models of all workers may take", [],
@@ -141,7 +141,7 @@ class Metrics:
             "IDLE_UNLOAD_S (reason=idle)", ["model", "reason"],
         )  # fmt: skip
         self.cold_start = prom.Histogram(
-            "cnn_cold_start_seconds", "Load and warm-up of a model that was not resident", ["model"],
+            "cnn_cold_start_seconds", "Load and warm-up of a model version until it answers", ["model"],
             buckets=SWITCH_BUCKETS,
         )  # fmt: skip
         self.cold_waits = prom.Counter(

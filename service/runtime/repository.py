@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnloaded
+from ..memory import resident_bytes
 from ..metrics import Metrics
 from ..settings import Settings
 from ..store.integrity import Signature
@@ -67,6 +68,7 @@ class ModelEntry:
     signature: Signature = ()  # the files it was loaded (or failed) from
     drift: Drift | None = None  # its answers against their baseline
     in_flight: int = 0  # requests holding a lease
+    resident_bytes: int = 0  # what its load and warm-up added to the worker's resident memory
     since: float = field(default_factory=time.time)
 
     def state(self) -> dict[str, Any]:
@@ -231,7 +233,7 @@ class Repository:
         with self._lock:
             self.versions.setdefault(stored.name, {})[stored.version] = entry
         self.publish()
-        started = time.perf_counter()
+        started, before = time.perf_counter(), resident_bytes()
         try:
             model = load_model(self.store, stored, self.settings)
             model.warm_up(self.settings.warmup)
@@ -248,7 +250,12 @@ class Repository:
         entry.batcher, entry.model = self._make_batcher(model, entry.drift), model
         with self._lock:
             entry.status, entry.since = "ready", time.time()
-        self._count(entry, "load", "success", time.perf_counter() - started)
+        seconds, entry.resident_bytes = time.perf_counter() - started, max(resident_bytes() - before, 0)
+        self._count(entry, "load", "success", seconds)
+        labels = (model.name, str(model.version))
+        self.metrics.child(self.metrics.resident_bytes, *labels).set(entry.resident_bytes)
+        self.metrics.child(self.metrics.cold_start, model.name).observe(seconds)
+        self.metrics.child(self.metrics.cold_waits, model.name)  # at 0 from the start, as the two below
         for protocol in ("http", "grpc"):  # at 0 from the start: an alert's rate() then sees the first shed request
             self.metrics.shed.labels(model=model.name, protocol=protocol)
         self.metrics.child(self.metrics.evictions, model.name, "pressure")  # the same for the on-demand alerts
@@ -294,6 +301,7 @@ class Repository:
                 self.metrics.child(self.metrics.drift, entry.name, str(entry.version), kind).set(float("nan"))
             self.metrics.child(self.metrics.drift_window, entry.name, str(entry.version)).set(0)
         self.gradcams.release(entry)
+        self.metrics.child(self.metrics.resident_bytes, entry.name, str(entry.version)).set(0)
         entry.model = entry.batcher = None
         settle_memory(release=True)  # the sessions' memory goes back now, not at the next collection
         self._count(entry, "unload", outcome, time.perf_counter() - started)

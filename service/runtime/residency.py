@@ -173,10 +173,8 @@ class Residency:
                     self.metrics.child(self.metrics.budget_exhausted, name).inc()
                     raise
                 return False
-            started, before = time.perf_counter(), resident_bytes()
-            for stored in wanted:
-                self.repository.load(stored, self.control.integrity.signature(stored))
-            grown = max(resident_bytes() - before, 0)
+            loaded = [self.repository.load(stored, self.control.integrity.signature(stored)) for stored in wanted]
+            grown = sum(entry.resident_bytes for entry in loaded)
             cost = max(grown, estimate, self.measured.get(name, 0)) + self._cost_of(name)
             ready = self.repository.serving(name) is not None or any(
                 e.status == "ready" for e in self.repository.versions.get(name, {}).values()
@@ -186,9 +184,7 @@ class Residency:
             self.resident[name] = Resident(cost, grown)
             self.measured[name] = max(grown, self.measured.get(name, 0))
             self.evicted.discard(name)
-            self.metrics.child(self.metrics.cold_start, name).observe(time.perf_counter() - started)
             self.metrics.child(self.metrics.model_loads, name, reason).inc()
-            self._publish(name)
             logger.info("%s: resident (%s; its load added %.0f MiB, counted as %.0f; %.0f of %.0f MiB used)", name,
                         reason, grown / 2**20, cost / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
             return True
@@ -251,7 +247,6 @@ class Residency:
         self.evicted.add(name)
         _release_freed_memory()
         self.metrics.child(self.metrics.evictions, name, reason).inc()
-        self._publish(name)
         logger.info("%s: evicted (%s), %.0f MiB back", name, reason, freed / 2**20)
         return True
 
@@ -265,12 +260,6 @@ class Residency:
             for name, found in list(self.resident.items()):
                 if name not in self.pinned and now - found.last_used >= limit:
                     self.evict(name, "idle")
-
-    def _publish(self, name: str) -> None:
-        for version in self.repository.store.versions(name):
-            entry = self.repository.versions.get(name, {}).get(version.version)
-            held = self.resident.get(name) if entry is not None and entry.status == "ready" else None
-            self.metrics.child(self.metrics.resident_bytes, name, str(version.version)).set(held.cost if held else 0)
 
     # -- what /models shows ---------------------------------------------------------------------
 
