@@ -73,8 +73,12 @@ proto: setup
 		service/frontends/v2/protocol/grpc_predict_v2.proto
 
 # The service against raw ONNX Runtime, its own transport, its peers and a PyTorch baseline: benchmarks/results/latest.*
+# The serving benchmark; then the whole store on demand (cold starts, two budgets, always loaded) and what an
+# epoch of fine-tuning costs (benchmarks/results/on_demand.json, finetune.json).
 bench: setup peers load-tools
 	$(BIN)/python -m benchmarks
+	$(BIN)/python -m benchmarks.on_demand
+	$(BIN)/python -m benchmarks.finetune
 
 bench-quick: setup peers load-tools
 	$(BIN)/python -m benchmarks --quick
