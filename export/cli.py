@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.precision is None and (args.calibration_dir or args.from_version):
         parser.error("--calibration-dir and --from-version go with --precision int8|fp16")
     if args.force and not (args.precision or args.finetune):
-        parser.error("--force goes with --precision int8|fp16 or --finetune DIR")
+        parser.error("--force can only go with --precision int8|fp16 or --finetune DIR")
     elsewhere = args.weights_file or args.labels or args.labels_from or args.weights == "trained"
     if args.finetune is not None and elsewhere:
         parser.error("--finetune takes its classes from DIR and starts from --weights imagenet or random")
