@@ -26,7 +26,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelNotReady
@@ -108,11 +107,11 @@ class Residency:
     async def ensure(self, name: str | None, version: int | None) -> None:
         """Make ``name`` (at ``version``) resident, loading it if need be; a no-op for what the store lacks."""
         name = name if name is not None else self.repository.default_model
-        if not name or not is_valid_name(name) or not self.repository.store.versions(name):
-            return  # the lease says what is wrong
-        if self._is_resident(name, version):
+        if name and self._is_resident(name, version):  # in memory: no store read on a resident model's request
             self.touch(name)
             return
+        if not name or not is_valid_name(name) or not self.repository.store.versions(name):
+            return  # the lease says what is wrong
         future = self._loads.get(name)
         if future is None:
             future = asyncio.get_running_loop().run_in_executor(self._executor, self.load, name, version, "request")
@@ -139,10 +138,9 @@ class Residency:
             found.last_used = time.monotonic()
 
     def _is_resident(self, name: str, version: int | None) -> bool:
-        entries = self.repository.versions.get(name, {})
         if version is None:
             return self.repository.serving(name) is not None
-        entry = entries.get(version)
+        entry = self.repository.versions.get(name, {}).get(version)
         return entry is not None and entry.status in ("ready", "failed")
 
     # -- loads and evictions, one at a time -----------------------------------------------------
@@ -150,62 +148,55 @@ class Residency:
     def load(self, name: str, version: int | None, reason: str) -> None:
         """Load ``name``'s versions (its policy's, or ``version``), evicting for room first. Where the room is held
         by models answering requests, wait for one to fall idle (up to ``COLD_START_TIMEOUT_S``)."""
+        plan = self.control.plan({name: [version] if version else None})
+        if name in plan.problems or not plan.versions.get(name):
+            return  # the lease answers with the reason (a failed version, a missing one)
+        estimates = {stored.version: self.estimate(stored) for stored in plan.versions[name]}
         deadline = time.monotonic() + self.settings.cold_start_timeout_s
-        while not self._load_within_budget(name, version, reason, time.monotonic() >= deadline):
+        while True:
+            with self._lock:
+                if self._is_resident(name, version):
+                    return
+                versions = self.repository.versions.get(name, {})
+                wanted = [s for s in plan.versions[name] if s.version not in versions
+                          or versions[s.version].status == "failed"]  # fmt: skip
+                estimate = sum(estimates[s.version] for s in wanted)
+                try:
+                    self._make_room(name, max(self.measured.get(name, 0), estimate))
+                except BudgetExhausted as exc:
+                    if not exc.busy or time.monotonic() >= deadline:
+                        self.metrics.child(self.metrics.budget_exhausted, name).inc()
+                        raise
+                else:
+                    return self._admit(name, wanted, estimate, reason)
             time.sleep(BUSY_RETRY_S)
 
-    def _load_within_budget(self, name: str, version: int | None, reason: str, last: bool) -> bool:
-        """One attempt; False where busy models hold the room (and ``last`` is not set)."""
-        with self._lock:
-            if self._is_resident(name, version):
-                return True
-            plan = self.control.plan({name: [version] if version else None})
-            if name in plan.problems or not plan.versions.get(name):
-                return True  # the lease answers with the reason (a failed version, a missing one)
-            wanted = [s for s in plan.versions[name] if s.version not in self.repository.versions.get(name, {})
-                      or self.repository.versions[name][s.version].status == "failed"]  # fmt: skip
-            estimate = sum(self.estimate(s) for s in wanted)
-            need = max(self.measured.get(name, 0), estimate)
-            try:
-                self._make_room(name, need)
-            except BudgetExhausted as exc:
-                if last or not exc.busy:
-                    self.metrics.child(self.metrics.budget_exhausted, name).inc()
-                    raise
-                return False
-            loaded = [self.repository.load(stored, self.control.integrity.signature(stored)) for stored in wanted]
-            grown = sum(entry.resident_bytes for entry in loaded)
-            cost = max(grown, estimate, self.measured.get(name, 0)) + self._cost_of(name)
-            ready = self.repository.serving(name) is not None or any(
-                e.status == "ready" for e in self.repository.versions.get(name, {}).values()
-            )
-            if not ready:
-                return True
-            self.resident[name] = Resident(cost, grown)
-            self.measured[name] = max(grown, self.measured.get(name, 0))
-            self.evicted.discard(name)
-            self.metrics.child(self.metrics.model_loads, name, reason).inc()
-            logger.info("%s: resident (%s; its load added %.0f MiB, counted as %.0f; %.0f of %.0f MiB used)", name,
-                        reason, grown / 2**20, cost / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
-            return True
+    def _admit(self, name: str, wanted: list[StoredVersion], estimate: int, reason: str) -> None:
+        """Load ``wanted`` (room made) and count what it holds: the larger of its measured growth and ``estimate``."""
+        loaded = [self.repository.load(stored, self.control.integrity.signature(stored)) for stored in wanted]
+        if self.repository.serving(name) is None:
+            return  # failed: the lease says why
+        grown = sum(entry.resident_bytes for entry in loaded)
+        cost = max(grown, estimate, self.measured.get(name, 0)) + self._cost_of(name)
+        self.resident[name] = Resident(cost, grown)
+        self.measured[name] = max(grown, self.measured.get(name, 0))
+        self.evicted.discard(name)
+        self.metrics.child(self.metrics.model_loads, name, reason).inc()
+        logger.info("%s: resident (%s; its load added %.0f MiB, counted as %.0f; %.0f of %.0f MiB used)", name,
+                    reason, grown / 2**20, cost / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
 
     def _cost_of(self, name: str) -> int:
         found = self.resident.get(name)
         return found.cost if found is not None else 0
 
     @staticmethod
-    def graph_bytes(graph: Path) -> int:
-        try:
-            return graph.stat().st_size
-        except OSError:
-            return 0
-
-    @classmethod
-    def estimate(cls, stored: StoredVersion) -> int:
+    def estimate(stored: StoredVersion) -> int:
         """What its export recorded it would take, else a guess from its graph's size."""
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             return int(stored.read_metadata()["memory"]["resident_estimate_bytes"])
-        return int(cls.graph_bytes(stored.graph) * ESTIMATE_RATIO) + ESTIMATE_FIXED
+        with contextlib.suppress(OSError):
+            return int(stored.graph.stat().st_size * ESTIMATE_RATIO) + ESTIMATE_FIXED
+        return ESTIMATE_FIXED
 
     def used(self) -> int:
         return sum(r.cost for r in self.resident.values())
