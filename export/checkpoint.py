@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .registry import list_models
 from .spec import InputSpec, ModelSpec
 
 # Where training scripts put the weights inside a checkpoint dict, most common first: Lightning
@@ -125,6 +126,12 @@ class InputOverrides:
             raise CheckpointError(f"--resize {resize} is smaller than the input size {size}: the crop must fit")
         return dataclasses.replace(base, size=size, resize=resize, mean=self.mean or base.mean,
                                    std=self.std or base.std)  # fmt: skip
+
+
+def check_name(base: ModelSpec, name: str | None) -> None:
+    """A user's model may be named anything but another registered network."""
+    if name not in (None, base.name) and name in list_models():
+        raise CheckpointError(f"--as {name}: that is a registered network's name; choose a name of your own")
 
 
 def adapt(base: ModelSpec, labels: list[str], name: str | None, inputs: InputOverrides) -> ModelSpec:

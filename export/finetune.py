@@ -42,7 +42,7 @@ from . import checkpoint, evaluation, folder
 from .calibration import ImageSet
 from .graph import ClassifierGraph
 from .pipeline import Built, ExportOptions, write_version
-from .registry import get_model_spec, list_models
+from .registry import get_model_spec
 from .spec import ModelSpec
 from .weights import Provenance, random_provenance, released_state_dict
 
@@ -186,8 +186,7 @@ def finetune(name: str, store: ModelStore, options: ExportOptions, tune: Finetun
     """Fine-tune ``name`` on ``tune.folder`` and write it as ``options.as_name`` (or a version of ``name``)."""
     started = time.perf_counter()
     base = get_model_spec(name)
-    if options.as_name not in (None, name) and options.as_name in list_models():
-        raise checkpoint.CheckpointError(f"--as {options.as_name}: a registered network's name; choose your own")
+    checkpoint.check_name(base, options.as_name)
     served = InputMeta.model_validate(options.inputs.apply(base.input).to_dict())
     data = folder.read(tune.folder, served, tune.held_out, options.seed)
     spec = checkpoint.adapt(base, data.classes, options.as_name, options.inputs)

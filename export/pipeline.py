@@ -25,7 +25,7 @@ from service.store.metadata import InputMeta
 from . import baseline, calibration, checkpoint, explanation, train, typicality
 from .checkpoint import InputOverrides
 from .graph import INPUT_NAME, OPSET, ClassifierGraph, count_flops, export_onnx, verify
-from .registry import get_model_spec, list_models
+from .registry import get_model_spec
 from .spec import ModelSpec, WeightsKind
 from .weights import Provenance, file_state_dict, random_provenance, released_state_dict, sha256_file
 
@@ -97,10 +97,7 @@ def _own(spec: ModelSpec, options: ExportOptions, state: Mapping[str, torch.Tens
         labels = checkpoint.fit_labels(spec, state, labels, where)
     if not options.custom and (labels is None or labels == list(spec.categories)):
         return spec
-    if options.as_name not in (None, spec.name) and options.as_name in list_models():
-        raise checkpoint.CheckpointError(
-            f"--as {options.as_name}: that is a registered network's name; choose a name of your own"
-        )
+    checkpoint.check_name(spec, options.as_name)
     return checkpoint.adapt(spec, labels or list(spec.categories), options.as_name, options.inputs)
 
 
