@@ -53,8 +53,11 @@ def measure(graph: Path, images: ImageSet, classes: list[str]) -> dict[str, Any]
 def gate(found: dict[str, Any], floor: float | None, force: bool, name: str) -> dict[str, Any]:
     """``found`` with its floor and verdict; :class:`AccuracyRefused` below the floor unless ``force``. The
     default floor is the majority class's share."""
-    floor = found["majority_class_top1"] if floor is None else floor
-    passed = found["top1"] > floor if floor == found["majority_class_top1"] else found["top1"] >= floor
+    if floor is None:  # the largest class's share: a model must beat it, not match it
+        floor = found["majority_class_top1"]
+        passed = found["top1"] > floor
+    else:
+        passed = found["top1"] >= floor
     worst = sorted((v["top1"], k) for k, v in found["per_class"].items() if v["top1"] is not None)[:3]
     summary = (f"held-out top-1 {100 * found['top1']:.2f}% on {found['images']} images (floor {100 * floor:.2f}%; "
                f"weakest classes: {', '.join(f'{k} {100 * v:.0f}%' for v, k in worst)})")  # fmt: skip
