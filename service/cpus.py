@@ -19,7 +19,8 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
 
-def _read(path: Path) -> str | None:
+def read_setting(path: Path) -> str | None:
+    """A cgroup file's content, stripped; None where it cannot be read."""
     try:
         return path.read_text().strip()
     except OSError:
@@ -43,7 +44,7 @@ def _ratio(quota: str, period: str) -> float | None:
 
 
 def _v2_limit(directory: Path) -> float | None:
-    text = _read(directory / "cpu.max")  # "max 100000" or "<quota> <period>"
+    text = read_setting(directory / "cpu.max")  # "max 100000" or "<quota> <period>"
     if text is None or text.startswith("max"):
         return None
     quota, _, period = text.partition(" ")
@@ -51,22 +52,31 @@ def _v2_limit(directory: Path) -> float | None:
 
 
 def _v1_limit(directory: Path) -> float | None:
-    quota, period = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
+    quota, period = read_setting(directory / "cpu.cfs_quota_us"), read_setting(directory / "cpu.cfs_period_us")
     return None if quota is None or period is None else _ratio(quota, period)
+
+
+def cgroup_folders(controller: str, v2_marker: str, root: Path, proc_cgroup: Path) -> list[tuple[int, Path]]:
+    """The process's cgroup folders for ``controller`` and their parents up to the mount, each with its cgroup
+    version: v2 where ``root`` holds ``v2_marker`` (mounted at the root), else v1's ``root/<controller>`` (or the
+    joint mount that names it, such as ``cpu,cpuacct``)."""
+    folders: list[tuple[int, Path]] = []
+    for line in (read_setting(proc_cgroup) or "").splitlines():
+        hierarchy, controllers, relative = line.split(":", 2)
+        if hierarchy == "0" and (root / v2_marker).exists():
+            folders += [(2, folder) for folder in _ancestors(root, relative)]
+        elif controller in controllers.split(","):
+            mount = next((root / name for name in (controllers, controller) if (root / name).is_dir()), None)
+            if mount is not None:
+                folders += [(1, folder) for folder in _ancestors(mount, relative)]
+    return folders
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> float | None:
     """CPUs the cgroup quota allows (the tightest on the way up), or None without a quota."""
-    limits: list[float] = []
-    for line in (_read(proc_cgroup) or "").splitlines():
-        hierarchy, controllers, relative = line.split(":", 2)
-        if hierarchy == "0" and (root / "cpu.max").exists():  # cgroup v2, mounted at the root
-            limits += filter(None, (_v2_limit(d) for d in _ancestors(root, relative)))
-        elif "cpu" in controllers.split(","):  # cgroup v1: /sys/fs/cgroup/cpu or /sys/fs/cgroup/cpu,cpuacct
-            mount = next((root / name for name in (controllers, "cpu") if (root / name).is_dir()), None)
-            if mount is not None:
-                limits += filter(None, (_v1_limit(d) for d in _ancestors(mount, relative)))
-    return min(limits, default=None)
+    limits = [(_v2_limit if version == 2 else _v1_limit)(folder)
+              for version, folder in cgroup_folders("cpu", "cpu.max", root, proc_cgroup)]  # fmt: skip
+    return min(filter(None, limits), default=None)
 
 
 @cache

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from .cpus import CGROUP_ROOT, PROC_CGROUP, _ancestors, _read
+from .cpus import CGROUP_ROOT, PROC_CGROUP, cgroup_folders, read_setting
 
 HEADROOM = 0.10  # of the limit: request buffers, decoding, the allocator's slack
 NO_LIMIT = 1 << 60  # v1 writes about 2**63 for "no limit"
@@ -45,17 +45,10 @@ def _limit(text: str | None) -> int | None:
 
 def cgroup_memory_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int | None:
     """Bytes the cgroup limit allows (the tightest on the way up), or None without a limit."""
-    limits: list[int] = []
-    for line in (_read(proc_cgroup) or "").splitlines():
-        hierarchy, controllers, relative = line.split(":", 2)
-        if hierarchy == "0" and (root / "cgroup.controllers").exists():  # cgroup v2, mounted at the root
-            limits += filter(None, (_limit(_read(d / "memory.max")) for d in _ancestors(root, relative)))
-        elif "memory" in controllers.split(","):  # cgroup v1: /sys/fs/cgroup/memory
-            mount = root / "memory"
-            if mount.is_dir():
-                folders = _ancestors(mount, relative)
-                limits += filter(None, (_limit(_read(d / "memory.limit_in_bytes")) for d in folders))
-    return min(limits, default=None)
+    files = {2: "memory.max", 1: "memory.limit_in_bytes"}
+    limits = [_limit(read_setting(folder / files[version]))
+              for version, folder in cgroup_folders("memory", "cgroup.controllers", root, proc_cgroup)]  # fmt: skip
+    return min(filter(None, limits), default=None)
 
 
 def resident_bytes(pid: int | None = None) -> int:
