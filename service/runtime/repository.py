@@ -178,26 +178,12 @@ class Repository:
         """:meth:`lease`, once the model is resident (MODEL_CONTROL=on-demand loads it now, or says why not)."""
         if self.residency is None:
             return self.lease(name, version)
-        for attempt in range(3):
+        for _ in range(2):
             await self.residency.ensure(name, version)
-            with self._lock:
-                try:
-                    entry = self.get(name, version)
-                except (ModelNotReady, ModelNotFound):  # evicted between the load and this lease: load it again
-                    if attempt == 2:
-                        raise
-                    continue
-                entry.in_flight += 1
-            return self._held(entry)
-        raise AssertionError("unreachable")
-
-    @contextlib.contextmanager
-    def _held(self, entry: ModelEntry) -> Iterator[ModelEntry]:
-        try:
-            yield entry
-        finally:
-            with self._lock:
-                entry.in_flight -= 1
+            with contextlib.suppress(ModelNotReady, ModelNotFound):  # evicted between load and lease: load it again
+                return self.lease(name, version)
+        await self.residency.ensure(name, version)
+        return self.lease(name, version)  # a third time: its error is the answer
 
     def retire_if_idle(self, name: str) -> list[ModelEntry] | None:
         """Every ready version of ``name`` out of routing at once, if none holds a request; else None."""
@@ -209,12 +195,16 @@ class Repository:
                 entry.status, entry.since = "draining", time.time()
         return entries
 
-    @contextlib.contextmanager
-    def lease(self, name: str | None, version: int | None = None) -> Iterator[ModelEntry]:
-        """The version for a request, held (not released by an unload) until the request is answered."""
+    def lease(self, name: str | None, version: int | None = None) -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for a request, held (not released by an unload) until the request is answered: taken now,
+        given back when the ``with`` block it opens ends."""
         with self._lock:
             entry = self.get(name, version)
             entry.in_flight += 1
+        return self._held(entry)
+
+    @contextlib.contextmanager
+    def _held(self, entry: ModelEntry) -> Iterator[ModelEntry]:
         try:
             yield entry
         finally:
