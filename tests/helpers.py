@@ -12,12 +12,14 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import pytest
 import yaml
 from PIL import Image
 
@@ -201,6 +203,23 @@ def running(store: Path, log_path: Path, **env: str) -> Iterator[ServiceProcess]
         yield process
     finally:
         process.stop()
+
+
+def in_child_cgroup(controller: str, settings: dict[str, str], probe: str) -> subprocess.CompletedProcess[str]:
+    """``python -c probe`` run in a new child of the cgroup v1 ``controller``'s root with ``settings`` written into
+    it (removed after); the test is skipped where that controller is missing or not writable."""
+    root = Path("/sys/fs/cgroup") / controller
+    if not (root / next(iter(settings))).exists() or not os.access(root, os.W_OK):
+        pytest.skip(f"needs a writable cgroup v1 {controller} controller at {root} (root on this kind of machine)")
+    group = root / f"cnn-serving-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    try:
+        for name, value in settings.items():
+            (group / name).write_text(value)
+        script = f'echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "{probe}"'
+        return subprocess.run(["sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        group.rmdir()
 
 
 def tool(name: str) -> str:

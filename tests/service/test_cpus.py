@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
-
-import pytest
 
 from service.cpus import cgroup_cpu_limit
 
-from ..helpers import ROOT
+from ..helpers import ROOT, in_child_cgroup
 
 
 def _write(path: Path, text: str) -> None:
@@ -88,25 +85,12 @@ def test_garbage_is_no_limit_not_a_crash(tmp_path: Path) -> None:
     assert _v2(tmp_path, "lots 0") is None
 
 
-V1_CPU = Path("/sys/fs/cgroup/cpu")
-
-
 def test_a_real_cgroup_quota_sets_the_thread_defaults() -> None:
     """A child cgroup with a 1-CPU quota: a service started in it uses 1 ONNX Runtime thread, not nproc."""
-    if not (V1_CPU / "cpu.cfs_quota_us").exists() or not os.access(V1_CPU, os.W_OK):
-        pytest.skip("needs a writable cgroup v1 cpu controller at /sys/fs/cgroup/cpu (root on this kind of machine)")
-    group = V1_CPU / f"cnn-serving-test-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    try:
-        (group / "cpu.cfs_period_us").write_text("100000")
-        (group / "cpu.cfs_quota_us").write_text("150000")  # 1.5 CPUs
-        probe = "from service.settings import Settings; s = Settings(); print(s.session_threads(), s.decoder_threads)"
-        script = f'echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "{probe}"'
-        inside = subprocess.run(["sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert inside.returncode == 0, inside.stderr
-        assert inside.stdout.split() == ["1", "1"]
-    finally:
-        group.rmdir()
+    probe = "from service.settings import Settings; s = Settings(); print(s.session_threads(), s.decoder_threads)"
+    inside = in_child_cgroup("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "150000"}, probe)  # 1.5 CPUs
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.split() == ["1", "1"]
     outside = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
     cpus = len(os.sched_getaffinity(0))  # sessions get every CPU, decoders half of them (DECODE_THREADS' default)
     assert outside.stdout.split() == [str(cpus), str(max(1, cpus // 2))]

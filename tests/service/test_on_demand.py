@@ -4,12 +4,8 @@ used evicted, no request lost; against the real service, the real store and real
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import shutil
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +20,7 @@ from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 
-from ..helpers import ROOT, ServiceProcess, encode, metric_samples, running
+from ..helpers import ServiceProcess, encode, in_child_cgroup, metric_samples, running
 from .lifecycle_load import Workload, worker_rss
 
 pytestmark = pytest.mark.integration
@@ -186,22 +182,32 @@ def test_where_no_room_can_be_made_the_answer_is_503_with_its_reason(zoo: ModelS
         }
 
 
-V1_MEMORY = Path("/sys/fs/cgroup/memory")
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cgroup.controllers": "memory", "memory.max": "max", "pod/memory.max": "1073741824"}, 2**30),  # v2
+        ({"cgroup.controllers": "memory", "memory.max": "max", "pod/memory.max": "max"}, None),
+        ({"memory/memory.limit_in_bytes": "9223372036854771712", "memory/pod/memory.limit_in_bytes": "536870912"},
+         2**29),  # v1, the root's "no limit" ignored
+    ],
+)  # fmt: skip
+def test_the_cgroup_memory_limit_is_the_tightest_on_the_way_up(
+    tmp_path: Path, files: dict[str, str], expected: int | None
+) -> None:
+    from service.memory import cgroup_memory_limit
+
+    for name, text in files.items():
+        (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cgroup" / name).write_text(text + "\n")
+    v2 = "cgroup.controllers" in files
+    (tmp_path / "self").write_text("0::/pod\n" if v2 else "5:memory:/pod\n")
+    assert cgroup_memory_limit(tmp_path / "cgroup", tmp_path / "self") == expected
 
 
 def test_the_default_budget_comes_from_a_real_cgroup_memory_limit() -> None:
-    if not (V1_MEMORY / "memory.limit_in_bytes").exists() or not os.access(V1_MEMORY, os.W_OK):
-        pytest.skip("needs a writable cgroup v1 memory controller at /sys/fs/cgroup/memory (root on this machine)")
-    group = V1_MEMORY / f"cnn-serving-test-{uuid.uuid4().hex[:8]}"
-    group.mkdir()
-    try:
-        (group / "memory.limit_in_bytes").write_text(str(2 * 2**30))
-        probe = "from service.memory import default_budget; print(*default_budget(100 * 2**20, 2))"
-        script = f'echo $$ > {group}/cgroup.procs && exec {sys.executable} -c "{probe}"'
-        inside = subprocess.run(["sh", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
-        assert inside.returncode == 0, inside.stderr
-    finally:
-        group.rmdir()
+    probe = "from service.memory import default_budget; print(*default_budget(100 * 2**20, 2))"
+    inside = in_child_cgroup("memory", {"memory.limit_in_bytes": str(2 * 2**30)}, probe)
+    assert inside.returncode == 0, inside.stderr
     budget, how = inside.stdout.split(" ", 1)
     assert int(budget) == int(2 * 2**30 * 0.9) - 2 * 100 * 2**20
     assert how.startswith("the cgroup memory limit 2048 MiB")
