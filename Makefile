@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve test test-fast test-tools load-tools lint lock proto dashboard manifests bench bench-quick profile peers lock-peers clean
+.PHONY: setup export serve docs docs-build test test-fast test-tools load-tools lint lock proto dashboard manifests bench bench-quick profile peers lock-peers clean
 
 setup: $(STAMP)
 
@@ -29,9 +29,18 @@ serve: setup
 		case $$? in 0) ;; 3) $(MAKE) export ;; *) echo "make serve: cannot read the model store $(MODEL_STORE)" >&2; exit 1 ;; esac
 	$(BIN)/python -m service
 
+# The documentation site (mkdocs.yml, docs/): served on :8000 with live reload, or built into site/ with --strict
+# (broken links and missing pages fail; tests/test_docs.py builds it too). Reference pages are generated from the code.
+DOCS_ENV := NO_MKDOCS_2_WARNING=1
+docs: setup
+	$(DOCS_ENV) $(BIN)/mkdocs serve
+
+docs-build: setup
+	$(DOCS_ENV) $(BIN)/mkdocs build --strict
+
 lint: setup
-	$(BIN)/ruff check export service client tests monitoring benchmarks deploy
-	$(BIN)/ruff format --check export service client tests monitoring benchmarks deploy
+	$(BIN)/ruff check export service client tests monitoring benchmarks deploy docs/hooks
+	$(BIN)/ruff format --check export service client tests monitoring benchmarks deploy docs/hooks
 	$(BIN)/mypy
 
 # Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests;
@@ -115,4 +124,4 @@ lock:
 	$(BIN)/pip freeze --exclude-editable | grep -v -e '^cnn-serving' -e '^uv==' | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements/constraints.txt
 
 clean:
-	rm -rf $(VENV) $(PEERS_VENV) .pytest_cache .mypy_cache .ruff_cache .tools deploy/kubernetes/validate/node_modules
+	rm -rf $(VENV) $(PEERS_VENV) site .pytest_cache .mypy_cache .ruff_cache .tools deploy/kubernetes/validate/node_modules

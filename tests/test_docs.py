@@ -1,35 +1,154 @@
-"""The README's generated tables match the code they describe."""
+"""The README as a front door, and the documentation site built as CI builds it.
+
+The site is built once, with ``mkdocs build --strict`` (broken links, missing pages and pages
+outside the navigation fail it), and the built HTML is read: every setting and every metric the
+code declares must be on its reference page, and no page may load anything from outside.
+"""
 
 from __future__ import annotations
 
+import html
+import importlib.util
+import os
 import re
+import subprocess
+import sys
+from fnmatch import fnmatch
+from pathlib import Path
+from types import ModuleType
 
-from export.cli import model_table
+import pytest
+from markdown.extensions.toc import slugify
+
 from service.settings import Settings
 
 from .helpers import ROOT
 
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+README = ROOT / "README.md"
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
-def _section(name: str) -> str:
-    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", README, re.S)
-    assert match, f"README has no {name} section"
-    return match.group(1).strip()
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("site")
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT, env=os.environ | {"NO_MKDOCS_2_WARNING": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, f"mkdocs build --strict failed:\n{built.stderr[-5000:]}"
+    return out
 
 
-def test_model_table_is_generated_from_the_registry() -> None:
-    assert _section("model-table") == model_table(markdown=True)
+@pytest.fixture(scope="module")
+def hook() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("docs_hook", ROOT / "docs" / "hooks" / "generate.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_every_setting_is_documented_with_its_default() -> None:
-    table = _section("settings-table")
+def _text(page: Path) -> str:
+    """A built page's visible text: tags dropped, entities decoded, white space folded."""
+    body = re.sub(r"<script.*?</script>|<[^>]+>", " ", page.read_text(encoding="utf-8"), flags=re.S)
+    return " ".join(html.unescape(body).split())
+
+
+def _squeezed(text: str) -> str:
+    """Text without Markdown's code marks or any white space, to compare with a page's text the same way."""
+    return re.sub(r"\s+", "", text.replace("`", ""))
+
+
+def _exposed_metrics() -> dict[str, str]:
+    """What ``/metrics`` says of each metric (name: help), from the service's own exposition."""
+    from service.metrics import exposition, get_metrics
+
+    get_metrics()
+    state = {"models": {"lenet5": {"1": {"status": "ready", "provider": "CPU", "load_seconds": 0.1}}}}
+    text = exposition(lambda: [state])().decode()
+    return dict(re.findall(r"^# HELP (\S+) ?(.*)$", text, re.M))
+
+
+def test_every_setting_and_metric_has_a_description() -> None:
+    assert not [name for name, field in Settings.model_fields.items() if not (field.description or "").strip()]
+    metrics = _exposed_metrics()
+    assert any(name.startswith("cnn_") for name in metrics)
+    assert not [name for name, text in metrics.items() if not text.strip()]
+
+
+def test_settings_page_lists_every_setting(site: Path) -> None:
+    page = _text(site / "reference" / "settings" / "index.html")
     for name, field in Settings.model_fields.items():
-        default = field.default
-        if default is None:
-            shown = "(unset)"
-        elif default in ("", ()):
-            shown = "(empty)"
-        else:
-            shown = f"`{default}`"
-        assert f"| `{name.upper()}` | {shown} | {field.description} |" in table, name
+        assert f"{name.upper()} " in page, name
+        assert _squeezed(field.description or "") in _squeezed(page), name
+
+
+def test_metrics_page_lists_every_metric(site: Path) -> None:
+    page = _text(site / "reference" / "metrics" / "index.html")
+    for name, documentation in _exposed_metrics().items():
+        if name.startswith("python_"):  # prometheus_client's interpreter facts, not the service's
+            continue
+        assert f"{name} " in page, name
+        assert _squeezed(documentation) in _squeezed(page), name
+
+
+def test_reference_pages_are_generated_from_the_code(site: Path) -> None:
+    http_api = _text(site / "reference" / "http-api" / "index.html")
+    for path in ("POST /classify", "POST /explain", "GET /models", "POST /v2/models/{name}/infer"):
+        assert path in http_api
+    grpc = _text(site / "reference" / "oip" / "index.html")
+    assert "inference.GRPCInferenceService/ModelInfer" in grpc and "service GRPCInferenceService" in grpc
+    cli = _text(site / "reference" / "cli" / "index.html")
+    assert "usage: python -m export" in cli and "usage: python -m client" in cli and "--finetune" in cli
+    operating = _text(site / "operating" / "index.html")
+    for alert in re.findall(r"- alert: (\w+)", (ROOT / "monitoring" / "alerts.yml").read_text()):
+        assert alert in operating, alert
+    networks = _text(site / "concepts" / "models" / "index.html")
+    assert "resnet50 ResNet 25,557,032" in networks
+
+
+def test_an_unknown_generated_section_fails_the_build(hook: ModuleType) -> None:
+    with pytest.raises(ValueError, match=r"unknown generated section 'setings'.*settings"):
+        hook.expand("text\n<!-- generated: setings -->\n", "reference/x.md")
+
+
+def test_the_site_loads_nothing_from_outside(site: Path) -> None:
+    external = re.compile(r"<(?:script|img|link|iframe)\b[^>]*\b(?:src|href)=\"(?:https?:)?//", re.I)
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) >= 20
+    offending = [str(page.relative_to(site)) for page in pages if external.search(page.read_text(encoding="utf-8"))]
+    assert not offending
+    css = [path for path in site.rglob("*.css") if re.search(r"url\((['\"]?)https?:", path.read_text(errors="ignore"))]
+    assert not css
+
+
+def test_readme_is_a_front_door() -> None:
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 300
+    for command in ("make serve", "make test", "curl ", "python -m client", "make docs"):
+        assert command in text, command
+    assert "docs/reference/settings.md" in text  # where every setting is
+
+
+def _anchors(markdown: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", markdown.read_text(encoding="utf-8"), flags=re.S)
+    return {slugify(heading.strip(), "-") for heading in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize(
+    "source", ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").rglob("*.md"))]
+)
+def test_relative_links_resolve(source: str, hook: ModuleType) -> None:
+    """Every relative link of the README and of the site's pages names a file, and an anchor it has."""
+    path = ROOT / source
+    broken = []
+    for target in LINK.findall(path.read_text(encoding="utf-8")):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, anchor = target.partition("#")
+        linked = (path.parent / file).resolve() if file else path
+        if source == "docs/benchmarks.md" and any(fnmatch(file, pattern) for pattern in hook.PUBLISHED):
+            linked = ROOT / file  # published into the site from outside docs/, at the same path
+        if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in _anchors(linked)):
+            broken.append(target)
+    assert not broken, f"{source}: {broken}"
