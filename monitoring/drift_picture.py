@@ -1,4 +1,4 @@
-"""The README's picture of drift rising under out-of-distribution traffic, from the real parts.
+"""The documentation's picture of drift (docs/drift.png) rising under out-of-distribution traffic, from the real parts.
 
 Starts the service on a store holding the trained LeNet-5 (``MODELS=lenet5``, one worker,
 ``DRIFT_WINDOW=100``) and a real Prometheus scraping it every 2 s, sends held-out digits

@@ -1,4 +1,4 @@
-"""Draws the Grafana dashboard's panels from a Prometheus, as a PNG (for the README).
+"""Draws the Grafana dashboard's panels from a Prometheus, as a PNG (docs/dashboard.png, for the documentation).
 
 Grafana itself does not run where this is built, so the picture is rendered from the
 dashboard's own JSON: the same panels, queries, legends and units, over a time range::

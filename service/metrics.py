@@ -37,23 +37,34 @@ class Metrics:
 
         model = ["model", "version"]
         self.requests = prom.Counter(
-            "cnn_requests", "Classification requests by protocol and outcome", [*model, "protocol", "outcome"]
+            "cnn_requests",
+            "Classification requests (/classify, /v2/.../infer, gRPC ModelInfer) by protocol and outcome (2xx, 4xx, "
+            '5xx); a request that names no known model counts under model=""',
+            [*model, "protocol", "outcome"],
         )
         self.http_requests = prom.Counter(
-            "cnn_http_requests", "HTTP requests by route (its template) and status code", ["route", "code"]
+            "cnn_http_requests",
+            "HTTP requests by route (its template, /v2/models/{name}/infer; unmatched for a path no route serves, "
+            "never the path itself) and status code",
+            ["route", "code"],
         )
         self.shed = prom.Counter(
             "cnn_requests_shed",
             "Requests refused with 503 because the model's queue was full (MAX_QUEUE_IMAGES)",
             ["model", "protocol"],
         )
-        self.images = prom.Counter("cnn_images", "Images classified successfully", [*model, "protocol"])
+        self.images = prom.Counter(
+            "cnn_images", "Images classified successfully (a request of k images adds k)", [*model, "protocol"]
+        )
         self.request_seconds = prom.Histogram(
-            "cnn_request_seconds", "End-to-end latency of successful requests", [*model, "protocol"],
+            "cnn_request_seconds", "End-to-end latency of successful requests (1 ms to 10 s buckets)",
+            [*model, "protocol"],
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.stage_seconds = prom.Histogram(
-            "cnn_stage_seconds", "Time per stage: preprocess, queue, inference, postprocess", [*model, "stage"],
+            "cnn_stage_seconds", "Time per stage: preprocess (decode, resize, crop), queue (waiting for the batcher), "
+            "inference (the ONNX Runtime call), postprocess; explain (one image's occlusion map, its batches included)",
+            [*model, "stage"],
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.batch_size = prom.Histogram("cnn_batch_size", "Images per ONNX Runtime call", model, buckets=BATCH_BUCKETS)
@@ -75,7 +86,8 @@ class Metrics:
         )  # fmt: skip
 
         self.confidence = prom.Histogram(
-            "cnn_prediction_confidence", "Top-1 probability of each image's prediction", model,
+            "cnn_prediction_confidence", "Top-1 probability of each served image's prediction, whatever the protocol",
+            model,
             buckets=CONFIDENCE_BUCKETS,
         )  # fmt: skip
         self.entropy = prom.Histogram(
@@ -92,7 +104,8 @@ class Metrics:
         self.drift = prom.Gauge(
             "cnn_prediction_drift",
             "Jensen-Shannon divergence (0 same, 1 disjoint) of the latest answers from the version's baseline: "
-            "kind=confidence (top-1 probability bins), kind=classes (top-1 class mix); the largest over workers",
+            "kind=confidence (top-1 probability bins), kind=classes (top-1 class mix); the largest over workers; "
+            "NaN once the version is unloaded",
             [*model, "kind"], multiprocess_mode="livemax",
         )  # fmt: skip
         self.drift_window = prom.Gauge(

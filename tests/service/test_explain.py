@@ -188,7 +188,7 @@ def test_lenet5s_default_is_occlusion_and_its_grad_cam_is_what_the_export_verifi
 ) -> None:
     """LeNet-5's Grad-CAM at C3, and how it compares with occlusion on drawn digits (reported: at C3 this tanh
     network's Grad-CAM does not single out the strokes, where occlusion does, which is why the export records
-    occlusion as its default; see the README)."""
+    occlusion as its default; see docs/concepts/explanations.md)."""
     from scipy.ndimage import map_coordinates
 
     files, _ = held_out_drawings(30)
