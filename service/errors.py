@@ -60,3 +60,9 @@ class Overloaded(ServiceError):
     """Load shedding: the model's queue is full; the client should retry later."""
 
     status_code = 503
+
+
+class Stranded(ModelNotReady):
+    """A request that was waiting for a batch when its model version was unloaded: safe to send again."""
+
+    retry_after = 1

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Overloaded
+from ..errors import Overloaded, Stranded
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,8 @@ class DynamicBatcher:
         self._worker: asyncio.Task[None] | None = None
         self._free: list[int] = list(range(len(runs)))  # instances not running a batch
         self._released: asyncio.Event | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: dict[asyncio.Task[None], list[_Pending]] = {}  # batches being run, by their task
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None  # the worker's, once a request came
         self._executor = ThreadPoolExecutor(max_workers=len(runs), thread_name_prefix=f"infer-{name}")
 
@@ -136,6 +137,8 @@ class DynamicBatcher:
         ``context`` (the request's trace context, say) comes back in the batch's :class:`BatchStats`;
         with ``observe=False`` its rows are left out of the batch's ``probabilities`` and ``distances``.
         """
+        if self._closed:
+            raise self._stranded()
         count = count_rows(images)
         chunks = [take(images, slice(i, i + self.max_batch_size)) for i in range(0, count, self.max_batch_size)]
         if self._queued_images + count > self.max_queue_images:
@@ -190,8 +193,11 @@ class DynamicBatcher:
                     self._free.append(instance)
                     continue
                 task = loop.create_task(self._run_batch(loop, batch, instance))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
+                self._running[task] = batch
+                task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
 
     async def _instance(self) -> int:
         """A free instance, waiting for a running batch to end where none is."""
@@ -216,11 +222,11 @@ class DynamicBatcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], instance: int) -> None:
         started = time.perf_counter()
-        images = batch[0].images if len(batch) == 1 else joined([p.images for p in batch])
         try:
+            images = batch[0].images if len(batch) == 1 else joined([p.images for p in batch])
             outputs = await loop.run_in_executor(self._executor, self._runs[instance], images)
         except Exception as exc:
-            logger.exception("%s: inference failed for a batch of %d", self.name, count_rows(images))
+            logger.exception("%s: inference failed for a batch of %d", self.name, sum(p.size for p in batch))
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
@@ -250,11 +256,23 @@ class DynamicBatcher:
         asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout)
 
     async def close(self) -> None:
+        """Stop: every request still waiting, queued or in a running batch, fails with :class:`Stranded` (safe to
+        send again) at once; a session call under way finishes in its thread, and nothing waits for it."""
+        self._closed = True
+        stranded = [*self._queue, *(pending for batch in self._running.values() for pending in batch)]
+        self._queue.clear()
+        self._queued_images = 0
+        for pending in stranded:
+            if not pending.future.done():
+                pending.future.set_exception(self._stranded())
         tasks = [*self._running, *([self._worker] if self._worker is not None else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)  # never blocks the event loop on a running call
+
+    def _stranded(self) -> Stranded:
+        return Stranded(f"Model {self.name!r}: this version was unloaded while the request waited; send it again")
 
 
 def _observed(batch: list[_Pending], outputs: Outputs) -> tuple[np.ndarray | None, np.ndarray | None]:
