@@ -127,6 +127,17 @@ class Shadow:
         lane.skipped[reason] = lane.skipped.get(reason, 0) + images
         self.metrics.child(self.metrics.shadow_skipped, *self._labels(lane), reason).inc(images)
 
+    def _entries(self, pair: ShadowPair) -> list[ModelEntry]:
+        """The versions the pair's two sides would be served by now (those that are)."""
+        candidate = pair.candidate
+        found = [
+            self.repository.versions.get(candidate.name, {}).get(candidate.version)
+            if candidate.version is not None
+            else self.repository.serving(candidate.name),
+            self.repository.serving(pair.primary.name),
+        ]
+        return [entry for entry in found if entry is not None]
+
     async def _idle(self, *entries: ModelEntry) -> None:
         """Until no live images wait for either model: shadow work goes after live work."""
         while any(e.batcher is not None and e.batcher.queued_images > 0 for e in entries):
@@ -145,9 +156,10 @@ class Shadow:
 
     async def _compare(self, lane: Lane, job: _Job) -> None:
         pair = lane.pair
+        # wait for both models to fall idle before taking the candidate's lease: a lease held while waiting would keep
+        # the candidate busy under load, so that nothing could evict, unload or drain it
+        await self._idle(*self._entries(pair))
         with self.repository.lease(pair.candidate.name, pair.candidate.version) as candidate:
-            primary = self.repository.serving(pair.primary.name)
-            await self._idle(candidate, *([primary] if primary is not None else []))
             assert candidate.model is not None and candidate.batcher is not None
             meta = candidate.model.metadata
             if meta.num_classes != job.probabilities.shape[1] or job.images.shape[1:] != (
