@@ -96,6 +96,8 @@ class CNNClassifier:
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
         self.control.stop()
+        if self.repository.residency is not None:
+            self.repository.residency.shutdown()
         self.readiness.withdraw()
         await self.repository.close()
         self.decoders.shutdown(wait=False)

@@ -21,6 +21,8 @@ import asyncio
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..runtime.deadline import request_deadline
+
 
 class RequestTimeout:
     def __init__(self, app: ASGIApp, timeout: float) -> None:
@@ -41,6 +43,8 @@ class RequestTimeout:
                 deadline.reschedule(None)  # an answer under way is not cut
             await send(message)
 
+        # the runtime's waits (a cold start) end before this one does, with an answer of their own
+        token = request_deadline.set(asyncio.get_running_loop().time() + self.timeout)
         try:
             async with deadline:
                 await self.app(scope, receive, send_and_disarm)
@@ -49,6 +53,8 @@ class RequestTimeout:
                 raise
             error = f"Not able to process the request in {self.timeout} seconds (REQUEST_TIMEOUT_S)"
             await JSONResponse({"error": error}, status_code=504)(scope, receive, send)
+        finally:
+            request_deadline.reset(token)
 
 
 def install() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import InvalidInput, ModelLoadFailed
+from ..errors import InvalidInput, ModelNotReady
 from .batching import DynamicBatcher
 from .session import INPUT_NAME, session_options, wanted_providers
 
@@ -53,6 +54,8 @@ class GradCams:
     repository: Repository
     loaded: dict[tuple[str, int], GradCam] = field(default_factory=dict)
     _locks: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
+    # called (in a worker thread) before a graph opens: MODEL_CONTROL=on-demand makes room for it and counts it
+    before_load: Callable[[ModelEntry, Path], None] | None = None
 
     def graph_of(self, entry: ModelEntry) -> tuple[Path, dict[str, Any]] | None:
         """Where ``entry``'s explanation graph is and what its metadata says of it; None without one."""
@@ -86,17 +89,19 @@ class GradCams:
 
     def _load(self, entry: ModelEntry, path: Path, info: dict[str, Any]) -> GradCam:
         settings = self.repository.settings
+        if self.before_load is not None:
+            self.before_load(entry, path)
         started = time.perf_counter()
-        try:
+        try:  # the server's files, not the request, are wrong: 503 with the reason, as a model that fails to load
             session = ort.InferenceSession(
                 str(path), session_options(settings), providers=wanted_providers(settings.providers)
             )
         except Exception as exc:  # ORT raises its own types
-            raise ModelLoadFailed(f"Cannot load the explanation graph {path}: {exc}") from None
+            raise ModelNotReady(f"Cannot load the explanation graph {path}: {exc}") from None
 
         names = [output.name for output in session.get_outputs()]
         if names[:2] != list(OUTPUT_NAMES):
-            raise ModelLoadFailed(f"{path} is no explanation graph: its outputs are {names}, not {OUTPUT_NAMES} first")
+            raise ModelNotReady(f"{path} is no explanation graph: its outputs are {names}, not {OUTPUT_NAMES} first")
 
         def run(inputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
             return tuple(session.run(names, {INPUT_NAME: inputs[0], CLASSES_NAME: inputs[1]}))
@@ -114,7 +119,11 @@ class GradCams:
 
     def release(self, entry: ModelEntry) -> None:
         """Drop the version's graph, if loaded (its requests have drained with the version's)."""
-        found = self.loaded.pop((entry.name, entry.version), None)
-        self._locks.pop((entry.name, entry.version), None)
+        key = (entry.name, entry.version)
+        found = self.loaded.pop(key, None)
+        self._locks.pop(key, None)
         if found is not None:
-            found.batcher.shutdown()
+            try:
+                found.batcher.shutdown()
+            except Exception:  # released all the same: its session goes with the reference
+                logger.exception("%s v%d: the explanation graph's batcher did not shut down cleanly", *key)

@@ -70,10 +70,13 @@ class ModelEntry:
     in_flight: int = 0  # requests holding a lease
     resident_bytes: int = 0  # what its load and warm-up added to the worker's resident memory
     since: float = field(default_factory=time.time)
+    files_problem: str | None = None  # a served version whose files changed on disk since its load, and how
 
     def state(self) -> dict[str, Any]:
         """What the worker publishes about this version (``/metrics``, repository calls)."""
         state: dict[str, Any] = {"status": self.status, "reason": self.reason, "since": self.since}
+        if self.status == "ready":
+            state["files_problem"] = self.files_problem
         if self.model is not None:
             state |= {
                 "provider": self.model.provider,
@@ -126,14 +129,14 @@ class Repository:
     def default_model(self) -> str | None:
         if self.settings.default_model:
             return self.settings.default_model
-        ready = [name for name in self.versions if self.serving(name)]
+        ready = [name for name in list(self.versions) if self.serving(name)]  # a copy: the lifecycle thread writes
         if "resnet50" in ready:
             return "resnet50"
         return ready[0] if ready else next(iter(self.names()), None)
 
     def serving(self, name: str) -> ModelEntry | None:
         """The version a request without a version goes to: the highest ready one."""
-        ready = [e for e in self.versions.get(name, {}).values() if e.status == "ready"]
+        ready = [e for e in list(self.versions.get(name, {}).values()) if e.status == "ready"]
         return max(ready, key=lambda e: e.version, default=None)
 
     def get(self, name: str | None, version: int | None = None) -> ModelEntry:
@@ -175,15 +178,16 @@ class Repository:
     async def acquire(
         self, name: str | None, version: int | None = None
     ) -> contextlib.AbstractContextManager[ModelEntry]:
-        """:meth:`lease`, once the model is resident (MODEL_CONTROL=on-demand loads it now, or says why not)."""
-        if self.residency is None:
+        """:meth:`lease`, once the model is resident (MODEL_CONTROL=on-demand loads it now, or says why not).
+
+        On demand, the model is held from before its load until the lease is taken, so no other load can evict it
+        in between; a request without a version is leased the version the model's policy serves.
+        """
+        wanted = name if name is not None else self.default_model
+        if self.residency is None or not wanted:
             return self.lease(name, version)
-        for _ in range(2):
-            await self.residency.ensure(name, version)
-            with contextlib.suppress(ModelNotReady, ModelNotFound):  # evicted between load and lease: load it again
-                return self.lease(name, version)
-        await self.residency.ensure(name, version)
-        return self.lease(name, version)  # a third time: its error is the answer
+        with self.residency.holding(wanted):
+            return self.lease(wanted, await self.residency.ensure(wanted, version))
 
     def retire_if_idle(self, name: str) -> list[ModelEntry] | None:
         """Every ready version of ``name`` out of routing at once, if none holds a request; else None."""
@@ -260,14 +264,35 @@ class Repository:
         return entry
 
     def fail(self, entry: ModelEntry, reason: str) -> ModelEntry:
-        """Record a version that cannot be served; it never replaces one that serves."""
+        """Record a version that cannot be served; it never replaces one that serves: that one keeps serving what
+        was verified at its load, and reports its files' problem instead (:meth:`report_files`)."""
         with self._lock:
-            self.versions.setdefault(entry.name, {})[entry.version] = entry
-            entry.status, entry.reason, entry.since = "failed", reason, time.time()
+            current = self.versions.get(entry.name, {}).get(entry.version)
+            if current is not None and current is not entry and current.status in ("ready", "draining"):
+                serving = current
+            else:
+                serving = None
+                self.versions.setdefault(entry.name, {})[entry.version] = entry
+                entry.status, entry.reason, entry.since = "failed", reason, time.time()
+        if serving is not None:
+            self.report_files(serving, reason)
+            return serving
         self._count(entry, "load", "failure")
         logger.error("%s v%d: not served: %s", entry.name, entry.version, reason)
         self.publish()
         return entry
+
+    def report_files(self, entry: ModelEntry, problem: str | None) -> None:
+        """A served version's files on disk no longer match what it loaded (``problem``), or match again (None)."""
+        if entry.files_problem == problem:
+            return
+        entry.files_problem = problem
+        if problem is None:
+            logger.info("%s v%d: its files match what it loaded again", entry.name, entry.version)
+        else:
+            logger.error("%s v%d: its files changed on disk (%s); it keeps serving what it loaded and verified",
+                         entry.name, entry.version, problem)  # fmt: skip
+        self.publish()
 
     def unload(self, entry: ModelEntry) -> None:
         """Take the version out of routing, let it finish the requests it holds, then release it."""
@@ -284,7 +309,11 @@ class Repository:
             logger.warning("%s v%d: %d requests still running after REQUEST_TIMEOUT_S; cut off",
                            entry.name, entry.version, entry.in_flight)  # fmt: skip
         if entry.batcher is not None:
-            entry.batcher.shutdown()
+            try:
+                entry.batcher.shutdown()
+            except Exception:  # a batcher that does not stop in time: the version is released all the same
+                outcome = "failure"
+                logger.exception("%s v%d: its batcher did not shut down cleanly", entry.name, entry.version)
         self.forget(entry)
         if entry.drift is not None and entry.drift.values:  # a multiprocess gauge cannot be removed: not a number
             for kind in entry.drift.values:

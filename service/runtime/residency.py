@@ -8,12 +8,17 @@ is never evicted under a request: the check and the status change happen under t
 lock, which every lease takes. Where nothing can make room, the request gets 503 with the reason
 and a ``Retry-After``.
 
-A model's cost is what its load and warm-up added to the worker's resident memory, measured at
-each load, but never less than the estimate its export recorded (``memory`` in the metadata, from
-the family's measured ratio of resident to graph bytes; else one from the graph's size): resident
-growth under-reads a load that reuses memory freed before it (measured here, the same ResNet-18
-read 141 MiB in a fresh worker and 214 MiB in a busy one), and a budget must not. Loads
-and evictions run one at a time, on one thread.
+A version's cost is the estimate its export recorded (``memory`` in the metadata, from the
+family's measured ratio of resident to graph bytes, after a warm-up in a fresh process), plus
+its explanation graph's once a Grad-CAM opens it. What each load adds to the worker's resident
+memory is measured and shown, but not what the budget counts where the export recorded an
+estimate: growth under-reads a load that reuses memory freed before it (the same ResNet-18 read
+141 MiB in a fresh worker and 214 MiB in a busy one) and over-reads one beside a decode or
+another graph's load, and a budget that kept the largest reading refused models for good. A
+version exported before the estimate was recorded counts the larger of a guess from its graph's
+size and its own load's growth. Loads and evictions run one at a time, on one thread; each is
+planned before anything is evicted, and a model is held for the requests waiting for it from
+before its load until they have leased it.
 """
 
 from __future__ import annotations
@@ -24,17 +29,21 @@ import ctypes
 import logging
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ModelNotReady
 from ..memory import default_budget, parse_size, resident_bytes
 from ..store.layout import StoredVersion, is_valid_name
+from .deadline import time_left
 
 if TYPE_CHECKING:
     from .lifecycle import ModelControl
-    from .repository import Repository
+    from .repository import ModelEntry, Repository
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +51,7 @@ logger = logging.getLogger(__name__)
 ESTIMATE_RATIO = 2.0
 ESTIMATE_FIXED = 160 * 2**20
 BUSY_RETRY_S = 0.05  # how often a load waiting for a busy model to fall idle looks again
+DEADLINE_MARGIN_S = 1.0  # a cold start gives up this much (at most a tenth of what is left) before the request's end
 
 
 class BudgetExhausted(ModelNotReady):
@@ -68,10 +78,17 @@ def _release_freed_memory() -> None:
 
 @dataclass
 class Resident:
-    cost: int  # bytes counted against the budget: the larger of the measured growth and the estimate
-    grown: int  # bytes its load and warm-up added to the worker's resident memory
+    cost: int  # bytes counted against the budget: its versions' estimates, and its explanation graphs'
+    grown: int  # bytes its loads and warm-ups added to the worker's resident memory, as measured
+    default: int | None = None  # the version requests without one are leased (its policy's highest), once loaded
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    bytes: int
+    recorded: bool  # by the export; else guessed from the graph's size
 
 
 class Residency:
@@ -82,11 +99,14 @@ class Residency:
         self.budget, self.how = budget, how
         self.pinned = set(self.settings.pinned_models())
         self.resident: dict[str, Resident] = {}
-        self.measured: dict[str, int] = {}  # the largest growth each model's load measured, kept after its eviction
+        self.measured: dict[str, int] = {}  # what each model's last load added, kept after its eviction (/models)
         self.evicted: set[str] = set()
         self._lock = threading.Lock()  # one load or eviction at a time
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="residency")
-        self._loads: dict[str, asyncio.Future[None]] = {}
+        self._loads: dict[tuple[str, int | None], asyncio.Future[int | None]] = {}
+        self._holds: Counter[str] = Counter()  # requests waiting for a model, from before its load to their lease
+        self._holds_lock = threading.Lock()
+        repository.gradcams.before_load = self.count_explanation  # an explanation graph takes room too
         self.metrics.memory_budget.set(budget)
         logger.info("on-demand: models may take %.0f MiB in this worker (%s)", budget / 2**20, how)
 
@@ -104,32 +124,59 @@ class Residency:
 
     # -- what requests call ---------------------------------------------------------------------
 
-    async def ensure(self, name: str | None, version: int | None) -> None:
-        """Make ``name`` (at ``version``) resident, loading it if need be; a no-op for what the store lacks."""
-        name = name if name is not None else self.repository.default_model
-        if name and self._is_resident(name, version):  # in memory: no store read on a resident model's request
+    @contextlib.contextmanager
+    def holding(self, name: str) -> Iterator[None]:
+        """Keep ``name`` from eviction while a request waits for it (its load, then its lease)."""
+        with self._holds_lock:
+            self._holds[name] += 1
+        try:
+            yield
+        finally:
+            with self._holds_lock:
+                self._holds[name] -= 1
+                if not self._holds[name]:
+                    del self._holds[name]
+
+    def held(self, name: str) -> bool:
+        with self._holds_lock:
+            return self._holds[name] > 0
+
+    async def ensure(self, name: str, version: int | None) -> int | None:
+        """Make ``name`` (at ``version``, else its policy's versions) resident, loading it if need be; the version
+        to lease (None: what the store lacks, for the lease to say)."""
+        found = self._resident_version(name, version)
+        if found is not None:  # in memory: no store read on a resident model's request
             self.touch(name)
-            return
-        if not name or not is_valid_name(name) or not self.repository.store.versions(name):
-            return  # the lease says what is wrong
-        future = self._loads.get(name)
+            return found
+        if not is_valid_name(name) or not (stored := self.repository.store.versions(name)):
+            return version  # the lease says what is wrong
+        if version is not None and all(s.version != version for s in stored):
+            return version
+        key = (name, version)
+        future = self._loads.get(key)
         if future is None:
             future = asyncio.get_running_loop().run_in_executor(self._executor, self.load, name, version, "request")
-            self._loads[name] = future
-            future.add_done_callback(lambda done: self._forget_load(name, done))
+            self._loads[key] = future
+            future.add_done_callback(lambda done: self._forget_load(key, done))
         self.metrics.child(self.metrics.cold_waits, name).inc()
+        wait = self.settings.cold_start_timeout_s
+        left = time_left()
+        if left is not None:  # answer 503 with Retry-After before the request's own time-out answers 504
+            wait = min(wait, max(left - min(DEADLINE_MARGIN_S, left / 10), 0.0))
         try:
-            await asyncio.wait_for(asyncio.shield(future), self.settings.cold_start_timeout_s)
+            chosen = await asyncio.wait_for(asyncio.shield(future), wait)
         except TimeoutError:
             raise ColdStart(
-                f"Model {name!r} is still loading after COLD_START_TIMEOUT_S={self.settings.cold_start_timeout_s:g} s "
-                "(a cold start); it goes on loading: retry shortly"
+                f"Model {name!r} is still loading after {wait:.3g} s (a cold start; COLD_START_TIMEOUT_S="
+                f"{self.settings.cold_start_timeout_s:g}, or what the request's time-out left); it goes on loading: "
+                "retry shortly"
             ) from None
         self.touch(name)
+        return chosen
 
-    def _forget_load(self, name: str, done: asyncio.Future[None]) -> None:
-        if self._loads.get(name) is done:
-            del self._loads[name]
+    def _forget_load(self, key: tuple[str, int | None], done: asyncio.Future[int | None]) -> None:
+        if self._loads.get(key) is done:
+            del self._loads[key]
         if not done.cancelled():
             done.exception()  # retrieved: a load nobody waited for to the end is logged where it failed
 
@@ -137,88 +184,128 @@ class Residency:
         if (found := self.resident.get(name)) is not None:
             found.last_used = time.monotonic()
 
-    def _is_resident(self, name: str, version: int | None) -> bool:
+    def _resident_version(self, name: str, version: int | None) -> int | None:
+        """The version to lease if ``name`` (at ``version``; None: its policy's) is resident now, else None."""
+        versions = self.repository.versions.get(name, {})
         if version is None:
-            return self.repository.serving(name) is not None
-        entry = self.repository.versions.get(name, {}).get(version)
-        return entry is not None and entry.status in ("ready", "failed")
+            found = self.resident.get(name)
+            entry = versions.get(found.default) if found is not None and found.default is not None else None
+            return entry.version if entry is not None and entry.status == "ready" else None
+        entry = versions.get(version)
+        return version if entry is not None and entry.status in ("ready", "failed") else None
 
     # -- loads and evictions, one at a time -----------------------------------------------------
 
-    def load(self, name: str, version: int | None, reason: str) -> None:
-        """Load ``name``'s versions (its policy's, or ``version``), evicting for room first. Where the room is held
-        by models answering requests, wait for one to fall idle (up to ``COLD_START_TIMEOUT_S``)."""
+    def load(self, name: str, version: int | None, reason: str) -> int | None:
+        """Load ``name``'s versions (its policy's, or ``version``), evicting for room first; the version to lease.
+        Where the room is held by models answering or awaiting requests, wait for it (``COLD_START_TIMEOUT_S``)."""
         plan = self.control.plan({name: [version] if version else None})
-        if name in plan.problems or not plan.versions.get(name):
-            return  # the lease answers with the reason (a failed version, a missing one)
+        if name in plan.problems:  # a bad config.pbtxt, say: the request is told, not sent to a 404
+            raise ModelNotReady(f"Model {name!r} cannot be loaded: {plan.problems[name]}")
+        if not plan.versions.get(name):
+            return version  # the lease answers with the reason (a failed version)
         estimates = {stored.version: self.estimate(stored) for stored in plan.versions[name]}
         deadline = time.monotonic() + self.settings.cold_start_timeout_s
         while True:
             with self._lock:
-                if self._is_resident(name, version):
-                    return
+                found = self._resident_version(name, version)
+                if found is not None:
+                    return found
                 versions = self.repository.versions.get(name, {})
                 wanted = [s for s in plan.versions[name] if s.version not in versions
                           or versions[s.version].status == "failed"]  # fmt: skip
-                estimate = sum(estimates[s.version] for s in wanted)
                 try:
-                    self._make_room(name, max(self.measured.get(name, 0), estimate))
+                    self._make_room(name, sum(estimates[s.version].bytes for s in wanted))
                 except BudgetExhausted as exc:
                     if not exc.busy or time.monotonic() >= deadline:
                         self.metrics.child(self.metrics.budget_exhausted, name).inc()
                         raise
                 else:
-                    return self._admit(name, wanted, estimate, reason)
+                    policy = [s.version for s in plan.versions[name]] if version is None else None
+                    return self._admit(name, wanted, estimates, reason, policy, version)
             time.sleep(BUSY_RETRY_S)
 
-    def _admit(self, name: str, wanted: list[StoredVersion], estimate: int, reason: str) -> None:
-        """Load ``wanted`` (room made) and count what it holds: the larger of its measured growth and ``estimate``."""
+    def _admit(self, name: str, wanted: list[StoredVersion], estimates: dict[int, Estimate], reason: str,
+               policy: list[int] | None, version: int | None) -> int | None:  # fmt: skip
+        """Load ``wanted`` (room made) and count the versions that became ready; the version to lease (for a
+        request without one, the highest ready version of the model's policy)."""
         loaded = [self.repository.load(stored, self.control.integrity.signature(stored)) for stored in wanted]
-        if self.repository.serving(name) is None:
-            return  # failed: the lease says why
-        grown = sum(entry.resident_bytes for entry in loaded)
-        cost = max(grown, estimate, self.measured.get(name, 0)) + self._cost_of(name)
-        self.resident[name] = Resident(cost, grown)
-        self.measured[name] = max(grown, self.measured.get(name, 0))
-        self.evicted.discard(name)
-        self.metrics.child(self.metrics.model_loads, name, reason).inc()
-        logger.info("%s: resident (%s; its load added %.0f MiB, counted as %.0f; %.0f of %.0f MiB used)", name,
-                    reason, grown / 2**20, cost / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
+        ready = [entry for entry in loaded if entry.status == "ready"]
+        grown = sum(entry.resident_bytes for entry in ready)
+        cost = sum(self._cost(estimates[entry.version], entry.resident_bytes) for entry in ready)
+        found = self.resident.get(name)
+        if found is None and not ready:
+            return version  # failed: the lease says why
+        if found is None:
+            found = self.resident[name] = Resident(0, 0)
+        found.cost, found.grown = found.cost + cost, found.grown + grown
+        served = self.repository.versions.get(name, {})
+        if policy is not None:
+            found.default = max((v for v in policy if v in served and served[v].status == "ready"), default=None)
+        if ready:
+            self.measured[name] = grown
+            self.evicted.discard(name)
+            self.metrics.child(self.metrics.model_loads, name, reason).inc()
+            logger.info("%s: resident (%s; its load added %.0f MiB, counted as %.0f; %.0f of %.0f MiB used)", name,
+                        reason, grown / 2**20, cost / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
+        return found.default if version is None else version
+
+    @staticmethod
+    def _cost(estimate: Estimate, grown: int) -> int:
+        """What a ready version counts: its export's estimate; a guess's, or its load's growth if larger."""
+        return estimate.bytes if estimate.recorded else max(estimate.bytes, grown)
 
     def _cost_of(self, name: str) -> int:
         found = self.resident.get(name)
         return found.cost if found is not None else 0
 
     @staticmethod
-    def estimate(stored: StoredVersion) -> int:
+    def estimate(stored: StoredVersion) -> Estimate:
         """What its export recorded it would take, else a guess from its graph's size."""
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return int(stored.read_metadata()["memory"]["resident_estimate_bytes"])
+            return Estimate(int(stored.read_metadata()["memory"]["resident_estimate_bytes"]), recorded=True)
         with contextlib.suppress(OSError):
-            return int(stored.graph.stat().st_size * ESTIMATE_RATIO) + ESTIMATE_FIXED
-        return ESTIMATE_FIXED
+            return Estimate(int(stored.graph.stat().st_size * ESTIMATE_RATIO) + ESTIMATE_FIXED, recorded=False)
+        return Estimate(ESTIMATE_FIXED, recorded=False)
+
+    def count_explanation(self, entry: ModelEntry, graph: Path) -> None:
+        """Before a version's explanation graph opens (it holds the network again): room for it, counted with the
+        model's cost (released with it). The estimate: the version's, scaled by the two graphs' sizes."""
+        assert entry.model is not None
+        model = entry.model.stored
+        with contextlib.suppress(OSError):
+            extra = int(self.estimate(model).bytes * graph.stat().st_size / max(model.graph.stat().st_size, 1))
+            with self._lock:
+                self._make_room(entry.name, extra)
+                if (found := self.resident.get(entry.name)) is not None:
+                    found.cost += extra
+                    logger.info("%s: explanation graph counted as %.0f MiB (%.0f of %.0f MiB used)", entry.name,
+                                extra / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
 
     def used(self) -> int:
         return sum(r.cost for r in self.resident.values())
 
+    def _busy(self, name: str) -> bool:
+        """Answering or awaiting requests: not to be evicted now (room may come once it is idle)."""
+        return self.held(name) or any(e.in_flight for e in self.repository.versions.get(name, {}).values())
+
     def _make_room(self, name: str, need: int) -> None:
-        """Evict least recently used, unpinned, idle models until ``need`` fits; BudgetExhausted where it cannot."""
-        how = "as measured at its last load" if name in self.measured else "by its export's estimate"
-        if need > self.budget:
+        """Evict least recently used, unpinned, idle models until ``need`` more bytes fit; BudgetExhausted, with
+        nothing evicted, where they cannot (planned first: evicting what cannot make room only costs a reload)."""
+        how = "by its export's estimate"
+        if self._cost_of(name) + need > self.budget:
             raise BudgetExhausted(
-                f"Model {name!r} needs about {need / 2**20:.0f} MiB ({how}) and this worker's share of MEMORY_BUDGET "
-                f"is {self.budget / 2**20:.0f} MiB: it cannot be served here; raise MEMORY_BUDGET or use fewer WORKERS"
+                f"Model {name!r} needs about {(self._cost_of(name) + need) / 2**20:.0f} MiB ({how}) and this worker's "
+                f"share of MEMORY_BUDGET is {self.budget / 2**20:.0f} MiB: it cannot be served here; raise "
+                "MEMORY_BUDGET or use fewer WORKERS"
             )
-        victims = sorted((r.last_used, other) for other, r in self.resident.items() if other not in self.pinned)
-        busy = []
-        for _, victim in victims:
-            if self.used() + need <= self.budget:
-                return
-            if victim == name:
-                continue
-            if not self.evict(victim, "pressure"):
-                busy.append(victim)
-        if self.used() + need > self.budget:
+        if self.used() + need <= self.budget:
+            return
+        others = [other for _, other in sorted((r.last_used, o) for o, r in self.resident.items())
+                  if other != name and other not in self.pinned]  # fmt: skip
+        busy = [other for other in others if self._busy(other)]
+        idle = [other for other in others if other not in busy]
+        if self.used() - sum(self.resident[other].cost for other in idle) + need > self.budget:
             pinned = sorted(self.pinned & set(self.resident))
             raise BudgetExhausted(
                 f"Model {name!r} needs about {need / 2**20:.0f} MiB ({how}); {self.used() / 2**20:.0f} of this "
@@ -226,17 +313,31 @@ class Residency:
                 f"and models answering requests ({', '.join(busy) or 'none'}): retry shortly, or raise MEMORY_BUDGET",
                 busy=bool(busy),
             )
+        for victim in idle:
+            if self.used() + need <= self.budget:
+                return
+            self.evict(victim, "pressure")
+        if self.used() + need > self.budget:  # one fell busy since the plan: the caller waits and plans again
+            raise BudgetExhausted(f"Model {name!r}: the models to make room with are answering requests", busy=True)
 
     def evict(self, name: str, reason: str) -> bool:
-        """Unload every version of ``name`` if none holds a request (else False); its memory goes back."""
+        """Unload every version of ``name`` if none holds or awaits a request (else False); its memory goes back,
+        and its cost leaves the budget even where an unload goes wrong."""
+        if self.held(name):
+            return False
         entries = self.repository.retire_if_idle(name)
         if entries is None:
             return False
-        for entry in entries:
-            self.repository.unload(entry)
-        freed = self.resident.pop(name, Resident(0, 0)).cost
-        self.evicted.add(name)
-        _release_freed_memory()
+        try:
+            for entry in entries:
+                try:
+                    self.repository.unload(entry)
+                except Exception:  # released as far as it goes; the next version and the budget go on
+                    logger.exception("%s v%d: the unload failed", entry.name, entry.version)
+        finally:
+            freed = self.resident.pop(name, Resident(0, 0)).cost
+            self.evicted.add(name)
+            _release_freed_memory()
         self.metrics.child(self.metrics.evictions, name, reason).inc()
         logger.info("%s: evicted (%s), %.0f MiB back", name, reason, freed / 2**20)
         return True
@@ -258,7 +359,7 @@ class Residency:
         found = self.resident.get(name)
         if found is not None:
             state = "resident"
-        elif name in self._loads:
+        elif any(key[0] == name for key in self._loads):
             state = "loading"
         elif any(e.status == "failed" for e in self.repository.versions.get(name, {}).values()):
             state = "failed"

@@ -4,7 +4,10 @@ used evicted, no request lost; against the real service, the real store and real
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -228,3 +231,76 @@ def test_two_workers_share_the_budget_and_idle_models_are_unloaded(zoo: ModelSto
         assert evictions[("googlenet", "idle")] == loads[("googlenet", "request")]
         assert not evictions.get(("lenet5", "idle"))  # pinned
     assert "shared by 2 workers" in (tmp_path / "workers.log").read_text()
+
+
+def test_a_soak_mixing_versions_shadow_and_explanations_loses_nothing_and_counts_what_is_resident(
+    zoo: ModelStore, tmp_path: Path
+) -> None:
+    """Issue #34's soak: the five networks under the skewed load (HTTP and gRPC) with requests for LeNet-5's older
+    version, a shadow of ResNet-18 by GoogLeNet, Grad-CAMs of LeNet-5 and coarse occlusions of ResNet-18 mixed in.
+    No request fails; afterwards what the budget counts is what the resident versions' exports estimate (and LeNet-5's
+    explanation graph, scaled from its estimate by the graphs' sizes) within 5%; the model-control thread still
+    sweeps idle models."""
+    store = ModelStore(tmp_path / "store")  # the zoo, with LeNet-5 twice: version 2 serves, version 1 when asked
+    shutil.copytree(zoo.root, store.root, copy_function=os.link)
+    shutil.copytree(zoo.model_dir("lenet5") / "1", store.model_dir("lenet5") / "2", copy_function=os.link)
+    env = {**ON_DEMAND, "PINNED": "lenet5", "MEMORY_BUDGET": f"{BUDGET_MIB}MiB", "IDLE_UNLOAD_S": "6",
+           "SHADOW": "resnet18:googlenet:0.3"}  # fmt: skip
+    digit = encode(np.full((28, 28), 255, dtype=np.uint8))
+    mixed: list[tuple[str, int, str]] = []
+    stop = threading.Event()
+
+    def mix() -> None:
+        asks = [
+            ("/classify", {"model": "lenet5", "version": "1"}, digit, "image/png"),
+            ("/explain", {"model": "lenet5", "method": "gradcam"}, digit, "image/png"),
+            ("/explain", {"model": "resnet18", "method": "occlusion", "patch": "112", "stride": "112"}, PHOTO,
+             "image/jpeg"),
+        ]  # fmt: skip
+        with httpx.Client(base_url=service.url, timeout=120) as client:
+            while not stop.is_set():
+                for path, params, body, kind in asks:
+                    response = client.post(path, params=params, content=body, headers={"content-type": kind})
+                    mixed.append((path, response.status_code, response.text[:200]))
+                stop.wait(0.5)  # a share of the traffic, not a second saturating load on two cores
+
+    with running(store.root, tmp_path / "soak.log", **env) as service:
+        mixers = [threading.Thread(target=mix)]
+        for thread in mixers:
+            thread.start()
+        workload = Workload(service, ZOO, PHOTO, seconds=30, concurrency=6)
+        try:
+            workload.run()
+        finally:
+            stop.set()
+            for thread in mixers:
+                thread.join(120)
+        failed = [a for a in workload.answers if a[5] is not None] + [m for m in mixed if m[1] != 200]
+        assert not failed, failed[:5]
+        assert {path for path, _, _ in mixed} == {"/classify", "/explain"}
+        models = {m["name"]: m for m in httpx.get(f"{service.url}/models", timeout=10).json()["models"]}
+        expected, counted = 0, 0
+        for name, info in models.items():
+            if info["residency"]["state"] != "resident":
+                continue
+            counted += info["residency"]["bytes"]
+            for served in (s for s in info["served"] if s["status"] == "ready"):
+                version = store.model_dir(name) / str(served["version"])
+                estimate = json.loads((version / "metadata.json").read_text())["memory"]["resident_estimate_bytes"]
+                expected += estimate
+                if name == "lenet5" and served["version"] == 2:  # its Grad-CAMs opened version 2's graph
+                    graphs = (version / "explain.onnx").stat().st_size / (version / "model.onnx").stat().st_size
+                    expected += int(estimate * graphs)
+        shadowed = models["resnet18"]["shadow"][0]
+        print(f"\n{len(workload.answers) + len(mixed)} requests ({len(mixed)} versioned or explanations), 0 failed; "
+              f"counted {counted / MiB:.0f} MiB for the resident versions, their estimates {expected / MiB:.0f} MiB; "
+              f"shadowed {shadowed['images']} images, skipped {shadowed['skipped']}")  # fmt: skip
+        assert {s["version"] for s in models["lenet5"]["served"]} == {1, 2}
+        assert abs(counted - expected) <= 0.05 * expected
+        assert shadowed["images"] + sum(shadowed["skipped"].values()) > 0
+        idle_before = sum(v for (_, reason), v in metric(service, "cnn_model_evictions_total").items()
+                          if reason == "idle")  # fmt: skip
+        time.sleep(6 + 2 + 1)  # IDLE_UNLOAD_S, then a sweep (every 1.5 s at this setting)
+        idle_after = sum(v for (_, reason), v in metric(service, "cnn_model_evictions_total").items()
+                         if reason == "idle")  # fmt: skip
+        assert idle_after > idle_before  # the model-control thread is alive and sweeping

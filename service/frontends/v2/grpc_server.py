@@ -7,6 +7,7 @@ the kernel spreads connections across workers as it does for HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from ...errors import (
     RepositoryError,
     ServiceError,
 )
+from ...runtime.deadline import request_deadline
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
 from .handler import (
@@ -130,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            metadata = self.handler.metadata(request.name, request.version)
+            metadata = await self.handler.metadata(request.name, request.version)
         except Exception as exc:
             await self._abort(context, exc)
             raise  # pragma: no cover - abort raises
@@ -149,6 +151,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, context)
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        left = context.time_remaining()  # the client's deadline, if it set one: a cold start answers before it
+        if left is not None:
+            request_deadline.set(asyncio.get_running_loop().time() + left)
         try:
             with await self.handler.lease(request.model_name, request.model_version) as entry:
                 requested = [

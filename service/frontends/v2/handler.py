@@ -184,10 +184,12 @@ class OipHandler:
         """The version for an inference, held until it is answered (see :meth:`Repository.acquire`)."""
         return await self.repository.acquire(name, self._resolve(name, version))
 
-    def metadata(self, name: str, version: str = "") -> dict[str, Any]:
-        entry = self.entry(name, version)
-        served = self.repository.versions.get(entry.name, {})
-        return model_metadata(entry, sorted(v for v, e in served.items() if e.status == "ready"))
+    async def metadata(self, name: str, version: str = "") -> dict[str, Any]:
+        """The model's metadata; MODEL_CONTROL=on-demand loads a model of the store to answer, as an inference
+        would (a client asks for the metadata first)."""
+        with await self.lease(name, version) as entry:
+            served = self.repository.versions.get(entry.name, {})
+            return model_metadata(entry, sorted(v for v, e in served.items() if e.status == "ready"))
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

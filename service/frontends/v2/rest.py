@@ -141,7 +141,7 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata for a version")
 async def metadata(request: Request, name: str, version: str = "") -> dict[str, Any]:
-    return _handler(request).metadata(name, version)
+    return await _handler(request).metadata(name, version)
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")

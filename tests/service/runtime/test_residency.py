@@ -1,0 +1,265 @@
+"""MODEL_CONTROL=on-demand's residency in-process: what a request waits for, what the budget counts, what an
+eviction may take, on real LeNet-5 graphs (issue #34's defects 1, 2, 4, 5, 6, 8, 9, 10 and 11)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+
+import service.runtime.repository as repository_module
+from service.errors import ModelNotReady, ServiceError
+from service.runtime.classifier import Classifier
+from service.runtime.repository import ModelEntry, Repository
+from service.runtime.residency import BudgetExhausted, ColdStart
+from service.store.layout import StoredVersion
+
+from .harness import MiB, RuntimeFactory, StoreFactory
+
+DIGIT = np.zeros((1, 32, 32, 1), np.uint8)
+ON_DEMAND = {"model_control": "on-demand"}
+
+
+async def classify(repository: Repository, name: str, version: int | None = None) -> ModelEntry:
+    with await repository.acquire(name, version) as entry:
+        assert entry.batcher is not None
+        await entry.batcher.infer(DIGIT)
+        return entry
+
+
+def test_a_model_loaded_for_waiting_requests_is_not_evicted_before_they_lease_it(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 1: alpha's load ends and beta's, queued behind it, starts at once on the residency thread; the
+    event loop is held for a moment there, so beta plans its room before alpha's waiter has leased alpha."""
+    repository, _ = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="150MiB", **ON_DEMAND)
+    loads: Counter[str] = Counter()
+    real_load = repository.load
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def load(stored: StoredVersion, signature: Any) -> ModelEntry:
+        loads[stored.name] += 1
+        entry = real_load(stored, signature)
+        if stored.name == "alpha":
+            assert loop is not None
+            loop.call_soon_threadsafe(time.sleep, 0.5)  # before the load's result reaches its waiter
+        return entry
+
+    monkeypatch.setattr(repository, "load", load)
+
+    async def main() -> list[ModelEntry]:
+        nonlocal loop
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(classify(repository, "alpha"))
+        await asyncio.sleep(0)  # alpha's load is asked for first
+        return await asyncio.gather(first, classify(repository, "beta"))
+
+    answered = asyncio.run(main())
+    assert [entry.name for entry in answered] == ["alpha", "beta"]
+    assert loads == {"alpha": 1, "beta": 1}  # nobody's load was thrown away before it answered
+
+
+def test_requests_without_a_version_follow_the_policy_whatever_was_asked_before(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """Defect 2: version 1 asked for by name first; requests without a version must still get the policy's
+    version 2 (config.pbtxt: Triton's default, the latest one)."""
+    repository, _ = make_runtime(make_store(lenet=[1, 2]), memory_budget="1GiB", **ON_DEMAND)
+
+    async def main() -> list[int]:
+        asked = [await classify(repository, "lenet", 1)]
+        asked += [await classify(repository, "lenet") for _ in range(3)]
+        asked += [await classify(repository, "lenet", 1)]
+        return [entry.version for entry in asked]
+
+    assert asyncio.run(main()) == [1, 2, 2, 2, 1]
+
+
+def test_an_explanation_graph_takes_room_in_the_budget(make_store: StoreFactory, make_runtime: RuntimeFactory) -> None:
+    """Defect 4: a Grad-CAM opens the network a second time; the budget counts it, and makes room for it."""
+    repository, _ = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="210MiB", **ON_DEMAND)
+    residency = repository.residency
+    assert residency is not None
+
+    async def main() -> int:
+        await classify(repository, "beta")
+        await classify(repository, "alpha")
+        before = residency.used()
+        with await repository.acquire("alpha") as entry:
+            graph = await repository.gradcams.get(entry)
+            await graph.batcher.infer((DIGIT, np.array([-1])))
+        return before
+
+    before = asyncio.run(main())
+    assert before == 200 * MiB
+    assert residency.resident["alpha"].cost > 110 * MiB  # its explanation graph holds LeNet-5's features again
+    assert set(residency.resident) == {"alpha"}  # beta made room for it
+    assert residency.used() <= residency.budget
+
+
+def test_a_load_measured_beside_other_work_does_not_inflate_the_model_for_good(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 5: while alpha loads, something else grows the worker by 400 MiB (a decode, another graph's load);
+    its cost stays its export's estimate, and after an eviction it loads again in a 300 MiB budget."""
+    repository, _ = make_runtime(make_store(alpha=[1]), memory_budget="300MiB", **ON_DEMAND)
+    residency = repository.residency
+    assert residency is not None
+    readings = iter([0, 400 * MiB])  # before and after alpha's first load
+    monkeypatch.setattr(repository_module, "resident_bytes", lambda: next(readings, 0))
+
+    asyncio.run(classify(repository, "alpha"))
+    assert residency.resident["alpha"].grown == 400 * MiB  # measured and shown, not counted
+    assert residency.resident["alpha"].cost == 100 * MiB
+    assert residency.evict("alpha", "pressure")
+    assert asyncio.run(classify(repository, "alpha")).version == 1
+    assert residency.used() == 100 * MiB
+
+
+def test_a_version_that_failed_to_load_is_not_charged(make_store: StoreFactory, make_runtime: RuntimeFactory) -> None:
+    """Defect 6: of the two versions its policy serves, version 1 cannot be opened (its files are whole, its graph
+    is not ONNX): only version 2 counts."""
+    store = make_store(alpha=[1, 2], policy="latest: { num_versions: 2 }")
+    broken = store.model_dir("alpha") / "1"
+    (broken / "model.onnx").write_bytes(b"not an ONNX graph")
+    metadata = json.loads((broken / "metadata.json").read_text())
+    metadata["onnx"]["sha256"] = hashlib.sha256(b"not an ONNX graph").hexdigest()
+    (broken / "metadata.json").write_text(json.dumps(metadata))
+    repository, _ = make_runtime(store, memory_budget="1GiB", **ON_DEMAND)
+
+    assert asyncio.run(classify(repository, "alpha")).version == 2
+    assert repository.versions["alpha"][1].status == "failed"
+    assert repository.residency is not None and repository.residency.used() == 100 * MiB
+
+
+def test_an_eviction_whose_unload_fails_still_frees_its_room(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 8: the batcher's shutdown times out during an eviction: the model is gone all the same, its cost
+    leaves the budget, and the next load fits."""
+    repository, _ = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="150MiB", **ON_DEMAND)
+    residency = repository.residency
+    assert residency is not None
+    entry = asyncio.run(classify(repository, "alpha"))
+    assert entry.batcher is not None
+
+    def stuck(timeout: float = 10.0) -> None:
+        raise TimeoutError("the batcher did not stop")
+
+    monkeypatch.setattr(entry.batcher, "shutdown", stuck)
+    assert residency.evict("alpha", "pressure")
+    assert "alpha" not in residency.resident and "alpha" not in repository.versions
+    assert residency.used() == 0
+    assert asyncio.run(classify(repository, "beta")).name == "beta"
+
+
+def test_the_idle_sweep_outlives_a_failed_eviction(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 8: an error in one idle sweep must not end the model-control thread."""
+    repository, control = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", idle_unload_s=1, **ON_DEMAND)
+    residency = repository.residency
+    assert residency is not None
+    sweeps: list[float] = []
+
+    def sweep() -> None:
+        sweeps.append(time.monotonic())
+        if len(sweeps) == 1:
+            raise RuntimeError("an eviction went wrong")
+
+    monkeypatch.setattr(residency, "evict_idle", sweep)
+    control.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(sweeps) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        control.stop()
+    assert len(sweeps) >= 3
+
+
+def test_a_cold_start_answers_before_the_request_times_out(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 9: a load longer than the time the request has left (REQUEST_TIMEOUT_S, or a gRPC deadline) answers
+    503 with Retry-After before the request's own time-out would answer 504; the load goes on."""
+    repository, _ = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", cold_start_timeout_s=60, **ON_DEMAND)
+    real_load = repository.load
+
+    def slow_load(stored: StoredVersion, signature: Any) -> ModelEntry:
+        time.sleep(2.0)
+        return real_load(stored, signature)
+
+    monkeypatch.setattr(repository, "load", slow_load)
+
+    from service.runtime.deadline import request_deadline
+
+    async def main() -> tuple[float, ServiceError]:
+        request_deadline.set(asyncio.get_running_loop().time() + 1.0)  # as the HTTP time-out middleware sets it
+        started = time.perf_counter()
+        with pytest.raises(ColdStart) as refused:
+            await repository.acquire("alpha")
+        return time.perf_counter() - started, refused.value
+
+    waited, error = asyncio.run(main())
+    assert waited < 1.0
+    assert error.status_code == 503 and error.retry_after and "still loading" in error.message
+    deadline = time.monotonic() + 10
+    while repository.serving("alpha") is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert repository.serving("alpha") is not None
+
+
+def test_on_demand_says_why_a_model_cannot_load(make_store: StoreFactory, make_runtime: RuntimeFactory) -> None:
+    """Defect 10: a store model whose config.pbtxt is wrong answers 503 with that reason, not 404 'unknown'."""
+    store = make_store(alpha=[1])
+    (store.model_dir("alpha") / "config.pbtxt").write_text("version_policy: { newest: { } }\n")
+    repository, _ = make_runtime(store, memory_budget="1GiB", **ON_DEMAND)
+
+    with pytest.raises(ModelNotReady) as refused:
+        asyncio.run(classify(repository, "alpha"))
+    assert refused.value.status_code == 503
+    assert "config.pbtxt" in refused.value.message and "unknown version_policy 'newest'" in refused.value.message
+
+
+def test_oip_metadata_of_a_store_model_loads_it(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 10: GET /v2/models/NAME (and gRPC ModelMetadata) for a model of the store that is not resident
+    loads it, as an inference would, instead of answering 404."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.frontends.v2.handler import OipHandler
+
+    repository, control = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    with ThreadPoolExecutor(1) as decoders:
+        handler = OipHandler(Classifier(repository, decoders), control)
+        metadata = asyncio.run(handler.metadata("alpha"))
+    assert metadata["name"] == "alpha" and metadata["versions"] == ["1"]
+    assert repository.serving("alpha") is not None
+
+
+def test_no_model_is_evicted_for_a_load_that_cannot_fit_anyway(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """Defect 11: pinned alpha (100 MiB) and idle beta (100) in 300 MiB; gamma needs 250: even without beta it
+    cannot fit, so beta stays, and gamma is refused with the reason."""
+    store = make_store(alpha=[1], beta=[1], gamma=[1], estimates={"gamma": 250})
+    repository, _ = make_runtime(store, memory_budget="300MiB", pinned="alpha", **ON_DEMAND)
+    residency = repository.residency
+    assert residency is not None
+
+    async def main() -> None:
+        await classify(repository, "alpha")
+        await classify(repository, "beta")
+        await classify(repository, "gamma")
+
+    with pytest.raises(BudgetExhausted, match="pinned models \\(alpha\\)"):
+        asyncio.run(main())
+    assert set(residency.resident) == {"alpha", "beta"}
