@@ -287,6 +287,7 @@ class ModelStateCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         ready: dict[tuple[str, str], float] = {}
+        files: dict[tuple[str, str], float] = {}
         info: dict[tuple[str, str, str], float] = {}
         load: dict[tuple[str, str, str], float] = {}
         for state in self.states():
@@ -294,6 +295,8 @@ class ModelStateCollector:
                 for version, entry in versions.items():
                     key = (model, version)
                     ready[key] = min(ready.get(key, 1.0), 1.0 if entry.get("status") == "ready" else 0.0)
+                    if entry.get("status") == "ready":
+                        files[key] = max(files.get(key, 0.0), 1.0 if entry.get("files_problem") else 0.0)
                     if entry.get("provider"):
                         info[(*key, entry["provider"])] = 1.0
                     for phase in ("load", "warmup"):
@@ -304,6 +307,9 @@ class ModelStateCollector:
              ["model", "version"], ready),
             ("cnn_model_info", "1 per served version, with the execution provider it runs on",
              ["model", "version", "provider"], info),
+            ("cnn_model_files_changed", "1 when a served version's files on disk no longer match what it loaded and "
+             "verified (it keeps serving what it loaded; GET /models names the problem), else 0",
+             ["model", "version"], files),
             ("cnn_model_load_seconds", "Time to load (phase=load) and warm up (phase=warmup) a version",
              ["model", "version", "phase"], load),
         ]  # fmt: skip

@@ -145,7 +145,8 @@ def model_info(repository: Repository, name: str, shadow: Shadow | None = None, 
         "reason": repository.problems.get(name) or (entry.reason if entry is not None else None),
         "served": [
             VersionState(version=e.version, status=e.status, reason=e.reason, in_flight=e.in_flight,
-                         since=datetime.fromtimestamp(e.since, UTC).isoformat(timespec="seconds"))
+                         since=datetime.fromtimestamp(e.since, UTC).isoformat(timespec="seconds"),
+                         files_problem=e.files_problem)
             for e in entries
         ],
     }  # fmt: skip

@@ -81,6 +81,11 @@ class VersionState(BaseModel):
     reason: str | None = Field(None, description="Why the version failed")
     in_flight: int = Field(description="Requests this version is answering now")
     since: str = Field(description="When it entered this state (UTC)")
+    files_problem: str | None = Field(
+        None,
+        description="A served version whose files on disk no longer match what it loaded and verified, and how: "
+        "it keeps serving what it loaded; restore its files (or export it again)",
+    )
 
 
 class ModelInfo(BaseModel):

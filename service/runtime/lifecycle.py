@@ -166,7 +166,10 @@ class ModelControl:
         self.repository.mark_loaded()
         interval = max(1.0, min(self.settings.idle_unload_s / 4, 30.0)) if self.settings.idle_unload_s else None
         while interval is not None and not self._stop.wait(interval):
-            residency.evict_idle()
+            try:
+                residency.evict_idle()
+            except Exception:  # the next sweep tries again; this thread must outlive any one eviction
+                logger.exception("on-demand: the idle sweep failed")
 
     def _pass(self) -> None:
         try:
@@ -237,9 +240,14 @@ class ModelControl:
         return [stored[v] for v in chosen]
 
     def _loadable(self, stored: StoredVersion) -> bool:
-        """Complete, and not a version that already failed from these very files."""
+        """Complete, and not a version that already failed from these very files. A version that serves stays
+        wanted whatever happens to its files: it runs what was verified at its load, and reports their problem."""
         verdict = self.integrity.check(stored)
         key = (stored.name, stored.version)
+        serving = self.repository.versions.get(stored.name, {}).get(stored.version)
+        if serving is not None and serving.status == "ready":
+            self.repository.report_files(serving, None if verdict.state == "complete" else verdict.reason)
+            return True
         if verdict.state == "incomplete":
             if key not in self._incomplete:
                 logger.info("%s v%d: not loaded yet: %s", stored.name, stored.version, verdict.reason)

@@ -1,0 +1,70 @@
+"""The lifecycle in-process: a served version whose files go bad (issue #34's defect 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from service.metrics import ModelStateCollector
+
+from .harness import RuntimeFactory, StoreFactory
+
+
+def _files_changed(state: dict[str, object]) -> dict[tuple[str, ...], float]:
+    families = {family.name: family for family in ModelStateCollector(lambda: [state]).collect()}
+    return {tuple(sample.labels.values()): sample.value for sample in families["cnn_model_files_changed"].samples}
+
+
+def test_a_served_version_whose_files_go_bad_keeps_serving_and_says_so(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """MODEL_CONTROL=poll, version 2 serving (the policy: the latest one). Its model.onnx is truncated on disk:
+    it keeps serving what it verified at its load (no fall-back to version 1, nothing leaked), /models and a metric
+    name the problem; once the file is restored the problem clears."""
+    store = make_store(lenet=[1, 2])
+    repository, control = make_runtime(store, model_control="poll", poll_interval_s=0.05)
+    control.reconcile()
+    served = repository.versions["lenet"][2]
+    assert served.status == "ready" and set(repository.versions["lenet"]) == {2}
+    graph = store.model_dir("lenet") / "2" / "model.onnx"
+    intact = graph.read_bytes()
+    graph.write_bytes(intact[: len(intact) // 2])
+
+    for _ in range(3):  # incomplete at first (a copy in progress?), then, once settled, not what was verified
+        control.reconcile()
+        time.sleep(0.06)
+    control.reconcile()
+    assert repository.versions["lenet"] == {2: served} and served.status == "ready"
+    assert served.files_problem is not None and "sha256" in served.files_problem
+    assert repository.state()["models"]["lenet"]["2"]["files_problem"] == served.files_problem
+    assert _files_changed(repository.state()) == {("lenet", "2"): 1.0}
+
+    async def classify() -> int:
+        with await repository.acquire("lenet") as entry:
+            assert entry.batcher is not None
+            await entry.batcher.infer(np.zeros((1, 32, 32, 1), np.uint8))
+            return entry.version
+
+    assert asyncio.run(classify()) == 2
+
+    graph.write_bytes(intact)
+    control.reconcile()
+    assert served.files_problem is None and _files_changed(repository.state()) == {("lenet", "2"): 0.0}
+
+
+def test_a_lone_served_version_whose_files_go_bad_keeps_serving(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """The same with a single version: it must not turn into 503s."""
+    store = make_store(lenet=[1])
+    repository, control = make_runtime(store, model_control="poll", poll_interval_s=0.05)
+    control.reconcile()
+    (store.model_dir("lenet") / "1" / "metadata.json").unlink()
+    for _ in range(3):
+        control.reconcile()
+        time.sleep(0.06)
+    entry = repository.serving("lenet")
+    assert entry is not None and entry.version == 1
+    assert entry.files_problem is not None and "metadata.json is missing" in entry.files_problem
