@@ -323,9 +323,8 @@ class Residency:
     def evict(self, name: str, reason: str) -> bool:
         """Unload every version of ``name`` if none holds or awaits a request (else False); its memory goes back,
         and its cost leaves the budget even where an unload goes wrong."""
-        if self.held(name):
-            return False
-        entries = self.repository.retire_if_idle(name)
+        with self._holds_lock:  # a request that holds it before this leases it; one that holds it after finds it gone
+            entries = None if self._holds[name] else self.repository.retire_if_idle(name)
         if entries is None:
             return False
         try:
