@@ -194,7 +194,7 @@ def alerts() -> list[dict[str, Any]]:
 def alerts_table() -> str:
     rows = [
         (f"`{rule['alert']}`", rule.get("labels", {}).get("severity", ""), rule.get("for", "at once"),
-         f"`{_cell(rule['expr'])}`", rule["annotations"]["description"])
+         f"`{rule['expr']}`", rule["annotations"]["description"])
         for rule in alerts()
     ]  # fmt: skip
     return _table(("alert", "severity", "for", "fires when", "what it means, what to do"), rows)

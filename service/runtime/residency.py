@@ -292,12 +292,11 @@ class Residency:
     def _make_room(self, name: str, need: int) -> None:
         """Evict least recently used, unpinned, idle models until ``need`` more bytes fit; BudgetExhausted, with
         nothing evicted, where they cannot (planned first: evicting what cannot make room only costs a reload)."""
-        how = "by its export's estimate"
         if self._cost_of(name) + need > self.budget:
             raise BudgetExhausted(
-                f"Model {name!r} needs about {(self._cost_of(name) + need) / 2**20:.0f} MiB ({how}) and this worker's "
-                f"share of MEMORY_BUDGET is {self.budget / 2**20:.0f} MiB: it cannot be served here; raise "
-                "MEMORY_BUDGET or use fewer WORKERS"
+                f"Model {name!r} needs about {(self._cost_of(name) + need) / 2**20:.0f} MiB (by its export's "
+                f"estimate) and this worker's share of MEMORY_BUDGET is {self.budget / 2**20:.0f} MiB: it cannot be "
+                "served here; raise MEMORY_BUDGET or use fewer WORKERS"
             )
         if self.used() + need <= self.budget:
             return
@@ -308,9 +307,10 @@ class Residency:
         if self.used() - sum(self.resident[other].cost for other in idle) + need > self.budget:
             pinned = sorted(self.pinned & set(self.resident))
             raise BudgetExhausted(
-                f"Model {name!r} needs about {need / 2**20:.0f} MiB ({how}); {self.used() / 2**20:.0f} of this "
-                f"worker's {self.budget / 2**20:.0f} MiB are held by pinned models ({', '.join(pinned) or 'none'}) "
-                f"and models answering requests ({', '.join(busy) or 'none'}): retry shortly, or raise MEMORY_BUDGET",
+                f"Model {name!r} needs about {need / 2**20:.0f} MiB (by its export's estimate); "
+                f"{self.used() / 2**20:.0f} of this worker's {self.budget / 2**20:.0f} MiB are held by pinned models "
+                f"({', '.join(pinned) or 'none'}) and models answering requests ({', '.join(busy) or 'none'}): "
+                "retry shortly, or raise MEMORY_BUDGET",
                 busy=bool(busy),
             )
         for victim in idle:
