@@ -25,6 +25,7 @@ from .frontends.app import create_app
 from .frontends.auth import BearerTokenMiddleware
 from .frontends.fastpath import FastPathMiddleware
 from .frontends.observe import RequestObserver
+from .frontends.protocol import install as install_http_limits
 from .frontends.timeout import install as install_request_timeout
 from .frontends.v2.handler import OipHandler
 from .metrics import exposition, get_metrics
@@ -59,6 +60,8 @@ def _configure_logging() -> None:
 _configure_logging()
 install_request_timeout()  # BentoML's timeout middleware kept every request's timer for the whole timeout
 settings = sized(get_settings())
+install_http_limits(settings.max_header_bytes, settings.header_timeout_s, settings.min_body_bytes_per_s,
+                    settings.max_connections)  # fmt: skip
 # the worker processes BentoML starts inherit this environment, and so agree on the count
 os.environ["WORKERS"] = str(settings.workers)
 app = create_app(settings.enable_noop)

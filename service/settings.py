@@ -99,6 +99,18 @@ class Settings(BaseSettings):
     )
     max_queue_images: int = Field(512, ge=1, description="Images waiting per model beyond which requests get 503.")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, description="Largest request line and headers together (431 above, connection closed)."
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="Longest a connection may take to send a request's head (408 above, closed)."
+    )
+    min_body_bytes_per_s: int = Field(
+        1024, ge=0, description="Slowest a body may arrive, over each 5 s (408 below, closed); 0 turns it off."
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Connections one worker holds; one more gets 503 with Retry-After and is closed."
+    )
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Largest decoded image, width x height, checked before decoding (413 above)."
     )
