@@ -66,3 +66,10 @@ class Stranded(ModelNotReady):
     """A request that was waiting for a batch when its model version was unloaded: safe to send again."""
 
     retry_after = 1
+
+
+class DeviceOutOfMemory(ServiceError):
+    """A batch the device had no memory for: its requests are safe to send again (the batches shrink)."""
+
+    status_code = 503
+    retry_after = 1

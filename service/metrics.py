@@ -29,6 +29,10 @@ from .runtime.quality import CONFIDENCE_BUCKETS, ENTROPY_BUCKETS, confidence_and
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+EXPLANATION_METHODS = ("occlusion", "gradcam")
+SHADOW_SKIP_REASONS = ("dropped", "unavailable", "refused", "incompatible", "error")
+# why the HTTP protocol closed a connection before the app saw a request (service.frontends.protocol)
+REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate")
 
 
 class Metrics:
@@ -132,7 +136,7 @@ class Metrics:
         )  # fmt: skip
         self.shadow_skipped = prom.Counter(
             "cnn_shadow_skipped_images",
-            "Images not shadowed: reason=dropped (the queue was full), unavailable, incompatible, error",
+            "Images not shadowed: reason=dropped (the queue was full), unavailable, refused, incompatible, error",
             [*pair, "reason"],
         )  # fmt: skip
 
@@ -165,7 +169,43 @@ class Metrics:
             "MEMORY_BUDGET (pinned or busy models hold it)", ["model"],
         )  # fmt: skip
 
+        self.connections_refused = prom.Counter(
+            "cnn_connections_refused", "Connections the HTTP server closed before the app saw a request: "
+            "reason=connections (MAX_CONNECTIONS), header_bytes (431, MAX_HEADER_BYTES), header_timeout (408, "
+            "HEADER_TIMEOUT_S), body_rate (408, MIN_BODY_BYTES_PER_S)", ["reason"],
+        )  # fmt: skip
+        self.device_oom = prom.Counter(
+            "cnn_batch_out_of_memory", "Batches that failed for want of device memory (their requests got 503 and "
+            "the model's largest batch was halved)", model,
+        )  # fmt: skip
+
         self._children: dict[tuple[Any, ...], Any] = {}
+        for reason in REFUSAL_REASONS:
+            self.child(self.connections_refused, reason)
+
+    def seed_version(self, model: str, version: str) -> None:
+        """Create a served version's counters at 0, so that every rate and panel over them has data from
+        its load on (an alert's ``rate()`` then also sees the first increment)."""
+        labels = (model, version)
+        for metric in (self.atypical, self.device_oom):
+            self.child(metric, *labels)
+        for method in EXPLANATION_METHODS:
+            self.child(self.explanations, *labels, method)
+        for protocol in ("http", "grpc"):
+            self.child(self.shed, model, protocol)
+        for metric in (self.cold_waits, self.budget_exhausted):
+            self.child(metric, model)
+        for reason in ("pressure", "idle"):
+            self.child(self.evictions, model, reason)
+        for reason in ("request", "start"):
+            self.child(self.model_loads, model, reason)
+
+    def seed_shadow(self, primary: str, candidate: str) -> None:
+        """A shadow pair's counters at 0 from the start."""
+        for metric in (self.shadow_images, self.shadow_top1_agreements, self.shadow_top5_overlap):
+            self.child(metric, primary, candidate)
+        for reason in SHADOW_SKIP_REASONS:
+            self.child(self.shadow_skipped, primary, candidate, reason)
 
     def child(self, metric: Any, *values: str) -> Any:
         """``metric.labels(*values)``, kept: on the request path a lookup costs less than prometheus_client's."""
@@ -232,6 +272,12 @@ class RequestRecord:
 @cache
 def get_metrics() -> Metrics:
     return Metrics()
+
+
+def connection_refused(reason: str) -> None:
+    """Count a connection the HTTP protocol closed (see :data:`REFUSAL_REASONS`)."""
+    metrics = get_metrics()
+    metrics.child(metrics.connections_refused, reason).inc()
 
 
 class ServerProcessCollector:

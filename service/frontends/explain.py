@@ -23,11 +23,11 @@ from PIL import Image
 from starlette.datastructures import QueryParams
 
 from ..errors import InvalidInput
+from ..metrics import EXPLANATION_METHODS as METHODS
 from ..runtime.classifier import Explained, top_k
 from ..runtime.occlusion import Occlusion
 from .params import classifier, flag, positive_int, read_images
 
-METHODS = ("occlusion", "gradcam")
 OVERLAY_MIN_SIDE = 224  # small inputs (LeNet-5's 32 pixels) are enlarged, pixel for pixel, to at least this
 
 

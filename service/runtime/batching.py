@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import Overloaded, Stranded
+from ..errors import DeviceOutOfMemory, Overloaded, Stranded
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class DynamicBatcher:
         max_delay: float,
         max_queue_images: int,
         on_batch: Callable[[BatchStats], None] | None = None,
+        on_out_of_memory: Callable[[int, int], None] | None = None,
     ) -> None:
         self.name = name
         self._runs = runs
@@ -104,6 +105,7 @@ class DynamicBatcher:
         self.max_delay = max_delay
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch
+        self._on_out_of_memory = on_out_of_memory  # (the failed batch's size, the new largest batch)
         self._queue: deque[_Pending] = deque()
         self._queued_images = 0
         self._expected = 0  # requests decoding now, that will submit soon
@@ -226,7 +228,11 @@ class DynamicBatcher:
             images = batch[0].images if len(batch) == 1 else joined([p.images for p in batch])
             outputs = await loop.run_in_executor(self._executor, self._runs[instance], images)
         except Exception as exc:
-            logger.exception("%s: inference failed for a batch of %d", self.name, sum(p.size for p in batch))
+            size = sum(p.size for p in batch)
+            if out_of_memory(exc):
+                exc = self._shrink(size, exc)
+            else:
+                logger.exception("%s: inference failed for a batch of %d", self.name, size)
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
@@ -246,6 +252,20 @@ class DynamicBatcher:
             enqueued, contexts = [p.enqueued for p in batch], [p.context for p in batch]
             observed = _observed(batch, outputs)
             self._on_batch(BatchStats(count_rows(images), enqueued, started, finished, contexts, *observed))
+
+    def _shrink(self, size: int, exc: BaseException) -> DeviceOutOfMemory:
+        """A batch of ``size`` the device had no memory for: halve the largest batch below it."""
+        before, self.max_batch_size = self.max_batch_size, max(1, min(self.max_batch_size, size) // 2)
+        logger.warning(
+            "%s: out of memory for a batch of %d (%s); largest batch %d -> %d, its requests get 503",
+            self.name, size, str(exc).splitlines()[0][:200], before, self.max_batch_size,
+        )  # fmt: skip
+        if self._on_out_of_memory is not None:
+            self._on_out_of_memory(size, self.max_batch_size)
+        return DeviceOutOfMemory(
+            f"Model {self.name!r}: the device ran out of memory for a batch of {size} images; batches are now "
+            f"at most {self.max_batch_size}; send the request again"
+        )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """:meth:`close` from another thread (the model lifecycle's), once no request is left."""
@@ -273,6 +293,18 @@ class DynamicBatcher:
 
     def _stranded(self) -> Stranded:
         return Stranded(f"Model {self.name!r}: this version was unloaded while the request waited; send it again")
+
+
+# what ONNX Runtime's CPU and CUDA providers say when an allocation fails (BFCArena, CUDA, cuDNN, cuBLAS)
+_OUT_OF_MEMORY = ("failed to allocate memory", "out of memory", "alloc_failed", "cudaerrormemoryallocation")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether an inference error is the device (or the host) running out of memory."""
+    if isinstance(exc, MemoryError):
+        return True
+    message = str(exc).lower()
+    return any(marker in message for marker in _OUT_OF_MEMORY)
 
 
 def _observed(batch: list[_Pending], outputs: Outputs) -> tuple[np.ndarray | None, np.ndarray | None]:

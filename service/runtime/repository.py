@@ -249,11 +249,7 @@ class Repository:
         labels = (model.name, str(model.version))
         self.metrics.child(self.metrics.resident_bytes, *labels).set(entry.resident_bytes)
         self.metrics.child(self.metrics.cold_start, model.name).observe(seconds)
-        self.metrics.child(self.metrics.cold_waits, model.name)  # at 0 from the start, as the two below
-        for protocol in ("http", "grpc"):  # at 0 from the start: an alert's rate() then sees the first shed request
-            self.metrics.shed.labels(model=model.name, protocol=protocol)
-        self.metrics.child(self.metrics.evictions, model.name, "pressure")  # the same for the on-demand alerts
-        self.metrics.child(self.metrics.budget_exhausted, model.name)
+        self.metrics.seed_version(*labels)
         logger.info(
             "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d instance(s) of %d threads)",
             model.name, model.version, model.provider, model.load_seconds, model.warmup_seconds,
@@ -357,8 +353,6 @@ class Repository:
     def _make_batcher(self, model: LoadedModel, drift: Drift) -> DynamicBatcher:
         labels = {"model": model.name, "version": str(model.version)}
         typical_below = model.metadata.typicality_threshold
-        if typical_below is not None:  # the series exists from the load on, at 0: a rate over it is never empty
-            self.metrics.child(self.metrics.atypical, *labels.values())
 
         def on_batch(stats: BatchStats) -> None:
             self.metrics.child(self.metrics.batch_size, *labels.values()).observe(stats.size)
@@ -386,6 +380,7 @@ class Repository:
             max_delay=self.settings.max_batch_delay_ms / 1000,
             max_queue_images=self.settings.max_queue_images,
             on_batch=on_batch,
+            on_out_of_memory=lambda size, limit: self.metrics.child(self.metrics.device_oom, *labels.values()).inc(),
         )
 
     async def close(self) -> None:

@@ -94,6 +94,8 @@ class Shadow:
         self.metrics = metrics
         self.queue_size = queue_size
         self.lanes = [Lane(pair, asyncio.Queue(queue_size)) for pair in pairs]
+        for lane in self.lanes:
+            metrics.seed_shadow(*self._labels(lane))
 
     def offer(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
         """After the primary answered (on the event loop): queue the images for every pair it is the primary of."""
