@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import random
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ import httpx
 
 DEFAULT_URL = "http://localhost:3000"
 RETRY_STATUSES = frozenset({502, 503, 504})  # load shedding, a model still loading, a balancer between replicas
+# a connection refused, or closed or reset before the answer came (a worker killed or restarted): the
+# request did nothing the server keeps, so it is sent again
+RETRY_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+MAX_BACKOFF_S = 10.0
 
 
 class ServiceUnavailableError(RuntimeError):
@@ -227,14 +232,22 @@ class Client:
         path: str = "/classify",
         accept: str | None = None,
     ) -> httpx.Response:
-        """POST with retries: 502/503/504 and refused connections wait with exponential backoff and jitter."""
+        """POST with retries, each under the same ``X-Request-ID``.
+
+        Classifying and explaining change nothing on the server, so sending again is always
+        safe: 502/503/504 (shed, loading, a batch the device had no memory for, a balancer
+        between replicas) and a connection refused, reset or closed before the answer (a
+        worker killed or restarted) wait with bounded exponential backoff and jitter, or the
+        server's ``Retry-After``, and try again.
+        """
         url = f"{self.url}{path}"
-        headers = {"Content-Type": "application/octet-stream"} | ({"Accept": accept} if accept else {})
+        headers = {"Content-Type": "application/octet-stream", "X-Request-ID": uuid.uuid4().hex}
+        headers |= {"Accept": accept} if accept else {}
         for attempt in range(self.retries + 1):
             response = None
             try:
                 response = await http.post(url, content=data, params=params, headers=headers)
-            except (httpx.ConnectError, httpx.RemoteProtocolError) as exc:
+            except RETRY_ERRORS as exc:
                 if attempt == self.retries:
                     raise ServiceUnavailableError(f"cannot reach {self.url}: {exc}. Is the service running?") from exc
             else:
@@ -244,7 +257,7 @@ class Client:
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        """The server's ``Retry-After`` or exponential backoff, capped, times a random 0.5-1.5."""
         retry_after = response.headers.get("retry-after", "") if response is not None else ""
-        if retry_after.isdigit():
-            return float(retry_after)
-        return self.backoff * 2**attempt * random.uniform(0.5, 1.5)
+        base = float(retry_after) if retry_after.isdigit() else self.backoff * 2**attempt
+        return min(base, MAX_BACKOFF_S) * random.uniform(0.5, 1.5)

@@ -23,6 +23,7 @@ import pytest
 from skimage import data
 
 from client import Client
+from client.api import ServiceUnavailableError
 from client.files import expand
 
 from ..helpers import ROOT, ServiceProcess, classified, encode, free_port
@@ -163,7 +164,12 @@ class _Stub(BaseHTTPRequestHandler):
             self._answer(401, {"error": "Missing or wrong token"})
             return
         server.posts += 1
-        if server.posts <= 2:
+        server.request_ids.append(self.headers.get("X-Request-ID"))
+        if server.drop > 0:  # a worker killed while it held the request: the connection ends without an answer
+            server.drop -= 1
+            self.close_connection = True
+            return
+        if server.posts <= 2 + server.dropped:
             self._answer(503, {"error": "shedding load"}, {"Retry-After": "0"})
             return
         self._answer(200, {"model": "stub", "version": "7",
@@ -182,7 +188,7 @@ class _Stub(BaseHTTPRequestHandler):
 @pytest.fixture
 def stub() -> Iterator[Any]:
     server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-    server.posts, server.token = 0, None
+    server.posts, server.token, server.request_ids, server.drop, server.dropped = 0, None, [], 0, 0
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield server
@@ -192,6 +198,21 @@ def stub() -> Iterator[Any]:
 def test_load_shedding_is_retried(stub: Any) -> None:
     (result,) = Client(stub.url, backoff=0.01).classify(b"image bytes")
     assert result.ok and (result.model, result.version) == ("stub", "7")
+    assert stub.posts == 3
+
+
+def test_a_connection_closed_without_an_answer_is_sent_again_under_the_same_request_id(stub: Any) -> None:
+    stub.drop = stub.dropped = 1
+    (result,) = Client(stub.url, backoff=0.01).classify(b"image bytes")
+    assert result.ok and stub.posts == 4  # closed, shed, shed, answered
+    (request_id,) = set(stub.request_ids)
+    assert request_id and len(request_id) == 32
+
+
+def test_retries_end_with_a_clear_error_once_spent(stub: Any) -> None:
+    stub.drop = 10
+    with pytest.raises(ServiceUnavailableError, match="cannot reach"):
+        Client(stub.url, backoff=0.01, retries=2).classify(b"image bytes")
     assert stub.posts == 3
 
 
