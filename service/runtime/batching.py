@@ -256,9 +256,10 @@ class DynamicBatcher:
     def _shrink(self, size: int, exc: BaseException) -> DeviceOutOfMemory:
         """A batch of ``size`` the device had no memory for: halve the largest batch below it."""
         before, self.max_batch_size = self.max_batch_size, max(1, min(self.max_batch_size, size) // 2)
+        what = next(iter(str(exc).splitlines()), "") or type(exc).__name__
         logger.warning(
             "%s: out of memory for a batch of %d (%s); largest batch %d -> %d, its requests get 503",
-            self.name, size, str(exc).splitlines()[0][:200], before, self.max_batch_size,
+            self.name, size, what[-300:], before, self.max_batch_size,
         )  # fmt: skip
         if self._on_out_of_memory is not None:
             self._on_out_of_memory(size, self.max_batch_size)
