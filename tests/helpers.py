@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 import yaml
 from PIL import Image
@@ -146,6 +147,13 @@ class ServiceProcess:
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         return stop_group(self.process, timeout)
+
+
+def workers(service: ServiceProcess) -> list[psutil.Process]:
+    """The service's HTTP worker processes (BentoML's ``_bentoml_impl.worker``)."""
+    assert service.process is not None
+    return [p for p in psutil.Process(service.process.pid).children(recursive=True)
+            if any("_bentoml_impl.worker" in part for part in p.cmdline())]  # fmt: skip
 
 
 def group_alive(pgid: int) -> bool:

@@ -1,0 +1,177 @@
+"""Hostile clients against the real service (issue #31): heads too large or too slow, bodies that trickle,
+more connections than a worker holds, and counters that read 0 rather than nothing."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from service.store.layout import ModelStore
+from tests.helpers import ServiceProcess, encode, metric_samples, running, workers
+
+DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
+PNG = {"Content-Type": "image/png"}
+MAX_CONNECTIONS = 40
+
+
+@pytest.fixture(scope="module")
+def guarded(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """One worker, short head deadline, few connections: every limit is reached in a second or two."""
+    log = tmp_path_factory.mktemp("hostile") / "service.log"
+    with running(Path(model_store.root), log, MODELS="lenet5", WORKERS="1", HEADER_TIMEOUT_S="2",
+                 MAX_CONNECTIONS=str(MAX_CONNECTIONS)) as process:  # fmt: skip
+        yield process
+
+
+def exchange(service: ServiceProcess, data: bytes, wait: float = 10.0) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it (or ``wait`` passes)."""
+    with socket.create_connection(("127.0.0.1", service.port), timeout=wait) as sock:
+        with contextlib.suppress(OSError):  # closed while sending: read what it answered
+            sock.sendall(data)
+        return _read_all(sock)
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError:
+        pass
+    return answer
+
+
+def status_and_error(answer: bytes) -> tuple[int, str]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)["error"]
+
+
+def refused(service: ServiceProcess) -> dict[str, float]:
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    return {labels["reason"]: value for labels, value in metric_samples(text, "cnn_connections_refused_total")}
+
+
+def assert_serving(service: ServiceProcess) -> None:
+    answer = httpx.post(f"{service.url}/classify?model=lenet5", content=DIGIT, headers=PNG, timeout=30)
+    assert answer.status_code == 200, answer.text
+
+
+def test_every_served_versions_counters_exist_at_zero(guarded: ServiceProcess) -> None:
+    """Before any request (so, first here): before any atypical image, explanation or eviction, their series read 0: no panel says "No data"."""
+    text = httpx.get(f"{guarded.url}/metrics", timeout=10).text
+    version = {"model": "lenet5", "version": "1"}
+    for name, extra in (("cnn_prediction_atypical_total", {}), ("cnn_batch_out_of_memory_total", {}),
+                        ("cnn_explanations_total", {"method": "gradcam"}),
+                        ("cnn_explanations_total", {"method": "occlusion"})):  # fmt: skip
+        found = [value for labels, value in metric_samples(text, name) if labels.items() >= (version | extra).items()]
+        assert found == [0.0], (name, extra, found)
+    for name, reasons in (("cnn_model_evictions_total", {"pressure", "idle"}),
+                          ("cnn_model_loads_total", {"request", "start"})):  # fmt: skip
+        seen = {labels["reason"] for labels, _ in metric_samples(text, name) if labels["model"] == "lenet5"}
+        assert seen >= reasons, (name, seen)
+    assert set(refused(guarded)) == {"connections", "header_bytes", "header_timeout", "body_rate"}
+
+
+def test_a_head_over_the_limit_gets_431_naming_it(guarded: ServiceProcess) -> None:
+    before = refused(guarded)
+    big = b"a" * 20_000
+    for head in (b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + big + b"\r\n\r\n",  # one chunk, whole
+                 b"GET /livez?" + big + b" HTTP/1.1\r\nHost: x\r\n\r\n"):  # the request line  # fmt: skip
+        status, error = status_and_error(exchange(guarded, head))
+        assert status == 431 and "MAX_HEADER_BYTES=16384" in error
+    # just under the limit is a request like any other
+    padded = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 15_000 + b"\r\nConnection: close\r\n\r\n"
+    answer = exchange(guarded, padded)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert refused(guarded)["header_bytes"] == before["header_bytes"] + 2
+    assert_serving(guarded)
+
+
+def test_twenty_megabyte_heads_are_never_buffered(guarded: ServiceProcess) -> None:
+    """Twenty connections each send a 20 MB header line: each is cut at the limit, the worker does not grow."""
+    (worker,) = workers(guarded)
+    before = worker.memory_info().rss
+    peak, answers = before, []
+
+    def flood() -> None:
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=20) as sock:
+            try:
+                sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                chunk = b"a" * 65536
+                for _ in range(320):  # 20 MiB
+                    sock.sendall(chunk)
+            except OSError:
+                pass
+            answers.append(_read_all(sock))
+
+    threads = [threading.Thread(target=flood) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        peak = max(peak, worker.memory_info().rss)
+        time.sleep(0.02)
+    assert (peak - before) / 2**20 < 20, f"worker grew {(peak - before) / 2**20:.0f} MiB"
+    assert any(a.startswith(b"HTTP/1.1 431") for a in answers)  # the others may have been reset while sending
+    assert_serving(guarded)
+
+
+def test_a_head_that_never_finishes_is_answered_408_and_closed(guarded: ServiceProcess) -> None:
+    before = refused(guarded)
+    for opening in (b"POST /classify HTTP/1.1\r\nHost: x\r\nX-Slow: a", b""):  # half a head; nothing at all
+        started = time.monotonic()
+        status, error = status_and_error(exchange(guarded, opening))
+        assert status == 408 and "HEADER_TIMEOUT_S=2" in error
+        assert 1.5 < time.monotonic() - started < 6
+    assert refused(guarded)["header_timeout"] == before["header_timeout"] + 2
+    assert_serving(guarded)
+
+
+def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess) -> None:
+    """10 bytes a second of a 100 kB body: cut at the first 5 s window under MIN_BODY_BYTES_PER_S (1024)."""
+    before = refused(guarded)
+    head = (b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 100000\r\n\r\n")  # fmt: skip
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=20) as sock:
+        sock.sendall(head + b"x" * 10)
+        try:
+            while time.monotonic() - started < 20:
+                time.sleep(1)
+                sock.sendall(b"x" * 10)
+        except OSError:
+            pass
+        answer = _read_all(sock)
+    assert time.monotonic() - started < 12
+    status, error = status_and_error(answer)
+    assert status == 408 and "MIN_BODY_BYTES_PER_S=1024" in error
+    assert refused(guarded)["body_rate"] == before["body_rate"] + 1
+    assert_serving(guarded)
+
+
+def test_connections_past_the_limit_are_refused_fast_and_held_ones_keep_serving(guarded: ServiceProcess) -> None:
+    before = refused(guarded)
+    with httpx.Client(base_url=guarded.url, timeout=30) as held:  # a client that connected first
+        assert held.post("/classify?model=lenet5", content=DIGIT, headers=PNG).status_code == 200
+        idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(MAX_CONNECTIONS + 10)]
+        try:
+            time.sleep(0.3)
+            started = time.monotonic()
+            status, error = status_and_error(exchange(guarded, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"))
+            assert status == 503 and f"MAX_CONNECTIONS={MAX_CONNECTIONS}" in error
+            assert time.monotonic() - started < 1
+            assert held.post("/classify?model=lenet5", content=DIGIT, headers=PNG).status_code == 200
+        finally:
+            for sock in idle:
+                sock.close()
+    assert refused(guarded)["connections"] >= before["connections"] + 11
+    time.sleep(0.3)
+    assert_serving(guarded)
