@@ -193,6 +193,9 @@ class Metrics:
             self.child(self.explanations, *labels, method)
         for protocol in ("http", "grpc"):
             self.child(self.shed, model, protocol)
+            self.child(self.images, *labels, protocol)
+            for outcome in ("2xx", "4xx", "5xx"):  # the error ratio is 0, not "No data", before the first error
+                self.child(self.requests, *labels, protocol, outcome)
         for metric in (self.cold_waits, self.budget_exhausted):
             self.child(metric, model)
         for reason in ("pressure", "idle"):
