@@ -62,30 +62,33 @@ class _HeadTooLarge(Exception):
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    """``HttpToolsProtocol`` with bounded request heads, head and body deadlines and a connection cap."""
+    """``HttpToolsProtocol`` with bounded request heads, head and body deadlines and a connection cap.
+
+    Per request it adds one check after each chunk and one before each head is handed to the
+    app; the bookkeeping of heads and bodies that span chunks (:meth:`_watch`) runs only for them.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_bytes: int | None = 0  # bytes of the head so far; None between heads
-        self._deadline: asyncio.TimerHandle | None = None
-        self._body_bytes = 0
-        self._body_seen = 0
         self._chunk = 0  # the size of the chunk being parsed
+        self._head_scope: Any = None  # the scope of the unfinished head being counted
+        self._head_bytes = 0  # its bytes in the chunks before this one
         self._head_too_large = False
-        self._in_body = False  # between a head and the end of its message (even once answered)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._watching_body = False  # whether the deadline is the body's (else the head's)
+        self._body_bytes = 0  # body bytes since the last check
 
     # the connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > Limits.max_connections:
             metrics.connection_refused("connections")
+            limit = Limits.max_connections
             self._refuse(
-                b"503 Service Unavailable",
-                f"this worker holds its MAX_CONNECTIONS={Limits.max_connections} connections; retry",
-                retry_after=1,
+                b"503 Service Unavailable", f"this worker holds its MAX_CONNECTIONS={limit} connections; retry", 1
             )
             return
-        self._arm(Limits.header_timeout_s, self._head_late)
+        self._arm(Limits.header_timeout_s, self._head_late, body=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -94,47 +97,54 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         self._chunk = len(data)
         super().data_received(data)
-        if self._head_bytes is not None and self.parser is not None and not self.transport.is_closing():
-            self._head_bytes += len(data)  # a head still unfinished after this chunk
-            if self._head_bytes > Limits.max_header_bytes:
-                self._too_large()
-            elif self._deadline is None:
-                self._arm(Limits.header_timeout_s, self._head_late)
-        elif self._deadline is None and self._body_unfinished() and Limits.min_body_bytes_per_s:
-            self._body_seen = self._body_bytes
-            self._arm(BODY_RATE_WINDOW_S, self._body_check)  # a body that spans chunks
-
-    # the parser's callbacks
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._head_bytes = 0
+        if self._deadline is not None:
+            self._watch(data)
+            return
+        scope, cycle = self.scope, self.cycle
+        if scope is None or "method" not in scope:
+            self._watch(data)  # a head that goes on in the next chunks
+        elif cycle is not None and cycle.more_body and not cycle.response_complete:
+            self._watch(data)  # a body that does
 
     def on_headers_complete(self) -> None:
-        # a whole head in a chunk larger than the limit (a body in the same chunk, say) is measured
-        limit = Limits.max_header_bytes
-        if (self._head_bytes or 0) + self._chunk > limit and self._head_size() > limit:
+        before = self._head_bytes if self._head_scope is self.scope else 0
+        if before + self._chunk > Limits.max_header_bytes and self._head_size() > Limits.max_header_bytes:
             self._head_too_large = True
             raise _HeadTooLarge  # httptools stops parsing; uvicorn answers 400 through send_400_response
-        self._head_bytes = None
-        self._in_body = True
-        self._disarm()
         super().on_headers_complete()
-        self._body_bytes = self._body_seen = 0
-
-    def on_body(self, body: bytes) -> None:
-        self._body_bytes += len(body)
-        super().on_body(body)
-
-    def on_message_complete(self) -> None:
-        self._in_body = False
-        self._disarm()
-        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
             self._too_large()
         else:
             super().send_400_response(msg)
+
+    # heads and bodies that span chunks
+    def _watch(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            self._disarm()
+            return
+        scope = self.scope
+        if scope is None or "method" not in scope:  # a head still unfinished after this chunk
+            if scope is not self._head_scope:  # that began in this chunk
+                self._head_scope, self._head_bytes = scope, 0
+            self._head_bytes += len(data)
+            if self._head_bytes > Limits.max_header_bytes:
+                self._too_large()
+            elif self._deadline is None or self._watching_body:
+                self._disarm()
+                self._arm(Limits.header_timeout_s, self._head_late, body=False)
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and Limits.min_body_bytes_per_s:  # a body still arriving
+            if self._deadline is None or not self._watching_body:
+                self._disarm()
+                self._body_bytes = 0
+                self._arm(BODY_RATE_WINDOW_S, self._body_check, body=True)
+            else:
+                self._body_bytes += len(data)
+            return
+        self._disarm()
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) + 16
@@ -147,8 +157,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     # the deadlines
-    def _arm(self, delay: float, callback: Any) -> None:
-        self._deadline = self.loop.call_later(delay, callback)
+    def _arm(self, delay: float, callback: Any, body: bool) -> None:
+        self._deadline, self._watching_body = self.loop.call_later(delay, callback), body
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -157,30 +167,31 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_late(self) -> None:
         self._deadline = None
-        if self._head_bytes is not None and not self.transport.is_closing():
+        scope = self.scope
+        if (scope is None or "method" not in scope) and not self.transport.is_closing():
             metrics.connection_refused("header_timeout")
             limit = Limits.header_timeout_s
             self._refuse(b"408 Request Timeout", f"the request head did not arrive within HEADER_TIMEOUT_S={limit}")
 
-    def _body_unfinished(self) -> bool:
-        return self._in_body and not self.transport.is_closing()
-
     def _body_check(self) -> None:
+        """Every BODY_RATE_WINDOW_S while a body arrives. A body the app answered before reading it all
+        (a 413, say) stays "arriving" for uvicorn: a client that sends nothing more is closed here too."""
         self._deadline = None
-        if not self._body_unfinished():
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None or not cycle.more_body:
             return
-        arrived, self._body_seen = self._body_bytes - self._body_seen, self._body_bytes
+        arrived, self._body_bytes = self._body_bytes, 0
         if self.flow.read_paused or arrived >= Limits.min_body_bytes_per_s * BODY_RATE_WINDOW_S:
-            self._arm(BODY_RATE_WINDOW_S, self._body_check)
+            self._arm(BODY_RATE_WINDOW_S, self._body_check, body=True)  # or the app is not reading
             return
         metrics.connection_refused("body_rate")
-        if self.cycle is None or self.cycle.response_started:  # answered, or answering: only close
+        if cycle.response_started:  # answered, or answering: only close
             self.transport.close()
             return
+        rate = arrived / BODY_RATE_WINDOW_S
         self._refuse(
             b"408 Request Timeout",
-            f"the body arrived at {arrived / BODY_RATE_WINDOW_S:.0f} bytes/s, "
-            f"below MIN_BODY_BYTES_PER_S={Limits.min_body_bytes_per_s}",
+            f"the body arrived at {rate:.0f} bytes/s, below MIN_BODY_BYTES_PER_S={Limits.min_body_bytes_per_s}",
         )
 
     def _refuse(self, status: bytes, message: str, retry_after: int | None = None) -> None:

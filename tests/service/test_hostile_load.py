@@ -66,7 +66,8 @@ def assert_serving(service: ServiceProcess) -> None:
 
 
 def test_every_served_versions_counters_exist_at_zero(guarded: ServiceProcess) -> None:
-    """Before any request (so, first here): before any atypical image, explanation or eviction, their series read 0: no panel says "No data"."""
+    """Before any request (so, first here): atypical images, explanations, evictions and refusals read 0, so
+    no panel says "No data"."""
     text = httpx.get(f"{guarded.url}/metrics", timeout=10).text
     version = {"model": "lenet5", "version": "1"}
     for name, extra in (("cnn_prediction_atypical_total", {}), ("cnn_batch_out_of_memory_total", {}),
@@ -175,3 +176,18 @@ def test_connections_past_the_limit_are_refused_fast_and_held_ones_keep_serving(
     assert refused(guarded)["connections"] >= before["connections"] + 11
     time.sleep(0.3)
     assert_serving(guarded)
+
+
+def test_a_large_body_sent_slowly_but_steadily_is_classified(guarded: ServiceProcess) -> None:
+    """A 1 MB image in 64 kB pieces every 0.4 s (160 kB/s, 7 s: past a 5 s window) is a client, not an attack."""
+    image = encode(np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8))
+    assert len(image) > 1_000_000
+    head = (f"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(image)}\r\nConnection: close\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as sock:
+        sock.sendall(head)
+        for start in range(0, len(image), 65536):
+            sock.sendall(image[start : start + 65536])
+            time.sleep(0.4)
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
