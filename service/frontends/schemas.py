@@ -124,6 +124,10 @@ class ModelInfo(BaseModel):
     forced: bool | None = Field(None, description="A variant written with --force below its accuracy thresholds")
     load_seconds: float | None = None
     warmup_seconds: float | None = None
+    max_batch_size: int | None = Field(
+        None, description="The largest batch it runs now: MAX_BATCH_SIZE, halved after each batch the device had no "
+        "memory for (in the worker that answered)",
+    )  # fmt: skip
     residency: dict[str, Any] | None = Field(
         None,
         description="MODEL_CONTROL=on-demand: resident (bytes its load added, idle seconds), loading, not loaded, "

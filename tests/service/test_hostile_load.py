@@ -191,3 +191,10 @@ def test_a_large_body_sent_slowly_but_steadily_is_classified(guarded: ServicePro
             time.sleep(0.4)
         answer = _read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+
+
+def test_models_names_the_largest_batch_each_model_runs(guarded: ServiceProcess) -> None:
+    """MAX_BATCH_SIZE (32) until a batch runs out of device memory, which halves it (tests/service/runtime)."""
+    models = httpx.get(f"{guarded.url}/models", timeout=10).json()["models"]
+    (lenet,) = [m for m in models if m["name"] == "lenet5"]
+    assert lenet["max_batch_size"] == 32
