@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from ...errors import (
+    DeviceOutOfMemory,
     InvalidInput,
     ModelLoadFailed,
     ModelNotFound,
@@ -52,6 +53,7 @@ STATUS = {
     ModelLoadFailed: grpc.StatusCode.INVALID_ARGUMENT,
     ModelNotReady: grpc.StatusCode.UNAVAILABLE,
     Overloaded: grpc.StatusCode.UNAVAILABLE,
+    DeviceOutOfMemory: grpc.StatusCode.UNAVAILABLE,  # gRPC's code for "safe to retry", as HTTP's 503
     PayloadTooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
