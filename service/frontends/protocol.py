@@ -46,6 +46,7 @@ class Limits:
     header_timeout_s = 10.0
     min_body_bytes_per_s = 1024
     max_connections = 1024
+    max_body_bytes = 20 * 1024 * 1024
 
 
 def _response(status: bytes, message: str, retry_after: int | None = None) -> bytes:
@@ -77,6 +78,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._watching_body = False  # whether the deadline is the body's (else the head's)
         self._body_bytes = 0  # body bytes since the last check
+        self._message_bytes = 0  # bytes since the body's watch began: a body with trailers is bounded too
 
     # the connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -96,6 +98,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._chunk = len(data)
+        answered = self.cycle
         super().data_received(data)
         if self._deadline is not None:
             self._watch(data)
@@ -105,6 +108,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._watch(data)  # a head that goes on in the next chunks
         elif cycle is not None and cycle.more_body and not cycle.response_complete:
             self._watch(data)  # a body that does
+        elif cycle is answered and cycle is not None and cycle.response_complete:
+            self._watch(data)  # bytes that began no request (CRLFs between requests): idle all the same
 
     def on_headers_complete(self) -> None:
         before = self._head_bytes if self._head_scope is self.scope else 0
@@ -124,25 +129,34 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             self._disarm()
             return
-        scope = self.scope
+        scope, cycle = self.scope, self.cycle
         if scope is None or "method" not in scope:  # a head still unfinished after this chunk
-            if scope is not self._head_scope:  # that began in this chunk
-                self._head_scope, self._head_bytes = scope, 0
-            self._head_bytes += len(data)
+            if scope is not self._head_scope:  # that began in this chunk (after another request's bytes, maybe)
+                self._head_scope, self._head_bytes = scope, self._head_size()
+                self._disarm()  # its deadline counts from now
+            else:
+                self._head_bytes += len(data)
             if self._head_bytes > Limits.max_header_bytes:
                 self._too_large()
             elif self._deadline is None or self._watching_body:
                 self._disarm()
                 self._arm(Limits.header_timeout_s, self._head_late, body=False)
             return
-        cycle = self.cycle
-        if cycle is not None and cycle.more_body and Limits.min_body_bytes_per_s:  # a body still arriving
+        if cycle is not None and cycle.more_body:  # a body still arriving (or one answered before its end)
             if self._deadline is None or not self._watching_body:
                 self._disarm()
-                self._body_bytes = 0
+                self._body_bytes, self._message_bytes = 0, 0
                 self._arm(BODY_RATE_WINDOW_S, self._body_check, body=True)
             else:
                 self._body_bytes += len(data)
+                self._message_bytes += len(data)
+                if self._message_bytes > Limits.max_body_bytes + Limits.max_header_bytes:  # trailers, say
+                    self._too_large()
+            return
+        if cycle is not None and cycle.response_complete and not self.pipeline:  # bytes, but no new request
+            if self._deadline is None or self._watching_body:
+                self._disarm()
+                self._arm(Limits.header_timeout_s, self._head_late, body=False)
             return
         self._disarm()
 
@@ -167,27 +181,38 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_late(self) -> None:
         self._deadline = None
-        scope = self.scope
-        if (scope is None or "method" not in scope) and not self.transport.is_closing():
-            metrics.connection_refused("header_timeout")
-            limit = Limits.header_timeout_s
-            self._refuse(b"408 Request Timeout", f"the request head did not arrive within HEADER_TIMEOUT_S={limit}")
+        if self.transport.is_closing():
+            return
+        scope, cycle = self.scope, self.cycle
+        if self.flow.read_paused or self.pipeline or (cycle is not None and not cycle.response_complete):
+            # an earlier request is still being answered: the rest of this head waits for the server, not the client
+            self._arm(Limits.header_timeout_s, self._head_late, body=False)
+            return
+        metrics.connection_refused("header_timeout")
+        if scope is not None and "method" in scope:  # no request begun: bytes between requests, then nothing
+            self.transport.close()
+            return
+        limit = Limits.header_timeout_s
+        self._refuse(b"408 Request Timeout", f"the request head did not arrive within HEADER_TIMEOUT_S={limit}")
 
     def _body_check(self) -> None:
         """Every BODY_RATE_WINDOW_S while a body arrives. A body the app answered before reading it all
-        (a 413, say) stays "arriving" for uvicorn: a client that sends nothing more is closed here too."""
+        (a 413, say) stays "arriving" for uvicorn: a client that then sends nothing is closed, uncounted."""
         self._deadline = None
         cycle = self.cycle
         if self.transport.is_closing() or cycle is None or not cycle.more_body:
             return
         arrived, self._body_bytes = self._body_bytes, 0
-        if self.flow.read_paused or arrived >= Limits.min_body_bytes_per_s * BODY_RATE_WINDOW_S:
-            self._arm(BODY_RATE_WINDOW_S, self._body_check, body=True)  # or the app is not reading
+        minimum = Limits.min_body_bytes_per_s * BODY_RATE_WINDOW_S
+        if arrived >= minimum or self.flow.read_paused or cycle.waiting_for_100_continue:
+            self._arm(BODY_RATE_WINDOW_S, self._body_check, body=True)  # or the server is not reading yet
             return
-        metrics.connection_refused("body_rate")
         if cycle.response_started:  # answered, or answering: only close
+            if not (cycle.response_complete and arrived == 0):
+                metrics.connection_refused("body_rate")
             self.transport.close()
             return
+        metrics.connection_refused("body_rate")
         rate = arrived / BODY_RATE_WINDOW_S
         self._refuse(
             b"408 Request Timeout",
@@ -203,7 +228,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.message_event.set()
 
 
-def install(max_header_bytes: int, header_timeout_s: float, min_body_bytes_per_s: int, max_connections: int) -> None:
+def install(
+    max_header_bytes: int, header_timeout_s: float, min_body_bytes_per_s: int, max_connections: int, max_body_bytes: int
+) -> None:
     """Make :class:`BoundedHttpToolsProtocol` what uvicorn's ``http="auto"`` (BentoML's choice) builds."""
     from uvicorn import config
 
@@ -211,4 +238,5 @@ def install(max_header_bytes: int, header_timeout_s: float, min_body_bytes_per_s
     Limits.header_timeout_s = header_timeout_s
     Limits.min_body_bytes_per_s = min_body_bytes_per_s
     Limits.max_connections = max_connections
+    Limits.max_body_bytes = max_body_bytes
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:BoundedHttpToolsProtocol"

@@ -107,7 +107,10 @@ async def flood(port: int, hold: float) -> dict[str, int]:
 
     half = b"POST /classify HTTP/1.1\r\nHost: x\r\nX-Slow: aaaa"
     huge = b"GET /livez HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * MiB
-    stalled = b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n" + b"\x89PNG" * 256
+    stalled = (
+        b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 1000000\r\n\r\n" + b"\x89PNG" * 256
+    )  # the app waits for the rest: it never comes
     tasks = []
     for i in range(2500):
         opening, answer = (half, False) if i % 5 in (0, 1) else (huge, True) if i % 5 in (2, 3) else (stalled, False)

@@ -198,3 +198,37 @@ def test_models_names_the_largest_batch_each_model_runs(guarded: ServiceProcess)
     models = httpx.get(f"{guarded.url}/models", timeout=10).json()["models"]
     (lenet,) = [m for m in models if m["name"] == "lenet5"]
     assert lenet["max_batch_size"] == 32
+
+
+def test_a_pipelined_request_after_a_body_is_not_taken_for_a_long_head(guarded: ServiceProcess) -> None:
+    """A body, then the start of the next request in the same chunk: both are answered (the head is counted
+    from where it begins, not from the chunk's start)."""
+    image = encode(np.random.default_rng(1).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    assert len(image) > 16 * 1024
+    first = (f"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+             f"Content-Length: {len(image)}\r\n\r\n").encode() + image  # fmt: skip
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(first + b"GET /livez HTTP/1.1\r\nHo")
+        time.sleep(0.1)
+        sock.sendall(b"st: x\r\nConnection: close\r\n\r\n")
+        answer = _read_all(sock)
+    assert answer.count(b"HTTP/1.1 200") == 2, answer[:400]
+
+
+def test_a_kept_alive_connection_that_only_trickles_line_ends_is_closed(guarded: ServiceProcess) -> None:
+    """Line ends between requests begin none, but do cancel uvicorn's keep-alive timer: the head deadline
+    still closes the connection."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        started, closed = time.monotonic(), False
+        while time.monotonic() - started < 8 and not closed:
+            try:
+                sock.sendall(b"\r\n")
+                sock.settimeout(0.5)
+                closed = sock.recv(4096) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+    assert closed and time.monotonic() - started < 5
