@@ -60,8 +60,7 @@ def _configure_logging() -> None:
 _configure_logging()
 install_request_timeout()  # BentoML's timeout middleware kept every request's timer for the whole timeout
 settings = sized(get_settings())
-install_http_limits(settings.max_header_bytes, settings.header_timeout_s, settings.min_body_bytes_per_s,
-                    settings.max_connections, settings.max_body_bytes)  # fmt: skip
+install_http_limits(settings)  # uvicorn's protocol with bounded heads, deadlines and a connection cap
 # the worker processes BentoML starts inherit this environment, and so agree on the count
 os.environ["WORKERS"] = str(settings.workers)
 app = create_app(settings.enable_noop)

@@ -33,6 +33,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .. import metrics
+from ..settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -228,15 +229,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.cycle.message_event.set()
 
 
-def install(
-    max_header_bytes: int, header_timeout_s: float, min_body_bytes_per_s: int, max_connections: int, max_body_bytes: int
-) -> None:
-    """Make :class:`BoundedHttpToolsProtocol` what uvicorn's ``http="auto"`` (BentoML's choice) builds."""
+def install(settings: Settings) -> None:
+    """Make :class:`BoundedHttpToolsProtocol`, with ``settings``' limits, what uvicorn's ``http="auto"``
+    (BentoML's choice) builds."""
     from uvicorn import config
 
-    Limits.max_header_bytes = max_header_bytes
-    Limits.header_timeout_s = header_timeout_s
-    Limits.min_body_bytes_per_s = min_body_bytes_per_s
-    Limits.max_connections = max_connections
-    Limits.max_body_bytes = max_body_bytes
+    Limits.max_header_bytes = settings.max_header_bytes
+    Limits.header_timeout_s = settings.header_timeout_s
+    Limits.min_body_bytes_per_s = settings.min_body_bytes_per_s
+    Limits.max_connections = settings.max_connections
+    Limits.max_body_bytes = settings.max_body_bytes
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:BoundedHttpToolsProtocol"
