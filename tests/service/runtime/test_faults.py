@@ -73,7 +73,9 @@ def test_an_out_of_memory_batch_gets_503_and_the_next_batches_fit(
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_other_inference_errors_are_not_taken_for_memory(make_store: StoreFactory, make_runtime: RuntimeFactory) -> None:
+def test_other_inference_errors_are_not_taken_for_memory(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
     """A failing node that is not an allocation keeps its own error (500) and the batch size."""
     store = make_store(broken=[1])
     repository, control = make_runtime(store, max_batch_size=8)
