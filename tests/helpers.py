@@ -284,6 +284,21 @@ def classified(service: ServiceProcess, body: bytes, model: str) -> dict[str, An
     return answer
 
 
+def models(service: ServiceProcess) -> dict[str, Any]:
+    """``GET /models``, by model name."""
+    return {m["name"]: m for m in httpx.get(f"{service.url}/models", timeout=10).json()["models"]}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``condition`` every 0.1 s; the time it held, or an AssertionError naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return time.monotonic()
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
 def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     """Samples of one metric from Prometheus' text format, as (labels, value)."""
     from prometheus_client.parser import text_string_to_metric_families

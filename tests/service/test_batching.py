@@ -71,7 +71,7 @@ def test_every_output_keeps_its_rows_when_batched_and_when_split() -> None:
     shared = asyncio.run(_gather(batcher, [images(i, n=1 + i % 3) for i in range(12)]))
     for i, (_, _, distances) in enumerate(shared):
         assert distances.tolist() == [3.0 * i] * (1 + i % 3)
-    assert all(s.distances is not None and len(s.distances) == s.size for s in stats)
+    assert stats and all(s.distances is not None and len(s.distances) == s.size for s in stats)
 
 
 def test_inputs_with_a_value_per_image_travel_with_their_rows() -> None:

@@ -19,9 +19,8 @@ import pytest
 from export.cli import main as export_main
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, running
+from ..helpers import ROOT, ServiceProcess, models, running, wait_until
 from .lifecycle_load import SteadyLoad, percentiles
-from .test_model_updates import models, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -10,9 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -21,7 +19,7 @@ import tritonclient.grpc as triton_grpc
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, metric_samples, running
+from ..helpers import ROOT, ServiceProcess, metric_samples, models, running, wait_until
 from .lifecycle_load import DIGIT, SteadyLoad, percentiles
 
 pytestmark = pytest.mark.integration
@@ -32,19 +30,6 @@ POLL_S = 1.0
 def lenet5_store(model_store: ModelStore, root: Path) -> Path:
     shutil.copytree(model_store.model_dir("lenet5"), root / "lenet5", ignore=shutil.ignore_patterns(".staging*"))
     return root
-
-
-def models(service: ServiceProcess) -> dict[str, Any]:
-    return {m["name"]: m for m in httpx.get(f"{service.url}/models", timeout=10).json()["models"]}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return time.monotonic()
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
 def fresh_connection_versions(service: ServiceProcess, count: int) -> set[str]:
