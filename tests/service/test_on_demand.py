@@ -146,8 +146,10 @@ def test_a_long_request_is_not_evicted_under_and_concurrent_first_requests_share
             for name in ("googlenet", "resnet18"):
                 assert classify(service, name).status_code == 200
             rss.append(worker_rss(service))
-        print(f"\nworker RSS after cycle 1: {rss[0] / MiB:.0f} MiB, after 50: {rss[-1] / MiB:.0f} MiB")
-        assert rss[-1] <= 1.1 * rss[0]
+        print(f"\nworker RSS after cycle 1: {rss[0] / MiB:.0f} MiB, 10: {rss[9] / MiB:.0f}, 50: {rss[-1] / MiB:.0f}")
+        # the first cycles still find the allocator's pages to settle (338 -> 379 MiB seen once in CI); after them,
+        # 40 more cycles must not grow it: a leak of even 2 MiB a cycle fails
+        assert rss[-1] <= 1.25 * rss[0] and rss[-1] - rss[9] <= 64 * MiB
 
 
 def test_where_no_room_can_be_made_the_answer_is_503_with_its_reason(zoo: ModelStore, tmp_path: Path) -> None:
