@@ -18,8 +18,8 @@ connection:
   ``Retry-After`` and closed at once, before it can send anything, while the connections
   already held keep being served.
 
-The timers cost nothing on the common path: a head that arrives in one chunk (every normal
-request) arms none. The class is installed as uvicorn's ``auto`` protocol by :func:`install`,
+The common path stays cheap: each connection arms one timer (its first head's deadline), and
+after that a head or body that arrives in one chunk (every normal request) arms none. The class is installed as uvicorn's ``auto`` protocol by :func:`install`,
 because BentoML builds uvicorn's ``Config`` itself and takes no protocol class.
 """
 
