@@ -19,8 +19,9 @@ connection:
   already held keep being served.
 
 The common path stays cheap: each connection arms one timer (its first head's deadline), and
-after that a head or body that arrives in one chunk (every normal request) arms none. The class is installed as uvicorn's ``auto`` protocol by :func:`install`,
-because BentoML builds uvicorn's ``Config`` itself and takes no protocol class.
+after that a head or body that arrives in one chunk (every normal request) arms none. The
+class is installed as uvicorn's ``auto`` protocol by :func:`install`, because BentoML builds
+uvicorn's ``Config`` itself and takes no protocol class.
 """
 
 from __future__ import annotations
