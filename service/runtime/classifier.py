@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 
 from .batching import Outputs
+from .entry import ModelEntry
 from .gradcam import GradCam
 from .occlusion import Occlusion, fill_pixel
 from .preprocess import preprocess
-from .repository import ModelEntry, Repository
+from .repository import Repository
 from .shadow import Shadow
 
 # the metrics' stage names, and the spans' (TRACING=otlp)

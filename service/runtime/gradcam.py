@@ -27,7 +27,8 @@ from .batching import DynamicBatcher
 from .session import INPUT_NAME, session_options, wanted_providers
 
 if TYPE_CHECKING:
-    from .repository import ModelEntry, Repository
+    from .entry import ModelEntry
+    from .repository import Repository
 
 logger = logging.getLogger(__name__)
 

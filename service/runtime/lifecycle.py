@@ -37,8 +37,9 @@ from typing import Any
 from ..store.integrity import IntegrityChecker, Verdict
 from ..store.layout import CONFIG_FILE, StoredVersion, is_valid_name
 from ..store.policy import read_version_policy
+from .entry import ModelEntry
 from .readiness import WorkerReadiness
-from .repository import ModelEntry, Repository
+from .repository import Repository
 
 logger = logging.getLogger(__name__)
 

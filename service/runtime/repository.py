@@ -16,8 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnloaded
 from ..memory import resident_bytes
@@ -28,6 +27,7 @@ from ..store.layout import ModelStore, StoredVersion, is_valid_name
 from ..tracing import Tracing
 from . import preprocess
 from .batching import BatchStats, DynamicBatcher
+from .entry import ModelEntry
 from .gradcam import GradCams
 from .quality import Drift
 from .readiness import WorkerReadiness
@@ -37,8 +37,6 @@ if TYPE_CHECKING:
     from .residency import Residency
 
 logger = logging.getLogger(__name__)
-
-Status = Literal["loading", "ready", "draining", "failed"]
 
 
 def settle_memory(release: bool = False) -> None:
@@ -53,37 +51,6 @@ def settle_memory(release: bool = False) -> None:
         gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-@dataclass(eq=False)
-class ModelEntry:
-    """One version of a model in this worker."""
-
-    name: str
-    version: int
-    status: Status = "loading"
-    reason: str | None = None
-    model: LoadedModel | None = None
-    batcher: DynamicBatcher | None = None
-    signature: Signature = ()  # the files it was loaded (or failed) from
-    drift: Drift | None = None  # its answers against their baseline
-    in_flight: int = 0  # requests holding a lease
-    resident_bytes: int = 0  # what its load and warm-up added to the worker's resident memory
-    since: float = field(default_factory=time.time)
-    files_problem: str | None = None  # a served version whose files changed on disk since its load, and how
-
-    def state(self) -> dict[str, Any]:
-        """What the worker publishes about this version (``/metrics``, repository calls)."""
-        state: dict[str, Any] = {"status": self.status, "reason": self.reason, "since": self.since}
-        if self.status == "ready":
-            state["files_problem"] = self.files_problem
-        if self.model is not None:
-            state |= {
-                "provider": self.model.provider,
-                "load_seconds": self.model.load_seconds,
-                "warmup_seconds": self.model.warmup_seconds,
-            }
-        return state
 
 
 class Repository:

@@ -42,8 +42,9 @@ from ..store.layout import StoredVersion, is_valid_name
 from .deadline import time_left
 
 if TYPE_CHECKING:
+    from .entry import ModelEntry
     from .lifecycle import ModelControl
-    from .repository import ModelEntry, Repository
+    from .repository import Repository
 
 logger = logging.getLogger(__name__)
 

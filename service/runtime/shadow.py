@@ -26,7 +26,8 @@ import numpy as np
 from ..errors import ServiceError
 from ..metrics import Metrics
 from ..settings import ShadowPair, ShadowTarget
-from .repository import ModelEntry, Repository
+from .entry import ModelEntry
+from .repository import Repository
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ import numpy as np
 from ...errors import InvalidInput, PayloadTooLarge, ServiceError
 from ...metrics import RequestRecord
 from ...runtime.classifier import Classifier, top_k
+from ...runtime.entry import ModelEntry
 from ...runtime.lifecycle import ModelControl
-from ...runtime.repository import ModelEntry
 from ...runtime.session import DISTANCE_NAME, OUTPUT_NAMES
 from .management import RepositoryManager
 

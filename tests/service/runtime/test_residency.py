@@ -16,7 +16,8 @@ import pytest
 import service.runtime.repository as repository_module
 from service.errors import ModelNotReady, ServiceError
 from service.runtime.classifier import Classifier
-from service.runtime.repository import ModelEntry, Repository
+from service.runtime.entry import ModelEntry
+from service.runtime.repository import Repository
 from service.runtime.residency import BudgetExhausted, ColdStart
 from service.store.layout import StoredVersion
 
