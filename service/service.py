@@ -1,8 +1,11 @@
 """The BentoML service: ``bentoml serve service.service:CNNClassifier`` (``make serve``).
 
 BentoML provides the server, its workers, ``/livez`` and ``/readyz``; the mounted FastAPI
-app (``service.frontends.app``) provides the API and ``/metrics``; the
-:class:`~service.runtime.repository.Repository` owns the ONNX Runtime sessions and batchers.
+app (``service.frontends.app``) provides the API and ``/metrics``; each worker's
+:class:`~service.server.Server` (the composition root) builds the runtime and the front ends
+on it, and starts and stops them. BentoML's decorator needs the worker count, the port and
+the app when this module is imported: that much (and the two server patches that must be
+in place before BentoML starts the server) is all that happens here at import.
 
 BentoML's per-request observability is off: its request metrics duplicated ours
 (``cnn_*``), its access log wrote a line per request, and its OpenTelemetry middleware
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import bentoml
 
@@ -27,16 +29,9 @@ from .frontends.fastpath import FastPathMiddleware
 from .frontends.observe import RequestObserver
 from .frontends.protocol import install as install_http_limits
 from .frontends.timeout import install as install_request_timeout
-from .frontends.v2.handler import OipHandler
-from .metrics import exposition, get_metrics
-from .runtime.classifier import Classifier
-from .runtime.lifecycle import ModelControl
-from .runtime.readiness import WorkerReadiness
-from .runtime.repository import Repository
-from .runtime.residency import Residency
 from .runtime.sizing import sized
+from .server import Server
 from .settings import get_settings
-from .tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -80,30 +75,15 @@ class CNNClassifier:
     """Image classification with the classic CNNs on ONNX Runtime, batched per model."""
 
     def __init__(self) -> None:
-        self.readiness = WorkerReadiness(settings.workers)
-        self.tracing = Tracing(settings)
-        self.repository = Repository(settings, get_metrics(), self.readiness, self.tracing)
-        self.control = ModelControl(self.repository, self.readiness)
-        if settings.model_control == "on-demand":  # before any load: the budget is what this worker holds now
-            self.repository.residency = Residency.create(self.repository, self.control)
-        self.decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
-        app.state.metrics = exposition(lambda: self.readiness.states().values())
-        app.state.classifier = Classifier(self.repository, self.decoders)
-        app.state.oip = OipHandler(app.state.classifier, self.control)
-        self.control.start()  # loads and warms up in the background (then follows MODEL_CONTROL); /readyz waits
+        # built here, in the worker; the app's lifespan starts it (loads, gRPC) and stops it in reverse
+        self.server = Server(settings, app)
 
     def __is_ready__(self) -> bool:
-        return self.repository.ready
+        return self.server.ready
 
     @bentoml.on_shutdown
     async def shutdown(self) -> None:
-        self.control.stop()
-        if self.repository.residency is not None:
-            self.repository.residency.shutdown()
-        self.readiness.withdraw()
-        await self.repository.close()
-        self.decoders.shutdown(wait=False)
-        self.tracing.shutdown()
+        await self.server.stop()  # where the app's lifespan has not already
 
 
 def middlewares() -> list[tuple[type, dict[str, object]]]:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
@@ -19,18 +18,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InvalidInput, ServiceError
-from ..runtime.repository import Repository
-from ..runtime.shadow import Shadow
-from ..store.layout import is_valid_name
-from ..store.metadata import ModelMetadata
 from .body import read_body
 from .explain import explain
 from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
 from .params import classifier, flag, positive_int, probability, read_images
-from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList, VersionState
-from .v2.grpc_server import start_grpc_server
-from .v2.handler import OipHandler
+from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList
 from .v2.rest import infer as v2_infer
 from .v2.rest import router as v2_router
 
@@ -93,7 +86,7 @@ async def classify(request: Request) -> Response:
     # the lease is taken inside the record (on demand: once the model is loaded), so its errors count too
     with (
         service.metrics.track_request("http") as record,
-        await service.repository.acquire(query.get("model"), version) as entry,
+        await service.acquire(query.get("model"), version) as entry,
     ):
         request.scope["request_record"] = record
         record.model, record.version = entry.name, str(entry.version)
@@ -130,100 +123,16 @@ async def metrics(request: Request) -> Response:
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-def model_info(repository: Repository, name: str, shadow: Shadow | None = None, per_class: bool = False) -> ModelInfo:
-    """The model as a request without a version sees it, and every version this worker holds; with
-    ``per_class``, its held-out accuracy per class and its confusion matrix too."""
-    entries = sorted(repository.versions.get(name, {}).values(), key=lambda e: e.version)
-    entry = repository.serving(name) or (entries[-1] if entries else None)
-    residency = repository.residency.describe(name) if repository.residency is not None else None
-    status = entry.status if entry is not None else (residency["state"] if residency else "failed")
-    info: dict[str, Any] = {
-        "name": name,
-        "version": entry.version if entry is not None else None,
-        "versions": [v.version for v in repository.store.versions(name)] if is_valid_name(name) else [],
-        "status": status,
-        "reason": repository.problems.get(name) or (entry.reason if entry is not None else None),
-        "served": [
-            VersionState(version=e.version, status=e.status, reason=e.reason, in_flight=e.in_flight,
-                         since=datetime.fromtimestamp(e.since, UTC).isoformat(timespec="seconds"),
-                         files_problem=e.files_problem)
-            for e in entries
-        ],
-    }  # fmt: skip
-    if entry is not None and entry.model is not None:
-        meta = entry.model.metadata
-        info |= {
-            "provider": entry.model.provider,
-            "input": meta.input.model_dump(),
-            "num_classes": meta.num_classes,
-            "num_params": meta.num_params,
-            "flops_per_image": meta.flops_per_image,
-            "weights": meta.weights,
-            "architecture": meta.architecture,
-            "verification": meta.verification,
-            "explanation": meta.explanation,
-            "precision": meta.precision,
-            "derived_from": meta.derived_from,
-            "accuracy": meta.accuracy,
-            "evaluation": _evaluation(getattr(meta, "evaluation", None), per_class),
-            "forced": meta.forced,
-            "load_seconds": round(entry.model.load_seconds, 3),
-            "warmup_seconds": round(entry.model.warmup_seconds, 3),
-            "max_batch_size": entry.batcher.max_batch_size if entry.batcher is not None else None,
-            "quality": {
-                "abstain_threshold": meta.abstain_threshold,
-                "typicality_threshold": meta.typicality_threshold,
-                **(entry.drift.describe() if entry.drift else {}),
-            },
-        }
-    if residency is not None:
-        info["residency"] = residency
-        if entry is None:  # not resident: what its latest version is, from the store
-            info |= _stored(repository, name)
-    if shadow is not None and (lanes := shadow.describe(name)):
-        info["shadow"] = lanes
-    return ModelInfo(**info)
-
-
-def _stored(repository: Repository, name: str) -> dict[str, Any]:
-    latest = repository.store.latest(name)
-    try:
-        meta = ModelMetadata.model_validate(latest.read_metadata()) if latest is not None else None
-    except (OSError, ValueError):  # a broken version says so when a request loads it
-        return {}
-    if meta is None:
-        return {}
-    return {"input": meta.input.model_dump(), "num_classes": meta.num_classes, "num_params": meta.num_params,
-            "architecture": meta.architecture, "weights": meta.weights, "precision": meta.precision}  # fmt: skip
-
-
-def _evaluation(found: dict[str, Any] | None, per_class: bool) -> dict[str, Any] | None:
-    """A fine-tuned model's held-out accuracy; per class and the confusion matrix only when asked (a thousand
-    classes make a large answer)."""
-    if not found:
-        return None
-    return found if per_class else {k: v for k, v in found.items() if k not in ("per_class", "confusion")}
-
-
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Serve gRPC beside HTTP for as long as the worker runs (the BentoML service made ``app.state.oip``)."""
-    handler: OipHandler | None = getattr(app.state, "oip", None)
-    if handler is None:  # the app without the service around it (no repository): HTTP only
+    """The worker's runtime and gRPC, for as long as the app runs (``app.state.server``, the composition root the
+    BentoML service built); without one (the app alone): HTTP only."""
+    server = getattr(app.state, "server", None)
+    if server is None:
         yield
         return
-    settings = handler.settings
-    token = settings.api_token.get_secret_value() if settings.api_token else None
-    admin = settings.admin_token.get_secret_value() if settings.admin_token else None
-    server = await start_grpc_server(
-        handler, settings.http_host, settings.grpc_port, settings.max_body_bytes, token, admin
-    )
-    try:
+    async with server.running():
         yield
-    finally:
-        await server.stop(grace=5)
-        if handler.classifier.shadow is not None:
-            await handler.classifier.shadow.close()
 
 
 def create_app(enable_noop: bool = False) -> FastAPI:
@@ -315,11 +224,11 @@ def create_app(enable_noop: bool = False) -> FastAPI:
     )
     async def models(request: Request) -> ModelList:
         """``?per_class=true`` adds each fine-tuned model's held-out accuracy per class and confusion matrix."""
-        repository, shadow = classifier(request).repository, classifier(request).shadow
+        runtime = classifier(request)
         per_class = flag(request.query_params, "per_class")
         return ModelList(
-            default_model=repository.default_model,
-            models=[model_info(repository, name, shadow, per_class) for name in repository.names()],
+            default_model=runtime.default_model,
+            models=[ModelInfo(**runtime.describe(name, per_class)) for name in runtime.names()],
         )
 
     return app

@@ -110,12 +110,12 @@ async def explain(request: Request) -> Response:
     patch, stride = positive_int(query, "patch", None), positive_int(query, "stride", None)
     with_overlay, with_layers = flag(query, "overlay"), flag(query, "layers")
     as_png = "image/png" in request.headers.get("accept", "").lower()
-    with await service.repository.acquire(query.get("model"), version) as entry:
+    with await service.acquire(query.get("model"), version) as entry:
         assert entry.model is not None
         meta, labels = entry.model.metadata, entry.model.labels
         occlusion = Occlusion.for_input(meta.input, patch, stride)
         index = class_index(query.get("class"), labels, entry.name)
-        method = wanted or default_method(service.repository.gradcams.graph_of(entry), with_layers)
+        method = wanted or default_method(service.explanation_graph(entry), with_layers)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
         if as_png and len(files) != 1:
             raise InvalidInput(

@@ -1,4 +1,11 @@
-"""The request path shared by every front end: decode, batch, infer, rank."""
+"""The runtime as every front end sees it: lease a model, classify, explain, describe.
+
+The front ends (HTTP, the Open Inference Protocol over REST and gRPC, the page) hold a
+:class:`Classifier` and ask it; they do not read the repository's table, the residency or
+the store. The request path: the residency strategy leases a version (on demand: once it
+is resident), then decode, batch, infer, rank; what watches answers subscribes to the
+``answered`` hook (the shadow).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +16,21 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
+from ..metrics import Metrics
+from ..settings import Settings
+from ..store.layout import is_valid_name
+from ..store.metadata import ModelMetadata
+from ..tracing import Tracing
 from .batching import Outputs
 from .entry import ModelEntry
 from .gradcam import GradCam
+from .hooks import Hooks
 from .occlusion import Occlusion, fill_pixel
 from .preprocess import preprocess
 from .repository import Repository
@@ -44,17 +59,138 @@ class Explained:
     layers: dict[str, np.ndarray] = field(default_factory=dict)  # LeNet-5: what C1, S2, C3 and S4 see
 
 
-class Classifier:
-    """The request path, shared by every front end: decode, batch, infer, rank."""
+class Residency(Protocol):
+    """How a request's model is made resident before its lease (:mod:`.residency`'s strategies)."""
 
-    def __init__(self, repository: Repository, decoders: ThreadPoolExecutor) -> None:
+    async def acquire(
+        self, name: str | None, version: int | None = None
+    ) -> contextlib.AbstractContextManager[ModelEntry]: ...
+
+    def describe(self, name: str) -> dict[str, Any] | None: ...
+
+
+class Classifier:
+    """The runtime as the front ends see it: :meth:`acquire` a version, :meth:`classify` or :meth:`explain`
+    images with it, :meth:`describe` a model."""
+
+    def __init__(
+        self,
+        repository: Repository,
+        residency: Residency,
+        decoders: ThreadPoolExecutor,
+        metrics: Metrics,
+        tracing: Tracing,
+        hooks: Hooks | None = None,
+        shadow: Shadow | None = None,
+    ) -> None:
         self.repository = repository
-        self.settings = repository.settings
-        self.metrics = repository.metrics
-        self.tracing = repository.tracing
+        self.residency = residency
+        self.settings: Settings = repository.settings
+        self.metrics = metrics
+        self.tracing = tracing
+        self.hooks = hooks or repository.hooks
         self.decoders = decoders
-        pairs = self.settings.shadow_pairs()
-        self.shadow = Shadow(pairs, repository, self.metrics, self.settings.shadow_queue) if pairs else None
+        self.shadow = shadow
+
+    # -- what the front ends ask -----------------------------------------------------------
+
+    async def acquire(
+        self, name: str | None, version: int | None = None
+    ) -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for a request (the highest served unless ``version``), held until the ``with`` block it
+        opens ends; on demand, loaded first. 400/404/503 errors say what would be right."""
+        return await self.residency.acquire(name, version)
+
+    def entry(self, name: str | None, version: int | None = None) -> ModelEntry:
+        """The version a request would get now, without holding it (readiness checks)."""
+        return self.repository.get(name, version)
+
+    def names(self) -> list[str]:
+        return self.repository.names()
+
+    @property
+    def default_model(self) -> str | None:
+        return self.repository.default_model
+
+    @property
+    def ready(self) -> bool:
+        return self.repository.ready
+
+    def served_versions(self, name: str) -> list[int]:
+        """The versions of ``name`` that take requests now."""
+        return sorted(v for v, e in list(self.repository.versions.get(name, {}).items()) if e.status == "ready")
+
+    def explanation_graph(self, entry: ModelEntry) -> tuple[Path, dict[str, Any]] | None:
+        """Where ``entry``'s explanation graph is and what its metadata says of it; None without one."""
+        return self.repository.gradcams.graph_of(entry)
+
+    def describe(self, name: str, per_class: bool = False) -> dict[str, Any]:
+        """The model as a request without a version sees it, and every version this worker holds; with
+        ``per_class``, its held-out accuracy per class and its confusion matrix too (``/models``)."""
+        repository = self.repository
+        entries = sorted(list(repository.versions.get(name, {}).values()), key=lambda e: e.version)
+        entry = repository.serving(name) or (entries[-1] if entries else None)
+        residency = self.residency.describe(name)
+        status = entry.status if entry is not None else (residency["state"] if residency else "failed")
+        info: dict[str, Any] = {
+            "name": name,
+            "version": entry.version if entry is not None else None,
+            "versions": [v.version for v in repository.store.versions(name)] if is_valid_name(name) else [],
+            "status": status,
+            "reason": repository.problems.get(name) or (entry.reason if entry is not None else None),
+            "served": [
+                {"version": e.version, "status": e.status, "reason": e.reason, "in_flight": e.in_flight,
+                 "since": datetime.fromtimestamp(e.since, UTC).isoformat(timespec="seconds"),
+                 "files_problem": e.files_problem}
+                for e in entries
+            ],
+        }  # fmt: skip
+        if entry is not None and entry.model is not None:
+            meta = entry.model.metadata
+            info |= {
+                "provider": entry.model.provider,
+                "input": meta.input.model_dump(),
+                "num_classes": meta.num_classes,
+                "num_params": meta.num_params,
+                "flops_per_image": meta.flops_per_image,
+                "weights": meta.weights,
+                "architecture": meta.architecture,
+                "verification": meta.verification,
+                "explanation": meta.explanation,
+                "precision": meta.precision,
+                "derived_from": meta.derived_from,
+                "accuracy": meta.accuracy,
+                "evaluation": _evaluation(getattr(meta, "evaluation", None), per_class),
+                "forced": meta.forced,
+                "load_seconds": round(entry.model.load_seconds, 3),
+                "warmup_seconds": round(entry.model.warmup_seconds, 3),
+                "max_batch_size": entry.batcher.max_batch_size if entry.batcher is not None else None,
+                "quality": {
+                    "abstain_threshold": meta.abstain_threshold,
+                    "typicality_threshold": meta.typicality_threshold,
+                    **(entry.drift.describe() if entry.drift else {}),
+                },
+            }
+        if residency is not None:
+            info["residency"] = residency
+            if entry is None:  # not resident: what its latest version is, from the store
+                info |= self._stored(name)
+        if self.shadow is not None and (lanes := self.shadow.describe(name)):
+            info["shadow"] = lanes
+        return info
+
+    def _stored(self, name: str) -> dict[str, Any]:
+        latest = self.repository.store.latest(name)
+        try:
+            meta = ModelMetadata.model_validate(latest.read_metadata()) if latest is not None else None
+        except (OSError, ValueError):  # a broken version says so when a request loads it
+            return {}
+        if meta is None:
+            return {}
+        return {"input": meta.input.model_dump(), "num_classes": meta.num_classes, "num_params": meta.num_params,
+                "architecture": meta.architecture, "weights": meta.weights, "precision": meta.precision}  # fmt: skip
+
+    # -- the request path ------------------------------------------------------------------
 
     @contextlib.contextmanager
     def stage(self, entry: ModelEntry, name: str) -> Iterator[None]:
@@ -84,15 +220,16 @@ class Classifier:
     async def infer(self, entry: ModelEntry, images: np.ndarray) -> Outputs:
         """``images`` through the model's batcher: (logits, probabilities[, distance]) of these images.
 
-        Where the model is a ``SHADOW`` primary, the images are then offered to its candidate,
-        which runs them later, off this request's path.
+        What subscribes to the ``answered`` hook then gets them (the shadow offers them to a ``SHADOW``
+        candidate, which runs them later, off this request's path).
         """
         assert entry.batcher is not None
-        if self.shadow is None:
+        answered = self.hooks.answered
+        if not answered:
             return await entry.batcher.infer(images, self.tracing.current())
         started = time.perf_counter()
         outputs = await entry.batcher.infer(images, self.tracing.current())
-        self.shadow.offer(entry, images, outputs[1], time.perf_counter() - started)
+        answered(entry, images, outputs[1], time.perf_counter() - started)
         return outputs
 
     async def classify(
@@ -151,3 +288,11 @@ class Classifier:
                 chosen = int(np.argmax(row[0])) if index is None else index
                 explained.append(Explained(image, row[0], chosen, occlusion.heat(row, chosen, size)))
         return explained, {"layer": "input", "patch": occlusion.patch, "stride": occlusion.stride}
+
+
+def _evaluation(found: dict[str, Any] | None, per_class: bool) -> dict[str, Any] | None:
+    """A fine-tuned model's held-out accuracy; per class and the confusion matrix only when asked (a thousand
+    classes make a large answer)."""
+    if not found:
+        return None
+    return found if per_class else {k: v for k, v in found.items() if k not in ("per_class", "confusion")}

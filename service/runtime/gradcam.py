@@ -27,8 +27,9 @@ from .batching import DynamicBatcher
 from .session import INPUT_NAME, session_options, wanted_providers
 
 if TYPE_CHECKING:
+    from ..settings import Settings
+    from ..store.layout import ModelStore
     from .entry import ModelEntry
-    from .repository import Repository
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class GradCam:
 class GradCams:
     """The loaded explanation graphs of a worker, by (model, version), loaded once each."""
 
-    repository: Repository
+    store: ModelStore
+    settings: Settings
     loaded: dict[tuple[str, int], GradCam] = field(default_factory=dict)
     _locks: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
     # called (in a worker thread) before a graph opens: MODEL_CONTROL=on-demand makes room for it and counts it
@@ -65,7 +67,7 @@ class GradCams:
         if not info:
             return None
         parent = info.get("from")
-        store = self.repository.store
+        store = self.store
         directory = (
             store.model_dir(parent["model"]) / str(parent["version"]) if parent else entry.model.stored.directory
         )
@@ -89,7 +91,7 @@ class GradCams:
         return self.loaded[key]
 
     def _load(self, entry: ModelEntry, path: Path, info: dict[str, Any]) -> GradCam:
-        settings = self.repository.settings
+        settings = self.settings
         if self.before_load is not None:
             self.before_load(entry, path)
         started = time.perf_counter()

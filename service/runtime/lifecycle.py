@@ -128,6 +128,9 @@ class ModelControl:
         self._warned_empty = False
 
     def start(self) -> None:
+        """Load in the background, then follow ``MODEL_CONTROL`` (on demand the residency loads instead)."""
+        if self.mode == "on-demand":
+            return
         if self.mode == "explicit" and not (self.settings.admin_token or self.settings.api_token):
             logger.warning("MODEL_CONTROL=explicit with no ADMIN_TOKEN: anyone who reaches the port can unload models")
         threading.Thread(target=self._run, name="model-control", daemon=True).start()
@@ -141,8 +144,6 @@ class ModelControl:
         self._wake.set()
 
     def _run(self) -> None:
-        if self.mode == "on-demand":
-            return self._on_demand()
         self._pass()
         self.repository.mark_loaded()
         if self.mode == "none":
@@ -153,24 +154,6 @@ class ModelControl:
             self._wake.clear()
             if not self._stop.is_set():
                 self._pass()
-
-    def _on_demand(self) -> None:
-        """The pinned and warm models, then the idle sweep; everything else loads when a request asks."""
-        residency = self.repository.residency
-        assert residency is not None
-        warm = {**dict.fromkeys(self.settings.pinned_models()), **self.settings.requested_models()}
-        for name, version in warm.items():
-            try:
-                residency.load(name, version, "start")
-            except Exception as exc:  # serving goes on; a request for it tries again and says why
-                logger.error("on-demand: %s could not be loaded at start: %s", name, exc)
-        self.repository.mark_loaded()
-        interval = max(1.0, min(self.settings.idle_unload_s / 4, 30.0)) if self.settings.idle_unload_s else None
-        while interval is not None and not self._stop.wait(interval):
-            try:
-                residency.evict_idle()
-            except Exception:  # the next sweep tries again; this thread must outlive any one eviction
-                logger.exception("on-demand: the idle sweep failed")
 
     def _pass(self) -> None:
         try:
@@ -279,7 +262,7 @@ class ModelControl:
             )  # fmt: skip
         plan = self.plan(targets)
         repository = self.repository
-        repository.problems = plan.problems
+        repository.set_problems(plan.problems)
         for name, versions in plan.versions.items():
             for stored in versions:
                 current = repository.versions.get(name, {}).get(stored.version)
@@ -287,8 +270,7 @@ class ModelControl:
                     repository.load(stored, self.integrity.signature(stored))
         for name in list(repository.versions):
             self._retire(name, {s.version for s in plan.versions.get(name, [])}, name in plan.versions)
-        repository.generation = generation
-        repository.publish()
+        repository.applied(generation)
 
     def _retire(self, name: str, wanted: set[int], model_wanted: bool) -> None:
         """Drain the versions of ``name`` no longer wanted, once a wanted one serves (or the model is gone)."""

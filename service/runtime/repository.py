@@ -16,25 +16,20 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnloaded
 from ..memory import resident_bytes
-from ..metrics import Metrics
 from ..settings import Settings
 from ..store.integrity import Signature
 from ..store.layout import ModelStore, StoredVersion, is_valid_name
-from ..tracing import Tracing
 from . import preprocess
-from .batching import BatchStats, DynamicBatcher
+from .batching import DynamicBatcher
 from .entry import ModelEntry
 from .gradcam import GradCams
-from .quality import Drift
+from .hooks import Hooks
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
-
-if TYPE_CHECKING:
-    from .residency import Residency
 
 logger = logging.getLogger(__name__)
 
@@ -54,23 +49,21 @@ def settle_memory(release: bool = False) -> None:
 
 
 class Repository:
+    """The table of the versions this worker serves, and who holds them: route, lease, release; load and unload
+    when the lifecycle (or the residency, on demand) says so. What watches it subscribes to ``hooks``."""
+
     def __init__(
-        self,
-        settings: Settings,
-        metrics: Metrics,
-        readiness: WorkerReadiness | None = None,
-        tracing: Tracing | None = None,
+        self, settings: Settings, hooks: Hooks | None = None, readiness: WorkerReadiness | None = None
     ) -> None:
         self.settings = settings
-        self.metrics = metrics
+        self.hooks = hooks or Hooks()
         self.readiness = readiness
-        self.tracing = tracing or Tracing(settings)
         self.store = ModelStore(settings.model_store)
         self.versions: dict[str, dict[int, ModelEntry]] = {}
-        self.gradcams = GradCams(self)  # explanation graphs, opened on first use
+        self.gradcams = GradCams(self.store, settings)  # explanation graphs, opened on first use
         self.problems: dict[str, str] = {}  # models asked for that cannot be served at all, and why
         self.generation = 0  # of the declared state (MODEL_CONTROL=explicit) this worker has applied
-        self.residency: Residency | None = None  # MODEL_CONTROL=on-demand: loads on request, evicts within budget
+        self.catalogue = settings.model_control == "on-demand"  # every model of the store is served (on request)
         self._lock = threading.Lock()  # between the event loop's leases and the lifecycle thread
         self._loaded = threading.Event()
 
@@ -78,7 +71,7 @@ class Repository:
 
     def names(self) -> list[str]:
         """Models with a version in this worker, or a reason why not (on demand: every model of the store); sorted."""
-        catalogue = self.store.names() if self.residency is not None else []
+        catalogue = self.store.names() if self.catalogue else []
         return sorted({*self.versions, *self.problems, *catalogue})
 
     @property
@@ -142,20 +135,6 @@ class Repository:
             raise ModelNotReady(f"Model {name!r} version {entry.version} is not available: {entry.reason}")
         return entry
 
-    async def acquire(
-        self, name: str | None, version: int | None = None
-    ) -> contextlib.AbstractContextManager[ModelEntry]:
-        """:meth:`lease`, once the model is resident (MODEL_CONTROL=on-demand loads it now, or says why not).
-
-        On demand, the model is held from before its load until the lease is taken, so no other load can evict it
-        in between; a request without a version is leased the version the model's policy serves.
-        """
-        wanted = name if name is not None else self.default_model
-        if self.residency is None or not wanted:
-            return self.lease(name, version)
-        with self.residency.holding(wanted):
-            return self.lease(wanted, await self.residency.ensure(wanted, version))
-
     def retire_if_idle(self, name: str) -> list[ModelEntry] | None:
         """Every ready version of ``name`` out of routing at once, if none holds a request; else None."""
         with self._lock:
@@ -204,19 +183,12 @@ class Repository:
         except Exception as exc:  # a failing warm-up run, say: this version is out, the others go on
             logger.exception("%s v%d: warm-up failed", stored.name, stored.version)
             return self.fail(entry, f"{type(exc).__name__}: {exc}")
-        meta = model.metadata
-        entry.drift = Drift(
-            meta.baseline, meta.num_classes, self.settings.drift_window, self.settings.baseline_requests
-        )
-        entry.batcher, entry.model = self._make_batcher(model, entry.drift), model
+        entry.batcher, entry.model = self._make_batcher(entry, model), model
+        seconds, entry.resident_bytes = time.perf_counter() - started, max(resident_bytes() - before, 0)
+        self.hooks.ready(entry, seconds)
         with self._lock:
             entry.status, entry.since = "ready", time.time()
-        seconds, entry.resident_bytes = time.perf_counter() - started, max(resident_bytes() - before, 0)
-        self._count(entry, "load", "success", seconds)
-        labels = (model.name, str(model.version))
-        self.metrics.child(self.metrics.resident_bytes, *labels).set(entry.resident_bytes)
-        self.metrics.child(self.metrics.cold_start, model.name).observe(seconds)
-        self.metrics.seed_version(*labels)
+        self.hooks.changed(entry, "load", "success", seconds)
         logger.info(
             "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d instance(s) of %d threads)",
             model.name, model.version, model.provider, model.load_seconds, model.warmup_seconds,
@@ -240,7 +212,7 @@ class Repository:
         if serving is not None:
             self.report_files(serving, reason)
             return serving
-        self._count(entry, "load", "failure")
+        self.hooks.changed(entry, "load", "failure", None)
         logger.error("%s v%d: not served: %s", entry.name, entry.version, reason)
         self.publish()
         return entry
@@ -278,15 +250,11 @@ class Repository:
                 outcome = "failure"
                 logger.exception("%s v%d: its batcher did not shut down cleanly", entry.name, entry.version)
         self.forget(entry)
-        if entry.drift is not None and entry.drift.values:  # a multiprocess gauge cannot be removed: not a number
-            for kind in entry.drift.values:
-                self.metrics.child(self.metrics.drift, entry.name, str(entry.version), kind).set(float("nan"))
-            self.metrics.child(self.metrics.drift_window, entry.name, str(entry.version)).set(0)
         self.gradcams.release(entry)
-        self.metrics.child(self.metrics.resident_bytes, entry.name, str(entry.version)).set(0)
+        self.hooks.released(entry)
         entry.model = entry.batcher = None
         settle_memory(release=True)  # the sessions' memory goes back now, not at the next collection
-        self._count(entry, "unload", outcome, time.perf_counter() - started)
+        self.hooks.changed(entry, "unload", outcome, time.perf_counter() - started)
         logger.info("%s v%d: unloaded (drained in %.3fs)", entry.name, entry.version, time.perf_counter() - started)
 
     def forget(self, entry: ModelEntry) -> None:
@@ -312,42 +280,25 @@ class Repository:
         if self.readiness is not None:
             self.readiness.publish(self.state())
 
-    def _count(self, entry: ModelEntry, action: str, outcome: str, seconds: float | None = None) -> None:
-        self.metrics.model_changes.labels(model=entry.name, action=action, outcome=outcome).inc()
-        if seconds is not None:
-            self.metrics.switch_seconds.labels(model=entry.name, phase=action).observe(seconds)
+    def set_problems(self, problems: dict[str, str]) -> None:
+        """The models asked for that cannot be served at all, and why (the lifecycle's last plan)."""
+        self.problems = problems
 
-    def _make_batcher(self, model: LoadedModel, drift: Drift) -> DynamicBatcher:
-        labels = {"model": model.name, "version": str(model.version)}
-        typical_below = model.metadata.typicality_threshold
+    def applied(self, generation: int) -> None:
+        """This worker has applied the declared state's ``generation``: tell the others."""
+        self.generation = generation
+        self.publish()
 
-        def on_batch(stats: BatchStats) -> None:
-            self.metrics.child(self.metrics.batch_size, *labels.values()).observe(stats.size)
-            self.metrics.child(self.metrics.batch_requests, *labels.values()).observe(stats.requests)
-            self.metrics.observe_stage(labels, "inference", stats.inference_seconds)
-            for seconds in stats.queue_seconds:
-                self.metrics.observe_stage(labels, "queue", seconds)
-            if stats.distances is not None and typical_below is not None:
-                atypical = int((stats.distances > typical_below).sum())
-                if atypical:
-                    self.metrics.child(self.metrics.atypical, *labels.values()).inc(atypical)
-            if stats.probabilities is not None:
-                self.metrics.observe_predictions(labels["model"], labels["version"], stats.probabilities)
-                if drift.add(stats.probabilities):
-                    for kind, value in drift.values.items():
-                        self.metrics.child(self.metrics.drift, *labels.values(), kind).set(value)
-                    self.metrics.child(self.metrics.drift_window, *labels.values()).set(drift.filled)
-            traced = {"model": model.name, "model.version": model.version, "batch.size": stats.size}
-            self.tracing.batch(stats.contexts, stats.enqueued, stats.started, stats.finished, traced)
-
+    def _make_batcher(self, entry: ModelEntry, model: LoadedModel) -> DynamicBatcher:
+        hooks = self.hooks
         return DynamicBatcher(
             model.name,
             [model.runner(i) for i in range(model.instances)],
             max_batch_size=self.settings.max_batch_size,
             max_delay=self.settings.max_batch_delay_ms / 1000,
             max_queue_images=self.settings.max_queue_images,
-            on_batch=on_batch,
-            on_out_of_memory=lambda size, limit: self.metrics.child(self.metrics.device_oom, *labels.values()).inc(),
+            on_batch=lambda stats: hooks.batch(entry, stats),
+            on_out_of_memory=lambda size, limit: hooks.out_of_memory(entry, size, limit),
         )
 
     async def close(self) -> None:

@@ -42,6 +42,7 @@ from ..store.layout import StoredVersion, is_valid_name
 from .deadline import time_left
 
 if TYPE_CHECKING:
+    from ..metrics import Metrics
     from .entry import ModelEntry
     from .lifecycle import ModelControl
     from .repository import Repository
@@ -92,11 +93,35 @@ class Estimate:
     recorded: bool  # by the export; else guessed from the graph's size
 
 
+class AlwaysResident:
+    """``MODEL_CONTROL=none|poll|explicit``: what the lifecycle loaded is what there is; a request leases it."""
+
+    def __init__(self, repository: Repository) -> None:
+        self.repository = repository
+
+    async def acquire(
+        self, name: str | None, version: int | None = None
+    ) -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for a request, leased (see :meth:`Repository.lease`)."""
+        return self.repository.lease(name, version)
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        return None
+
+    def start(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        pass
+
+
 class Residency:
-    def __init__(self, repository: Repository, control: ModelControl, budget: int, how: str) -> None:
+    """``MODEL_CONTROL=on-demand``: the strategy behind a request's lease that makes its model resident first."""
+
+    def __init__(self, repository: Repository, control: ModelControl, metrics: Metrics, budget: int, how: str) -> None:
         self.repository, self.control = repository, control
         self.settings = repository.settings
-        self.metrics = repository.metrics
+        self.metrics = metrics
         self.budget, self.how = budget, how
         self.pinned = set(self.settings.pinned_models())
         self.resident: dict[str, Resident] = {}
@@ -107,12 +132,12 @@ class Residency:
         self._loads: dict[tuple[str, int | None], asyncio.Future[int | None]] = {}
         self._holds: Counter[str] = Counter()  # requests waiting for a model, from before its load to their lease
         self._holds_lock = threading.Lock()
-        repository.gradcams.before_load = self.count_explanation  # an explanation graph takes room too
+        self._stop = threading.Event()
         self.metrics.memory_budget.set(budget)
         logger.info("on-demand: models may take %.0f MiB in this worker (%s)", budget / 2**20, how)
 
     @classmethod
-    def create(cls, repository: Repository, control: ModelControl) -> Residency:
+    def create(cls, repository: Repository, control: ModelControl, metrics: Metrics) -> Residency:
         """This worker's residency: its share of ``MEMORY_BUDGET`` (or of the derived budget), measured from
         its resident memory now, before any model."""
         settings = repository.settings
@@ -121,9 +146,24 @@ class Residency:
             whole, how = parse_size(settings.memory_budget), f"MEMORY_BUDGET={settings.memory_budget}"
         else:
             whole, how = default_budget(resident_bytes(), workers)
-        return cls(repository, control, whole // workers, f"{how}; shared by {workers} workers" if workers > 1 else how)
+        shared = f"{how}; shared by {workers} workers" if workers > 1 else how
+        return cls(repository, control, metrics, whole // workers, shared)
 
     # -- what requests call ---------------------------------------------------------------------
+
+    async def acquire(
+        self, name: str | None, version: int | None = None
+    ) -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for a request, leased once its model is resident (loaded now, or the reason why not).
+
+        The model is held from before its load until the lease is taken, so no other load can evict it in
+        between; a request without a version is leased the version the model's policy serves.
+        """
+        wanted = name if name is not None else self.repository.default_model
+        if not wanted:
+            return self.repository.lease(name, version)
+        with self.holding(wanted):
+            return self.repository.lease(wanted, await self.ensure(wanted, version))
 
     @contextlib.contextmanager
     def holding(self, name: str) -> Iterator[None]:
@@ -374,5 +414,29 @@ class Residency:
             out["bytes_when_resident"] = self.measured[name]
         return out
 
+    # -- its own thread ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """In the background: the pinned and warm models, then the idle sweep; everything else loads when a
+        request asks."""
+        threading.Thread(target=self._run, name="residency", daemon=True).start()
+
+    def _run(self) -> None:
+        warm = {**dict.fromkeys(self.settings.pinned_models()), **self.settings.requested_models()}
+        for name, version in warm.items():
+            try:
+                self.load(name, version, "start")
+            except Exception as exc:  # serving goes on; a request for it tries again and says why
+                logger.error("on-demand: %s could not be loaded at start: %s", name, exc)
+        self.repository.mark_loaded()
+        limit = self.settings.idle_unload_s
+        interval = max(1.0, min(limit / 4, 30.0)) if limit else None
+        while interval is not None and not self._stop.wait(interval):
+            try:
+                self.evict_idle()
+            except Exception:  # the next sweep tries again; this thread must outlive any one eviction
+                logger.exception("on-demand: the idle sweep failed")
+
     def shutdown(self) -> None:
+        self._stop.set()
         self._executor.shutdown(wait=False, cancel_futures=True)

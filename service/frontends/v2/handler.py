@@ -166,30 +166,28 @@ class OipHandler:
 
     def __init__(self, classifier: Classifier, control: ModelControl) -> None:
         self.classifier = classifier
-        self.repository = classifier.repository
         self.settings = classifier.settings
         self.manager = RepositoryManager(control, classifier.shadow)
 
     def _resolve(self, name: str, version: str) -> int | None:
         if not name:
-            raise InvalidInput(f"No model name given; available: {', '.join(self.repository.names())}")
+            raise InvalidInput(f"No model name given; available: {', '.join(self.classifier.names())}")
         if version and not (version.isdigit() and int(version) > 0):
             raise InvalidInput(f"Model version must be a positive integer, got {version!r}")
         return int(version) if version else None
 
     def entry(self, name: str, version: str = "") -> ModelEntry:
-        return self.repository.get(name, self._resolve(name, version))
+        return self.classifier.entry(name, self._resolve(name, version))
 
     async def lease(self, name: str, version: str = "") -> contextlib.AbstractContextManager[ModelEntry]:
-        """The version for an inference, held until it is answered (see :meth:`Repository.acquire`)."""
-        return await self.repository.acquire(name, self._resolve(name, version))
+        """The version for an inference, held until it is answered (see :meth:`Classifier.acquire`)."""
+        return await self.classifier.acquire(name, self._resolve(name, version))
 
     async def metadata(self, name: str, version: str = "") -> dict[str, Any]:
         """The model's metadata; MODEL_CONTROL=on-demand loads a model of the store to answer, as an inference
         would (a client asks for the metadata first)."""
         with await self.lease(name, version) as entry:
-            served = self.repository.versions.get(entry.name, {})
-            return model_metadata(entry, sorted(v for v, e in served.items() if e.status == "ready"))
+            return model_metadata(entry, self.classifier.served_versions(entry.name))
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:

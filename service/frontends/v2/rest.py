@@ -134,7 +134,7 @@ NOT_READY = 400
 
 @router.get("/health/ready", summary="Server readiness: 200 once every model is loaded and warm, or failed")
 async def ready(request: Request) -> JSONResponse:
-    is_ready = _handler(request).repository.ready
+    is_ready = _handler(request).classifier.ready
     return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else NOT_READY)
 
 
@@ -148,8 +148,8 @@ async def metadata(request: Request, name: str, version: str = "") -> dict[str, 
 @router.get("/models/{name}/versions/{version}/ready", summary="Model readiness for a version")
 async def model_ready(request: Request, name: str, version: str = "") -> JSONResponse:
     handler = _handler(request)
-    if name not in handler.repository.names():
-        raise ModelNotFound(name, handler.repository.names())
+    if name not in (names := handler.classifier.names()):
+        raise ModelNotFound(name, names)
     is_ready = handler.model_ready(name, version)
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else NOT_READY)
 

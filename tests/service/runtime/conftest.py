@@ -12,9 +12,7 @@ from typing import Any
 import pytest
 
 from service.metrics import get_metrics
-from service.runtime.lifecycle import ModelControl
-from service.runtime.repository import Repository
-from service.runtime.residency import Residency
+from service.server import Runtime, build_runtime
 from service.settings import Settings
 from service.store.layout import ModelStore
 
@@ -53,24 +51,22 @@ def make_store(model_store: ModelStore, tmp_path: Path) -> StoreFactory:
 
 @pytest.fixture
 def make_runtime() -> Iterator[RuntimeFactory]:
-    """``make_runtime(store, **settings)``: the runtime as one worker builds it (on demand: with its residency)."""
-    built: list[Repository] = []
+    """``make_runtime(store, **settings)``: the runtime as one worker builds it (:func:`service.server.build_runtime`:
+    its hooks and observers, and on demand its residency), not started."""
+    built: list[Runtime] = []
 
-    def make(store: ModelStore, **overrides: Any) -> tuple[Repository, ModelControl]:
+    def make(store: ModelStore, **overrides: Any) -> Runtime:
         options: dict[str, Any] = {"model_store": store.root, "workers": 1, "max_batch_size": 4,
                                    "warmup_batches": (1,), "intra_op_threads": 1} | overrides  # fmt: skip
-        settings = Settings(**options)
-        repository = Repository(settings, get_metrics())
-        control = ModelControl(repository)
-        if settings.model_control == "on-demand":
-            repository.residency = Residency.create(repository, control)
-        built.append(repository)
-        return repository, control
+        runtime = build_runtime(Settings(**options), get_metrics())
+        built.append(runtime)
+        return runtime
 
     yield make
-    for repository in built:  # release what the test left loaded
-        if repository.residency is not None:
-            repository.residency.shutdown()
+    for runtime in built:  # release what the test left loaded
+        runtime.residency.shutdown()
+        runtime.decoders.shutdown(wait=False)
+        repository = runtime.repository
         for versions in list(repository.versions.values()):
             for entry in list(versions.values()):
                 if entry.status == "ready":

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from service.runtime.lifecycle import ModelControl
-from service.runtime.repository import Repository
+from service.server import Runtime
 from service.store.layout import ModelStore
 
 MiB = 2**20
 StoreFactory = Callable[..., ModelStore]
-RuntimeFactory = Callable[..., tuple[Repository, ModelControl]]
+RuntimeFactory = Callable[..., Runtime]

@@ -36,7 +36,8 @@ def test_an_out_of_memory_batch_gets_503_and_the_next_batches_fit(
     model's largest batch drops to 4, the same request sent again is answered as the graph answers it, and
     the version stays ready."""
     store = make_store(oom=[1])
-    repository, control = make_runtime(store, max_batch_size=8)
+    runtime = make_runtime(store, max_batch_size=8)
+    repository, control = runtime.repository, runtime.control
     control.reconcile()
     entry = repository.versions["oom"][1]
     assert entry.status == "ready" and entry.batcher is not None
@@ -56,7 +57,7 @@ def test_an_out_of_memory_batch_gets_503_and_the_next_batches_fit(
     images = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 1), dtype=np.uint8)
 
     async def send() -> Any:
-        with await repository.acquire("oom") as leased:
+        with await runtime.classifier.acquire("oom") as leased:
             assert leased.batcher is not None
             return await leased.batcher.infer(images)
 
@@ -78,7 +79,8 @@ def test_other_inference_errors_are_not_taken_for_memory(
 ) -> None:
     """A failing node that is not an allocation keeps its own error (500) and the batch size."""
     store = make_store(broken=[1])
-    repository, control = make_runtime(store, max_batch_size=8)
+    runtime = make_runtime(store, max_batch_size=8)
+    repository, control = runtime.repository, runtime.control
     control.reconcile()
     batcher = repository.versions["broken"][1].batcher
     assert batcher is not None

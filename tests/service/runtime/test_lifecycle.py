@@ -24,7 +24,8 @@ def test_a_served_version_whose_files_go_bad_keeps_serving_and_says_so(
     it keeps serving what it verified at its load (no fall-back to version 1, nothing leaked), /models and a metric
     name the problem; once the file is restored the problem clears."""
     store = make_store(lenet=[1, 2])
-    repository, control = make_runtime(store, model_control="poll", poll_interval_s=0.05)
+    runtime = make_runtime(store, model_control="poll", poll_interval_s=0.05)
+    repository, control = runtime.repository, runtime.control
     control.reconcile()
     served = repository.versions["lenet"][2]
     assert served.status == "ready" and set(repository.versions["lenet"]) == {2}
@@ -42,7 +43,7 @@ def test_a_served_version_whose_files_go_bad_keeps_serving_and_says_so(
     assert _files_changed(repository.state()) == {("lenet", "2"): 1.0}
 
     async def classify() -> int:
-        with await repository.acquire("lenet") as entry:
+        with await runtime.classifier.acquire("lenet") as entry:
             assert entry.batcher is not None
             await entry.batcher.infer(np.zeros((1, 32, 32, 1), np.uint8))
             return entry.version
@@ -59,7 +60,8 @@ def test_a_lone_served_version_whose_files_go_bad_keeps_serving(
 ) -> None:
     """The same with a single version: it must not turn into 503s."""
     store = make_store(lenet=[1])
-    repository, control = make_runtime(store, model_control="poll", poll_interval_s=0.05)
+    runtime = make_runtime(store, model_control="poll", poll_interval_s=0.05)
+    repository, control = runtime.repository, runtime.control
     control.reconcile()
     (store.model_dir("lenet") / "1" / "metadata.json").unlink()
     for _ in range(3):

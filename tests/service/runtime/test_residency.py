@@ -15,10 +15,9 @@ import pytest
 
 import service.runtime.repository as repository_module
 from service.errors import ModelNotReady, ServiceError
-from service.runtime.classifier import Classifier
 from service.runtime.entry import ModelEntry
-from service.runtime.repository import Repository
-from service.runtime.residency import BudgetExhausted, ColdStart
+from service.runtime.residency import BudgetExhausted, ColdStart, Residency
+from service.server import Runtime
 from service.store.layout import StoredVersion
 
 from .harness import MiB, RuntimeFactory, StoreFactory
@@ -27,8 +26,8 @@ DIGIT = np.zeros((1, 32, 32, 1), np.uint8)
 ON_DEMAND = {"model_control": "on-demand"}
 
 
-async def classify(repository: Repository, name: str, version: int | None = None) -> ModelEntry:
-    with await repository.acquire(name, version) as entry:
+async def classify(runtime: Runtime, name: str, version: int | None = None) -> ModelEntry:
+    with await runtime.classifier.acquire(name, version) as entry:
         assert entry.batcher is not None
         await entry.batcher.infer(DIGIT)
         return entry
@@ -39,7 +38,8 @@ def test_a_model_loaded_for_waiting_requests_is_not_evicted_before_they_lease_it
 ) -> None:
     """Defect 1: alpha's load ends and beta's, queued behind it, starts at once on the residency thread; the
     event loop is held for a moment there, so beta plans its room before alpha's waiter has leased alpha."""
-    repository, _ = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="150MiB", **ON_DEMAND)
+    runtime = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="150MiB", **ON_DEMAND)
+    repository = runtime.repository
     loads: Counter[str] = Counter()
     real_load = repository.load
     loop: asyncio.AbstractEventLoop | None = None
@@ -57,9 +57,9 @@ def test_a_model_loaded_for_waiting_requests_is_not_evicted_before_they_lease_it
     async def main() -> list[ModelEntry]:
         nonlocal loop
         loop = asyncio.get_running_loop()
-        first = asyncio.ensure_future(classify(repository, "alpha"))
+        first = asyncio.ensure_future(classify(runtime, "alpha"))
         await asyncio.sleep(0)  # alpha's load is asked for first
-        return await asyncio.gather(first, classify(repository, "beta"))
+        return await asyncio.gather(first, classify(runtime, "beta"))
 
     answered = asyncio.run(main())
     assert [entry.name for entry in answered] == ["alpha", "beta"]
@@ -71,12 +71,12 @@ def test_requests_without_a_version_follow_the_policy_whatever_was_asked_before(
 ) -> None:
     """Defect 2: version 1 asked for by name first; requests without a version must still get the policy's
     version 2 (config.pbtxt: Triton's default, the latest one)."""
-    repository, _ = make_runtime(make_store(lenet=[1, 2]), memory_budget="1GiB", **ON_DEMAND)
+    runtime = make_runtime(make_store(lenet=[1, 2]), memory_budget="1GiB", **ON_DEMAND)
 
     async def main() -> list[int]:
-        asked = [await classify(repository, "lenet", 1)]
-        asked += [await classify(repository, "lenet") for _ in range(3)]
-        asked += [await classify(repository, "lenet", 1)]
+        asked = [await classify(runtime, "lenet", 1)]
+        asked += [await classify(runtime, "lenet") for _ in range(3)]
+        asked += [await classify(runtime, "lenet", 1)]
         return [entry.version for entry in asked]
 
     assert asyncio.run(main()) == [1, 2, 2, 2, 1]
@@ -84,15 +84,16 @@ def test_requests_without_a_version_follow_the_policy_whatever_was_asked_before(
 
 def test_an_explanation_graph_takes_room_in_the_budget(make_store: StoreFactory, make_runtime: RuntimeFactory) -> None:
     """Defect 4: a Grad-CAM opens the network a second time; the budget counts it, and makes room for it."""
-    repository, _ = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="210MiB", **ON_DEMAND)
-    residency = repository.residency
-    assert residency is not None
+    runtime = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="210MiB", **ON_DEMAND)
+    repository = runtime.repository
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
 
     async def main() -> int:
-        await classify(repository, "beta")
-        await classify(repository, "alpha")
+        await classify(runtime, "beta")
+        await classify(runtime, "alpha")
         before = residency.used()
-        with await repository.acquire("alpha") as entry:
+        with await runtime.classifier.acquire("alpha") as entry:
             graph = await repository.gradcams.get(entry)
             await graph.batcher.infer((DIGIT, np.array([-1])))
         return before
@@ -109,17 +110,17 @@ def test_a_load_measured_beside_other_work_does_not_inflate_the_model_for_good(
 ) -> None:
     """Defect 5: while alpha loads, something else grows the worker by 400 MiB (a decode, another graph's load);
     its cost stays its export's estimate, and after an eviction it loads again in a 300 MiB budget."""
-    repository, _ = make_runtime(make_store(alpha=[1]), memory_budget="300MiB", **ON_DEMAND)
-    residency = repository.residency
-    assert residency is not None
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="300MiB", **ON_DEMAND)
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
     readings = iter([0, 400 * MiB])  # before and after alpha's first load
     monkeypatch.setattr(repository_module, "resident_bytes", lambda: next(readings, 0))
 
-    asyncio.run(classify(repository, "alpha"))
+    asyncio.run(classify(runtime, "alpha"))
     assert residency.resident["alpha"].grown == 400 * MiB  # measured and shown, not counted
     assert residency.resident["alpha"].cost == 100 * MiB
     assert residency.evict("alpha", "pressure")
-    assert asyncio.run(classify(repository, "alpha")).version == 1
+    assert asyncio.run(classify(runtime, "alpha")).version == 1
     assert residency.used() == 100 * MiB
 
 
@@ -132,11 +133,12 @@ def test_a_version_that_failed_to_load_is_not_charged(make_store: StoreFactory, 
     metadata = json.loads((broken / "metadata.json").read_text())
     metadata["onnx"]["sha256"] = hashlib.sha256(b"not an ONNX graph").hexdigest()
     (broken / "metadata.json").write_text(json.dumps(metadata))
-    repository, _ = make_runtime(store, memory_budget="1GiB", **ON_DEMAND)
+    runtime = make_runtime(store, memory_budget="1GiB", **ON_DEMAND)
+    repository = runtime.repository
 
-    assert asyncio.run(classify(repository, "alpha")).version == 2
+    assert asyncio.run(classify(runtime, "alpha")).version == 2
     assert repository.versions["alpha"][1].status == "failed"
-    assert repository.residency is not None and repository.residency.used() == 100 * MiB
+    assert isinstance(runtime.residency, Residency) and runtime.residency.used() == 100 * MiB
 
 
 def test_an_eviction_whose_unload_fails_still_frees_its_room(
@@ -144,10 +146,11 @@ def test_an_eviction_whose_unload_fails_still_frees_its_room(
 ) -> None:
     """Defect 8: the batcher's shutdown times out during an eviction: the model is gone all the same, its cost
     leaves the budget, and the next load fits."""
-    repository, _ = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="150MiB", **ON_DEMAND)
-    residency = repository.residency
-    assert residency is not None
-    entry = asyncio.run(classify(repository, "alpha"))
+    runtime = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="150MiB", **ON_DEMAND)
+    repository = runtime.repository
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
+    entry = asyncio.run(classify(runtime, "alpha"))
     assert entry.batcher is not None
 
     def stuck(timeout: float = 10.0) -> None:
@@ -157,16 +160,16 @@ def test_an_eviction_whose_unload_fails_still_frees_its_room(
     assert residency.evict("alpha", "pressure")
     assert "alpha" not in residency.resident and "alpha" not in repository.versions
     assert residency.used() == 0
-    assert asyncio.run(classify(repository, "beta")).name == "beta"
+    assert asyncio.run(classify(runtime, "beta")).name == "beta"
 
 
 def test_the_idle_sweep_outlives_a_failed_eviction(
     make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Defect 8: an error in one idle sweep must not end the model-control thread."""
-    repository, control = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", idle_unload_s=1, **ON_DEMAND)
-    residency = repository.residency
-    assert residency is not None
+    """Defect 8: an error in one idle sweep must not end the residency's thread."""
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", idle_unload_s=1, **ON_DEMAND)
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
     sweeps: list[float] = []
 
     def sweep() -> None:
@@ -175,13 +178,13 @@ def test_the_idle_sweep_outlives_a_failed_eviction(
             raise RuntimeError("an eviction went wrong")
 
     monkeypatch.setattr(residency, "evict_idle", sweep)
-    control.start()
+    runtime.start()
     try:
         deadline = time.monotonic() + 10
         while len(sweeps) < 3 and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
-        control.stop()
+        residency.shutdown()
     assert len(sweeps) >= 3
 
 
@@ -190,7 +193,8 @@ def test_a_cold_start_answers_before_the_request_times_out(
 ) -> None:
     """Defect 9: a load longer than the time the request has left (REQUEST_TIMEOUT_S, or a gRPC deadline) answers
     503 with Retry-After before the request's own time-out would answer 504; the load goes on."""
-    repository, _ = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", cold_start_timeout_s=60, **ON_DEMAND)
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", cold_start_timeout_s=60, **ON_DEMAND)
+    repository = runtime.repository
     real_load = repository.load
 
     def slow_load(stored: StoredVersion, signature: Any) -> ModelEntry:
@@ -205,7 +209,7 @@ def test_a_cold_start_answers_before_the_request_times_out(
         request_deadline.set(asyncio.get_running_loop().time() + 1.0)  # as the HTTP time-out middleware sets it
         started = time.perf_counter()
         with pytest.raises(ColdStart) as refused:
-            await repository.acquire("alpha")
+            await runtime.classifier.acquire("alpha")
         return time.perf_counter() - started, refused.value
 
     waited, error = asyncio.run(main())
@@ -221,10 +225,10 @@ def test_on_demand_says_why_a_model_cannot_load(make_store: StoreFactory, make_r
     """Defect 10: a store model whose config.pbtxt is wrong answers 503 with that reason, not 404 'unknown'."""
     store = make_store(alpha=[1])
     (store.model_dir("alpha") / "config.pbtxt").write_text("version_policy: { newest: { } }\n")
-    repository, _ = make_runtime(store, memory_budget="1GiB", **ON_DEMAND)
+    runtime = make_runtime(store, memory_budget="1GiB", **ON_DEMAND)
 
     with pytest.raises(ModelNotReady) as refused:
-        asyncio.run(classify(repository, "alpha"))
+        asyncio.run(classify(runtime, "alpha"))
     assert refused.value.status_code == 503
     assert "config.pbtxt" in refused.value.message and "unknown version_policy 'newest'" in refused.value.message
 
@@ -234,14 +238,12 @@ def test_oip_metadata_of_a_store_model_loads_it(
 ) -> None:
     """Defect 10: GET /v2/models/NAME (and gRPC ModelMetadata) for a model of the store that is not resident
     loads it, as an inference would, instead of answering 404."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from service.frontends.v2.handler import OipHandler
 
-    repository, control = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
-    with ThreadPoolExecutor(1) as decoders:
-        handler = OipHandler(Classifier(repository, decoders), control)
-        metadata = asyncio.run(handler.metadata("alpha"))
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    repository, control = runtime.repository, runtime.control
+    handler = OipHandler(runtime.classifier, control)
+    metadata = asyncio.run(handler.metadata("alpha"))
     assert metadata["name"] == "alpha" and metadata["versions"] == ["1"]
     assert repository.serving("alpha") is not None
 
@@ -252,14 +254,14 @@ def test_no_model_is_evicted_for_a_load_that_cannot_fit_anyway(
     """Defect 11: pinned alpha (100 MiB) and idle beta (100) in 300 MiB; gamma needs 250: even without beta it
     cannot fit, so beta stays, and gamma is refused with the reason."""
     store = make_store(alpha=[1], beta=[1], gamma=[1], estimates={"gamma": 250})
-    repository, _ = make_runtime(store, memory_budget="300MiB", pinned="alpha", **ON_DEMAND)
-    residency = repository.residency
-    assert residency is not None
+    runtime = make_runtime(store, memory_budget="300MiB", pinned="alpha", **ON_DEMAND)
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
 
     async def main() -> None:
-        await classify(repository, "alpha")
-        await classify(repository, "beta")
-        await classify(repository, "gamma")
+        await classify(runtime, "alpha")
+        await classify(runtime, "beta")
+        await classify(runtime, "gamma")
 
     with pytest.raises(BudgetExhausted, match="pinned models \\(alpha\\)"):
         asyncio.run(main())

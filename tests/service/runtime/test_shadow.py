@@ -18,7 +18,8 @@ def test_a_shadow_waiting_for_live_traffic_to_pass_holds_no_lease(
 ) -> None:
     """While the primary has live images queued the shadow waits; during that wait the candidate must be free to
     be drained, unloaded or evicted (no request of its own in flight). Once the queue is empty, it compares."""
-    repository, control = make_runtime(make_store(primary=[1], candidate=[1]))
+    runtime = make_runtime(make_store(primary=[1], candidate=[1]))
+    repository, control = runtime.repository, runtime.control
     control.reconcile()
     primary, candidate = repository.serving("primary"), repository.serving("candidate")
     assert primary is not None and primary.batcher is not None and candidate is not None

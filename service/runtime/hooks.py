@@ -1,0 +1,57 @@
+"""The points where what watches the runtime attaches, so that the runtime does not know who watches.
+
+The repository and the classifier call these at fixed moments: a version ready or released,
+a load or unload done, a batch run, a device out of memory, a request answered. The metrics,
+the answers' drift and the batch spans (:mod:`service.observers`) and the shadow subscribe
+in the composition root (:mod:`service.server`), as MLServer's registry lets batching and
+metrics attach to a model's load and unload without the registry importing them. A
+subscriber runs on the caller's thread (a batch's: the batcher's runner) and must be quick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, ParamSpec
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .batching import BatchStats
+    from .entry import ModelEntry
+
+P = ParamSpec("P")
+
+
+class Hook(Generic[P]):
+    """A list of subscribers, called in the order they subscribed."""
+
+    def __init__(self) -> None:
+        self._subscribers: list[Callable[P, None]] = []
+
+    def subscribe(self, subscriber: Callable[P, None]) -> Callable[P, None]:
+        self._subscribers.append(subscriber)
+        return subscriber
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        for subscriber in self._subscribers:
+            subscriber(*args, **kwargs)
+
+    def __bool__(self) -> bool:
+        return bool(self._subscribers)
+
+
+@dataclass(frozen=True)
+class Hooks:
+    # a version loaded and warmed up, about to take requests (seconds its load and warm-up took)
+    ready: Hook[[ModelEntry, float]] = field(default_factory=Hook)
+    # a version released: its sessions are gone
+    released: Hook[[ModelEntry]] = field(default_factory=Hook)
+    # a load or an unload ended: (entry, "load" | "unload", "success" | "failure", seconds or None)
+    changed: Hook[[ModelEntry, str, str, float | None]] = field(default_factory=Hook)
+    # a version's batch ran (on the batcher's runner thread)
+    batch: Hook[[ModelEntry, BatchStats]] = field(default_factory=Hook)
+    # the device had no memory for a batch: (entry, the batch's size, the new largest batch)
+    out_of_memory: Hook[[ModelEntry, int, int]] = field(default_factory=Hook)
+    # a request's images answered (on the event loop): (entry, images, probabilities, seconds of inference)
+    answered: Hook[[ModelEntry, np.ndarray, np.ndarray, float]] = field(default_factory=Hook)

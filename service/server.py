@@ -1,0 +1,143 @@
+"""The composition root: what a worker runs, built in one place, started together and stopped in reverse.
+
+:func:`build_runtime` builds the runtime bottom-up: the hooks and what watches them
+(:mod:`service.observers`), the repository's table, the lifecycle that fills it, the
+residency strategy behind a request's lease (always resident, or on demand within a
+memory budget), the shadow, and the :class:`~service.runtime.classifier.Classifier` the
+front ends ask. :class:`Server` adds the front ends (the Open Inference Protocol's handler,
+the gRPC server beside BentoML's HTTP) and owns the order: :meth:`Server.running` starts the
+lifecycle, then gRPC, and stops gRPC, the shadow, the lifecycle, the residency, the batchers,
+the decoders and the tracing, in that order. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .frontends.v2.grpc_server import start_grpc_server
+from .frontends.v2.handler import OipHandler
+from .metrics import Metrics, exposition, get_metrics
+from .observers import attach
+from .runtime.classifier import Classifier
+from .runtime.hooks import Hooks
+from .runtime.lifecycle import ModelControl
+from .runtime.readiness import WorkerReadiness
+from .runtime.repository import Repository
+from .runtime.residency import AlwaysResident, Residency
+from .runtime.shadow import Shadow
+from .settings import Settings
+from .tracing import Tracing
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """One worker's runtime, as :func:`build_runtime` wires it."""
+
+    settings: Settings
+    metrics: Metrics
+    tracing: Tracing
+    hooks: Hooks
+    repository: Repository
+    control: ModelControl
+    residency: AlwaysResident | Residency
+    shadow: Shadow | None
+    classifier: Classifier
+    decoders: ThreadPoolExecutor
+    readiness: WorkerReadiness | None = None
+
+    def start(self) -> None:
+        """Load in the background (then follow ``MODEL_CONTROL``); ``/readyz`` waits for the first pass."""
+        self.control.start()
+        self.residency.start()
+
+    async def stop(self) -> None:
+        """Stop what :meth:`start` started and release every model's batchers, in reverse."""
+        if self.shadow is not None:
+            await self.shadow.close()
+        self.control.stop()
+        self.residency.shutdown()
+        if self.readiness is not None:
+            self.readiness.withdraw()
+        await self.repository.close()
+        self.decoders.shutdown(wait=False)
+        self.tracing.shutdown()
+
+
+def build_runtime(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    readiness: WorkerReadiness | None = None,
+    tracing: Tracing | None = None,
+) -> Runtime:
+    """The runtime of one worker, wired and not started: every part is built before any model loads."""
+    metrics = metrics or get_metrics()
+    tracing = tracing or Tracing(settings)
+    hooks = Hooks()
+    attach(hooks, settings, metrics, tracing)  # before the first load: every version's metrics are seeded
+    repository = Repository(settings, hooks, readiness)
+    control = ModelControl(repository, readiness)
+    residency: AlwaysResident | Residency
+    if settings.model_control == "on-demand":  # the budget is what this worker holds now, before any model
+        residency = Residency.create(repository, control, metrics)
+        repository.gradcams.before_load = residency.count_explanation  # an explanation graph takes room too
+    else:
+        residency = AlwaysResident(repository)
+    pairs = settings.shadow_pairs()
+    shadow = Shadow(pairs, repository, metrics, settings.shadow_queue) if pairs else None
+    if shadow is not None:
+        hooks.answered.subscribe(shadow.offer)
+    decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
+    classifier = Classifier(repository, residency, decoders, metrics, tracing, hooks, shadow)
+    return Runtime(
+        settings, metrics, tracing, hooks, repository, control, residency, shadow, classifier, decoders, readiness
+    )
+
+
+class Server:
+    """A worker: its runtime and the front ends on it (``app``: the FastAPI app BentoML serves)."""
+
+    def __init__(self, settings: Settings, app: Any) -> None:
+        self.settings = settings
+        self.readiness = WorkerReadiness(settings.workers)
+        self.runtime = build_runtime(settings, readiness=self.readiness)
+        self.oip = OipHandler(self.runtime.classifier, self.runtime.control)
+        app.state.metrics = exposition(lambda: self.readiness.states().values())
+        app.state.classifier = self.runtime.classifier
+        app.state.oip = self.oip
+        app.state.server = self
+        self._stopped = False
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime.repository.ready
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """The lifecycle's loads, then gRPC beside HTTP, for as long as the worker runs; stopped in reverse."""
+        self.runtime.start()
+        settings = self.settings
+        token = settings.api_token.get_secret_value() if settings.api_token else None
+        admin = settings.admin_token.get_secret_value() if settings.admin_token else None
+        grpc = await start_grpc_server(
+            self.oip, settings.http_host, settings.grpc_port, settings.max_body_bytes, token, admin
+        )
+        try:
+            yield
+        finally:
+            await grpc.stop(grace=5)
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Everything after gRPC, in reverse of its start; once (the app's shutdown or BentoML's, whichever
+        comes first)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.runtime.stop()
