@@ -42,6 +42,7 @@ lint: setup
 	$(BIN)/ruff check export service client tests monitoring benchmarks deploy docs/hooks
 	$(BIN)/ruff format --check export service client tests monitoring benchmarks deploy docs/hooks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests;
 # chromium, which Playwright drives in the page's browser test (Playwright's own browser download cannot work offline);

@@ -287,6 +287,19 @@ class ModelControl:
             elif entry.status == "ready" and (replacement or not model_wanted):
                 self.repository.unload(entry)
 
+    # -- what the repository API reads -----------------------------------------------------
+
+    def catalogue(self) -> list[str]:
+        """The models of the store, loaded or not."""
+        return self.store.names()
+
+    def in_store(self, name: str) -> bool:
+        return bool(self.store.versions(name))
+
+    def entries(self, name: str) -> list[ModelEntry]:
+        """The versions of ``name`` this worker holds, in any state, lowest first."""
+        return sorted(list(self.repository.versions.get(name, {}).values()), key=lambda e: e.version)
+
     # -- what repository calls wait for --------------------------------------------------
 
     def worker_states(self) -> list[dict[str, Any]]:

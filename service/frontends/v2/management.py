@@ -34,7 +34,6 @@ UNLOAD_PARAMETERS = {"unload_dependents"}  # tritonclient sends it; a CNN has no
 class RepositoryManager:
     def __init__(self, control: ModelControl, shadow: Shadow | None = None) -> None:
         self.control = control
-        self.repository = control.repository
         self.settings = control.settings
         self.shadow = shadow
 
@@ -50,8 +49,8 @@ class RepositoryManager:
         """Every model in the store with each version this worker holds (Triton's ``ModelIndex``)."""
         self.require_explicit()
         rows = []
-        for name in self.repository.store.names():
-            entries = sorted(self.repository.versions.get(name, {}).values(), key=lambda e: e.version)
+        for name in self.control.catalogue():
+            entries = self.control.entries(name)
             if not entries and not ready_only:
                 rows.append({"name": name, "version": "", "state": UNAVAILABLE, "reason": "unloaded"})
             for entry in entries:
@@ -67,8 +66,8 @@ class RepositoryManager:
                 f"Invalid model name {name!r}: a load names a model in the store (lower-case letters, digits, "
                 "'_', '-', '.'), never a path"
             )
-        if not self.repository.store.versions(name):
-            raise ModelNotFound(name, self.repository.store.names())
+        if not self.control.in_store(name):
+            raise ModelNotFound(name, self.control.catalogue())
         return name
 
     async def load(self, name: str, parameters: dict[str, Any]) -> None:
