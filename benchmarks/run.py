@@ -28,11 +28,11 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from service.runtime.preprocess import preprocess
 from service.runtime.session import session_options
 from service.settings import Settings
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
+from service.store.preprocess import preprocess
 
 from .grpc_load import bytes_request, grpc_run, pixels_request
 from .host import machine
@@ -392,7 +392,7 @@ def bookkeeping(
     """What every answer's quality signals cost in-process: the confidence and entropy histograms and
     the drift window, per image, at a batch of 16 (prometheus_client in multiprocess mode, as served)."""
     from service.metrics import Metrics
-    from service.runtime.quality import Drift, distributions
+    from service.store.quality import Drift, distributions
 
     out = []
     with tempfile.TemporaryDirectory(prefix="metrics-") as directory:

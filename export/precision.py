@@ -109,7 +109,7 @@ def cpu_flags() -> set[str]:
 
 def cpu_info() -> dict[str, Any]:
     """What the INT8 timings depend on: the machine, its INT8 dot-product flags, its core count."""
-    from service.cpus import cpu_count
+    from service.store.host import cpu_count
 
     flags = cpu_flags()
     int8_flags = sorted(flags & {*VNNI_FLAGS, "avx2", "avx512f", "avx512bw", "amx_int8", "asimddp", "i8mm"})

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime.preprocess import preprocess
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 MAX_PIXELS = 64_000_000  # the service's default MAX_IMAGE_PIXELS
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from ..store.preprocess import preprocess
 from .batching import Outputs
 from .gradcam import GradCam
 from .occlusion import Occlusion, fill_pixel
-from .preprocess import preprocess
 from .repository import ModelEntry, Repository
 from .shadow import Shadow
 

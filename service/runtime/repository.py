@@ -23,13 +23,13 @@ from ..errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnloaded
 from ..memory import resident_bytes
 from ..metrics import Metrics
 from ..settings import Settings
+from ..store import preprocess
 from ..store.integrity import Signature
 from ..store.layout import ModelStore, StoredVersion, is_valid_name
+from ..store.quality import Drift
 from ..tracing import Tracing
-from . import preprocess
 from .batching import BatchStats, DynamicBatcher
 from .gradcam import GradCams
-from .quality import Drift
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
 
