@@ -20,9 +20,9 @@ import onnxruntime as ort
 
 from service.store.metadata import InputMeta
 from service.store.quality import distributions
+from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
 
 from . import abstain, calibration
-from .graph import INPUT_NAME, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 

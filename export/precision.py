@@ -43,10 +43,10 @@ import onnxruntime as ort
 
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import ModelMetadata
+from service.store.tensors import INPUT_NAME
 
 from . import baseline, calibration, evaluation, train, typicality
 from .calibration import ImageSet
-from .graph import INPUT_NAME
 from .weights import sha256_file
 
 logger = logging.getLogger(__name__)

@@ -14,14 +14,12 @@ import onnxruntime as ort
 from ..settings import Settings
 from ..store.layout import ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
+from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
-DISTANCE_NAME = "distance"  # FP32 [batch], where the export fitted a typicality check into the graph
 
 
 class ModelLoadError(RuntimeError):
