@@ -1,7 +1,7 @@
 """The baseline a user would otherwise write: the network in PyTorch eager mode behind a minimal HTTP server.
 
 ``python -m benchmarks.baseline --model resnet50 --port 8500``: one request, one forward
-pass, no batching; the same decoding and preprocessing as the service (``service.runtime.preprocess``),
+pass, no batching; the same decoding and preprocessing as the service (``service.store.preprocess``),
 the normalisation written out in torch, ``torch.set_num_threads(cores)``.
 """
 
@@ -15,9 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from export.registry import get_model_spec
-from service.cpus import cpu_count
-from service.runtime.preprocess import preprocess
+from service.store.host import cpu_count
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 
 def make_handler(name: str) -> type[BaseHTTPRequestHandler]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from service.cpus import cpu_count
+from service.store.host import cpu_count
 
 ROOT = Path(__file__).resolve().parent.parent
 # The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)

@@ -39,7 +39,7 @@ logger = logging.getLogger("benchmarks.profile")
 # (layer, colour, pattern on a frame's "function (file:line)"), first match wins
 LAYERS: tuple[tuple[str, str, str], ...] = (
     ("ONNX Runtime", "#4e79a7", r"onnxruntime/"),
-    ("decode (Pillow, preprocess)", "#59a14f", r"PIL/|service/runtime/preprocess\.py"),
+    ("decode (Pillow, preprocess)", "#59a14f", r"PIL/|service/store/preprocess\.py"),
     ("metrics (prometheus_client)", "#edc948", r"prometheus_client/|service/metrics\.py"),
     ("JSON", "#b07aa1", r"json/|orjson"),
     ("tracing (OpenTelemetry)", "#ff9da7", r"opentelemetry/|service/frontends/tracing\.py"),

@@ -28,11 +28,12 @@ import numpy as np
 import onnxruntime as ort
 import psutil
 
-from service.runtime.preprocess import preprocess
 from service.runtime.session import session_options
 from service.settings import Settings
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
+from service.store.preprocess import preprocess
+from service.store.tensors import INPUT_NAME
 
 from .grpc_load import bytes_request, grpc_run, pixels_request
 from .host import machine
@@ -100,8 +101,8 @@ def ceiling(store: ModelStore, model: str, plan: Plan) -> list[RunResult]:
     for batch in (1, 8, 32):
         images = np.random.default_rng(0).integers(0, 256, (batch, meta.input.size, meta.input.size,
                                                               meta.input.channels), dtype=np.uint8)  # fmt: skip
-        graph.run(None, {"images": images})
-        latencies, seconds = timed_runs(lambda: graph.run(None, {"images": images}), plan.ceiling_seconds)  # noqa: B023
+        graph.run(None, {INPUT_NAME: images})
+        latencies, seconds = timed_runs(lambda: graph.run(None, {INPUT_NAME: images}), plan.ceiling_seconds)  # noqa: B023
         results.append(summarise("ceiling", model, batch, latencies, 0, seconds, batch))
     return results
 
@@ -115,7 +116,7 @@ def ceiling_with_decode(store: ModelStore, model: str, plan: Plan) -> RunResult:
 
     def step() -> None:
         batch = [files[next(turn) % len(files)] for _ in range(8)]
-        graph.run(None, {"images": np.stack([preprocess(f, meta.input, max_pixels=10**9) for f in batch])})
+        graph.run(None, {INPUT_NAME: np.stack([preprocess(f, meta.input, max_pixels=10**9) for f in batch])})
 
     step()
     latencies, seconds = timed_runs(step, plan.ceiling_seconds)
@@ -392,7 +393,7 @@ def bookkeeping(
     """What every answer's quality signals cost in-process: the confidence and entropy histograms and
     the drift window, per image, at a batch of 16 (prometheus_client in multiprocess mode, as served)."""
     from service.metrics import Metrics
-    from service.runtime.quality import Drift, distributions
+    from service.store.quality import Drift, distributions
 
     out = []
     with tempfile.TemporaryDirectory(prefix="metrics-") as directory:

@@ -5,7 +5,7 @@ labelled digits' test split for LeNet-5, scikit-image's photos for the ImageNet 
 ``--baseline-dir DIR`` (your own representative images, which is the right choice: the
 photos are a dozen scenes, not your traffic) go through the service's own decoder and the
 exported graph. The metadata records, as ``baseline``, the share of answers per confidence
-bin and per top-1 class (``service.runtime.quality.distributions``), with the images' source
+bin and per top-1 class (``service.store.quality.distributions``), with the images' source
 and hash. Where the images have labels, the abstain threshold too (``abstain``).
 """
 
@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime.quality import distributions
 from service.store.metadata import InputMeta
+from service.store.quality import distributions
+from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
 
 from . import abstain, calibration
-from .graph import INPUT_NAME, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 

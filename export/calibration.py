@@ -1,6 +1,6 @@
 """Images for calibrating and checking a lower-precision variant, preprocessed exactly as served.
 
-Every image goes through the service's own decoder (``service.runtime.preprocess``) with the
+Every image goes through the service's own decoder (``service.store.preprocess``) with the
 FP32 version's input spec, so the ranges ONNX Runtime's calibrator sees are the ranges the
 served graph will see. Two disjoint sets: the calibration images set the quantization
 ranges; the held-out images (never calibrated on) measure what the variant costs.
@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.runtime.preprocess import preprocess
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 logger = logging.getLogger(__name__)
 

@@ -36,13 +36,13 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
-from .graph import INPUT_NAME, ClassifierGraph, random_images, trace
+from service.store.tensors import CLASSES_NAME, EXPLANATION_OUTPUT_NAMES, INPUT_NAME
+
+from .graph import ClassifierGraph, random_images, trace
 from .spec import InputSpec, ModelSpec
 from .weights import sha256_file
 
 FILE = "explain.onnx"
-CLASSES_NAME = "classes"
-OUTPUT_NAMES = ("probabilities", "gradcam")
 TOLERANCE = 1e-3  # largest accepted difference of a normalised map's value from autograd's
 METHOD = "Grad-CAM (Selvaraju et al., ICCV 2017): the backward pass of the head written as forward operations"
 
@@ -111,7 +111,7 @@ class GradCamGraph(nn.Module):
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return (*OUTPUT_NAMES, *self.feature_maps)
+        return (*EXPLANATION_OUTPUT_NAMES, *self.feature_maps)
 
     def forward(self, images: Tensor, classes: Tensor) -> tuple[Tensor, ...]:
         self._maps.clear()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from service.cpus import cpu_count
+from service.store.host import cpu_count
 from service.store.layout import ModelStore, StoredVersion
 from service.store.metadata import InputMeta
 

@@ -6,7 +6,7 @@ the service's own decoder, checked, and split three ways, stratified by class.
 - **held_out** (``--val-split``, a fifth by default) is never seen by training nor by the choice of the
   epoch: the accuracy it gives is the one a user can expect, and the one recorded in the metadata.
 
-Every image is decoded once, as the service decodes it (``service/runtime/preprocess.py``): the served
+Every image is decoded once, as the service decodes it (``service/store/preprocess.py``): the served
 crop for the select and held-out parts, the whole ``resize`` square for the training part, where the
 random crops are taken. A file that does not decode is reported by path and skipped.
 """
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from service.runtime.preprocess import open_image, pixels_of
 from service.store.metadata import InputMeta
+from service.store.preprocess import open_image, pixels_of
 
 from .calibration import IMAGE_SUFFIXES, MAX_PIXELS, ImageSet
 from .checkpoint import CheckpointError, labels_from_folder

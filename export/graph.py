@@ -4,7 +4,9 @@ Input ``images``: UINT8 ``[batch, H, W, C]`` (NHWC, RGB, or C = 1). The graph ca
 scales, normalises with the weights' mean and std and transposes to NCHW itself, so a
 client only ever sends pixels. Outputs ``logits`` and ``probabilities`` (softmax), FP32
 ``[batch, num_classes]``; where the export fitted a typicality check (``export/typicality.py``),
-a third, ``distance`` (FP32 ``[batch]``). The batch axis is dynamic.
+a third, ``distance`` (FP32 ``[batch]``). The batch axis is dynamic. The names are
+``service.store.tensors``': one definition for the export that writes them and the service that
+runs the graph by them.
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from service.store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
+
 from .spec import InputSpec, ModelSpec
 from .typicality import DistanceHead
 
 logger = logging.getLogger(__name__)
 
 OPSET = 18
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
-DISTANCE_NAME = "distance"
 TOLERANCE = 1e-4  # largest accepted |p_onnx - p_torch| on any probability
 DISTANCE_TOLERANCE = 1e-3  # largest accepted |d_onnx - d_torch| / d_torch
 

@@ -21,10 +21,11 @@ import torch
 
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import InputMeta
+from service.store.tensors import INPUT_NAME
 
 from . import baseline, calibration, checkpoint, explanation, train, typicality
 from .checkpoint import InputOverrides
-from .graph import INPUT_NAME, OPSET, ClassifierGraph, count_flops, export_onnx, verify
+from .graph import OPSET, ClassifierGraph, count_flops, export_onnx, verify
 from .registry import get_model_spec
 from .spec import ModelSpec, WeightsKind
 from .weights import Provenance, file_state_dict, random_provenance, released_state_dict, sha256_file

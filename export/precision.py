@@ -41,12 +41,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from service.store.host import cpu_count
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import ModelMetadata
+from service.store.sessions import session_options
+from service.store.tensors import INPUT_NAME
 
 from . import baseline, calibration, evaluation, train, typicality
 from .calibration import ImageSet
-from .graph import INPUT_NAME
 from .weights import sha256_file
 
 logger = logging.getLogger(__name__)
@@ -109,8 +111,6 @@ def cpu_flags() -> set[str]:
 
 def cpu_info() -> dict[str, Any]:
     """What the INT8 timings depend on: the machine, its INT8 dot-product flags, its core count."""
-    from service.cpus import cpu_count
-
     flags = cpu_flags()
     int8_flags = sorted(flags & {*VNNI_FLAGS, "avx2", "avx512f", "avx512bw", "amx_int8", "asimddp", "i8mm"})
     return {"machine": platform.machine().lower(), "vnni": sorted(flags & set(VNNI_FLAGS)), "flags": int8_flags,
@@ -185,14 +185,12 @@ def quantize_int8(prepared: Path, target: Path, images: ImageSet, method: Method
 
 
 def timed(graph: Path, spec: Any, seconds: float) -> tuple[dict[str, float], dict[str, int]]:
-    """Images/s at each of ``TIMED_BATCHES`` with the service's session options, and the operators
-    of the graph ONNX Runtime runs (what it fused, what stayed float)."""
-    from service.runtime.session import session_options
-    from service.settings import Settings
-
+    """Images/s at each of ``TIMED_BATCHES`` with the service's session options (as a worker with the
+    default settings has them: a thread per CPU this process may use), and the operators of the graph
+    ONNX Runtime runs (what it fused, what stayed float)."""
     speeds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        options = session_options(Settings())
+        options = session_options(cpu_count())
         options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
         session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         optimized = onnx.load(options.optimized_model_filepath)

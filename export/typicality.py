@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from service.store.tensors import DISTANCE_NAME, INPUT_NAME
+
 logger = logging.getLogger(__name__)
 
 QUANTILE = 0.99
@@ -148,8 +150,6 @@ def measure(
 def graph_distances(graph: Path, images: np.ndarray, batch: int = 64) -> np.ndarray:
     """The ``distance`` output of an exported graph (an FP32 export or a variant of it) for ``images``."""
     import onnxruntime as ort
-
-    from .graph import DISTANCE_NAME, INPUT_NAME
 
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     rows = [session.run([DISTANCE_NAME], {INPUT_NAME: images[i : i + batch]})[0] for i in range(0, len(images), batch)]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from .cpus import CGROUP_ROOT, PROC_CGROUP, cgroup_folders, read_setting
+from .store.host import CGROUP_ROOT, PROC_CGROUP, cgroup_folders, read_setting
 
 HEADROOM = 0.10  # of the limit: request buffers, decoding, the allocator's slack
 NO_LIMIT = 1 << 60  # v1 writes about 2**63 for "no limit"

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 
 from .errors import Overloaded, ServiceError
-from .runtime.quality import CONFIDENCE_BUCKETS, ENTROPY_BUCKETS, confidence_and_entropy
+from .store.quality import CONFIDENCE_BUCKETS, ENTROPY_BUCKETS, confidence_and_entropy
 
 # 1 ms to 10 s, roughly x2 per bucket: CNN inference on a CPU or a GPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -219,7 +219,7 @@ class Metrics:
         return found
 
     def observe_predictions(self, model: str, version: str, probabilities: Any) -> None:
-        """Each image's top-1 probability and normalised entropy (see ``runtime.quality``)."""
+        """Each image's top-1 probability and normalised entropy (see ``store.quality``)."""
         top1, entropy = confidence_and_entropy(probabilities)
         confidence, spread = self.child(self.confidence, model, version), self.child(self.entropy, model, version)
         for value in top1.tolist():

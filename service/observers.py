@@ -11,8 +11,8 @@ from .metrics import Metrics
 from .runtime.batching import BatchStats
 from .runtime.entry import ModelEntry
 from .runtime.hooks import Hooks
-from .runtime.quality import Drift
 from .settings import Settings
+from .store.quality import Drift
 from .tracing import Tracing
 
 

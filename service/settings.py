@@ -10,8 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .cpus import cpu_count
 from .memory import parse_size
+from .store.host import cpu_count
 
 
 class Settings(BaseSettings):

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime.preprocess import preprocess
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
+from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
 
 MAX_PIXELS = 64_000_000  # the service's default MAX_IMAGE_PIXELS
 
@@ -29,7 +30,7 @@ class Classifier:
 
     def classify(self, files: list[bytes], k: int = 5) -> list[list[dict[str, Any]]]:
         pixels = np.stack([preprocess(data, self.input, max_pixels=MAX_PIXELS) for data in files])
-        (probabilities,) = self.session.run(["probabilities"], {"images": pixels})
+        (probabilities,) = self.session.run([OUTPUT_NAMES[1]], {INPUT_NAME: pixels})
         best = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
         return [
             [{"index": int(i), "score": float(row[i])} for i in top]

@@ -26,13 +26,13 @@ from ..metrics import Metrics
 from ..settings import Settings
 from ..store.layout import is_valid_name
 from ..store.metadata import ModelMetadata
+from ..store.preprocess import preprocess
 from ..tracing import Tracing
 from .batching import Outputs
 from .entry import ModelEntry
 from .gradcam import GradCam
 from .hooks import Hooks
 from .occlusion import Occlusion, fill_pixel
-from .preprocess import preprocess
 from .repository import Repository
 from .shadow import Shadow
 

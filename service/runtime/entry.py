@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..store.integrity import Signature
+from ..store.quality import Drift
 from .batching import DynamicBatcher
-from .quality import Drift
 from .session import LoadedModel
 
 Status = Literal["loading", "ready", "draining", "failed"]

@@ -23,8 +23,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import InvalidInput, ModelNotReady
+from ..store.tensors import CLASSES_NAME, INPUT_NAME
+from ..store.tensors import EXPLANATION_OUTPUT_NAMES as OUTPUT_NAMES
 from .batching import DynamicBatcher
-from .session import INPUT_NAME, session_options, wanted_providers
+from .session import session_options, wanted_providers
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -32,9 +34,6 @@ if TYPE_CHECKING:
     from .entry import ModelEntry
 
 logger = logging.getLogger(__name__)
-
-CLASSES_NAME = "classes"
-OUTPUT_NAMES = ("probabilities", "gradcam")
 
 
 @dataclass

@@ -21,9 +21,9 @@ from typing import Any
 from ..errors import InvalidInput, ModelNotFound, ModelNotReady, ModelUnloaded
 from ..memory import resident_bytes
 from ..settings import Settings
+from ..store import preprocess
 from ..store.integrity import Signature
 from ..store.layout import ModelStore, StoredVersion, is_valid_name
-from . import preprocess
 from .batching import DynamicBatcher
 from .entry import ModelEntry
 from .gradcam import GradCams

@@ -12,16 +12,15 @@ import numpy as np
 import onnxruntime as ort
 
 from ..settings import Settings
+from ..store import sessions
 from ..store.layout import ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
+from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
 
 logger = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probabilities")
-DISTANCE_NAME = "distance"  # FP32 [batch], where the export fitted a typicality check into the graph
 
 
 class ModelLoadError(RuntimeError):
@@ -52,17 +51,9 @@ def wanted_providers(choice: str) -> list[str]:
 
 
 def session_options(settings: Settings, instances: int = 1) -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = settings.session_threads(instances)
-    options.inter_op_num_threads = settings.inter_op_threads
-    spin = "1" if settings.ort_spinning else "0"
-    options.add_session_config_entry("session.intra_op.allow_spinning", spin)
-    options.add_session_config_entry("session.inter_op.allow_spinning", spin)
-    options.enable_cpu_mem_arena = settings.ort_cpu_arena
-    options.log_severity_level = 3  # errors only: the CUDA provider's probing is noisy
-    return options
+    """The contract's session options with this worker's threads and ONNX Runtime settings."""
+    return sessions.session_options(settings.session_threads(instances), settings.inter_op_threads,
+                                    spinning=settings.ort_spinning, cpu_arena=settings.ort_cpu_arena)  # fmt: skip
 
 
 @dataclass

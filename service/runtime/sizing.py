@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 
-from ..cpus import cpu_count
 from ..settings import Settings
+from ..store.host import cpu_count
 from ..store.layout import ModelStore, is_valid_name
 
 logger = logging.getLogger(__name__)

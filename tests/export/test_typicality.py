@@ -129,8 +129,8 @@ def test_the_trained_lenet5_calls_other_kinds_of_images_atypical_and_its_digits_
     from PIL import Image
     from skimage import data as photos
 
-    from service.runtime.preprocess import preprocess
     from service.store.metadata import InputMeta
+    from service.store.preprocess import preprocess
     from tests.helpers import encode
     from tests.service.pictures import held_out_drawings, out_of_distribution
 

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 from skimage import data
 
-from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
+from service.store.preprocess import preprocess
 
 from ..helpers import ServiceProcess, classify, encode, metric_samples
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.cpus import cgroup_cpu_limit
+from service.store.host import cgroup_cpu_limit
 
 from ..helpers import ROOT, in_child_cgroup
 

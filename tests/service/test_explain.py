@@ -20,9 +20,9 @@ from tritonclient.utils import InferenceServerException
 from export.precision import VariantOptions, export_variant
 from service.errors import InvalidInput
 from service.runtime.occlusion import Occlusion, fill_pixel
-from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 from ..helpers import ServiceProcess, metric_samples, running
 from .pictures import held_out_drawings

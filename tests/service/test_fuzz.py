@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 from ..helpers import ROOT, ServiceProcess, running
 

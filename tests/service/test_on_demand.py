@@ -19,9 +19,9 @@ import pytest
 from skimage import data as photos
 
 from export.pipeline import ExportOptions, export_model
-from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 from ..helpers import ServiceProcess, encode, in_child_cgroup, metric_samples, running
 from .lifecycle_load import Workload, worker_rss

@@ -16,9 +16,9 @@ from torch import nn
 from export.cli import main as export_main
 from export.models.googlenet import GoogLeNet
 from export.models.resnet import BasicBlock, ResNet
-from service.runtime.preprocess import preprocess
 from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 from ..helpers import ServiceProcess, classified, encode, running
 

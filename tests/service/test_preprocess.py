@@ -10,8 +10,8 @@ from PIL import Image
 from skimage import data
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.runtime.preprocess import preprocess
 from service.store.metadata import InputMeta
+from service.store.preprocess import preprocess
 
 from ..helpers import encode
 

@@ -27,11 +27,11 @@ from ...metrics import RequestRecord
 from ...runtime.classifier import Classifier, top_k
 from ...runtime.entry import ModelEntry
 from ...runtime.lifecycle import ModelControl
-from ...runtime.session import DISTANCE_NAME, OUTPUT_NAMES
+from ...store.tensors import DISTANCE_NAME, GRADCAM_NAME, INPUT_NAME, OUTPUT_NAMES
 from .management import RepositoryManager
 
-GRADCAM = "gradcam"  # an output of versions with an explanation graph
-IMAGES = "images"
+GRADCAM = GRADCAM_NAME  # an output of versions with an explanation graph
+IMAGES = INPUT_NAME
 IMAGE_BYTES = "image_bytes"
 SERVER_NAME = "cnn-serving"
 SERVER_VERSION = "0.1.0"

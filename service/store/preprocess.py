@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InvalidInput, PayloadTooLarge
-from ..store.metadata import InputMeta
+from .metadata import InputMeta
 
 _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}

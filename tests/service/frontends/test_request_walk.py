@@ -1,0 +1,99 @@
+"""One ``/classify`` request, followed call by call through the service's modules, in-process: it passes through
+the repository once, and comes back to a module it has left at most three times.
+
+A *stay* is a run of calls into one module of the data path (``service.frontends``, ``service.runtime``,
+``service.store``, the observers); a *return* is a stay in a module the request had already left. The shared
+utilities every layer uses (``service.metrics``, ``service.tracing``, ``service.errors``, ``service.settings``)
+are not rooms of the walk. A coroutine resumed after an ``await`` is not a new call. Measured on the event loop's
+thread, which runs the request; a batch runs on its batcher's thread, outside the walk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Iterator
+from types import FrameType
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from service.frontends.app import create_app
+from service.frontends.fastpath import FastPathMiddleware
+from service.frontends.observe import RequestObserver
+from service.server import Server
+from service.settings import Settings
+from service.store.layout import ModelStore
+
+from ...helpers import encode, free_port
+
+ROOMS = ("service.frontends.", "service.runtime.", "service.store.", "service.observers")
+
+
+def walk(send: Any) -> list[str]:
+    """The modules of the data path that ``send()`` calls into, in order, consecutive calls into one merged."""
+    seen: dict[int, FrameType] = {}  # held for the walk: a resumed coroutine keeps its frame
+    stays: list[str] = []
+
+    def profile(frame: FrameType, event: str, _: Any) -> None:
+        if event != "call" or id(frame) in seen:
+            return
+        seen[id(frame)] = frame
+        module = frame.f_globals.get("__name__", "")
+        if module.startswith(ROOMS) and (not stays or stays[-1] != module):
+            stays.append(module)
+
+    sys.setprofile(profile)
+    try:
+        asyncio.get_event_loop().run_until_complete(send())
+    finally:
+        sys.setprofile(None)
+    return stays
+
+
+def returns(stays: list[str]) -> int:
+    return len(stays) - len(set(stays))
+
+
+@pytest.fixture
+def served(model_store: ModelStore) -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
+    """The service's app with its middlewares and its runtime (LeNet-5 loaded), on this thread's event loop."""
+    settings = Settings(model_store=model_store.root, models="lenet5", workers=1, grpc_port=free_port(),
+                        http_host="127.0.0.1", warmup_batches=(1,))  # fmt: skip
+    api = create_app()
+    server = Server(settings, api)
+    app = RequestObserver(FastPathMiddleware(api, api=api), api=api)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    running = server.running()
+    loop.run_until_complete(running.__aenter__())
+    try:
+        deadline = loop.time() + 60
+        while not server.ready and loop.time() < deadline:
+            loop.run_until_complete(asyncio.sleep(0.05))
+        assert server.ready
+        yield app, loop
+    finally:
+        loop.run_until_complete(running.__aexit__(None, None, None))
+        loop.close()
+        asyncio.set_event_loop(None)
+
+
+def test_a_classify_request_passes_through_the_repository_once(served: tuple[Any, asyncio.AbstractEventLoop]) -> None:
+    app, _ = served
+    image = encode(np.full((32, 32), 200, np.uint8))
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://walk")
+
+    async def send() -> None:
+        response = await client.post("/classify?model=lenet5", content=image, headers={"Content-Type": "image/png"})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == "lenet5"
+
+    asyncio.get_event_loop().run_until_complete(send())  # the first request's one-time imports and caches
+    stays = walk(send)
+    print(f"\n{len(stays)} stays in {len(set(stays))} modules, {returns(stays)} returns:\n  " + "\n  ".join(stays))
+    assert "service.runtime.repository" in stays and "service.runtime.batching" in stays  # the walk saw the path
+    assert stays.count("service.runtime.repository") == 1
+    assert returns(stays) <= 3
