@@ -11,23 +11,24 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InvalidInput, ServiceError
+from ..errors import ServiceError
 from ..runtime.repository import Repository
 from ..runtime.shadow import Shadow
+from ..settings import Settings
 from ..store.layout import is_valid_name
 from ..store.metadata import ModelMetadata
 from .body import read_body
 from .explain import explain
 from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
-from .params import classifier, flag, positive_int, probability, read_images
+from .params import MODELS, classifier, classify_params, explain_params, read_images
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList, VersionState
 from .v2.grpc_server import start_grpc_server
 from .v2.handler import OipHandler
@@ -35,6 +36,8 @@ from .v2.rest import infer as v2_infer
 from .v2.rest import router as v2_router
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOP_K: int = Settings.model_fields["max_top_k"].default
 
 # the Open Inference Protocol's inference routes (v2.rest), answered by the fast path too
 V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
@@ -52,12 +55,6 @@ CLASSIFY_BODY = {
         },
     },
 }
-
-
-# the query parameters /classify and /explain share, as the API reference shows them
-ModelQuery = Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")]
-VersionQuery = Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")]
-TopKQuery = Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -83,22 +80,17 @@ async def classify(request: Request) -> Response:
     """``POST /classify``: the image files of the body, each ranked by the model (see the route's docs)."""
     service = classifier(request)
     settings = service.settings
-    query = request.query_params
-    top = positive_int(query, "top_k", 5)
-    assert top is not None
-    if top > settings.max_top_k:
-        raise InvalidInput(f"top_k={top} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
-    version = positive_int(query, "version", None)
-    wanted = probability(query, "min_confidence")
+    query = classify_params(settings.max_top_k).parse(request.query_params)
+    wanted = query["min_confidence"]
     # the lease is taken inside the record (on demand: once the model is loaded), so its errors count too
     with (
         service.metrics.track_request("http") as record,
-        await service.repository.acquire(query.get("model"), version) as entry,
+        await service.repository.acquire(query["model"], query["version"]) as entry,
     ):
         request.scope["request_record"] = record
         record.model, record.version = entry.name, str(entry.version)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-        results, distances = await service.classify(entry, files, top)
+        results, distances = await service.classify(entry, files, query["top_k"])
         record.images = len(results)
     assert entry.model is not None
     meta = entry.model.metadata
@@ -226,8 +218,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await handler.classifier.shadow.close()
 
 
-def create_app(enable_noop: bool = False) -> FastAPI:
-    """The HTTP API; its inference routes are also served by :mod:`.fastpath` (``app.state.fast_routes``)."""
+def create_app(enable_noop: bool = False, max_top_k: int = DEFAULT_MAX_TOP_K) -> FastAPI:
+    """The HTTP API; its inference routes are also served by :mod:`.fastpath` (``app.state.fast_routes``).
+
+    ``max_top_k`` (``MAX_TOP_K``) is only documented here: the handlers hold requests to the settings' own.
+    """
     app = FastAPI(
         title="CNN classification",
         description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime. "
@@ -251,24 +246,10 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         tags=["Classification"],
         response_model=ClassifyResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra={"requestBody": CLASSIFY_BODY},
+        openapi_extra={"requestBody": CLASSIFY_BODY, **classify_params(max_top_k).openapi()},
         summary="Classify one or more images",
     )
-    async def classify_route(
-        request: Request,
-        model: ModelQuery = None,
-        top_k: TopKQuery = 5,
-        version: VersionQuery = None,
-        min_confidence: Annotated[
-            float | None,
-            Query(
-                ge=0,
-                le=1,
-                description="Each result says whether its top-1 probability reaches this "
-                "(`confident`); default the model's abstain threshold, where its export derived one",
-            ),
-        ] = None,
-    ) -> Response:
+    async def classify_route(request: Request) -> Response:
         """The body is the image file itself (`Content-Type: image/jpeg`, `image/png`, ...,
         or `application/octet-stream`), or `multipart/form-data` with one or more files."""
         return await classify(request)
@@ -278,30 +259,10 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         tags=["Classification"],
         response_model=ExplainResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra={"requestBody": CLASSIFY_BODY},
+        openapi_extra={"requestBody": CLASSIFY_BODY, **explain_params(max_top_k).openapi()},
         summary="Where the network looked: a Grad-CAM or occlusion map per image",
     )
-    async def explain_route(
-        request: Request,
-        model: ModelQuery = None,
-        version: VersionQuery = None,
-        class_: Annotated[
-            str | None, Query(alias="class", description="Class to explain: a label or an index; default the top-1")
-        ] = None,
-        method: Annotated[
-            str | None,
-            Query(description="gradcam (default where the version has an explanation graph) or occlusion (any model)"),
-        ] = None,
-        patch: Annotated[
-            int | None, Query(ge=1, description="Occluding square's side in input pixels; default a seventh of it")
-        ] = None,
-        stride: Annotated[int | None, Query(ge=1, description="Its step; default half the patch")] = None,
-        overlay: Annotated[bool, Query(description="Add the map drawn over the crop, a base64 PNG")] = False,
-        layers: Annotated[
-            bool, Query(description="Add what each layer sees (LeNet-5's C1, S2, C3 and S4 activations)")
-        ] = False,
-        top_k: TopKQuery = 5,
-    ) -> Response:
+    async def explain_route(request: Request) -> Response:
         """The same bodies as `/classify`. With `Accept: image/png` and one image, the answer is the overlay PNG."""
         return await explain(request)
 
@@ -311,12 +272,15 @@ def create_app(enable_noop: bool = False) -> FastAPI:
     app.get("/metrics", tags=["Operations"], summary="Prometheus metrics (open, like /livez and /readyz)")(metrics)
 
     @app.get(
-        "/models", tags=["Classification"], response_model=ModelList, summary="Every model, its state and its metadata"
+        "/models",
+        tags=["Classification"],
+        response_model=ModelList,
+        openapi_extra=MODELS.openapi(),
+        summary="Every model, its state and its metadata",
     )
     async def models(request: Request) -> ModelList:
-        """``?per_class=true`` adds each fine-tuned model's held-out accuracy per class and confusion matrix."""
         repository, shadow = classifier(request).repository, classifier(request).shadow
-        per_class = flag(request.query_params, "per_class")
+        per_class = MODELS.parse(request.query_params)["per_class"]
         return ModelList(
             default_model=repository.default_model,
             models=[model_info(repository, name, shadow, per_class) for name in repository.names()],
