@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ServiceError
+from ..runtime.classifier import Answer
 from ..runtime.repository import Repository
 from ..runtime.shadow import Shadow
 from ..settings import Settings
@@ -81,7 +82,6 @@ async def classify(request: Request) -> Response:
     service = classifier(request)
     settings = service.settings
     query = classify_params(settings.max_top_k).parse(request.query_params)
-    wanted = query["min_confidence"]
     # the lease is taken inside the record (on demand: once the model is loaded), so its errors count too
     with (
         service.metrics.track_request("http") as record,
@@ -90,21 +90,21 @@ async def classify(request: Request) -> Response:
         request.scope["request_record"] = record
         record.model, record.version = entry.name, str(entry.version)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-        results, distances = await service.classify(entry, files, query["top_k"])
-        record.images = len(results)
-    assert entry.model is not None
-    meta = entry.model.metadata
-    least = wanted if wanted is not None else meta.abstain_threshold
-    body: dict[str, Any] = {"model": entry.name, "version": str(entry.version), "min_confidence": least}
-    body["results"] = [{"predictions": predictions} for predictions in results]
-    if distances is not None and meta.typicality_threshold is not None:
-        for result, distance in zip(body["results"], distances.tolist(), strict=True):
-            result["typical"] = distance <= meta.typicality_threshold
-    if least is not None or distances is not None:
-        for result in body["results"]:  # predictions[0] is the top-1 at any top_k
-            sure = least is None or result["predictions"][0]["score"] >= least
-            result["confident"] = sure and result.get("typical", True)
+        classified = await service.classify(entry, files, query["top_k"], query["min_confidence"])
+        record.images = len(classified.answers)
+    body = {"model": entry.name, "version": str(entry.version), "min_confidence": classified.min_confidence,
+            "results": [rendered(answer) for answer in classified.answers]}  # fmt: skip
     return JSONResponse(body)
+
+
+def rendered(answer: Answer) -> dict[str, Any]:
+    """One image's result in ``/classify``'s body: ``typical`` and ``confident`` only where they apply."""
+    result: dict[str, Any] = {"predictions": answer.predictions}
+    if answer.verdict.typical is not None:
+        result["typical"] = answer.verdict.typical
+    if answer.verdict.confident is not None:
+        result["confident"] = answer.verdict.confident
+    return result
 
 
 async def noop(request: Request) -> Response:

@@ -29,7 +29,7 @@ from ..tracing import Tracing
 from . import preprocess
 from .batching import BatchStats, DynamicBatcher
 from .gradcam import GradCams
-from .quality import Drift
+from .quality import Drift, typical
 from .readiness import WorkerReadiness
 from .session import LoadedModel, ModelLoadError, load_model
 
@@ -361,7 +361,7 @@ class Repository:
             for seconds in stats.queue_seconds:
                 self.metrics.observe_stage(labels, "queue", seconds)
             if stats.distances is not None and typical_below is not None:
-                atypical = int((stats.distances > typical_below).sum())
+                atypical = int((~typical(stats.distances, typical_below)).sum())
                 if atypical:
                     self.metrics.child(self.metrics.atypical, *labels.values()).inc(atypical)
             if stats.probabilities is not None:
