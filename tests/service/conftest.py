@@ -1,24 +1,29 @@
 """The runtime in-process, without a server: a Repository, its ModelControl and (on demand) its Residency on a
-store of small real graphs (the session's trained LeNet-5, copied under other names and versions)."""
+store of small real graphs (the session's trained LeNet-5, copied under other names and versions), and the
+Classifier and OipHandler over them, built as ``service/service.py`` builds them. Shared by ``runtime/`` and
+``frontends/``; their types are in ``runtime/harness.py``."""
 
 from __future__ import annotations
 
 import json
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from service.frontends.v2.handler import OipHandler
 from service.metrics import get_metrics
+from service.runtime.classifier import Classifier
 from service.runtime.lifecycle import ModelControl
 from service.runtime.repository import Repository
 from service.runtime.residency import Residency
 from service.settings import Settings
 from service.store.layout import ModelStore
 
-from .harness import MiB, RuntimeFactory, StoreFactory
+from .runtime.harness import MiB, RuntimeFactory, Served, StoreFactory
 
 
 @pytest.fixture
@@ -75,3 +80,15 @@ def make_runtime() -> Iterator[RuntimeFactory]:
             for entry in list(versions.values()):
                 if entry.status == "ready":
                     repository.unload(entry)
+
+
+@pytest.fixture
+def served_lenet5(make_store: StoreFactory, make_runtime: RuntimeFactory) -> Iterator[Served]:
+    """LeNet-5 (its trained version 1, abstain and typicality thresholds included) loaded as ``lenet5``, and the
+    Classifier and OipHandler over it."""
+    repository, control = make_runtime(make_store(lenet5=[1]))
+    control.reconcile()
+    decoders = ThreadPoolExecutor(2, thread_name_prefix="decode")
+    classifier = Classifier(repository, decoders)
+    yield Served(repository, classifier, OipHandler(classifier, control))
+    decoders.shutdown(wait=False)
