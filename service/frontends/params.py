@@ -160,7 +160,7 @@ MODEL = Param("model", "string", "Network to use, e.g. resnet50; see GET /models
 VERSION = Param("version", "integer", "Model version; default the highest one served", minimum=1)
 MIN_CONFIDENCE = Param(
     "min_confidence", "number", "Each result says whether its top-1 probability reaches this (`confident`); default "
-    "the model's abstain threshold, where its export derived one", minimum=0.0, maximum=1.0,
+    "the model's abstain threshold, where its export derived one", minimum=0, maximum=1,
 )  # fmt: skip
 EXPLAINED = (
     Param("class", "string", "Class to explain: a label or an index; default the top-1"),
