@@ -12,7 +12,7 @@ from .runtime.batching import BatchStats
 from .runtime.entry import ModelEntry
 from .runtime.hooks import Hooks
 from .settings import Settings
-from .store.quality import Drift
+from .store.quality import Drift, typical
 from .tracing import Tracing
 
 
@@ -55,7 +55,7 @@ def attach(hooks: Hooks, settings: Settings, metrics: Metrics, tracing: Tracing)
         model, drift = entry.model, entry.drift
         typical_below = model.metadata.typicality_threshold if model is not None else None
         if stats.distances is not None and typical_below is not None:
-            atypical = int((stats.distances > typical_below).sum())
+            atypical = int((~typical(stats.distances, typical_below)).sum())
             if atypical:
                 metrics.child(metrics.atypical, *labels.values()).inc(atypical)
         if stats.probabilities is not None:

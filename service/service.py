@@ -58,7 +58,7 @@ settings = sized(get_settings())
 install_http_limits(settings)  # uvicorn's protocol with bounded heads, deadlines and a connection cap
 # the worker processes BentoML starts inherit this environment, and so agree on the count
 os.environ["WORKERS"] = str(settings.workers)
-app = create_app(settings.enable_noop)
+app = create_app(settings.enable_noop, settings.max_top_k)
 
 
 @bentoml.service(

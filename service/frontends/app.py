@@ -10,24 +10,28 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import InvalidInput, ServiceError
+from ..errors import ServiceError
+from ..runtime.classifier import Answer
+from ..settings import Settings
 from .body import read_body
 from .explain import explain
 from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
-from .params import classifier, flag, positive_int, probability, read_images
+from .params import MODELS, classifier, classify_params, explain_params, read_images
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList
 from .v2.rest import infer as v2_infer
 from .v2.rest import router as v2_router
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOP_K: int = Settings.model_fields["max_top_k"].default
 
 # the Open Inference Protocol's inference routes (v2.rest), answered by the fast path too
 V2_INFER = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
@@ -45,12 +49,6 @@ CLASSIFY_BODY = {
         },
     },
 }
-
-
-# the query parameters /classify and /explain share, as the API reference shows them
-ModelQuery = Annotated[str | None, Query(description="Network to use, e.g. resnet50; see GET /models")]
-VersionQuery = Annotated[int | None, Query(ge=1, description="Model version; default the highest one served")]
-TopKQuery = Annotated[int, Query(ge=1, description="Predictions per image (clamped to the class count)")]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -76,36 +74,30 @@ async def classify(request: Request) -> Response:
     """``POST /classify``: the image files of the body, each ranked by the model (see the route's docs)."""
     service = classifier(request)
     settings = service.settings
-    query = request.query_params
-    top = positive_int(query, "top_k", 5)
-    assert top is not None
-    if top > settings.max_top_k:
-        raise InvalidInput(f"top_k={top} is over the limit: use 1 to {settings.max_top_k} (MAX_TOP_K)")
-    version = positive_int(query, "version", None)
-    wanted = probability(query, "min_confidence")
+    query = classify_params(settings.max_top_k).parse(request.query_params)
     # the lease is taken inside the record (on demand: once the model is loaded), so its errors count too
     with (
         service.metrics.track_request("http") as record,
-        await service.acquire(query.get("model"), version) as entry,
+        await service.acquire(query["model"], query["version"]) as entry,
     ):
         request.scope["request_record"] = record
         record.model, record.version = entry.name, str(entry.version)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-        results, distances = await service.classify(entry, files, top)
-        record.images = len(results)
-    assert entry.model is not None
-    meta = entry.model.metadata
-    least = wanted if wanted is not None else meta.abstain_threshold
-    body: dict[str, Any] = {"model": entry.name, "version": str(entry.version), "min_confidence": least}
-    body["results"] = [{"predictions": predictions} for predictions in results]
-    if distances is not None and meta.typicality_threshold is not None:
-        for result, distance in zip(body["results"], distances.tolist(), strict=True):
-            result["typical"] = distance <= meta.typicality_threshold
-    if least is not None or distances is not None:
-        for result in body["results"]:  # predictions[0] is the top-1 at any top_k
-            sure = least is None or result["predictions"][0]["score"] >= least
-            result["confident"] = sure and result.get("typical", True)
+        classified = await service.classify(entry, files, query["top_k"], query["min_confidence"])
+        record.images = len(classified.answers)
+    body = {"model": entry.name, "version": str(entry.version), "min_confidence": classified.min_confidence,
+            "results": [rendered(answer) for answer in classified.answers]}  # fmt: skip
     return JSONResponse(body)
+
+
+def rendered(answer: Answer) -> dict[str, Any]:
+    """One image's result in ``/classify``'s body: ``typical`` and ``confident`` only where they apply."""
+    result: dict[str, Any] = {"predictions": answer.predictions}
+    if answer.verdict.typical is not None:
+        result["typical"] = answer.verdict.typical
+    if answer.verdict.confident is not None:
+        result["confident"] = answer.verdict.confident
+    return result
 
 
 async def noop(request: Request) -> Response:
@@ -135,8 +127,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
-def create_app(enable_noop: bool = False) -> FastAPI:
-    """The HTTP API; its inference routes are also served by :mod:`.fastpath` (``app.state.fast_routes``)."""
+def create_app(enable_noop: bool = False, max_top_k: int = DEFAULT_MAX_TOP_K) -> FastAPI:
+    """The HTTP API; its inference routes are also served by :mod:`.fastpath` (``app.state.fast_routes``).
+
+    ``max_top_k`` (``MAX_TOP_K``) is only documented here: the handlers hold requests to the settings' own.
+    """
     app = FastAPI(
         title="CNN classification",
         description="Classify images with LeNet-5, AlexNet, VGG, GoogLeNet and ResNet on ONNX Runtime. "
@@ -160,24 +155,10 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         tags=["Classification"],
         response_model=ClassifyResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra={"requestBody": CLASSIFY_BODY},
+        openapi_extra={"requestBody": CLASSIFY_BODY, **classify_params(max_top_k).openapi()},
         summary="Classify one or more images",
     )
-    async def classify_route(
-        request: Request,
-        model: ModelQuery = None,
-        top_k: TopKQuery = 5,
-        version: VersionQuery = None,
-        min_confidence: Annotated[
-            float | None,
-            Query(
-                ge=0,
-                le=1,
-                description="Each result says whether its top-1 probability reaches this "
-                "(`confident`); default the model's abstain threshold, where its export derived one",
-            ),
-        ] = None,
-    ) -> Response:
+    async def classify_route(request: Request) -> Response:
         """The body is the image file itself (`Content-Type: image/jpeg`, `image/png`, ...,
         or `application/octet-stream`), or `multipart/form-data` with one or more files."""
         return await classify(request)
@@ -187,30 +168,10 @@ def create_app(enable_noop: bool = False) -> FastAPI:
         tags=["Classification"],
         response_model=ExplainResponse,
         responses=ERROR_RESPONSES,
-        openapi_extra={"requestBody": CLASSIFY_BODY},
+        openapi_extra={"requestBody": CLASSIFY_BODY, **explain_params(max_top_k).openapi()},
         summary="Where the network looked: a Grad-CAM or occlusion map per image",
     )
-    async def explain_route(
-        request: Request,
-        model: ModelQuery = None,
-        version: VersionQuery = None,
-        class_: Annotated[
-            str | None, Query(alias="class", description="Class to explain: a label or an index; default the top-1")
-        ] = None,
-        method: Annotated[
-            str | None,
-            Query(description="gradcam (default where the version has an explanation graph) or occlusion (any model)"),
-        ] = None,
-        patch: Annotated[
-            int | None, Query(ge=1, description="Occluding square's side in input pixels; default a seventh of it")
-        ] = None,
-        stride: Annotated[int | None, Query(ge=1, description="Its step; default half the patch")] = None,
-        overlay: Annotated[bool, Query(description="Add the map drawn over the crop, a base64 PNG")] = False,
-        layers: Annotated[
-            bool, Query(description="Add what each layer sees (LeNet-5's C1, S2, C3 and S4 activations)")
-        ] = False,
-        top_k: TopKQuery = 5,
-    ) -> Response:
+    async def explain_route(request: Request) -> Response:
         """The same bodies as `/classify`. With `Accept: image/png` and one image, the answer is the overlay PNG."""
         return await explain(request)
 
@@ -220,12 +181,16 @@ def create_app(enable_noop: bool = False) -> FastAPI:
     app.get("/metrics", tags=["Operations"], summary="Prometheus metrics (open, like /livez and /readyz)")(metrics)
 
     @app.get(
-        "/models", tags=["Classification"], response_model=ModelList, summary="Every model, its state and its metadata"
+        "/models",
+        tags=["Classification"],
+        response_model=ModelList,
+        openapi_extra=MODELS.openapi(),
+        summary="Every model, its state and its metadata",
     )
     async def models(request: Request) -> ModelList:
         """``?per_class=true`` adds each fine-tuned model's held-out accuracy per class and confusion matrix."""
         runtime = classifier(request)
-        per_class = flag(request.query_params, "per_class")
+        per_class = MODELS.parse(request.query_params)["per_class"]
         return ModelList(
             default_model=runtime.default_model,
             models=[ModelInfo(**runtime.describe(name, per_class)) for name in runtime.names()],

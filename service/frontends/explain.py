@@ -20,13 +20,11 @@ import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from starlette.datastructures import QueryParams
 
 from ..errors import InvalidInput
-from ..metrics import EXPLANATION_METHODS as METHODS
 from ..runtime.classifier import Explained, top_k
 from ..runtime.occlusion import Occlusion
-from .params import classifier, flag, positive_int, read_images
+from .params import classifier, explain_params, read_images
 
 OVERLAY_MIN_SIDE = 224  # small inputs (LeNet-5's 32 pixels) are enlarged, pixel for pixel, to at least this
 
@@ -48,17 +46,6 @@ def class_index(text: str | None, labels: list[str], model: str) -> int | None:
         f"Unknown class {wanted!r} for {model}: give a label of its labels.txt ({examples}, ...) or an index "
         f"from 0 to {len(labels) - 1}"
     )
-
-
-def method_of(query: QueryParams) -> str | None:
-    """``method=``, checked; None when absent (Grad-CAM where the version has its graph, else occlusion)."""
-    text = query.get("method")
-    if text is None:
-        return None
-    method = text.strip().lower()
-    if method not in METHODS:
-        raise InvalidInput(f"Unknown method {method!r}: use {' or '.join(METHODS)}")
-    return method
 
 
 def hot(heat: np.ndarray) -> np.ndarray:
@@ -102,19 +89,14 @@ async def explain(request: Request) -> Response:
     """``POST /explain`` (see the route's docs)."""
     service = classifier(request)
     settings = service.settings
-    query = request.query_params
-    top = positive_int(query, "top_k", 5, settings.max_top_k)
-    assert top is not None
-    version = positive_int(query, "version", None)
-    wanted = method_of(query)
-    patch, stride = positive_int(query, "patch", None), positive_int(query, "stride", None)
-    with_overlay, with_layers = flag(query, "overlay"), flag(query, "layers")
+    query = explain_params(settings.max_top_k).parse(request.query_params)
+    wanted, with_overlay, with_layers = query["method"], query["overlay"], query["layers"]
     as_png = "image/png" in request.headers.get("accept", "").lower()
-    with await service.acquire(query.get("model"), version) as entry:
+    with await service.acquire(query["model"], query["version"]) as entry:
         assert entry.model is not None
         meta, labels = entry.model.metadata, entry.model.labels
-        occlusion = Occlusion.for_input(meta.input, patch, stride)
-        index = class_index(query.get("class"), labels, entry.name)
+        occlusion = Occlusion.for_input(meta.input, query["patch"], query["stride"])
+        index = class_index(query["class"], labels, entry.name)
         method = wanted or default_method(service.explanation_graph(entry), with_layers)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
         if as_png and len(files) != 1:
@@ -138,7 +120,7 @@ async def explain(request: Request) -> Response:
     results = []
     for item in explained:
         result: dict[str, Any] = {
-            "predictions": top_k(item.probabilities, labels, top),
+            "predictions": top_k(item.probabilities, labels, query["top_k"]),
             "explanation": explanation(item, labels, method, how),
         }
         if with_overlay:

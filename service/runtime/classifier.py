@@ -27,6 +27,7 @@ from ..settings import Settings
 from ..store.layout import is_valid_name
 from ..store.metadata import ModelMetadata
 from ..store.preprocess import preprocess
+from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
 from .entry import ModelEntry
@@ -46,6 +47,23 @@ def top_k(probabilities: np.ndarray, labels: list[str], k: int) -> list[dict[str
     best = np.argpartition(-probabilities, k - 1)[:k]
     best = best[np.argsort(-probabilities[best], kind="stable")]
     return [{"label": labels[i], "index": int(i), "score": float(probabilities[i])} for i in best]
+
+
+@dataclass
+class Answer:
+    """One image's answer: its best classes, best first, and whether to trust them."""
+
+    predictions: list[dict[str, Any]]
+    verdict: Verdict
+
+
+@dataclass
+class Classified:
+    """A request's answers, in order, and the threshold ``confident`` was judged by: the request's
+    ``min_confidence``, else the model's abstain threshold, else none."""
+
+    answers: list[Answer]
+    min_confidence: float | None
 
 
 @dataclass
@@ -233,15 +251,21 @@ class Classifier:
         return outputs
 
     async def classify(
-        self, entry: ModelEntry, files: list[bytes], k: int
-    ) -> tuple[list[list[dict[str, Any]]], np.ndarray | None]:
-        """Each image's ``k`` best classes, and its typicality distance where the graph computes one."""
+        self, entry: ModelEntry, files: list[bytes], k: int, min_confidence: float | None = None
+    ) -> Classified:
+        """Each image's ``k`` best classes, and whether it is typical and confident (``quality.verdicts``)
+        by ``min_confidence``, else by the model's abstain threshold."""
         assert entry.model is not None
+        meta = entry.model.metadata
         images = await self.preprocess(entry, files)
         outputs = await self.infer(entry, images)
+        least = min_confidence if min_confidence is not None else meta.abstain_threshold
         with self.stage(entry, "postprocess"):
             ranked = [top_k(row, entry.model.labels, k) for row in outputs[1]]
-        return ranked, outputs[2] if len(outputs) > 2 else None
+            distances = outputs[2] if len(outputs) > 2 else None
+            # predictions[0] is the top-1 at any k
+            judged = verdicts([p[0]["score"] for p in ranked], distances, least, meta.typicality_threshold)
+        return Classified([Answer(p, v) for p, v in zip(ranked, judged, strict=True)], least)
 
     async def gradcam(self, entry: ModelEntry, images: np.ndarray, index: int | None = None) -> tuple[GradCam, Outputs]:
         """``images`` through the version's explanation graph (opened at first use), for class ``index`` or

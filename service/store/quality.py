@@ -6,10 +6,17 @@ probability** and the **normalised entropy** (the prediction's entropy over ``lo
 model and version (``cnn_prediction_confidence``, ``cnn_prediction_entropy``), counted once
 per image served whatever the front end. An image is **confident** when its top-1
 probability reaches the model's abstain threshold (``abstain.threshold`` in its metadata,
-derived by the export from held-out data) or the client's ``min_confidence``.
+derived by the export from held-out data) or the client's ``min_confidence``, and the image
+is not atypical: where the export fitted a typicality check, the graph computes each image's
+feature distance, and over the metadata's threshold the image is unlike the training images.
+:func:`verdicts` decides both for every front end; :func:`typical` also counts
+``cnn_atypical_images_total``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,6 +34,38 @@ def confidence_and_entropy(probabilities: np.ndarray) -> tuple[np.ndarray, np.nd
     p = np.clip(probabilities, 1e-12, 1.0)
     entropy = -(probabilities * np.log(p)).sum(axis=1) / np.log(classes)
     return top1, np.clip(entropy, 0.0, 1.0)
+
+
+def typical(distances: np.ndarray, threshold: float) -> np.ndarray:
+    """Per image, whether its feature distance is within the typicality threshold (compared in float64, as the
+    distance and the threshold are written in JSON)."""
+    return np.asarray(distances, dtype=np.float64) <= threshold
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether to trust one answer; None where the check does not apply (an answer then leaves it out)."""
+
+    typical: bool | None = None
+    confident: bool | None = None
+
+
+def verdicts(
+    top1: Sequence[float], distances: np.ndarray | None, min_confidence: float | None, threshold: float | None
+) -> list[Verdict]:
+    """Each image's verdict from its top-1 probability and its feature distance (None: the graph has none).
+
+    ``typical`` where there is a distance and a typicality ``threshold``; ``confident`` where there is a
+    ``min_confidence`` or a distance: the top-1 reaches ``min_confidence`` (if any) and the image is not atypical.
+    """
+    judged = typical(distances, threshold).tolist() if distances is not None and threshold is not None else None
+    marks: list[bool | None] = judged if judged is not None else [None] * len(top1)
+    if min_confidence is None and distances is None:
+        return [Verdict(mark) for mark in marks]
+    return [
+        Verdict(mark, (min_confidence is None or score >= min_confidence) and mark is not False)
+        for score, mark in zip(top1, marks, strict=True)
+    ]
 
 
 def confidence_bins(probabilities: np.ndarray) -> np.ndarray:

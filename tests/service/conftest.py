@@ -1,5 +1,7 @@
 """The runtime in-process, without a server: a Repository, its ModelControl and (on demand) its Residency on a
-store of small real graphs (the session's trained LeNet-5, copied under other names and versions)."""
+store of small real graphs (the session's trained LeNet-5, copied under other names and versions), and the
+Classifier and OipHandler over them, built as ``service/service.py`` builds them. Shared by ``runtime/`` and
+``frontends/``; their types are in ``runtime/harness.py``."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from typing import Any
 
 import pytest
 
+from service.frontends.v2.handler import OipHandler
 from service.metrics import get_metrics
 from service.server import Runtime, build_runtime
 from service.settings import Settings
 from service.store.layout import ModelStore
 
-from .harness import MiB, RuntimeFactory, StoreFactory
+from .runtime.harness import MiB, RuntimeFactory, Served, StoreFactory
 
 
 @pytest.fixture
@@ -71,3 +74,12 @@ def make_runtime() -> Iterator[RuntimeFactory]:
             for entry in list(versions.values()):
                 if entry.status == "ready":
                     repository.unload(entry)
+
+
+@pytest.fixture
+def served_lenet5(make_store: StoreFactory, make_runtime: RuntimeFactory) -> Iterator[Served]:
+    """LeNet-5 (its trained version 1, abstain and typicality thresholds included) loaded as ``lenet5``, and the
+    Classifier and OipHandler over it."""
+    runtime = make_runtime(make_store(lenet5=[1]))
+    runtime.control.reconcile()
+    yield Served(runtime.repository, runtime.classifier, OipHandler(runtime.classifier, runtime.control))

@@ -1,0 +1,102 @@
+"""The Open Inference Protocol's handler in-process (what its REST and gRPC transports both call): inference on
+encoded files and on pixels, the errors that say what is right, and the model's metadata."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.errors import InvalidInput
+from service.frontends.v2.handler import RequestedOutput, Tensor
+
+from ..pictures import held_out_drawings
+from ..runtime.harness import Served
+
+
+def infer(served: Served, inputs: list[Tensor], requested: list[RequestedOutput] | None = None) -> list[Tensor]:
+    async def run() -> list[Tensor]:
+        with await served.oip.lease("lenet5") as entry:
+            return await served.oip.infer(entry, inputs, requested or [], "rest")
+
+    return asyncio.run(run())
+
+
+def pixels(served: Served, files: list[bytes]) -> np.ndarray:
+    """The files decoded as the service decodes them: UINT8 [N, 32, 32, 1]."""
+
+    async def run() -> np.ndarray:
+        with await served.repository.acquire("lenet5", None) as entry:
+            return await served.classifier.preprocess(entry, files)
+
+    return asyncio.run(run())
+
+
+def image_bytes(files: list[bytes]) -> Tensor:
+    return Tensor("image_bytes", "BYTES", [len(files)], np.array(files, dtype=object))
+
+
+def test_encoded_files_and_their_pixels_get_the_same_answers(served_lenet5: Served) -> None:
+    files, labels = held_out_drawings(6)
+    logits, probabilities = infer(served_lenet5, [image_bytes(files)])
+    assert (logits.name, logits.datatype, logits.shape) == ("logits", "FP32", [6, 10])
+    assert (probabilities.name, probabilities.datatype, probabilities.shape) == ("probabilities", "FP32", [6, 10])
+    np.testing.assert_allclose(probabilities.data.sum(axis=1), 1.0, rtol=1e-5)
+    assert (probabilities.data.argmax(axis=1) == labels).mean() >= 5 / 6
+
+    images = pixels(served_lenet5, files)
+    assert images.shape == (6, 32, 32, 1) and images.dtype == np.uint8
+    (again,) = infer(served_lenet5, [Tensor("images", "UINT8", list(images.shape), images)],
+                     [RequestedOutput("probabilities")])  # fmt: skip
+    np.testing.assert_allclose(again.data, probabilities.data, rtol=1e-5, atol=1e-6)
+
+
+def test_classification_answers_the_best_classes_as_score_index_label(served_lenet5: Served) -> None:
+    files, _ = held_out_drawings(2)
+    (probabilities,) = infer(served_lenet5, [image_bytes(files)], [RequestedOutput("probabilities")])
+    (ranked,) = infer(served_lenet5, [image_bytes(files)], [RequestedOutput("probabilities", classification=3)])
+    assert (ranked.datatype, ranked.shape) == ("BYTES", [2, 3])
+    for row, expected in zip(ranked.data, probabilities.data, strict=True):
+        parsed = [item.decode().split(":") for item in row]
+        assert [int(index) for _, index, _ in parsed] == list(np.argsort(-expected)[:3])
+        assert [label for _, index, label in parsed] == [index for _, index, _ in parsed]  # LeNet-5's labels: 0-9
+        np.testing.assert_allclose([float(score) for score, _, _ in parsed], np.sort(expected)[::-1][:3], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("tensor", "says"),
+    [
+        (Tensor("images", "FP32", [1, 32, 32, 1], np.zeros((1, 32, 32, 1), np.float32)),
+         "Input 'images' must be UINT8, got FP32"),
+        (Tensor("images", "UINT8", [1, 28, 28, 1], np.zeros((1, 28, 28, 1), np.uint8)),
+         r"Input 'images' must have shape \[N, 32, 32, 1\], got \[1, 28, 28, 1\]"),
+        (Tensor("image_bytes", "UINT8", [1], np.zeros(1, np.uint8)), r"'image_bytes' must be BYTES \[N\]"),
+        (Tensor("pixels", "UINT8", [1], np.zeros(1, np.uint8)), r"'images' \(UINT8\) or 'image_bytes' \(BYTES\)"),
+    ],
+)  # fmt: skip
+def test_a_wrong_input_is_refused_with_what_is_right(served_lenet5: Served, tensor: Tensor, says: str) -> None:
+    with pytest.raises(InvalidInput, match=says):
+        infer(served_lenet5, [tensor])
+
+
+def test_an_unknown_output_is_refused_with_those_there_are(served_lenet5: Served) -> None:
+    files, _ = held_out_drawings(1)
+    with pytest.raises(InvalidInput, match="Unknown output 'scores'; the model has logits, probabilities, distance"):
+        infer(served_lenet5, [image_bytes(files)], [RequestedOutput("scores")])
+
+
+def test_model_metadata_describes_the_inputs_and_outputs_it_takes(served_lenet5: Served) -> None:
+    meta: dict[str, Any] = asyncio.run(served_lenet5.oip.metadata("lenet5"))
+    assert (meta["name"], meta["versions"], meta["platform"]) == ("lenet5", ["1"], "onnxruntime_onnx")
+    assert meta["inputs"] == [
+        {"name": "images", "datatype": "UINT8", "shape": [-1, 32, 32, 1]},
+        {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]},
+    ]
+    outputs = {output["name"]: (output["datatype"], output["shape"]) for output in meta["outputs"]}
+    assert outputs["logits"] == outputs["probabilities"] == ("FP32", [-1, 10])
+    assert outputs["distance"] == ("FP32", [-1])  # the export fitted LeNet-5 a typicality check
+    assert meta["parameters"]["precision"] == "fp32"
+    with pytest.raises(InvalidInput, match="positive integer, got 'x'"):
+        asyncio.run(served_lenet5.oip.metadata("lenet5", "x"))
