@@ -75,17 +75,16 @@ async def classify(request: Request) -> Response:
     service = classifier(request)
     settings = service.settings
     query = classify_params(settings.max_top_k).parse(request.query_params)
-    # the lease is taken inside the record (on demand: once the model is loaded), so its errors count too
-    with (
-        service.metrics.track_request("http") as record,
-        await service.acquire(query["model"], query["version"]) as entry,
-    ):
+    # inside the record, so that every error counts; the body is read before the lease, which is then held
+    # (on demand: the model loaded) only while the images are decoded and inferred
+    with service.metrics.track_request("http") as record:
         request.scope["request_record"] = record
-        record.model, record.version = entry.name, str(entry.version)
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
-        classified = await service.classify(entry, files, query["top_k"], query["min_confidence"])
-        record.images = len(classified.answers)
-    body = {"model": entry.name, "version": str(entry.version), "min_confidence": classified.min_confidence,
+        classified = await service.classify(
+            query["model"], query["version"], files, query["top_k"], query["min_confidence"], record
+        )
+    body = {"model": classified.model, "version": str(classified.version),
+            "min_confidence": classified.min_confidence,
             "results": [rendered(answer) for answer in classified.answers]}  # fmt: skip
     return JSONResponse(body)
 

@@ -60,18 +60,15 @@ class BatchStats:
     contexts: list[Any]  # per request: what the caller passed to :meth:`DynamicBatcher.infer`
     probabilities: np.ndarray | None = None  # the batch's, row per image
     distances: np.ndarray | None = None  # the batch's, where the graph has a typicality check
+    # derived here, on the batcher's thread, so that what observes the batch reads figures
+    requests: int = field(init=False)
+    queue_seconds: list[float] = field(init=False)  # per request
+    inference_seconds: float = field(init=False)
 
-    @property
-    def requests(self) -> int:
-        return len(self.enqueued)
-
-    @property
-    def queue_seconds(self) -> list[float]:
-        return [self.started - enqueued for enqueued in self.enqueued]
-
-    @property
-    def inference_seconds(self) -> float:
-        return self.finished - self.started
+    def __post_init__(self) -> None:
+        self.requests = len(self.enqueued)
+        self.queue_seconds = [self.started - enqueued for enqueued in self.enqueued]
+        self.inference_seconds = self.finished - self.started
 
 
 @dataclass

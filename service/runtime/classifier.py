@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..metrics import Metrics
+from ..metrics import Metrics, RequestRecord
 from ..settings import Settings
 from ..store.layout import is_valid_name
 from ..store.metadata import ModelMetadata
@@ -64,6 +63,8 @@ class Classified:
 
     answers: list[Answer]
     min_confidence: float | None
+    model: str  # the version that answered
+    version: int
 
 
 @dataclass
@@ -85,6 +86,28 @@ class Residency(Protocol):
     ) -> contextlib.AbstractContextManager[ModelEntry]: ...
 
     def describe(self, name: str) -> dict[str, Any] | None: ...
+
+
+class Stage:
+    """A stage run inline, timed into ``cnn_stage_seconds`` when it ends without an error (and a span when
+    tracing). A class rather than a generator: entering it does not hand the request to ``contextlib``."""
+
+    __slots__ = ("classifier", "entry", "name", "span", "started")
+
+    def __init__(self, classifier: Classifier, entry: ModelEntry, name: str) -> None:
+        self.classifier, self.entry, self.name = classifier, entry, name
+        self.span = classifier.tracing.stage(SPANS[name])
+        self.started = 0.0
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+        self.span.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.span.__exit__(*exc)
+        if exc[0] is None:
+            labels = {"model": self.entry.name, "version": str(self.entry.version)}
+            self.classifier.metrics.observe_stage(labels, self.name, time.perf_counter() - self.started)
 
 
 class Classifier:
@@ -210,14 +233,9 @@ class Classifier:
 
     # -- the request path ------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def stage(self, entry: ModelEntry, name: str) -> Iterator[None]:
+    def stage(self, entry: ModelEntry, name: str) -> Stage:
         """Time a stage run inline into ``cnn_stage_seconds`` (and a span when tracing)."""
-        started = time.perf_counter()
-        with self.tracing.stage(SPANS[name]):
-            yield
-        labels = {"model": entry.name, "version": str(entry.version)}
-        self.metrics.observe_stage(labels, name, time.perf_counter() - started)
+        return Stage(self, entry, name)
 
     async def preprocess(self, entry: ModelEntry, files: list[bytes]) -> np.ndarray:
         assert entry.model is not None
@@ -243,7 +261,7 @@ class Classifier:
         """
         assert entry.batcher is not None
         answered = self.hooks.answered
-        if not answered:
+        if not answered.subscribers:
             return await entry.batcher.infer(images, self.tracing.current())
         started = time.perf_counter()
         outputs = await entry.batcher.infer(images, self.tracing.current())
@@ -251,10 +269,30 @@ class Classifier:
         return outputs
 
     async def classify(
+        self,
+        name: str | None,
+        version: int | None,
+        files: list[bytes],
+        k: int,
+        min_confidence: float | None = None,
+        record: RequestRecord | None = None,
+    ) -> Classified:
+        """``files`` classified by model ``name`` (None: the default) at ``version`` (None: the one it serves),
+        leased for as long as it takes; ``record`` (the request's metrics) learns who answered as soon as it is
+        known, so that an error after the lease counts against that version."""
+        with await self.acquire(name, version) as entry:
+            if record is not None:
+                record.model, record.version = entry.name, str(entry.version)
+            classified = await self.answer(entry, files, k, min_confidence)
+        if record is not None:
+            record.images = len(classified.answers)
+        return classified
+
+    async def answer(
         self, entry: ModelEntry, files: list[bytes], k: int, min_confidence: float | None = None
     ) -> Classified:
-        """Each image's ``k`` best classes, and whether it is typical and confident (``quality.verdicts``)
-        by ``min_confidence``, else by the model's abstain threshold."""
+        """Each image's ``k`` best classes by the leased ``entry``, and whether it is typical and confident
+        (``quality.verdicts``) by ``min_confidence``, else by the model's abstain threshold."""
         assert entry.model is not None
         meta = entry.model.metadata
         images = await self.preprocess(entry, files)
@@ -265,7 +303,8 @@ class Classifier:
             distances = outputs[2] if len(outputs) > 2 else None
             # predictions[0] is the top-1 at any k
             judged = verdicts([p[0]["score"] for p in ranked], distances, least, meta.typicality_threshold)
-        return Classified([Answer(p, v) for p, v in zip(ranked, judged, strict=True)], least)
+        answers = [Answer(p, v) for p, v in zip(ranked, judged, strict=True)]
+        return Classified(answers, least, entry.name, entry.version)
 
     async def gradcam(self, entry: ModelEntry, images: np.ndarray, index: int | None = None) -> tuple[GradCam, Outputs]:
         """``images`` through the version's explanation graph (opened at first use), for class ``index`` or

@@ -27,18 +27,15 @@ class Hook(Generic[P]):
     """A list of subscribers, called in the order they subscribed."""
 
     def __init__(self) -> None:
-        self._subscribers: list[Callable[P, None]] = []
+        self.subscribers: list[Callable[P, None]] = []  # read where calling none is worth skipping work for
 
     def subscribe(self, subscriber: Callable[P, None]) -> Callable[P, None]:
-        self._subscribers.append(subscriber)
+        self.subscribers.append(subscriber)
         return subscriber
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> None:
-        for subscriber in self._subscribers:
+        for subscriber in self.subscribers:
             subscriber(*args, **kwargs)
-
-    def __bool__(self) -> bool:
-        return bool(self._subscribers)
 
 
 @dataclass(frozen=True)

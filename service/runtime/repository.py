@@ -11,6 +11,7 @@ by :class:`~service.runtime.lifecycle.ModelControl`; this module only does it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -110,10 +111,10 @@ class Repository:
         name = name if name is not None else self.default_model
         if not name:
             raise ModelNotFound("", self.names())
-        if not is_valid_name(name):
-            raise InvalidInput(f"Invalid model name {name!r}: use one of {available()}")
-        versions = self.versions.get(name)
+        versions = self.versions.get(name)  # a name served is a valid one: checked only when it is not
         if not versions:
+            if not is_valid_name(name):
+                raise InvalidInput(f"Invalid model name {name!r}: use one of {available()}")
             if name in self.problems:
                 raise ModelNotReady(f"Model {name!r} is not available: {self.problems[name]}")
             if self.settings.model_control == "explicit" and self.store.versions(name):
@@ -297,7 +298,7 @@ class Repository:
             max_batch_size=self.settings.max_batch_size,
             max_delay=self.settings.max_batch_delay_ms / 1000,
             max_queue_images=self.settings.max_queue_images,
-            on_batch=lambda stats: hooks.batch(entry, stats),
+            on_batch=functools.partial(hooks.batch, entry),
             on_out_of_memory=lambda size, limit: hooks.out_of_memory(entry, size, limit),
         )
 

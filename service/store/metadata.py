@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -59,10 +60,10 @@ class ModelMetadata(BaseModel):
     # its verification; for a variant, ``from`` names the FP32 parent whose graph explains it
     explanation: dict[str, Any] | None = None
 
-    @property
+    @cached_property  # read on every request: computed once per loaded version
     def abstain_threshold(self) -> float | None:
         return None if self.abstain is None else float(self.abstain["threshold"])
 
-    @property
+    @cached_property
     def typicality_threshold(self) -> float | None:
         return None if self.typicality is None else float(self.typicality["threshold"])

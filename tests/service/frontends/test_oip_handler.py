@@ -28,7 +28,7 @@ def pixels(served: Served, files: list[bytes]) -> np.ndarray:
     """The files decoded as the service decodes them: UINT8 [N, 32, 32, 1]."""
 
     async def run() -> np.ndarray:
-        with await served.repository.acquire("lenet5", None) as entry:
+        with await served.classifier.acquire("lenet5") as entry:
             return await served.classifier.preprocess(entry, files)
 
     return asyncio.run(run())

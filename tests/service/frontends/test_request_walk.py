@@ -1,11 +1,13 @@
-"""One ``/classify`` request, followed call by call through the service's modules, in-process: it passes through
-the repository once, and comes back to a module it has left at most three times.
+"""One ``/classify`` request, followed call by call through the service's modules, in-process: it is handed to the
+repository once, and comes back to a module it has left at most three times.
 
-A *stay* is a run of calls into one module of the data path (``service.frontends``, ``service.runtime``,
-``service.store``, the observers); a *return* is a stay in a module the request had already left. The shared
-utilities every layer uses (``service.metrics``, ``service.tracing``, ``service.errors``, ``service.settings``)
-are not rooms of the walk. A coroutine resumed after an ``await`` is not a new call. Measured on the event loop's
-thread, which runs the request; a batch runs on its batcher's thread, outside the walk.
+The walk follows the calls from one module of the data path (``service.frontends``, ``service.runtime``,
+``service.store``, the observers) into another, or into one from outside them (the server, asyncio): each such
+call hands the request to a module, a *stay*; a *return* is a stay in a module the request was handed to before
+(a callback, or a module asked twice). A call within a module, and a coroutine resumed after an ``await``, hand
+the request nowhere. The shared utilities every layer uses (``service.metrics``, ``service.tracing``,
+``service.errors``, ``service.settings``) are not rooms of the walk. Measured on the event loop's thread, which
+runs the request (and, for a batch of one request, its batch).
 """
 
 from __future__ import annotations
@@ -32,18 +34,20 @@ from ...helpers import encode, free_port
 ROOMS = ("service.frontends.", "service.runtime.", "service.store.", "service.observers")
 
 
-def walk(send: Any) -> list[str]:
-    """The modules of the data path that ``send()`` calls into, in order, consecutive calls into one merged."""
+def walk(send: Any) -> list[tuple[str, str]]:
+    """The modules of the data path that ``send()`` calls into, in order, consecutive calls into one merged:
+    (module, the function it was entered by)."""
     seen: dict[int, FrameType] = {}  # held for the walk: a resumed coroutine keeps its frame
-    stays: list[str] = []
+    stays: list[tuple[str, str]] = []
 
     def profile(frame: FrameType, event: str, _: Any) -> None:
         if event != "call" or id(frame) in seen:
             return
         seen[id(frame)] = frame
         module = frame.f_globals.get("__name__", "")
-        if module.startswith(ROOMS) and (not stays or stays[-1] != module):
-            stays.append(module)
+        caller = frame.f_back.f_globals.get("__name__", "") if frame.f_back is not None else ""
+        if module.startswith(ROOMS) and caller != module and (not stays or stays[-1][0] != module):
+            stays.append((module, frame.f_code.co_name))
 
     sys.setprofile(profile)
     try:
@@ -53,8 +57,8 @@ def walk(send: Any) -> list[str]:
     return stays
 
 
-def returns(stays: list[str]) -> int:
-    return len(stays) - len(set(stays))
+def returns(modules: list[str]) -> int:
+    return len(modules) - len(set(modules))
 
 
 @pytest.fixture
@@ -93,7 +97,9 @@ def test_a_classify_request_passes_through_the_repository_once(served: tuple[Any
 
     asyncio.get_event_loop().run_until_complete(send())  # the first request's one-time imports and caches
     stays = walk(send)
-    print(f"\n{len(stays)} stays in {len(set(stays))} modules, {returns(stays)} returns:\n  " + "\n  ".join(stays))
-    assert "service.runtime.repository" in stays and "service.runtime.batching" in stays  # the walk saw the path
-    assert stays.count("service.runtime.repository") == 1
-    assert returns(stays) <= 3
+    modules = [module for module, _ in stays]
+    print(f"\n{len(stays)} stays in {len(set(modules))} modules, {returns(modules)} returns:")
+    print("\n".join(f"  {module} ({function})" for module, function in stays))
+    assert "service.runtime.repository" in modules and "service.runtime.batching" in modules  # it saw the path
+    assert modules.count("service.runtime.repository") == 1
+    assert returns(modules) <= 3

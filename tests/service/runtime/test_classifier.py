@@ -16,8 +16,7 @@ from .harness import Served
 
 def classify(served: Served, files: list[bytes], k: int = 5, min_confidence: float | None = None) -> Classified:
     async def run() -> Classified:
-        with await served.repository.acquire("lenet5", None) as entry:
-            return await served.classifier.classify(entry, files, k, min_confidence)
+        return await served.classifier.classify("lenet5", None, files, k, min_confidence)
 
     return asyncio.run(run())
 
