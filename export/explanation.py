@@ -61,7 +61,7 @@ LAYERS: dict[str, tuple[str, str]] = {
 # stroke's, and C3's receptive field is 14 of its 32 pixels: on drawn digits its Grad-CAM puts
 # 54% of its mass on ink that covers 54% of C3's positions (Grad-CAM at C1 and S2: 40% on 33%),
 # where occlusion puts 92% on 30%, so the map a reader gets by default is occlusion's
-# (`pytest -s tests/service/test_explain.py -k default`). Grad-CAM stays one `method=gradcam` away.
+# (`pytest -s tests/service/e2e/test_explain.py -k default`). Grad-CAM stays one `method=gradcam` away.
 DEFAULT_METHOD: dict[str, tuple[str, str]] = {
     "LeNet": (
         "occlusion",

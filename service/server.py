@@ -19,7 +19,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .frontends.v2.grpc_server import start_grpc_server
 from .frontends.v2.handler import OipHandler
 from .metrics import Metrics, exposition, get_metrics
 from .observers import attach
@@ -121,6 +120,11 @@ class Server:
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         """The lifecycle's loads, then gRPC beside HTTP, for as long as the worker runs; stopped in reverse."""
+        # imported here: the generated protobuf modules register the package "inference" in the process's
+        # default descriptor pool, which only a worker serving gRPC needs (a client library that registers
+        # its own copy, like tritonclient's, can then share a process with the runtime)
+        from .frontends.v2.grpc_server import start_grpc_server
+
         self.runtime.start()
         settings = self.settings
         token = settings.api_token.get_secret_value() if settings.api_token else None

@@ -30,3 +30,20 @@ def test_generated_grpc_modules_match_the_proto(tmp_path: Path) -> None:
     for name in ("grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi", "grpc_predict_v2_pb2_grpc.py"):
         generated = (tmp_path / package / name).read_text()
         assert generated == (ROOT / package / name).read_text(), f"{name} is stale: run make proto"
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in helper modules (tests/helpers.py, tests/service/browser.py, ...), so that a test
+    module can be moved, renamed or run alone."""
+    import grimp
+
+    graph = grimp.build_graph("tests", cache_dir=None)
+    test_modules = {m for m in graph.modules if m.rsplit(".", 1)[-1].startswith("test_")}
+    assert len(test_modules) > 50  # the graph saw the suite
+    importers = {
+        (importer, imported)
+        for imported in test_modules
+        for importer in graph.find_modules_that_directly_import(imported)
+        if importer != imported
+    }
+    assert not importers, f"test modules imported by other modules: {sorted(importers)}"

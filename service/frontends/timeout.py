@@ -11,7 +11,7 @@ started, it is not cut), runs the request in the caller's task, and disarms its 
 the answer starts or the request ends.
 
 BentoML has no setting for its middleware; :func:`install` puts this class where BentoML
-looks for its own (``tests/service/test_http_stack.py`` fails if an upgrade moves it).
+looks for its own (``tests/service/e2e/test_http_stack.py`` fails if an upgrade moves it).
 """
 
 from __future__ import annotations

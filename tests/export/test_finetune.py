@@ -110,12 +110,12 @@ def test_it_starts_from_the_released_weights_with_a_new_head(tmp_path: Path) -> 
     from export.pipeline import ExportOptions
     from export.registry import get_model_spec
 
-    from .test_weights import _release_file
+    from .releases import release_file
 
     torch.manual_seed(1)
     released = GoogLeNet(aux_logits=True, transform_input=True).state_dict()
     (tmp_path / "mirror").mkdir()
-    _, release = _release_file(tmp_path / "mirror", "googlenet", released)
+    _, release = release_file(tmp_path / "mirror", "googlenet", released)
     base = dataclasses.replace(get_model_spec("googlenet"), released=release)
     spec = adapt(base, ["cat", "dog", "fox"], "pets", InputOverrides())
     options = ExportOptions(progress=False, cache_dir=tmp_path / "cache")

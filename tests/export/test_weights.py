@@ -23,15 +23,7 @@ from export.weights import (
 )
 from service.store.layout import ModelStore
 
-
-def _release_file(directory: Path, stem: str, state: dict[str, torch.Tensor]) -> tuple[Path, ReleasedWeights]:
-    """A file named like torchvision's releases, ``<stem>-<sha256 prefix>.pth``, served from file://."""
-    staging = directory / "staging.pth"
-    torch.save(state, staging)
-    prefix = hashlib.sha256(staging.read_bytes()).hexdigest()[:8]
-    path = directory / f"{stem}-{prefix}.pth"
-    staging.rename(path)
-    return path, ReleasedWeights(url=path.as_uri(), top1=0.0)
+from .releases import release_file
 
 
 def _served_probabilities(store: ModelStore, name: str, images: np.ndarray) -> np.ndarray:
@@ -97,7 +89,7 @@ def test_pickled_objects_are_not_loaded(tmp_path: Path) -> None:
 def test_release_download_is_hash_checked(tmp_path: Path) -> None:
     source = tmp_path / "mirror"
     source.mkdir()
-    path, release = _release_file(source, "tiny", {"w": torch.arange(4.0)})
+    path, release = release_file(source, "tiny", {"w": torch.arange(4.0)})
     cache = tmp_path / "cache"
 
     fetched = fetch_released(release, cache_dir=cache, progress=False)
@@ -113,7 +105,7 @@ def test_release_download_is_hash_checked(tmp_path: Path) -> None:
 
 
 def test_tampered_download_is_refused(tmp_path: Path) -> None:
-    path, release = _release_file(tmp_path, "tiny", {"w": torch.ones(3)})
+    path, release = release_file(tmp_path, "tiny", {"w": torch.ones(3)})
     torch.save({"w": torch.zeros(3)}, path)  # the content changes, the published name stays
     with pytest.raises(WeightsIntegrityError):
         fetch_released(release, cache_dir=tmp_path / "cache", progress=False)

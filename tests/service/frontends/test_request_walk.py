@@ -29,7 +29,7 @@ from service.server import Server
 from service.settings import Settings
 from service.store.layout import ModelStore
 
-from ...helpers import encode, free_port
+from ...helpers import encode
 
 ROOMS = ("service.frontends.", "service.runtime.", "service.store.", "service.observers")
 
@@ -62,31 +62,28 @@ def returns(modules: list[str]) -> int:
 
 
 @pytest.fixture
-def served(model_store: ModelStore) -> Iterator[tuple[Any, asyncio.AbstractEventLoop]]:
-    """The service's app with its middlewares and its runtime (LeNet-5 loaded), on this thread's event loop."""
-    settings = Settings(model_store=model_store.root, models="lenet5", workers=1, grpc_port=free_port(),
-                        http_host="127.0.0.1", warmup_batches=(1,))  # fmt: skip
+def served(model_store: ModelStore) -> Iterator[Any]:
+    """The service's app with its middlewares and its runtime (LeNet-5 loaded; no gRPC), on this thread's loop."""
+    settings = Settings(model_store=model_store.root, models="lenet5", workers=1, warmup_batches=(1,))
     api = create_app()
     server = Server(settings, api)
-    app = RequestObserver(FastPathMiddleware(api, api=api), api=api)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    running = server.running()
-    loop.run_until_complete(running.__aenter__())
+    server.runtime.start()
     try:
         deadline = loop.time() + 60
         while not server.ready and loop.time() < deadline:
             loop.run_until_complete(asyncio.sleep(0.05))
         assert server.ready
-        yield app, loop
+        yield RequestObserver(FastPathMiddleware(api, api=api), api=api)
     finally:
-        loop.run_until_complete(running.__aexit__(None, None, None))
+        loop.run_until_complete(server.stop())
         loop.close()
         asyncio.set_event_loop(None)
 
 
-def test_a_classify_request_passes_through_the_repository_once(served: tuple[Any, asyncio.AbstractEventLoop]) -> None:
-    app, _ = served
+def test_a_classify_request_passes_through_the_repository_once(served: Any) -> None:
+    app = served
     image = encode(np.full((32, 32), 200, np.uint8))
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://walk")
 

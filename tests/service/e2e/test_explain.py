@@ -24,8 +24,8 @@ from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 from service.store.preprocess import preprocess
 
-from ..helpers import ServiceProcess, metric_samples, running
-from .pictures import held_out_drawings
+from ...helpers import ServiceProcess, metric_samples, running
+from ..pictures import held_out_drawings
 
 LENET5 = InputMeta(size=32, channels=1, resize=32, crop=32, mean=[0.5], std=[0.5], polarity="light-on-dark")
 

@@ -13,7 +13,7 @@ import pytest
 
 from service.store.layout import ModelStore
 
-from ..helpers import encode, metric_samples, running
+from ...helpers import encode, metric_samples, running
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from service.frontends.auth import token_matches
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, encode, running
+from ...helpers import ServiceProcess, encode, running
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from skimage import data
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, encode
+from ...helpers import ServiceProcess, encode
 
 pytestmark = pytest.mark.integration
 

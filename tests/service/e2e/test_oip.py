@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, encode, metric_samples
+from ...helpers import ServiceProcess, encode, metric_samples
 
 pytestmark = pytest.mark.integration
 

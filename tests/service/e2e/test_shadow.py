@@ -15,8 +15,8 @@ from PIL import Image
 from export.precision import VariantOptions, export_variant
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, metric_samples, running
-from .pictures import held_out_drawings
+from ...helpers import ServiceProcess, metric_samples, running
+from ..pictures import held_out_drawings
 
 pytestmark = pytest.mark.integration
 

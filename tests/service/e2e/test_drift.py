@@ -11,8 +11,8 @@ import pytest
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, metric_samples, running
-from .pictures import held_out_drawings, out_of_distribution
+from ...helpers import ServiceProcess, metric_samples, running
+from ..pictures import held_out_drawings, out_of_distribution
 
 pytestmark = pytest.mark.integration
 

@@ -17,8 +17,8 @@ from tritonclient.utils import InferenceServerException
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess
-from .lifecycle_load import DIGIT
+from ...helpers import ServiceProcess
+from ..lifecycle_load import DIGIT
 
 pytestmark = pytest.mark.integration
 
@@ -164,7 +164,7 @@ def test_a_restart_comes_back_to_the_declared_state(explicit: ServiceProcess) ->
 
 
 def test_other_modes_refuse_the_repository_api(model_store: ModelStore, tmp_path: Path) -> None:
-    from ..helpers import running
+    from ...helpers import running
 
     with running(Path(model_store.root), tmp_path / "none.log", MODELS="lenet5") as service:
         http = httpx.post(f"{service.url}/v2/repository/models/lenet5/unload", timeout=10)
@@ -184,7 +184,7 @@ def server_rss(service: ServiceProcess) -> int:
 def test_twenty_load_unload_cycles_of_resnet18_give_the_memory_back(model_store: ModelStore, tmp_path: Path) -> None:
     store = tmp_path / "store"
     shutil.copytree(model_store.model_dir("resnet18"), store / "resnet18", ignore=shutil.ignore_patterns(".staging*"))
-    from ..helpers import running
+    from ...helpers import running
 
     with running(store, tmp_path / "cycles.log", MODEL_CONTROL="explicit") as service:
         client = triton_http.InferenceServerClient(service.url.removeprefix("http://"))

@@ -13,7 +13,7 @@ from service.errors import InvalidInput, PayloadTooLarge
 from service.store.metadata import InputMeta
 from service.store.preprocess import preprocess
 
-from ..helpers import encode
+from ...helpers import encode
 
 IMAGENET = InputMeta(size=224, channels=3, resize=256, crop=224, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 DIGITS = InputMeta(size=32, channels=1, resize=32, crop=32, mean=[0.5], std=[0.5], polarity="light-on-dark")

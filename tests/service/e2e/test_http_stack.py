@@ -28,7 +28,7 @@ import tritonclient.grpc as triton_grpc
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, running
+from ...helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, running
 
 DIGIT = encode(np.pad(np.full((20, 4), 255, dtype=np.uint8), 4))
 PNG = {"Content-Type": "image/png"}

@@ -19,8 +19,8 @@ import pytest
 from export.cli import main as export_main
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, models, running, wait_until
-from .lifecycle_load import SteadyLoad, percentiles
+from ...helpers import ROOT, ServiceProcess, models, running, wait_until
+from ..lifecycle_load import SteadyLoad, percentiles
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,7 @@ def test_models_shows_the_accuracy_and_per_class_on_demand(tuned_service: Servic
 def test_the_page_shows_its_accuracy_and_per_class_on_demand(tuned_service: ServiceProcess) -> None:
     from playwright.sync_api import sync_playwright
 
-    from .test_page import CHROMIUM, open_tab
+    from ..browser import CHROMIUM, open_tab
 
     listed = httpx.get(f"{tuned_service.url}/models", params={"per_class": "true"}, timeout=10).json()["models"]
     expected = next(m for m in listed if m["name"] == "digits")["evaluation"]

@@ -20,7 +20,7 @@ from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 from service.store.preprocess import preprocess
 
-from ..helpers import ServiceProcess, classified, encode, running
+from ...helpers import ServiceProcess, classified, encode, running
 
 SHOES = ["boot", "sandal", "sneaker", "heel", "loafer", "clog", "slipper"]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's, which they trained with

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from service.store.host import cgroup_cpu_limit
 
-from ..helpers import ROOT, in_child_cgroup
+from ...helpers import ROOT, in_child_cgroup
 
 
 def _write(path: Path, text: str) -> None:

@@ -20,7 +20,7 @@ from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 from service.store.preprocess import preprocess
 
-from ..helpers import ROOT, ServiceProcess, running
+from ...helpers import ROOT, ServiceProcess, running
 
 SPECS = [
     InputMeta(size=224, channels=3, resize=256, crop=224, mean=[0.5] * 3, std=[0.5] * 3),

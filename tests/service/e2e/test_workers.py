@@ -13,7 +13,7 @@ import tritonclient.grpc as triton_grpc
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, encode, metric_samples, running
+from ...helpers import ServiceProcess, encode, metric_samples, running
 
 pytestmark = pytest.mark.integration
 

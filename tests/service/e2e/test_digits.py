@@ -8,8 +8,8 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from ..helpers import ServiceProcess
-from .pictures import drawn
+from ...helpers import ServiceProcess
+from ..pictures import drawn
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, encode, metric_samples, running
+from ...helpers import ROOT, ServiceProcess, encode, metric_samples, running
 
 pytestmark = pytest.mark.integration
 

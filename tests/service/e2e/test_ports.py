@@ -10,7 +10,7 @@ import pytest
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess
+from ...helpers import ServiceProcess
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ import tritonclient.grpc as triton_grpc
 from export.precision import VariantOptions, export_variant
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, encode, metric_samples, running
+from ...helpers import ServiceProcess, encode, metric_samples, running
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ import tritonclient.grpc as triton_grpc
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, metric_samples, models, running, wait_until
-from .lifecycle_load import DIGIT, SteadyLoad, percentiles
+from ...helpers import ROOT, ServiceProcess, metric_samples, models, running, wait_until
+from ..lifecycle_load import DIGIT, SteadyLoad, percentiles
 
 pytestmark = pytest.mark.integration
 

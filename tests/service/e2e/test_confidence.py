@@ -13,8 +13,8 @@ from tritonclient.utils import InferenceServerException
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, metric_samples
-from .pictures import held_out_drawings, out_of_distribution
+from ...helpers import ServiceProcess, metric_samples
+from ..pictures import held_out_drawings, out_of_distribution
 
 pytestmark = pytest.mark.integration
 

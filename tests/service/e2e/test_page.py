@@ -10,7 +10,6 @@ import base64
 import io
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +17,15 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, Request, sync_playwright
+from playwright.sync_api import Browser, Page, sync_playwright
 from skimage import data
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, classified, encode, running
+from ...helpers import ServiceProcess, classified, encode, running
+from ..browser import CHROMIUM, Tab, open_tab
 
 pytestmark = pytest.mark.integration
-
-CHROMIUM = "/usr/bin/chromium"  # Debian's package (make test-tools); Playwright's own download needs the internet
-
-
-@dataclass
-class Tab:
-    """A page with everything it requested and every console error it logged."""
-
-    page: Page
-    origin: str
-    requests: list[Request] = field(default_factory=list)
-    console_errors: list[str] = field(default_factory=list)
-
-    def outside_origin(self) -> list[str]:
-        return [r.url for r in self.requests if not r.url.startswith((self.origin + "/", "blob:", "data:"))]
-
-    def classify_requests(self) -> list[Request]:
-        return [r for r in self.requests if r.url.startswith(f"{self.origin}/classify")]
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +35,6 @@ def browser() -> Iterator[Browser]:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield launched
         launched.close()
-
-
-def open_tab(browser: Browser, origin: str, path: str = "/") -> Tab:
-    """A fresh browser context (its own session storage) on ``origin + path``, recording as it goes."""
-    page = browser.new_context(viewport={"width": 1100, "height": 1300}).new_page()
-    tab = Tab(page, origin)
-    page.on("request", lambda request: tab.requests.append(request))
-    page.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
-    page.goto(f"{origin}{path}")
-    return tab
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 from service.store.preprocess import preprocess
 
-from ..helpers import ServiceProcess, encode, in_child_cgroup, metric_samples, running
-from .lifecycle_load import Workload, worker_rss
+from ...helpers import ServiceProcess, encode, in_child_cgroup, metric_samples, running
+from ..lifecycle_load import Workload, worker_rss
 
 pytestmark = pytest.mark.integration
 
@@ -168,7 +168,7 @@ def test_where_no_room_can_be_made_the_answer_is_503_with_its_reason(zoo: ModelS
         # the page offers every model of the store, and says which take a cold start
         from playwright.sync_api import sync_playwright
 
-        from .test_page import CHROMIUM, open_tab
+        from ..browser import CHROMIUM, open_tab
 
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

@@ -14,7 +14,7 @@ from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 from service.store.preprocess import preprocess
 
-from ..helpers import ServiceProcess, classify, encode, metric_samples
+from ...helpers import ServiceProcess, classify, encode, metric_samples
 
 pytestmark = pytest.mark.integration
 

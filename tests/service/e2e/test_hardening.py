@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from ..helpers import ServiceProcess, classify, encode
+from ...helpers import ServiceProcess, classify, encode
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.store.layout import ModelStore
 
-from ..helpers import ServiceProcess, encode, metric_samples, running
+from ...helpers import ServiceProcess, encode, metric_samples, running
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
