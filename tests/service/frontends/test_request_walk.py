@@ -61,10 +61,12 @@ def returns(modules: list[str]) -> int:
     return len(modules) - len(set(modules))
 
 
-@pytest.fixture
-def served(model_store: ModelStore) -> Iterator[Any]:
-    """The service's app with its middlewares and its runtime (LeNet-5 loaded; no gRPC), on this thread's loop."""
-    settings = Settings(model_store=model_store.root, models="lenet5", workers=1, warmup_batches=(1,))
+@pytest.fixture(params=["none", "on-demand"])
+def served(model_store: ModelStore, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The service's app with its middlewares and its runtime (LeNet-5 loaded; no gRPC), on this thread's loop;
+    with every model resident, and on demand (where the residency stands between a request and its lease)."""
+    settings = Settings(model_store=model_store.root, models="lenet5", workers=1, warmup_batches=(1,),
+                        model_control=request.param, memory_budget="2GiB")  # fmt: skip
     api = create_app()
     server = Server(settings, api)
     loop = asyncio.new_event_loop()
