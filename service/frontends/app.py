@@ -20,11 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ServiceError
 from ..runtime.classifier import Answer
 from ..settings import Settings
-from .body import read_body
+from .body import read_body, read_images
 from .explain import explain
 from .fastpath import FastRoutes, error_response, internal_error
 from .page import add_page
-from .params import MODELS, classifier, classify_params, explain_params, read_images
+from .params import MODELS, classifier, classify_params, explain_params
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList
 from .v2.rest import infer as v2_infer
 from .v2.rest import router as v2_router

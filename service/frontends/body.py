@@ -1,12 +1,14 @@
-"""Reading a request body with a size limit, before anything parses it."""
+"""Reading a request body with a size limit, before anything parses it, and the image files it holds."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
-from ..errors import PayloadTooLarge
+from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -25,3 +27,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     body = b"".join(chunks)
     request._body = body  # Starlette's form parser reads the cached body
     return body
+
+
+RAW_TYPES = ("image/", "application/octet-stream")
+
+
+async def read_images(request: Request, max_body: int, max_files: int) -> list[bytes]:
+    """The encoded images of a raw-body or multipart request, in order."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith(RAW_TYPES):
+        return [await read_body(request, max_body)]
+    if content_type != "multipart/form-data":
+        raise UnsupportedMediaType(
+            f"Unsupported Content-Type {content_type or '(none)'!r}: send the image file as the body with "
+            "Content-Type image/jpeg, image/png, ... or application/octet-stream, or as multipart/form-data files"
+        )
+    await read_body(request, max_body)
+    try:
+        form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
+    except MultiPartException as exc:
+        if "Too many files" in exc.message:
+            raise PayloadTooLarge(f"Too many files: at most {max_files} per request (MAX_IMAGES_PER_REQUEST)") from None
+        raise InvalidInput(f"Malformed multipart body: {exc.message}") from None
+    files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+    if not files:
+        raise InvalidInput("The multipart form holds no file: send images as file fields, e.g. curl -F image=@cat.jpg")
+    if len(files) > max_files:
+        raise PayloadTooLarge(f"Too many files: {len(files)}, at most {max_files} per request (MAX_IMAGES_PER_REQUEST)")
+    return [await f.read() for f in files]

@@ -24,7 +24,8 @@ from PIL import Image
 from ..errors import InvalidInput
 from ..runtime.classifier import Explained, top_k
 from ..runtime.occlusion import Occlusion
-from .params import classifier, explain_params, read_images
+from .body import read_images
+from .params import classifier, explain_params
 
 OVERLAY_MIN_SIDE = 224  # small inputs (LeNet-5's 32 pixels) are enlarged, pixel for pixel, to at least this
 
