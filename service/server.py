@@ -13,8 +13,9 @@ the decoders and the tracing, in that order. Nothing here runs at import time.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -57,16 +58,24 @@ class Runtime:
         self.residency.start()
 
     async def stop(self) -> None:
-        """Stop what :meth:`start` started and release every model's batchers, in reverse."""
-        if self.shadow is not None:
-            await self.shadow.close()
-        self.control.stop()
-        self.residency.shutdown()
-        if self.readiness is not None:
-            self.readiness.withdraw()
-        await self.repository.close()
-        self.decoders.shutdown(wait=False)
-        self.tracing.shutdown()
+        """Stop what :meth:`start` started and release every model's batchers, in reverse; a step that fails is
+        logged and the next ones run all the same."""
+        steps: list[tuple[str, Callable[[], Any]]] = [
+            ("the shadow", self.shadow.close if self.shadow is not None else lambda: None),
+            ("the lifecycle", self.control.stop),
+            ("the residency", self.residency.shutdown),
+            ("readiness", self.readiness.withdraw if self.readiness is not None else lambda: None),
+            ("the batchers", self.repository.close),
+            ("the decoders", lambda: self.decoders.shutdown(wait=False)),
+            ("tracing", self.tracing.shutdown),
+        ]
+        for what, step in steps:
+            try:
+                done = step()
+                if inspect.isawaitable(done):
+                    await done
+            except Exception:
+                logger.exception("shutdown: stopping %s failed; going on", what)
 
 
 def build_runtime(

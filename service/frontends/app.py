@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -75,11 +76,11 @@ async def classify(request: Request) -> Response:
     service = classifier(request)
     settings = service.settings
     query = classify_params(settings.max_top_k).parse(request.query_params)
-    # inside the record, so that every error counts; the body is read before the lease, which is then held
-    # (on demand: the model loaded) only while the images are decoded and inferred
+    # inside the record, so that every error counts, and against the version the lease names (the body is read
+    # once it is taken: a partial, not a lambda, so that the request is not handed back to this module)
+    files = functools.partial(read_images, request, settings.max_body_bytes, settings.max_images_per_request)
     with service.metrics.track_request("http") as record:
         request.scope["request_record"] = record
-        files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
         classified = await service.classify(
             query["model"], query["version"], files, query["top_k"], query["min_confidence"], record
         )

@@ -1,7 +1,7 @@
-"""What a request brings: its image files, its query parameters, and the service it reaches.
+"""What a request's query brings: its parameters, and the service it reaches.
 
-Shared by the HTTP front ends (``/classify``, ``/explain``): the same bodies, limits and
-400s for all of them. Each query parameter is declared once, as a :class:`Param`: the
+Shared by the HTTP front ends (``/classify``, ``/explain``): the same limits and 400s for
+all of them (their bodies are read by :mod:`.body`). Each query parameter is declared once, as a :class:`Param`: the
 OpenAPI document (the routes' ``openapi_extra``) and the checks of a request both read it,
 so the reference cannot promise a bound the service does not hold (``/classify`` is answered
 by the fast path, past FastAPI's own validation).

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -272,18 +273,20 @@ class Classifier:
         self,
         name: str | None,
         version: int | None,
-        files: list[bytes],
+        files: list[bytes] | Callable[[], Awaitable[list[bytes]]],
         k: int,
         min_confidence: float | None = None,
         record: RequestRecord | None = None,
     ) -> Classified:
-        """``files`` classified by model ``name`` (None: the default) at ``version`` (None: the one it serves),
-        leased for as long as it takes; ``record`` (the request's metrics) learns who answered as soon as it is
-        known, so that an error after the lease counts against that version."""
+        """``files`` (the encoded images, or how to read them) classified by model ``name`` (None: the default) at
+        ``version`` (None: the one it serves), leased for as long as it takes. ``record`` (the request's metrics)
+        learns who answers as soon as the lease is taken, and a reader is called after it: a request is refused
+        for its model before its body is read, and an error in its body counts against the version it named."""
         with await self.acquire(name, version) as entry:
             if record is not None:
                 record.model, record.version = entry.name, str(entry.version)
-            classified = await self.answer(entry, files, k, min_confidence)
+            images = files if isinstance(files, list) else await files()
+            classified = await self.answer(entry, images, k, min_confidence)
         if record is not None:
             record.images = len(classified.answers)
         return classified

@@ -5,7 +5,10 @@ a load or unload done, a batch run, a device out of memory, a request answered. 
 the answers' drift and the batch spans (:mod:`service.observers`) and the shadow subscribe
 in the composition root (:mod:`service.server`), as MLServer's registry lets batching and
 metrics attach to a model's load and unload without the registry importing them. A
-subscriber runs on the caller's thread (a batch's: the batcher's runner) and must be quick.
+subscriber runs where the hook is called: ``ready``, ``released`` and ``changed`` on the
+thread that loads or unloads (the lifecycle's, the residency's); ``batch``, ``out_of_memory``
+and ``answered`` on the worker's event loop, so they must be quick. A subscriber that raises
+in ``ready`` fails the version's load.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class Hooks:
     released: Hook[[ModelEntry]] = field(default_factory=Hook)
     # a load or an unload ended: (entry, "load" | "unload", "success" | "failure", seconds or None)
     changed: Hook[[ModelEntry, str, str, float | None]] = field(default_factory=Hook)
-    # a version's batch ran (on the batcher's runner thread)
+    # a version's batch ran (on the event loop, once its results are handed out)
     batch: Hook[[ModelEntry, BatchStats]] = field(default_factory=Hook)
     # the device had no memory for a batch: (entry, the batch's size, the new largest batch)
     out_of_memory: Hook[[ModelEntry, int, int]] = field(default_factory=Hook)

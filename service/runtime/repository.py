@@ -186,7 +186,13 @@ class Repository:
             return self.fail(entry, f"{type(exc).__name__}: {exc}")
         entry.batcher, entry.model = self._make_batcher(entry, model), model
         seconds, entry.resident_bytes = time.perf_counter() - started, max(resident_bytes() - before, 0)
-        self.hooks.ready(entry, seconds)
+        try:
+            self.hooks.ready(entry, seconds)
+        except Exception as exc:  # a watcher that cannot watch it (a broken baseline, say): not served unwatched
+            logger.exception("%s v%d: what watches it could not take it", stored.name, stored.version)
+            entry.batcher.shutdown()
+            entry.model = entry.batcher = None
+            return self.fail(entry, f"{type(exc).__name__}: {exc}")
         with self._lock:
             entry.status, entry.since = "ready", time.time()
         self.hooks.changed(entry, "load", "success", seconds)

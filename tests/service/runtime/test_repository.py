@@ -119,3 +119,21 @@ def test_the_hooks_see_loads_batches_and_releases_without_the_repository_knowing
         ("released", 1, "draining"),
         ("unload", 1, "success"),
     ]
+
+
+def test_a_version_its_watchers_cannot_take_is_failed_not_served_unwatched(make_store: StoreFactory) -> None:
+    store = make_store(lenet=[1])
+    settings = Settings(model_store=store.root, workers=1, max_batch_size=4, warmup_batches=(1,), intra_op_threads=1)
+    hooks = Hooks()
+
+    def broken(entry: ModelEntry, seconds: float) -> None:
+        raise KeyError("confidence")
+
+    hooks.ready.subscribe(broken)
+    repository = Repository(settings, hooks)
+    (entry,) = [repository.load(stored, ()) for stored in repository.store.versions("lenet")]
+    assert entry.status == "failed" and entry.reason == "KeyError: 'confidence'"
+    assert entry.batcher is None and entry.model is None
+    with pytest.raises(ModelNotReady) as refused:
+        repository.lease("lenet")
+    assert "KeyError" in refused.value.message
