@@ -79,7 +79,7 @@ class Explained:
     layers: dict[str, np.ndarray] = field(default_factory=dict)  # LeNet-5: what C1, S2, C3 and S4 see
 
 
-class Residency(Protocol):
+class LeaseStrategy(Protocol):
     """How a request's model is made resident before its lease (:mod:`.residency`'s strategies)."""
 
     async def acquire(
@@ -118,7 +118,7 @@ class Classifier:
     def __init__(
         self,
         repository: Repository,
-        residency: Residency,
+        residency: LeaseStrategy,
         decoders: ThreadPoolExecutor,
         metrics: Metrics,
         tracing: Tracing,

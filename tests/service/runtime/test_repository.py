@@ -3,6 +3,7 @@ of an unload, and the hooks that let what watches it attach."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -103,8 +104,6 @@ def test_the_hooks_see_loads_batches_and_releases_without_the_repository_knowing
     hooks.released.subscribe(lambda entry: seen.append(("released", entry.version, entry.status)))
     repository = Repository(settings, hooks)
     (entry,) = [repository.load(stored, ()) for stored in repository.store.versions("lenet")]
-
-    import asyncio
 
     async def infer() -> None:
         assert entry.batcher is not None
