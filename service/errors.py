@@ -32,6 +32,12 @@ class ModelUnloaded(ServiceError):
     status_code = 404
 
 
+class CanaryNotFound(ServiceError):
+    """The repository API named a primary that has no ``CANARY``."""
+
+    status_code = 404
+
+
 class RepositoryError(ServiceError):
     """A repository call the service's model control refuses (not explicit mode): 409 Conflict."""
 

@@ -139,6 +139,23 @@ class Metrics:
             "Images not shadowed: reason=dropped (the queue was full), unavailable, refused, incompatible, error",
             [*pair, "reason"],
         )  # fmt: skip
+        # CANARY: the share the candidate answers, its state, the requests each side answered, the windows judged
+        self.canary_fraction = prom.Gauge(
+            "cnn_canary_fraction", "Share of the primary's requests (naming no version) the canary's candidate answers",
+            pair, multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.canary_state = prom.Gauge(
+            "cnn_canary_state",
+            "1 for a canary's state (running, paused, rolled_back, promoted, ended), 0 for the others",
+            [*pair, "state"], multiprocess_mode="livemax",
+        )  # fmt: skip
+        self.canary_requests = prom.Counter(
+            "cnn_canary_requests", "Requests for a canary's primary, by the side that answered (primary, candidate)",
+            [*pair, "side"],
+        )  # fmt: skip
+        self.canary_windows = prom.Counter(
+            "cnn_canary_windows", "Canary analysis windows judged, by verdict (pass, fail)", [*pair, "verdict"]
+        )
 
         # what a model holds and costs to load (every mode); MODEL_CONTROL=on-demand's budget, loads, evictions
         self.resident_bytes = prom.Gauge(

@@ -23,6 +23,7 @@ from typing import Any
 from .frontends.v2.handler import OipHandler
 from .metrics import Metrics, exposition, get_metrics
 from .observers import attach
+from .runtime.canary import Canaries
 from .runtime.classifier import Classifier
 from .runtime.hooks import Hooks
 from .runtime.lifecycle import ModelControl
@@ -51,9 +52,13 @@ class Runtime:
     classifier: Classifier
     decoders: ThreadPoolExecutor
     readiness: WorkerReadiness | None = None
+    canaries: Canaries | None = None
 
     def start(self) -> None:
-        """Load in the background (then follow ``MODEL_CONTROL``); ``/readyz`` waits for the first pass."""
+        """Load in the background (then follow ``MODEL_CONTROL``); ``/readyz`` waits for the first pass. The
+        canaries take their shared state first."""
+        if self.canaries is not None:
+            self.canaries.start()
         self.control.start()
         self.residency.start()
 
@@ -61,6 +66,7 @@ class Runtime:
         """Stop what :meth:`start` started and release every model's batchers, in reverse; a step that fails is
         logged and the next ones run all the same."""
         steps: list[tuple[str, Callable[[], Any]]] = [
+            ("the canaries", self.canaries.stop if self.canaries is not None else lambda: None),
             ("the shadow", self.shadow.close if self.shadow is not None else lambda: None),
             ("the lifecycle", self.control.stop),
             ("the residency", self.residency.shutdown),
@@ -97,14 +103,30 @@ def build_runtime(
         repository.gradcams.before_load = residency.count_explanation  # an explanation graph takes room too
     else:
         residency = AlwaysResident(repository)
-    pairs = settings.shadow_pairs()
-    shadow = Shadow(pairs, repository, metrics, settings.shadow_queue) if pairs else None
-    if shadow is not None:
+    pairs, canary_pairs = settings.shadow_pairs(), settings.canary_pairs()
+    shadow = Shadow(pairs, repository, metrics, settings.shadow_queue) if pairs or canary_pairs else None
+    if shadow is not None and pairs:
         hooks.answered.subscribe(shadow.offer)
+    canaries = None
+    if canary_pairs:  # its agreement sample goes through the shadow's queues
+        assert shadow is not None
+        canaries = Canaries(canary_pairs, settings, metrics, shadow)
+        hooks.answered.subscribe(canaries.answered)
     decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
-    classifier = Classifier(repository, residency, decoders, metrics, tracing, hooks, shadow)
+    classifier = Classifier(repository, residency, decoders, metrics, tracing, hooks, shadow, canaries)
     return Runtime(
-        settings, metrics, tracing, hooks, repository, control, residency, shadow, classifier, decoders, readiness
+        settings,
+        metrics,
+        tracing,
+        hooks,
+        repository,
+        control,
+        residency,
+        shadow,
+        classifier,
+        decoders,
+        readiness,
+        canaries,
     )
 
 

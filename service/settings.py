@@ -153,6 +153,48 @@ class Settings(BaseSettings):
     shadow_queue: int = Field(
         64, ge=1, le=100_000, description="Shadow requests waiting per pair; more are dropped (and counted)."
     )
+    canary: str = Field(
+        "",
+        description="PRIMARY:CANDIDATE:FRACTION, comma-separated, each model NAME or NAME@VERSION: that fraction of "
+        "the requests for PRIMARY that name no version is answered by CANDIDATE, judged window by window against the "
+        "primary, rolled back or stepped up by itself (GET /models, cnn_canary_*).",
+    )
+    canary_steps: str = Field(
+        "",
+        description="Fractions a canary steps up to after each passing window, e.g. 0.05,0.25,0.5,1.0; past the last "
+        "it is promoted. Empty: the fraction stays (a failing window still rolls it back).",
+    )
+    canary_window: int = Field(
+        100, ge=10, le=1_000_000, description="Canary answers per analysis window (in each worker)."
+    )
+    canary_sample: float = Field(
+        1.0, gt=0, le=1,
+        description="Share of a canary's answers also run through the primary off the request path (the shadow "
+        "queue), for top-1 agreement.",
+    )  # fmt: skip
+    canary_min_agreement: float | None = Field(
+        None, gt=0, le=1,
+        description="Top-1 agreement with the primary a canary must not be shown to fall below (95% confidence); "
+        "unset: the candidate's export gate, else 0.99.",
+    )  # fmt: skip
+    canary_max_error_increase: float = Field(
+        0.01, ge=0, le=1, description="How much higher than the primary's a canary's server-error rate may be."
+    )
+    canary_max_latency_ratio: float = Field(
+        1.5, ge=1, description="A canary's p50 and p99 may be at most this times the primary's (plus the slack)."
+    )
+    canary_latency_slack_ms: float = Field(
+        2.0, ge=0, description="Milliseconds a canary's p50 and p99 may exceed the ratio by (timer noise)."
+    )
+    canary_max_drift: float = Field(
+        0.1, gt=0, le=1,
+        description="Largest Jensen-Shannon divergence between the two sides' top-1 confidence distributions.",
+    )  # fmt: skip
+    canary_state: Path | None = Field(
+        None,
+        description="The JSON file every worker and replica shares the canaries' state through (default: "
+        ".canary.json beside MODEL_CONTROL_STATE's file).",
+    )
     warmup_batches: tuple[int, ...] = Field(
         (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
     )
@@ -182,6 +224,37 @@ class Settings(BaseSettings):
     def shadow_pairs(self) -> list[ShadowPair]:
         return [shadow_pair(part) for part in filter(None, self.shadow.split(","))]
 
+    @field_validator("canary")
+    @classmethod
+    def _canary(cls, value: str) -> str:
+        value = ",".join(part.strip() for part in value.split(",") if part.strip())
+        primaries = [shadow_pair(part, "CANARY").primary.name for part in filter(None, value.split(","))]
+        if len(set(primaries)) != len(primaries):
+            raise ValueError(f"CANARY {value!r}: one canary per primary model")
+        return value
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _canary_steps(cls, value: str) -> str:
+        try:
+            steps = [float(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(f"CANARY_STEPS {value!r}: use increasing fractions, e.g. 0.05,0.25,0.5,1.0") from None
+        if any(not 0 < s <= 1 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError(f"CANARY_STEPS {value!r}: fractions must increase, each above 0 and at most 1")
+        return ",".join(f"{s:g}" for s in steps)
+
+    def canary_pairs(self) -> list[ShadowPair]:
+        return [shadow_pair(part, "CANARY") for part in filter(None, self.canary.split(","))]
+
+    @property
+    def canary_step_fractions(self) -> tuple[float, ...]:
+        return tuple(float(part) for part in self.canary_steps.split(",") if part)
+
+    @property
+    def canary_state_path(self) -> Path:
+        return self.canary_state or self.control_state_path.with_name(".canary.json")
+
     def instances_for(self, model: str) -> int:
         """``INSTANCES`` for one model: its own ``name:N`` entry, else a bare ``N``, else 1."""
         default = 1
@@ -201,8 +274,8 @@ class Settings(BaseSettings):
             if version and not version.isdigit():
                 raise ValueError(f"MODELS entry {part!r}: the version after ':' must be a positive integer")
             requested[name] = int(version) if version else None
-        if requested:  # a shadow's models are served too
-            for pair in self.shadow_pairs():
+        if requested:  # a shadow's and a canary's models are served too
+            for pair in self.shadow_pairs() + self.canary_pairs():
                 requested.setdefault(pair.primary.name, None)
                 requested.setdefault(pair.candidate.name, None)
         return requested
@@ -264,12 +337,11 @@ class ShadowPair:
         return f"{self.primary}:{self.candidate}:{self.fraction:g}"
 
 
-def shadow_pair(text: str) -> ShadowPair:
-    """One ``SHADOW`` entry, ``PRIMARY:CANDIDATE:FRACTION``, with each model ``NAME`` or ``NAME@VERSION``."""
+def shadow_pair(text: str, setting: str = "SHADOW") -> ShadowPair:
+    """One ``SHADOW`` (or ``CANARY``) entry, ``PRIMARY:CANDIDATE:FRACTION``, each model ``NAME`` or ``NAME@VERSION``."""
     parts = text.split(":")
-    usage = (
-        f"SHADOW entry {text!r}: use PRIMARY:CANDIDATE:FRACTION (e.g. resnet50:resnet50_int8:0.2, lenet5@3:lenet5@2:1)"
-    )
+    example = "resnet50:resnet50_int8:0.2, lenet5@3:lenet5@2:1"
+    usage = f"{setting} entry {text!r}: use PRIMARY:CANDIDATE:FRACTION (e.g. {example})"
     if len(parts) != 3:
         raise ValueError(usage)
 
@@ -284,8 +356,8 @@ def shadow_pair(text: str) -> ShadowPair:
     except ValueError:
         raise ValueError(usage) from None
     if not 0 < fraction <= 1:
-        raise ValueError(f"SHADOW entry {text!r}: the fraction must be above 0 and at most 1")
+        raise ValueError(f"{setting} entry {text!r}: the fraction must be above 0 and at most 1")
     primary, candidate = target(parts[0]), target(parts[1])
     if primary == candidate:
-        raise ValueError(f"SHADOW entry {text!r}: a model cannot shadow itself")
+        raise ValueError(f"{setting} entry {text!r}: a model cannot be compared with itself")
     return ShadowPair(primary, candidate, fraction)

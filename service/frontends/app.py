@@ -87,6 +87,8 @@ async def classify(request: Request) -> Response:
     body = {"model": classified.model, "version": str(classified.version),
             "min_confidence": classified.min_confidence,
             "results": [rendered(answer) for answer in classified.answers]}  # fmt: skip
+    if classified.canary is not None:
+        body["canary"] = classified.canary
     return JSONResponse(body)
 
 

@@ -36,6 +36,11 @@ class ClassifyResponse(BaseModel):
         "abstain threshold (derived from held-out images at export), else none",
     )
     results: list[ImageResult] = Field(description="One entry per image, in request order")
+    canary: str | None = Field(
+        None,
+        description="Only when a CANARY's candidate answered a request for its primary: that canary, PRIMARY:CANDIDATE",
+        examples=["lenet5:lenet5_int8"],
+    )
 
 
 class ExplainedClass(BaseModel):
@@ -136,6 +141,11 @@ class ModelInfo(BaseModel):
     shadow: list[dict[str, Any]] | None = Field(
         None,
         description="SHADOW pairs this model is the primary of: the candidate's live agreement with it, and a verdict",
+    )
+    canary: dict[str, Any] | None = Field(
+        None,
+        description="The CANARY this model is the primary of: its state (running, paused, rolled_back, promoted, "
+        "ended), fraction, step, the current window's figures, the last verdict and the windows judged before",
     )
     quality: dict[str, Any] | None = Field(
         None,

@@ -30,6 +30,7 @@ from ..store.preprocess import preprocess
 from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
+from .canary import ROUTE, Canaries
 from .entry import ModelEntry
 from .gradcam import GradCam
 from .hooks import Hooks
@@ -66,6 +67,7 @@ class Classified:
     min_confidence: float | None
     model: str  # the version that answered
     version: int
+    canary: str | None = None  # the canary (PRIMARY:CANDIDATE) whose candidate answered instead of the primary
 
 
 @dataclass
@@ -124,6 +126,7 @@ class Classifier:
         tracing: Tracing,
         hooks: Hooks | None = None,
         shadow: Shadow | None = None,
+        canaries: Canaries | None = None,
     ) -> None:
         self.repository = repository
         self.residency = residency
@@ -133,14 +136,20 @@ class Classifier:
         self.hooks = hooks or repository.hooks
         self.decoders = decoders
         self.shadow = shadow
+        self.canaries = canaries
 
     # -- what the front ends ask -----------------------------------------------------------
 
     async def acquire(
-        self, name: str | None, version: int | None = None
+        self, name: str | None, version: int | None = None, routed: bool = False
     ) -> contextlib.AbstractContextManager[ModelEntry]:
         """The version for a request (the highest served unless ``version``), held until the ``with`` block it
-        opens ends; on demand, loaded first. 400/404/503 errors say what would be right."""
+        opens ends; on demand, loaded first. ``routed`` (an inference): a ``CANARY``'s candidate may answer a
+        request for its primary that names no version. 400/404/503 errors say what would be right."""
+        if routed and self.canaries is not None and version is None:
+            canary = self.canaries.canary_for(name or self.repository.default_model, version)
+            if canary is not None:
+                return await self.canaries.acquire(canary, self.residency.acquire)
         return await self.residency.acquire(name, version)
 
     def entry(self, name: str | None, version: int | None = None) -> ModelEntry:
@@ -219,6 +228,8 @@ class Classifier:
                 info |= self._stored(name)
         if self.shadow is not None and (lanes := self.shadow.describe(name)):
             info["shadow"] = lanes
+        if self.canaries is not None and (canary := self.canaries.describe(name)):
+            info["canary"] = canary
         return info
 
     def _stored(self, name: str) -> dict[str, Any]:
@@ -282,11 +293,14 @@ class Classifier:
         ``version`` (None: the one it serves), leased for as long as it takes. ``record`` (the request's metrics)
         learns who answers as soon as the lease is taken, and a reader is called after it: a request is refused
         for its model before its body is read, and an error in its body counts against the version it named."""
-        with await self.acquire(name, version) as entry:
+        with await self.acquire(name, version, routed=True) as entry:
             if record is not None:
                 record.model, record.version = entry.name, str(entry.version)
             images = files if isinstance(files, list) else await files()
             classified = await self.answer(entry, images, k, min_confidence)
+            route = ROUTE.get()
+            if route is not None and route[1] == "candidate":
+                classified.canary = route[0].key
         if record is not None:
             record.images = len(classified.answers)
         return classified

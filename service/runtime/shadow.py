@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import ServiceError
 from ..metrics import Metrics
 from ..settings import ShadowPair, ShadowTarget
+from ..store.metadata import ModelMetadata
 from .entry import ModelEntry
 from .repository import Repository
 
@@ -57,6 +59,7 @@ class Lane:
     primary_seconds: float = 0.0
     candidate_seconds: float = 0.0
     threshold: float = MIN_TOP1_AGREEMENT
+    listener: Callable[[Lane, int, int], None] | None = None  # told (images, top-1 agreements) of each comparison
 
     def describe(self) -> dict[str, Any]:
         agreement = self.top1_agreements / self.images if self.images else None
@@ -78,6 +81,12 @@ class Lane:
         }  # fmt: skip
 
 
+def agreement_gate(meta: ModelMetadata) -> float | None:
+    """The top-1 agreement a variant's export had to reach (``--min-agreement``), where it records one."""
+    gate = (meta.accuracy or {}).get("thresholds", {}).get("min_top1_agreement")
+    return float(gate) if gate is not None else None
+
+
 def _matches(target: ShadowTarget, entry: ModelEntry) -> bool:
     return target.name == entry.name and (target.version is None or target.version == entry.version)
 
@@ -95,20 +104,31 @@ class Shadow:
         self.metrics = metrics
         self.queue_size = queue_size
         self.lanes = [Lane(pair, asyncio.Queue(queue_size)) for pair in pairs]
+        self.private: list[Lane] = []  # fed by offer_to only (a canary's agreement sample)
         for lane in self.lanes:
             metrics.seed_shadow(*self._labels(lane))
+
+    def add_lane(self, pair: ShadowPair, listener: Callable[[Lane, int, int], None]) -> Lane:
+        """A lane fed only through :meth:`offer_to`, that tells ``listener`` what each comparison found."""
+        lane = Lane(pair, asyncio.Queue(self.queue_size), listener=listener)
+        self.private.append(lane)
+        return lane
 
     def offer(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
         """After the primary answered (on the event loop): queue the images for every pair it is the primary of."""
         for lane in self.lanes:
             if not _matches(lane.pair.primary, entry) or random.random() >= lane.pair.fraction:
                 continue
-            if lane.queue.full():
-                self._skip(lane, "dropped", len(images))
-                continue
-            lane.queue.put_nowait(_Job(images, probabilities, seconds))
-            if lane.task is None or lane.task.done():
-                lane.task = asyncio.get_running_loop().create_task(self._serve(lane))
+            self.offer_to(lane, images, probabilities, seconds)
+
+    def offer_to(self, lane: Lane, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
+        """Queue ``images`` (answered by the lane's primary) for its candidate; dropped and counted when full."""
+        if lane.queue.full():
+            self._skip(lane, "dropped", len(images))
+            return
+        lane.queue.put_nowait(_Job(images, probabilities, seconds))
+        if lane.task is None or lane.task.done():
+            lane.task = asyncio.get_running_loop().create_task(self._serve(lane))
 
     def describe(self, name: str) -> list[dict[str, Any]]:
         return [lane.describe() for lane in self.lanes if lane.pair.primary.name == name]
@@ -118,7 +138,7 @@ class Shadow:
         return [lane.describe() for lane in self.lanes if name in (lane.pair.primary.name, lane.pair.candidate.name)]
 
     async def close(self) -> None:
-        for lane in self.lanes:
+        for lane in self.lanes + self.private:
             if lane.task is not None:
                 lane.task.cancel()
 
@@ -172,8 +192,8 @@ class Shadow:
             ):
                 self._skip(lane, "incompatible", len(job.images))
                 return
-            gate = (meta.accuracy or {}).get("thresholds", {}).get("min_top1_agreement")
-            lane.threshold = float(gate) if gate is not None else MIN_TOP1_AGREEMENT
+            gate = agreement_gate(meta)
+            lane.threshold = gate if gate is not None else MIN_TOP1_AGREEMENT
             started = time.perf_counter()
             theirs = (await candidate.batcher.infer(job.images))[1]
             seconds = time.perf_counter() - started
@@ -188,6 +208,8 @@ class Shadow:
         lane.max_abs_diff = max(lane.max_abs_diff, diff)
         lane.primary_seconds += job.seconds * count
         lane.candidate_seconds += seconds * count
+        if lane.listener is not None:
+            lane.listener(lane, count, agree)
         labels = self._labels(lane)
         m = self.metrics
         m.child(m.shadow_images, *labels).inc(count)

@@ -157,7 +157,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if left is not None:
             request_deadline.set(asyncio.get_running_loop().time() + left)
         try:
-            with await self.handler.lease(request.model_name, request.model_version) as entry:
+            with await self.handler.lease(request.model_name, request.model_version, routed=True) as entry:
                 requested = [
                     RequestedOutput(o.name, int(_parameter(o.parameters["classification"]) or 0))
                     if "classification" in o.parameters

@@ -167,7 +167,7 @@ class OipHandler:
     def __init__(self, classifier: Classifier, control: ModelControl) -> None:
         self.classifier = classifier
         self.settings = classifier.settings
-        self.manager = RepositoryManager(control, classifier.shadow)
+        self.manager = RepositoryManager(control, classifier.shadow, classifier.canaries)
 
     def _resolve(self, name: str, version: str) -> int | None:
         if not name:
@@ -179,9 +179,12 @@ class OipHandler:
     def entry(self, name: str, version: str = "") -> ModelEntry:
         return self.classifier.entry(name, self._resolve(name, version))
 
-    async def lease(self, name: str, version: str = "") -> contextlib.AbstractContextManager[ModelEntry]:
-        """The version for an inference, held until it is answered (see :meth:`Classifier.acquire`)."""
-        return await self.classifier.acquire(name, self._resolve(name, version))
+    async def lease(
+        self, name: str, version: str = "", routed: bool = False
+    ) -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for a call, held until it is answered; ``routed`` (an inference): a ``CANARY``'s candidate
+        may answer it (see :meth:`Classifier.acquire`)."""
+        return await self.classifier.acquire(name, self._resolve(name, version), routed)
 
     async def metadata(self, name: str, version: str = "") -> dict[str, Any]:
         """The model's metadata; MODEL_CONTROL=on-demand loads a model of the store to answer, as an inference

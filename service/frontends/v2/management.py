@@ -18,7 +18,8 @@ import json
 import logging
 from typing import Any
 
-from ...errors import InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, RepositoryError
+from ...errors import CanaryNotFound, InvalidInput, ModelLoadFailed, ModelNotFound, ModelNotReady, RepositoryError
+from ...runtime.canary import Canaries
 from ...runtime.lifecycle import ModelControl
 from ...runtime.shadow import Shadow
 from ...store.layout import is_valid_name
@@ -32,10 +33,40 @@ UNLOAD_PARAMETERS = {"unload_dependents"}  # tritonclient sends it; a CNN has no
 
 
 class RepositoryManager:
-    def __init__(self, control: ModelControl, shadow: Shadow | None = None) -> None:
+    def __init__(self, control: ModelControl, shadow: Shadow | None = None, canaries: Canaries | None = None) -> None:
         self.control = control
         self.settings = control.settings
         self.shadow = shadow
+        self.canaries = canaries
+
+    # -- canaries (any MODEL_CONTROL) ----------------------------------------------------------
+
+    def canary_list(self) -> list[dict[str, Any]]:
+        """Every ``CANARY`` as this worker sees it."""
+        return self.canaries.all() if self.canaries is not None else []
+
+    async def canary_change(self, primary: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Change a canary's ``fraction`` and/or ``state``; every worker follows within a second."""
+        if self.canaries is None:
+            raise CanaryNotFound(f"No canary for {primary!r}: the service runs with no CANARY")
+        unknown = sorted(set(body) - {"fraction", "state"})
+        fraction, state = body.get("fraction"), body.get("state")
+        if unknown or (fraction is None and state is None):
+            extra = f"; unknown fields {unknown}" if unknown else ""
+            raise InvalidInput(
+                'Send {"fraction": 0..1} and/or {"state": "running" | "paused" | "ended" | "promoted" | "rolled_back"}'
+                + extra
+            )
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, int | float)):
+            raise InvalidInput(f'"fraction" must be a number from 0 to 1, got {fraction!r}')
+        if state is not None and not isinstance(state, str):
+            raise InvalidInput(f'"state" must be a string, got {state!r}')
+        try:
+            return await asyncio.to_thread(self.canaries.operate, primary, state, fraction)
+        except LookupError as exc:
+            raise CanaryNotFound(str(exc.args[0])) from None
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
 
     def require_explicit(self) -> None:
         if self.settings.model_control != "explicit":

@@ -158,7 +158,7 @@ async def infer(request: Request) -> Response:
     """``POST /v2/models/{name}[/versions/{version}]/infer`` (also answered by the fast path)."""
     handler = _handler(request)
     name, version = request.path_params["name"], request.path_params.get("version", "")
-    with await handler.lease(name, version) as entry:
+    with await handler.lease(name, version, routed=True) as entry:
         record = request.scope["request_record"] = RequestRecord(entry.name, str(entry.version))
         body = await read_body(request, handler.settings.max_body_bytes)
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
@@ -212,3 +212,18 @@ async def repository_unload(request: Request, name: str) -> JSONResponse:
     handler = _handler(request)
     await handler.manager.unload(name, _parameters(await _json_object(request)))
     return JSONResponse({})
+
+
+@router.get("/repository/canaries", tags=["Model repository"], summary="Every CANARY: state, fraction, figures")
+async def repository_canaries(request: Request) -> JSONResponse:
+    return JSONResponse(_handler(request).manager.canary_list())
+
+
+@router.post(
+    "/repository/canaries/{primary}", tags=["Model repository"],
+    summary='Change a canary: {"fraction": 0..1} and/or {"state": "running" | "paused" | "ended" | "promoted" | '
+    '"rolled_back"}',
+)  # fmt: skip
+async def repository_canary(request: Request, primary: str) -> JSONResponse:
+    handler = _handler(request)
+    return JSONResponse(await handler.manager.canary_change(primary, await _json_object(request)))

@@ -1,0 +1,419 @@
+"""Canaries: a candidate answers a share of a primary's live requests, judged and stepped up or rolled back by itself.
+
+``CANARY=PRIMARY:CANDIDATE:FRACTION`` (the shape of ``SHADOW``). A request for PRIMARY that
+names no version is leased to CANDIDATE instead, for that share of requests: the share is
+exact over every block of a hundred requests, the positions in it random (a client that
+cycles through a few images does not send the same one to the candidate each time). A
+request that names a version is never diverted; a candidate that cannot take a request
+(not in the store, failed, its queue full) leaves it to the primary.
+
+Each worker judges windows of ``CANARY_WINDOW`` of its canary answers
+(:mod:`.canary_analysis`); a sample of them (``CANARY_SAMPLE``) also goes through the
+primary off the request path, on the shadow's queue, for top-1 agreement. A failing
+window rolls the canary back (fraction 0, ``rolled_back``, the reason and figures logged
+and in ``GET /models``); a passing one steps the fraction up to the next of
+``CANARY_STEPS``, and past the last one the canary is ``promoted``: every request for
+PRIMARY that names no version is answered by CANDIDATE, which is already loaded and warm, so
+nothing is lost in the switch.
+
+The state (state, fraction, step, the last verdict) lives in one JSON file every worker and
+replica shares (``CANARY_STATE``), written under ``flock`` with a revision: a worker's
+decision applies only if nobody changed the canary since its window began (otherwise it
+takes the other's), and every worker reads the file twice a second. It survives a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import fcntl
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ServiceError
+from ..metrics import Metrics
+from ..settings import Settings, ShadowPair
+from .canary_analysis import Thresholds, Window
+from .entry import ModelEntry
+from .shadow import MIN_TOP1_AGREEMENT, Lane, Shadow, agreement_gate
+
+logger = logging.getLogger(__name__)
+
+STATES = ("running", "paused", "rolled_back", "promoted", "ended")
+BLOCK = 100  # requests over which a fraction is exact
+SYNC_S = 0.5  # how often a worker reads the shared state
+HISTORY = 20  # windows kept in /models
+
+Acquire = Callable[[str | None, int | None], Awaitable[contextlib.AbstractContextManager[ModelEntry]]]
+
+# the canary a request's lease came from, and which side answers it (read by the answered hook)
+ROUTE: contextvars.ContextVar[tuple[Canary, str, int] | None] = contextvars.ContextVar("canary_route", default=None)
+
+
+class StateFile:
+    """``{"canaries": {"PRIMARY:CANDIDATE": {...}}}`` in one JSON file: read freely, changed under an exclusive
+    ``flock`` on ``<file>.lock`` and replaced atomically (as the lifecycle's declared state)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"the canary state {self.path} is unreadable: {exc}") from None
+        canaries = data.get("canaries") if isinstance(data, dict) else None
+        return canaries if isinstance(canaries, dict) else {}
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
+        """The canaries, to change in place; written back when the block ends without an error."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            canaries = self.read()
+            yield canaries
+            staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            staging.write_text(json.dumps({"canaries": canaries}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(staging, self.path)
+
+
+@dataclass
+class Canary:
+    """One canary in this worker: what the shared state says, and the window it is judging."""
+
+    pair: ShadowPair
+    window: Window
+    state: str = "running"
+    fraction: float = 0.0
+    step: int = 0
+    revision: int = 0
+    reason: str | None = None
+    verdict: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    lane: Lane | None = None
+    gate: float | None = None  # the candidate's export gate, once it answered
+    _block: list[bool] = field(default_factory=list)
+    _carry: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.pair.primary}:{self.pair.candidate}"
+
+    @property
+    def diverting(self) -> float:
+        """The share of requests the candidate answers now."""
+        return self.fraction if self.state in ("running", "promoted") else 0.0
+
+    def divert(self) -> bool:
+        """Whether this request goes to the candidate: exactly ``fraction`` of every block of requests."""
+        fraction = self.diverting
+        if fraction >= 1.0:
+            return True
+        if fraction <= 0.0:
+            return False
+        if not self._block:
+            self._carry += fraction * BLOCK
+            chosen = int(self._carry)
+            self._carry -= chosen
+            self._block = [True] * chosen + [False] * (BLOCK - chosen)
+            random.shuffle(self._block)
+        return self._block.pop()
+
+    def stored(self) -> dict[str, Any]:
+        return {"state": self.state, "fraction": self.fraction, "step": self.step, "revision": self.revision,
+                "reason": self.reason, "verdict": self.verdict, "history": self.history[-HISTORY:],
+                "updated": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+
+    def adopt(self, stored: dict[str, Any]) -> None:
+        """Take the shared state; the window starts afresh."""
+        self.state = str(stored.get("state", "running"))
+        self.fraction = float(stored.get("fraction", 0.0))
+        self.step = int(stored.get("step", 0))
+        self.revision = int(stored.get("revision", 0))
+        self.reason, self.verdict = stored.get("reason"), stored.get("verdict")
+        self.history = list(stored.get("history") or [])
+        self.window = self.window.next()
+        self._block, self._carry = [], 0.0
+
+
+class _Routed(contextlib.AbstractContextManager[ModelEntry]):
+    """A lease that says which side of which canary it is, to the answered hook and when it ends."""
+
+    __slots__ = ("canaries", "canary", "lease", "revision", "side", "token")
+
+    def __init__(
+        self, canaries: Canaries, canary: Canary, side: str, lease: contextlib.AbstractContextManager[ModelEntry]
+    ) -> None:
+        self.canaries, self.canary, self.side, self.lease = canaries, canary, side, lease
+        self.revision = canary.revision
+        self.token: contextvars.Token[tuple[Canary, str, int] | None] | None = None
+
+    def __enter__(self) -> ModelEntry:
+        entry = self.lease.__enter__()
+        self.token = ROUTE.set((self.canary, self.side, self.revision))
+        return entry
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        if self.token is not None:
+            ROUTE.reset(self.token)
+        try:
+            return self.lease.__exit__(*exc)
+        finally:
+            error = exc[0] is not None and not (isinstance(exc[1], ServiceError) and exc[1].status_code < 500)
+            self.canaries.finished(self.canary, self.side, self.revision, error)
+
+
+class Canaries:
+    """Every ``CANARY`` of this worker: the routing, the windows, the shared state."""
+
+    def __init__(self, pairs: list[ShadowPair], settings: Settings, metrics: Metrics, shadow: Shadow) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.shadow = shadow
+        self.steps = settings.canary_step_fractions
+        self.file = StateFile(settings.canary_state_path)
+        self.canaries = {pair.primary.name: Canary(pair, Window(settings.canary_window)) for pair in pairs}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._mtime: float | None = None
+        self._file_failed = False
+        for canary in self.canaries.values():
+            canary.lane = shadow.add_lane(ShadowPair(canary.pair.candidate, canary.pair.primary, 1.0), self._compared)
+            canary.fraction = canary.pair.fraction
+
+    # -- the shared state ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Take the shared state (created from ``CANARY`` where it has none of these), then follow it."""
+        try:
+            with self._lock, self.file.locked() as stored:
+                for canary in self.canaries.values():
+                    found = stored.get(canary.key)
+                    if found is not None:
+                        canary.adopt(found)
+                        logger.info("canary %s: resumed %s at %g (revision %d)", canary.key, canary.state,
+                                    canary.fraction, canary.revision)  # fmt: skip
+                    else:
+                        canary.revision = 1
+                        stored[canary.key] = canary.stored()
+                        logger.info("canary %s: started at %g; steps %s", canary.key, canary.fraction,
+                                    ",".join(map(str, self.steps)) or "none")  # fmt: skip
+        except (OSError, ValueError) as exc:
+            self._file_failed = True
+            logger.error("canary: %s; each worker keeps its canaries' state in memory only (set CANARY_STATE to a "
+                         "writable file every worker shares)", exc)  # fmt: skip
+        for canary in self.canaries.values():
+            self._publish(canary)
+        threading.Thread(target=self._follow, name="canary-state", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(SYNC_S):
+            try:
+                self.sync()
+            except Exception:
+                logger.exception("canary: reading the shared state failed; trying again")
+
+    def sync(self) -> None:
+        """Take what other workers decided (a higher revision in the file)."""
+        try:
+            mtime = self.file.path.stat().st_mtime
+        except OSError:
+            return
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        stored = self.file.read()
+        with self._lock:
+            for canary in self.canaries.values():
+                found = stored.get(canary.key)
+                if found is not None and int(found.get("revision", 0)) > canary.revision:
+                    canary.adopt(found)
+                    self._publish(canary)
+
+    def change(self, canary: Canary, expected: int | None, **changes: Any) -> bool:
+        """Apply ``changes`` if the canary is still at revision ``expected`` (None: whatever it is); False when
+        another worker changed it first (its state is taken instead). The window starts afresh either way."""
+        with self._lock:
+            current = None
+            if not self._file_failed:
+                try:
+                    with self.file.locked() as stored:
+                        found = stored.get(canary.key) or canary.stored()
+                        if expected is not None and int(found.get("revision", 0)) != expected:
+                            canary.adopt(found)
+                            self._publish(canary)
+                            return False
+                        current = {**found, **changes, "revision": int(found.get("revision", 0)) + 1}
+                        stored[canary.key] = current
+                except (OSError, ValueError) as exc:
+                    logger.error("canary %s: cannot record the change in %s (%s); applied in this worker only",
+                                 canary.key, self.file.path, exc)  # fmt: skip
+            if current is None:
+                current = {**canary.stored(), **changes, "revision": canary.revision + 1}
+            canary.adopt(current)
+            self._publish(canary)
+            return True
+
+    def _publish(self, canary: Canary) -> None:
+        labels = (str(canary.pair.primary), str(canary.pair.candidate))
+        m = self.metrics
+        m.child(m.canary_fraction, *labels).set(canary.diverting)
+        for state in STATES:
+            m.child(m.canary_state, *labels, state).set(1 if state == canary.state else 0)
+
+    # -- the request path ---------------------------------------------------------------------
+
+    def canary_for(self, name: str | None, version: int | None) -> Canary | None:
+        if version is not None or name is None:
+            return None
+        return self.canaries.get(name)
+
+    async def acquire(self, canary: Canary, acquire: Acquire) -> contextlib.AbstractContextManager[ModelEntry]:
+        """A lease for a request for the canary's primary: the candidate's for its share, else the primary's."""
+        pair = canary.pair
+        if canary.divert():
+            try:
+                lease = await acquire(pair.candidate.name, pair.candidate.version)
+            except ServiceError as exc:  # not in the store, failed, its queue full: the primary answers
+                logger.debug("canary %s: the candidate cannot answer (%s); the primary does", canary.key, exc.message)
+            else:
+                return _Routed(self, canary, "candidate", lease)
+        return _Routed(self, canary, "primary", await acquire(pair.primary.name, pair.primary.version))
+
+    def answered(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
+        """The ``answered`` hook: a routed request's answers into its window; a sample of the candidate's also to
+        the primary, off the request path."""
+        route = ROUTE.get()
+        if route is None:
+            return
+        canary, side, revision = route
+        if revision != canary.revision or canary.state != "running":
+            return
+        canary.window.answered(side, probabilities, seconds)
+        if side != "candidate":
+            return
+        if entry.model is not None:
+            canary.gate = agreement_gate(entry.model.metadata)
+        if canary.lane is not None and random.random() < self.settings.canary_sample:
+            self.shadow.offer_to(canary.lane, images, probabilities, seconds)
+
+    def finished(self, canary: Canary, side: str, revision: int, error: bool) -> None:
+        """A routed request ended (``error``: a server error); a full window is judged."""
+        m = self.metrics
+        m.child(m.canary_requests, str(canary.pair.primary), str(canary.pair.candidate), side).inc()
+        if revision != canary.revision or canary.state != "running":
+            return
+        window = canary.window
+        window.finished(side, error)
+        if side == "candidate" and window.complete():
+            self.judge(canary)
+
+    def _compared(self, lane: Lane, count: int, agreed: int) -> None:
+        for canary in self.canaries.values():
+            if canary.lane is lane and canary.state == "running":
+                canary.window.compared += count
+                canary.window.agreed += agreed
+
+    # -- the analysis -------------------------------------------------------------------------
+
+    def thresholds(self, gate: float | None) -> Thresholds:
+        """The settings' thresholds; agreement: ``CANARY_MIN_AGREEMENT``, else the candidate's export gate."""
+        s = self.settings
+        agreement = s.canary_min_agreement or gate or MIN_TOP1_AGREEMENT
+        return Thresholds(agreement, s.canary_max_error_increase, s.canary_max_latency_ratio,
+                          s.canary_latency_slack_ms / 1000, s.canary_max_drift)  # fmt: skip
+
+    def judge(self, canary: Canary) -> None:
+        """Judge the window: roll back, step up, promote (or, without steps, go on at the same fraction)."""
+        passed, failures, figures = canary.window.judge(self.thresholds(canary.gate))
+        figures = {"fraction": canary.fraction, **figures}
+        m = self.metrics
+        labels = (str(canary.pair.primary), str(canary.pair.candidate))
+        m.child(m.canary_windows, *labels, "pass" if passed else "fail").inc()
+        verdict = {"passed": passed, "failures": failures, "figures": figures,
+                   "at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+        history = [*canary.history, verdict][-HISTORY:]
+        expected = canary.revision
+        if not passed:
+            reason = "; ".join(failures)
+            if self.change(canary, expected, state="rolled_back", fraction=0.0, reason=reason, verdict=verdict,
+                           history=history):  # fmt: skip
+                logger.warning("canary %s ROLLED BACK at fraction %g: %s; figures %s", canary.key,
+                               figures["fraction"], reason, json.dumps(figures))  # fmt: skip
+            return
+        higher = [s for s in self.steps if s > canary.fraction]
+        if higher:
+            if self.change(canary, expected, fraction=higher[0], step=canary.step + 1, verdict=verdict,
+                           history=history, reason=None):  # fmt: skip
+                logger.info("canary %s: window passed at %g; stepping up to %g; figures %s", canary.key,
+                            figures["fraction"], higher[0], json.dumps(figures))  # fmt: skip
+        elif self.steps:
+            if self.change(canary, expected, state="promoted", fraction=1.0, verdict=verdict, history=history,
+                           reason=f"passed every step ({','.join(map(str, self.steps))})"):  # fmt: skip
+                logger.info("canary %s PROMOTED: %s now answers every request for %s; figures %s", canary.key,
+                            canary.pair.candidate, canary.pair.primary.name, json.dumps(figures))  # fmt: skip
+        else:
+            self.change(canary, expected, verdict=verdict, history=history)
+            logger.info("canary %s: window passed at %g (no CANARY_STEPS: the fraction stays); figures %s",
+                        canary.key, figures["fraction"], json.dumps(figures))  # fmt: skip
+
+    # -- what the repository API and /models read ----------------------------------------------
+
+    def describe(self, name: str) -> dict[str, Any] | None:
+        canary = self.canaries.get(name)
+        if canary is None:
+            return None
+        return {
+            "primary": str(canary.pair.primary), "candidate": str(canary.pair.candidate), "state": canary.state,
+            "fraction": canary.diverting, "step": canary.step, "steps": list(self.steps), "revision": canary.revision,
+            "reason": canary.reason, "window": canary.window.figures() if canary.state == "running" else None,
+            "verdict": canary.verdict, "history": canary.history,
+        }  # fmt: skip
+
+    def all(self) -> list[dict[str, Any]]:
+        return [d for name in self.canaries if (d := self.describe(name)) is not None]
+
+    def operate(self, primary: str, state: str | None, fraction: float | None) -> dict[str, Any]:
+        """The repository API: set a canary's fraction and/or its state (running, paused, ended, promoted,
+        rolled_back); ValueError says what would be right."""
+        canary = self.canaries.get(primary)
+        if canary is None:
+            known = ", ".join(self.canaries) or "none (set CANARY)"
+            raise LookupError(f"No canary for {primary!r}; canaries: {known}")
+        if state is not None and state not in STATES:
+            raise ValueError(f"Unknown canary state {state!r}; use one of {', '.join(STATES)}")
+        if fraction is not None and not 0 <= fraction <= 1:
+            raise ValueError(f"The fraction must be from 0 to 1, got {fraction}")
+        changes: dict[str, Any] = {}
+        if fraction is not None:
+            changes["fraction"] = fraction
+        if state is not None:
+            changes["state"] = state
+            changes["reason"] = f"{state.replace('_', ' ')} through the repository API"
+            if state == "promoted":
+                changes["fraction"] = 1.0
+            elif state in ("rolled_back", "ended"):
+                changes["fraction"] = 0.0
+            elif state == "running" and canary.state in ("rolled_back", "ended") and fraction is None:
+                changes["fraction"], changes["step"] = canary.pair.fraction, 0
+        self.change(canary, None, **changes)
+        logger.info("canary %s: %s through the repository API", canary.key, json.dumps(changes))
+        described = self.describe(primary)
+        assert described is not None
+        return described

@@ -1,0 +1,246 @@
+"""CANARY in-process: the split, the analysis, the shared state, and the routing on real LeNet-5 graphs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.errors import ModelNotFound
+from service.metrics import get_metrics
+from service.runtime.canary import Canaries, Canary
+from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, wilson_upper
+from service.runtime.shadow import Shadow
+from service.settings import Settings, shadow_pair
+
+from ..pictures import held_out_drawings
+from .harness import RuntimeFactory, StoreFactory
+
+THRESHOLDS = Thresholds(
+    min_agreement=0.99, max_error_increase=0.01, max_latency_ratio=1.5, latency_slack_s=0.002, max_drift=0.1
+)
+
+
+def confident(rows: int, top: float = 0.995, classes: int = 10, seed: int = 0) -> np.ndarray:
+    """Probabilities whose top-1 is ``top``, the rest spread evenly, the class drawn at random."""
+    rng = np.random.default_rng(seed)
+    p = np.full((rows, classes), (1 - top) / (classes - 1))
+    p[np.arange(rows), rng.integers(0, classes, rows)] = top
+    return p
+
+
+def filled(window: Window, candidate_top: float, candidate_s: float, agreed: int, errors: int = 0) -> Window:
+    for i in range(window.size):
+        window.answered("primary", confident(1, seed=i), 0.004)
+        window.finished("primary", False)
+        window.answered("candidate", confident(1, candidate_top, seed=i), candidate_s)
+        window.finished("candidate", i < errors)
+    window.compared, window.agreed = window.size, agreed
+    return window
+
+
+def test_wilson_upper_bound_separates_a_few_disagreements_from_a_bad_candidate() -> None:
+    assert wilson_upper(0, 0) == 1.0
+    assert wilson_upper(98, 100) > 0.99  # two disagreements in 100 do not show agreement below 99%
+    assert wilson_upper(100, 100) == pytest.approx(1.0)
+    assert wilson_upper(90, 100) < 0.99
+    assert wilson_upper(10, 100) < 0.2
+
+
+def test_a_faithful_window_passes() -> None:
+    passed, failures, figures = filled(Window(100), 0.995, 0.004, agreed=99).judge(THRESHOLDS)
+    assert passed, failures
+    assert figures["answers"] == 100 and figures["top1_agreement"] == 0.99
+    assert figures["confidence_drift"] == pytest.approx(0.0, abs=1e-6)
+    assert figures["p50_ms"] == {"candidate": 4.0, "primary": 4.0}
+
+
+@pytest.mark.parametrize(
+    ("candidate_top", "seconds", "agreed", "errors", "failing"),
+    [
+        (0.15, 0.004, 99, 0, "confidence drift"),  # a network with random weights: unsure of everything
+        (0.995, 0.004, 80, 0, "top-1 agreement 80/100"),
+        (0.995, 0.020, 100, 0, "p50 20.00 ms"),
+        (0.995, 0.004, 100, 5, "server errors 5.0%"),
+    ],
+)
+def test_each_check_fails_a_window_and_says_why(
+    candidate_top: float, seconds: float, agreed: int, errors: int, failing: str
+) -> None:
+    passed, failures, _ = filled(Window(100), candidate_top, seconds, agreed, errors).judge(THRESHOLDS)
+    assert not passed
+    assert any(failure.startswith(failing) for failure in failures), failures
+
+
+def test_a_window_waits_for_its_agreement_sample_then_judges_without_it() -> None:
+    window = Window(20)
+    for _ in range(20):
+        window.candidate.finished(False)
+    assert not window.complete()  # 20 answers, none compared yet
+    window.compared = window.min_compared
+    assert window.complete()
+    late = Window(20)
+    for _ in range(80):
+        late.candidate.finished(False)
+    assert late.complete()  # four windows of answers and still no comparison: judged on the rest
+
+
+def test_the_primary_is_compared_under_the_same_load_where_it_answered_in_the_window() -> None:
+    """A window where the primary answered enough compares with those answers; the next one, where it answers nothing
+    (a fraction of 1), with its latest answers."""
+    window = filled(Window(40), 0.995, 0.004, agreed=40)
+    assert window.figures()["primary_compared"] == "this window"
+    following = window.next()
+    assert following.candidate.requests == 0 and following.compared == 0 and following.routed["primary"] == 0
+    for _ in range(40):
+        following.answered("candidate", confident(1), 0.009)  # slower than the primary in the window before
+        following.finished("candidate", False)
+    assert following.figures()["primary_compared"] == "its latest 40 answers"
+    assert following.reference.seconds.maxlen == REFERENCE
+    passed, failures, _ = following.judge(THRESHOLDS)
+    assert not passed and failures[0].startswith("p50 9.00 ms against the primary's 4.00 ms")
+
+
+@pytest.mark.parametrize(("fraction", "requests", "expected"), [(0.1, 1000, 100), (0.5, 200, 100), (0.05, 400, 20)])
+def test_the_split_is_exact_over_blocks_and_random_within_them(fraction: float, requests: int, expected: int) -> None:
+    canary = Canary(shadow_pair(f"a:b:{fraction}"), Window(10), fraction=fraction)
+    chosen = [i for i in range(requests) if canary.divert()]
+    assert len(chosen) == expected
+    assert len({i % round(1 / fraction) for i in chosen}) > 1  # not every n-th request
+
+
+def test_paused_ended_and_rolled_back_canaries_divert_nothing_and_a_promoted_one_everything() -> None:
+    canary = Canary(shadow_pair("a:b:0.5"), Window(10), fraction=0.5)
+    for state, diverted in (("paused", 0), ("ended", 0), ("rolled_back", 0), ("promoted", 100)):
+        canary.state = state
+        canary.fraction = 1.0 if state == "promoted" else 0.5
+        assert sum(canary.divert() for _ in range(100)) == diverted, state
+
+
+def canaries(tmp_path: Path, **overrides: object) -> Canaries:
+    options: dict[str, object] = {"model_store": tmp_path, "canary": "lenet5:lenet5_int8:0.1",
+                                  "canary_steps": "0.1,0.5,1.0", "canary_window": 10} | overrides  # fmt: skip
+    settings = Settings(**options)  # type: ignore[arg-type]
+    return Canaries(settings.canary_pairs(), settings, get_metrics(), Shadow([], None, get_metrics(), 4))  # type: ignore[arg-type]
+
+
+def test_workers_share_one_state_and_the_first_decision_wins(tmp_path: Path) -> None:
+    """Two workers on one state file: a passing window steps the fraction up for both; a decision judged on a window
+    the other worker had already moved past is dropped, and its maker takes the other's state."""
+    first, second = canaries(tmp_path), canaries(tmp_path)
+    first.start()
+    second.start()
+    try:
+        a, b = first.canaries["lenet5"], second.canaries["lenet5"]
+        assert a.revision == b.revision == 1 and a.fraction == b.fraction == 0.1
+        filled(a.window, 0.995, 0.004, agreed=10)
+        first.judge(a)
+        assert (a.state, a.fraction, a.step, a.revision) == ("running", 0.5, 1, 2)
+        filled(b.window, 0.15, 0.004, agreed=1)  # judged at revision 1: stale
+        second.judge(b)
+        assert (b.state, b.fraction, b.revision) == ("running", 0.5, 2)  # the first's state, not a rollback
+        stored = json.loads((tmp_path / ".canary.json").read_text())["canaries"]["lenet5:lenet5_int8"]
+        assert (stored["state"], stored["fraction"], stored["revision"]) == ("running", 0.5, 2)
+        filled(b.window, 0.15, 0.004, agreed=1)
+        second.judge(b)  # a failing window at the current revision rolls back, for every worker
+        assert (b.state, b.fraction) == ("rolled_back", 0.0)
+        assert "confidence drift" in (b.reason or "") and b.history[-1]["passed"] is False
+        first.sync()
+        assert (a.state, a.fraction, a.reason) == ("rolled_back", 0.0, b.reason)
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_steps_then_promotion_and_a_restart_resumes_where_it_was(tmp_path: Path) -> None:
+    worker = canaries(tmp_path)
+    worker.start()
+    canary = worker.canaries["lenet5"]
+    for fraction in (0.5, 1.0):
+        filled(canary.window, 0.995, 0.004, agreed=10)
+        worker.judge(canary)
+        assert (canary.state, canary.fraction) == ("running", fraction)
+    filled(canary.window, 0.995, 0.004, agreed=10)
+    worker.judge(canary)
+    assert (canary.state, canary.fraction, canary.diverting) == ("promoted", 1.0, 1.0)
+    assert [v["figures"]["fraction"] for v in canary.history] == [0.1, 0.5, 1.0]
+    worker.stop()
+    restarted = canaries(tmp_path)
+    restarted.start()
+    again = restarted.canaries["lenet5"]
+    assert (again.state, again.fraction, again.revision) == ("promoted", 1.0, canary.revision)
+    restarted.stop()
+
+
+def test_the_operator_pauses_changes_and_ends_a_canary(tmp_path: Path) -> None:
+    worker = canaries(tmp_path)
+    worker.start()
+    try:
+        assert worker.operate("lenet5", "paused", None)["fraction"] == 0.0
+        assert worker.operate("lenet5", "running", 0.3)["fraction"] == 0.3
+        ended = worker.operate("lenet5", "ended", None)
+        assert (ended["state"], ended["fraction"]) == ("ended", 0.0)
+        with pytest.raises(LookupError, match="No canary for 'resnet50'; canaries: lenet5"):
+            worker.operate("resnet50", "paused", None)
+        with pytest.raises(ValueError, match="Unknown canary state 'paws'"):
+            worker.operate("lenet5", "paws", None)
+    finally:
+        worker.stop()
+
+
+def test_a_canary_without_a_writable_state_file_runs_in_memory(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    worker = canaries(tmp_path, canary_state=blocker / "canary.json")  # a file where a folder should be
+    worker.start()
+    try:
+        canary = worker.canaries["lenet5"]
+        filled(canary.window, 0.995, 0.004, agreed=10)
+        worker.judge(canary)
+        assert (canary.state, canary.fraction) == ("running", 0.5)
+    finally:
+        worker.stop()
+
+
+def test_routing_on_real_graphs(make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path) -> None:
+    """A canary at 1.0 answers every request for the primary that names no version, and says so; a request naming a
+    version never goes to it; a candidate that is not served leaves its requests to the primary."""
+    runtime = make_runtime(
+        make_store(lenet5=[1, 2], twin=[1]),
+        canary="lenet5:twin:1.0",
+        canary_state=tmp_path / "c.json",
+        default_model="lenet5",
+    )
+    assert runtime.canaries is not None
+    runtime.canaries.start()
+    runtime.control.reconcile()
+    classifier = runtime.classifier
+    files, _ = held_out_drawings(3)
+
+    async def main() -> list[tuple[str, int, str | None]]:
+        answers = []
+        for name, version in (("lenet5", None), (None, None), ("lenet5", 2), ("twin", None)):
+            c = await classifier.classify(name, version, files, k=1)
+            answers.append((c.model, c.version, c.canary))
+        return answers
+
+    try:
+        with_default = asyncio.run(main())
+    finally:
+        runtime.canaries.stop()
+    assert with_default == [("twin", 1, "lenet5:twin"), ("twin", 1, "lenet5:twin"), ("lenet5", 2, None),
+                            ("twin", 1, None)]  # fmt: skip
+    assert runtime.canaries.canaries["lenet5"].window.routed["candidate"] == 2
+
+    runtime.repository.unload(runtime.repository.serving("twin"))  # the candidate gone: the primary answers
+
+    async def fallback() -> tuple[str, str | None]:
+        c = await classifier.classify("lenet5", None, files, k=1)
+        return c.model, c.canary
+
+    assert asyncio.run(fallback()) == ("lenet5", None)  # version 2, the one it serves
+    with pytest.raises(ModelNotFound):
+        asyncio.run(classifier.classify("ghost", None, files, k=1))
