@@ -30,6 +30,7 @@ from ..store.preprocess import preprocess
 from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
+from .cache import ResponseCache, cache_key
 from .entry import ModelEntry
 from .gradcam import GradCam
 from .hooks import Hooks
@@ -124,6 +125,7 @@ class Classifier:
         tracing: Tracing,
         hooks: Hooks | None = None,
         shadow: Shadow | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.repository = repository
         self.residency = residency
@@ -133,6 +135,7 @@ class Classifier:
         self.hooks = hooks or repository.hooks
         self.decoders = decoders
         self.shadow = shadow
+        self.cache = cache  # RESPONSE_CACHE_MB: /classify's and the Open Inference Protocol's answers
 
     # -- what the front ends ask -----------------------------------------------------------
 
@@ -281,12 +284,20 @@ class Classifier:
         """``files`` (the encoded images, or how to read them) classified by model ``name`` (None: the default) at
         ``version`` (None: the one it serves), leased for as long as it takes. ``record`` (the request's metrics)
         learns who answers as soon as the lease is taken, and a reader is called after it: a request is refused
-        for its model before its body is read, and an error in its body counts against the version it named."""
+        for its model before its body is read, and an error in its body counts against the version it named.
+        With ``RESPONSE_CACHE_MB``, an answer the cache holds is the answer (``record.cache`` says "hit")."""
         with await self.acquire(name, version) as entry:
             if record is not None:
                 record.model, record.version = entry.name, str(entry.version)
             images = files if isinstance(files, list) else await files()
-            classified = await self.answer(entry, images, k, min_confidence)
+            if self.cache is None:
+                classified = await self.answer(entry, images, k, min_confidence)
+            else:  # after the lease: a cached answer is never served for a version that is gone
+                key = cache_key("", "classify", entry.name, entry.version, (k, min_confidence), images)
+                compute = functools.partial(self.answer, entry, images, k, min_confidence)
+                classified, hit = await self.cache.get_or_compute(key, entry, compute)
+                if record is not None:
+                    record.cache = "hit" if hit else "miss"
         if record is not None:
             record.images = len(classified.answers)
         return classified
