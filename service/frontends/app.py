@@ -87,7 +87,7 @@ async def classify(request: Request) -> Response:
     body = {"model": classified.model, "version": str(classified.version),
             "min_confidence": classified.min_confidence,
             "results": [rendered(answer) for answer in classified.answers]}  # fmt: skip
-    return JSONResponse(body)
+    return JSONResponse(body, headers={"X-Cache": record.cache} if record.cache else None)
 
 
 def rendered(answer: Answer) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.errors import InvalidInput
+from service.frontends.v2.handler import OipHandler, RequestedOutput, Tensor
 from service.metrics import RequestRecord, get_metrics
 from service.runtime.batching import BatchStats
 from service.runtime.cache import ResponseCache, cache_key
@@ -223,3 +224,41 @@ def test_unloading_the_version_empties_its_entries(make_store: StoreFactory, mak
     assert entry is not None
     runtime.repository.unload(entry)  # fires `released`, as the lifecycle's and the residency's unloads do
     assert len(cache) == 0 and cache.bytes == 0
+
+
+def test_the_protocol_handler_caches_by_tensor_and_outputs_asked(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    runtime = cached_runtime(make_store, make_runtime)
+    oip = OipHandler(runtime.classifier, runtime.control)
+    sizes = inferences(runtime)
+    files, _ = held_out_drawings(2)
+
+    def infer(inputs: list[Tensor], requested: list[RequestedOutput]) -> tuple[list[Tensor], str | None]:
+        async def run() -> tuple[list[Tensor], str | None]:
+            record = RequestRecord()
+            with await oip.lease("lenet5") as entry:
+                return await oip.infer(entry, inputs, requested, "http", record), record.cache
+
+        return asyncio.run(run())
+
+    encoded = Tensor("image_bytes", "BYTES", [1], np.array(files[:1], dtype=object))
+    top3 = [RequestedOutput("probabilities", classification=3)]
+    first, outcome = infer([encoded], top3)
+    assert outcome == "miss" and sizes == [1]
+    again, outcome = infer([Tensor("image_bytes", "BYTES", [1], np.array(files[:1], dtype=object))], top3)
+    assert outcome == "hit" and again is first and sizes == [1]
+    assert infer([encoded], [RequestedOutput("probabilities", classification=2)])[1] == "miss"
+    assert infer([encoded], [RequestedOutput("logits")])[1] == "miss"
+    other = Tensor("image_bytes", "BYTES", [1], np.array(files[1:], dtype=object))
+    assert infer([other], top3)[1] == "miss"
+    pixels = np.zeros((1, 32, 32, 1), np.uint8)
+    assert infer([Tensor("images", "UINT8", [1, 32, 32, 1], pixels)], [])[1] == "miss"
+    assert infer([Tensor("images", "UINT8", [1, 32, 32, 1], pixels.copy())], [])[1] == "hit"
+    assert sizes == [1, 1, 1, 1, 1]
+    # the same image through /classify is another front end's answer (another shape): not shared
+    assert classify(runtime, files[:1])[1] == "miss"
+    # an error stays an error
+    for _ in range(2):
+        with pytest.raises(InvalidInput, match="Unknown output"):
+            infer([encoded], [RequestedOutput("nothing")])
