@@ -175,7 +175,7 @@ class Metrics:
             "identical request computing at the same moment: no decode, no inference", model,
         )  # fmt: skip
         self.cache_misses = prom.Counter(
-            "cnn_cache_misses", "Requests the response cache did not hold: computed, then kept", model
+            "cnn_cache_misses", "Requests the response cache did not hold: computed, and kept unless they failed", model
         )
         self.cache_evictions = prom.Counter(
             "cnn_cache_evictions", "Response cache entries dropped, least recently used first, to make room for a "
