@@ -245,11 +245,17 @@ class OipHandler:
             if cache is None:
                 outputs = await self._infer(entry, inputs, requested)
             else:
-                compute = functools.partial(self._infer, entry, inputs, requested)
+                compute = functools.partial(self._kept, entry, inputs, requested)
                 outputs, hit = await cache.get_or_compute(self.cache_key(entry, inputs, requested), entry, compute)
                 record.cache = "hit" if hit else "miss"
             record.images = outputs[0].shape[0]
         return outputs
+
+    async def _kept(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:
+        """The outputs as the cache keeps them: arrays of their own, not views of their batch's (which would hold
+        the whole batch's memory behind an entry sized by its rows)."""
+        outputs = await self._infer(entry, inputs, requested)
+        return [Tensor(t.name, t.datatype, t.shape, t.data if t.data.base is None else t.data.copy()) for t in outputs]
 
     @staticmethod
     def cache_key(entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> bytes:

@@ -249,7 +249,8 @@ def test_the_protocol_handler_caches_by_tensor_and_outputs_asked(
     again, outcome = infer([Tensor("image_bytes", "BYTES", [1], np.array(files[:1], dtype=object))], top3)
     assert outcome == "hit" and again is first and sizes == [1]
     assert infer([encoded], [RequestedOutput("probabilities", classification=2)])[1] == "miss"
-    assert infer([encoded], [RequestedOutput("logits")])[1] == "miss"
+    logits, outcome = infer([encoded], [RequestedOutput("logits")])
+    assert outcome == "miss" and logits[0].data.base is None  # its own array, not a view holding its batch's
     other = Tensor("image_bytes", "BYTES", [1], np.array(files[1:], dtype=object))
     assert infer([other], top3)[1] == "miss"
     pixels = np.zeros((1, 32, 32, 1), np.uint8)
