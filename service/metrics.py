@@ -186,6 +186,26 @@ class Metrics:
             "MEMORY_BUDGET (pinned or busy models hold it)", ["model"],
         )  # fmt: skip
 
+        # RESPONSE_CACHE_MB: per version where it says which one answered; the table's size per worker, summed
+        self.cache_hits = prom.Counter(
+            "cnn_cache_hits", "Requests answered from the response cache (RESPONSE_CACHE_MB), or by waiting for an "
+            "identical request computing at the same moment: no decode, no inference", model,
+        )  # fmt: skip
+        self.cache_misses = prom.Counter(
+            "cnn_cache_misses", "Requests the response cache did not hold: computed, and kept unless they failed", model
+        )
+        self.cache_evictions = prom.Counter(
+            "cnn_cache_evictions", "Response cache entries dropped, least recently used first, to make room for a "
+            "new answer (not those dropped with their unloaded version)", model,
+        )  # fmt: skip
+        self.cache_bytes = prom.Gauge(
+            "cnn_cache_bytes", "What the response cache's answers take, summed over workers (each at most "
+            "RESPONSE_CACHE_MB)", [], multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.cache_entries = prom.Gauge(
+            "cnn_cache_entries", "Answers in the response cache, summed over workers", [], multiprocess_mode="livesum"
+        )
+
         self.connections_refused = prom.Counter(
             "cnn_connections_refused", "Connections the HTTP server closed before the app saw a request: "
             "reason=connections (MAX_CONNECTIONS), header_bytes (431, MAX_HEADER_BYTES), header_timeout (408, "
@@ -287,6 +307,7 @@ class RequestRecord:
     model: str = ""
     version: str = ""
     images: int = 0
+    cache: str | None = None  # RESPONSE_CACHE_MB: "hit" or "miss" (X-Cache, the access log)
 
 
 @cache

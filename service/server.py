@@ -3,11 +3,12 @@
 :func:`build_runtime` builds the runtime bottom-up: the hooks and what watches them
 (:mod:`service.observers`), the repository's table, the lifecycle that fills it, the
 residency strategy behind a request's lease (always resident, or on demand within a
-memory budget), the shadow, and the :class:`~service.runtime.classifier.Classifier` the
-front ends ask. :class:`Server` adds the front ends (the Open Inference Protocol's handler,
-the gRPC server beside BentoML's HTTP) and owns the order: :meth:`Server.running` starts the
-lifecycle, then gRPC, and stops gRPC, the shadow, the lifecycle, the residency, the batchers,
-the decoders and the tracing, in that order. Nothing here runs at import time.
+memory budget), the shadow, the response cache (``RESPONSE_CACHE_MB``), and the
+:class:`~service.runtime.classifier.Classifier` the front ends ask. :class:`Server` adds the
+front ends (the Open Inference Protocol's handler, the gRPC server beside BentoML's HTTP) and
+owns the order: :meth:`Server.running` starts the lifecycle, then gRPC, and stops gRPC, the
+shadow, the lifecycle, the residency, the batchers, the decoders and the tracing, in that order.
+Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from .frontends.v2.handler import OipHandler
 from .metrics import Metrics, exposition, get_metrics
 from .observers import attach
+from .runtime.cache import ResponseCache
 from .runtime.canary import Canaries
 from .runtime.classifier import Classifier
 from .runtime.hooks import Hooks
@@ -112,8 +114,13 @@ def build_runtime(
         assert shadow is not None
         canaries = Canaries(canary_pairs, settings, metrics, shadow)
         hooks.answered.subscribe(canaries.answered)
+    cache = None
+    if settings.response_cache_mb > 0:  # each worker its own: several workers, each caches what it answered
+        cache = ResponseCache(int(settings.response_cache_mb * 2**20), metrics)
+        hooks.ready.subscribe(cache.ready)
+        hooks.released.subscribe(cache.released)  # an unloaded version's answers go with it
     decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")
-    classifier = Classifier(repository, residency, decoders, metrics, tracing, hooks, shadow, canaries)
+    classifier = Classifier(repository, residency, decoders, metrics, tracing, hooks, shadow, canaries, cache)
     return Runtime(
         settings,
         metrics,

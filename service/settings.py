@@ -195,6 +195,12 @@ class Settings(BaseSettings):
         description="The JSON file every worker and replica shares the canaries' state through (default: "
         ".canary.json beside MODEL_CONTROL_STATE's file).",
     )
+    response_cache_mb: float = Field(
+        0, ge=0,
+        description="Memory each worker's response cache may take, in MiB (0 = off): an identical request (the same "
+        "image bytes, model, version and parameters) is answered from it with `X-Cache: hit`, without decoding or "
+        "inference; least recently used answers go first, and an unloaded version's go with it.",
+    )  # fmt: skip
     warmup_batches: tuple[int, ...] = Field(
         (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
     )

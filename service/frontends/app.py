@@ -89,7 +89,7 @@ async def classify(request: Request) -> Response:
             "results": [rendered(answer) for answer in classified.answers]}  # fmt: skip
     if classified.canary is not None:
         body["canary"] = classified.canary
-    return JSONResponse(body)
+    return JSONResponse(body, headers={"X-Cache": record.cache} if record.cache else None)
 
 
 def rendered(answer: Answer) -> dict[str, Any]:

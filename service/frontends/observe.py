@@ -8,7 +8,8 @@ The first of the service's ASGI middlewares (BentoML calls it inside its own tim
   ``/v2/models/{name}/infer``, ...; ``unmatched`` for paths no route serves), never the path
   itself, so a client cannot make series;
 - ``ACCESS_LOG=json``: one JSON line per request on standard output (time, request ID,
-  method, route, path, model, version, status, images, seconds);
+  method, route, path, model, version, status, images, seconds, and with ``RESPONSE_CACHE_MB``
+  whether the response cache answered);
 - ``TRACING=otlp``: the request's span, which continues the caller's ``traceparent``.
 
 Off, the log and the span cost nothing; the ID and the count cost a few microseconds.
@@ -123,5 +124,6 @@ class RequestObserver:
             "status": status,
             "images": getattr(record, "images", 0),
             "seconds": round(seconds, 6),
+            "cache": getattr(record, "cache", None),  # RESPONSE_CACHE_MB: "hit" or "miss"; else null
         }
         access_logger().info(json.dumps(line, separators=(",", ":")))

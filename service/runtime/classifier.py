@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from ..store.preprocess import preprocess
 from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
+from .cache import ResponseCache, cache_key
 from .canary import ROUTE, Canaries
 from .entry import ModelEntry
 from .gradcam import GradCam
@@ -127,6 +129,7 @@ class Classifier:
         hooks: Hooks | None = None,
         shadow: Shadow | None = None,
         canaries: Canaries | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.repository = repository
         self.residency = residency
@@ -137,6 +140,7 @@ class Classifier:
         self.decoders = decoders
         self.shadow = shadow
         self.canaries = canaries
+        self.cache = cache  # RESPONSE_CACHE_MB: /classify's and the Open Inference Protocol's answers
 
     # -- what the front ends ask -----------------------------------------------------------
 
@@ -292,15 +296,24 @@ class Classifier:
         """``files`` (the encoded images, or how to read them) classified by model ``name`` (None: the default) at
         ``version`` (None: the one it serves), leased for as long as it takes. ``record`` (the request's metrics)
         learns who answers as soon as the lease is taken, and a reader is called after it: a request is refused
-        for its model before its body is read, and an error in its body counts against the version it named."""
+        for its model before its body is read, and an error in its body counts against the version it named.
+        With ``RESPONSE_CACHE_MB``, an answer the cache holds is the answer (``record.cache`` says "hit"); a
+        ``CANARY``'s candidate may answer (``Classified.canary`` says which canary)."""
         with await self.acquire(name, version, routed=True) as entry:
             if record is not None:
                 record.model, record.version = entry.name, str(entry.version)
             images = files if isinstance(files, list) else await files()
-            classified = await self.answer(entry, images, k, min_confidence)
+            if self.cache is None:
+                classified = await self.answer(entry, images, k, min_confidence)
+            else:  # after the lease: a cached answer is never served for a version that is gone
+                key = cache_key("", "classify", entry.name, entry.version, (k, min_confidence), images)
+                compute = functools.partial(self.answer, entry, images, k, min_confidence)
+                classified, hit = await self.cache.get_or_compute(key, entry, compute)
+                if record is not None:
+                    record.cache = "hit" if hit else "miss"
             route = ROUTE.get()
-            if route is not None and route[1] == "candidate":
-                classified.canary = route[0].key
+            if route is not None and route[1] == "candidate":  # a copy: the cache's answer is shared
+                classified = dataclasses.replace(classified, canary=route[0].key)
         if record is not None:
             record.images = len(classified.answers)
         return classified

@@ -26,6 +26,7 @@ from ...errors import (
     RepositoryError,
     ServiceError,
 )
+from ...metrics import RequestRecord
 from ...runtime.deadline import request_deadline
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
@@ -164,10 +165,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     else RequestedOutput(o.name)
                     for o in request.outputs
                 ]
-                outputs = await self.handler.infer(entry, decode_inputs(request), requested, protocol="grpc")
+                record = RequestRecord(entry.name, str(entry.version))
+                outputs = await self.handler.infer(entry, decode_inputs(request), requested, "grpc", record)
         except Exception as exc:
             await self._abort(context, exc)
             raise  # pragma: no cover - abort raises
+        if record.cache:  # HTTP's X-Cache header, in the trailing metadata (sent with the status: no extra frame)
+            context.set_trailing_metadata((("x-cache", record.cache),))
         response = pb.ModelInferResponse(model_name=entry.name, model_version=str(entry.version), id=request.id)
         encode_outputs(response, outputs)
         return response

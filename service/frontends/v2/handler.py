@@ -16,6 +16,7 @@ Grad-CAM map of its top-1 class, ``runtime/gradcam.py``), when asked for by name
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ import numpy as np
 
 from ...errors import InvalidInput, PayloadTooLarge, ServiceError
 from ...metrics import RequestRecord
+from ...runtime.cache import cache_key
 from ...runtime.classifier import Classifier, top_k
 from ...runtime.entry import ModelEntry
 from ...runtime.lifecycle import ModelControl
@@ -238,12 +240,39 @@ class OipHandler:
         protocol: str,
         record: RequestRecord | None = None,
     ) -> list[Tensor]:
-        """Run one request; counted in the metrics under ``protocol`` (``record`` learns its images)."""
+        """Run one request; counted in the metrics under ``protocol`` (``record`` learns its images and, with
+        ``RESPONSE_CACHE_MB``, whether the cache answered)."""
         record = record or RequestRecord(entry.name, str(entry.version))
+        cache = self.classifier.cache
         with self.classifier.metrics.track_request(protocol, record):
-            outputs = await self._infer(entry, inputs, requested)
+            if cache is None:
+                outputs = await self._infer(entry, inputs, requested)
+            else:
+                compute = functools.partial(self._kept, entry, inputs, requested)
+                outputs, hit = await cache.get_or_compute(self.cache_key(entry, inputs, requested), entry, compute)
+                record.cache = "hit" if hit else "miss"
             record.images = outputs[0].shape[0]
         return outputs
+
+    async def _kept(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:
+        """The outputs as the cache keeps them: arrays of their own, not views of their batch's (which would hold
+        the whole batch's memory behind an entry sized by its rows)."""
+        outputs = await self._infer(entry, inputs, requested)
+        return [Tensor(t.name, t.datatype, t.shape, t.data if t.data.base is None else t.data.copy()) for t in outputs]
+
+    @staticmethod
+    def cache_key(entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> bytes:
+        """What changes an answer: each input's name, datatype, shape and bytes, each output asked for and its
+        ``classification`` (``binary_data`` changes the encoding only, which is not cached)."""
+        parameters: list[Any] = [len(requested), *((r.name, r.classification) for r in requested)]
+        blobs: list[Any] = []
+        for tensor in inputs:
+            parameters.append((tensor.name, tensor.datatype, list(tensor.shape)))
+            if tensor.datatype == "BYTES":  # each element length-prefixed by the key
+                blobs += [bytes(item) for item in tensor.data.ravel()]
+            else:
+                blobs.append(np.ascontiguousarray(tensor.data))
+        return cache_key("", "oip", entry.name, entry.version, parameters, blobs)
 
     async def _infer(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:
         assert entry.model is not None and entry.batcher is not None

@@ -164,7 +164,10 @@ async def infer(request: Request) -> Response:
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
         requested, default_binary = requested_outputs(header)
         outputs = await handler.infer(entry, inputs, requested, protocol="http", record=record)
-    return encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary)
+    response = encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary)
+    if record.cache:
+        response.headers["X-Cache"] = record.cache
+    return response
 
 
 @router.post("/models/{name}/infer", summary="Inference (JSON or binary tensor data)")
