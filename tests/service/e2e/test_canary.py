@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from playwright.sync_api import sync_playwright
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
@@ -21,11 +22,13 @@ from export.precision import VariantOptions, export_variant
 from service.store.layout import ModelStore
 
 from ...helpers import ServiceProcess, metric_samples, running
+from ..browser import CHROMIUM, open_tab
 from ..pictures import held_out_drawings
 
 pytestmark = pytest.mark.integration
 
 CONCURRENCY = 8
+PNG = {"Content-Type": "image/png"}
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +166,48 @@ def test_a_random_candidate_is_rolled_back_within_one_window(canary_store: Path,
     assert state["rolled_back"] == 1
     log = (tmp_path / "service.log").read_text()
     assert "canary lenet5:lenet5_rand ROLLED BACK at fraction 0.5: confidence drift" in log
+
+
+def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_store: Path, tmp_path: Path) -> None:
+    """Under ADMIN_TOKEN: pause (the primary answers), set the fraction to 1 (the candidate answers, and the page says
+    it was a canary's answer), end it; a restart comes back to the state the operator left."""
+    images, _ = held_out_drawings(4)
+    store = fresh(canary_store, tmp_path)
+    admin = {"Authorization": "Bearer boss"}
+    env = {"MODELS": "lenet5", "WORKERS": "1", "CANARY": "lenet5:lenet5_int8:0.2", "ADMIN_TOKEN": "boss"}
+    with running(store, tmp_path / "service.log", **env) as service:
+        url = f"{service.url}/v2/repository/canaries/lenet5"
+        assert httpx.post(url, json={"state": "paused"}, timeout=10).status_code == 401
+        paused = httpx.post(url, json={"state": "paused"}, headers=admin, timeout=10)
+        assert paused.status_code == 200 and paused.json()["fraction"] == 0.0
+        answers = [httpx.post(f"{service.url}/classify?model=lenet5", content=image, headers=PNG, timeout=10).json()
+                   for image in images * 5]  # fmt: skip
+        assert {a["model"] for a in answers} == {"lenet5"} and not any("canary" in a for a in answers)
+        wrong = httpx.post(url, json={"fraction": 2}, headers=admin, timeout=10)
+        assert wrong.status_code == 400 and "from 0 to 1" in wrong.json()["error"]
+        unknown = httpx.post(f"{service.url}/v2/repository/canaries/resnet50", json={"state": "paused"},
+                             headers=admin, timeout=10)  # fmt: skip
+        assert unknown.status_code == 404 and "canaries: lenet5" in unknown.json()["error"]
+        assert httpx.post(url, json={"state": "running", "fraction": 1.0}, headers=admin, timeout=10).status_code == 200
+        answer = httpx.post(f"{service.url}/classify?model=lenet5", content=images[0], headers=PNG, timeout=10).json()
+        assert (answer["model"], answer["canary"]) == ("lenet5_int8", "lenet5:lenet5_int8")
+        assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: run `make test-tools`"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            tab = open_tab(browser, service.url)
+            tab.page.wait_for_selector("#model-select:not([disabled])")
+            tab.page.select_option("#model-select", "lenet5")
+            picture = tmp_path / "digit.png"
+            picture.write_bytes(images[0])
+            tab.page.set_input_files("#file-input", str(picture))
+            tab.page.wait_for_selector(".result[data-status=done]")
+            meta = tab.page.inner_text(".result .meta")
+            canary = tab.page.get_attribute(".result", "data-canary")
+            browser.close()
+        assert meta.startswith("lenet5_int8 v1 · canary answer (lenet5 → lenet5_int8)"), meta
+        assert canary == "lenet5:lenet5_int8"
+        ended = httpx.post(url, json={"state": "ended"}, headers=admin, timeout=10).json()
+        assert (ended["state"], ended["fraction"]) == ("ended", 0.0)
+    with running(store, tmp_path / "again.log", **env) as service:  # the operator's state, not CANARY's 0.2
+        listed = httpx.get(f"{service.url}/v2/repository/canaries", headers=admin, timeout=10).json()
+        assert [(c["primary"], c["state"], c["fraction"]) for c in listed] == [("lenet5", "ended", 0.0)]

@@ -244,3 +244,24 @@ def test_routing_on_real_graphs(make_store: StoreFactory, make_runtime: RuntimeF
     assert asyncio.run(fallback()) == ("lenet5", None)  # version 2, the one it serves
     with pytest.raises(ModelNotFound):
         asyncio.run(classifier.classify("ghost", None, files, k=1))
+
+
+def test_on_demand_the_candidate_is_loaded_by_the_first_request_it_answers(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
+) -> None:
+    runtime = make_runtime(make_store(lenet5=[1], twin=[1]), model_control="on-demand", memory_budget="1GiB",
+                           canary="lenet5:twin:1.0", canary_state=tmp_path / "c.json")  # fmt: skip
+    assert runtime.canaries is not None
+    runtime.start()  # the canaries take their state; on demand, nothing loads yet
+    files, _ = held_out_drawings(2)
+
+    async def main() -> tuple[str, str | None]:
+        c = await runtime.classifier.classify("lenet5", None, files, k=1)
+        return c.model, c.canary
+
+    try:
+        assert runtime.repository.serving("twin") is None  # nothing resident before a request
+        assert asyncio.run(main()) == ("twin", "lenet5:twin")
+        assert runtime.repository.serving("twin") is not None and runtime.repository.serving("lenet5") is None
+    finally:
+        runtime.canaries.stop()

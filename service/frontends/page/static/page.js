@@ -293,7 +293,9 @@ function renderPredictions(list, predictions) {
 }
 
 function answeredBy(body, milliseconds) {
-  return `${body.model} v${body.version} · ${Math.round(milliseconds)} ms round trip${confidenceNote(body)}`;
+  // a CANARY's candidate answered instead of the model asked for: say so, and which canary
+  const canary = body.canary ? ` · canary answer (${body.canary.replace(":", " → ")})` : "";
+  return `${body.model} v${body.version}${canary} · ${Math.round(milliseconds)} ms round trip${confidenceNote(body)}`;
 }
 
 // `confident` is there where a check applies: the model's abstain threshold (or the request's), or
@@ -344,6 +346,7 @@ async function classifyFile(file) {
     meta.textContent = answeredBy(body, milliseconds);
     card.dataset.model = body.model;
     card.dataset.version = body.version;
+    if (body.canary) card.dataset.canary = body.canary;
     markConfidence(card, body);
     renderPredictions(card.querySelector(".predictions"), body.results[0].predictions);
     addWhy(card, file, body.results[0].predictions);
