@@ -49,6 +49,8 @@ UNSURE = (f"sum by (model, version) ({rate('cnn_prediction_confidence_bucket', U
           f" / sum by (model, version) ({rate('cnn_prediction_confidence_count')})")  # fmt: skip
 LOADED = M + ',action="load",outcome="success"'
 LOADS = f"sum by (model) ({rate('cnn_model_changes_total', LOADED)})"
+HITS, MISSES = rate("cnn_cache_hits_total"), rate("cnn_cache_misses_total")
+CACHE_HIT_RATIO = f"sum by (model) ({HITS}) / (sum by (model) ({HITS}) + sum by (model) ({MISSES}))"
 UNFAMILIAR = (f"sum by (model, version) ({rate('cnn_prediction_atypical_total')})"
               f" / sum by (model, version) ({rate('cnn_prediction_confidence_count')})")  # fmt: skip
 
@@ -93,6 +95,18 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ], 8),
     ("Unsure answers (top-1 under 0.5) and unfamiliar images", "percentunit",
      [("unsure {{model}} v{{version}}", UNSURE), ("unfamiliar {{model}} v{{version}}", UNFAMILIAR)], 8),
+    # a canary's way from its first share to promotion (or its rollback), and the response cache
+    ("Canary: share the candidate answers, and its state", "percentunit", [
+        ("{{primary}} → {{candidate}}", f"max by (primary, candidate) (cnn_canary_fraction{{{JOB}}})"),
+        ("{{primary}} → {{candidate}} {{state}}",
+         f"max by (primary, candidate, state) (cnn_canary_state{{{JOB}}}) == 1"),
+    ], 8),
+    ("Canary: requests for the primary, by the side that answered", "reqps",
+     [("{{primary}}: {{side}}", f"sum by (primary, side) ({rate('cnn_canary_requests_total', JOB)})")], 8),
+    ("Response cache: hit ratio and size", "percentunit", [
+        ("hits {{model}}", CACHE_HIT_RATIO),
+        ("MiB held / 1024", f"sum(cnn_cache_bytes{{{JOB}}}) / 2^30"),
+    ], 8),
 ]  # fmt: skip
 
 
