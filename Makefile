@@ -89,6 +89,8 @@ bench: setup peers load-tools
 	$(BIN)/python -m benchmarks
 	$(BIN)/python -m benchmarks.on_demand
 	$(BIN)/python -m benchmarks.finetune
+	$(BIN)/python -m benchmarks.cache
+	$(BIN)/python -m benchmarks.canary
 
 bench-quick: setup peers load-tools
 	$(BIN)/python -m benchmarks --quick
