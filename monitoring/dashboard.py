@@ -28,6 +28,8 @@ JOB = 'job=~"$job"'
 M = JOB + ',model=~"$model"'
 ERRORS = M + ',outcome=~"4xx|5xx"'
 RATE = "$__rate_interval"
+# series that exist only where a setting turns their feature on (their panels read "No data" elsewhere)
+FEATURES = {"cnn_canary_": "CANARY", "cnn_cache_": "RESPONSE_CACHE_MB"}
 
 
 def rate(metric: str, selector: str = M) -> str:

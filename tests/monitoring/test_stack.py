@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -51,12 +52,22 @@ def test_prometheus_config_is_valid() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dashboard_json_is_the_generated_one() -> None:
+def dashboard_module() -> Any:
     sys.path.insert(0, str(MONITORING))
     try:
         import dashboard
     finally:
         sys.path.remove(str(MONITORING))
+    return dashboard
+
+
+def features(expr: str) -> set[str]:
+    """The settings an expression's series need (``dashboard.FEATURES``): none for most."""
+    return {setting for prefix, setting in dashboard_module().FEATURES.items() if prefix in expr}
+
+
+def test_dashboard_json_is_the_generated_one() -> None:
+    dashboard = dashboard_module()
     assert DASHBOARD.read_text() == dashboard.render(), "stale: run `make dashboard`"
     variables = [v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]]
     assert variables == ["job", "model"]
@@ -175,9 +186,10 @@ def test_every_dashboard_query_returns_data_and_counters_match(service: ServiceP
     assert not empty, f"dashboard queries without data: {empty}"
 
 
-def empty_dashboard_queries(prometheus_url: str) -> list[str]:
+def empty_dashboard_queries(prometheus_url: str, on: frozenset[str] = frozenset()) -> list[str]:
+    """The dashboard's queries that return nothing, of those whose features (``dashboard.FEATURES``) are ``on``."""
     dashboard = json.loads(DASHBOARD.read_text())
-    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"] if features(t["expr"]) <= on]
     empty = []
     for expr in expressions:
         concrete = expr.replace("$job", SCRAPE_JOB).replace("$model", ".*").replace("$__rate_interval", "1m")
@@ -211,15 +223,17 @@ def test_every_dashboard_query_answers_on_a_server_that_only_classified_digits(
         assert not empty, f"dashboard queries without data: {empty}"
 
 
-def queried_metric_names() -> set[str]:
-    """Every ``cnn_*`` and ``process_*`` series the dashboard, the alerts and the autoscaler query."""
+def queried_metric_names(on: frozenset[str] = frozenset()) -> set[str]:
+    """Every ``cnn_*`` and ``process_*`` series the dashboard, the alerts and the autoscaler query, of those whose
+    features are ``on``."""
     dashboard = json.loads(DASHBOARD.read_text())
     expressions = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     alerts = yaml.safe_load((MONITORING / "alerts.yml").read_text())
     expressions += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
     keda = ROOT / "deploy" / "kubernetes" / "components" / "keda" / "scaledobject.yaml"
     expressions += [t["metadata"]["query"] for t in yaml.safe_load(keda.read_text())["spec"]["triggers"]]
-    return {name for expr in expressions for name in re.findall(r"\b(?:cnn|process)_[a-z_]+\b", expr)}
+    names = {name for expr in expressions for name in re.findall(r"\b(?:cnn|process)_[a-z_]+\b", expr)}
+    return {name for name in names if features(name) <= on}
 
 
 @pytest.mark.integration
@@ -235,3 +249,29 @@ def test_metrics_exposes_every_series_the_dashboard_alerts_and_autoscaler_query(
     assert {"cnn_request_seconds_sum", "cnn_model_ready", "cnn_http_requests_total"} <= wanted  # the parse works
     assert wanted - exposed == set(), f"queried but not on /metrics: {sorted(wanted - exposed)}"
     assert not any(name.startswith("bentoml_") for name in exposed)  # BentoML's request metrics are off
+
+
+@pytest.mark.integration
+def test_the_canary_and_cache_panels_answer_where_they_are_on(model_store: ModelStore, tmp_path: Path) -> None:
+    """With CANARY and RESPONSE_CACHE_MB set, every panel of theirs has data and every series they and the alerts
+    query is on /metrics (elsewhere they are left out: their series cannot exist)."""
+    on = frozenset(dashboard_module().FEATURES.values())
+    photo = encode(data.chelsea(), "JPEG", quality=90)
+    store, log, directory = Path(model_store.root), tmp_path / "service.log", mkdir(tmp_path / "prometheus")
+    env = {"MODELS": "resnet18,googlenet", "CANARY": "resnet18:googlenet:0.5", "RESPONSE_CACHE_MB": "16"}
+    with running(store, log, **env) as served, scraping(served, directory) as url:
+        with httpx.Client(base_url=served.url, timeout=60) as client:
+            for _ in range(8):  # the same photo: a miss on each side, then hits
+                answer = client.post("/classify?model=resnet18", content=photo, headers={"Content-Type": "image/jpeg"})
+                assert answer.status_code == 200
+        exposed = {s.name for f in text_string_to_metric_families(httpx.get(f"{served.url}/metrics").text)
+                   for s in f.samples}  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not query(url, "sum(cnn_canary_requests_total) >= 8"):
+            time.sleep(1)
+        time.sleep(3)  # every rate has two samples in its window
+        empty = [expr for expr in empty_dashboard_queries(url, on) if features(expr)]  # the rest: the tests above
+    assert not empty, f"dashboard queries without data: {empty}"
+    wanted = {name for name in queried_metric_names(on) if features(name)}
+    assert {"cnn_canary_state", "cnn_cache_hits_total"} <= wanted
+    assert wanted - exposed == set(), f"queried but not on /metrics: {sorted(wanted - exposed)}"
