@@ -124,13 +124,15 @@ class Canary:
             return True
         if fraction <= 0.0:
             return False
-        if not self._block:
+        block = self._block  # the state's thread may replace it (adopt): this request takes from the one it saw
+        if not block:
             self._carry += fraction * BLOCK
             chosen = int(self._carry)
             self._carry -= chosen
-            self._block = [True] * chosen + [False] * (BLOCK - chosen)
-            random.shuffle(self._block)
-        return self._block.pop()
+            block = [True] * chosen + [False] * (BLOCK - chosen)
+            random.shuffle(block)
+            self._block = block
+        return block.pop()
 
     def stored(self) -> dict[str, Any]:
         return {"state": self.state, "fraction": self.fraction, "step": self.step, "revision": self.revision,
@@ -319,10 +321,10 @@ class Canaries:
         m.child(m.canary_requests, str(canary.pair.primary), str(canary.pair.candidate), side).inc()
         if revision != canary.revision or canary.state != "running":
             return
-        window = canary.window
+        window = canary.window  # the state's thread may start a new one meanwhile: then the judgement is stale
         window.finished(side, error)
         if side == "candidate" and window.complete():
-            self.judge(canary)
+            self.judge(canary, window, revision)
 
     def _compared(self, lane: Lane, count: int, agreed: int) -> None:
         for canary in self.canaries.values():
@@ -339,9 +341,13 @@ class Canaries:
         return Thresholds(agreement, s.canary_max_error_increase, s.canary_max_latency_ratio,
                           s.canary_latency_slack_ms / 1000, s.canary_max_drift)  # fmt: skip
 
-    def judge(self, canary: Canary) -> None:
-        """Judge the window: roll back, step up, promote (or, without steps, go on at the same fraction)."""
-        passed, failures, figures = canary.window.judge(self.thresholds(canary.gate))
+    def judge(self, canary: Canary, window: Window | None = None, revision: int | None = None) -> None:
+        """Judge ``window`` (the canary's current one), collected at ``revision`` (the current one): roll back, step
+        up, promote (or, without steps, go on at the same fraction). A decision on a window another worker (or the
+        operator) has moved past since is dropped."""
+        window = window or canary.window
+        expected = canary.revision if revision is None else revision
+        passed, failures, figures = window.judge(self.thresholds(canary.gate))
         figures = {"fraction": canary.fraction, **figures}
         m = self.metrics
         labels = (str(canary.pair.primary), str(canary.pair.candidate))
@@ -349,7 +355,6 @@ class Canaries:
         verdict = {"passed": passed, "failures": failures, "figures": figures,
                    "at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
         history = [*canary.history, verdict][-HISTORY:]
-        expected = canary.revision
         if not passed:
             reason = "; ".join(failures)
             if self.change(canary, expected, state="rolled_back", fraction=0.0, reason=reason, verdict=verdict,
