@@ -28,7 +28,7 @@ from service.store.layout import ModelStore
 from tests.helpers import running
 from tests.service.pictures import held_out_drawings
 
-from .host import machine
+from .host import machine, record
 
 SERVER = {"WORKERS": "1", "RESPONSE_CACHE_MB": "64", "ACCESS_LOG": "json"}
 
@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p50 {row['server_hit']['p50_ms']} ms p99 {row['server_hit']['p99_ms']} ms, miss p50 "
               f"{row['server_miss']['p50_ms']} ms; client round trip: hit p50 {row['client_hit']['p50_ms']} ms, "
               f"miss p50 {row['client_miss']['p50_ms']} ms")  # fmt: skip
-    host = found["machine"]
-    print(f"on {host['cpu']}, {host['cores']} cores, flags {', '.join(host['cpu_flags'])}")  # noqa: T201
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cache.json").write_text(json.dumps(found, indent=2) + "\n")
+    record(found, args.out, "cache.json")
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import tempfile
 import time
@@ -28,7 +27,7 @@ from tests.helpers import running
 from tests.service.canary_load import canary_of, candidates, load
 from tests.service.pictures import held_out_drawings
 
-from .host import machine
+from .host import machine, record
 
 SCENARIOS = [  # (name, CANARY, WORKERS)
     ("int8 promoted, 1 worker", "lenet5:lenet5_int8:0.1", "1"),
@@ -90,10 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                           for w in row["windows"])  # fmt: skip
         print(f"{name}: {row['state']} after {len(row['windows'])} windows ({steps}); {row['failed']} failed of "  # noqa: T201
               f"{row['requests']} in {row['seconds']} s; answered by {row['answered_by']}")  # fmt: skip
-    host = found["machine"]
-    print(f"on {host['cpu']}, {host['cores']} cores, flags {', '.join(host['cpu_flags'])}")  # noqa: T201
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "canary.json").write_text(json.dumps(found, indent=2) + "\n")
+    record(found, args.out, "canary.json")
     return 0
 
 

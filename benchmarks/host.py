@@ -5,6 +5,7 @@ messages, so that benchmarks driving tritonclient can use it too."""
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
 import subprocess
 from pathlib import Path
@@ -38,3 +39,12 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "onnxruntime": ort.__version__,
             "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": cpu_info(),
             "cpu_flags": [flag for flag in CPU_FLAGS if flag in cpu_flags()]}  # fmt: skip
+
+
+def record(found: dict[str, Any], out: Path, name: str) -> None:
+    """Print the machine ``found["machine"]`` describes (the figures above it depend on it) and write ``found`` as
+    ``out/name``."""
+    host = found["machine"]
+    print(f"on {host['cpu']}, {host['cores']} cores, flags {', '.join(host['cpu_flags'])}")  # noqa: T201
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(found, indent=2) + "\n")

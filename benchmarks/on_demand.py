@@ -14,7 +14,6 @@ the CPU and its flags, and writes ``on_demand.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
@@ -30,7 +29,7 @@ from service.store.layout import ModelStore
 from tests.helpers import ServiceProcess, encode, metric_samples, running
 from tests.service.lifecycle_load import Workload
 
-from .host import machine
+from .host import machine, record
 
 POPULARITY = {"lenet5": 0.35, "resnet18": 0.25, "googlenet": 0.18, "resnet50": 0.12, "alexnet": 0.10}
 PHOTO = encode(photos.chelsea(), "JPEG", quality=90)
@@ -119,10 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['budget']:>20}: {row['requests_per_s']:7.1f} requests/s, hit ratio {row['hit_ratio']:.3f}, "  # noqa: T201
               f"{row['evictions']} evictions, p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, "
               f"{row['failed']} failed, peak RSS {row['peak_rss_mib']} MiB")  # fmt: skip
-    host = found["machine"]
-    print(f"on {host['cpu']}, {host['cores']} cores, flags {', '.join(host['cpu_flags'])}")  # noqa: T201
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "on_demand.json").write_text(json.dumps(found, indent=2) + "\n")
+    record(found, args.out, "on_demand.json")
     return 0
 
 
