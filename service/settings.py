@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     canary_min_agreement: float | None = Field(
         None, gt=0, le=1,
-        description="Top-1 agreement with the primary a canary must not be shown to fall below (95% confidence); "
+        description="Top-1 agreement with the primary a canary must not be shown to fall below (99% confidence); "
         "unset: the candidate's export gate, else 0.99.",
     )  # fmt: skip
     canary_max_error_increase: float = Field(

@@ -75,7 +75,9 @@ class StateFile:
         except (OSError, ValueError) as exc:
             raise ValueError(f"the canary state {self.path} is unreadable: {exc}") from None
         canaries = data.get("canaries") if isinstance(data, dict) else None
-        return canaries if isinstance(canaries, dict) else {}
+        if not isinstance(canaries, dict):
+            raise ValueError(f"the canary state {self.path} holds no canaries object")
+        return {key: value for key, value in canaries.items() if isinstance(value, dict)}
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[dict[str, Any]]:
@@ -141,8 +143,10 @@ class Canary:
 
     def adopt(self, stored: dict[str, Any]) -> None:
         """Take the shared state; the window starts afresh."""
-        self.state = str(stored.get("state", "running"))
-        self.fraction = float(stored.get("fraction", 0.0))
+        state, fraction = str(stored.get("state", "running")), float(stored.get("fraction", 0.0))
+        if state not in STATES or not 0 <= fraction <= 1:
+            raise ValueError(f"canary {self.key}: state {state!r} at fraction {fraction} is not a canary's state")
+        self.state, self.fraction = state, fraction
         self.step = int(stored.get("step", 0))
         self.revision = int(stored.get("revision", 0))
         self.reason, self.verdict = stored.get("reason"), stored.get("verdict")
@@ -154,28 +158,40 @@ class Canary:
 class _Routed(contextlib.AbstractContextManager[ModelEntry]):
     """A lease that says which side of which canary it is, to the answered hook and when it ends."""
 
-    __slots__ = ("canaries", "canary", "lease", "revision", "side", "token")
+    __slots__ = ("canaries", "canary", "entered", "lease", "revision", "side", "token")
 
     def __init__(
-        self, canaries: Canaries, canary: Canary, side: str, lease: contextlib.AbstractContextManager[ModelEntry]
+        self,
+        canaries: Canaries,
+        canary: Canary,
+        side: str,
+        lease: contextlib.AbstractContextManager[ModelEntry],
+        revision: int,
+        entered: ModelEntry | None = None,
     ) -> None:
         self.canaries, self.canary, self.side, self.lease = canaries, canary, side, lease
-        self.revision = canary.revision
+        self.revision = revision  # the state the request was routed under
+        self.entered = entered  # the lease's version, where it was entered already (to look at it first)
         self.token: contextvars.Token[tuple[Canary, str, int] | None] | None = None
 
     def __enter__(self) -> ModelEntry:
-        entry = self.lease.__enter__()
+        entry = self.entered if self.entered is not None else self.lease.__enter__()
         self.token = ROUTE.set((self.canary, self.side, self.revision))
         return entry
 
     def __exit__(self, *exc: Any) -> bool | None:
         if self.token is not None:
-            ROUTE.reset(self.token)
+            with contextlib.suppress(ValueError):  # a token of another context: nothing to restore here
+                ROUTE.reset(self.token)
         try:
             return self.lease.__exit__(*exc)
         finally:
-            error = exc[0] is not None and not (isinstance(exc[1], ServiceError) and exc[1].status_code < 500)
-            self.canaries.finished(self.canary, self.side, self.revision, error)
+            if exc[0] is None or isinstance(exc[1], Exception):  # a cancelled request (the client went) is none
+                error = exc[0] is not None and not (isinstance(exc[1], ServiceError) and exc[1].status_code < 500)
+                try:
+                    self.canaries.finished(self.canary, self.side, self.revision, error)
+                except Exception:  # the canary's bookkeeping never fails a request
+                    logger.exception("canary %s: recording a request failed", self.canary.key)
 
 
 class Canaries:
@@ -188,9 +204,10 @@ class Canaries:
         self.steps = settings.canary_step_fractions
         self.file = StateFile(settings.canary_state_path)
         self.canaries = {pair.primary.name: Canary(pair, Window(settings.canary_window)) for pair in pairs}
+        self.repository = shadow.repository
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._mtime: float | None = None
+        self._stamp: tuple[int, int, int] | None = None
         self._file_failed = False
         for canary in self.canaries.values():
             canary.lane = shadow.add_lane(ShadowPair(canary.pair.candidate, canary.pair.primary, 1.0), self._compared)
@@ -199,7 +216,9 @@ class Canaries:
     # -- the shared state ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Take the shared state (created from ``CANARY`` where it has none of these), then follow it."""
+        """Take the shared state (created from ``CANARY`` where it has none of these), then follow it. A state file
+        that cannot be read leaves the canaries paused (it may say one was rolled back); one that cannot be written
+        leaves each worker its own state, in memory."""
         try:
             with self._lock, self.file.locked() as stored:
                 for canary in self.canaries.values():
@@ -213,7 +232,13 @@ class Canaries:
                         stored[canary.key] = canary.stored()
                         logger.info("canary %s: started at %g; steps %s", canary.key, canary.fraction,
                                     ",".join(map(str, self.steps)) or "none")  # fmt: skip
-        except (OSError, ValueError) as exc:
+        except ValueError as exc:  # unreadable, or a value that is not a state: it may hold a rollback
+            self._file_failed = True
+            for canary in self.canaries.values():
+                canary.state, canary.fraction, canary.reason = "paused", 0.0, f"paused at start: {exc}"
+            logger.error("canary: %s; every canary starts paused (fix or remove the file, then set its state through "
+                         "the repository API)", exc)  # fmt: skip
+        except OSError as exc:
             self._file_failed = True
             logger.error("canary: %s; each worker keeps its canaries' state in memory only (set CANARY_STATE to a "
                          "writable file every worker shares)", exc)  # fmt: skip
@@ -234,24 +259,28 @@ class Canaries:
     def sync(self) -> None:
         """Take what other workers decided (a higher revision in the file)."""
         try:
-            mtime = self.file.path.stat().st_mtime
+            found = self.file.path.stat()
         except OSError:
             return
-        if mtime == self._mtime:
+        stamp = (found.st_ino, found.st_mtime_ns, found.st_size)  # each write replaces the file: a new inode
+        if stamp == self._stamp:
             return
-        self._mtime = mtime
+        self._stamp = stamp
         stored = self.file.read()
         with self._lock:
             for canary in self.canaries.values():
-                found = stored.get(canary.key)
-                if found is not None and int(found.get("revision", 0)) > canary.revision:
-                    canary.adopt(found)
+                entry = stored.get(canary.key)
+                if entry is not None and int(entry.get("revision", 0)) > canary.revision:
+                    canary.adopt(entry)
                     self._publish(canary)
 
     def change(self, canary: Canary, expected: int | None, **changes: Any) -> bool:
         """Apply ``changes`` if the canary is still at revision ``expected`` (None: whatever it is); False when
         another worker changed it first (its state is taken instead). The window starts afresh either way."""
         with self._lock:
+            if expected is not None and expected != canary.revision:  # this worker took another's change meanwhile
+                canary.window = canary.window.next()
+                return False
             current = None
             if not self._file_failed:
                 try:
@@ -263,7 +292,8 @@ class Canaries:
                             return False
                         current = {**found, **changes, "revision": int(found.get("revision", 0)) + 1}
                         stored[canary.key] = current
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, TypeError, AttributeError) as exc:
+                    current = None
                     logger.error("canary %s: cannot record the change in %s (%s); applied in this worker only",
                                  canary.key, self.file.path, exc)  # fmt: skip
             if current is None:
@@ -287,16 +317,52 @@ class Canaries:
         return self.canaries.get(name)
 
     async def acquire(self, canary: Canary, acquire: Acquire) -> contextlib.AbstractContextManager[ModelEntry]:
-        """A lease for a request for the canary's primary: the candidate's for its share, else the primary's."""
-        pair = canary.pair
+        """A lease for a request for the canary's primary: the candidate's for its share, else the primary's.
+
+        The candidate answers only if, once its lease is held, the canary has not changed meanwhile (a rollback
+        while it loaded on demand), it takes the primary's inputs and classes, and its queue has room for a
+        request: otherwise the primary answers, as it would have without the canary.
+        """
+        pair, revision = canary.pair, canary.revision
         if canary.divert():
             try:
                 lease = await acquire(pair.candidate.name, pair.candidate.version)
-            except ServiceError as exc:  # not in the store, failed, its queue full: the primary answers
+            except ServiceError as exc:  # not in the store, failed, not loadable: the primary answers
                 logger.debug("canary %s: the candidate cannot answer (%s); the primary does", canary.key, exc.message)
             else:
-                return _Routed(self, canary, "candidate", lease)
-        return _Routed(self, canary, "primary", await acquire(pair.primary.name, pair.primary.version))
+                entry = lease.__enter__()  # entered once: the _Routed takes it over, or it is given back now
+                problem = None if canary.revision == revision and canary.diverting > 0 else "changed"
+                problem = problem or self._unfit(canary, entry)
+                if problem is None:
+                    return _Routed(self, canary, "candidate", lease, revision, entry)
+                lease.__exit__(None, None, None)
+        try:
+            primary = await acquire(pair.primary.name, pair.primary.version)
+        except ServiceError:
+            if pair.primary.version is None:
+                raise
+            primary = await acquire(pair.primary.name, None)  # PRIMARY@V not served: what the request would get
+        return _Routed(self, canary, "primary", primary, revision)
+
+    def _unfit(self, canary: Canary, entry: ModelEntry) -> str | None:
+        """Why the candidate's version ``entry`` should not take this request: its queue is full, or it does not take
+        the primary's inputs or give its classes (said once in the log); None when it should."""
+        batcher = entry.batcher
+        room = batcher.max_queue_images - batcher.queued_images if batcher is not None else None
+        if room is not None and room < self.settings.max_images_per_request:
+            return "queue full"
+        primary = self.repository.serving(canary.pair.primary.name)
+        if primary is None or primary.model is None or entry.model is None:
+            return None
+        ours, theirs = entry.model.metadata, primary.model.metadata
+        if ours.input == theirs.input and ours.num_classes == theirs.num_classes:
+            return None
+        if canary.reason is None or not canary.reason.startswith("incompatible"):
+            canary.reason = (f"incompatible: {canary.pair.candidate} takes {ours.input.model_dump()} and gives "
+                             f"{ours.num_classes} classes; {canary.pair.primary} {theirs.input.model_dump()} and "
+                             f"{theirs.num_classes}: the primary answers every request")  # fmt: skip
+            logger.error("canary %s: %s", canary.key, canary.reason)
+        return "incompatible"
 
     def answered(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
         """The ``answered`` hook: a routed request's answers into its window; a sample of the candidate's also to
@@ -351,7 +417,8 @@ class Canaries:
         figures = {"fraction": canary.fraction, **figures}
         m = self.metrics
         labels = (str(canary.pair.primary), str(canary.pair.candidate))
-        m.child(m.canary_windows, *labels, "pass" if passed else "fail").inc()
+        outcome = "fail" if not passed else "pass" if window.conclusive else "inconclusive"
+        m.child(m.canary_windows, *labels, outcome).inc()
         verdict = {"passed": passed, "failures": failures, "figures": figures,
                    "at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
         history = [*canary.history, verdict][-HISTORY:]
@@ -363,7 +430,13 @@ class Canaries:
                                figures["fraction"], reason, json.dumps(figures))  # fmt: skip
             return
         higher = [s for s in self.steps if s > canary.fraction]
-        if higher:
+        if not window.conclusive:  # it passed, but without the agreement sample: no step on that
+            verdict["inconclusive"] = f"{window.compared} answers compared, fewer than {window.min_compared}"
+            self.change(canary, expected, verdict=verdict, history=history)
+            logger.warning("canary %s: window inconclusive at %g: %s (the primary was rarely idle enough to compare); "
+                           "the fraction stays; figures %s", canary.key, figures["fraction"], verdict["inconclusive"],
+                           json.dumps(figures))  # fmt: skip
+        elif higher:
             if self.change(canary, expected, fraction=higher[0], step=canary.step + 1, verdict=verdict,
                            history=history, reason=None):  # fmt: skip
                 logger.info("canary %s: window passed at %g; stepping up to %g; figures %s", canary.key,

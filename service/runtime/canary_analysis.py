@@ -2,23 +2,26 @@
 
 Four checks, each a setting (``CANARY_*``):
 
-* **errors**: the candidate's share of server errors (5xx, not a client's 4xx) may exceed
-  the primary's by at most ``CANARY_MAX_ERROR_INCREASE``;
+* **errors**: the candidate's share of server errors (5xx, not a client's 4xx; the low end
+  of its 99% Wilson interval) may exceed the primary's by at most
+  ``CANARY_MAX_ERROR_INCREASE``;
 * **latency**: its p50 and p99 (queue and inference, the model's own cost; decoding is the
   same for both) at most ``CANARY_MAX_LATENCY_RATIO`` times the primary's, plus
-  ``CANARY_LATENCY_SLACK_MS``;
+  ``CANARY_LATENCY_SLACK_MS`` (p50 over 20 answers or more per side, p99 over 100 or more);
 * **drift**: the Jensen-Shannon divergence between the two sides' top-1 confidence
   distributions (the bins of ``cnn_confidence``, as drift measures them) at most
-  ``CANARY_MAX_DRIFT``;
+  ``CANARY_MAX_DRIFT`` (over 50 images or more per side);
 * **agreement**: top-1 agreement with the primary on the canary's own requests, run
   through the primary off the request path; a window fails only when agreement is *shown*
-  to be below the gate: the upper end of its 95% Wilson interval is. A window of 100
-  answers with one or two disagreements does not fail a gate of 99%; one of 80% does.
+  to be below the gate: the upper end of its 99% Wilson interval is. A window of 100
+  answers with three disagreements does not fail a gate of 99%; one of 90% does.
 
 The primary's side is its answers in the same window, under the same load (two models
 sharing a CPU slow each other down: at a fraction of 0.5 both sides are slower than
 either alone), where it gave at least a quarter of a window of them; otherwise (at a
-fraction of 1 it answers nothing) its latest answers, up to :data:`REFERENCE`.
+fraction of 1 it answers nothing) its latest answers, up to :data:`REFERENCE`. A window
+that passes without a quarter of its answers compared is inconclusive: it rolls nothing
+back and steps nothing up.
 """
 
 from __future__ import annotations
@@ -33,18 +36,23 @@ import numpy as np
 from ..store.quality import CONFIDENCE_BUCKETS, confidence_bins, js_divergence
 
 REFERENCE = 2000  # the primary's latest answers the canary is compared with
-Z95 = 1.959964
+Z99 = 2.575829  # each worker judges many windows: one spurious failure rolls a good candidate back
+MIN_P50, MIN_P99, MIN_BINS = 20, 100, 50  # answers a percentile, images a confidence distribution, needs per side
 
 
-def wilson_upper(successes: int, trials: int, z: float = Z95) -> float:
-    """The upper end of the Wilson score interval of a proportion (1.0 with no trials)."""
+def wilson(successes: int, trials: int, z: float = Z99) -> tuple[float, float]:
+    """The Wilson score interval of a proportion, (0, 1) with no trials."""
     if trials == 0:
-        return 1.0
+        return 0.0, 1.0
     p = successes / trials
     denominator = 1 + z * z / trials
     centre = p + z * z / (2 * trials)
     spread = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
-    return min(1.0, (centre + spread) / denominator)
+    return max(0.0, (centre - spread) / denominator), min(1.0, (centre + spread) / denominator)
+
+
+def wilson_upper(successes: int, trials: int, z: float = Z99) -> float:
+    return wilson(successes, trials, z)[1]
 
 
 @dataclass
@@ -75,8 +83,13 @@ class Side:
     def error_rate(self) -> float:
         return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 0.0
 
-    def percentile(self, q: float) -> float | None:
-        return float(np.percentile(np.fromiter(self.seconds, float), q)) if self.seconds else None
+    def percentile(self, q: float, least: int = 1) -> float | None:
+        """The ``q``-th percentile of the latencies, where there are at least ``least`` of them."""
+        return float(np.percentile(np.fromiter(self.seconds, float), q)) if len(self.seconds) >= least else None
+
+    @property
+    def errors(self) -> int:
+        return sum(self.outcomes)
 
     def histogram(self) -> np.ndarray:
         return np.bincount(np.fromiter(self.bins, int), minlength=len(CONFIDENCE_BUCKETS))
@@ -108,9 +121,15 @@ class Window:
         return max(10, self.size // 4)
 
     def complete(self) -> bool:
-        """Enough answers to judge: a window of them, and a quarter as many compared (or four windows without)."""
+        """Enough answers to judge: a window of them, and a quarter as many compared (or four windows without:
+        then judged, but a pass without that evidence is inconclusive, see :meth:`judge`)."""
         answers = self.candidate.requests
         return answers >= self.size and (self.compared >= self.min_compared or answers >= 4 * self.size)
+
+    @property
+    def conclusive(self) -> bool:
+        """Whether a pass may step the canary up: enough comparisons for agreement to have been shown."""
+        return self.compared >= self.min_compared
 
     def answered(self, side: str, probabilities: np.ndarray, seconds: float) -> None:
         for record in (self.candidate,) if side == "candidate" else (self.reference, self.alongside):
@@ -136,32 +155,35 @@ class Window:
         def ms(value: float | None) -> float | None:
             return None if value is None else round(value * 1000, 3)
 
-        drift = js_divergence(p.histogram(), c.histogram()) if c.bins and p.bins else None
+        enough = len(c.bins) >= MIN_BINS and len(p.bins) >= MIN_BINS
+        drift = js_divergence(p.histogram(), c.histogram()) if enough else None
         return {
             "requests": dict(self.routed),
             "primary_compared": "this window" if p is self.alongside else f"its latest {len(p.seconds)} answers",
             "answers": c.requests,
             "error_rate": {"candidate": round(c.error_rate(), 4), "primary": round(p.error_rate(), 4)},
-            "p50_ms": {"candidate": ms(c.percentile(50)), "primary": ms(p.percentile(50))},
-            "p99_ms": {"candidate": ms(c.percentile(99)), "primary": ms(p.percentile(99))},
+            "p50_ms": {"candidate": ms(c.percentile(50, MIN_P50)), "primary": ms(p.percentile(50, MIN_P50))},
+            "p99_ms": {"candidate": ms(c.percentile(99, MIN_P99)), "primary": ms(p.percentile(99, MIN_P99))},
             "confidence_drift": None if drift is None else round(drift, 4),
             "compared": self.compared,
             "top1_agreement": round(self.agreed / self.compared, 4) if self.compared else None,
-            "agreement_upper_95": round(wilson_upper(self.agreed, self.compared), 4) if self.compared else None,
+            "agreement_upper_99": round(wilson_upper(self.agreed, self.compared), 4) if self.compared else None,
         }
 
     def judge(self, thresholds: Thresholds) -> tuple[bool, list[str], dict[str, Any]]:
-        """(passed, why not, the figures): every check that has what it needs."""
+        """(passed, why not, the figures): every check that has the answers it needs, each failing only where the
+        window shows it at 99% confidence (errors, agreement) or over enough answers (latency, drift)."""
         t, c, p = thresholds, self.candidate, self.primary
         figures = self.figures()
         failures = []
-        if c.error_rate() > p.error_rate() + t.max_error_increase:
+        errors_low = wilson(c.errors, c.requests)[0] if c.requests else 0.0
+        if errors_low > p.error_rate() + t.max_error_increase:
             failures.append(
-                f"server errors {c.error_rate():.1%} against the primary's {p.error_rate():.1%} "
-                f"(at most {t.max_error_increase:.1%} more)"
+                f"server errors {c.errors}/{c.requests} ({c.error_rate():.1%}; at least {errors_low:.1%} at 99% "
+                f"confidence) against the primary's {p.error_rate():.1%} (at most {t.max_error_increase:.1%} more)"
             )
-        for q in (50, 99):
-            mine, theirs = c.percentile(q), p.percentile(q)
+        for q, least in ((50, MIN_P50), (99, MIN_P99)):
+            mine, theirs = c.percentile(q, least), p.percentile(q, least)
             if mine is not None and theirs is not None and mine > theirs * t.max_latency_ratio + t.latency_slack_s:
                 failures.append(
                     f"p{q} {mine * 1000:.2f} ms against the primary's {theirs * 1000:.2f} ms (at most "
@@ -170,10 +192,10 @@ class Window:
         drift = figures["confidence_drift"]
         if drift is not None and drift > t.max_drift:
             failures.append(f"confidence drift {drift:.3f} against the primary (at most {t.max_drift:g})")
-        if self.compared >= self.min_compared and wilson_upper(self.agreed, self.compared) < t.min_agreement:
+        upper = wilson_upper(self.agreed, self.compared)
+        if self.compared and upper < t.min_agreement:
             failures.append(
                 f"top-1 agreement {self.agreed}/{self.compared} ({self.agreed / self.compared:.1%}; at most "
-                f"{wilson_upper(self.agreed, self.compared):.1%} at 95% confidence) below the gate "
-                f"{t.min_agreement:.0%}"
+                f"{upper:.1%} at 99% confidence) below the gate {t.min_agreement:.0%}"
             )
         return not failures, failures, figures

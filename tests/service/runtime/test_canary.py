@@ -44,10 +44,20 @@ def filled(window: Window, candidate_top: float, candidate_s: float, agreed: int
 
 def test_wilson_upper_bound_separates_a_few_disagreements_from_a_bad_candidate() -> None:
     assert wilson_upper(0, 0) == 1.0
-    assert wilson_upper(98, 100) > 0.99  # two disagreements in 100 do not show agreement below 99%
+    assert wilson_upper(97, 100) > 0.99  # three disagreements in 100 do not show agreement below 99%
     assert wilson_upper(100, 100) == pytest.approx(1.0)
     assert wilson_upper(90, 100) < 0.99
-    assert wilson_upper(10, 100) < 0.2
+    assert wilson_upper(10, 100) < 0.25
+
+
+def test_a_few_server_errors_or_a_few_answers_do_not_fail_a_window() -> None:
+    """Two errors in 100 are not shown to be above the primary's 0% + 1% at 99% confidence; latency and drift are
+    not judged on fewer answers than they need."""
+    passed, failures, _ = filled(Window(100), 0.995, 0.004, agreed=100, errors=2).judge(THRESHOLDS)
+    assert passed, failures
+    small = filled(Window(10), 0.15, 0.030, agreed=10)  # slow and unsure, but only 10 answers
+    passed, failures, figures = small.judge(THRESHOLDS)
+    assert passed and figures["confidence_drift"] is None and figures["p99_ms"]["candidate"] is None
 
 
 def test_a_faithful_window_passes() -> None:
@@ -64,7 +74,7 @@ def test_a_faithful_window_passes() -> None:
         (0.15, 0.004, 99, 0, "confidence drift"),  # a network with random weights: unsure of everything
         (0.995, 0.004, 80, 0, "top-1 agreement 80/100"),
         (0.995, 0.020, 100, 0, "p50 20.00 ms"),
-        (0.995, 0.004, 100, 5, "server errors 5.0%"),
+        (0.995, 0.004, 100, 5, "server errors 5/100"),
     ],
 )
 def test_each_check_fails_a_window_and_says_why(
@@ -147,7 +157,7 @@ def test_workers_share_one_state_and_the_first_decision_wins(tmp_path: Path) -> 
         filled(b.window, 0.15, 0.004, agreed=1)
         second.judge(b)  # a failing window at the current revision rolls back, for every worker
         assert (b.state, b.fraction) == ("rolled_back", 0.0)
-        assert "confidence drift" in (b.reason or "") and b.history[-1]["passed"] is False
+        assert "top-1 agreement 1/10" in (b.reason or "") and b.history[-1]["passed"] is False
         first.sync()
         assert (a.state, a.fraction, a.reason) == ("rolled_back", 0.0, b.reason)
     finally:
@@ -264,4 +274,60 @@ def test_on_demand_the_candidate_is_loaded_by_the_first_request_it_answers(
         assert asyncio.run(main()) == ("twin", "lenet5:twin")
         assert runtime.repository.serving("twin") is not None and runtime.repository.serving("lenet5") is None
     finally:
+        runtime.canaries.stop()
+
+
+def test_a_pass_without_the_agreement_sample_steps_nothing_up(tmp_path: Path) -> None:
+    worker = canaries(tmp_path)
+    worker.start()
+    try:
+        canary = worker.canaries["lenet5"]
+        window = filled(canary.window, 0.995, 0.004, agreed=0)
+        window.compared = 0  # the primary was never idle enough to compare
+        for _ in range(30):
+            window.finished("candidate", False)
+        assert window.complete() and not window.conclusive
+        worker.judge(canary, window, canary.revision)
+        assert (canary.state, canary.fraction, canary.step) == ("running", 0.1, 0)
+        assert "inconclusive" in canary.history[-1]
+    finally:
+        worker.stop()
+
+
+def test_an_unreadable_state_file_starts_the_canaries_paused(tmp_path: Path) -> None:
+    (tmp_path / ".canary.json").write_text('{"canaries": {"lenet5:lenet5_int8": {"state": "gone", "fraction": 7}}}')
+    worker = canaries(tmp_path)
+    worker.start()
+    try:
+        canary = worker.canaries["lenet5"]
+        assert (canary.state, canary.diverting) == ("paused", 0.0)
+        assert "is not a canary's state" in (canary.reason or "")
+    finally:
+        worker.stop()
+
+
+def test_the_primary_answers_when_the_candidate_is_full_or_its_pinned_version_is_not_served(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
+) -> None:
+    """A candidate whose queue has no room for a request leaves it to the primary (no 503 because of the canary);
+    a PRIMARY@VERSION that is not served leaves the primary's share to the version a request would get."""
+    runtime = make_runtime(make_store(lenet5=[1, 2], twin=[1]), canary="lenet5@1:twin:1.0",
+                           canary_state=tmp_path / "c.json", max_queue_images=8, max_images_per_request=4)  # fmt: skip
+    assert runtime.canaries is not None
+    runtime.canaries.start()
+    runtime.control.reconcile()  # lenet5 serves version 2 only (its policy: the latest)
+    twin = runtime.repository.serving("twin")
+    assert twin is not None and twin.batcher is not None
+    files, _ = held_out_drawings(1)
+
+    async def main() -> tuple[str, int, str | None]:
+        c = await runtime.classifier.classify("lenet5", None, files, k=1)
+        return c.model, c.version, c.canary
+
+    try:
+        assert asyncio.run(main()) == ("twin", 1, "lenet5@1:twin")
+        twin.batcher._queued_images = 8  # full: no room for another request's images
+        assert asyncio.run(main()) == ("lenet5", 2, None)
+    finally:
+        twin.batcher._queued_images = 0
         runtime.canaries.stop()
