@@ -154,8 +154,9 @@ class Metrics:
             [*pair, "side"],
         )  # fmt: skip
         self.canary_windows = prom.Counter(
-            "cnn_canary_windows", "Canary analysis windows judged, by verdict (pass, fail, inconclusive)", [*pair, "verdict"]
-        )
+            "cnn_canary_windows", "Canary analysis windows judged, by verdict (pass, fail, inconclusive)",
+            [*pair, "verdict"],
+        )  # fmt: skip
 
         # what a model holds and costs to load (every mode); MODEL_CONTROL=on-demand's budget, loads, evictions
         self.resident_bytes = prom.Gauge(

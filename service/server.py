@@ -112,7 +112,7 @@ def build_runtime(
     canaries = None
     if canary_pairs:  # its agreement sample goes through the shadow's queues
         assert shadow is not None
-        canaries = Canaries(canary_pairs, settings, metrics, shadow)
+        canaries = Canaries(canary_pairs, settings, metrics, shadow, control.promote)
         hooks.answered.subscribe(canaries.answered)
     cache = None
     if settings.response_cache_mb > 0:  # each worker its own: several workers, each caches what it answered

@@ -197,11 +197,19 @@ class _Routed(contextlib.AbstractContextManager[ModelEntry]):
 class Canaries:
     """Every ``CANARY`` of this worker: the routing, the windows, the shared state."""
 
-    def __init__(self, pairs: list[ShadowPair], settings: Settings, metrics: Metrics, shadow: Shadow) -> None:
+    def __init__(
+        self,
+        pairs: list[ShadowPair],
+        settings: Settings,
+        metrics: Metrics,
+        shadow: Shadow,
+        promote: Callable[[str, int], bool] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.shadow = shadow
         self.steps = settings.canary_step_fractions
+        self.promote = promote  # (name, version): the lifecycle serves that version alone (a model's own canary)
         self.file = StateFile(settings.canary_state_path)
         self.canaries = {pair.primary.name: Canary(pair, Window(settings.canary_window)) for pair in pairs}
         self.repository = shadow.repository
@@ -446,10 +454,25 @@ class Canaries:
                            reason=f"passed every step ({','.join(map(str, self.steps))})"):  # fmt: skip
                 logger.info("canary %s PROMOTED: %s now answers every request for %s; figures %s", canary.key,
                             canary.pair.candidate, canary.pair.primary.name, json.dumps(figures))  # fmt: skip
+                self._switch(canary)
         else:
             self.change(canary, expected, verdict=verdict, history=history)
             logger.info("canary %s: window passed at %g (no CANARY_STEPS: the fraction stays); figures %s",
                         canary.key, figures["fraction"], json.dumps(figures))  # fmt: skip
+
+    def _switch(self, canary: Canary) -> None:
+        """A canary of one model's two versions, promoted: the lifecycle serves the candidate's version alone
+        (``MODEL_CONTROL=explicit``), the primary's drained; elsewhere the routing is the promotion."""
+        primary, candidate = canary.pair.primary, canary.pair.candidate
+        if self.promote is None or primary.name != candidate.name or candidate.version is None:
+            return
+        try:
+            if self.promote(candidate.name, candidate.version):
+                logger.info("canary %s: %s declared at version %d alone; the other versions drain", canary.key,
+                            candidate.name, candidate.version)  # fmt: skip
+        except (OSError, ValueError) as exc:
+            logger.error("canary %s: promoted, but declaring %s failed (%s); the routing serves it meanwhile",
+                         canary.key, candidate, exc)  # fmt: skip
 
     # -- what the repository API and /models read ----------------------------------------------
 
@@ -492,6 +515,8 @@ class Canaries:
                 changes["fraction"], changes["step"] = canary.pair.fraction, 0
         self.change(canary, None, **changes)
         logger.info("canary %s: %s through the repository API", canary.key, json.dumps(changes))
+        if state == "promoted":
+            self._switch(canary)
         described = self.describe(primary)
         assert described is not None
         return described

@@ -287,6 +287,18 @@ class ModelControl:
             elif entry.status == "ready" and (replacement or not model_wanted):
                 self.repository.unload(entry)
 
+    def promote(self, name: str, version: int) -> bool:
+        """Serve ``name`` at ``version`` alone from now on (a canary of one model's versions promoted): declared, so
+        every worker switches as a repository load does, the other versions drained once it serves (it already
+        does), and a restart comes back to it. Only ``MODEL_CONTROL=explicit`` declares what is served: elsewhere
+        the version policy does, and this returns False."""
+        if self.declared is None:
+            return False
+        generation = self.declared.declare(name, [version])
+        self.wake()
+        logger.info("model control: %s declared at version %d alone (generation %d)", name, version, generation)
+        return True
+
     # -- what the repository API reads -----------------------------------------------------
 
     def catalogue(self) -> list[str]:

@@ -331,3 +331,30 @@ def test_the_primary_answers_when_the_candidate_is_full_or_its_pinned_version_is
     finally:
         twin.batcher._queued_images = 0
         runtime.canaries.stop()
+
+
+def test_a_promoted_canary_of_one_models_versions_is_declared_and_the_old_version_drains(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
+) -> None:
+    """MODEL_CONTROL=explicit: lenet5 serves versions 1 and 2, v2 the canary of v1; once promoted, the declared state
+    names v2 alone, and the next pass drains v1 (the promotion outlives a restart as the lifecycle's own state)."""
+    runtime = make_runtime(make_store(lenet5=[1, 2], policy="all: { }"), model_control="explicit",
+                           canary="lenet5@1:lenet5@2:0.5", canary_steps="1.0", canary_window=10,
+                           canary_state=tmp_path / "c.json", model_control_state=tmp_path / "declared.json")  # fmt: skip
+    assert runtime.canaries is not None and runtime.control.declared is not None
+    runtime.canaries.start()
+    runtime.control.reconcile()
+    assert sorted(runtime.repository.versions["lenet5"]) == [1, 2]
+    canary = runtime.canaries.canaries["lenet5"]
+    try:
+        for _ in range(2):  # 0.5, then 1.0: promoted
+            filled(canary.window, 0.995, 0.004, agreed=10)
+            runtime.canaries.judge(canary)
+    finally:
+        runtime.canaries.stop()
+    assert canary.state == "promoted"
+    declared = runtime.control.declared.read()
+    assert declared is not None and declared["models"] == {"lenet5": [2]}
+    runtime.control.reconcile()
+    served = {v: e.status for v, e in runtime.repository.versions["lenet5"].items()}
+    assert served.get(2) == "ready" and served.get(1) in (None, "draining")
