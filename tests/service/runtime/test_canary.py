@@ -340,7 +340,8 @@ def test_a_promoted_canary_of_one_models_versions_is_declared_and_the_old_versio
     names v2 alone, and the next pass drains v1 (the promotion outlives a restart as the lifecycle's own state)."""
     runtime = make_runtime(make_store(lenet5=[1, 2], policy="all: { }"), model_control="explicit",
                            canary="lenet5@1:lenet5@2:0.5", canary_steps="1.0", canary_window=10,
-                           canary_state=tmp_path / "c.json", model_control_state=tmp_path / "declared.json")  # fmt: skip
+                           canary_state=tmp_path / "c.json",
+                           model_control_state=tmp_path / "declared.json")  # fmt: skip
     assert runtime.canaries is not None and runtime.control.declared is not None
     runtime.canaries.start()
     runtime.control.reconcile()
