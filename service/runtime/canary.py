@@ -211,7 +211,9 @@ class Canaries:
         self.steps = settings.canary_step_fractions
         self.promote = promote  # (name, version): the lifecycle serves that version alone (a model's own canary)
         self.file = StateFile(settings.canary_state_path)
-        self.canaries = {pair.primary.name: Canary(pair, Window(settings.canary_window)) for pair in pairs}
+        self.canaries = {
+            pair.primary.name: Canary(pair, Window(settings.canary_window), fraction=pair.fraction) for pair in pairs
+        }
         self.repository = shadow.repository
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -219,7 +221,6 @@ class Canaries:
         self._file_failed = False
         for canary in self.canaries.values():
             canary.lane = shadow.add_lane(ShadowPair(canary.pair.candidate, canary.pair.primary, 1.0), self._compared)
-            canary.fraction = canary.pair.fraction
 
     # -- the shared state ---------------------------------------------------------------------
 
@@ -319,10 +320,9 @@ class Canaries:
 
     # -- the request path ---------------------------------------------------------------------
 
-    def canary_for(self, name: str | None, version: int | None) -> Canary | None:
-        if version is not None or name is None:
-            return None
-        return self.canaries.get(name)
+    def canary_for(self, name: str | None) -> Canary | None:
+        """The canary of model ``name`` (a request's, once the default is resolved), if it is a primary."""
+        return self.canaries.get(name) if name is not None else None
 
     async def acquire(self, canary: Canary, acquire: Acquire) -> contextlib.AbstractContextManager[ModelEntry]:
         """A lease for a request for the canary's primary: the candidate's for its share, else the primary's.
@@ -488,7 +488,7 @@ class Canaries:
         }  # fmt: skip
 
     def all(self) -> list[dict[str, Any]]:
-        return [d for name in self.canaries if (d := self.describe(name)) is not None]
+        return [described for name in self.canaries if (described := self.describe(name))]
 
     def operate(self, primary: str, state: str | None, fraction: float | None) -> dict[str, Any]:
         """The repository API: set a canary's fraction and/or its state (running, paused, ended, promoted,

@@ -151,7 +151,7 @@ class Classifier:
         opens ends; on demand, loaded first. ``routed`` (an inference): a ``CANARY``'s candidate may answer a
         request for its primary that names no version. 400/404/503 errors say what would be right."""
         if routed and self.canaries is not None and version is None:
-            canary = self.canaries.canary_for(name or self.repository.default_model, version)
+            canary = self.canaries.canary_for(name or self.repository.default_model)
             if canary is not None:
                 return await self.canaries.acquire(canary, self.residency.acquire)
         return await self.residency.acquire(name, version)
