@@ -26,7 +26,8 @@ from ..errors import InvalidInput, ModelNotReady
 from ..store.tensors import CLASSES_NAME, INPUT_NAME
 from ..store.tensors import EXPLANATION_OUTPUT_NAMES as OUTPUT_NAMES
 from .batching import DynamicBatcher
-from .session import session_options, wanted_providers
+from .cuda import wanted_providers
+from .session import session_options
 
 if TYPE_CHECKING:
     from ..settings import Settings

@@ -6,7 +6,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import onnxruntime as ort
@@ -16,38 +15,13 @@ from ..store import sessions
 from ..store.layout import ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
 from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
+from .cuda import CUDA, wanted_providers
 
 logger = logging.getLogger(__name__)
-
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 
 
 class ModelLoadError(RuntimeError):
     """A model version cannot be served; the message is shown by /models and /readyz."""
-
-
-@cache
-def gpu_count() -> int:
-    """GPUs the NVIDIA driver reports; 0 without a driver (onnxruntime-gpu lists CUDA regardless)."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount())
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library, no device: all mean no usable GPU
-        return 0
-
-
-def wanted_providers(choice: str) -> list[str]:
-    if choice == "cpu":
-        return [CPU]
-    if choice == "cuda" or (CUDA in ort.get_available_providers() and gpu_count() > 0):
-        return [CUDA, CPU]
-    return [CPU]
 
 
 def session_options(settings: Settings, instances: int = 1) -> ort.SessionOptions:
