@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve docs docs-build test test-fast test-tools load-tools lint lock proto dashboard manifests bench bench-quick profile peers lock-peers clean
+.PHONY: setup export serve docs docs-build test test-fast test-gpu test-tools load-tools lint lock proto dashboard manifests bench bench-quick profile peers lock-peers clean
 
 setup: $(STAMP)
 
@@ -47,15 +47,17 @@ lint: setup
 # Debian's prometheus (with promtool) and docker-compose (for `config` validation), used by the monitoring tests;
 # chromium, which Playwright drives in the page's browser test (Playwright's own browser download cannot work offline);
 # The peers' virtual environment (MLServer, LitServe) for the benchmark's peer test.
+# gcc, which builds the shared library with a missing dependency that the CUDA diagnosis test needs;
 # kubectl (Kustomize), haproxy and node/npm for the deploy tests: the CRD schemas (npm, pinned in
 # deploy/kubernetes/validate/package-lock.json) and the KServe SDK wheel whose types check the InferenceServices.
 KSERVE_WHEEL := .tools/kserve-0.21.0-py3-none-any.whl
 
 test-tools: $(KSERVE_WHEEL) deploy/kubernetes/validate/node_modules/.installed peers load-tools
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v docker-compose >/dev/null \
-		&& command -v chromium >/dev/null && command -v kubectl >/dev/null && command -v haproxy >/dev/null || { \
+		&& command -v chromium >/dev/null && command -v kubectl >/dev/null && command -v haproxy >/dev/null \
+		&& command -v gcc >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-			prometheus docker-compose chromium kubectl haproxy; }
+			prometheus docker-compose chromium kubectl haproxy gcc libc6-dev; }
 
 # wrk, the benchmark's and the profile's HTTP load generator (Debian package).
 load-tools:
@@ -76,6 +78,10 @@ test: lint test-tools
 
 test-fast: setup test-tools
 	$(BIN)/pytest -m 'not slow'
+
+# On a machine with an NVIDIA GPU: CUDA against the CPU per family, the FP16 variant, the served service on CUDA.
+test-gpu: setup
+	$(BIN)/pytest -m gpu
 
 # The Open Inference Protocol's Python modules (checked in; a test checks they match the .proto).
 proto: setup

@@ -72,6 +72,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )  # fmt: skip
         self.batch_size = prom.Histogram("cnn_batch_size", "Images per ONNX Runtime call", model, buckets=BATCH_BUCKETS)
+        self.batch_padding = prom.Counter(
+            "cnn_batch_padding_images", "Zero images added to batches to reach a batch shape (BATCH_SIZES)", model
+        )
         self.batch_requests = prom.Histogram(
             "cnn_batch_requests", "Requests whose images shared one ONNX Runtime call", model, buckets=BATCH_BUCKETS
         )

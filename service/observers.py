@@ -49,6 +49,8 @@ def attach(hooks: Hooks, settings: Settings, metrics: Metrics, tracing: Tracing)
         labels = {"model": entry.name, "version": str(entry.version)}
         metrics.child(metrics.batch_size, *labels.values()).observe(stats.size)
         metrics.child(metrics.batch_requests, *labels.values()).observe(stats.requests)
+        if stats.shape > stats.size:
+            metrics.child(metrics.batch_padding, *labels.values()).inc(stats.shape - stats.size)
         metrics.observe_stage(labels, "inference", stats.inference_seconds)
         for seconds in stats.queue_seconds:
             metrics.observe_stage(labels, "queue", seconds)

@@ -133,6 +133,10 @@ class ModelInfo(BaseModel):
         None, description="The largest batch it runs now: MAX_BATCH_SIZE, halved after each batch the device had no "
         "memory for (in the worker that answered)",
     )  # fmt: skip
+    batch_sizes: list[int] | None = Field(
+        None, description="The batch shapes its sessions run, each warmed before it served: a batch is padded up to "
+        "the next (BATCH_SIZES); null: any size up to max_batch_size",
+    )  # fmt: skip
     residency: dict[str, Any] | None = Field(
         None,
         description="MODEL_CONTROL=on-demand: resident (bytes its load added, idle seconds), loading, not loaded, "

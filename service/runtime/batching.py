@@ -43,10 +43,21 @@ def take(inputs: Inputs, part: slice) -> Inputs:
     return tuple(array[part] for array in inputs) if isinstance(inputs, tuple) else inputs[part]
 
 
-def joined(parts: list[Inputs]) -> Inputs:
+def joined(parts: list[Inputs], rows: int | None = None) -> Inputs:
+    """The parts one after the other, in one array (each, for a graph of several inputs) of ``rows`` rows: the
+    parts' own, or more, the rest zeros (a batch padded to a shape the session has run before)."""
     if isinstance(parts[0], tuple):
-        return tuple(np.concatenate(arrays) for arrays in zip(*parts, strict=True))
-    return np.concatenate(parts)
+        return tuple(_stacked(list(arrays), rows) for arrays in zip(*parts, strict=True))
+    return _stacked(parts, rows)  # type: ignore[arg-type]
+
+
+def _stacked(arrays: list[np.ndarray], rows: int | None) -> np.ndarray:
+    filled = sum(int(array.shape[0]) for array in arrays)
+    if rows is None or rows == filled:
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    out = np.zeros((rows, *arrays[0].shape[1:]), dtype=arrays[0].dtype)
+    np.concatenate(arrays, out=out[:filled])
+    return out
 
 
 @dataclass
@@ -60,6 +71,7 @@ class BatchStats:
     contexts: list[Any]  # per request: what the caller passed to :meth:`DynamicBatcher.infer`
     probabilities: np.ndarray | None = None  # the batch's, row per image
     distances: np.ndarray | None = None  # the batch's, where the graph has a typicality check
+    shape: int = 0  # the rows the session ran: ``size``, or more where the batch was padded to a shape
     # derived here, on the batcher's thread, so that what observes the batch reads figures
     requests: int = field(init=False)
     queue_seconds: list[float] = field(init=False)  # per request
@@ -95,10 +107,12 @@ class DynamicBatcher:
         max_queue_images: int,
         on_batch: Callable[[BatchStats], None] | None = None,
         on_out_of_memory: Callable[[int, int], None] | None = None,
+        batch_sizes: tuple[int, ...] | None = None,
     ) -> None:
         self.name = name
         self._runs = runs
         self.max_batch_size = max_batch_size
+        self.batch_sizes = batch_sizes  # the shapes a batch is padded up to; None: run it as it is
         self.max_delay = max_delay
         self.max_queue_images = max_queue_images
         self._on_batch = on_batch
@@ -221,11 +235,14 @@ class DynamicBatcher:
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], instance: int) -> None:
         started = time.perf_counter()
+        size = sum(p.size for p in batch)
+        shape = self.shape_for(size)
         try:
-            images = batch[0].images if len(batch) == 1 else joined([p.images for p in batch])
+            images = joined([p.images for p in batch], shape)
             outputs = await loop.run_in_executor(self._executor, self._runs[instance], images)
+            if shape != size:  # the padding's rows, answered by nobody
+                outputs = tuple(output[:size] for output in outputs)
         except Exception as exc:
-            size = sum(p.size for p in batch)
             if out_of_memory(exc):
                 exc = self._shrink(size, exc)
             else:
@@ -248,7 +265,14 @@ class DynamicBatcher:
         if self._on_batch is not None:
             enqueued, contexts = [p.enqueued for p in batch], [p.context for p in batch]
             observed = _observed(batch, outputs)
-            self._on_batch(BatchStats(count_rows(images), enqueued, started, finished, contexts, *observed))
+            self._on_batch(BatchStats(size, enqueued, started, finished, contexts, *observed, shape=shape))
+
+    def shape_for(self, size: int) -> int:
+        """The rows a batch of ``size`` images runs as: the smallest of :attr:`batch_sizes` that holds it (within
+        ``max_batch_size``, which an out-of-memory batch lowers), else ``size`` itself."""
+        if self.batch_sizes is None:
+            return size
+        return min((shape for shape in self.batch_sizes if size <= shape <= self.max_batch_size), default=size)
 
     def _shrink(self, size: int, exc: BaseException) -> DeviceOutOfMemory:
         """A batch of ``size`` the device had no memory for: halve the largest batch below it."""

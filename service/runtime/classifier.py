@@ -220,6 +220,7 @@ class Classifier:
                 "load_seconds": round(entry.model.load_seconds, 3),
                 "warmup_seconds": round(entry.model.warmup_seconds, 3),
                 "max_batch_size": entry.batcher.max_batch_size if entry.batcher is not None else None,
+                "batch_sizes": list(entry.model.batch_sizes) if entry.model.batch_sizes is not None else None,
                 "quality": {
                     "abstain_threshold": meta.abstain_threshold,
                     "typicality_threshold": meta.typicality_threshold,

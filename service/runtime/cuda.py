@@ -1,28 +1,53 @@
-"""CUDA for ONNX Runtime: whether a GPU is there, and which providers a session asks for."""
+"""CUDA for ONNX Runtime: whether a GPU is there, finding CUDA's libraries, and what a session asks for.
+
+``onnxruntime-gpu`` lists the CUDA provider on any machine; the provider works only where the
+NVIDIA driver reports a GPU and the dynamic loader finds CUDA 13 and cuDNN 9
+(``libcublasLt.so.13``, ``libcudnn.so.9``, ...). They come from a CUDA installation or from
+NVIDIA's pip wheels (``requirements/gpu.txt``), which the loader does not search by itself:
+:func:`preload` loads them from there before the first CUDA session, and
+:func:`unavailable_reason` names the library that is still missing, so a model that wanted CUDA
+and got the CPU says why.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
+import logging
 from functools import cache
+from pathlib import Path
 
 import onnxruntime as ort
 
+from ..settings import Settings
+
+logger = logging.getLogger(__name__)
+
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+# what ONNX Runtime loads to start its CUDA provider; its missing dependencies are CUDA's and cuDNN's libraries
+PROVIDER_LIBRARY = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+INSTALL_HINT = "install requirements/gpu.txt (onnxruntime-gpu[cuda,cudnn]) or CUDA 13 and cuDNN 9"
 
 
 @cache
-def gpu_count() -> int:
-    """GPUs the NVIDIA driver reports; 0 without a driver (onnxruntime-gpu lists CUDA regardless)."""
+def _nvml() -> tuple[int, str | None]:
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return int(pynvml.nvmlDeviceGetCount())
+            return int(pynvml.nvmlDeviceGetCount()), None
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # no driver, no library, no device: all mean no usable GPU
-        return 0
+    except Exception as exc:  # no driver, no library, no device: all mean no usable GPU
+        return 0, f"{type(exc).__name__}: {exc}"
+
+
+def gpu_count() -> int:
+    """GPUs the NVIDIA driver reports; 0 without a driver (onnxruntime-gpu lists CUDA regardless)."""
+    return _nvml()[0]
 
 
 def wanted_providers(choice: str) -> list[str]:
@@ -31,3 +56,54 @@ def wanted_providers(choice: str) -> list[str]:
     if choice == "cuda" or (CUDA in ort.get_available_providers() and gpu_count() > 0):
         return [CUDA, CPU]
     return [CPU]
+
+
+@cache
+def preload() -> tuple[str, ...]:
+    """Load CUDA's and cuDNN's libraries from NVIDIA's pip wheels (or the loader's paths), once per process.
+
+    ONNX Runtime's :func:`onnxruntime.preload_dlls` prints what it could not load; its lines are
+    returned (and logged) instead, for :func:`unavailable_reason` to be the one word on it.
+    """
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+    except Exception as exc:  # a preload that fails leaves the loader's own paths, which may still work
+        print(f"preload_dlls failed: {type(exc).__name__}: {exc}", file=printed)
+    lines = tuple(line for line in printed.getvalue().splitlines() if line.strip())
+    for line in lines:
+        logger.debug("CUDA preload: %s", line)
+    return lines
+
+
+def unavailable_reason(library: Path = PROVIDER_LIBRARY) -> str:
+    """Why a session that asked for CUDA did not get it: the first missing library, else the driver's word."""
+    try:
+        ctypes.CDLL(str(library))
+    except OSError as exc:
+        return f"ONNX Runtime's CUDA provider cannot load ({exc}): {INSTALL_HINT}"
+    count, problem = _nvml()
+    if count == 0:
+        return f"the NVIDIA driver reports no GPU ({problem or 'no device'})"
+    return "ONNX Runtime's CUDA provider did not take the session (its log above says why)"
+
+
+def provider_options(settings: Settings, precision: str) -> dict[str, str]:
+    """The CUDA provider's options for a graph of ``precision`` (``fp32``, ``fp16``, ``int8``)."""
+    nhwc = settings.cuda_prefer_nhwc == "on" or (settings.cuda_prefer_nhwc == "auto" and precision == "fp16")
+    return {
+        "cudnn_conv_algo_search": settings.cuda_conv_algo_search,
+        "prefer_nhwc": str(int(nhwc)),
+        "use_tf32": str(int(settings.cuda_tf32)),
+    }
+
+
+def providers_for(settings: Settings, precision: str) -> list[str | tuple[str, dict[str, str]]]:
+    """What a session of a ``precision`` graph asks for: CUDA (with its options, its libraries preloaded) then the
+    CPU, or the CPU alone (``PROVIDERS``)."""
+    wanted = wanted_providers(settings.providers)
+    if CUDA not in wanted:
+        return [CPU]
+    preload()
+    return [(CUDA, provider_options(settings, precision)), CPU]

@@ -26,7 +26,7 @@ from ..errors import InvalidInput, ModelNotReady
 from ..store.tensors import CLASSES_NAME, INPUT_NAME
 from ..store.tensors import EXPLANATION_OUTPUT_NAMES as OUTPUT_NAMES
 from .batching import DynamicBatcher
-from .cuda import wanted_providers
+from .cuda import providers_for
 from .session import session_options
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class GradCams:
         started = time.perf_counter()
         try:  # the server's files, not the request, are wrong: 503 with the reason, as a model that fails to load
             session = ort.InferenceSession(
-                str(path), session_options(settings), providers=wanted_providers(settings.providers)
+                str(path), session_options(settings), providers=providers_for(settings, "fp32")
             )
         except Exception as exc:  # ORT raises its own types
             raise ModelNotReady(f"Cannot load the explanation graph {path}: {exc}") from None

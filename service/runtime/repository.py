@@ -306,6 +306,7 @@ class Repository:
             max_queue_images=self.settings.max_queue_images,
             on_batch=functools.partial(hooks.batch, entry),
             on_out_of_memory=lambda size, limit: hooks.out_of_memory(entry, size, limit),
+            batch_sizes=model.batch_sizes,
         )
 
     async def close(self) -> None:

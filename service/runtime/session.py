@@ -15,7 +15,7 @@ from ..store import sessions
 from ..store.layout import ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
 from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
-from .cuda import CUDA, wanted_providers
+from .cuda import CPU, CUDA, providers_for, unavailable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class LoadedModel:
     warmup_seconds: float = 0.0
     threads: int = 1  # per session
     output_names: tuple[str, ...] = OUTPUT_NAMES  # and DISTANCE_NAME where the metadata has a typicality check
+    batch_sizes: tuple[int, ...] | None = None  # the shapes its batches are padded to (BATCH_SIZES); None: any
 
     @property
     def name(self) -> str:
@@ -66,11 +67,12 @@ class LoadedModel:
         return run
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
-        """Run every batch size once on every instance, so no client request pays for allocation or set-up."""
+        """Run ``batch_sizes`` and every shape of :attr:`batch_sizes` once on every instance, so no client request
+        pays for allocation or set-up (on CUDA, cuDNN's algorithm search for each new shape)."""
         spec = self.metadata.input
         started = time.perf_counter()
         for instance in range(self.instances):
-            for batch in batch_sizes:
+            for batch in sorted({*batch_sizes, *(self.batch_sizes or ())}):
                 self.runner(instance)(np.zeros((batch, spec.size, spec.size, spec.channels), dtype=np.uint8))
         self.warmup_seconds = time.perf_counter() - started
 
@@ -107,7 +109,7 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
         labels = store.read_labels(stored.name, stored)
     except OSError as exc:
         raise ModelLoadError(f"cannot read labels: {exc}") from None
-    providers = wanted_providers(settings.providers)
+    providers = providers_for(settings, metadata.precision)
     instances = settings.instances_for(stored.name)
     options = session_options(settings, instances)
     try:
@@ -116,8 +118,11 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
         raise ModelLoadError(f"ONNX Runtime cannot load {stored.graph}: {exc}") from None
     session = sessions[0]
     provider = session.get_providers()[0]
-    if settings.providers == "cuda" and provider != CUDA:
-        raise ModelLoadError("PROVIDERS=cuda, but the CUDA execution provider did not take the session")
+    if providers[0] != CPU and provider != CUDA:  # CUDA was wanted (PROVIDERS=cuda, or auto with a GPU)
+        reason = unavailable_reason()
+        if settings.providers == "cuda":
+            raise ModelLoadError(f"PROVIDERS=cuda, but the CUDA execution provider did not take the session: {reason}")
+        logger.warning("%s v%d: runs on %s, not CUDA: %s", stored.name, stored.version, provider, reason)
     if metadata.precision == "fp16" and provider != CUDA:
         raise ModelLoadError(
             f"an FP16 variant is served on CUDA only, and this session runs on {provider}: ONNX Runtime's CPU "
@@ -128,4 +133,4 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     seconds = time.perf_counter() - started
     names = OUTPUT_NAMES if metadata.typicality is None else (*OUTPUT_NAMES, DISTANCE_NAME)
     return LoadedModel(stored, metadata, labels, sessions, provider, seconds, threads=options.intra_op_num_threads,
-                       output_names=names)  # fmt: skip
+                       output_names=names, batch_sizes=settings.batch_shapes(provider))  # fmt: skip

@@ -1,0 +1,121 @@
+"""On a GPU (``make test-gpu``, ``pytest -m gpu``): CUDA sessions take the configured options, answer as the CPU
+does per family (FP32 within 1e-3 of a probability, the FP16 variant's top-1 as FP32's), and the served service
+warms every batch shape and answers a burst without a failure. Skipped where no CUDA device works."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.runtime import cuda
+from service.runtime.session import load_model
+from service.settings import Settings
+from service.store.layout import ModelStore
+
+from ..helpers import ServiceProcess, encode, running
+
+
+def _usable() -> bool:
+    if cuda.gpu_count() == 0:
+        return False
+    cuda.preload()
+    return cuda.CUDA in ort.get_available_providers() and "cannot" not in cuda.unavailable_reason()
+
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _usable(), reason="no usable CUDA device here")]
+
+FP32_BOUND = 1e-3  # largest probability difference, CUDA (TF32 on) against the CPU
+FP16_BOUND = 1e-2  # the FP16 variant on CUDA against FP32 on the CPU
+TIE = 5e-3  # top-1 compared only where the CPU's first two classes are further apart than this
+
+
+def _cpu(graph: Path, images: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(graph), providers=[cuda.CPU])
+    return np.asarray(session.run(["probabilities"], {"images": images})[0])
+
+
+def _images(size: int, channels: int, count: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (count, size, size, channels), dtype=np.uint8)
+
+
+def _top1_agreement(expected: np.ndarray, got: np.ndarray) -> float:
+    ordered = np.sort(expected, axis=1)
+    clear = ordered[:, -1] - ordered[:, -2] > TIE
+    if not clear.any():
+        return 1.0
+    return float((expected[clear].argmax(1) == got[clear].argmax(1)).mean())
+
+
+def test_cuda_sessions_take_the_configured_options(model_store: ModelStore) -> None:
+    stored = model_store.latest("resnet18")
+    assert stored is not None
+    model = load_model(model_store, stored, Settings(providers="cuda"))
+    assert model.provider == cuda.CUDA and model.batch_sizes == (1, 2, 4, 8, 16, 32)
+    options = model.sessions[0].get_provider_options()[cuda.CUDA]
+    assert options["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert options["prefer_nhwc"] == "0" and options["use_tf32"] == "1"
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet18", "googlenet"])
+def test_cuda_answers_as_the_cpu_does(model_store: ModelStore, name: str) -> None:
+    stored = model_store.latest(name)
+    assert stored is not None
+    model = load_model(model_store, stored, Settings(providers="cuda"))
+    spec = model.metadata.input
+    images = _images(spec.size, spec.channels)
+    got = model.runner(0)(images)[1]
+    expected = _cpu(stored.graph, images)
+    assert float(np.abs(got - expected).max()) <= FP32_BOUND
+    assert _top1_agreement(expected, got) == 1.0
+
+
+def test_the_fp16_variant_agrees_with_fp32(model_store: ModelStore, tmp_path: Path) -> None:
+    from export.precision import VariantOptions, export_variant
+
+    store = ModelStore(tmp_path / "store")
+    shutil.copytree(model_store.model_dir("resnet18"), store.model_dir("resnet18"))
+    export_variant("resnet18", store, VariantOptions("fp16"))
+    fp16 = store.latest("resnet18_fp16")
+    fp32 = store.latest("resnet18")
+    assert fp16 is not None and fp32 is not None
+    model = load_model(store, fp16, Settings(providers="cuda"))
+    assert model.provider == cuda.CUDA
+    assert model.sessions[0].get_provider_options()[cuda.CUDA]["prefer_nhwc"] == "1"
+    images = _images(224, 3, 64)
+    got = model.runner(0)(images)[1].astype(np.float32)
+    expected = _cpu(fp32.graph, images)
+    assert float(np.abs(got - expected).max()) <= FP16_BOUND
+    assert _top1_agreement(expected, got) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def on_cuda(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    log = tmp_path_factory.mktemp("gpu_logs") / "service.log"
+    with running(Path(model_store.root), log, PROVIDERS="cuda", MODELS="resnet18", MAX_BATCH_SIZE="16") as process:
+        yield process
+
+
+def test_served_on_cuda_every_shape_warmed_and_a_burst_answered(on_cuda: ServiceProcess,
+                                                                 model_store: ModelStore) -> None:  # fmt: skip
+    (model,) = [m for m in httpx.get(f"{on_cuda.url}/models", timeout=10).json()["models"] if m["name"] == "resnet18"]
+    assert model["provider"] == cuda.CUDA and model["batch_sizes"] == [1, 2, 4, 8, 16]
+    assert "resnet18 v1: ready on CUDAExecutionProvider" in on_cuda.log_path.read_text()
+    pictures = _images(224, 3, 48)
+
+    async def one(client: httpx.AsyncClient, i: int) -> int:
+        response = await client.post("/classify", params={"model": "resnet18", "top_k": 1},
+                                     content=encode(pictures[i]), headers={"Content-Type": "image/png"})  # fmt: skip
+        return response.status_code
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(base_url=on_cuda.url, timeout=60) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(len(pictures))))
+
+    assert asyncio.run(burst()) == [200] * len(pictures)

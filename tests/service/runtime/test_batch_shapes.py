@@ -1,0 +1,134 @@
+"""Batch shapes known in advance (``BATCH_SIZES``): a batch is padded up to the next shape, the padding never
+reaches an answer or a metric, and every shape is warmed before the version serves."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from pydantic import ValidationError
+
+from service.runtime.batching import BatchStats, DynamicBatcher
+from service.runtime.session import load_model
+from service.settings import Settings
+from service.store.layout import ModelStore
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def echo_run(calls: list[int]):  # type: ignore[no-untyped-def]
+    """A 'model' whose logits echo each image's first pixel (padding's zeros included), noting each call's size."""
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(images))
+        first = images.reshape(len(images), -1)[:, :1].astype(np.float32)
+        return first, first * 2
+
+    return run
+
+
+@pytest.mark.parametrize(
+    ("env", "provider", "shapes"),
+    [
+        ({}, CUDA, (1, 2, 4, 8, 16, 32)),  # auto on CUDA: powers of two up to MAX_BATCH_SIZE
+        ({}, CPU, None),  # auto on the CPU: any size, as before (padding only costs there)
+        ({"max_batch_size": 48}, CUDA, (1, 2, 4, 8, 16, 32, 48)),  # MAX_BATCH_SIZE is always a shape
+        ({"batch_sizes": "pow2", "max_batch_size": 8}, CPU, (1, 2, 4, 8)),
+        ({"batch_sizes": " 8, 1,8 ", "max_batch_size": 16}, CUDA, (1, 8, 16)),
+        ({"batch_sizes": "any"}, CUDA, None),
+    ],
+)
+def test_batch_shapes_by_setting_and_provider(env: dict[str, Any], provider: str, shapes: Any) -> None:
+    assert Settings(**env).batch_shapes(provider) == shapes
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"batch_sizes": "0"}, "use auto, pow2, any, or sizes from 1 to 1024"),
+        ({"batch_sizes": "powers"}, "use auto, pow2, any, or sizes from 1 to 1024"),
+        ({"batch_sizes": "1,64", "max_batch_size": 32}, "BATCH_SIZES has [64] above MAX_BATCH_SIZE=32"),
+    ],
+)
+def test_a_wrong_batch_sizes_setting_says_what_would_be_right(env: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError) as raised:
+        Settings(**env)
+    assert message in str(raised.value)
+
+
+def test_padded_batches_answer_every_request_with_its_own_rows_only() -> None:
+    """Requests of 1 to 3 images batched under shapes (1, 2, 4, 8): every call runs one of the shapes, each answer
+    is its own rows, and what observers see (size, probabilities) leaves the padding out."""
+    calls: list[int] = []
+    stats: list[BatchStats] = []
+    batcher = DynamicBatcher("m", [echo_run(calls)], max_batch_size=8, max_delay=0.005, max_queue_images=100,
+                             on_batch=stats.append, batch_sizes=(1, 2, 4, 8))  # fmt: skip
+    requests = [np.full((1 + i % 3, 2, 2, 1), 10 + i, dtype=np.uint8) for i in range(25)]
+
+    async def everyone() -> list[tuple[np.ndarray, ...]]:
+        return await asyncio.gather(*(batcher.infer(r) for r in requests))
+
+    for i, (logits, probabilities) in enumerate(asyncio.run(everyone())):
+        assert logits.shape == (1 + i % 3, 1) and np.all(logits == 10 + i) and np.all(probabilities == 2 * (10 + i))
+    assert set(calls) <= {1, 2, 4, 8}
+    assert sum(s.size for s in stats) == sum(len(r) for r in requests)
+    assert any(s.shape > s.size for s in stats)  # some batch was padded ...
+    for s in stats:  # ... and its zero rows are in no figure
+        assert s.shape in (1, 2, 4, 8) and s.size <= s.shape and s.probabilities is not None
+        assert len(s.probabilities) == s.size and np.all(s.probabilities >= 20)
+
+
+def test_after_an_out_of_memory_batch_no_shape_above_the_lowered_limit_is_used() -> None:
+    batcher = DynamicBatcher("m", [echo_run([])], max_batch_size=8, max_delay=0, max_queue_images=10,
+                             batch_sizes=(1, 2, 4, 8))  # fmt: skip
+    assert [batcher.shape_for(n) for n in (1, 3, 5, 8)] == [1, 4, 8, 8]
+    batcher.max_batch_size = 3  # what _shrink does after a batch of 6 found no memory
+    assert [batcher.shape_for(n) for n in (1, 2, 3)] == [1, 2, 3]  # 3 runs as it is: 4 is past the limit
+    unpadded = DynamicBatcher("m", [echo_run([])], max_batch_size=8, max_delay=0, max_queue_images=10)
+    assert [unpadded.shape_for(n) for n in (1, 3, 5)] == [1, 3, 5]
+
+
+class _Recording:
+    """A session that notes the batch size of every call it runs."""
+
+    def __init__(self, session: ort.InferenceSession, shapes: list[int]) -> None:
+        self._session, self._shapes = session, shapes
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self._shapes.append(len(next(iter(feeds.values()))))
+        return self._session.run(names, feeds)
+
+
+def test_real_sessions_warm_every_shape_and_padded_answers_equal_lone_ones(model_store: ModelStore) -> None:
+    """LeNet-5 on ONNX Runtime with BATCH_SIZES=pow2 up to 8: the warm-up runs 1, 2, 4 and 8; live traffic only
+    ever runs those; and each image's answer in a padded batch is its answer alone."""
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    model = load_model(model_store, stored, Settings(providers="cpu", batch_sizes="pow2", max_batch_size=8))
+    assert model.batch_sizes == (1, 2, 4, 8)
+    warmed: list[int] = []
+    model.sessions = [_Recording(s, warmed) for s in model.sessions]  # type: ignore[misc]
+    model.warm_up(Settings(max_batch_size=8).warmup)
+    assert sorted(set(warmed)) == [1, 2, 4, 8]
+
+    live: list[int] = []
+    model.sessions = [_Recording(s._session, live) for s in model.sessions]  # type: ignore[attr-defined]
+    batcher = DynamicBatcher("lenet5", [model.runner(0)], max_batch_size=8, max_delay=0.005, max_queue_images=100,
+                             batch_sizes=model.batch_sizes)  # fmt: skip
+    rng = np.random.default_rng(0)
+    requests = [rng.integers(0, 256, (1 + i % 3, 32, 32, 1), dtype=np.uint8) for i in range(20)]
+
+    async def everyone() -> list[tuple[np.ndarray, ...]]:
+        return await asyncio.gather(*(batcher.infer(r) for r in requests))
+
+    answers = asyncio.run(everyone())
+    alone = model.sessions[0]._session  # type: ignore[attr-defined]
+    for request, (logits, probabilities, *_) in zip(requests, answers, strict=True):
+        for row in range(len(request)):
+            expected_logits, expected = alone.run(["logits", "probabilities"], {"images": request[row : row + 1]})
+            np.testing.assert_allclose(probabilities[row : row + 1], expected, atol=1e-6)
+            np.testing.assert_allclose(logits[row : row + 1], expected_logits, atol=1e-5)
+    assert set(live) <= set(warmed) and any(n not in (1, 2) for n in live)  # batched, and only warmed shapes

@@ -1,0 +1,100 @@
+"""Finding CUDA: the libraries preloaded from NVIDIA's wheels, the reason a session that wanted CUDA did not get
+it (a library made to be missing here), and the CUDA provider's options from the settings."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service.runtime import cuda
+from service.runtime.session import ModelLoadError, load_model
+from service.settings import Settings
+from service.store.layout import ModelStore
+
+
+def _provider_loads() -> bool:
+    try:
+        ctypes.CDLL(str(cuda.PROVIDER_LIBRARY))
+    except OSError:
+        return False
+    return True
+
+
+needs_no_cuda = pytest.mark.skipif(_provider_loads(), reason="CUDA's libraries load here; tests -m gpu cover it")
+
+
+def _library_needing(tmp_path: Path, missing: str) -> Path:
+    """A shared library that needs ``lib<missing>.so``, which is then taken away."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler (make test-tools installs gcc)"
+    (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
+    (tmp_path / "lib.c").write_text("int dep(void);\nint uses(void) { return dep(); }\n")
+    dependency = tmp_path / f"lib{missing}.so"
+    library = tmp_path / "libneeds.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(dependency), str(tmp_path / "dep.c")], check=True)
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(tmp_path / "lib.c"),
+                    f"-L{tmp_path}", f"-l{missing}"], check=True)  # fmt: skip
+    dependency.unlink()
+    return library
+
+
+def test_the_reason_names_the_library_that_is_missing(tmp_path: Path) -> None:
+    reason = cuda.unavailable_reason(_library_needing(tmp_path, "cublasLtmadeup"))
+    assert "libcublasLtmadeup.so: cannot open shared object file" in reason
+    assert "requirements/gpu.txt" in reason  # and what would fix it
+
+
+def test_the_reason_for_a_provider_library_that_is_not_there(tmp_path: Path) -> None:
+    reason = cuda.unavailable_reason(tmp_path / "libonnxruntime_providers_cuda.so")
+    assert "libonnxruntime_providers_cuda.so" in reason and "cannot open shared object file" in reason
+
+
+@needs_no_cuda
+def test_preload_keeps_its_complaints_out_of_stdout_and_returns_them(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without CUDA's libraries, ONNX Runtime's preload prints what it could not load: that goes to the log (and
+    back to the caller), never to the server's stdout."""
+    cuda.preload.cache_clear()
+    lines = cuda.preload()
+    assert capsys.readouterr().out == ""
+    assert any("libcublasLt.so.13" in line for line in lines)
+
+
+@needs_no_cuda
+def test_providers_cuda_fails_a_model_with_the_missing_library(model_store: ModelStore) -> None:
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    with pytest.raises(ModelLoadError) as raised:
+        load_model(model_store, stored, Settings(providers="cuda"))
+    message = str(raised.value)
+    assert "PROVIDERS=cuda, but the CUDA execution provider did not take the session" in message
+    assert ".so" in message and "cannot open shared object file" in message and "requirements/gpu.txt" in message
+
+
+def test_auto_without_a_gpu_asks_for_the_cpu_alone_and_preloads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda, "gpu_count", lambda: 0)
+    monkeypatch.setattr(cuda, "preload", lambda: pytest.fail("preloaded CUDA on a machine without a GPU"))
+    assert cuda.providers_for(Settings(providers="auto"), "fp32") == [cuda.CPU]
+    assert cuda.providers_for(Settings(providers="cpu"), "fp16") == [cuda.CPU]
+
+
+@pytest.mark.parametrize(
+    ("env", "precision", "expected"),
+    [
+        ({}, "fp32", {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "0", "use_tf32": "1"}),
+        ({}, "fp16", {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1", "use_tf32": "1"}),
+        ({"cuda_prefer_nhwc": "on", "cuda_tf32": False, "cuda_conv_algo_search": "EXHAUSTIVE"}, "fp32",
+         {"cudnn_conv_algo_search": "EXHAUSTIVE", "prefer_nhwc": "1", "use_tf32": "0"}),
+        ({"cuda_prefer_nhwc": "off"}, "fp16", {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "0",
+                                                "use_tf32": "1"}),
+    ],
+)  # fmt: skip
+def test_cuda_options_follow_the_settings_and_the_precision(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, object], precision: str, expected: dict[str, str]
+) -> None:
+    monkeypatch.setattr(cuda, "preload", lambda: ())
+    providers = cuda.providers_for(Settings(providers="cuda", **env), precision)  # type: ignore[arg-type]
+    assert providers == [(cuda.CUDA, expected), cuda.CPU]
