@@ -19,6 +19,23 @@ def test_bento_requirements_are_the_serving_dependencies() -> None:
     assert not any(line.startswith("torch") for line in pinned)  # serving needs no torch
 
 
+def test_gpu_requirements_are_the_serving_ones_with_cuda_from_nvidia_wheels() -> None:
+    """requirements/gpu.txt (the GPU bento) pins what serve.txt pins, onnxruntime-gpu with its CUDA and cuDNN
+    extras, and those extras' NVIDIA wheels."""
+
+    def pins(name: str) -> list[str]:
+        lines = (ROOT / "requirements" / name).read_text().splitlines()
+        return [line for line in lines if line and not line.startswith("#")]
+
+    gpu, serve = pins("gpu.txt"), pins("serve.txt")
+    ours = [line.replace("onnxruntime-gpu[cuda,cudnn]==", "onnxruntime-gpu==") for line in gpu
+            if not line.startswith("nvidia-")]  # fmt: skip
+    assert ours == serve
+    nvidia = {line.split("==")[0] for line in gpu if line.startswith("nvidia-")}
+    assert {"nvidia-cudnn-cu13", "nvidia-cublas", "nvidia-cuda-runtime"} <= nvidia
+    assert all("==" in line for line in gpu)
+
+
 def test_generated_grpc_modules_match_the_proto(tmp_path: Path) -> None:
     """`make proto` output is checked in; regenerating it must change nothing."""
     package = Path("service", "frontends", "v2", "protocol")

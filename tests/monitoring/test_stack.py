@@ -42,6 +42,7 @@ def test_compose_files_validate(tmp_path: Path) -> None:
         assert all("healthcheck" in service for service in config["services"].values())
     gpu = config["services"]["classifier"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert config["services"]["classifier"]["image"] == "cnn-classifier:latest-gpu"  # the GPU bento's image
     text = (ROOT / "docker-compose.yml").read_text().lower()
     assert "password: ${" in text and "password: admin" not in text  # no secret in the file
 
@@ -74,14 +75,31 @@ def test_dashboard_json_is_the_generated_one() -> None:
 
 
 @pytest.mark.slow
-def test_bentoml_build_makes_a_bento_without_torch(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("bentofile", "name", "libraries"),
+    [
+        ("bentofile.yaml", "cnn_classifier", ()),
+        (
+            "bentofile.gpu.yaml",
+            "cnn_classifier_gpu",
+            ("onnxruntime-gpu[cuda,cudnn]", "nvidia-cudnn-cu13", "nvidia-cublas"),
+        ),
+    ],
+)
+def test_bentoml_build_makes_a_bento_without_torch(
+    tmp_path: Path, bentofile: str, name: str, libraries: tuple[str, ...]
+) -> None:
+    """The CPU bento and the GPU one (CUDA's and cuDNN's libraries from NVIDIA's wheels, PROVIDERS=cuda)."""
     env = {**os.environ, "BENTOML_HOME": str(tmp_path), "BENTOML_DO_NOT_TRACK": "true"}
     bentoml = str(Path(sys.executable).parent / "bentoml")
-    result = subprocess.run([bentoml, "build", "."], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([bentoml, "build", "-f", bentofile, "."], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    (bento,) = [p for p in (tmp_path / "bentos" / "cnn_classifier").iterdir() if p.name != "latest"]
+    (bento,) = [p for p in (tmp_path / "bentos" / name).iterdir() if p.name != "latest"]
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     assert "onnxruntime-gpu" in requirements and "torch" not in requirements
+    assert all(library in requirements for library in libraries)
+    assert ("PROVIDERS" in (bento / "env" / "docker" / "Dockerfile").read_text()) == bool(libraries)
     assert (bento / "src" / "service" / "service.py").is_file()
     assert not (bento / "src" / "model_store").exists()  # mounted, never baked in
 
