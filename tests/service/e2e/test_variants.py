@@ -1,5 +1,6 @@
-"""Precision variants and model instances, served: the INT8 graph answers over HTTP and gRPC as it
-does run directly, two instances answer correctly under concurrency, FP16 is refused on the CPU."""
+"""Precision variants, model instances and batch shapes, served: the INT8 graph answers over HTTP and gRPC as it
+does run directly, two instances answer correctly under concurrency with every batch padded to the one shape
+(BATCH_SIZES=4), FP16 is refused on the CPU."""
 
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def variant_store(model_store: ModelStore, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="module")
 def variants(variant_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("variant_logs") / "service.log"
-    with running(Path(variant_store.root), log, INSTANCES="2", PROVIDERS="auto", MAX_BATCH_SIZE="4") as process:
+    with running(Path(variant_store.root), log, INSTANCES="2", PROVIDERS="auto", MAX_BATCH_SIZE="4",
+                 BATCH_SIZES="4") as process:  # fmt: skip
         yield process
 
 
@@ -91,10 +93,11 @@ def test_int8_over_grpc_equals_its_graph_run_directly(variants: ServiceProcess, 
 def test_int8_over_http_under_concurrency_with_two_instances(
     variants: ServiceProcess, variant_store: ModelStore
 ) -> None:
-    """48 concurrent /classify calls on two instances: every answer is its own image's, as the graph says."""
+    """48 concurrent /classify calls on two instances, every batch padded to 4 images: every answer is its own
+    image's, as the graph says, and the padding is counted, never answered."""
     pixels = digit_pixels(48)
     expected = direct(variant_store, "lenet5_int8", pixels)
-    before = _batches(variants)
+    before, padded = _batches(variants), _padding(variants)
 
     async def one(client: httpx.AsyncClient, i: int) -> dict[str, float]:
         response = await client.post(
@@ -112,6 +115,15 @@ def test_int8_over_http_under_concurrency_with_two_instances(
     for i, scores in enumerate(answers):
         np.testing.assert_allclose([scores[str(c)] for c in range(10)], expected[i], atol=1e-5)
     assert _batches(variants) > before
+    lone = httpx.post(
+        f"{variants.url}/classify", params={"model": "lenet5_int8", "top_k": 10}, content=encode(pixels[0, :, :, 0]),
+        headers={"Content-Type": "image/png"}, timeout=10,
+    )  # fmt: skip
+    scores = {p["label"]: p["score"] for p in lone.json()["results"][0]["predictions"]}
+    np.testing.assert_allclose([scores[str(c)] for c in range(10)], expected[0], atol=1e-5)  # 1 image + 3 zeros
+    assert _padding(variants) >= padded + 3
+    models = {m["name"]: m for m in httpx.get(f"{variants.url}/models", timeout=10).json()["models"]}
+    assert models["lenet5_int8"]["batch_sizes"] == [4] and models["lenet5"]["batch_sizes"] == [4]
     assert "lenet5_int8 v1: ready on CPUExecutionProvider" in variants.log_path.read_text()
     assert "2 instance(s) of 1 threads" in variants.log_path.read_text()
 
@@ -119,3 +131,9 @@ def test_int8_over_http_under_concurrency_with_two_instances(
 def _batches(service: ServiceProcess) -> float:
     text = httpx.get(f"{service.url}/metrics", timeout=10).text
     return sum(v for labels, v in metric_samples(text, "cnn_batch_size_count") if labels["model"] == "lenet5_int8")
+
+
+def _padding(service: ServiceProcess) -> float:
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    samples = metric_samples(text, "cnn_batch_padding_images_total")
+    return sum(v for labels, v in samples if labels["model"] == "lenet5_int8")
