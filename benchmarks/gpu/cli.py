@@ -262,7 +262,8 @@ def parse(argv: list[str] | None) -> tuple[Plan, Path, Path]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=DESCRIPTION)
     parser.add_argument("--providers", choices=("cuda", "cpu"), default="cuda",
                         help="cuda: the GPU run; cpu: the short dry run CI makes (default %(default)s)")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"), help="gpu.json and gpu.md go here")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"),
+                        help="gpu.json and gpu.md go here (default %(default)s)")  # fmt: skip
     parser.add_argument("--store", type=Path, default=Path("benchmarks/.store-gpu"),
                         help="model store; what it lacks is exported into it (default %(default)s)")  # fmt: skip
     parser.add_argument(
