@@ -1,6 +1,6 @@
 """The service on a GPU, in one command: ``python -m benchmarks.gpu`` (a CPU dry run: ``--providers cpu``).
 
-    python -m benchmarks.gpu                      # one H100/H200, 16 cores: about 7 to 8 minutes, under 600 s
+    python -m benchmarks.gpu                      # one H100/H200, 16 cores: 7-8 minutes estimated, 540 s budget
     python -m benchmarks.gpu --providers cpu      # the dry run CI makes: about a minute on two cores
 
 Stages, in order, each against a time budget (``cli.py``): export what the store lacks (ResNet-50 and LeNet-5 with

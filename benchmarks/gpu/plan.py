@@ -1,8 +1,9 @@
 """What one GPU benchmark measures, and for how long: the defaults for a GPU, and for the CPU dry run.
 
-On ``cuda`` the plan fits one command of 600 s on one H100 or H200 with 16 cores (about 7 to 8 minutes, and
-``budget`` stops starting stages past 540 s); on ``cpu`` it is the dry run CI makes on two cores (about a
-minute): the same stages on LeNet-5 and ResNet-50 FP32 with short runs, to keep the code from rotting.
+On ``cuda`` the plan is meant to fit one command of 600 s on one H100 or H200 with 16 cores (7 to 8 minutes by the
+stages' estimates, not yet timed on a GPU; ``budget`` stops starting stages past 540 s); on ``cpu`` it is the dry
+run CI makes on two cores (about a minute): the same stages on LeNet-5 and ResNet-50 FP32 with short runs, to keep
+the code from rotting.
 """
 
 from __future__ import annotations
