@@ -23,6 +23,22 @@ def photos(large: bool) -> list[bytes]:
     return files
 
 
+def photos_at(short_side: int) -> list[bytes]:
+    """scikit-image's three photos as JPEG files scaled to ``short_side`` on their shorter side: what a client
+    that resizes before sending uploads (ImageNet-sized at 256, the ImageNet networks' resize)."""
+    from skimage import data
+
+    files = []
+    for name in ("chelsea", "coffee", "astronaut"):
+        image = Image.fromarray(getattr(data, name)()).convert("RGB")
+        scale = short_side / min(image.size)
+        size = (round(image.width * scale), round(image.height * scale))
+        buffer = io.BytesIO()
+        image.resize(size, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+        files.append(buffer.getvalue())
+    return files
+
+
 def digit_png() -> bytes:
     canvas = np.full((64, 64), 255, dtype=np.uint8)
     canvas[12:52, 28:36] = 0  # a "1" in dark ink

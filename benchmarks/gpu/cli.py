@@ -1,0 +1,317 @@
+"""``python -m benchmarks.gpu``: the stages in order, each bounded, each result saved as soon as it is had.
+
+A GPU session runs this once, in one command of at most 600 s: so every stage is timed against ``--budget`` and
+skipped (and said so) where too little is left, ``OUT/gpu.json`` is rewritten after every stage and run (a run cut
+short still leaves its figures), and a stage that fails is recorded with its reason while the others go on. The
+exit status is 1 where a stage failed, 0 otherwise (targets not met are figures, not failures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime as dt
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from service.store.host import cpu_count
+from service.store.layout import ModelStore
+
+from ..host import ROOT, machine
+from .inprocess import CPU, CUDA, decode_rate
+from .loadgen import LoadPool
+from .nvml import Nvml
+from .plan import FAMILIES, Ceiling, Plan, Server
+from .report import markdown, targets
+from .served import BODY_SIDE, bodies, serve
+
+DESCRIPTION = "The service on a GPU: in-process ceilings, a PyTorch anchor, served HTTP and gRPC runs, the targets."
+
+
+class Failed(RuntimeError):
+    """A stage's failure whose message says all (no traceback needed)."""
+
+
+class Run:
+    """The results as they grow, the clock against the budget, and what each stage did."""
+
+    def __init__(self, plan: Plan, out: Path) -> None:
+        self.plan, self.out = plan, out
+        self.began = time.monotonic()
+        self.found: dict[str, Any] = {
+            "benchmark": "gpu", "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "complete": False, "plan": plan.to_dict(), "failures": {}, "skipped": {},
+        }  # fmt: skip
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.began
+
+    def say(self, message: str) -> None:
+        print(f"[{self.elapsed():6.1f} s] {message}", flush=True)  # noqa: T201
+
+    def save(self) -> None:
+        """``gpu.json`` and ``gpu.md`` as they stand (written again after every stage and run)."""
+        self.found["seconds"] = round(self.elapsed(), 1)
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.found["targets"] = targets(self.found)
+            text = markdown(self.found)
+        except Exception as exc:  # the figures are still written: a report's fault must not lose them
+            self.found["failures"]["report"] = f"{type(exc).__name__}: {exc}"
+            text = f"# GPU benchmark\n\nThe report failed ({exc!r}): see gpu.json.\n"
+        (self.out / "gpu.json").write_text(json.dumps(self.found, indent=2) + "\n")
+        (self.out / "gpu.md").write_text(text)
+
+    def stage(self, name: str, needs: float, work: Callable[[], Any]) -> Any:
+        """``work()`` if ``needs`` seconds are left of the budget; a failure is recorded and the run goes on."""
+        left = self.plan.budget - self.elapsed()
+        if needs > left:
+            self.found["skipped"][name] = f"needs about {needs:.0f} s, {max(0.0, left):.0f} s of the budget were left"
+            self.say(f"SKIPPED {name}: {self.found['skipped'][name]}")
+            self.save()
+            return None
+        self.say(f"{name} ...")
+        try:
+            return work()
+        except Exception as exc:  # recorded, said, and the exit status says a stage failed
+            why = str(exc) if isinstance(exc, Failed) else f"{type(exc).__name__}: {exc}"
+            self.found["failures"][name] = why[-2000:]
+            self.say(f"FAILED {name}: {self.found['failures'][name]}")
+            if not isinstance(exc, Failed):
+                traceback.print_exc(file=sys.stderr)
+            return None
+        finally:
+            self.save()
+
+
+def export_missing(store: ModelStore, models: tuple[str, ...], say: Callable[[str], None]) -> dict[str, Any]:
+    """What the store lacks, with random weights (speed does not depend on them); the FP16 variant from its parent."""
+    from export.pipeline import ExportOptions, export_model
+
+    from ..__main__ import export_variant_for_bench
+
+    done = {}
+    for name in sorted(models, key=lambda n: n.endswith("_fp16")):  # a variant after its parent
+        parent = name.removesuffix("_fp16")
+        for needed in dict.fromkeys((parent, name)):
+            if needed in done or store.latest(needed) is not None:
+                continue
+            began = time.perf_counter()
+            if needed.endswith("_fp16"):
+                export_variant_for_bench(store, parent, "fp16")
+            else:
+                export_model(needed, store, ExportOptions(weights="random", progress=False))
+            done[needed] = round(time.perf_counter() - began, 1)
+            say(f"exported {needed} in {done[needed]} s")
+    return {name: stored(store, name) | {"exported_s": done.get(name)} for name in models}
+
+
+def stored(store: ModelStore, name: str) -> dict[str, Any]:
+    version = store.latest(name)
+    if version is None:
+        raise RuntimeError(f"{name} is not in {store.root} after its export")
+    meta = version.read_metadata()
+    return {"version": version.version, "weights": meta["weights"]["kind"], "precision": meta.get("precision", "fp32")}
+
+
+def subprocess_json(command: list[str], timeout: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """``python -m benchmarks.gpu.inprocess ...``'s JSON line, its stderr said as it comes (its progress, ONNX
+    Runtime's warnings); raises with its error and its stderr's end (why a provider did not load, ...)."""
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu.inprocess", *command], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    killer = threading.Timer(timeout, process.kill)
+    killer.start()
+    tail: collections.deque[str] = collections.deque(maxlen=8)
+    try:
+        for line in process.stderr or ():
+            tail.append(line.rstrip())
+            say(f"  {tail[-1]}")
+        out = process.stdout.read() if process.stdout else ""
+        code = process.wait()
+    finally:
+        killer.cancel()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    found: dict[str, Any] = json.loads(lines[-1]) if lines else {}
+    if code != 0 or not lines:
+        why = found.get("error") or (f"killed after {timeout:.0f} s" if code == -9 else f"exit {code}")
+        raise Failed(f"{why}; its stderr ends: {' | '.join(tail)[-1200:]}")
+    return found
+
+
+def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
+    plan = run.plan
+    command = ["ceiling", "--store", str(store.root), "--model", config.model, "--providers", plan.providers,
+               "--options", json.dumps(dict(config.options)), "--batches", ",".join(map(str, plan.batches)),
+               "--seconds", str(plan.ceiling_seconds)]  # fmt: skip
+    found = subprocess_json(command, max(30.0, plan.budget - run.elapsed()), run.say)
+    found["options_label"] = config.options_label
+    run.found["ceilings"].append(found)
+    best = max(found["runs"], key=lambda r: r["images_per_s"])
+    run.say(f"{config.model} ({config.options_label} options) on {found['providers_taken'][0]}: best "
+            f"{best['images_per_s']:.0f} images/s ({best['path']}, batch {best['batch']})")  # fmt: skip
+
+
+def anchor(run: Run) -> None:
+    plan = run.plan
+    if plan.providers != "cuda":
+        missing = [m for m in ("torch", "torchvision") if importlib.util.find_spec(m) is None]
+        reason = "the anchor runs on CUDA only (--providers cpu)"
+        if missing:
+            reason += f"; {' and '.join(missing)} cannot be imported here"
+        run.found["anchor"] = {"images_per_s": None, "reason": reason}
+    else:
+        command = ["anchor", "--batches", ",".join(map(str, plan.anchor_batches)), "--seconds",
+                   str(plan.ceiling_seconds * 2)]  # fmt: skip
+        run.found["anchor"] = subprocess_json(command, max(30.0, plan.budget - run.elapsed()), run.say)
+    a = run.found["anchor"]
+    run.say(f"PyTorch anchor: {a['images_per_s'] if a['images_per_s'] else 'none: ' + a['reason']}")
+
+
+def needs(plan: Plan, server: Server) -> float:
+    """About how long a server's stage takes: its start, its runs, its every-batch-size run."""
+    start = 30.0 if plan.providers == "cuda" else 5.0
+    runs = len(server.http) + len(server.grpc)
+    return start + runs * (plan.warmup + plan.seconds + 1.5) + (plan.sweep_seconds / 2 if server.sweep else 0.0)
+
+
+def pip_cuda_libraries() -> list[str]:
+    """The library folders of NVIDIA's pip wheels (``site-packages/nvidia/*/lib``: cuBLAS, cuDNN, ... as PyTorch
+    installs them), which ONNX Runtime's CUDA provider does not look in by itself."""
+    found = []
+    for entry in sys.path:
+        found += sorted(str(p) for p in Path(entry or ".").glob("nvidia/*/lib") if any(p.glob("*.so*")))
+    return list(dict.fromkeys(found))
+
+
+def with_cuda_libraries(run: Run) -> None:
+    """On ``cuda``, the pip wheels' CUDA libraries put on ``LD_LIBRARY_PATH`` for every process started from here
+    (the in-process stages and the servers; this process loads none), and recorded."""
+    added = [d for d in pip_cuda_libraries() if d not in os.environ.get("LD_LIBRARY_PATH", "").split(":")]
+    if added:
+        os.environ["LD_LIBRARY_PATH"] = ":".join([*added, os.environ.get("LD_LIBRARY_PATH", "")]).rstrip(":")
+        run.say(f"LD_LIBRARY_PATH += {':'.join(added)}")
+    run.found["ld_library_path_added"] = added
+
+
+def benchmark(run: Run, store: ModelStore) -> None:
+    plan, found = run.plan, run.found
+    if plan.providers == "cuda":
+        with_cuda_libraries(run)
+    nvml = Nvml()
+    found |= {"machine": machine(), "gpu": nvml.describe(), "providers_available": _providers(),
+              "ceilings": [], "served": []}  # fmt: skip
+    found["machine"]["providers"] = [CUDA, CPU] if plan.providers == "cuda" else [CPU]
+    run.say(f"GPU: {found['gpu'].get('name') or found['gpu'].get('reason')}; CPU: {found['machine']['cpu']}, "
+            f"{found['machine']['cores']} cores, flags {', '.join(found['machine']['cpu_flags'])}")  # fmt: skip
+    exports = run.stage("export", 0, partial(export_missing, store, plan.models, run.say))
+    if exports is None:
+        return  # nothing to measure without the models
+    found["exports"] = exports
+    run.stage("decode", 5, partial(_decode, run))
+    for config in plan.ceilings():
+        cost = 8 + len(plan.batches) * 2 * (plan.ceiling_seconds + 0.5)
+        run.stage(f"ceiling {config.model} ({config.options_label})", cost, partial(ceiling, run, store, config))
+    run.stage("anchor", 15 + len(plan.anchor_batches) * (2 * plan.ceiling_seconds + 3), partial(anchor, run))
+    served_stages(run, store, nvml)
+
+
+def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
+    """One stage per server; none on a GPU that took no in-process session (each start would wait out its timeout
+    with models that cannot load)."""
+    plan, found = run.plan, run.found
+    failed = any(stage.startswith("ceiling") for stage in found["failures"])
+    if plan.providers == "cuda" and failed and not any(c["providers_taken"][0] == CUDA for c in found["ceilings"]):
+        for server in plan.servers():
+            found["skipped"][f"served {server.label}"] = "CUDA took no in-process session (see failures)"
+        return
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as logs, LoadPool(plan.load_processes) as pool:
+        for server in plan.servers():
+            record: dict[str, Any] = {"server": server.label, "model": server.model, "workers": server.workers,
+                                      "env": plan.service_env(server), "runs": [], "sweep": None}  # fmt: skip
+            found["served"].append(record)
+            work = partial(serve, store, server, plan, pool, nvml, Path(logs), record, run.save, run.say)
+            run.stage(f"served {server.label}", needs(plan, server), work)
+
+
+def _decode(run: Run) -> None:
+    files, _ = bodies("resnet50")
+    run.found["decode"] = found = decode_rate(files, max(1.0, run.plan.ceiling_seconds * 2))
+    rate = found["images_per_s_per_core"]
+    run.say(f"CPU decode + resize to 224 of {BODY_SIDE}-px JPEGs: {rate} images/s on one core")
+
+
+def _providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def parse(argv: list[str] | None) -> tuple[Plan, Path, Path]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=DESCRIPTION)
+    parser.add_argument("--providers", choices=("cuda", "cpu"), default="cuda",
+                        help="cuda: the GPU run; cpu: the short dry run CI makes (default %(default)s)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu"),
+                        help="gpu.json and gpu.md go here (default %(default)s)")  # fmt: skip
+    parser.add_argument("--store", type=Path, default=Path("benchmarks/.store-gpu"),
+                        help="model store; what it lacks is exported into it (default %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--models", help=f"comma-separated among {','.join(FAMILIES)} (cuda: all; cpu: lenet5,resnet50)"
+    )
+    parser.add_argument("--batches", help="in-process batch sizes (cuda 1,8,32,64,128,256; cpu 1,8)")
+    parser.add_argument("--concurrency", help="served concurrency levels (cuda 32,128,256; cpu 8,16)")
+    parser.add_argument("--max-batch", type=int, dest="max_batch", help="the service's MAX_BATCH_SIZE (cuda 64; cpu 8)")
+    parser.add_argument("--seconds", type=float, help="per served run, after its warm-up (cuda 5; cpu 2)")
+    parser.add_argument("--warmup", type=float, help="per served run (cuda 1; cpu 0.5)")
+    parser.add_argument("--ceiling-seconds", type=float, dest="ceiling_seconds",
+                        help="per in-process batch size and path (cuda 1; cpu 0.5)")  # fmt: skip
+    parser.add_argument("--load-processes", type=int, dest="load_processes", help="load generator processes")
+    parser.add_argument("--budget", type=float, help="seconds after which no stage starts (cuda 540; cpu 300)")
+    args = parser.parse_args(argv)
+
+    def levels(text: str | None) -> tuple[int, ...] | None:
+        return None if text is None else tuple(int(v) for v in text.split(",") if v)
+
+    models = None if args.models is None else tuple(m for m in args.models.split(",") if m)
+    plan = Plan.make(args.providers, cpu_count(), models=models, batches=levels(args.batches),
+                     concurrency=levels(args.concurrency), max_batch=args.max_batch, seconds=args.seconds,
+                     warmup=args.warmup, ceiling_seconds=args.ceiling_seconds, load_processes=args.load_processes,
+                     budget=args.budget)  # fmt: skip
+    try:
+        plan.check()
+    except ValueError as exc:
+        parser.error(str(exc))
+    return plan, args.out, args.store
+
+
+def main(argv: list[str] | None = None) -> int:
+    plan, out, store_dir = parse(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    run = Run(plan, out)
+    run.say(f"GPU benchmark, --providers {plan.providers}: models {', '.join(plan.models)}; results to {out}")
+    store_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        benchmark(run, ModelStore(store_dir))
+        run.found["complete"] = True
+    finally:
+        run.save()
+    for target in run.found["targets"]:
+        run.say(f"target {target['target']}: {target['status']} ({target['measured'] or 'nothing measured'})")
+    run.say(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'} in {run.elapsed():.0f} s")
+    for stage, why in run.found["skipped"].items():
+        run.say(f"SKIPPED {stage}: {why}")
+    if run.found["failures"]:
+        print(f"FAILED: {'; '.join(f'{k}: {v}' for k, v in run.found['failures'].items())}", file=sys.stderr)  # noqa: T201
+        return 1
+    return 0

@@ -1,0 +1,187 @@
+"""What the hardware gives without the service: ONNX Runtime on the exported graph, PyTorch, and JPEG decoding.
+
+    python -m benchmarks.gpu.inprocess ceiling --store DIR --model resnet50_fp16 --providers cuda \\
+        --options '{"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1"}' --batches 1,8 --seconds 1
+    python -m benchmarks.gpu.inprocess anchor --batches 256,64 --seconds 1
+
+Each prints one JSON line. The ceiling and the anchor run in a subprocess each: the benchmark's own process never
+creates a CUDA context (its memory would be missing from the servers measured next), PyTorch's CUDA libraries never
+meet ONNX Runtime's in one process, and a provider that crashes fails one stage rather than the benchmark.
+
+The ceiling times the graph at each batch size two ways: ``session.run`` on a numpy array (what the service does:
+the input crosses to the device and the outputs back on every call) and IOBinding (the input copied to the device
+once beforehand, the outputs left there: the graph alone). The anchor is torchvision's ResNet-50 in FP16,
+channels_last, under ``torch.inference_mode()``, fed the same uint8 NHWC pixels already on the GPU and doing the
+cast and normalisation the ONNX graph does inside: what ONNX Runtime's FP16 graph is held against.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.store.metadata import InputMeta
+
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+# what ImageNet networks take (the export's metadata for resnet50): the decode rate's target
+IMAGENET = InputMeta(size=224, channels=3, resize=256, crop=224, mean=[0.485, 0.456, 0.406],
+                     std=[0.229, 0.224, 0.225])  # fmt: skip
+
+
+def row(path: str, batch: int, latencies: list[float], seconds: float, first: float) -> dict[str, Any]:
+    """One timed batch size: images/s over every call, latency percentiles, and the first call's time (a new
+    shape's set-up: allocation, and on CUDA with an exhaustive search, the convolution algorithms' trials)."""
+    from ..load import summarise
+
+    found = summarise(path, "", batch, latencies, 0, seconds, batch)
+    return {"path": path, "batch": batch, "calls": found.requests, "images_per_s": found.images_per_s,
+            "p50_ms": found.p50_ms, "p99_ms": found.p99_ms, "first_call_ms": round(first * 1000, 2)}  # fmt: skip
+
+
+def first_then_timed(call: Callable[[], object], seconds: float) -> tuple[float, list[float], float]:
+    """The first call's time, then ``call`` repeated for ``seconds`` (after one more untimed call)."""
+    from ..run import timed_runs
+
+    started = time.perf_counter()
+    call()
+    first = time.perf_counter() - started
+    call()
+    latencies, total = timed_runs(call, seconds)
+    return first, latencies, total
+
+
+def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str], batches: Sequence[int],
+            seconds: float) -> dict[str, Any]:  # fmt: skip
+    """ONNX Runtime on ``model``'s latest graph with the service's session options and ``options`` for CUDA."""
+    import onnxruntime as ort
+
+    from service.runtime.session import session_options
+    from service.settings import Settings
+    from service.store.layout import ModelStore
+    from service.store.metadata import ModelMetadata
+    from service.store.tensors import INPUT_NAME
+
+    version = ModelStore(store_dir).latest(model)
+    if version is None:
+        raise RuntimeError(f"{model} is not in the store {store_dir}")
+    spec = ModelMetadata.model_validate(version.read_metadata()).input
+    if providers == "cuda" and CUDA not in ort.get_available_providers():
+        raise RuntimeError(f"onnxruntime {ort.__version__} ({ort.__file__}) has no {CUDA} "
+                           f"(it has {ort.get_available_providers()}): onnxruntime-gpu is needed")  # fmt: skip
+    wanted: list[Any] = [(CUDA, {"device_id": "0", **options}), CPU] if providers == "cuda" else [CPU]
+    options_used = session_options(Settings())
+    session = ort.InferenceSession(str(version.graph), options_used, providers=wanted)
+    taken = session.get_providers()
+    if providers == "cuda" and taken[0] != CUDA:
+        raise RuntimeError(f"{CUDA} did not take the session (it runs on {taken}): CUDA or cuDNN libraries missing?")
+    device = "cuda" if taken[0] == CUDA else "cpu"
+    outputs = [o.name for o in session.get_outputs()]
+    runs = []
+    rng = np.random.default_rng(0)
+    for batch in batches:
+        images = rng.integers(0, 256, (batch, spec.size, spec.size, spec.channels), dtype=np.uint8)
+        first, latencies, total = first_then_timed(lambda: session.run(None, {INPUT_NAME: images}), seconds)  # noqa: B023
+        runs.append(row("numpy", batch, latencies, total, first))
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(images, device, 0))
+        for name in outputs:
+            binding.bind_output(name, device)
+
+        def bound() -> None:
+            session.run_with_iobinding(binding)  # noqa: B023
+            binding.synchronize_outputs()  # noqa: B023
+
+        first, latencies, total = first_then_timed(bound, seconds)
+        runs.append(row("iobinding", batch, latencies, total, first))
+        numpy_rate, bound_rate = runs[-2]["images_per_s"], runs[-1]["images_per_s"]
+        message = f"{model} batch {batch}: {numpy_rate:.0f} images/s (numpy), {bound_rate:.0f} (IOBinding)"
+        print(message, file=sys.stderr, flush=True)  # noqa: T201
+    return {"model": model, "precision": version.read_metadata().get("precision", "fp32"),
+            "providers_requested": [p if isinstance(p, str) else p[0] for p in wanted], "providers_taken": taken,
+            "provider_options_requested": options,
+            "provider_options": session.get_provider_options().get(taken[0], {}),
+            "intra_op_threads": options_used.intra_op_num_threads, "onnxruntime": ort.__version__,
+            "input": [spec.size, spec.size, spec.channels], "runs": runs}  # fmt: skip
+
+
+def anchor(batches: Sequence[int], seconds: float) -> dict[str, Any]:
+    """torchvision's ResNet-50 (random weights) in FP16 on the GPU: images/s per batch size, or ``None`` with why."""
+    try:
+        import torch
+        import torchvision
+    except Exception as exc:  # missing, or its CUDA libraries fail to load
+        return {"images_per_s": None, "reason": f"torch and torchvision cannot be imported: {exc}"}
+    if not torch.cuda.is_available():
+        return {"images_per_s": None, "reason": f"torch {torch.__version__} sees no CUDA device"}
+    torch.backends.cudnn.benchmark = True  # PyTorch at its best: cuDNN's algorithms timed for each shape
+    model = torchvision.models.resnet50().eval().half().cuda().to(memory_format=torch.channels_last)
+    mean = torch.tensor(IMAGENET.mean, device="cuda", dtype=torch.half).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET.std, device="cuda", dtype=torch.half).view(1, 3, 1, 1) * 255
+    runs = []
+    for batch in batches:
+        pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device="cuda")
+
+        def step() -> None:
+            with torch.inference_mode():  # NHWC in memory, NCHW in shape: channels_last, as the model's weights
+                model(pixels.permute(0, 3, 1, 2).half().sub_(mean).div_(std))  # noqa: B023
+            torch.cuda.synchronize()
+
+        for _ in range(2):  # cuDNN's trials for this shape
+            step()
+        first, latencies, total = first_then_timed(step, seconds)
+        runs.append(row("torch-fp16", batch, latencies, total, first))
+    return {"images_per_s": {str(r["batch"]): r["images_per_s"] for r in runs}, "reason": None, "runs": runs,
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(), "device": torch.cuda.get_device_name(0),
+            "setup": "resnet50(), eval, FP16, channels_last, inference_mode, cudnn.benchmark; uint8 NHWC input on "
+                     "the GPU, cast and normalised in the timed step"}  # fmt: skip
+
+
+def decode_rate(files: Sequence[bytes], seconds: float, spec: InputMeta = IMAGENET) -> dict[str, Any]:
+    """The service's preprocessing (decode, resize, centre crop) on one thread: images/s a core can feed."""
+    from service.store.preprocess import preprocess
+
+    from ..run import timed_runs
+
+    turn = iter(range(10**12))
+    latencies, total = timed_runs(lambda: preprocess(files[next(turn) % len(files)], spec, max_pixels=10**9), seconds)
+    return {"images_per_s_per_core": round(len(latencies) / total, 1), "images": len(latencies),
+            "p50_ms": round(float(np.median(latencies)) * 1000, 3), "file_bytes": [len(f) for f in files],
+            "to": [spec.size, spec.size, spec.channels], "resize": spec.resize}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.inprocess", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    one = commands.add_parser("ceiling")
+    one.add_argument("--store", type=Path, required=True)
+    one.add_argument("--model", required=True)
+    one.add_argument("--providers", choices=("cuda", "cpu"), required=True)
+    one.add_argument("--options", default="{}", help="CUDA provider options, a JSON object")
+    two = commands.add_parser("anchor")
+    for command in (one, two):
+        command.add_argument("--batches", required=True, help="comma-separated")
+        command.add_argument("--seconds", type=float, required=True, help="per batch size (and path)")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    try:
+        if args.command == "ceiling":
+            found = ceiling(args.store, args.model, args.providers, json.loads(args.options), batches, args.seconds)
+        else:
+            found = anchor(batches, args.seconds)
+    except Exception as exc:  # the caller records the stage as failed, with this
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))  # noqa: T201
+        return 1
+    print(json.dumps(found))  # noqa: T201
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""What one GPU benchmark measures, and for how long: the defaults for a GPU, and for the CPU dry run.
+
+On ``cuda`` the plan is meant to fit one command of 600 s on one H100 or H200 with 16 cores (7 to 8 minutes by the
+stages' estimates, not yet timed on a GPU; ``budget`` stops starting stages past 540 s); on ``cpu`` it is the dry
+run CI makes on two cores (about a minute): the same stages on LeNet-5 and ResNet-50 FP32 with short runs, to keep
+the code from rotting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+# the FP16 graph's CUDA options besides the service's defaults (which are ONNX Runtime's): cuDNN's heuristics
+# instead of an exhaustive search on every new shape, and NHWC kernels (the graph's input is NHWC already)
+FP16_TUNED = {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1"}
+FAMILIES = ("resnet50_fp16", "resnet50", "lenet5")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One service started for some runs: its model, ``WORKERS`` (0: the service's own sizing) and its runs."""
+
+    model: str
+    workers: int
+    http: tuple[int, ...]  # concurrency levels of POST /classify
+    grpc: tuple[int, ...] = ()  # of gRPC ModelInfer with uint8 pixels
+    sweep: bool = False  # the every-batch-size run, first, on the fresh server
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} WORKERS={self.workers}"
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """One in-process ceiling: a model with a set of CUDA provider options (``service``: the service's own)."""
+
+    model: str
+    options_label: str
+    options: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    providers: str
+    models: tuple[str, ...]
+    batches: tuple[int, ...]  # in-process
+    concurrency: tuple[int, ...]  # served
+    max_batch: int  # the service's MAX_BATCH_SIZE
+    seconds: float  # per served run, after its warm-up
+    warmup: float
+    ceiling_seconds: float  # per batch size and path
+    anchor_batches: tuple[int, ...]
+    scaling_workers: tuple[int, ...]
+    scaling_concurrency: int
+    sweep_repeats: int  # requests per size in the every-batch-size run
+    sweep_seconds: float  # its bound
+    load_processes: int
+    budget: float  # seconds from the start after which no stage starts
+    start_timeout: float  # a server's, to /readyz
+
+    @classmethod
+    def make(cls, providers: str, cores: int, **overrides: Any) -> Plan:
+        given = {k: v for k, v in overrides.items() if v is not None}
+        processes = max(2, min(4, cores // 4))
+        if providers == "cuda":
+            plan = cls(providers="cuda", models=FAMILIES, batches=(1, 8, 32, 64, 128, 256), concurrency=(32, 128, 256),
+                       max_batch=64, seconds=5.0, warmup=1.0, ceiling_seconds=1.0, anchor_batches=(256, 64),
+                       scaling_workers=(1, 2, 4), scaling_concurrency=128, sweep_repeats=5, sweep_seconds=45.0,
+                       load_processes=processes, budget=540.0, start_timeout=150.0)  # fmt: skip
+        else:  # LeNet-5's batches are cheap: the every-batch-size run and the WORKERS counts on it
+            plan = cls(providers="cpu", models=("lenet5", "resnet50"), batches=(1, 8), concurrency=(8, 16),
+                       max_batch=8, seconds=2.0, warmup=0.5, ceiling_seconds=0.5, anchor_batches=(),
+                       scaling_workers=(1, 2), scaling_concurrency=16, sweep_repeats=3, sweep_seconds=20.0,
+                       load_processes=processes, budget=300.0, start_timeout=120.0)  # fmt: skip
+        return dataclasses.replace(plan, **given)
+
+    def check(self) -> None:
+        unknown = [m for m in self.models if m not in FAMILIES]
+        if unknown:
+            raise ValueError(f"models {unknown}: choose among {', '.join(FAMILIES)}")
+        if self.providers == "cpu" and any(m.endswith("_fp16") for m in self.models):
+            raise ValueError("an FP16 variant is served on CUDA only (the service refuses it on CPUs): drop it")
+
+    @property
+    def dry_run(self) -> bool:
+        return self.providers == "cpu"
+
+    def _pick(self, order: tuple[str, ...]) -> str | None:
+        return next((m for m in order if m in self.models), None)
+
+    @property
+    def sweep_model(self) -> str | None:
+        """The every-batch-size run's model: the FP16 ResNet-50 on a GPU, LeNet-5 in the dry run (cheap batches)."""
+        return self._pick(("lenet5", "resnet50") if self.dry_run else FAMILIES)
+
+    @property
+    def scaling_model(self) -> str | None:
+        """The model served with each of ``scaling_workers``."""
+        return self._pick(("lenet5", "resnet50") if self.dry_run else FAMILIES)
+
+    def ceilings(self) -> list[Ceiling]:
+        """The FP16 graph with the tuned options and the service's; every other model with the service's."""
+        found = []
+        for model in self.models:
+            if model.endswith("_fp16"):
+                found.append(Ceiling(model, "tuned", tuple(FP16_TUNED.items())))
+            found.append(Ceiling(model, "service"))
+        return found
+
+    def servers(self) -> list[Server]:
+        """One service per model (LeNet-5 with the service's own WORKERS sizing, the ResNets with one worker),
+        then the scaling model with each other WORKERS count."""
+        main = []
+        for model in self.models:
+            workers = 0 if model == "lenet5" else 1
+            http = self.concurrency
+            if model == self.scaling_model and workers in self.scaling_workers:
+                http = tuple(sorted({*http, self.scaling_concurrency}))
+            grpc = self.concurrency if model.startswith("resnet50") else ()
+            main.append(Server(model, workers, http, grpc, sweep=model == self.sweep_model))
+        served = {(s.model, s.workers) for s in main}
+        scaling = [Server(self.scaling_model, w, (self.scaling_concurrency,)) for w in self.scaling_workers
+                   if self.scaling_model is not None and (self.scaling_model, w) not in served]  # fmt: skip
+        return main + scaling
+
+    def service_env(self, server: Server) -> dict[str, str]:
+        return {"MODELS": server.model, "PROVIDERS": self.providers, "WORKERS": str(server.workers),
+                "MAX_BATCH_SIZE": str(self.max_batch),
+                "MAX_IMAGES_PER_REQUEST": str(max(64, self.max_batch))}  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {
+            "sweep_model": self.sweep_model, "scaling_model": self.scaling_model,
+            "servers": [dataclasses.asdict(s) | {"env": self.service_env(s)} for s in self.servers()],
+            "ceilings": [{"model": c.model, "options_label": c.options_label, "options": dict(c.options)}
+                         for c in self.ceilings()],
+        }  # fmt: skip

@@ -1,0 +1,172 @@
+"""`python -m benchmarks.gpu`: its CPU dry run end to end (structure, not speed), and the GPU run's judging and
+plan, which no CI machine can run, on figures shaped as a GPU run writes them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.gpu.loadgen import multipart, split
+from benchmarks.gpu.plan import Plan, Server
+from benchmarks.gpu.report import DRY, markdown, targets
+
+from ..helpers import ROOT
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_dry_run_measures_every_stage_on_the_cpu(tmp_path: Path) -> None:
+    """About 70 s on two cores: the exports into an empty store, then every stage with the CPU's short plan."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "benchmarks.gpu", "--providers", "cpu", "--store", str(tmp_path / "store"),
+               "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    found = json.loads((out / "gpu.json").read_text())
+    assert found["complete"] and not found["failures"] and not found["skipped"]
+    assert set(found["exports"]) == {"lenet5", "resnet50"} and found["exports"]["resnet50"]["weights"] == "random"
+    # in-process: both models, both paths, both batch sizes, on the provider the session really took
+    rows = {(c["model"], r["path"], r["batch"]) for c in found["ceilings"] for r in c["runs"]}
+    assert rows == {(m, p, b) for m in ("lenet5", "resnet50") for p in ("numpy", "iobinding") for b in (1, 8)}
+    assert all(c["providers_taken"] == ["CPUExecutionProvider"] for c in found["ceilings"])
+    assert all(r["images_per_s"] > 0 for c in found["ceilings"] for r in c["runs"])
+    anchor = found["anchor"]
+    assert (anchor["images_per_s"] is None and anchor["reason"]) or all(v > 0 for v in anchor["images_per_s"].values())
+    # served: every run answered, every error counted (none), the GPU's figure absent with its reason
+    runs = {(s["model"], s["workers"], r["path"], r["concurrency"]): r for s in found["served"] for r in s["runs"]}
+    assert {(m, w, p) for m, w, p, _ in runs} == {
+        ("lenet5", 0, "http"), ("resnet50", 1, "http"), ("resnet50", 1, "grpc-pixels"), ("lenet5", 1, "http"),
+        ("lenet5", 2, "http"),
+    }  # fmt: skip
+    for run in runs.values():
+        assert run["requests"] > 0 and run["errors"] == 0 and run["images_per_s"] > 0, run
+        assert run["gpu_busy_mean_pct"] is None and run["gpu_reason"] and run["server_cores"] > 0
+    assert [s["workers_resolved"] for s in found["served"]] == [2, 1, 1, 2]  # WORKERS=0 is one per CPU for LeNet-5
+    sweep = found["served"][0]["sweep"]
+    assert sweep["sizes_covered"] == sweep["sizes_wanted"] == 8 and sweep["errors"] == 0
+    assert sweep["one_batch_per_request"] and sweep["ratio"] > 0
+    assert found["decode"]["images_per_s_per_core"] > 0
+    assert found["gpu"]["available"] is False and found["gpu"]["reason"]
+    assert all(t["status"] == DRY for t in found["targets"]) and len(found["targets"]) == 7
+    table = (out / "gpu.md").read_text()
+    assert found["machine"]["cpu"] in table and "no GPU" in table and "## Targets" in table
+    assert "[" in result.stdout and "every batch size" in result.stdout  # progress lines as it goes
+
+
+def gpu_run(fp16_http: float, p99: float, anchor: float, workers4: float) -> dict[str, Any]:
+    """A GPU run's results as the benchmark writes them, with these figures and fixed others."""
+    plan = Plan.make("cuda", 16)
+
+    def run(path: str, c: int, images_per_s: float, p99_ms: float = 50.0, errors: int = 0) -> dict[str, Any]:
+        return {"path": path, "concurrency": c, "images_per_s": images_per_s, "p50_ms": 20.0, "p99_ms": p99_ms,
+                "errors": errors, "requests": 1000, "mean_batch": 30.0, "gpu_busy_mean_pct": 80.0,
+                "server_cores": 6.0, "client_cores": 2.0}  # fmt: skip
+
+    def server(model: str, workers: int, runs: list[dict[str, Any]], sweep: Any = None) -> dict[str, Any]:
+        return {"model": model, "workers": workers, "workers_resolved": workers or 16, "runs": runs, "sweep": sweep}
+
+    sweep = {"max_batch": 64, "requests": 320, "sizes_covered": 64, "sizes_wanted": 64, "errors": 0, "p50_ms": 10.0,
+             "largest_p99_ms": 25.0, "largest_p99_at": 64, "ratio": 2.5, "one_batch_per_request": True,
+             "worst_size": {"images": 3, "p50_ms": 4.0, "p99_ms": 9.0, "ratio": 2.25},
+             "gpu_busy_mean_pct": 40.0}  # fmt: skip
+    ceiling_runs = [{"path": p, "batch": b, "images_per_s": 100.0 * b, "p50_ms": 1.0, "p99_ms": 2.0,
+                     "first_call_ms": 3.0} for p in ("numpy", "iobinding") for b in plan.batches]  # fmt: skip
+    return {
+        "started": "2026-12-01T00:00:00+00:00", "seconds": 450.0, "complete": True, "plan": plan.to_dict(),
+        "machine": {"cpu": "Some Xeon", "cores": 16, "cpu_flags": ["avx2"], "onnxruntime": "1.31.1",
+                    "commit": "0123456789abcdef"},
+        "gpu": {"available": True, "name": "NVIDIA H100 80GB HBM3", "memory_total_mib": 81559, "driver": "580"},
+        "providers_available": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "ceilings": [{"model": "resnet50_fp16", "options_label": label, "providers_taken": ["CUDAExecutionProvider"],
+                      "provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}, "runs": ceiling_runs}
+                     for label in ("tuned", "service")],
+        "anchor": {"images_per_s": {"256": anchor, "64": 6400.0}, "reason": None, "torch": "2.11", "cuda": "13.0",
+                   "cudnn": 91000, "setup": "as benchmarked", "runs": []},
+        "served": [
+            server("resnet50_fp16", 1, [run("http", 128, fp16_http, p99), run("grpc-pixels", 128, 5000.0)], sweep),
+            server("resnet50", 1, [run("http", 128, 3000.0)]),
+            server("lenet5", 0, [run("http", 256, 12000.0)]),
+            server("resnet50_fp16", 2, [run("http", 128, fp16_http)]),
+            server("resnet50_fp16", 4, [run("http", 128, workers4)]),
+        ],
+        "decode": {"images_per_s_per_core": 1500.0, "resize": 256, "to": [224, 224, 3], "file_bytes": [1],
+                   "p50_ms": 0.6},
+        "failures": {}, "skipped": {},
+    }  # fmt: skip
+
+
+def test_a_gpu_run_is_judged_target_by_target() -> None:
+    found = gpu_run(fp16_http=4500.0, p99=80.0, anchor=20_000.0, workers4=4400.0)
+    status = {t["target"].split(":")[0].split(" >=")[0]: t["status"] for t in targets(found)}
+    assert status == {
+        "HTTP JPEG FP16": "met",
+        "HTTP JPEG FP32": "not met",  # 3000 < 3500
+        "gRPC uint8 FP16": "met",  # 5000 / 6400 (numpy path, the service's options, batch <= 64) = 0.78
+        "in-process FP16": "met",  # 25,600 / 20,000 at batch 256, 6400 / 6400 at 64
+        "LeNet-5 HTTP": "met",
+        "every-batch-size run": "met",
+        "WORKERS 2 and 4": "not met",  # 4400 < 4500
+    }
+    found = gpu_run(fp16_http=4500.0, p99=120.0, anchor=30_000.0, workers4=4600.0)
+    judged = {t["target"].split(":")[0].split(" >=")[0]: t for t in targets(found)}
+    assert judged["HTTP JPEG FP16"]["status"] == "not met"  # p99 120 ms > 100
+    assert (
+        judged["in-process FP16"]["status"] == "not met" and "batch 256: 0.85" in judged["in-process FP16"]["measured"]
+    )
+    assert judged["WORKERS 2 and 4"]["status"] == "met"
+
+
+def test_what_a_gpu_run_did_not_measure_is_never_judged() -> None:
+    found = gpu_run(fp16_http=4500.0, p99=80.0, anchor=20_000.0, workers4=4600.0)
+    found["served"] = [s for s in found["served"] if s["model"] != "lenet5" and s["workers"] != 4]
+    found["served"][0]["runs"][0]["errors"] = 3
+    found["anchor"] = {"images_per_s": None, "reason": "torch sees no CUDA device"}
+    judged = {t["target"].split(":")[0].split(" >=")[0]: t for t in targets(found)}
+    assert judged["LeNet-5 HTTP"]["status"] == "not measured" and judged["LeNet-5 HTTP"]["measured"] is None
+    assert judged["WORKERS 2 and 4"]["status"] == "not measured"
+    assert judged["in-process FP16"]["status"] == "not measured"
+    assert judged["HTTP JPEG FP16"]["status"] == "not met"  # a run with errors meets no target
+    found["targets"] = targets(found)
+    table = markdown(found)
+    assert "NVIDIA H100 80GB HBM3" in table and "Some Xeon" in table and "torch sees no CUDA device" in table
+    assert "| resnet50_fp16 WORKERS=1 (1 running) | http | 128 | 4500.0 |" in table
+
+
+def test_the_gpu_plan_serves_each_model_then_each_workers_count() -> None:
+    plan = Plan.make("cuda", 16)
+    assert plan.servers() == [
+        Server("resnet50_fp16", 1, (32, 128, 256), (32, 128, 256), sweep=True),
+        Server("resnet50", 1, (32, 128, 256), (32, 128, 256)),
+        Server("lenet5", 0, (32, 128, 256)),
+        Server("resnet50_fp16", 2, (128,)),
+        Server("resnet50_fp16", 4, (128,)),
+    ]
+    assert [(c.model, c.options_label) for c in plan.ceilings()] == [
+        ("resnet50_fp16", "tuned"), ("resnet50_fp16", "service"), ("resnet50", "service"), ("lenet5", "service"),
+    ]  # fmt: skip
+    assert dict(plan.ceilings()[0].options) == {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1"}
+    env = plan.service_env(plan.servers()[0])
+    assert (env["MODELS"], env["PROVIDERS"], env["WORKERS"], env["MAX_BATCH_SIZE"]) == (
+        "resnet50_fp16",
+        "cuda",
+        "1",
+        "64",
+    )
+    dry = Plan.make("cpu", 2)
+    assert [s.label for s in dry.servers()] == ["lenet5 WORKERS=0", "resnet50 WORKERS=1", "lenet5 WORKERS=1",
+                                                "lenet5 WORKERS=2"]  # fmt: skip
+    with pytest.raises(ValueError, match="CUDA only"):
+        Plan.make("cpu", 2, models=("resnet50_fp16",)).check()
+
+
+def test_the_load_is_split_over_processes_and_multipart_bodies_are_built_once() -> None:
+    assert split(5, 4) == [2, 1, 1, 1] and split(2, 4) == [1, 1] and split(256, 4) == [64] * 4
+    body, content_type = multipart([b"\xff\xd8one", b"\xff\xd8two"], "image/jpeg")
+    boundary = content_type.split("boundary=")[1]
+    assert content_type.startswith("multipart/form-data; ") and body.count(f"--{boundary}\r\n".encode()) == 2
+    assert body.endswith(f"--{boundary}--\r\n".encode()) and b"\xff\xd8two\r\n" in body
