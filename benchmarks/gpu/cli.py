@@ -14,7 +14,6 @@ import datetime as dt
 import importlib.util
 import json
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from service.runtime.cuda import provider_options
+from service.settings import Settings
 from service.store.host import cpu_count
 from service.store.layout import ModelStore
+from service.store.metadata import ModelMetadata
 
 from ..host import ROOT, machine
 from .inprocess import CPU, CUDA, decode_rate
@@ -150,10 +152,19 @@ def subprocess_json(command: list[str], timeout: float, say: Callable[[str], Non
     return found
 
 
+def service_options(store: ModelStore, model: str) -> dict[str, str]:
+    """The CUDA options the service gives ``model``'s graph with default settings (they depend on its precision)."""
+    version = store.latest(model)
+    if version is None:
+        raise RuntimeError(f"{model} is not in the store {store.root}")
+    return provider_options(Settings(), ModelMetadata.model_validate(version.read_metadata()).precision)
+
+
 def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
     plan = run.plan
+    options = service_options(store, config.model) if config.options_label == "service" else dict(config.options)
     command = ["ceiling", "--store", str(store.root), "--model", config.model, "--providers", plan.providers,
-               "--options", json.dumps(dict(config.options)), "--batches", ",".join(map(str, plan.batches)),
+               "--options", json.dumps(options), "--batches", ",".join(map(str, plan.batches)),
                "--seconds", str(plan.ceiling_seconds)]  # fmt: skip
     found = subprocess_json(command, max(30.0, plan.budget - run.elapsed()), run.say)
     found["options_label"] = config.options_label
@@ -186,29 +197,8 @@ def needs(plan: Plan, server: Server) -> float:
     return start + runs * (plan.warmup + plan.seconds + 1.5) + (plan.sweep_seconds / 2 if server.sweep else 0.0)
 
 
-def pip_cuda_libraries() -> list[str]:
-    """The library folders of NVIDIA's pip wheels (``site-packages/nvidia/*/lib``: cuBLAS, cuDNN, ... as PyTorch
-    installs them), which ONNX Runtime's CUDA provider does not look in by itself."""
-    found = []
-    for entry in sys.path:
-        found += sorted(str(p) for p in Path(entry or ".").glob("nvidia/*/lib") if any(p.glob("*.so*")))
-    return list(dict.fromkeys(found))
-
-
-def with_cuda_libraries(run: Run) -> None:
-    """On ``cuda``, the pip wheels' CUDA libraries put on ``LD_LIBRARY_PATH`` for every process started from here
-    (the in-process stages and the servers; this process loads none), and recorded."""
-    added = [d for d in pip_cuda_libraries() if d not in os.environ.get("LD_LIBRARY_PATH", "").split(":")]
-    if added:
-        os.environ["LD_LIBRARY_PATH"] = ":".join([*added, os.environ.get("LD_LIBRARY_PATH", "")]).rstrip(":")
-        run.say(f"LD_LIBRARY_PATH += {':'.join(added)}")
-    run.found["ld_library_path_added"] = added
-
-
 def benchmark(run: Run, store: ModelStore) -> None:
     plan, found = run.plan, run.found
-    if plan.providers == "cuda":
-        with_cuda_libraries(run)
     nvml = Nvml()
     found |= {"machine": machine(), "gpu": nvml.describe(), "providers_available": _providers(),
               "ceilings": [], "served": []}  # fmt: skip

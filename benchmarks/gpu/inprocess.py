@@ -62,6 +62,7 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
     """ONNX Runtime on ``model``'s latest graph with the service's session options and ``options`` for CUDA."""
     import onnxruntime as ort
 
+    from service.runtime.cuda import preload
     from service.runtime.session import session_options
     from service.settings import Settings
     from service.store.layout import ModelStore
@@ -75,6 +76,8 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
     if providers == "cuda" and CUDA not in ort.get_available_providers():
         raise RuntimeError(f"onnxruntime {ort.__version__} ({ort.__file__}) has no {CUDA} "
                            f"(it has {ort.get_available_providers()}): onnxruntime-gpu is needed")  # fmt: skip
+    if providers == "cuda":
+        preload()  # CUDA's and cuDNN's libraries from NVIDIA's wheels, as the service loads them
     wanted: list[Any] = [(CUDA, {"device_id": "0", **options}), CPU] if providers == "cuda" else [CPU]
     options_used = session_options(Settings())
     session = ort.InferenceSession(str(version.graph), options_used, providers=wanted)

@@ -34,6 +34,8 @@ def test_the_dry_run_measures_every_stage_on_the_cpu(tmp_path: Path) -> None:
     rows = {(c["model"], r["path"], r["batch"]) for c in found["ceilings"] for r in c["runs"]}
     assert rows == {(m, p, b) for m in ("lenet5", "resnet50") for p in ("numpy", "iobinding") for b in (1, 8)}
     assert all(c["providers_taken"] == ["CPUExecutionProvider"] for c in found["ceilings"])
+    service_fp32 = {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "0", "use_tf32": "1"}  # what CUDA would get
+    assert all(c["provider_options_requested"] == service_fp32 for c in found["ceilings"])
     assert all(r["images_per_s"] > 0 for c in found["ceilings"] for r in c["runs"])
     anchor = found["anchor"]
     assert (anchor["images_per_s"] is None and anchor["reason"]) or all(v > 0 for v in anchor["images_per_s"].values())
@@ -84,7 +86,7 @@ def gpu_run(fp16_http: float, p99: float, anchor: float, workers4: float) -> dic
         "providers_available": ["CUDAExecutionProvider", "CPUExecutionProvider"],
         "ceilings": [{"model": "resnet50_fp16", "options_label": label, "providers_taken": ["CUDAExecutionProvider"],
                       "provider_options": {"cudnn_conv_algo_search": "EXHAUSTIVE"}, "runs": ceiling_runs}
-                     for label in ("tuned", "service")],
+                     for label in ("service", "onnxruntime-defaults")],
         "anchor": {"images_per_s": {"256": anchor, "64": 6400.0}, "reason": None, "torch": "2.11", "cuda": "13.0",
                    "cudnn": 91000, "setup": "as benchmarked", "runs": []},
         "served": [
@@ -147,9 +149,10 @@ def test_the_gpu_plan_serves_each_model_then_each_workers_count() -> None:
         Server("resnet50_fp16", 4, (128,)),
     ]
     assert [(c.model, c.options_label) for c in plan.ceilings()] == [
-        ("resnet50_fp16", "tuned"), ("resnet50_fp16", "service"), ("resnet50", "service"), ("lenet5", "service"),
+        ("resnet50_fp16", "service"), ("resnet50_fp16", "onnxruntime-defaults"), ("resnet50", "service"),
+        ("lenet5", "service"),
     ]  # fmt: skip
-    assert dict(plan.ceilings()[0].options) == {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1"}
+    assert dict(plan.ceilings()[1].options) == {}  # ONNX Runtime's own, beside the service's
     env = plan.service_env(plan.servers()[0])
     assert (env["MODELS"], env["PROVIDERS"], env["WORKERS"], env["MAX_BATCH_SIZE"]) == (
         "resnet50_fp16",
