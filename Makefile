@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODEL_STORE ?= model_store
 export MODEL_STORE
 
-.PHONY: setup export serve docs docs-build test test-fast test-gpu test-tools load-tools lint lock proto dashboard manifests bench bench-quick profile peers lock-peers clean
+.PHONY: setup export serve docs docs-build test test-fast test-gpu test-tools load-tools lint lock proto dashboard manifests bench bench-quick bench-gpu profile peers lock-peers clean
 
 setup: $(STAMP)
 
@@ -100,6 +100,12 @@ bench: setup peers load-tools
 
 bench-quick: setup peers load-tools
 	$(BIN)/python -m benchmarks --quick
+
+# On a machine with an NVIDIA GPU (one command under 10 minutes, no wrk or apt needed): in-process ceilings, a
+# PyTorch FP16 anchor, the served service over HTTP and gRPC, the issue's targets: benchmarks/results/gpu/.
+# --providers cpu is its dry run on any machine (about a minute on 2 cores; the tests run it).
+bench-gpu: setup
+	$(BIN)/python -m benchmarks.gpu
 
 # Flame graphs of one worker under /noop and LeNet-5 /classify (py-spy), by layer:
 # benchmarks/results/profile-$(LABEL)-*.svg and profile.md (LABEL=before / after compares two states of the code).
