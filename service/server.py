@@ -27,6 +27,7 @@ from .observers import attach
 from .runtime.cache import ResponseCache
 from .runtime.canary import Canaries
 from .runtime.classifier import Classifier
+from .runtime.cuda import preload, wants_cuda
 from .runtime.hooks import Hooks
 from .runtime.lifecycle import ModelControl
 from .runtime.readiness import WorkerReadiness
@@ -57,8 +58,11 @@ class Runtime:
     canaries: Canaries | None = None
 
     def start(self) -> None:
-        """Load in the background (then follow ``MODEL_CONTROL``); ``/readyz`` waits for the first pass. The
-        canaries take their shared state first."""
+        """Load in the background (then follow ``MODEL_CONTROL``); ``/readyz`` waits for the first pass. CUDA's
+        libraries are preloaded first, where CUDA is wanted (before any connection or loading thread); the
+        canaries take their shared state."""
+        if wants_cuda(self.settings):
+            preload()
         if self.canaries is not None:
             self.canaries.start()
         self.control.start()

@@ -4,9 +4,10 @@
 NVIDIA driver reports a GPU and the dynamic loader finds CUDA 13 and cuDNN 9
 (``libcublasLt.so.13``, ``libcudnn.so.9``, ...). They come from a CUDA installation or from
 NVIDIA's pip wheels (``requirements/gpu.txt``), which the loader does not search by itself:
-:func:`preload` loads them from there before the first CUDA session, and
-:func:`unavailable_reason` names the library that is still missing, so a model that wanted CUDA
-and got the CPU says why.
+:func:`preload` loads them from there, once per worker at its start (before it accepts a
+connection or starts a loading thread: ONNX Runtime's preload prints, and its print is caught by
+swapping the process's ``sys.stdout``), and :func:`unavailable_reason` names what is still missing
+(the driver, a CUDA library, cuDNN), so a model that wanted CUDA and got the CPU says why.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import ctypes
 import io
 import logging
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -28,7 +30,11 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # what ONNX Runtime loads to start its CUDA provider; its missing dependencies are CUDA's and cuDNN's libraries
 PROVIDER_LIBRARY = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+CUDNN_LIBRARY = "libcudnn.so.9"  # opened by the provider when a session starts, not a dependency of its library
+DRIVER_LIBRARY = "libcuda.so.1"  # the NVIDIA driver's, never a wheel's
 INSTALL_HINT = "install requirements/gpu.txt (onnxruntime-gpu[cuda,cudnn]) or CUDA 13 and cuDNN 9"
+DRIVER_HINT = "install the NVIDIA driver (in a container: run it with the NVIDIA Container Toolkit)"
+_preloading = threading.Lock()
 
 
 @cache
@@ -66,27 +72,35 @@ def preload() -> tuple[str, ...]:
     returned (and logged) instead, for :func:`unavailable_reason` to be the one word on it.
     """
     printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
-    except Exception as exc:  # a preload that fails leaves the loader's own paths, which may still work
-        print(f"preload_dlls failed: {type(exc).__name__}: {exc}", file=printed)
+    with _preloading:  # one at a time: nested redirections could leave sys.stdout swapped for good
+        try:
+            with contextlib.redirect_stdout(printed):
+                ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+        except Exception as exc:  # a preload that fails leaves the loader's own paths, which may still work
+            print(f"preload_dlls failed: {type(exc).__name__}: {exc}", file=printed)
     lines = tuple(line for line in printed.getvalue().splitlines() if line.strip())
     for line in lines:
         logger.debug("CUDA preload: %s", line)
     return lines
 
 
-def unavailable_reason(library: Path = PROVIDER_LIBRARY) -> str:
-    """Why a session that asked for CUDA did not get it: the first missing library, else the driver's word."""
+def unavailable_reason(library: Path = PROVIDER_LIBRARY, cudnn: str = CUDNN_LIBRARY) -> str:
+    """Why a session that asked for CUDA did not get it: every problem found, the driver's first."""
+    problems = []
+    count, problem = _nvml()
+    if count == 0:
+        problems.append(f"the NVIDIA driver reports no GPU ({problem or 'no device'})")
     try:
         ctypes.CDLL(str(library))
     except OSError as exc:
-        return f"ONNX Runtime's CUDA provider cannot load ({exc}): {INSTALL_HINT}"
-    count, problem = _nvml()
-    if count == 0:
-        return f"the NVIDIA driver reports no GPU ({problem or 'no device'})"
-    return "ONNX Runtime's CUDA provider did not take the session (its log above says why)"
+        hint = DRIVER_HINT if DRIVER_LIBRARY in str(exc) else INSTALL_HINT
+        problems.append(f"ONNX Runtime's CUDA provider cannot load ({exc}): {hint}")
+    else:
+        try:
+            ctypes.CDLL(cudnn)
+        except OSError as exc:
+            problems.append(f"cuDNN 9 cannot load ({exc}): {INSTALL_HINT}")
+    return "; ".join(problems) or "ONNX Runtime's CUDA provider did not take the session (its log above says why)"
 
 
 def provider_options(settings: Settings, precision: str) -> dict[str, str]:
@@ -99,11 +113,14 @@ def provider_options(settings: Settings, precision: str) -> dict[str, str]:
     }
 
 
+def wants_cuda(settings: Settings) -> bool:
+    return CUDA in wanted_providers(settings.providers)
+
+
 def providers_for(settings: Settings, precision: str) -> list[str | tuple[str, dict[str, str]]]:
     """What a session of a ``precision`` graph asks for: CUDA (with its options, its libraries preloaded) then the
     CPU, or the CPU alone (``PROVIDERS``)."""
-    wanted = wanted_providers(settings.providers)
-    if CUDA not in wanted:
+    if not wants_cuda(settings):
         return [CPU]
-    preload()
+    preload()  # done at the worker's start already (Runtime.start): a no-op here
     return [(CUDA, provider_options(settings, precision)), CPU]

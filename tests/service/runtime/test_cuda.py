@@ -4,6 +4,7 @@ it (a library made to be missing here), and the CUDA provider's options from the
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,24 +29,44 @@ needs_no_cuda = pytest.mark.skipif(_provider_loads(), reason="CUDA's libraries l
 
 
 def _library_needing(tmp_path: Path, missing: str) -> Path:
-    """A shared library that needs ``lib<missing>.so``, which is then taken away."""
+    """A shared library that needs the library named ``missing`` (its soname), which is then taken away."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert compiler, "a C compiler (make test-tools installs gcc)"
     (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
     (tmp_path / "lib.c").write_text("int dep(void);\nint uses(void) { return dep(); }\n")
-    dependency = tmp_path / f"lib{missing}.so"
+    dependency = tmp_path / missing
     library = tmp_path / "libneeds.so"
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(dependency), str(tmp_path / "dep.c")], check=True)
+    subprocess.run([compiler, "-shared", "-fPIC", f"-Wl,-soname,{missing}", "-o", str(dependency),
+                    str(tmp_path / "dep.c")], check=True)  # fmt: skip
     subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(tmp_path / "lib.c"),
-                    f"-L{tmp_path}", f"-l{missing}"], check=True)  # fmt: skip
+                    f"-L{tmp_path}", f"-l:{missing}"], check=True)  # fmt: skip
     dependency.unlink()
     return library
 
 
 def test_the_reason_names_the_library_that_is_missing(tmp_path: Path) -> None:
-    reason = cuda.unavailable_reason(_library_needing(tmp_path, "cublasLtmadeup"))
-    assert "libcublasLtmadeup.so: cannot open shared object file" in reason
+    reason = cuda.unavailable_reason(_library_needing(tmp_path, "libcublasLtmadeup.so.13"))
+    assert "libcublasLtmadeup.so.13: cannot open shared object file" in reason
     assert "requirements/gpu.txt" in reason  # and what would fix it
+
+
+@pytest.mark.skipif(ctypes.util.find_library("cuda") is not None, reason="the NVIDIA driver's library is here")
+def test_a_missing_driver_library_is_blamed_on_the_driver_not_the_wheels(tmp_path: Path) -> None:
+    reason = cuda.unavailable_reason(_library_needing(tmp_path, "libcuda.so.1"))
+    assert "libcuda.so.1: cannot open shared object file" in reason
+    assert "install the NVIDIA driver" in reason and "requirements/gpu.txt" not in reason
+
+
+def test_a_missing_cudnn_is_named_where_the_provider_itself_loads(tmp_path: Path) -> None:
+    """cuDNN is opened by the provider when a session starts, not by the loader: it is looked for by itself."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler (make test-tools installs gcc)"
+    (tmp_path / "plain.c").write_text("int plain(void) { return 1; }\n")
+    loadable = tmp_path / "libplain.so"  # a provider library that loads
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(loadable), str(tmp_path / "plain.c")], check=True)
+    reason = cuda.unavailable_reason(loadable, cudnn="libcudnnmadeup.so.9")
+    assert "cuDNN 9 cannot load (libcudnnmadeup.so.9: cannot open shared object file" in reason
+    assert "CUDA provider cannot load" not in reason
 
 
 def test_the_reason_for_a_provider_library_that_is_not_there(tmp_path: Path) -> None:
@@ -72,6 +93,8 @@ def test_providers_cuda_fails_a_model_with_the_missing_library(model_store: Mode
     message = str(raised.value)
     assert "PROVIDERS=cuda, but the CUDA execution provider did not take the session" in message
     assert ".so" in message and "cannot open shared object file" in message and "requirements/gpu.txt" in message
+    if cuda.gpu_count() == 0:  # this machine: no driver either, said first
+        assert "the NVIDIA driver reports no GPU" in message.split("ONNX Runtime's CUDA provider")[0]
 
 
 def test_auto_without_a_gpu_asks_for_the_cpu_alone_and_preloads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
