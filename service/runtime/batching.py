@@ -244,7 +244,7 @@ class DynamicBatcher:
                 outputs = tuple(output[:size] for output in outputs)
         except Exception as exc:
             if out_of_memory(exc):
-                exc = self._shrink(size, exc)
+                exc = self._shrink(size, shape, exc)
             else:
                 logger.exception("%s: inference failed for a batch of %d", self.name, size)
             for pending in batch:
@@ -274,18 +274,24 @@ class DynamicBatcher:
             return size
         return min((shape for shape in self.batch_sizes if size <= shape <= self.max_batch_size), default=size)
 
-    def _shrink(self, size: int, exc: BaseException) -> DeviceOutOfMemory:
-        """A batch of ``size`` the device had no memory for: halve the largest batch below it."""
-        before, self.max_batch_size = self.max_batch_size, max(1, min(self.max_batch_size, size) // 2)
+    def _shrink(self, size: int, shape: int, exc: BaseException) -> DeviceOutOfMemory:
+        """A batch of ``size`` images, run as ``shape`` rows, the device had no memory for: the largest batch goes
+        to half of what ran, and down to a batch shape where there are shapes (one already warmed)."""
+        before = self.max_batch_size
+        limit = max(1, min(before, shape) // 2)
+        if self.batch_sizes is not None:
+            limit = max((s for s in self.batch_sizes if s <= limit), default=limit)
+        self.max_batch_size = limit
+        ran = f"{size}" if shape == size else f"{size} (run as {shape})"
         what = next(iter(str(exc).splitlines()), "") or type(exc).__name__
         logger.warning(
-            "%s: out of memory for a batch of %d (%s); largest batch %d -> %d, its requests get 503",
-            self.name, size, what[-300:], before, self.max_batch_size,
+            "%s: out of memory for a batch of %s (%s); largest batch %d -> %d, its requests get 503",
+            self.name, ran, what[-300:], before, self.max_batch_size,
         )  # fmt: skip
         if self._on_out_of_memory is not None:
             self._on_out_of_memory(size, self.max_batch_size)
         return DeviceOutOfMemory(
-            f"Model {self.name!r}: the device ran out of memory for a batch of {size} images; batches are now "
+            f"Model {self.name!r}: the device ran out of memory for a batch of {ran} images; batches are now "
             f"at most {self.max_batch_size}; send the request again"
         )
 

@@ -220,7 +220,7 @@ class Classifier:
                 "load_seconds": round(entry.model.load_seconds, 3),
                 "warmup_seconds": round(entry.model.warmup_seconds, 3),
                 "max_batch_size": entry.batcher.max_batch_size if entry.batcher is not None else None,
-                "batch_sizes": list(entry.model.batch_sizes) if entry.model.batch_sizes is not None else None,
+                "batch_sizes": _shapes(entry),
                 "quality": {
                     "abstain_threshold": meta.abstain_threshold,
                     "typicality_threshold": meta.typicality_threshold,
@@ -390,3 +390,11 @@ def _evaluation(found: dict[str, Any] | None, per_class: bool) -> dict[str, Any]
     if not found:
         return None
     return found if per_class else {k: v for k, v in found.items() if k not in ("per_class", "confusion")}
+
+
+def _shapes(entry: ModelEntry) -> list[int] | None:
+    """The batch shapes a version runs now: those within its largest batch (which an out-of-memory batch lowers)."""
+    if entry.model is None or entry.model.batch_sizes is None:
+        return None
+    limit = entry.batcher.max_batch_size if entry.batcher is not None else max(entry.model.batch_sizes)
+    return [size for size in entry.model.batch_sizes if size <= limit]

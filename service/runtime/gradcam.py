@@ -115,6 +115,7 @@ class GradCams:
             max_batch_size=settings.max_batch_size,
             max_delay=settings.max_batch_delay_ms / 1000,
             max_queue_images=settings.max_queue_images,
+            batch_sizes=settings.batch_shapes(session.get_providers()[0]),  # few shapes, if not warmed
         )
         seconds = time.perf_counter() - started
         logger.info("%s v%d: explanation graph %s loaded in %.2fs", entry.name, entry.version, path, seconds)

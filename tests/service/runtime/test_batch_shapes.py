@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 from pydantic import ValidationError
 
+from service.errors import ServiceError
 from service.runtime.batching import BatchStats, DynamicBatcher
 from service.runtime.session import load_model
 from service.settings import Settings
@@ -81,13 +82,27 @@ def test_padded_batches_answer_every_request_with_its_own_rows_only() -> None:
         assert len(s.probabilities) == s.size and np.all(s.probabilities >= 20)
 
 
-def test_after_an_out_of_memory_batch_no_shape_above_the_lowered_limit_is_used() -> None:
-    batcher = DynamicBatcher("m", [echo_run([])], max_batch_size=8, max_delay=0, max_queue_images=10,
-                             batch_sizes=(1, 2, 4, 8))  # fmt: skip
-    assert [batcher.shape_for(n) for n in (1, 3, 5, 8)] == [1, 4, 8, 8]
-    batcher.max_batch_size = 3  # what _shrink does after a batch of 6 found no memory
-    assert [batcher.shape_for(n) for n in (1, 2, 3)] == [1, 2, 3]  # 3 runs as it is: 4 is past the limit
-    unpadded = DynamicBatcher("m", [echo_run([])], max_batch_size=8, max_delay=0, max_queue_images=10)
+def test_an_out_of_memory_batch_halves_what_ran_down_to_a_warmed_shape() -> None:
+    """17 images run as 32 rows and find no memory: the largest batch becomes 16 (half of what ran, a shape), the
+    request gets a 503 that says so, and the next batch of 12 runs as the warmed shape 16."""
+    calls: list[int] = []
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(images))
+        if len(images) >= 32:
+            raise MemoryError("out of memory")
+        return images[:, :1, 0, 0].astype(np.float32), images[:, :1, 0, 0].astype(np.float32)
+
+    batcher = DynamicBatcher("m", [run], max_batch_size=32, max_delay=0, max_queue_images=100,
+                             batch_sizes=(1, 2, 4, 8, 16, 32))  # fmt: skip
+    with pytest.raises(ServiceError) as raised:
+        asyncio.run(batcher.infer(np.ones((17, 2, 2, 1), np.uint8)))
+    assert raised.value.status_code == 503 and "a batch of 17 (run as 32) images" in raised.value.message
+    assert batcher.max_batch_size == 16 and "at most 16" in raised.value.message
+    logits, _ = asyncio.run(batcher.infer(np.full((12, 2, 2, 1), 7, np.uint8)))
+    assert calls == [32, 16] and logits.shape == (12, 1) and np.all(logits == 7)
+    assert [batcher.shape_for(n) for n in (1, 3, 9, 16)] == [1, 4, 16, 16]
+    unpadded = DynamicBatcher("m", [run], max_batch_size=8, max_delay=0, max_queue_images=10)
     assert [unpadded.shape_for(n) for n in (1, 3, 5)] == [1, 3, 5]
 
 
