@@ -85,7 +85,10 @@ class Settings(BaseSettings):
         True, description="ONNX Runtime's CPU memory arena: faster allocation, memory kept at its peak."
     )
     inline_decode_bytes: int = Field(
-        16384, ge=0, description="Images up to this size decode on the event loop, skipping the thread pool's hops."
+        16384,
+        ge=0,
+        description="Images up to this size decode on the event loop, skipping the thread pool's hops; "
+        "where the models run on CUDA, 0 unless set (the event loop is then the worker's bottleneck).",
     )
     decode_threads: int = Field(
         0,

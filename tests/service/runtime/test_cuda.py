@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.runtime import cuda
+from service.runtime import cuda, sizing
 from service.runtime.session import ModelLoadError, load_model
 from service.settings import Settings
 from service.store.layout import ModelStore
@@ -121,3 +121,18 @@ def test_cuda_options_follow_the_settings_and_the_precision(
     monkeypatch.setattr(cuda, "preload", lambda: ())
     providers = cuda.providers_for(Settings(providers="cuda", **env), precision)  # type: ignore[arg-type]
     assert providers == [(cuda.CUDA, expected), cuda.CPU]
+
+
+@pytest.mark.parametrize(
+    ("on_cuda", "env", "inline"),
+    [(True, {}, 0), (True, {"INLINE_DECODE_BYTES": "20000"}, 20000), (False, {}, 16384)],
+)
+def test_on_cuda_images_decode_off_the_event_loop_unless_set(
+    monkeypatch: pytest.MonkeyPatch, on_cuda: bool, env: dict[str, str], inline: int
+) -> None:
+    """Where the models run on CUDA the event loop is the worker's limit: INLINE_DECODE_BYTES goes to 0, unless the
+    environment set it; on the CPU it stays where it is fastest there."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sizing, "wants_cuda", lambda settings: on_cuda)
+    assert sizing.sized(Settings(workers=1)).inline_decode_bytes == inline
