@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, Literal, get_args
 
 import psutil
 
@@ -30,7 +30,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 SWITCH_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 EXPLANATION_METHODS = ("occlusion", "gradcam")
-SHADOW_SKIP_REASONS = ("dropped", "unavailable", "refused", "incompatible", "error")
+# why a shadow candidate did not see a request; the shadow names them through this type, so they cannot drift apart
+ShadowSkip = Literal["dropped", "unavailable", "refused", "incompatible", "error"]
+SHADOW_SKIP_REASONS: tuple[ShadowSkip, ...] = get_args(ShadowSkip)
 # why the HTTP protocol closed a connection before the app saw a request (service.frontends.protocol)
 REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate")
 

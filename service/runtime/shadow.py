@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ServiceError
-from ..metrics import Metrics
+from ..metrics import Metrics, ShadowSkip
 from ..settings import ShadowPair, ShadowTarget
 from ..store.metadata import ModelMetadata
 from .entry import ModelEntry
@@ -145,7 +145,7 @@ class Shadow:
     def _labels(self, lane: Lane) -> tuple[str, str]:
         return str(lane.pair.primary), str(lane.pair.candidate)
 
-    def _skip(self, lane: Lane, reason: str, images: int) -> None:
+    def _skip(self, lane: Lane, reason: ShadowSkip, images: int) -> None:
         """Images not shadowed, and why: in /models and in ``cnn_shadow_skipped_images_total``."""
         lane.skipped[reason] = lane.skipped.get(reason, 0) + images
         self.metrics.child(self.metrics.shadow_skipped, *self._labels(lane), reason).inc(images)
