@@ -25,14 +25,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from service.runtime.cuda import provider_options
+from service.runtime.cuda import CPU, CUDA, provider_options
 from service.settings import Settings
 from service.store.host import cpu_count
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 
 from ..host import ROOT, machine
-from .inprocess import CPU, CUDA, decode_rate
+from .inprocess import decode_rate
 from .loadgen import LoadPool
 from .nvml import Nvml
 from .plan import FAMILIES, Ceiling, Plan, Server

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from service.runtime.cuda import CPU, CUDA
 from service.store.metadata import InputMeta
 
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # what ImageNet networks take (the export's metadata for resnet50): the decode rate's target
 IMAGENET = InputMeta(size=224, channels=3, resize=256, crop=224, mean=[0.485, 0.456, 0.406],
                      std=[0.229, 0.224, 0.225])  # fmt: skip

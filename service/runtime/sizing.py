@@ -12,8 +12,9 @@ model served is light, else one.
 Where the models run on CUDA, small images no longer decode on the event loop
 (``INLINE_DECODE_BYTES`` 0 unless set): on the CPU inline decoding saves two thread hops
 while the sessions hold the other cores, but on a GPU the event loop is the worker's one
-thread for HTTP, and one core decodes about 1,600 of the benchmark's 256-pixel JPEGs a second
-(``python -m benchmarks.gpu --providers cpu``), below what the GPU classifies.
+thread for HTTP, and one core decodes about 1,900 of the benchmark's 256-pixel JPEGs a second
+(1,830 to 1,954 in two runs of the decode stage of ``python -m benchmarks.gpu --providers cpu`` on a
+2-core Xeon), below what the GPU classifies.
 """
 
 from __future__ import annotations
