@@ -50,7 +50,10 @@ async def run_load(service: ServiceProcess, seconds: float) -> list[Sample]:
     samples: list[Sample] = []
     deadline = time.monotonic() + seconds
     grpc_client = triton_aio.InferenceServerClient(service.grpc_target)
-    async with httpx.AsyncClient(base_url=service.url, timeout=60, limits=httpx.Limits(max_connections=64)) as http:
+    # idle connections dropped before the server's keep-alive timeout (5 s): httpx's default expiry is the same 5 s,
+    # so a connection idle through a worker's gRPC turns could be reused as the server closes it (a ReadError)
+    limits = httpx.Limits(max_connections=64, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(base_url=service.url, timeout=60, limits=limits) as http:
 
         async def worker(index: int) -> None:
             turn = index
