@@ -19,6 +19,11 @@ _POLICY = re.compile(r"version_policy\s*:?\s*\{\s*(\w+)\s*:?\s*\{([^{}]*)\}\s*\}
 _COMMENT = re.compile(r"#[^\n]*")
 
 
+def without_comments(text: str) -> str:
+    """A ``config.pbtxt``'s text with its ``#`` comments removed (protobuf's text format has no other kind)."""
+    return _COMMENT.sub("", text)
+
+
 @dataclass(frozen=True)
 class VersionPolicy:
     kind: Literal["latest", "specific", "all"] = "latest"
@@ -40,7 +45,7 @@ def parse_version_policy(text: str) -> VersionPolicy:
 
     Raises ``ValueError`` naming what is wrong, for a policy Triton would refuse too.
     """
-    text = _COMMENT.sub("", text)
+    text = without_comments(text)
     if "version_policy" not in text:
         return VersionPolicy()
     match = _POLICY.search(text)
