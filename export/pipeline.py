@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from service.store.batch_limit import MAX_BATCH_SIZE
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import InputMeta
 from service.store.tensors import INPUT_NAME
@@ -32,7 +33,6 @@ from .weights import Provenance, file_state_dict, random_provenance, released_st
 
 logger = logging.getLogger(__name__)
 
-TRITON_MAX_BATCH = 64
 # Resident memory per graph byte once ONNX Runtime has loaded a family's graph and warmed it up at batch 1 and 32
 # (2 threads, default arena), measured here: VGG16 1,619 MiB for a 528 MiB graph, ResNet-50 441 for 97, ResNet-18
 # 295 for 45, GoogLeNet 239 for 25, AlexNet 314 for 233; LeNet-5 17 MiB for its 0.87 MiB. The arenas sized by
@@ -163,7 +163,7 @@ def triton_config(spec: ModelSpec, outputs: tuple[str, ...]) -> str:
         *(f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [1] reshape: {{ shape: [] }} }}' for name in rest),
     ]
     return (
-        f'name: "{spec.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {TRITON_MAX_BATCH}\n'
+        f'name: "{spec.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
         f'input [{{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [{size}, {size}, {channels}] }}]\n'
         "output [\n" + ",\n".join(lines) + "\n]\n"
         "dynamic_batching { }\nversion_policy: { latest: { num_versions: 1 } }\n"

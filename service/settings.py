@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .memory import parse_size
+from .store.batch_limit import LARGEST, MAX_BATCH_SIZE
 from .store.host import cpu_count
 
 
@@ -96,13 +97,20 @@ class Settings(BaseSettings):
         description="Threads decoding images per worker; 0 = half the CPUs (affinity, cgroup quota) / workers, "
         "at least 1: decoders take cores from ONNX Runtime's threads.",
     )
-    max_batch_size: int = Field(32, ge=1, le=1024, description="Most images per ONNX Runtime call.")
+    max_batch_size: int = Field(
+        0,
+        ge=0,
+        le=LARGEST,
+        description="Most images per ONNX Runtime call, for every model; 0 = each model's own `max_batch_size` in its "
+        f"config.pbtxt, which Triton reads too ({MAX_BATCH_SIZE} where it names none, as the export writes it).",
+    )
     batch_sizes: str = Field(
         "auto",
         description="The batch shapes a session runs: a batch is padded up to the next one and the padding dropped "
         "from the answers, and each is warmed before /readyz says ready, so no live request meets a new shape. "
-        "`auto`: powers of two up to MAX_BATCH_SIZE on CUDA (a new shape costs cuDNN an algorithm search), any size "
-        "on the CPU (where padding only costs); `pow2`; `any`; or sizes, `1,8,32` (MAX_BATCH_SIZE is added).",
+        "`auto`: powers of two up to the model's largest batch on CUDA (a new shape costs cuDNN an algorithm search), "
+        "any size on the CPU (where padding only costs); `pow2`; `any`; or sizes, `1,8,32` (the largest batch is "
+        "added, sizes above it left out).",
     )
     cuda_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
         "HEURISTIC",
@@ -227,7 +235,9 @@ class Settings(BaseSettings):
         "inference; least recently used answers go first, and an unloaded version's go with it.",
     )  # fmt: skip
     warmup_batches: tuple[int, ...] = Field(
-        (), description="Batch sizes each model runs once before /readyz says ready; empty = 1 and MAX_BATCH_SIZE."
+        (),
+        description="Batch sizes each model runs once before /readyz says ready (none above its largest batch); "
+        "empty = 1 and the model's largest batch (MAX_BATCH_SIZE, or its config.pbtxt's max_batch_size).",
     )
 
     @field_validator("models", "instances")
@@ -327,22 +337,28 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _batch_sizes_fit(self) -> Settings:
-        if self.batch_sizes not in ("auto", "pow2", "any"):
+        if self.max_batch_size and self.batch_sizes not in ("auto", "pow2", "any"):
             above = [size for size in map(int, self.batch_sizes.split(",")) if size > self.max_batch_size]
             if above:
                 raise ValueError(f"BATCH_SIZES has {above} above MAX_BATCH_SIZE={self.max_batch_size}: lower them")
         return self
 
-    def batch_shapes(self, provider: str) -> tuple[int, ...] | None:
-        """The batch sizes a session on ``provider`` runs, ascending and ending at MAX_BATCH_SIZE; None: any size."""
+    def batch_limit(self, configured: int | None) -> int:
+        """A model's most images per call: ``MAX_BATCH_SIZE`` where set, else ``configured`` (its config.pbtxt's
+        ``max_batch_size``), else what the export writes."""
+        return self.max_batch_size or configured or MAX_BATCH_SIZE
+
+    def batch_shapes(self, provider: str, limit: int) -> tuple[int, ...] | None:
+        """The batch sizes a session on ``provider`` runs with batches of at most ``limit`` images, ascending and
+        ending at ``limit``; None: any size."""
         choice = self.batch_sizes
         if choice == "any" or (choice == "auto" and provider != "CUDAExecutionProvider"):
             return None
         if choice in ("auto", "pow2"):
-            sizes = {1 << n for n in range(self.max_batch_size.bit_length()) if 1 << n <= self.max_batch_size}
+            sizes = {1 << n for n in range(limit.bit_length()) if 1 << n <= limit}
         else:
-            sizes = {int(part) for part in choice.split(",")}
-        return tuple(sorted(sizes | {self.max_batch_size}))
+            sizes = {size for size in map(int, choice.split(",")) if size <= limit}
+        return tuple(sorted(sizes | {limit}))
 
     @field_validator("memory_budget")
     @classmethod
@@ -351,10 +367,10 @@ class Settings(BaseSettings):
             parse_size(value)
         return value
 
-    @property
-    def warmup(self) -> tuple[int, ...]:
-        """Warming up at the largest batch makes ONNX Runtime's memory reach its peak before the first request."""
-        return self.warmup_batches or (1, self.max_batch_size)
+    def warmup(self, limit: int) -> tuple[int, ...]:
+        """The batches a model whose batches are at most ``limit`` images runs before it serves: warming up at the
+        largest makes ONNX Runtime's memory reach its peak before the first request."""
+        return tuple(sorted({min(size, limit) for size in self.warmup_batches})) or (1, limit)
 
     @property
     def processes(self) -> int:

@@ -109,13 +109,14 @@ class GradCams:
         def run(inputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
             return tuple(session.run(names, {INPUT_NAME: inputs[0], CLASSES_NAME: inputs[1]}))
 
+        limit = entry.model.max_batch_size if entry.model is not None else settings.batch_limit(None)
         batcher = DynamicBatcher(
             f"{entry.name}-explain",
             [run],
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=limit,
             max_delay=settings.max_batch_delay_ms / 1000,
             max_queue_images=settings.max_queue_images,
-            batch_sizes=settings.batch_shapes(session.get_providers()[0]),  # few shapes, if not warmed
+            batch_sizes=settings.batch_shapes(session.get_providers()[0], limit),  # few shapes, if not warmed
         )
         seconds = time.perf_counter() - started
         logger.info("%s v%d: explanation graph %s loaded in %.2fs", entry.name, entry.version, path, seconds)

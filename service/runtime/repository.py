@@ -177,7 +177,7 @@ class Repository:
         started, before = time.perf_counter(), resident_bytes()
         try:
             model = load_model(self.store, stored, self.settings)
-            model.warm_up(self.settings.warmup)
+            model.warm_up(self.settings.warmup(model.max_batch_size))
             preprocess.warm_up(model.metadata.input)
         except ModelLoadError as exc:
             return self.fail(entry, str(exc))
@@ -301,7 +301,7 @@ class Repository:
         return DynamicBatcher(
             model.name,
             [model.runner(i) for i in range(model.instances)],
-            max_batch_size=self.settings.max_batch_size,
+            max_batch_size=model.max_batch_size,
             max_delay=self.settings.max_batch_delay_ms / 1000,
             max_queue_images=self.settings.max_queue_images,
             on_batch=functools.partial(hooks.batch, entry),

@@ -12,7 +12,8 @@ import onnxruntime as ort
 
 from ..settings import Settings
 from ..store import sessions
-from ..store.layout import ModelStore, StoredVersion
+from ..store.batch_limit import read_max_batch_size
+from ..store.layout import CONFIG_FILE, ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
 from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
 from .cuda import CPU, CUDA, providers_for, unavailable_reason
@@ -43,6 +44,7 @@ class LoadedModel:
     warmup_seconds: float = 0.0
     threads: int = 1  # per session
     output_names: tuple[str, ...] = OUTPUT_NAMES  # and DISTANCE_NAME where the metadata has a typicality check
+    max_batch_size: int = 1  # most images per call: MAX_BATCH_SIZE, else its config.pbtxt's max_batch_size
     batch_sizes: tuple[int, ...] | None = None  # the shapes its batches are padded to (BATCH_SIZES); None: any
 
     @property
@@ -109,6 +111,10 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
         labels = store.read_labels(stored.name, stored)
     except OSError as exc:
         raise ModelLoadError(f"cannot read labels: {exc}") from None
+    try:
+        limit = settings.batch_limit(read_max_batch_size(store.model_dir(stored.name) / CONFIG_FILE))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{CONFIG_FILE}: {exc}") from None
     providers = providers_for(settings, metadata.precision)
     instances = settings.instances_for(stored.name)
     options = session_options(settings, instances)
@@ -133,4 +139,5 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     seconds = time.perf_counter() - started
     names = OUTPUT_NAMES if metadata.typicality is None else (*OUTPUT_NAMES, DISTANCE_NAME)
     return LoadedModel(stored, metadata, labels, sessions, provider, seconds, threads=options.intra_op_num_threads,
-                       output_names=names, batch_sizes=settings.batch_shapes(provider))  # fmt: skip
+                       output_names=names, max_batch_size=limit,
+                       batch_sizes=settings.batch_shapes(provider, limit))  # fmt: skip

@@ -10,6 +10,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from service.store.batch_limit import read_max_batch_size
 from service.store.layout import ModelStore
 
 ONNX_TO_TRITON = {onnx.TensorProto.UINT8: mc.TYPE_UINT8, onnx.TensorProto.FLOAT: mc.TYPE_FP32}
@@ -27,6 +28,7 @@ def test_every_config_is_a_triton_model_config_matching_its_graph(model_store: M
         config = text_format.Parse((directory / "config.pbtxt").read_text(), mc.ModelConfig())
         assert config.name == name == directory.name and config.platform == "onnxruntime_onnx"
         assert config.max_batch_size > 0 and config.HasField("dynamic_batching")
+        assert read_max_batch_size(directory / "config.pbtxt") == config.max_batch_size  # the service reads it too
         assert config.version_policy.WhichOneof("policy_choice") == "latest"
 
         versions = model_store.versions(name)

@@ -4,6 +4,7 @@ reaches an answer or a metric, and every shape is warmed before the version serv
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,8 @@ from service.runtime.batching import BatchStats, DynamicBatcher
 from service.runtime.session import load_model
 from service.settings import Settings
 from service.store.layout import ModelStore
+
+from .harness import RuntimeFactory, StoreFactory
 
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 
@@ -32,18 +35,41 @@ def echo_run(calls: list[int]):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(
-    ("env", "provider", "shapes"),
+    ("env", "configured", "provider", "shapes"),
     [
-        ({}, CUDA, (1, 2, 4, 8, 16, 32)),  # auto on CUDA: powers of two up to MAX_BATCH_SIZE
-        ({}, CPU, None),  # auto on the CPU: any size, as before (padding only costs there)
-        ({"max_batch_size": 48}, CUDA, (1, 2, 4, 8, 16, 32, 48)),  # MAX_BATCH_SIZE is always a shape
-        ({"batch_sizes": "pow2", "max_batch_size": 8}, CPU, (1, 2, 4, 8)),
-        ({"batch_sizes": " 8, 1,8 ", "max_batch_size": 16}, CUDA, (1, 8, 16)),
-        ({"batch_sizes": "any"}, CUDA, None),
+        ({}, None, CUDA, (1, 2, 4, 8, 16, 32)),  # auto on CUDA: powers of two up to the export's 32
+        ({}, None, CPU, None),  # auto on the CPU: any size, as before (padding only costs there)
+        ({}, 8, CUDA, (1, 2, 4, 8)),  # the model's config.pbtxt says 8
+        ({"max_batch_size": 16}, 64, CUDA, (1, 2, 4, 8, 16)),  # MAX_BATCH_SIZE, where set, overrides the config
+        ({"max_batch_size": 48}, None, CUDA, (1, 2, 4, 8, 16, 32, 48)),  # the largest batch is always a shape
+        ({"batch_sizes": "pow2", "max_batch_size": 8}, None, CPU, (1, 2, 4, 8)),
+        ({"batch_sizes": " 8, 1,8 ", "max_batch_size": 16}, None, CUDA, (1, 8, 16)),
+        ({"batch_sizes": "1,8,64"}, 32, CUDA, (1, 8, 32)),  # sizes above the model's largest batch are left out
+        ({"batch_sizes": "any"}, None, CUDA, None),
     ],
 )
-def test_batch_shapes_by_setting_and_provider(env: dict[str, Any], provider: str, shapes: Any) -> None:
-    assert Settings(**env).batch_shapes(provider) == shapes
+def test_batch_shapes_by_setting_config_and_provider(
+    env: dict[str, Any], configured: int | None, provider: str, shapes: Any
+) -> None:
+    settings = Settings(**env)
+    assert settings.batch_shapes(provider, settings.batch_limit(configured)) == shapes
+
+
+@pytest.mark.parametrize(
+    ("env", "configured", "limit", "warmup"),
+    [
+        ({}, None, 32, (1, 32)),
+        ({}, 4, 4, (1, 4)),
+        ({"max_batch_size": 8}, 64, 8, (1, 8)),
+        ({"warmup_batches": (1, 2, 64)}, 16, 16, (1, 2, 16)),  # never above the model's largest batch
+    ],
+)
+def test_largest_batch_and_warm_up_per_model(
+    env: dict[str, Any], configured: int | None, limit: int, warmup: tuple[int, ...]
+) -> None:
+    settings = Settings(**env)
+    assert settings.batch_limit(configured) == limit
+    assert settings.warmup(limit) == warmup
 
 
 @pytest.mark.parametrize(
@@ -123,10 +149,10 @@ def test_real_sessions_warm_every_shape_and_padded_answers_equal_lone_ones(model
     stored = model_store.latest("lenet5")
     assert stored is not None
     model = load_model(model_store, stored, Settings(providers="cpu", batch_sizes="pow2", max_batch_size=8))
-    assert model.batch_sizes == (1, 2, 4, 8)
+    assert model.max_batch_size == 8 and model.batch_sizes == (1, 2, 4, 8)
     warmed: list[int] = []
     model.sessions = [_Recording(s, warmed) for s in model.sessions]  # type: ignore[misc]
-    model.warm_up(Settings(max_batch_size=8).warmup)
+    model.warm_up(Settings(max_batch_size=8).warmup(model.max_batch_size))
     assert sorted(set(warmed)) == [1, 2, 4, 8]
 
     live: list[int] = []
@@ -147,3 +173,29 @@ def test_real_sessions_warm_every_shape_and_padded_answers_equal_lone_ones(model
             np.testing.assert_allclose(probabilities[row : row + 1], expected, atol=1e-6)
             np.testing.assert_allclose(logits[row : row + 1], expected_logits, atol=1e-5)
     assert set(live) <= set(warmed) and any(n not in (1, 2) for n in live)  # batched, and only warmed shapes
+
+
+def test_each_model_batches_up_to_its_config_max_batch_size_unless_max_batch_size_is_set(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """Real LeNet-5 sessions with MAX_BATCH_SIZE unset: ``small`` (config.pbtxt ``max_batch_size: 4``) batches up
+    to 4, ``plain`` (as exported) to the export's 32, and ``none`` (``max_batch_size: 0``, Triton's "no
+    batch dimension") fails with what to write; MAX_BATCH_SIZE=8 then caps every model at 8."""
+    store = make_store(small=[1], plain=[1], none=[1])
+    for name, size in (("small", 4), ("none", 0)):
+        config = store.model_dir(name) / "config.pbtxt"
+        config.write_text(re.sub(r"max_batch_size: \d+", f"max_batch_size: {size}", config.read_text()))
+    runtime = make_runtime(store, max_batch_size=0, warmup_batches=())
+    runtime.control.reconcile()
+    entries = {name: runtime.repository.versions[name][1] for name in ("small", "plain", "none")}
+    assert entries["small"].status == entries["plain"].status == "ready"
+    limits = {name: (e.model.max_batch_size, e.batcher.max_batch_size)  # type: ignore[union-attr]
+              for name, e in entries.items() if e.status == "ready"}  # fmt: skip
+    assert limits == {"small": (4, 4), "plain": (32, 32)}
+    assert entries["none"].status == "failed" and entries["none"].reason is not None
+    assert "config.pbtxt" in entries["none"].reason and "write 1 for one image per call" in entries["none"].reason
+
+    capped = make_runtime(store, max_batch_size=8, warmup_batches=())
+    capped.control.reconcile()
+    batchers = [capped.repository.versions[name][1].batcher for name in ("small", "plain")]
+    assert [batcher.max_batch_size for batcher in batchers if batcher is not None] == [8, 8]
