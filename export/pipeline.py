@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from service.store.batch_limit import MAX_BATCH_SIZE
+from service.store.batch_limit import MODEL_MAX_BATCH_SIZE
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import InputMeta
 from service.store.tensors import INPUT_NAME
@@ -163,7 +163,7 @@ def triton_config(spec: ModelSpec, outputs: tuple[str, ...]) -> str:
         *(f'  {{ name: "{name}" data_type: TYPE_FP32 dims: [1] reshape: {{ shape: [] }} }}' for name in rest),
     ]
     return (
-        f'name: "{spec.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {MAX_BATCH_SIZE}\n'
+        f'name: "{spec.name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {MODEL_MAX_BATCH_SIZE}\n'
         f'input [{{ name: "{INPUT_NAME}" data_type: TYPE_UINT8 dims: [{size}, {size}, {channels}] }}]\n'
         "output [\n" + ",\n".join(lines) + "\n]\n"
         "dynamic_batching { }\nversion_policy: { latest: { num_versions: 1 } }\n"

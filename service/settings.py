@@ -11,7 +11,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .memory import parse_size
-from .store.batch_limit import LARGEST, MAX_BATCH_SIZE
 from .store.host import cpu_count
 
 
@@ -98,11 +97,11 @@ class Settings(BaseSettings):
         "at least 1: decoders take cores from ONNX Runtime's threads.",
     )
     max_batch_size: int = Field(
-        0,
-        ge=0,
-        le=LARGEST,
-        description="Most images per ONNX Runtime call, for every model; 0 = each model's own `max_batch_size` in its "
-        f"config.pbtxt, which Triton reads too ({MAX_BATCH_SIZE} where it names none, as the export writes it).",
+        32,
+        ge=1,
+        le=1024,
+        description="Most images per ONNX Runtime call on this machine; a model whose config.pbtxt names a lower "
+        "`max_batch_size` (which Triton reads too) batches up to that.",
     )
     batch_sizes: str = Field(
         "auto",
@@ -237,7 +236,7 @@ class Settings(BaseSettings):
     warmup_batches: tuple[int, ...] = Field(
         (),
         description="Batch sizes each model runs once before /readyz says ready (none above its largest batch); "
-        "empty = 1 and the model's largest batch (MAX_BATCH_SIZE, or its config.pbtxt's max_batch_size).",
+        "empty = 1 and the model's largest batch (MAX_BATCH_SIZE, or its config.pbtxt's lower max_batch_size).",
     )
 
     @field_validator("models", "instances")
@@ -337,16 +336,16 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _batch_sizes_fit(self) -> Settings:
-        if self.max_batch_size and self.batch_sizes not in ("auto", "pow2", "any"):
+        if self.batch_sizes not in ("auto", "pow2", "any"):
             above = [size for size in map(int, self.batch_sizes.split(",")) if size > self.max_batch_size]
             if above:
                 raise ValueError(f"BATCH_SIZES has {above} above MAX_BATCH_SIZE={self.max_batch_size}: lower them")
         return self
 
     def batch_limit(self, configured: int | None) -> int:
-        """A model's most images per call: ``MAX_BATCH_SIZE`` where set, else ``configured`` (its config.pbtxt's
-        ``max_batch_size``), else what the export writes."""
-        return self.max_batch_size or configured or MAX_BATCH_SIZE
+        """A model's most images per call: ``MAX_BATCH_SIZE``, or ``configured`` (its config.pbtxt's
+        ``max_batch_size``) where that is lower."""
+        return min(self.max_batch_size, configured or self.max_batch_size)
 
     def batch_shapes(self, provider: str, limit: int) -> tuple[int, ...] | None:
         """The batch sizes a session on ``provider`` runs with batches of at most ``limit`` images, ascending and

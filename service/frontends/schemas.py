@@ -130,8 +130,8 @@ class ModelInfo(BaseModel):
     load_seconds: float | None = None
     warmup_seconds: float | None = None
     max_batch_size: int | None = Field(
-        None, description="The largest batch it runs now: its config.pbtxt's max_batch_size (MAX_BATCH_SIZE where "
-        "set), halved after each batch the device had no memory for (in the worker that answered)",
+        None, description="The largest batch it runs now: MAX_BATCH_SIZE, or its config.pbtxt's max_batch_size where "
+        "lower, halved after each batch the device had no memory for (in the worker that answered)",
     )  # fmt: skip
     batch_sizes: list[int] | None = Field(
         None, description="The batch shapes its sessions run, each warmed before it served: a batch is padded up to "

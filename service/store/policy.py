@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Literal
 
 _POLICY = re.compile(r"version_policy\s*:?\s*\{\s*(\w+)\s*:?\s*\{([^{}]*)\}\s*\}", re.S)
-_COMMENT = re.compile(r"#[^\n]*")
+# protobuf text format's string literals (either quote, backslash escapes) and its only comments, `#` to the line's end
+_STRING_OR_COMMENT = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*""")
 
 
-def without_comments(text: str) -> str:
-    """A ``config.pbtxt``'s text with its ``#`` comments removed (protobuf's text format has no other kind)."""
-    return _COMMENT.sub("", text)
+def without_strings_and_comments(text: str) -> str:
+    """A ``config.pbtxt``'s text with its comments removed and its strings emptied, so that neither a ``#`` nor a
+    field's name inside a string (a parameter's value, say) is read as structure."""
+    return _STRING_OR_COMMENT.sub(lambda match: "" if match.group().startswith("#") else '""', text)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ def parse_version_policy(text: str) -> VersionPolicy:
 
     Raises ``ValueError`` naming what is wrong, for a policy Triton would refuse too.
     """
-    text = without_comments(text)
+    text = without_strings_and_comments(text)
     if "version_policy" not in text:
         return VersionPolicy()
     match = _POLICY.search(text)

@@ -194,8 +194,8 @@ def test_a_large_body_sent_slowly_but_steadily_is_classified(guarded: ServicePro
 
 
 def test_models_names_the_largest_batch_each_model_runs(guarded: ServiceProcess) -> None:
-    """The exported config.pbtxt's max_batch_size (32; MAX_BATCH_SIZE is unset) until a batch runs out of device
-    memory, which halves it (tests/service/runtime)."""
+    """MAX_BATCH_SIZE (32, below the exported config.pbtxt's 64) until a batch runs out of device memory, which
+    halves it (tests/service/runtime)."""
     models = httpx.get(f"{guarded.url}/models", timeout=10).json()["models"]
     (lenet,) = [m for m in models if m["name"] == "lenet5"]
     assert lenet["max_batch_size"] == 32

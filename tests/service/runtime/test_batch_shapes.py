@@ -37,14 +37,14 @@ def echo_run(calls: list[int]):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize(
     ("env", "configured", "provider", "shapes"),
     [
-        ({}, None, CUDA, (1, 2, 4, 8, 16, 32)),  # auto on CUDA: powers of two up to the export's 32
+        ({}, None, CUDA, (1, 2, 4, 8, 16, 32)),  # auto on CUDA: powers of two up to MAX_BATCH_SIZE (32)
+        ({}, 64, CUDA, (1, 2, 4, 8, 16, 32)),  # the exported config's 64 is above MAX_BATCH_SIZE
         ({}, None, CPU, None),  # auto on the CPU: any size, as before (padding only costs there)
         ({}, 8, CUDA, (1, 2, 4, 8)),  # the model's config.pbtxt says 8
-        ({"max_batch_size": 16}, 64, CUDA, (1, 2, 4, 8, 16)),  # MAX_BATCH_SIZE, where set, overrides the config
         ({"max_batch_size": 48}, None, CUDA, (1, 2, 4, 8, 16, 32, 48)),  # the largest batch is always a shape
         ({"batch_sizes": "pow2", "max_batch_size": 8}, None, CPU, (1, 2, 4, 8)),
         ({"batch_sizes": " 8, 1,8 ", "max_batch_size": 16}, None, CUDA, (1, 8, 16)),
-        ({"batch_sizes": "1,8,64"}, 32, CUDA, (1, 8, 32)),  # sizes above the model's largest batch are left out
+        ({"batch_sizes": "1,8,32"}, 16, CUDA, (1, 8, 16)),  # sizes above the model's largest batch are left out
         ({"batch_sizes": "any"}, None, CUDA, None),
     ],
 )
@@ -59,8 +59,9 @@ def test_batch_shapes_by_setting_config_and_provider(
     ("env", "configured", "limit", "warmup"),
     [
         ({}, None, 32, (1, 32)),
-        ({}, 4, 4, (1, 4)),
-        ({"max_batch_size": 8}, 64, 8, (1, 8)),
+        ({}, 64, 32, (1, 32)),  # MAX_BATCH_SIZE caps the model's own limit
+        ({}, 4, 4, (1, 4)),  # and a lower limit of the model's is kept
+        ({"max_batch_size": 128}, 64, 64, (1, 64)),
         ({"warmup_batches": (1, 2, 64)}, 16, 16, (1, 2, 16)),  # never above the model's largest batch
     ],
 )
@@ -175,27 +176,26 @@ def test_real_sessions_warm_every_shape_and_padded_answers_equal_lone_ones(model
     assert set(live) <= set(warmed) and any(n not in (1, 2) for n in live)  # batched, and only warmed shapes
 
 
-def test_each_model_batches_up_to_its_config_max_batch_size_unless_max_batch_size_is_set(
+def test_each_model_batches_up_to_its_config_max_batch_size_or_max_batch_size_whichever_is_lower(
     make_store: StoreFactory, make_runtime: RuntimeFactory
 ) -> None:
-    """Real LeNet-5 sessions with MAX_BATCH_SIZE unset: ``small`` (config.pbtxt ``max_batch_size: 4``) batches up
-    to 4, ``plain`` (as exported) to the export's 32, and ``none`` (``max_batch_size: 0``, Triton's "no
-    batch dimension") fails with what to write; MAX_BATCH_SIZE=8 then caps every model at 8."""
+    """Real LeNet-5 sessions: ``small`` (config.pbtxt ``max_batch_size: 4``) batches up to 4 and ``plain`` (as
+    exported, 64) up to MAX_BATCH_SIZE, 32 by default or 128 where set (then 64, the model's own limit); ``none``
+    (``max_batch_size: 0``, Triton's "no batch dimension") fails with what to write."""
     store = make_store(small=[1], plain=[1], none=[1])
     for name, size in (("small", 4), ("none", 0)):
         config = store.model_dir(name) / "config.pbtxt"
         config.write_text(re.sub(r"max_batch_size: \d+", f"max_batch_size: {size}", config.read_text()))
-    runtime = make_runtime(store, max_batch_size=0, warmup_batches=())
-    runtime.control.reconcile()
-    entries = {name: runtime.repository.versions[name][1] for name in ("small", "plain", "none")}
-    assert entries["small"].status == entries["plain"].status == "ready"
-    limits = {name: (e.model.max_batch_size, e.batcher.max_batch_size)  # type: ignore[union-attr]
-              for name, e in entries.items() if e.status == "ready"}  # fmt: skip
-    assert limits == {"small": (4, 4), "plain": (32, 32)}
-    assert entries["none"].status == "failed" and entries["none"].reason is not None
-    assert "config.pbtxt" in entries["none"].reason and "write 1 for one image per call" in entries["none"].reason
 
-    capped = make_runtime(store, max_batch_size=8, warmup_batches=())
-    capped.control.reconcile()
-    batchers = [capped.repository.versions[name][1].batcher for name in ("small", "plain")]
-    assert [batcher.max_batch_size for batcher in batchers if batcher is not None] == [8, 8]
+    def limits(**settings: Any) -> dict[str, int | str]:
+        runtime = make_runtime(store, warmup_batches=(), **settings)
+        runtime.control.reconcile()
+        entries = {name: runtime.repository.versions[name][1] for name in ("small", "plain", "none")}
+        return {name: entry.batcher.max_batch_size if entry.batcher is not None else str(entry.reason)
+                for name, entry in entries.items()}  # fmt: skip
+
+    default = limits(max_batch_size=32)  # the setting's default (the harness sets 4)
+    assert (default["small"], default["plain"]) == (4, 32)
+    assert "config.pbtxt" in str(default["none"]) and "write 1 for one image per call" in str(default["none"])
+    raised = limits(max_batch_size=128)
+    assert (raised["small"], raised["plain"]) == (4, 64)

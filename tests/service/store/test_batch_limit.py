@@ -18,6 +18,9 @@ AGREED = [
     'name: "m"\nmax_batch_size:64\n',
     'name: "m"\n# max_batch_size: 4 (a comment, not the field)\nmax_batch_size: 2\n',
     'name: "m"\ndynamic_batching { preferred_batch_size: [4, 8] max_queue_delay_microseconds: 100 }\n',
+    'name: "m#1" max_batch_size: 8\n',  # a # inside a string is no comment
+    'name: "m"\nmax_batch_size: 8\nparameters { key: "note" value { string_value: "max_batch_size: 16" } }\n',
+    "name: 'it\\'s' max_batch_size: 4\n",
 ]
 
 
@@ -32,10 +35,11 @@ def test_the_largest_batch_is_what_tritons_parser_reads(text: str) -> None:
     ("text", "message"),
     [
         ("max_batch_size: 0", "write 1 for one image per call"),
-        ("max_batch_size: -1", "-1 is not a whole number"),
-        ("max_batch_size: eight", "eight is not a whole number"),
+        ("max_batch_size: -1", "-1 is not a decimal whole number"),
+        ("max_batch_size: eight", "eight is not a decimal whole number"),
+        ("max_batch_size: 032", "032 is not a decimal whole number"),  # protobuf reads octal 26
+        ("max_batch_size: 0x20", "0x20 is not a decimal whole number"),
         ("max_batch_size: 4\nmax_batch_size: 8", "given 2 times (4, 8): keep one"),
-        ("max_batch_size: 4096", "above the 1024 images this service runs at once"),
     ],
 )
 def test_a_largest_batch_these_graphs_cannot_serve_is_refused_with_what_to_write(text: str, message: str) -> None:
