@@ -125,7 +125,7 @@ def test_int8_over_http_under_concurrency_with_two_instances(
     models = {m["name"]: m for m in httpx.get(f"{variants.url}/models", timeout=10).json()["models"]}
     assert models["lenet5_int8"]["batch_sizes"] == [4] and models["lenet5"]["batch_sizes"] == [4]
     assert "lenet5_int8 v1: ready on CPUExecutionProvider" in variants.log_path.read_text()
-    assert "2 instance(s) of 1 threads" in variants.log_path.read_text()
+    assert "2 instance(s) of 1 threads, batches of up to 4 in shapes [4])" in variants.log_path.read_text()
 
 
 def _batches(service: ServiceProcess) -> float:
