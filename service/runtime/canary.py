@@ -32,11 +32,11 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,7 +54,21 @@ BLOCK = 100  # requests over which a fraction is exact
 SYNC_S = 0.5  # how often a worker reads the shared state
 HISTORY = 20  # windows kept in /models
 
-Acquire = Callable[[str | None, int | None], Awaitable[contextlib.AbstractContextManager[ModelEntry]]]
+
+class Leases(Protocol):
+    """How a request gets its model's lease: residency's (runtime/residency.py), on demand or not."""
+
+    async def acquire(
+        self, name: str | None, version: int | None = None
+    ) -> contextlib.AbstractContextManager[ModelEntry]:
+        """The version for a request, leased (made resident first, on demand)."""
+
+    def ready(self, name: str, version: int | None) -> bool:
+        """Whether :meth:`acquire` would answer without waiting for a load."""
+
+    def load_soon(self, name: str, version: int | None) -> bool:
+        """Start that load in the background; whether this call started it."""
+
 
 # the canary a request's lease came from, and which side answers it (read by the answered hook)
 ROUTE: contextvars.ContextVar[tuple[Canary, str, int] | None] = contextvars.ContextVar("canary_route", default=None)
@@ -324,17 +338,19 @@ class Canaries:
         """The canary of model ``name`` (a request's, once the default is resolved), if it is a primary."""
         return self.canaries.get(name) if name is not None else None
 
-    async def acquire(self, canary: Canary, acquire: Acquire) -> contextlib.AbstractContextManager[ModelEntry]:
+    async def acquire(self, canary: Canary, leases: Leases) -> contextlib.AbstractContextManager[ModelEntry]:
         """A lease for a request for the canary's primary: the candidate's for its share, else the primary's.
 
         The candidate answers only if, once its lease is held, the canary has not changed meanwhile (a rollback
         while it loaded on demand), it takes the primary's inputs and classes, and its queue has room for a
-        request: otherwise the primary answers, as it would have without the canary.
+        request: otherwise the primary answers, as it would have without the canary. On demand, a candidate that
+        is not resident starts loading and the primary answers meanwhile where it is resident itself, so no
+        request waits for a cold start the primary spares it.
         """
         pair, revision = canary.pair, canary.revision
-        if canary.divert():
+        if canary.divert() and self._candidate_ready(canary, leases):
             try:
-                lease = await acquire(pair.candidate.name, pair.candidate.version)
+                lease = await leases.acquire(pair.candidate.name, pair.candidate.version)
             except ServiceError as exc:  # not in the store, failed, not loadable: the primary answers
                 logger.debug("canary %s: the candidate cannot answer (%s); the primary does", canary.key, exc.message)
             else:
@@ -345,12 +361,23 @@ class Canaries:
                     return _Routed(self, canary, "candidate", lease, revision, entry)
                 lease.__exit__(None, None, None)
         try:
-            primary = await acquire(pair.primary.name, pair.primary.version)
+            primary = await leases.acquire(pair.primary.name, pair.primary.version)
         except ServiceError:
             if pair.primary.version is None:
                 raise
-            primary = await acquire(pair.primary.name, None)  # PRIMARY@V not served: what the request would get
+            primary = await leases.acquire(pair.primary.name, None)  # PRIMARY@V not served: what it would get
         return _Routed(self, canary, "primary", primary, revision)
+
+    def _candidate_ready(self, canary: Canary, leases: Leases) -> bool:
+        """Whether a diverted request should take the candidate's lease now: it is warm (its load, if it needed
+        one), or the primary is not resident either, so either lease waits for a load."""
+        candidate, primary = canary.pair.candidate, canary.pair.primary
+        if leases.ready(candidate.name, candidate.version) or not leases.ready(primary.name, primary.version):
+            return True
+        if leases.load_soon(candidate.name, candidate.version):
+            logger.info("canary %s: the candidate is loading (on demand); the primary answers until it is resident",
+                        canary.key)  # fmt: skip
+        return False
 
     def _unfit(self, canary: Canary, entry: ModelEntry) -> str | None:
         """Why the candidate's version ``entry`` should not take this request: its queue is full, or it does not take

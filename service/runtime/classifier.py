@@ -32,7 +32,7 @@ from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
 from .cache import ResponseCache, cache_key
-from .canary import ROUTE, Canaries
+from .canary import ROUTE, Canaries, Leases
 from .entry import ModelEntry
 from .gradcam import GradCam
 from .hooks import Hooks
@@ -83,12 +83,8 @@ class Explained:
     layers: dict[str, np.ndarray] = field(default_factory=dict)  # LeNet-5: what C1, S2, C3 and S4 see
 
 
-class LeaseStrategy(Protocol):
+class LeaseStrategy(Leases, Protocol):
     """How a request's model is made resident before its lease (:mod:`.residency`'s strategies)."""
-
-    async def acquire(
-        self, name: str | None, version: int | None = None
-    ) -> contextlib.AbstractContextManager[ModelEntry]: ...
 
     def describe(self, name: str) -> dict[str, Any] | None: ...
 
@@ -153,7 +149,7 @@ class Classifier:
         if routed and self.canaries is not None and version is None:
             canary = self.canaries.canary_for(name or self.repository.default_model)
             if canary is not None:
-                return await self.canaries.acquire(canary, self.residency.acquire)
+                return await self.canaries.acquire(canary, self.residency)
         return await self.residency.acquire(name, version)
 
     def entry(self, name: str | None, version: int | None = None) -> ModelEntry:

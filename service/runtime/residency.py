@@ -105,6 +105,14 @@ class AlwaysResident:
         """The version for a request, leased (see :meth:`Repository.lease`)."""
         return self.repository.lease(name, version)
 
+    def ready(self, name: str, version: int | None) -> bool:
+        """Always: a lease is answered at once, with the version or the reason why not."""
+        return True
+
+    def load_soon(self, name: str, version: int | None) -> bool:
+        """Nothing to start: the lifecycle loads what there is."""
+        return False
+
     def describe(self, name: str) -> dict[str, Any] | None:
         return None
 
@@ -189,16 +197,9 @@ class Residency:
         if found is not None:  # in memory: no store read on a resident model's request
             self.touch(name)
             return found
-        if not is_valid_name(name) or not (stored := self.repository.store.versions(name)):
+        if not self._loadable(name, version):
             return version  # the lease says what is wrong
-        if version is not None and all(s.version != version for s in stored):
-            return version
-        key = (name, version)
-        future = self._loads.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, self.load, name, version, "request")
-            self._loads[key] = future
-            future.add_done_callback(lambda done: self._forget_load(key, done))
+        future = self._load_soon(name, version)
         self.metrics.child(self.metrics.cold_waits, name).inc()
         wait = self.settings.cold_start_timeout_s
         left = time_left()
@@ -214,6 +215,35 @@ class Residency:
             ) from None
         self.touch(name)
         return chosen
+
+    def ready(self, name: str, version: int | None) -> bool:
+        """Whether a lease of ``name`` (at ``version``; None: its policy's) would be answered without waiting for a
+        load: it is resident, or the store has nothing to load (the lease says why)."""
+        return self._resident_version(name, version) is not None or not self._loadable(name, version)
+
+    def load_soon(self, name: str, version: int | None) -> bool:
+        """Start the load a request for ``name`` would start, in the background, so that a caller with somewhere
+        else to go need not wait for it; whether this started it (not already resident or loading)."""
+        if self.ready(name, version) or (name, version) in self._loads:
+            return False
+        self._load_soon(name, version)
+        return True
+
+    def _loadable(self, name: str, version: int | None) -> bool:
+        """Whether the store has ``name`` (at ``version``, where one is named) for a load to try."""
+        if not is_valid_name(name) or not (stored := self.repository.store.versions(name)):
+            return False
+        return version is None or any(s.version == version for s in stored)
+
+    def _load_soon(self, name: str, version: int | None) -> asyncio.Future[int | None]:
+        """The load of ``name`` at ``version`` under way, or a new one on the loads' thread."""
+        key = (name, version)
+        future = self._loads.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, self.load, name, version, "request")
+            self._loads[key] = future
+            future.add_done_callback(lambda done: self._forget_load(key, done))
+        return future
 
     def _forget_load(self, key: tuple[str, int | None], done: asyncio.Future[int | None]) -> None:
         if self._loads.get(key) is done:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from service.errors import ModelNotFound
 from service.metrics import get_metrics
 from service.runtime.canary import Canaries, Canary
 from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, wilson_upper
+from service.runtime.residency import Residency
 from service.runtime.shadow import Shadow
 from service.settings import Settings, shadow_pair
 
@@ -275,6 +277,48 @@ def test_on_demand_the_candidate_is_loaded_by_the_first_request_it_answers(
         assert runtime.repository.serving("twin") is not None and runtime.repository.serving("lenet5") is None
     finally:
         runtime.canaries.stop()
+
+
+def test_on_demand_a_cold_candidate_loads_in_the_background_while_the_resident_primary_answers(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The primary resident, the candidate not (on demand, every request diverted): the first request is answered by
+    the primary while the candidate's load is still held back, not after it; once loaded, the candidate answers."""
+    runtime = make_runtime(make_store(lenet5=[1], twin=[1]), model_control="on-demand", memory_budget="1GiB",
+                           canary="lenet5:twin:1.0", canary_state=tmp_path / "c.json")  # fmt: skip
+    assert runtime.canaries is not None
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
+    runtime.start()
+    files, _ = held_out_drawings(2)
+    gate, load = threading.Event(), residency.load
+
+    def gated(name: str, version: int | None, reason: str) -> int | None:
+        if name == "twin":
+            gate.wait(30)
+        return load(name, version, reason)
+
+    residency.load = gated  # type: ignore[method-assign]
+
+    async def main() -> list[tuple[str, str | None, bool]]:
+        await residency.ensure("lenet5", None)
+        first = await runtime.classifier.classify("lenet5", None, files, k=1)
+        answered = [(first.model, first.canary, runtime.repository.serving("twin") is not None)]
+        gate.set()
+        for _ in range(300):
+            if runtime.repository.serving("twin") is not None:
+                break
+            await asyncio.sleep(0.1)
+        second = await runtime.classifier.classify("lenet5", None, files, k=1)
+        return [*answered, (second.model, second.canary, runtime.repository.serving("twin") is not None)]
+
+    try:
+        with caplog.at_level("INFO", logger="service.runtime.canary"):
+            assert asyncio.run(main()) == [("lenet5", None, False), ("twin", "lenet5:twin", True)]
+    finally:
+        gate.set()
+        runtime.canaries.stop()
+    assert "the candidate is loading (on demand); the primary answers until it is resident" in caplog.text
 
 
 def test_a_pass_without_the_agreement_sample_steps_nothing_up(tmp_path: Path) -> None:
