@@ -74,6 +74,13 @@ class Leases(Protocol):
 ROUTE: contextvars.ContextVar[tuple[Canary, str, int] | None] = contextvars.ContextVar("canary_route", default=None)
 
 
+def answering_canary() -> str | None:
+    """The canary (``PRIMARY:CANDIDATE``) whose candidate answers the current request, while its lease is held;
+    None where the model asked for answers (no canary, or the primary's share)."""
+    route = ROUTE.get()
+    return route[0].key if route is not None and route[1] == "candidate" else None
+
+
 class StateFile:
     """``{"canaries": {"PRIMARY:CANDIDATE": {...}}}`` in one JSON file: read freely, changed under an exclusive
     ``flock`` on ``<file>.lock`` and replaced atomically (as the lifecycle's declared state)."""

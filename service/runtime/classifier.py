@@ -32,7 +32,7 @@ from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
 from .cache import ResponseCache, cache_key
-from .canary import ROUTE, Canaries, Leases
+from .canary import Canaries, Leases, answering_canary
 from .entry import ModelEntry
 from .gradcam import GradCam
 from .hooks import Hooks
@@ -308,9 +308,8 @@ class Classifier:
                 classified, hit = await self.cache.get_or_compute(key, entry, compute)
                 if record is not None:
                     record.cache = "hit" if hit else "miss"
-            route = ROUTE.get()
-            if route is not None and route[1] == "candidate":  # a copy: the cache's answer is shared
-                classified = dataclasses.replace(classified, canary=route[0].key)
+            if (canary := answering_canary()) is not None:  # a copy: the cache's answer is shared
+                classified = dataclasses.replace(classified, canary=canary)
         if record is not None:
             record.images = len(classified.answers)
         return classified

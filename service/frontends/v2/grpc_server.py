@@ -27,6 +27,7 @@ from ...errors import (
     ServiceError,
 )
 from ...metrics import RequestRecord
+from ...runtime.canary import answering_canary
 from ...runtime.deadline import request_deadline
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
@@ -167,12 +168,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 ]
                 record = RequestRecord(entry.name, str(entry.version))
                 outputs = await self.handler.infer(entry, decode_inputs(request), requested, "grpc", record)
+                canary = answering_canary()
         except Exception as exc:
             await self._abort(context, exc)
             raise  # pragma: no cover - abort raises
         if record.cache:  # HTTP's X-Cache header, in the trailing metadata (sent with the status: no extra frame)
             context.set_trailing_metadata((("x-cache", record.cache),))
         response = pb.ModelInferResponse(model_name=entry.name, model_version=str(entry.version), id=request.id)
+        if canary is not None:  # a CANARY's candidate answered instead of the model asked for
+            response.parameters["canary"].string_param = canary
         encode_outputs(response, outputs)
         return response
 

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ...errors import InvalidInput, ModelNotFound, ServiceError
 from ...metrics import RequestRecord
+from ...runtime.canary import answering_canary
 from ..body import read_body
 from .handler import (
     EXTENSIONS,
@@ -89,7 +90,8 @@ def requested_outputs(header: dict[str, Any]) -> tuple[list[RequestedOutput], bo
 
 
 def encode_response(entry_name: str, version: str, request_id: Any, outputs: list[Tensor],
-                    requested: list[RequestedOutput], default_binary: bool) -> Response:  # fmt: skip
+                    requested: list[RequestedOutput], default_binary: bool,
+                    canary: str | None = None) -> Response:  # fmt: skip
     binary_wanted = {r.name: bool(r.parameters.get("binary_data", default_binary)) for r in requested}
     described, blobs = [], []
     for tensor in outputs:
@@ -110,6 +112,8 @@ def encode_response(entry_name: str, version: str, request_id: Any, outputs: lis
     body: dict[str, Any] = {"model_name": entry_name, "model_version": version, "outputs": described}
     if request_id:
         body["id"] = request_id
+    if canary is not None:  # the response's parameters: a CANARY's candidate answered instead of the model
+        body["parameters"] = {"canary": canary}
     header = json.dumps(body).encode()
     if not blobs:
         return Response(header, media_type="application/json")
@@ -164,7 +168,9 @@ async def infer(request: Request) -> Response:
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
         requested, default_binary = requested_outputs(header)
         outputs = await handler.infer(entry, inputs, requested, protocol="http", record=record)
-    response = encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary)
+        canary = answering_canary()
+    response = encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary,
+                               canary)  # fmt: skip
     if record.cache:
         response.headers["X-Cache"] = record.cache
     return response

@@ -9,12 +9,15 @@ import shutil
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
 from playwright.sync_api import sync_playwright
 
 from service.store.layout import ModelStore
 
-from ...helpers import metric_samples, running
+from ...helpers import ServiceProcess, metric_samples, running
 from ..browser import CHROMIUM, open_tab
 from ..canary_load import canary_of, candidates, load
 from ..pictures import held_out_drawings
@@ -95,6 +98,28 @@ def test_a_random_candidate_is_rolled_back_within_one_window(canary_store: Path,
     assert "canary lenet5:lenet5_rand ROLLED BACK at fraction 0.5: confidence drift" in log
 
 
+def oip_answers(service: ServiceProcess, image: bytes) -> list[tuple[str, str | None]]:
+    """Who answered one Open Inference Protocol request for lenet5 over REST, then gRPC (tritonclient): the response's
+    model_name and its ``canary`` parameter."""
+    rest = triton_http.InferenceServerClient(service.url.removeprefix("http://"))
+    grpc = triton_grpc.InferenceServerClient(service.grpc_target)
+    found: list[tuple[str, str | None]] = []
+    try:
+        for module, client in ((triton_http, rest), (triton_grpc, grpc)):
+            files = module.InferInput("image_bytes", [1], "BYTES")
+            files.set_data_from_numpy(np.array([image], dtype=object))
+            response = client.infer("lenet5", [files]).get_response()
+            if module is triton_http:
+                found.append((response["model_name"], (response.get("parameters") or {}).get("canary")))
+            else:
+                marker = response.parameters["canary"].string_param if "canary" in response.parameters else None
+                found.append((response.model_name, marker))
+    finally:
+        rest.close()
+        grpc.close()
+    return found
+
+
 def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_store: Path, tmp_path: Path) -> None:
     """Under ADMIN_TOKEN: pause (the primary answers), set the fraction to 1 (the candidate answers, and the page says
     it was a canary's answer), end it; a restart comes back to the state the operator left."""
@@ -110,6 +135,7 @@ def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_stor
         answers = [httpx.post(f"{service.url}/classify?model=lenet5", content=image, headers=PNG, timeout=10).json()
                    for image in images * 5]  # fmt: skip
         assert {a["model"] for a in answers} == {"lenet5"} and not any("canary" in a for a in answers)
+        assert oip_answers(service, images[0]) == [("lenet5", None), ("lenet5", None)]
         wrong = httpx.post(url, json={"fraction": 2}, headers=admin, timeout=10)
         assert wrong.status_code == 400 and "from 0 to 1" in wrong.json()["error"]
         unknown = httpx.post(f"{service.url}/v2/repository/canaries/resnet50", json={"state": "paused"},
@@ -118,6 +144,7 @@ def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_stor
         assert httpx.post(url, json={"state": "running", "fraction": 1.0}, headers=admin, timeout=10).status_code == 200
         answer = httpx.post(f"{service.url}/classify?model=lenet5", content=images[0], headers=PNG, timeout=10).json()
         assert (answer["model"], answer["canary"]) == ("lenet5_int8", "lenet5:lenet5_int8")
+        assert oip_answers(service, images[0]) == [("lenet5_int8", "lenet5:lenet5_int8")] * 2
         assert shutil.which(CHROMIUM), f"{CHROMIUM} is missing: run `make test-tools`"
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
