@@ -1,0 +1,106 @@
+"""An on-demand canary whose candidate is not resident: how long its first diverted request takes.
+
+    python -m benchmarks.canary_cold [--store DIR] [--repeats 3] [--out DIR]
+
+In-process (the runtime as a worker builds it, no server): ResNet-18 with random weights as the primary (exported
+into ``--store`` where it lacks one) and a copy of it, ``twin``, as the candidate; ``MODEL_CONTROL=on-demand``,
+``CANARY=resnet18:twin:1.0`` (every request diverted). With the primary resident and the candidate not, one
+224-px JPEG is classified: the time to its answer and who gave it, then how long the candidate took to become
+resident and the next request. Prints the CPU and its flags, and writes ``canary_cold.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from skimage import data
+
+from export.pipeline import ExportOptions, export_model
+from service.metrics import get_metrics
+from service.runtime.residency import Residency
+from service.server import build_runtime
+from service.settings import Settings
+from service.store.layout import ModelStore
+
+from .host import machine, record
+
+
+def store_with_twin(source: Path, work: Path) -> Path:
+    primary = ModelStore(source)
+    if primary.latest("resnet18") is None:
+        export_model("resnet18", primary, ExportOptions(weights="random", progress=False))
+    store = work / "store"
+    shutil.copytree(primary.model_dir("resnet18"), store / "resnet18")
+    shutil.copytree(primary.model_dir("resnet18"), store / "twin")
+    config = store / "twin" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "resnet18"', 'name: "twin"'))
+    return store
+
+
+def once(store: Path, state: Path, image: bytes) -> dict[str, Any]:
+    state.unlink(missing_ok=True)
+    settings = Settings(model_store=store, workers=1, model_control="on-demand", memory_budget="4GiB",
+                        canary="resnet18:twin:1.0", canary_state=state)  # fmt: skip
+    runtime = build_runtime(settings, get_metrics())
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
+    runtime.start()
+
+    async def run() -> dict[str, Any]:
+        await residency.ensure("resnet18", None)  # the primary resident, the candidate not
+        started = time.perf_counter()
+        first = await runtime.classifier.classify("resnet18", None, [image], k=1)
+        first_s = time.perf_counter() - started
+        while runtime.repository.serving("twin") is None:
+            await asyncio.sleep(0.005)
+        resident_s = time.perf_counter() - started
+        started = time.perf_counter()
+        second = await runtime.classifier.classify("resnet18", None, [image], k=1)
+        next_s = time.perf_counter() - started
+        return {"first_ms": round(1000 * first_s, 1), "first_answered_by": first.model,
+                "candidate_resident_s": round(resident_s, 3), "next_ms": round(1000 * next_s, 1),
+                "next_answered_by": second.model}  # fmt: skip
+
+    try:
+        return asyncio.run(run())
+    finally:
+        if runtime.canaries is not None:
+            runtime.canaries.stop()
+        runtime.residency.shutdown()
+        runtime.decoders.shutdown(wait=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.canary_cold", description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, default=Path("benchmarks/.store-canary-cold"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    work = Path(tempfile.mkdtemp(prefix="canary-cold-"))
+    store = store_with_twin(args.store, work)
+    buffer = io.BytesIO()
+    Image.fromarray(data.chelsea()).save(buffer, "JPEG")
+    found: dict[str, Any] = {"machine": machine(), "runs": []}
+    for _ in range(args.repeats):
+        row = once(store, work / "canary.json", buffer.getvalue())
+        found["runs"].append(row)
+        print(f"first diverted request {row['first_ms']} ms, answered by {row['first_answered_by']}; candidate "  # noqa: T201
+              f"resident after {row['candidate_resident_s']} s; next request {row['next_ms']} ms by "
+              f"{row['next_answered_by']}")  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    record(found, args.out, "canary_cold.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
