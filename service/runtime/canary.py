@@ -24,6 +24,7 @@ takes the other's), and every worker reads the file twice a second. It survives 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import fcntl
@@ -32,6 +33,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -53,6 +55,7 @@ STATES = ("running", "paused", "rolled_back", "promoted", "ended")
 BLOCK = 100  # requests over which a fraction is exact
 SYNC_S = 0.5  # how often a worker reads the shared state
 HISTORY = 20  # windows kept in /models
+COLD_RETRY_S = 10.0  # on demand: after a candidate's background load failed, the primary answers this long
 
 
 class Leases(Protocol):
@@ -66,8 +69,8 @@ class Leases(Protocol):
     def ready(self, name: str, version: int | None) -> bool:
         """Whether :meth:`acquire` would answer without waiting for a load."""
 
-    def load_soon(self, name: str, version: int | None) -> bool:
-        """Start that load in the background; whether this call started it."""
+    def load_soon(self, name: str, version: int | None) -> asyncio.Future[int | None] | None:
+        """Start that load in the background: the load, or None where none was needed or one is under way."""
 
 
 # the canary a request's lease came from, and which side answers it (read by the answered hook)
@@ -130,6 +133,7 @@ class Canary:
     gate: float | None = None  # the candidate's export gate, once it answered
     _block: list[bool] = field(default_factory=list)
     _carry: float = 0.0
+    _cold_retry_at: float = 0.0  # on demand: not before this (monotonic) is a failed candidate load tried again
 
     @property
     def key(self) -> str:
@@ -376,15 +380,41 @@ class Canaries:
         return _Routed(self, canary, "primary", primary, revision)
 
     def _candidate_ready(self, canary: Canary, leases: Leases) -> bool:
-        """Whether a diverted request should take the candidate's lease now: it is warm (its load, if it needed
-        one), or the primary is not resident either, so either lease waits for a load."""
+        """Whether a diverted request should take the candidate's lease now: the candidate is warm (its load, if
+        it needs one, is quick), or every request goes to it (the primary should answer none, and under a tight
+        memory budget only its going idle lets the candidate in), or the primary is not resident either, so
+        either lease waits for a load. Otherwise the candidate's load starts in the background, at most once per
+        COLD_RETRY_S after one failed, and the primary answers."""
         candidate, primary = canary.pair.candidate, canary.pair.primary
-        if leases.ready(candidate.name, candidate.version) or not leases.ready(primary.name, primary.version):
+        if canary.diverting >= 1.0 or leases.ready(candidate.name, candidate.version):
             return True
-        if leases.load_soon(candidate.name, candidate.version):
+        if not leases.ready(primary.name, primary.version):
+            return True
+        if time.monotonic() < canary._cold_retry_at:
+            return False
+        load = leases.load_soon(candidate.name, candidate.version)
+        if load is not None:
             logger.info("canary %s: the candidate is loading (on demand); the primary answers until it is resident",
                         canary.key)  # fmt: skip
+            load.add_done_callback(lambda done: self._cold_loaded(canary, leases, done))
         return False
+
+    def _cold_loaded(self, canary: Canary, leases: Leases, load: asyncio.Future[int | None]) -> None:
+        """A candidate's background load ended: where it did not make the candidate ready (an error, or a version
+        that failed to load), say why, and let the primary answer for COLD_RETRY_S before the next try."""
+        candidate = canary.pair.candidate
+        failed = None if load.cancelled() else load.exception()
+        if load.cancelled() or (failed is None and leases.ready(candidate.name, candidate.version)):
+            return
+        canary._cold_retry_at = time.monotonic() + COLD_RETRY_S
+        versions = self.repository.versions.get(candidate.name, {}).values()
+        reason = (
+            str(getattr(failed, "message", failed))
+            if failed is not None
+            else "; ".join(f"v{e.version}: {e.reason}" for e in versions if e.status == "failed") or "not resident"
+        )
+        logger.warning("canary %s: the candidate could not be loaded (%s); the primary answers, and the load is "
+                       "tried again in %g s", canary.key, reason, COLD_RETRY_S)  # fmt: skip
 
     def _unfit(self, canary: Canary, entry: ModelEntry) -> str | None:
         """Why the candidate's version ``entry`` should not take this request: its queue is full, or it does not take

@@ -109,9 +109,9 @@ class AlwaysResident:
         """Always: a lease is answered at once, with the version or the reason why not."""
         return True
 
-    def load_soon(self, name: str, version: int | None) -> bool:
+    def load_soon(self, name: str, version: int | None) -> asyncio.Future[int | None] | None:
         """Nothing to start: the lifecycle loads what there is."""
-        return False
+        return None
 
     def describe(self, name: str) -> dict[str, Any] | None:
         return None
@@ -221,13 +221,12 @@ class Residency:
         load: it is resident, or the store has nothing to load (the lease says why)."""
         return self._resident_version(name, version) is not None or not self._loadable(name, version)
 
-    def load_soon(self, name: str, version: int | None) -> bool:
+    def load_soon(self, name: str, version: int | None) -> asyncio.Future[int | None] | None:
         """Start the load a request for ``name`` would start, in the background, so that a caller with somewhere
-        else to go need not wait for it; whether this started it (not already resident or loading)."""
-        if self.ready(name, version) or (name, version) in self._loads:
-            return False
-        self._load_soon(name, version)
-        return True
+        else to go need not wait for it: the load, or None where it is under way already or not needed."""
+        if (name, version) in self._loads or self.ready(name, version):
+            return None
+        return self._load_soon(name, version)
 
     def _loadable(self, name: str, version: int | None) -> bool:
         """Whether the store has ``name`` (at ``version``, where one is named) for a load to try."""

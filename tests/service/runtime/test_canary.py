@@ -12,7 +12,7 @@ import pytest
 
 from service.errors import ModelNotFound
 from service.metrics import get_metrics
-from service.runtime.canary import Canaries, Canary
+from service.runtime.canary import COLD_RETRY_S, Canaries, Canary
 from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, wilson_upper
 from service.runtime.residency import Residency
 from service.runtime.shadow import Shadow
@@ -279,46 +279,118 @@ def test_on_demand_the_candidate_is_loaded_by_the_first_request_it_answers(
         runtime.canaries.stop()
 
 
+class ColdCandidate:
+    """On demand, ``lenet5`` resident and its canary ``twin`` not: the candidate's loads are counted, and held back
+    until :attr:`gate` is set; with ``always``, the canary diverts every request whatever its fraction."""
+
+    def __init__(self, make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path, fraction: float,
+                 always: bool = False) -> None:  # fmt: skip
+        store = make_store(lenet5=[1], twin=[1])
+        self.store = store
+        self.runtime = make_runtime(store, model_control="on-demand", memory_budget="1GiB",
+                                    canary=f"lenet5:twin:{fraction}", canary_state=tmp_path / "c.json")  # fmt: skip
+        assert self.runtime.canaries is not None
+        residency = self.runtime.residency
+        assert isinstance(residency, Residency)
+        self.residency, self.gate, self.loads = residency, threading.Event(), [0]
+        load = residency.load
+
+        def counted(name: str, version: int | None, reason: str) -> int | None:
+            if name == "twin":
+                self.loads[0] += 1
+                self.gate.wait(30)
+            return load(name, version, reason)
+
+        residency.load = counted  # type: ignore[method-assign]
+        self.runtime.start()
+        if always:
+            self.runtime.canaries.canaries["lenet5"].divert = lambda: True  # type: ignore[method-assign]
+        self.files, _ = held_out_drawings(2)
+
+    async def classify(self) -> tuple[str, str | None]:
+        answer = await self.runtime.classifier.classify("lenet5", None, self.files, k=1)
+        return answer.model, answer.canary
+
+    def twin_resident(self) -> bool:
+        return self.runtime.repository.serving("twin") is not None
+
+    def stop(self) -> None:
+        self.gate.set()
+        assert self.runtime.canaries is not None
+        self.runtime.canaries.stop()
+
+
 def test_on_demand_a_cold_candidate_loads_in_the_background_while_the_resident_primary_answers(
     make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The primary resident, the candidate not (on demand, every request diverted): the first request is answered by
-    the primary while the candidate's load is still held back, not after it; once loaded, the candidate answers."""
-    runtime = make_runtime(make_store(lenet5=[1], twin=[1]), model_control="on-demand", memory_budget="1GiB",
-                           canary="lenet5:twin:1.0", canary_state=tmp_path / "c.json")  # fmt: skip
-    assert runtime.canaries is not None
-    residency = runtime.residency
-    assert isinstance(residency, Residency)
-    runtime.start()
-    files, _ = held_out_drawings(2)
-    gate, load = threading.Event(), residency.load
-
-    def gated(name: str, version: int | None, reason: str) -> int | None:
-        if name == "twin":
-            gate.wait(30)
-        return load(name, version, reason)
-
-    residency.load = gated  # type: ignore[method-assign]
+    """The primary resident, the candidate not (a diverted request, fraction 0.5): the request is answered by the
+    primary while the candidate's load is still held back, not after it; once loaded, the candidate answers."""
+    cold = ColdCandidate(make_store, make_runtime, tmp_path, 0.5, always=True)
 
     async def main() -> list[tuple[str, str | None, bool]]:
-        await residency.ensure("lenet5", None)
-        first = await runtime.classifier.classify("lenet5", None, files, k=1)
-        answered = [(first.model, first.canary, runtime.repository.serving("twin") is not None)]
-        gate.set()
+        await cold.residency.ensure("lenet5", None)
+        answered = [(*await cold.classify(), cold.twin_resident())]
+        cold.gate.set()
         for _ in range(300):
-            if runtime.repository.serving("twin") is not None:
+            if cold.twin_resident():
                 break
             await asyncio.sleep(0.1)
-        second = await runtime.classifier.classify("lenet5", None, files, k=1)
-        return [*answered, (second.model, second.canary, runtime.repository.serving("twin") is not None)]
+        return [*answered, (*await cold.classify(), cold.twin_resident())]
 
     try:
         with caplog.at_level("INFO", logger="service.runtime.canary"):
             assert asyncio.run(main()) == [("lenet5", None, False), ("twin", "lenet5:twin", True)]
     finally:
-        gate.set()
-        runtime.canaries.stop()
+        cold.stop()
     assert "the candidate is loading (on demand); the primary answers until it is resident" in caplog.text
+    assert cold.loads == [1]
+
+
+def test_on_demand_a_canary_diverting_every_request_waits_for_its_candidate(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
+) -> None:
+    """At fraction 1 the primary should answer nothing (and under a tight budget only its going idle would let the
+    candidate in): the first request waits for the candidate's load and the candidate answers it."""
+    cold = ColdCandidate(make_store, make_runtime, tmp_path, 1.0)
+    cold.gate.set()
+
+    async def main() -> tuple[str, str | None]:
+        await cold.residency.ensure("lenet5", None)
+        return await cold.classify()
+
+    try:
+        assert asyncio.run(main()) == ("twin", "lenet5:twin")
+    finally:
+        cold.stop()
+
+
+def test_on_demand_a_candidate_that_cannot_load_is_tried_again_after_a_pause_and_the_log_says_why(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A candidate whose graph is damaged: its background load fails once, the log says why, and the next diverted
+    requests, answered by the primary, start no other load within COLD_RETRY_S."""
+    cold = ColdCandidate(make_store, make_runtime, tmp_path, 0.5, always=True)
+    graph = cold.store.model_dir("twin") / "1" / "model.onnx"
+    graph.write_bytes(b"not an ONNX graph")
+    cold.gate.set()
+
+    async def main() -> list[tuple[str, str | None]]:
+        await cold.residency.ensure("lenet5", None)
+        answers = [await cold.classify()]
+        for _ in range(300):
+            if "could not be loaded" in caplog.text:
+                break
+            await asyncio.sleep(0.05)
+        return answers + [await cold.classify() for _ in range(3)]
+
+    try:
+        with caplog.at_level("INFO", logger="service.runtime.canary"):
+            assert asyncio.run(main()) == [("lenet5", None)] * 4
+    finally:
+        cold.stop()
+    assert cold.loads == [1]
+    failed = [r.getMessage() for r in caplog.records if "could not be loaded" in r.getMessage()]
+    assert len(failed) == 1 and "model.onnx" in failed[0] and f"tried again in {COLD_RETRY_S:g} s" in failed[0]
 
 
 def test_a_pass_without_the_agreement_sample_steps_nothing_up(tmp_path: Path) -> None:
