@@ -213,7 +213,10 @@ class Settings(BaseSettings):
         0.01, ge=0, le=1, description="How much higher than the primary's a canary's server-error rate may be."
     )
     canary_max_latency_ratio: float = Field(
-        1.5, ge=1, description="A canary's p50 and p99 may be at most this times the primary's (plus the slack)."
+        1.5,
+        ge=1,
+        description="A canary's p50 and p99 may be at most this times the primary's (plus the slack); a window fails "
+        "where more than half (p50) or 1% (p99) of its answers are slower than that, at 99% confidence.",
     )
     canary_latency_slack_ms: float = Field(
         2.0, ge=0, description="Milliseconds a canary's p50 and p99 may exceed the ratio by (timer noise)."

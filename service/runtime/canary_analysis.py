@@ -8,6 +8,10 @@ Four checks, each a setting (``CANARY_*``):
 * **latency**: its p50 and p99 (queue and inference, the model's own cost; decoding is the
   same for both) at most ``CANARY_MAX_LATENCY_RATIO`` times the primary's, plus
   ``CANARY_LATENCY_SLACK_MS`` (p50 over 20 answers or more per side, p99 over 100 or more);
+  a window fails only where more than half (p50) or 1% (p99) of the candidate's answers
+  are slower than that at 99% confidence (the low end of the Wilson interval): in a
+  window of 100, two answers slowed by a pause of the host make its p99, not a slower
+  candidate, while five do fail it;
 * **drift**: the Jensen-Shannon divergence between the two sides' top-1 confidence
   distributions (the bins of ``cnn_confidence``, as drift measures them) at most
   ``CANARY_MAX_DRIFT`` (over 50 images or more per side);
@@ -184,10 +188,17 @@ class Window:
             )
         for q, least in ((50, MIN_P50), (99, MIN_P99)):
             mine, theirs = c.percentile(q, least), p.percentile(q, least)
-            if mine is not None and theirs is not None and mine > theirs * t.max_latency_ratio + t.latency_slack_s:
+            if mine is None or theirs is None:
+                continue
+            # slower than the primary's percentile allows in more than (100 - q)% of its answers, at 99% confidence:
+            # a hiccup or two among 100 answers is the p99 of the window, not a slower candidate
+            limit = theirs * t.max_latency_ratio + t.latency_slack_s
+            slower = sum(seconds > limit for seconds in c.seconds)
+            if wilson(slower, len(c.seconds))[0] > 1 - q / 100:
                 failures.append(
                     f"p{q} {mine * 1000:.2f} ms against the primary's {theirs * 1000:.2f} ms (at most "
-                    f"{t.max_latency_ratio:g}x + {t.latency_slack_s * 1000:g} ms)"
+                    f"{t.max_latency_ratio:g}x + {t.latency_slack_s * 1000:g} ms: {slower} of {len(c.seconds)} "
+                    f"answers slower than {limit * 1000:.2f} ms, more than {100 - q}% at 99% confidence)"
                 )
         drift = figures["confidence_drift"]
         if drift is not None and drift > t.max_drift:

@@ -87,6 +87,24 @@ def test_each_check_fails_a_window_and_says_why(
     assert any(failure.startswith(failing) for failure in failures), failures
 
 
+@pytest.mark.parametrize(("slow", "fails"), [(2, False), (5, True), (100, True)])
+def test_latency_fails_a_window_only_where_enough_answers_are_slower(slow: int, fails: bool) -> None:
+    """The primary's p99 is 4 ms, so the limit is 1.5 x 4 + 2 = 8 ms. Two answers of 100 at 12 ms, a pause of the host,
+    are the window's p99 but do not show the candidate slower; five (more than 1% at 99% confidence) do, and all of
+    them fail p50 as well."""
+    window = filled(Window(100), 0.995, 0.004, agreed=100)
+    window.candidate.seconds.clear()
+    for i in range(100):
+        window.candidate.seconds.append(0.012 if i < slow else 0.004)
+    passed, failures, figures = window.judge(THRESHOLDS)
+    assert figures["p99_ms"]["candidate"] == 12.0
+    assert passed is not fails, failures
+    if fails:
+        assert failures[-1].startswith("p99 12.00 ms against the primary's 4.00 ms")
+        assert f"{slow} of 100 answers slower than 8.00 ms" in failures[-1]
+        assert any(failure.startswith("p50") for failure in failures) is (slow == 100)
+
+
 def test_a_window_waits_for_its_agreement_sample_then_judges_without_it() -> None:
     window = Window(20)
     for _ in range(20):
