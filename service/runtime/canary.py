@@ -355,8 +355,8 @@ class Canaries:
         The candidate answers only if, once its lease is held, the canary has not changed meanwhile (a rollback
         while it loaded on demand), it takes the primary's inputs and classes, and its queue has room for a
         request: otherwise the primary answers, as it would have without the canary. On demand, a candidate that
-        is not resident starts loading and the primary answers meanwhile where it is resident itself, so no
-        request waits for a cold start the primary spares it.
+        is not resident starts loading and the primary answers meanwhile where it is resident itself, unless the
+        canary diverts every request (see :meth:`_candidate_ready`).
         """
         pair, revision = canary.pair, canary.revision
         if canary.divert() and self._candidate_ready(canary, leases):
