@@ -109,7 +109,8 @@ class GradCams:
         def run(inputs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, ...]:
             return tuple(session.run(names, {INPUT_NAME: inputs[0], CLASSES_NAME: inputs[1]}))
 
-        limit = entry.model.max_batch_size if entry.model is not None else settings.batch_limit(None)
+        assert entry.model is not None  # graph_of found its explanation graph in its metadata
+        limit = entry.model.max_batch_size
         batcher = DynamicBatcher(
             f"{entry.name}-explain",
             [run],

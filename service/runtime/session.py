@@ -44,7 +44,7 @@ class LoadedModel:
     warmup_seconds: float = 0.0
     threads: int = 1  # per session
     output_names: tuple[str, ...] = OUTPUT_NAMES  # and DISTANCE_NAME where the metadata has a typicality check
-    max_batch_size: int = 1  # most images per call: MAX_BATCH_SIZE, else its config.pbtxt's max_batch_size
+    max_batch_size: int = 1  # most images per call: MAX_BATCH_SIZE, or its config.pbtxt's max_batch_size if lower
     batch_sizes: tuple[int, ...] | None = None  # the shapes its batches are padded to (BATCH_SIZES); None: any
 
     @property

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .policy import without_strings_and_comments
+from .policy import config_text, without_strings_and_comments
 
 # What the export writes into config.pbtxt: Triton batches exported models up to it, this service up to
 # it or MAX_BATCH_SIZE (32 by default), whichever is lower
@@ -51,8 +51,4 @@ def parse_max_batch_size(text: str) -> int | None:
 
 def read_max_batch_size(config: Path) -> int | None:
     """The ``max_batch_size`` of a ``config.pbtxt``; None where the file or the field is absent."""
-    try:
-        text = config.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    return parse_max_batch_size(text)
+    return parse_max_batch_size(config_text(config))

@@ -71,10 +71,14 @@ def parse_version_policy(text: str) -> VersionPolicy:
     raise ValueError(f"unknown version_policy {kind!r}: use latest, specific or all")
 
 
+def config_text(config: Path) -> str:
+    """A ``config.pbtxt``'s text; empty where the model has none (every field then takes Triton's default)."""
+    try:
+        return config.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+
+
 def read_version_policy(config: Path) -> VersionPolicy:
     """The policy of a ``config.pbtxt``; a model without one is served as Triton would (latest 1)."""
-    try:
-        text = config.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return VersionPolicy()
-    return parse_version_policy(text)
+    return parse_version_policy(config_text(config))
