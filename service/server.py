@@ -24,6 +24,7 @@ from typing import Any
 from .frontends.v2.handler import OipHandler
 from .metrics import Metrics, exposition, get_metrics
 from .observers import attach
+from .runtime import session_host
 from .runtime.cache import ResponseCache
 from .runtime.canary import Canaries
 from .runtime.classifier import Classifier
@@ -61,7 +62,7 @@ class Runtime:
         """Load in the background (then follow ``MODEL_CONTROL``); ``/readyz`` waits for the first pass. CUDA's
         libraries are preloaded first, where CUDA is wanted (before any connection or loading thread); the
         canaries take their shared state."""
-        if wants_cuda(self.settings):
+        if wants_cuda(self.settings) and session_host.address() is None:  # else the session host has them
             preload()
         if self.canaries is not None:
             self.canaries.start()

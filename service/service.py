@@ -29,6 +29,8 @@ from .frontends.fastpath import FastPathMiddleware
 from .frontends.observe import RequestObserver
 from .frontends.protocol import install as install_http_limits
 from .frontends.timeout import install as install_request_timeout
+from .runtime import session_host
+from .runtime.session_host import shares_sessions
 from .runtime.sizing import sized
 from .server import Server
 from .settings import get_settings
@@ -55,6 +57,8 @@ def _configure_logging() -> None:
 _configure_logging()
 install_request_timeout()  # BentoML's timeout middleware kept every request's timer for the whole timeout
 settings = sized(get_settings())
+if shares_sessions(settings) and session_host.address() is None:  # the server's first process, before any worker
+    session_host.start()
 install_http_limits(settings)  # uvicorn's protocol with bounded heads, deadlines and a connection cap
 # the worker processes BentoML starts inherit this environment, and so agree on the count
 os.environ["WORKERS"] = str(settings.workers)

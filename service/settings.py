@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         description="Let FP32 matrix products and convolutions use TF32 tensor cores on CUDA (about 2x ResNet-50 FP32 "
         "on one H200; 10-bit mantissa inside the products).",
     )
+    session_host: Literal["auto", "worker", "shared"] = Field(
+        "auto",
+        description="Where the ONNX Runtime sessions live. `worker`: each worker opens its own. `shared`: one process "
+        "(the session host) opens each once and every worker sends it its batches through shared memory, so a GPU "
+        "holds one CUDA context and one copy of each model however many `WORKERS` feed it. `auto`: shared where "
+        "the models run on CUDA and more than one worker serves.",
+    )
     max_batch_delay_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a batch waits for more requests once the runtime is free."
     )
@@ -379,9 +386,10 @@ class Settings(BaseSettings):
         """Worker processes: ``WORKERS``, or 1 where it is still 0 (outside the server, see runtime.sizing)."""
         return self.workers or 1
 
-    def session_threads(self, instances: int = 1) -> int:
-        """Threads of one session: the worker's share of the CPUs, split between the model's instances."""
-        return self.intra_op_threads or max(1, cpu_count() // (self.processes * instances))
+    def session_threads(self, instances: int = 1, *, shared: bool = False) -> int:
+        """Threads of one session: the worker's share of the CPUs (all of them for the one process holding every
+        worker's sessions, ``shared``), split between the model's instances."""
+        return self.intra_op_threads or max(1, cpu_count() // ((1 if shared else self.processes) * instances))
 
     @property
     def control_state_path(self) -> Path:

@@ -106,6 +106,10 @@ class ModelInfo(BaseModel):
         default_factory=list, description="Every version this worker holds (its version policy), with its state"
     )
     provider: str | None = Field(None, description="ONNX Runtime execution provider serving it")
+    session_host: int | None = Field(
+        None, description="The process holding its sessions for every worker (SESSION_HOST=shared), by pid; null "
+        "where the worker that answered holds its own",
+    )  # fmt: skip
     input: dict[str, Any] | None = None
     num_classes: int | None = None
     num_params: int | None = None

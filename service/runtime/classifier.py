@@ -200,6 +200,7 @@ class Classifier:
             meta = entry.model.metadata
             info |= {
                 "provider": entry.model.provider,
+                "session_host": entry.model.session_host,
                 "input": meta.input.model_dump(),
                 "num_classes": meta.num_classes,
                 "num_params": meta.num_params,

@@ -118,9 +118,8 @@ def wants_cuda(settings: Settings) -> bool:
 
 
 def providers_for(settings: Settings, precision: str) -> list[str | tuple[str, dict[str, str]]]:
-    """What a session of a ``precision`` graph asks for: CUDA (with its options, its libraries preloaded) then the
-    CPU, or the CPU alone (``PROVIDERS``)."""
+    """What a session of a ``precision`` graph asks for: CUDA (with its options) then the CPU, or the CPU alone
+    (``PROVIDERS``). The process that opens the session preloads CUDA's libraries (session_host.open_session)."""
     if not wants_cuda(settings):
         return [CPU]
-    preload()  # done at the worker's start already (Runtime.start): a no-op here
     return [(CUDA, provider_options(settings, precision)), CPU]

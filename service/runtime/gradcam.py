@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from ..errors import InvalidInput, ModelNotReady
 from ..store.tensors import CLASSES_NAME, INPUT_NAME
@@ -28,6 +27,7 @@ from ..store.tensors import EXPLANATION_OUTPUT_NAMES as OUTPUT_NAMES
 from .batching import DynamicBatcher
 from .cuda import providers_for
 from .session import session_options
+from .session_host import open_session
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -96,9 +96,7 @@ class GradCams:
             self.before_load(entry, path)
         started = time.perf_counter()
         try:  # the server's files, not the request, are wrong: 503 with the reason, as a model that fails to load
-            session = ort.InferenceSession(
-                str(path), session_options(settings), providers=providers_for(settings, "fp32")
-            )
+            session = open_session(path, session_options(settings), providers_for(settings, "fp32"))
         except Exception as exc:  # ORT raises its own types
             raise ModelNotReady(f"Cannot load the explanation graph {path}: {exc}") from None
 

@@ -197,8 +197,10 @@ class Repository:
             entry.status, entry.since = "ready", time.time()
         self.hooks.changed(entry, "load", "success", seconds)
         logger.info(
-            "%s v%d: ready on %s (load %.2fs, warm-up %.2fs, %d instance(s) of %d threads, batches of up to %d%s)",
-            model.name, model.version, model.provider, model.load_seconds, model.warmup_seconds,
+            "%s v%d: ready on %s%s (load %.2fs, warm-up %.2fs, %d instance(s) of %d threads, batches of up to %d%s)",
+            model.name, model.version, model.provider,
+            f" in the session host (pid {model.session_host})" if model.session_host else "",
+            model.load_seconds, model.warmup_seconds,
             model.instances, model.threads, model.max_batch_size,
             f" in shapes {list(model.batch_sizes)}" if model.batch_sizes else "",
         )  # fmt: skip

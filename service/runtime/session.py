@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -16,7 +17,8 @@ from ..store.batch_limit import read_max_batch_size
 from ..store.layout import CONFIG_FILE, ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
 from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
-from .cuda import CPU, CUDA, providers_for, unavailable_reason
+from . import session_host
+from .cuda import CPU, CUDA, providers_for
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +28,10 @@ class ModelLoadError(RuntimeError):
 
 
 def session_options(settings: Settings, instances: int = 1) -> ort.SessionOptions:
-    """The contract's session options with this worker's threads and ONNX Runtime settings."""
-    return sessions.session_options(settings.session_threads(instances), settings.inter_op_threads,
+    """The contract's session options with this worker's threads (the host's, where it holds the sessions) and
+    ONNX Runtime settings."""
+    threads = settings.session_threads(instances, shared=session_host.address() is not None)
+    return sessions.session_options(threads, settings.inter_op_threads,
                                     spinning=settings.ort_spinning, cpu_arena=settings.ort_cpu_arena)  # fmt: skip
 
 
@@ -38,7 +42,7 @@ class LoadedModel:
     stored: StoredVersion
     metadata: ModelMetadata
     labels: list[str]
-    sessions: list[ort.InferenceSession]
+    sessions: list[Any]  # ort.InferenceSession, or session_host.RemoteSession where the session host holds them
     provider: str
     load_seconds: float
     warmup_seconds: float = 0.0
@@ -46,6 +50,7 @@ class LoadedModel:
     output_names: tuple[str, ...] = OUTPUT_NAMES  # and DISTANCE_NAME where the metadata has a typicality check
     max_batch_size: int = 1  # most images per call: MAX_BATCH_SIZE, or its config.pbtxt's max_batch_size if lower
     batch_sizes: tuple[int, ...] | None = None  # the shapes its batches are padded to (BATCH_SIZES); None: any
+    session_host: int | None = None  # the pid of the process holding its sessions (SESSION_HOST=shared)
 
     @property
     def name(self) -> str:
@@ -79,7 +84,7 @@ class LoadedModel:
         self.warmup_seconds = time.perf_counter() - started
 
 
-def _check_graph(session: ort.InferenceSession, metadata: ModelMetadata, labels: list[str]) -> None:
+def _check_graph(session: Any, metadata: ModelMetadata, labels: list[str]) -> None:
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = {o.name: o for o in session.get_outputs()}
     spec = metadata.input
@@ -119,13 +124,15 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     instances = settings.instances_for(stored.name)
     options = session_options(settings, instances)
     try:
-        sessions = [ort.InferenceSession(str(stored.graph), options, providers=providers) for _ in range(instances)]
+        sessions = [session_host.open_session(stored.graph, options, providers, i) for i in range(instances)]
+    except session_host.SessionHostGone as exc:
+        raise ModelLoadError(str(exc)) from None
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
         raise ModelLoadError(f"ONNX Runtime cannot load {stored.graph}: {exc}") from None
     session = sessions[0]
     provider = session.get_providers()[0]
     if providers[0] != CPU and provider != CUDA:  # CUDA was wanted (PROVIDERS=cuda, or auto with a GPU)
-        reason = unavailable_reason()
+        reason = session_host.cuda_unavailable(session)
         if settings.providers == "cuda":
             raise ModelLoadError(f"PROVIDERS=cuda, but the CUDA execution provider did not take the session: {reason}")
         logger.warning("%s v%d: runs on %s, not CUDA: %s", stored.name, stored.version, provider, reason)
@@ -137,7 +144,9 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
         )
     _check_graph(session, metadata, labels)
     seconds = time.perf_counter() - started
+    host = session.host_pid if isinstance(session, session_host.RemoteSession) else None
     names = OUTPUT_NAMES if metadata.typicality is None else (*OUTPUT_NAMES, DISTANCE_NAME)
     return LoadedModel(stored, metadata, labels, sessions, provider, seconds, threads=options.intra_op_num_threads,
                        output_names=names, max_batch_size=limit,
-                       batch_sizes=settings.batch_shapes(provider, limit))  # fmt: skip
+                       batch_sizes=settings.batch_shapes(provider, limit),
+                       session_host=host)  # fmt: skip

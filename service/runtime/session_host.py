@@ -1,0 +1,495 @@
+"""One process that holds the ONNX Runtime sessions of every worker (``SESSION_HOST=shared``).
+
+Why: a GPU runs one CUDA context at a time. With ``WORKERS=4`` each worker opened its own sessions,
+so four contexts time-sliced one H200 and served ResNet-50 FP16 at 437 images/s against one
+worker's 875. One worker, though, parses HTTP in one Python thread: served LeNet-5, where the
+network costs nothing, it answered 1,672 requests/s on that machine's 16 cores, so one process
+cannot bring the GPU the thousands of images a second it classifies. The host is Triton's shape:
+one process owns the device and each model's instances (sessions, run concurrently, each from
+its own thread), and every worker process (HTTP, gRPC, decoding, batching) sends it uint8
+batches. A worker and the host share two memory files per session (``memfd``, passed over the
+host's Unix socket, so nothing is named on disk and ``/dev/shm``'s size does not matter): the
+worker copies a batch in once, and reads the answers out once.
+
+Topology: the server's first process (BentoML's arbiter, where :mod:`service.service` is imported
+before any worker starts) starts the host with :func:`start` and hands its address and key to the
+workers in their environment (:data:`ADDRESS_ENV`, :data:`KEY_ENV`). A worker's load opens its
+sessions through :func:`open_session`, which connects there where an address is set (a
+:class:`RemoteSession`, with ``InferenceSession``'s ``run``, ``get_inputs``, ``get_outputs`` and
+``get_providers``), else opens an ``InferenceSession`` in the worker. Every worker's instance
+``i`` of a version is the host's one session ``i`` of that graph, opened by the first worker to
+load it and closed when the last one lets it go. If the host dies, every worker has lost its
+sessions: the server stops (an orchestrator restarts it) rather than answer 500s.
+
+Run as ``python -m service.runtime.session_host ADDRESS`` (the key in :data:`KEY_ENV`), it serves
+until its parent goes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import math
+import mmap
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
+from multiprocessing.reduction import recv_handle, send_handle
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+from ..settings import Settings
+from ..store import sessions
+from .cuda import CPU, CUDA, preload, unavailable_reason, wants_cuda
+
+logger = logging.getLogger("service.runtime.session_host")  # not __main__ where it runs as the host
+
+ADDRESS_ENV = "CNN_SESSION_HOST"  # the host's Unix socket, set for the workers by start()
+KEY_ENV = "CNN_SESSION_HOST_KEY"  # its authentication key (hex)
+READY_LINE = "session host listening"
+START_TIMEOUT_S = 120.0
+PARENT_POLL_S = 1.0
+Providers = list[str | tuple[str, dict[str, str]]]
+
+
+class SessionHostGone(RuntimeError):
+    """The host holding this worker's sessions no longer answers."""
+
+
+class NodeArg(NamedTuple):
+    """What ``InferenceSession.get_inputs()`` gives per tensor, as the host describes it."""
+
+    name: str
+    type: str
+    shape: list[Any]
+
+
+@dataclass(frozen=True)
+class OpenSpec:
+    """One session a worker asks the host for: the graph, its instance, how ORT runs it."""
+
+    graph: str
+    instance: int
+    providers: Providers
+    threads: int
+    inter_op_threads: int = 1
+    spinning: bool = False
+    cpu_arena: bool = True
+
+    def key(self) -> tuple[Any, ...]:
+        """What makes two workers' requests the same session: the same file (not a new one at that path), the same
+        instance, the same options."""
+        status = os.stat(self.graph)
+        providers = tuple(p if isinstance(p, str) else (p[0], tuple(sorted(p[1].items()))) for p in self.providers)
+        return (self.graph, status.st_ino, status.st_mtime_ns, status.st_size, self.instance, providers,
+                self.threads, self.inter_op_threads, self.spinning, self.cpu_arena)  # fmt: skip
+
+
+def shares_sessions(settings: Settings) -> bool:
+    """``SESSION_HOST``: ``shared``; ``auto`` where the models run on CUDA and more than one worker serves."""
+    if settings.session_host == "auto":
+        return settings.processes > 1 and wants_cuda(settings)
+    return settings.session_host == "shared"
+
+
+def address() -> tuple[str, bytes] | None:
+    """The host this worker's sessions live in (from :func:`start`, through the environment), or None."""
+    where, key = os.environ.get(ADDRESS_ENV), os.environ.get(KEY_ENV)
+    return (where, bytes.fromhex(key)) if where and key else None
+
+
+def open_session(graph: Path, options: ort.SessionOptions, providers: Providers, instance: int = 0) -> Any:
+    """A session of ``graph``: the host's instance ``instance`` where the sessions are shared, else this process's
+    own (CUDA's libraries preloaded first where CUDA is asked for)."""
+    found = address()
+    if found is None:
+        if providers[0] != CPU:
+            preload()  # once per process: a no-op after the first
+        return ort.InferenceSession(str(graph), options, providers=providers)
+    spec = OpenSpec(str(graph), instance, providers, options.intra_op_num_threads, options.inter_op_num_threads,
+                    options.get_session_config_entry("session.intra_op.allow_spinning") == "1",
+                    options.enable_cpu_mem_arena)  # fmt: skip
+    return RemoteSession(spec, *found)
+
+
+def cuda_unavailable(session: Any) -> str:
+    """Why ``session`` did not get CUDA, from the process that asked for it."""
+    return session.cuda_unavailable if isinstance(session, RemoteSession) else unavailable_reason()
+
+
+# -- the worker's side -------------------------------------------------------------------------
+
+
+class _Buffer:
+    """Memory shared with the host: an anonymous file (``memfd``) mapped here, its descriptor sent there."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(size, mmap.PAGESIZE)
+        self.fd = os.memfd_create("cnn-session", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.size)
+        self.map = mmap.mmap(self.fd, self.size)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):  # a view still held: the mapping goes with the last one
+            self.map.close()
+        os.close(self.fd)
+
+
+def _grown(size: int) -> int:
+    return 1 << max(size - 1, 1).bit_length()
+
+
+def _layout(arrays: Sequence[np.ndarray]) -> tuple[list[tuple[str, tuple[int, ...], int]], int]:
+    """Where each array goes in one buffer (dtype, shape, offset: 64-byte aligned), and the bytes it takes."""
+    places, offset = [], 0
+    for array in arrays:
+        places.append((array.dtype.str, array.shape, offset))
+        offset += -(-array.nbytes // 64) * 64
+    return places, offset
+
+
+def _views(buffer: mmap.mmap, places: Sequence[tuple[str, tuple[int, ...], int]]) -> list[np.ndarray]:
+    return [np.frombuffer(buffer, dtype, math.prod(shape), offset).reshape(shape) for dtype, shape, offset in places]
+
+
+class RemoteSession:
+    """A session held by the host, as this worker runs it: one connection, two shared buffers, one run at a time."""
+
+    def __init__(self, spec: OpenSpec, where: str, key: bytes) -> None:
+        self.spec, self._lock = spec, threading.Lock()
+        try:
+            self._connection = Client(where, "AF_UNIX", authkey=key)
+        except OSError as exc:
+            raise SessionHostGone(f"cannot reach the session host at {where}: {exc}") from None
+        self._inputs: _Buffer | None = None
+        self._outputs: _Buffer | None = None
+        self._buffers: list[_Buffer] = []  # what the finalizer closes: the buffers in use
+        reply = self._ask(("open", spec))
+        if reply[0] != "opened":
+            self._connection.close()
+            raise RuntimeError(reply[1])
+        _, self._providers, inputs, outputs, self.cuda_unavailable, self.host_pid = reply
+        self._input_args = [NodeArg(*i) for i in inputs]
+        self._output_args = [NodeArg(*o) for o in outputs]
+        self._finalizer = weakref.finalize(self, RemoteSession._release, self._connection, self._buffers)
+
+    @staticmethod
+    def _release(connection: Connection, buffers: list[_Buffer]) -> None:
+        connection.close()  # the host lets its session go with the last connection to it
+        for buffer in buffers:
+            buffer.close()
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def get_inputs(self) -> list[NodeArg]:
+        return self._input_args
+
+    def get_outputs(self) -> list[NodeArg]:
+        return self._output_args
+
+    def get_providers(self) -> list[str]:
+        return list(self._providers)
+
+    def _ask(self, message: tuple[Any, ...], *handles: int) -> tuple[Any, ...]:
+        try:
+            self._connection.send(message)
+            for handle in handles:
+                send_handle(self._connection, handle, 0)
+            reply: tuple[Any, ...] = self._connection.recv()
+        except (OSError, EOFError) as exc:
+            raise SessionHostGone(f"the session host stopped answering ({type(exc).__name__}: {exc})") from None
+        return reply
+
+    def _room(self, inputs: int, outputs: int) -> tuple[_Buffer, _Buffer]:
+        """Buffers that hold ``inputs`` and ``outputs`` bytes: new ones (powers of two) sent to the host where these
+        are too small."""
+        if self._inputs is None or self._outputs is None or self._inputs.size < inputs or self._outputs.size < outputs:
+            fresh = (_Buffer(_grown(max(inputs, self._inputs.size if self._inputs else 0))),
+                     _Buffer(_grown(max(outputs, self._outputs.size if self._outputs else 0))))  # fmt: skip
+            reply = self._ask(("buffers", fresh[0].size, fresh[1].size), fresh[0].fd, fresh[1].fd)
+            if reply[0] != "ok":
+                raise RuntimeError(reply[1])
+            old = [b for b in (self._inputs, self._outputs) if b is not None]
+            self._inputs, self._outputs = fresh
+            self._buffers[:] = fresh
+            for buffer in old:
+                buffer.close()
+        return self._inputs, self._outputs
+
+    def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """``InferenceSession.run``: the feeds copied into the shared buffer, the outputs copied out of it."""
+        names, arrays = list(feeds), [np.ascontiguousarray(a) for a in feeds.values()]
+        places, size = _layout(arrays)
+        with self._lock:
+            inputs, outputs = self._room(size, self._outputs.size if self._outputs is not None else size)
+            for view, array in zip(_views(inputs.map, places), arrays, strict=True):
+                view[...] = array
+            reply = self._ask(("run", list(output_names), list(zip(names, places, strict=True))))
+            if reply[0] == "error":
+                raise RuntimeError(reply[1])
+            if reply[0] == "inline":  # the answers did not fit: the next run has room for them
+                self._room(size, reply[2])
+                return list(reply[1])
+            return [view.copy() for view in _views(outputs.map, reply[1])]
+
+
+# -- the host's side ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Held:
+    session: ort.InferenceSession
+    users: int = 0
+    runs: int = 0
+
+
+@dataclass
+class SessionHost:
+    """The sessions every worker shares, by :meth:`OpenSpec.key`, each kept while a worker holds it."""
+
+    sessions: dict[tuple[Any, ...], _Held] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _opening: dict[tuple[Any, ...], threading.Lock] = field(default_factory=dict)
+
+    def acquire(self, spec: OpenSpec) -> tuple[tuple[Any, ...], _Held]:
+        key = spec.key()
+        with self._lock:
+            opening = self._opening.setdefault(key, threading.Lock())
+        with opening:  # two workers loading the same version: one opens it, the other waits and shares it
+            with self._lock:
+                held = self.sessions.get(key)
+            if held is None:
+                options = sessions.session_options(spec.threads, spec.inter_op_threads, spinning=spec.spinning,
+                                                   cpu_arena=spec.cpu_arena)  # fmt: skip
+                held = _Held(ort.InferenceSession(spec.graph, options, providers=spec.providers))
+                logger.info("session host: opened %s instance %d on %s", spec.graph, spec.instance,
+                            held.session.get_providers()[0])  # fmt: skip
+            with self._lock:
+                held.users += 1
+                self.sessions[key] = held
+        return key, held
+
+    def release(self, key: tuple[Any, ...]) -> None:
+        with self._lock:
+            held = self.sessions[key]
+            held.users -= 1
+            if held.users == 0:
+                del self.sessions[key]
+                self._opening.pop(key, None)
+                logger.info("session host: closed %s instance %d after %d runs", key[0], key[4], held.runs)
+
+    def stats(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"graph": key[0], "instance": key[4], "users": held.users, "runs": held.runs}
+                    for key, held in self.sessions.items()]  # fmt: skip
+
+    def serve(self, listener: Listener, authkey: bytes) -> None:
+        """Each connection in its own thread, the handshake included: a client that stalls in it holds up no other."""
+        while True:
+            connection = listener.accept()  # a Listener without a key: the thread checks it
+            threading.Thread(target=self.client, args=(connection, authkey), name="session-client", daemon=True).start()
+
+    def client(self, connection: Connection, authkey: bytes) -> None:
+        """One worker's session, until it closes its connection (or dies)."""
+        key: tuple[Any, ...] | None = None
+        held: _Held | None = None
+        maps: list[mmap.mmap] = []
+        try:
+            try:
+                deliver_challenge(connection, authkey)
+                answer_challenge(connection, authkey)
+            except (OSError, EOFError, AuthenticationError) as exc:
+                logger.warning("session host: refused a connection: %s", exc)
+                return
+            while True:
+                try:
+                    message = connection.recv()
+                except (EOFError, OSError):
+                    return
+                if message[0] == "stats":
+                    connection.send(("stats", self.stats()))
+                elif message[0] == "open" and held is None:
+                    key, held = self._open(connection, message[1])
+                    if key is None:
+                        return
+                elif message[0] == "buffers":
+                    fds = [recv_handle(connection) for _ in range(2)]
+                    for buffer in maps:
+                        buffer.close()
+                    maps = [mmap.mmap(fd, size) for fd, size in zip(fds, message[1:], strict=True)]
+                    for fd in fds:
+                        os.close(fd)  # the mappings keep the memory
+                    connection.send(("ok",))
+                elif message[0] == "run" and held is not None and len(maps) == 2:
+                    connection.send(self._run(held, maps, message[1], message[2]))
+                else:
+                    connection.send(("error", f"the session host cannot do {message[0]!r} now"))
+        finally:
+            connection.close()
+            for buffer in maps:
+                with contextlib.suppress(BufferError):
+                    buffer.close()
+            if key is not None:
+                self.release(key)
+
+    def _open(self, connection: Connection, spec: OpenSpec) -> tuple[tuple[Any, ...] | None, _Held | None]:
+        try:
+            key, held = self.acquire(spec)
+        except Exception as exc:  # ORT's own types: the worker reports it as the version's load failure
+            connection.send(("failed", f"{type(exc).__name__}: {exc}"))
+            return None, None
+        session = held.session
+        provider = session.get_providers()[0]
+        reason = unavailable_reason() if spec.providers[0] != CPU and provider != CUDA else ""
+        inputs, outputs = ([(a.name, a.type, list(a.shape)) for a in args]
+                           for args in (session.get_inputs(), session.get_outputs()))  # fmt: skip
+        connection.send(("opened", session.get_providers(), inputs, outputs, reason, os.getpid()))
+        return key, held
+
+    @staticmethod
+    def _run(held: _Held, maps: list[mmap.mmap], names: list[str], feeds: list[tuple[str, Any]]) -> tuple[Any, ...]:
+        try:
+            arrays = _views(maps[0], [place for _, place in feeds])
+            outputs = held.session.run(names, {name: array for (name, _), array in zip(feeds, arrays, strict=True)})
+        except Exception as exc:  # the worker's batcher sees the message (an out-of-memory is read from it)
+            return ("error", f"{type(exc).__name__}: {exc}")
+        held.runs += 1  # read for the log and the stats only
+        places, size = _layout(outputs)
+        if size > len(maps[1]):
+            return ("inline", outputs, size)
+        for view, output in zip(_views(maps[1], places), outputs, strict=True):
+            view[...] = output
+        return ("ran", places)
+
+
+def host_stats(where: str, key: bytes) -> list[dict[str, Any]]:
+    """The sessions the host holds now, with how many connections use each and the runs each made."""
+    with contextlib.closing(Client(where, "AF_UNIX", authkey=key)) as connection:
+        connection.send(("stats",))
+        reply: tuple[Any, ...] = connection.recv()
+    return list(reply[1])
+
+
+# -- starting it -------------------------------------------------------------------------------
+
+
+@dataclass
+class HostProcess:
+    """The host, as the process that started it sees it."""
+
+    process: subprocess.Popen[bytes]
+    address: str
+    key: bytes
+    stopping: bool = False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopping = True
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(OSError):
+            os.unlink(self.address)
+            os.rmdir(os.path.dirname(self.address))
+
+
+def start(*, stop_server_on_exit: bool = True) -> HostProcess:
+    """Start the host (it reads the server's settings from the environment, as the workers do), wait until it
+    listens, and give its address and key to the processes started after this one (the workers) through the
+    environment. Where the host later exits before the server stops, the server
+    stops with it (``SIGTERM`` to this process: its workers' sessions were all there)."""
+    key = os.urandom(32)
+    where = os.path.join(tempfile.mkdtemp(prefix="cnn-sessions-"), "host.sock")
+    environment = {**os.environ, KEY_ENV: key.hex()}
+    environment.pop(ADDRESS_ENV, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", __name__, where, str(os.getpid())],
+        cwd=Path(__file__).resolve().parents[2],
+        env=environment,
+        stdout=subprocess.PIPE,
+    )
+    host = HostProcess(process, where, key)
+    assert process.stdout is not None
+    ready, deadline = b"", time.monotonic() + START_TIMEOUT_S
+    while READY_LINE.encode() not in ready:
+        if process.poll() is not None or time.monotonic() > deadline:
+            host.stop()
+            raise RuntimeError(f"the session host did not start (exit code {process.returncode}); its log says why")
+        if select.select([process.stdout], [], [], 0.1)[0]:
+            ready += os.read(process.stdout.fileno(), 4096)
+    process.stdout.close()
+    os.environ[ADDRESS_ENV], os.environ[KEY_ENV] = where, key.hex()
+    atexit.register(host.stop)
+    if stop_server_on_exit:
+        threading.Thread(target=_stop_server_with, args=(host,), name="session-host-watch", daemon=True).start()
+    logger.info("SESSION_HOST=shared: the session host (pid %d) holds every worker's sessions", process.pid)
+    return host
+
+
+def _stop_server_with(host: HostProcess) -> None:
+    code = host.process.wait()
+    if not host.stopping:
+        logger.error("the session host (pid %d) exited with code %s: every worker's sessions were there, so the "
+                     "server stops", host.process.pid, code)  # fmt: skip
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def hosted() -> Iterator[HostProcess]:
+    """A host for this process's own sessions (tests, benchmarks): started, then stopped, the environment restored."""
+    before = {name: os.environ.get(name) for name in (ADDRESS_ENV, KEY_ENV)}
+    host = start(stop_server_on_exit=False)
+    try:
+        yield host
+    finally:
+        host.stop()
+        atexit.unregister(host.stop)
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(0)  # the server that started this host is gone (even if it was killed): so is every client
+
+
+def main(argv: Sequence[str]) -> int:
+    where, parent = argv[0], int(argv[1])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] [%(name)s] %(message)s")
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    if wants_cuda(Settings()):  # the server's settings, from the environment it passed on
+        preload()  # before any session: CUDA's libraries from NVIDIA's wheels
+    host = SessionHost()
+    listener = Listener(where, "AF_UNIX")
+    os.chmod(where, 0o600)
+    sys.stdout.write(f"{READY_LINE}\n")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the reader has what it waited for
+    host.serve(listener, bytes.fromhex(os.environ[KEY_ENV]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,190 @@
+"""The session host (``SESSION_HOST=shared``): one process holding the sessions every worker runs, fed through
+shared memory. Real ONNX Runtime sessions of the exported models, a real host process, real sockets."""
+
+from __future__ import annotations
+
+import gc
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+
+from service.runtime import session_host
+from service.runtime.session import ModelLoadError, load_model, session_options
+from service.settings import Settings
+from service.store.host import cpu_count
+from service.store.layout import ModelStore, StoredVersion
+from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
+
+from .harness import StoreFactory
+
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[session_host.HostProcess]:
+    with session_host.hosted() as started:
+        yield started
+
+
+def _latest(store: ModelStore, name: str) -> StoredVersion:
+    stored = store.latest(name)
+    assert stored is not None
+    return stored
+
+
+@pytest.fixture
+def lenet5(model_store: ModelStore) -> Path:
+    return _latest(model_store, "lenet5").graph
+
+
+def _images(count: int, side: int = 32, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, side, side, 1), dtype=np.uint8)
+
+
+def _local(graph: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(graph), session_options(Settings()), providers=CPU)
+
+
+def _remote(graph: Path, host: session_host.HostProcess, instance: int = 0) -> session_host.RemoteSession:
+    spec = session_host.OpenSpec(str(graph), instance, list(CPU), threads=1)
+    return session_host.RemoteSession(spec, host.address, host.key)
+
+
+def _held(host: session_host.HostProcess, graph: Path) -> list[tuple[int, int]]:
+    """(instance, connections) of each session the host holds for ``graph``."""
+    stats = session_host.host_stats(host.address, host.key)
+    return sorted((s["instance"], s["users"]) for s in stats if s["graph"] == str(graph))
+
+
+def test_a_shared_session_answers_as_the_workers_own(host: session_host.HostProcess, lenet5: Path) -> None:
+    remote, local = _remote(lenet5, host), _local(lenet5)
+    assert remote.get_providers()[0] == "CPUExecutionProvider"
+    assert [(i.name, i.type, i.shape[1:]) for i in remote.get_inputs()] == [(INPUT_NAME, "tensor(uint8)", [32, 32, 1])]
+    # a batch of 1 first: the buffers start small, and the 64-image batch then outgrows both (its answers come back
+    # through the socket once, and through the grown buffer after)
+    for count in (1, 64, 64, 5):
+        images = _images(count, seed=count)
+        got = remote.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        want = local.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == w.shape == (count, 10)
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
+
+
+def test_workers_share_one_session_per_instance_and_the_last_to_go_closes_it(
+    host: session_host.HostProcess, lenet5: Path
+) -> None:
+    first, second, other = _remote(lenet5, host), _remote(lenet5, host), _remote(lenet5, host, instance=1)
+    assert _held(host, lenet5) == [(0, 2), (1, 1)]
+    assert first.host_pid == second.host_pid == host.process.pid
+    first.close()
+    assert _held(host, lenet5) == [(0, 1), (1, 1)]
+    del second, other  # dropped, as a worker drops an unloaded version: the references close them
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while _held(host, lenet5) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _held(host, lenet5) == []
+
+
+def test_concurrent_runs_from_several_connections_keep_their_answers_apart(
+    host: session_host.HostProcess, lenet5: Path
+) -> None:
+    local = _local(lenet5)
+    sessions = [_remote(lenet5, host, instance=i % 2) for i in range(4)]
+
+    def run(index: int) -> bool:
+        session = sessions[index % 4]
+        images = _images(1 + index % 9, seed=index)
+        got = session.run(["probabilities"], {INPUT_NAME: images})[0]
+        return bool(np.allclose(got, local.run(["probabilities"], {INPUT_NAME: images})[0], rtol=0, atol=1e-6))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(run, range(64)))
+
+
+def test_a_graph_the_host_cannot_open_fails_the_load_with_its_reason(
+    host: session_host.HostProcess, make_store: StoreFactory
+) -> None:
+    store = make_store(lenet5=[1])
+    stored = _latest(store, "lenet5")
+    stored.graph.write_bytes(b"not a graph")
+    with pytest.raises(ModelLoadError, match=r"ONNX Runtime cannot load .*model\.onnx: .*(INVALID_PROTOBUF|Protobuf)"):
+        load_model(store, stored, Settings(providers="cpu"))
+    assert [s for s in session_host.host_stats(host.address, host.key) if s["graph"] == str(stored.graph)] == []
+
+
+def test_a_version_loaded_where_a_host_runs_is_served_from_it(
+    host: session_host.HostProcess, model_store: ModelStore
+) -> None:
+    settings = Settings(providers="cpu", instances="2", workers=2)
+    model = load_model(model_store, _latest(model_store, "lenet5"), settings)
+    assert model.session_host == host.process.pid
+    assert all(isinstance(s, session_host.RemoteSession) for s in model.sessions) and model.instances == 2
+    assert model.threads == max(1, cpu_count() // 2)  # the host's sessions share every CPU, not the worker's share
+    images = _images(3)
+    answers = model.runner(1)(images)
+    expected = _local(model.stored.graph).run(list(model.output_names), {INPUT_NAME: images})
+    for got, want in zip(answers, expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_a_client_without_the_key_is_refused_and_the_host_goes_on(host: session_host.HostProcess, lenet5: Path) -> None:
+    with pytest.raises(AuthenticationError):
+        Client(host.address, "AF_UNIX", authkey=b"not the key")
+    assert _remote(lenet5, host).run(["probabilities"], {INPUT_NAME: _images(2)})[0].shape == (2, 10)
+
+
+def test_a_host_that_died_is_named_by_the_next_run(lenet5: Path) -> None:
+    with session_host.hosted() as started:
+        session = _remote(lenet5, started)
+        started.process.send_signal(signal.SIGKILL)
+        started.process.wait(10)
+        with pytest.raises(session_host.SessionHostGone, match="the session host stopped answering"):
+            session.run(["probabilities"], {INPUT_NAME: _images(1)})
+
+
+def test_the_host_goes_when_the_process_that_started_it_goes(tmp_path: Path) -> None:
+    """A server killed outright (SIGKILL: no atexit) leaves no host behind holding the GPU."""
+    script = textwrap.dedent("""
+        import sys, time
+        from service.runtime import session_host
+        print(session_host.start().process.pid, flush=True)
+        time.sleep(600)
+    """)
+    starter = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[3], stdout=subprocess.PIPE)
+    assert starter.stdout is not None
+    pid = int(starter.stdout.readline())
+    assert psutil.pid_exists(pid)
+    starter.kill()
+    starter.wait()
+    deadline = time.monotonic() + 15
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the session host outlived the process that started it"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "shared"),
+    [
+        ({"session_host": "auto", "workers": 4, "providers": "cpu"}, False),  # the CPU keeps its own sessions
+        ({"session_host": "auto", "workers": 4, "providers": "cuda"}, True),  # several workers on CUDA: one context
+        ({"session_host": "auto", "workers": 1, "providers": "cuda"}, False),  # one worker is already one context
+        ({"session_host": "shared", "workers": 1, "providers": "cpu"}, True),
+        ({"session_host": "worker", "workers": 4, "providers": "cuda"}, False),
+    ],
+)
+def test_where_the_sessions_live(overrides: dict[str, object], shared: bool) -> None:
+    assert session_host.shares_sessions(Settings(**overrides)) is shared  # type: ignore[arg-type]
