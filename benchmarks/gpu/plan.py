@@ -127,9 +127,12 @@ class Plan:
         return main + scaling
 
     def service_env(self, server: Server) -> dict[str, str]:
+        """On a GPU ``SESSION_HOST`` is the service's own (``auto``: one session host where WORKERS > 1); the dry run
+        asks for the host where WORKERS > 1 as well, so the CPU runs the topology the GPU measures."""
+        shared = {"SESSION_HOST": "shared"} if self.dry_run and server.workers > 1 else {}
         return {"MODELS": server.model, "PROVIDERS": self.providers, "WORKERS": str(server.workers),
                 "MAX_BATCH_SIZE": str(self.max_batch),
-                "MAX_IMAGES_PER_REQUEST": str(max(64, self.max_batch))}  # fmt: skip
+                "MAX_IMAGES_PER_REQUEST": str(max(64, self.max_batch))} | shared  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {

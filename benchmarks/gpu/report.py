@@ -196,7 +196,8 @@ def served(found: Found) -> list[str]:
              "| server cores | client cores |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     sweeps = []
     for server in found.get("served", []):
-        label = f"{server['model']} WORKERS={server['workers']} ({server.get('workers_resolved', '?')} running)"
+        shared = ", one session host" if server.get("session_host") else ""
+        label = f"{server['model']} WORKERS={server['workers']} ({server.get('workers_resolved', '?')} running{shared})"
         for r in server["runs"]:
             cells = [label, r["path"], r["concurrency"], f"{r['images_per_s']:.1f}", r["p50_ms"], r["p99_ms"],
                      f"{r['errors']} / {r['requests']}", r["mean_batch"], r["gpu_busy_mean_pct"], r["server_cores"],

@@ -215,8 +215,14 @@ def serve(store: ModelStore, server: Server, plan: Plan, pool: LoadPool, nvml: N
     began = time.perf_counter()
     log = logs / f"{server.model}-workers{server.workers}.log"
     with started(store, server.model, env, log, plan.start_timeout) as service:
-        record |= {"start_seconds": round(time.perf_counter() - began, 1), "workers_resolved": len(workers(service))}
-        say(f"{server.label}: ready in {record['start_seconds']} s with {record['workers_resolved']} worker(s)")
+        listed = {m["name"]: m for m in httpx.get(f"{service.url}/models", timeout=10).json()["models"]}
+        record |= {"start_seconds": round(time.perf_counter() - began, 1), "workers_resolved": len(workers(service)),
+                   "session_host": listed[server.model].get("session_host") is not None}  # fmt: skip
+        where = "in the session host" if record["session_host"] else "in each worker"
+        say(
+            f"{server.label}: ready in {record['start_seconds']} s with {record['workers_resolved']} worker(s), "
+            f"sessions {where}"
+        )
         if server.sweep:
             record["sweep"] = found = sweep(service, server.model, plan, nvml)
             say(f"{server.label} every batch size 1..{plan.max_batch}: {found['requests']} requests "

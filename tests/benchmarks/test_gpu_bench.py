@@ -49,6 +49,8 @@ def test_the_dry_run_measures_every_stage_on_the_cpu(tmp_path: Path) -> None:
         assert run["requests"] > 0 and run["errors"] == 0 and run["images_per_s"] > 0, run
         assert run["gpu_busy_mean_pct"] is None and run["gpu_reason"] and run["server_cores"] > 0
     assert [s["workers_resolved"] for s in found["served"]] == [2, 1, 1, 2]  # WORKERS=0 is one per CPU for LeNet-5
+    # WORKERS=2 runs one session host, as it would on a GPU; WORKERS=0 resolved to 2 on the CPU keeps its own
+    assert [s["session_host"] for s in found["served"]] == [False, False, False, True]
     sweep = found["served"][0]["sweep"]
     assert sweep["sizes_covered"] == sweep["sizes_wanted"] == 8 and sweep["errors"] == 0
     assert sweep["one_batch_per_request"] and sweep["ratio"] > 0
