@@ -22,6 +22,7 @@ import logging
 import os
 
 import bentoml
+from bentoml._internal.context import server_context
 
 from .frontends.app import create_app
 from .frontends.auth import BearerTokenMiddleware
@@ -57,8 +58,11 @@ def _configure_logging() -> None:
 _configure_logging()
 install_request_timeout()  # BentoML's timeout middleware kept every request's timer for the whole timeout
 settings = sized(get_settings())
-if shares_sessions(settings) and session_host.address() is None:  # the server's first process, before any worker
-    session_host.start()
+if server_context.worker_index is None:  # BentoML's first process, before it starts a worker (not in a worker)
+    if shares_sessions(settings):
+        session_host.start()
+    else:
+        session_host.forget()  # an address inherited from elsewhere is not this server's
 install_http_limits(settings)  # uvicorn's protocol with bounded heads, deadlines and a connection cap
 # the worker processes BentoML starts inherit this environment, and so agree on the count
 os.environ["WORKERS"] = str(settings.workers)

@@ -22,7 +22,8 @@ load it and closed when the last one lets it go. If the host dies, every worker 
 sessions: the server stops (an orchestrator restarts it) rather than answer 500s.
 
 Run as ``python -m service.runtime.session_host ADDRESS`` (the key in :data:`KEY_ENV`), it serves
-until its parent goes.
+until its ``stdin`` closes: the server closes it after its workers have stopped, and a server killed
+outright closes it too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import logging
 import math
 import mmap
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -52,6 +54,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from ..errors import ModelNotReady
 from ..settings import Settings
 from ..store import sessions
 from .cuda import CPU, CUDA, preload, unavailable_reason, wants_cuda
@@ -62,12 +65,14 @@ ADDRESS_ENV = "CNN_SESSION_HOST"  # the host's Unix socket, set for the workers 
 KEY_ENV = "CNN_SESSION_HOST_KEY"  # its authentication key (hex)
 READY_LINE = "session host listening"
 START_TIMEOUT_S = 120.0
-PARENT_POLL_S = 1.0
 Providers = list[str | tuple[str, dict[str, str]]]
 
 
-class SessionHostGone(RuntimeError):
-    """The host holding this worker's sessions no longer answers."""
+class SessionHostGone(ModelNotReady):
+    """The host holding this worker's sessions no longer answers (the server stops where the host died): 503, safe
+    to send again."""
+
+    retry_after = 1
 
 
 class NodeArg(NamedTuple):
@@ -120,9 +125,9 @@ def open_session(graph: Path, options: ort.SessionOptions, providers: Providers,
         if providers[0] != CPU:
             preload()  # once per process: a no-op after the first
         return ort.InferenceSession(str(graph), options, providers=providers)
-    spec = OpenSpec(str(graph), instance, providers, options.intra_op_num_threads, options.inter_op_num_threads,
-                    options.get_session_config_entry("session.intra_op.allow_spinning") == "1",
-                    options.enable_cpu_mem_arena)  # fmt: skip
+    spinning = options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    spec = OpenSpec(str(graph.resolve()), instance, providers, options.intra_op_num_threads,
+                    options.inter_op_num_threads, spinning, options.enable_cpu_mem_arena)  # fmt: skip
     return RemoteSession(spec, *found)
 
 
@@ -139,14 +144,24 @@ class _Buffer:
 
     def __init__(self, size: int) -> None:
         self.size = max(size, mmap.PAGESIZE)
-        self.fd = os.memfd_create("cnn-session", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.size)
-        self.map = mmap.mmap(self.fd, self.size)
+        self.fd: int | None = os.memfd_create("cnn-session", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, self.size)
+            self.map = mmap.mmap(self.fd, self.size)  # which keeps a descriptor of its own
+        except OSError:
+            self.sent()
+            raise
+
+    def sent(self) -> None:
+        """The host has its own descriptor now: this one is not needed (one fewer open file per buffer)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def close(self) -> None:
+        self.sent()
         with contextlib.suppress(BufferError):  # a view still held: the mapping goes with the last one
             self.map.close()
-        os.close(self.fd)
 
 
 def _grown(size: int) -> int:
@@ -167,31 +182,42 @@ def _views(buffer: mmap.mmap, places: Sequence[tuple[str, tuple[int, ...], int]]
 
 
 class RemoteSession:
-    """A session held by the host, as this worker runs it: one connection, two shared buffers, one run at a time."""
+    """A session held by the host, as this worker runs it: one connection, two shared buffers, one run at a time.
+
+    A connection that breaks while the host lives on (the host could not take a buffer, say) is opened again once
+    by the next run; where that fails too, the run raises :class:`SessionHostGone` (503)."""
 
     def __init__(self, spec: OpenSpec, where: str, key: bytes) -> None:
-        self.spec, self._lock = spec, threading.Lock()
-        try:
-            self._connection = Client(where, "AF_UNIX", authkey=key)
-        except OSError as exc:
-            raise SessionHostGone(f"cannot reach the session host at {where}: {exc}") from None
+        self.spec, self._where, self._key, self._lock = spec, where, key, threading.Lock()
         self._inputs: _Buffer | None = None
         self._outputs: _Buffer | None = None
-        self._buffers: list[_Buffer] = []  # what the finalizer closes: the buffers in use
-        reply = self._ask(("open", spec))
-        if reply[0] != "opened":
-            self._connection.close()
-            raise RuntimeError(reply[1])
+        self._state: list[Any] = [None, []]  # what the finalizer closes: the connection, the buffers in use
+        reply = self._connect()
         _, self._providers, inputs, outputs, self.cuda_unavailable, self.host_pid = reply
         self._input_args = [NodeArg(*i) for i in inputs]
         self._output_args = [NodeArg(*o) for o in outputs]
-        self._finalizer = weakref.finalize(self, RemoteSession._release, self._connection, self._buffers)
+        self._finalizer = weakref.finalize(self, RemoteSession._release, self._state)
+
+    def _connect(self) -> tuple[Any, ...]:
+        """A new connection with the session open on it (and no buffers yet): the host's "opened" reply."""
+        try:
+            connection = Client(self._where, "AF_UNIX", authkey=self._key)
+        except (OSError, EOFError) as exc:
+            raise SessionHostGone(f"cannot reach the session host at {self._where}: {exc}") from None
+        self._state[0] = connection
+        reply = self._ask(("open", self.spec))
+        if reply[0] != "opened":
+            connection.close()
+            raise RuntimeError(reply[1])
+        return reply
 
     @staticmethod
-    def _release(connection: Connection, buffers: list[_Buffer]) -> None:
-        connection.close()  # the host lets its session go with the last connection to it
-        for buffer in buffers:
+    def _release(state: list[Any]) -> None:
+        if state[0] is not None:
+            state[0].close()  # the host lets its session go with the last connection to it
+        for buffer in state[1]:
             buffer.close()
+        state[1].clear()
 
     def close(self) -> None:
         self._finalizer()
@@ -206,11 +232,12 @@ class RemoteSession:
         return list(self._providers)
 
     def _ask(self, message: tuple[Any, ...], *handles: int) -> tuple[Any, ...]:
+        connection: Connection = self._state[0]
         try:
-            self._connection.send(message)
+            connection.send(message)
             for handle in handles:
-                send_handle(self._connection, handle, 0)
-            reply: tuple[Any, ...] = self._connection.recv()
+                send_handle(connection, handle, 0)
+            reply: tuple[Any, ...] = connection.recv()
         except (OSError, EOFError) as exc:
             raise SessionHostGone(f"the session host stopped answering ({type(exc).__name__}: {exc})") from None
         return reply
@@ -219,33 +246,56 @@ class RemoteSession:
         """Buffers that hold ``inputs`` and ``outputs`` bytes: new ones (powers of two) sent to the host where these
         are too small."""
         if self._inputs is None or self._outputs is None or self._inputs.size < inputs or self._outputs.size < outputs:
-            fresh = (_Buffer(_grown(max(inputs, self._inputs.size if self._inputs else 0))),
-                     _Buffer(_grown(max(outputs, self._outputs.size if self._outputs else 0))))  # fmt: skip
-            reply = self._ask(("buffers", fresh[0].size, fresh[1].size), fresh[0].fd, fresh[1].fd)
-            if reply[0] != "ok":
-                raise RuntimeError(reply[1])
-            old = [b for b in (self._inputs, self._outputs) if b is not None]
-            self._inputs, self._outputs = fresh
-            self._buffers[:] = fresh
-            for buffer in old:
+            sizes = (_grown(max(inputs, self._inputs.size if self._inputs else 0)),
+                     _grown(max(outputs, self._outputs.size if self._outputs else 0)))  # fmt: skip
+            fresh = [_Buffer(sizes[0])]
+            try:
+                fresh.append(_Buffer(sizes[1]))
+                reply = self._ask(("buffers", *sizes), *[b.fd for b in fresh if b.fd is not None])
+                if reply[0] != "ok":
+                    raise RuntimeError(f"the session host could not take the buffers: {reply[1]}")
+            except BaseException:
+                for buffer in fresh:
+                    buffer.close()
+                raise
+            for buffer in self._state[1]:
                 buffer.close()
+            for buffer in fresh:
+                buffer.sent()
+            self._inputs, self._outputs = fresh
+            self._state[1][:] = fresh
         return self._inputs, self._outputs
+
+    def _reopen(self) -> None:
+        """After a broken connection: drop it and its buffers, and open the session on a new one."""
+        RemoteSession._release(self._state)
+        self._inputs = self._outputs = None
+        self._connect()
+        logger.warning("%s instance %d: its connection to the session host broke; opened again",
+                       self.spec.graph, self.spec.instance)  # fmt: skip
 
     def run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """``InferenceSession.run``: the feeds copied into the shared buffer, the outputs copied out of it."""
+        with self._lock:
+            try:
+                return self._run(output_names, feeds)
+            except SessionHostGone:
+                self._reopen()  # a host that is gone fails this too (SessionHostGone), and the server stops
+                return self._run(output_names, feeds)
+
+    def _run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names, arrays = list(feeds), [np.ascontiguousarray(a) for a in feeds.values()]
         places, size = _layout(arrays)
-        with self._lock:
-            inputs, outputs = self._room(size, self._outputs.size if self._outputs is not None else size)
-            for view, array in zip(_views(inputs.map, places), arrays, strict=True):
-                view[...] = array
-            reply = self._ask(("run", list(output_names), list(zip(names, places, strict=True))))
-            if reply[0] == "error":
-                raise RuntimeError(reply[1])
-            if reply[0] == "inline":  # the answers did not fit: the next run has room for them
-                self._room(size, reply[2])
-                return list(reply[1])
-            return [view.copy() for view in _views(outputs.map, reply[1])]
+        inputs, outputs = self._room(size, self._outputs.size if self._outputs is not None else size)
+        for view, array in zip(_views(inputs.map, places), arrays, strict=True):
+            view[...] = array
+        reply = self._ask(("run", list(output_names), list(zip(names, places, strict=True))))
+        if reply[0] == "error":  # ONNX Runtime's message (an out-of-memory is read from it), or a MemoryError
+            raise (MemoryError if reply[2] else RuntimeError)(reply[1])
+        if reply[0] == "inline":  # the answers did not fit: the next run has room for them
+            self._room(size, reply[2])
+            return list(reply[1])
+        return [view.copy() for view in _views(outputs.map, reply[1])]
 
 
 # -- the host's side ---------------------------------------------------------------------------
@@ -253,9 +303,13 @@ class RemoteSession:
 
 @dataclass
 class _Held:
-    session: ort.InferenceSession
+    """One shared session: opened by its first user while the others wait on ``opened``."""
+
+    session: ort.InferenceSession | None = None
     users: int = 0
     runs: int = 0
+    failure: str | None = None
+    opened: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -264,50 +318,65 @@ class SessionHost:
 
     sessions: dict[tuple[Any, ...], _Held] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _opening: dict[tuple[Any, ...], threading.Lock] = field(default_factory=dict)
 
     def acquire(self, spec: OpenSpec) -> tuple[tuple[Any, ...], _Held]:
+        """The session for ``spec``: opened here by the first to ask (outside the lock), shared by the others (who
+        wait for that open, and fail with it)."""
         key = spec.key()
         with self._lock:
-            opening = self._opening.setdefault(key, threading.Lock())
-        with opening:  # two workers loading the same version: one opens it, the other waits and shares it
-            with self._lock:
-                held = self.sessions.get(key)
+            held = self.sessions.get(key)
+            opener = held is None
             if held is None:
+                held = self.sessions[key] = _Held()
+            held.users += 1
+        if opener:
+            try:
                 options = sessions.session_options(spec.threads, spec.inter_op_threads, spinning=spec.spinning,
                                                    cpu_arena=spec.cpu_arena)  # fmt: skip
-                held = _Held(ort.InferenceSession(spec.graph, options, providers=spec.providers))
+                held.session = ort.InferenceSession(spec.graph, options, providers=spec.providers)
                 logger.info("session host: opened %s instance %d on %s", spec.graph, spec.instance,
                             held.session.get_providers()[0])  # fmt: skip
-            with self._lock:
-                held.users += 1
-                self.sessions[key] = held
+            except Exception as exc:
+                held.failure = f"{type(exc).__name__}: {exc}"
+                with self._lock:  # the next to ask tries again
+                    if self.sessions.get(key) is held:
+                        del self.sessions[key]
+            held.opened.set()
+        held.opened.wait()
+        if held.session is None:
+            self.release(key, held)
+            raise RuntimeError(held.failure)
         return key, held
 
-    def release(self, key: tuple[Any, ...]) -> None:
+    def release(self, key: tuple[Any, ...], held: _Held) -> None:
+        """One user fewer; the last one closes the session (this one, not a newer one opened under the same key)."""
         with self._lock:
-            held = self.sessions[key]
             held.users -= 1
-            if held.users == 0:
+            if held.users == 0 and self.sessions.get(key) is held:
                 del self.sessions[key]
-                self._opening.pop(key, None)
-                logger.info("session host: closed %s instance %d after %d runs", key[0], key[4], held.runs)
+                if held.session is not None:
+                    logger.info("session host: closed %s instance %d after %d runs", key[0], key[4], held.runs)
 
     def stats(self) -> list[dict[str, Any]]:
         with self._lock:
             return [{"graph": key[0], "instance": key[4], "users": held.users, "runs": held.runs}
-                    for key, held in self.sessions.items()]  # fmt: skip
+                    for key, held in self.sessions.items() if held.session is not None]  # fmt: skip
 
     def serve(self, listener: Listener, authkey: bytes) -> None:
         """Each connection in its own thread, the handshake included: a client that stalls in it holds up no other."""
         while True:
-            connection = listener.accept()  # a Listener without a key: the thread checks it
+            try:
+                connection = listener.accept()  # a Listener without a key: the thread checks it
+            except OSError as exc:  # out of file descriptors, say: the connections held go on, a new one waits
+                logger.error("session host: cannot accept a connection (%s); trying again in 1 s", exc)
+                time.sleep(1.0)
+                continue
             threading.Thread(target=self.client, args=(connection, authkey), name="session-client", daemon=True).start()
 
     def client(self, connection: Connection, authkey: bytes) -> None:
-        """One worker's session, until it closes its connection (or dies)."""
-        key: tuple[Any, ...] | None = None
-        held: _Held | None = None
+        """One worker's session, until it closes its connection (or dies). A request that fails is answered with
+        the failure; the connection closes only where it cannot go on."""
+        opened: tuple[tuple[Any, ...], _Held] | None = None
         maps: list[mmap.mmap] = []
         try:
             try:
@@ -321,53 +390,68 @@ class SessionHost:
                     message = connection.recv()
                 except (EOFError, OSError):
                     return
-                if message[0] == "stats":
-                    connection.send(("stats", self.stats()))
-                elif message[0] == "open" and held is None:
-                    key, held = self._open(connection, message[1])
-                    if key is None:
-                        return
-                elif message[0] == "buffers":
-                    fds = [recv_handle(connection) for _ in range(2)]
-                    for buffer in maps:
-                        buffer.close()
-                    maps = [mmap.mmap(fd, size) for fd, size in zip(fds, message[1:], strict=True)]
-                    for fd in fds:
-                        os.close(fd)  # the mappings keep the memory
-                    connection.send(("ok",))
-                elif message[0] == "run" and held is not None and len(maps) == 2:
-                    connection.send(self._run(held, maps, message[1], message[2]))
-                else:
-                    connection.send(("error", f"the session host cannot do {message[0]!r} now"))
+                try:
+                    if message[0] == "buffers":  # the descriptors follow the message: read them whatever happens
+                        maps = self._map(connection, message[1:], maps)
+                        reply: tuple[Any, ...] = ("ok",)
+                    elif message[0] == "stats":
+                        reply = ("stats", self.stats())
+                    elif message[0] == "open" and opened is None:
+                        opened = self.acquire(message[1])
+                        reply = self._describe(message[1], opened[1])
+                    elif message[0] == "run" and opened is not None and len(maps) == 2:
+                        reply = self._run(opened[1], maps, message[1], message[2])
+                    else:
+                        reply = ("error", f"the session host cannot do {message[0]!r} now", False)
+                except Exception as exc:  # the worker gets the reason (a load failure, a buffer it cannot map)
+                    reply = ("failed" if message[0] == "open" else "error", f"{type(exc).__name__}: {exc}", False)
+                try:
+                    connection.send(reply)
+                except (OSError, ValueError) as exc:  # the worker is gone, or the answer cannot be sent
+                    logger.warning("session host: a connection ended: %s", exc)
+                    return
         finally:
             connection.close()
             for buffer in maps:
                 with contextlib.suppress(BufferError):
                     buffer.close()
-            if key is not None:
-                self.release(key)
+            if opened is not None:
+                self.release(*opened)
 
-    def _open(self, connection: Connection, spec: OpenSpec) -> tuple[tuple[Any, ...] | None, _Held | None]:
+    @staticmethod
+    def _map(connection: Connection, sizes: Sequence[int], old: list[mmap.mmap]) -> list[mmap.mmap]:
+        """The worker's two new buffers, mapped (each descriptor closed once mapped: the mapping keeps its own)."""
+        fds = []
         try:
-            key, held = self.acquire(spec)
-        except Exception as exc:  # ORT's own types: the worker reports it as the version's load failure
-            connection.send(("failed", f"{type(exc).__name__}: {exc}"))
-            return None, None
+            for _ in sizes:
+                fds.append(recv_handle(connection))
+            maps = [mmap.mmap(fd, size) for fd, size in zip(fds, sizes, strict=True)]
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for buffer in old:
+            with contextlib.suppress(BufferError):
+                buffer.close()
+        return maps
+
+    @staticmethod
+    def _describe(spec: OpenSpec, held: _Held) -> tuple[Any, ...]:
         session = held.session
+        assert session is not None
         provider = session.get_providers()[0]
         reason = unavailable_reason() if spec.providers[0] != CPU and provider != CUDA else ""
         inputs, outputs = ([(a.name, a.type, list(a.shape)) for a in args]
                            for args in (session.get_inputs(), session.get_outputs()))  # fmt: skip
-        connection.send(("opened", session.get_providers(), inputs, outputs, reason, os.getpid()))
-        return key, held
+        return ("opened", session.get_providers(), inputs, outputs, reason, os.getpid())
 
     @staticmethod
     def _run(held: _Held, maps: list[mmap.mmap], names: list[str], feeds: list[tuple[str, Any]]) -> tuple[Any, ...]:
+        assert held.session is not None
         try:
             arrays = _views(maps[0], [place for _, place in feeds])
             outputs = held.session.run(names, {name: array for (name, _), array in zip(feeds, arrays, strict=True)})
         except Exception as exc:  # the worker's batcher sees the message (an out-of-memory is read from it)
-            return ("error", f"{type(exc).__name__}: {exc}")
+            return ("error", f"{type(exc).__name__}: {exc}", isinstance(exc, MemoryError))
         held.runs += 1  # read for the log and the stats only
         places, size = _layout(outputs)
         if size > len(maps[1]):
@@ -390,7 +474,7 @@ def host_stats(where: str, key: bytes) -> list[dict[str, Any]]:
 
 @dataclass
 class HostProcess:
-    """The host, as the process that started it sees it."""
+    """The host, as the process that started it sees it: closing its ``stdin`` is what stops it."""
 
     process: subprocess.Popen[bytes]
     address: str
@@ -399,32 +483,44 @@ class HostProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping = True
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        with contextlib.suppress(OSError):
-            os.unlink(self.address)
-            os.rmdir(os.path.dirname(self.address))
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        _remove(self.address)
+
+
+def _remove(where: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(where)
+    with contextlib.suppress(OSError):
+        os.rmdir(os.path.dirname(where))
 
 
 def start(*, stop_server_on_exit: bool = True) -> HostProcess:
     """Start the host (it reads the server's settings from the environment, as the workers do), wait until it
     listens, and give its address and key to the processes started after this one (the workers) through the
-    environment. Where the host later exits before the server stops, the server
-    stops with it (``SIGTERM`` to this process: its workers' sessions were all there)."""
+    environment. Where the host later exits before the server stops, the server stops with it (``SIGTERM`` to this
+    process: its workers' sessions were all there).
+
+    The host runs in a session of its own and ignores SIGINT and SIGTERM: a Ctrl-C or a stop sent to the whole
+    group (or cgroup) reaches the server, whose workers drain their requests through the host before it stops
+    the host by closing the host's ``stdin`` (which a server killed outright closes too)."""
     key = os.urandom(32)
     where = os.path.join(tempfile.mkdtemp(prefix="cnn-sessions-"), "host.sock")
     environment = {**os.environ, KEY_ENV: key.hex()}
     environment.pop(ADDRESS_ENV, None)
     process = subprocess.Popen(
-        [sys.executable, "-m", __name__, where, str(os.getpid())],
+        [sys.executable, "-m", __name__, where],
         cwd=Path(__file__).resolve().parents[2],
         env=environment,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
+        start_new_session=True,
     )
     host = HostProcess(process, where, key)
     assert process.stdout is not None
@@ -442,6 +538,12 @@ def start(*, stop_server_on_exit: bool = True) -> HostProcess:
         threading.Thread(target=_stop_server_with, args=(host,), name="session-host-watch", daemon=True).start()
     logger.info("SESSION_HOST=shared: the session host (pid %d) holds every worker's sessions", process.pid)
     return host
+
+
+def forget() -> None:
+    """This process starts no host: its workers must not use one whose address they inherited."""
+    for name in (ADDRESS_ENV, KEY_ENV):
+        os.environ.pop(name, None)
 
 
 def _stop_server_with(host: HostProcess) -> None:
@@ -469,16 +571,22 @@ def hosted() -> Iterator[HostProcess]:
                 os.environ[name] = value
 
 
-def _watch_parent(parent: int) -> None:
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    os._exit(0)  # the server that started this host is gone (even if it was killed): so is every client
+def _until_stdin_closes(where: str) -> None:
+    while os.read(sys.stdin.fileno(), 4096):
+        pass
+    _remove(where)
+    os._exit(0)  # the server closed it (or is gone, even killed outright): so is every client
 
 
 def main(argv: Sequence[str]) -> int:
-    where, parent = argv[0], int(argv[1])
+    where = argv[0]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] [%(name)s] %(message)s")
-    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # the server stops the host, after its workers (see start)
+        signal.signal(stop, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # three descriptors per worker's session: the default 1,024 runs out at about 340
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    threading.Thread(target=_until_stdin_closes, args=(where,), name="stdin-watch", daemon=True).start()
     if wants_cuda(Settings()):  # the server's settings, from the environment it passed on
         preload()  # before any session: CUDA's libraries from NVIDIA's wheels
     host = SessionHost()

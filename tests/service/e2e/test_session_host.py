@@ -4,6 +4,7 @@ server that stops, rather than answer errors, when that process dies."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,3 +87,18 @@ def test_the_server_stops_when_its_session_host_dies(model_store: ModelStore, tm
         assert server.process is not None
         wait_until(lambda: server.process is not None and server.process.poll() is not None, 60, "the server stopped")
         assert f"the session host (pid {host.pid}) exited with code -9" in server.log_path.read_text()
+
+
+def test_ctrl_c_stops_the_server_and_then_its_host(model_store: ModelStore, tmp_path: Path) -> None:
+    """SIGINT to the server's whole process group, as a terminal's Ctrl-C sends it: the workers drain and stop, then
+    the server stops the host; nothing reports the host as having died."""
+    with running(Path(model_store.root), tmp_path / "ctrl-c.log", WORKERS="1", SESSION_HOST="shared",
+                 MODELS="lenet5") as server:  # fmt: skip
+        host = _host(server)
+        assert server.process is not None
+        os.killpg(server.process.pid, signal.SIGINT)
+        wait_until(lambda: server.process is not None and server.process.poll() is not None, 60, "the server stopped")
+        wait_until(lambda: not psutil.pid_exists(host.pid) or host.status() == psutil.STATUS_ZOMBIE, 15,
+                   "the host stopped")  # fmt: skip
+    log = server.log_path.read_text()
+    assert "session host" in log and "exited with code" not in log

@@ -27,6 +27,7 @@ from service.store.host import cpu_count
 from service.store.layout import ModelStore, StoredVersion
 from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
 
+from ...helpers import wait_until
 from .harness import StoreFactory
 
 CPU = ["CPUExecutionProvider"]
@@ -147,13 +148,76 @@ def test_a_client_without_the_key_is_refused_and_the_host_goes_on(host: session_
     assert _remote(lenet5, host).run(["probabilities"], {INPUT_NAME: _images(2)})[0].shape == (2, 10)
 
 
-def test_a_host_that_died_is_named_by_the_next_run(lenet5: Path) -> None:
+def test_a_host_that_died_is_named_by_the_next_run_as_a_503(lenet5: Path) -> None:
     with session_host.hosted() as started:
         session = _remote(lenet5, started)
         started.process.send_signal(signal.SIGKILL)
         started.process.wait(10)
-        with pytest.raises(session_host.SessionHostGone, match="the session host stopped answering"):
+        with pytest.raises(session_host.SessionHostGone, match="cannot reach the session host at") as raised:
             session.run(["probabilities"], {INPUT_NAME: _images(1)})
+        assert raised.value.status_code == 503 and raised.value.retry_after == 1  # safe to send again
+
+
+def test_a_broken_connection_is_opened_again_by_the_next_run(host: session_host.HostProcess, lenet5: Path) -> None:
+    session, images = _remote(lenet5, host, instance=3), _images(4)
+    before = session.run(["probabilities"], {INPUT_NAME: images})[0]
+    session._state[0].close()  # the connection ends under the session (as where the host's side of it failed)
+    after = session.run(["probabilities"], {INPUT_NAME: images})[0]
+    np.testing.assert_array_equal(after, before)
+    wait_until(lambda: (3, 1) in _held(host, lenet5), 10, "the old connection released, the new one holding")
+
+
+def test_the_host_ignores_a_stop_signal_until_its_server_closes_its_stdin(lenet5: Path) -> None:
+    """A Ctrl-C or a stop sent to every process reaches the server, whose workers still need the host to drain."""
+    with session_host.hosted() as started:
+        session = _remote(lenet5, started)
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            started.process.send_signal(stop)
+        time.sleep(0.5)
+        assert session.run(["probabilities"], {INPUT_NAME: _images(1)})[0].shape == (1, 10)
+        started.stop()
+        assert started.process.returncode == 0
+        assert not Path(started.address).parent.exists()  # its socket and private directory removed
+
+
+def test_sessions_opened_and_closed_at_once_by_many_never_open_a_graph_twice(
+    lenet5: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers loading and unloading one version at the same moment (on demand, say): a graph and instance is
+    opened only where the host holds no session of it, and each release takes only its own."""
+    real, opened, twice = ort.InferenceSession, [0], []
+    host, spec = session_host.SessionHost(), session_host.OpenSpec(str(lenet5), 0, list(CPU), threads=1)
+
+    class Counted(real):  # type: ignore[misc, valid-type]  # ONNX Runtime's own session, counted
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            time.sleep(0.01)  # a wider window between looking a session up and opening one
+            super().__init__(*args, **kwargs)
+            opened[0] += 1
+            twice.extend(held for held in list(host.sessions.values()) if held.session is not None)
+
+    monkeypatch.setattr(session_host.ort, "InferenceSession", Counted)
+
+    def churn(_: int) -> None:
+        for _ in range(20):
+            key, held = host.acquire(spec)
+            host.release(key, held)
+
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(churn, range(6)))  # a release that took another's session would raise here (KeyError)
+    assert host.sessions == {} and opened[0] >= 1
+    assert twice == []
+
+
+def test_a_graph_that_fails_to_open_fails_every_waiter_and_is_tried_again(tmp_path: Path) -> None:
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"not a graph")
+    host, spec = session_host.SessionHost(), session_host.OpenSpec(str(graph), 0, list(CPU), threads=1)
+    with ThreadPoolExecutor(3) as pool:
+        failures = [pool.submit(host.acquire, spec) for _ in range(3)]
+        for failure in failures:
+            with pytest.raises(RuntimeError, match=r"INVALID_PROTOBUF|Protobuf"):
+                failure.result()
+    assert host.sessions == {}
 
 
 def test_the_host_goes_when_the_process_that_started_it_goes(tmp_path: Path) -> None:
