@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceOutOfMemory, Overloaded, Stranded
+from ..errors import DeviceOutOfMemory, Overloaded, ServiceError, Stranded
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +245,8 @@ class DynamicBatcher:
         except Exception as exc:
             if out_of_memory(exc):
                 exc = self._shrink(size, shape, exc)
+            elif isinstance(exc, ServiceError):  # says what went wrong and what the client gets (the session host)
+                logger.warning("%s: a batch of %d failed: %s", self.name, size, exc)
             else:
                 logger.exception("%s: inference failed for a batch of %d", self.name, size)
             for pending in batch:

@@ -144,13 +144,16 @@ class _Buffer:
 
     def __init__(self, size: int) -> None:
         self.size = max(size, mmap.PAGESIZE)
-        self.fd: int | None = os.memfd_create("cnn-session", os.MFD_CLOEXEC)
+        try:
+            self.fd: int | None = os.memfd_create("cnn-session", os.MFD_CLOEXEC)
+        except OSError as exc:
+            raise MemoryError(f"no memory file for a batch of {self.size} bytes: {exc}") from None
         try:
             os.ftruncate(self.fd, self.size)
             self.map = mmap.mmap(self.fd, self.size)  # which keeps a descriptor of its own
-        except OSError:
+        except OSError as exc:  # out of memory, or of descriptors: the batcher shrinks its batches and answers 503
             self.sent()
-            raise
+            raise MemoryError(f"no shared memory for a batch of {self.size} bytes: {exc}") from None
 
     def sent(self) -> None:
         """The host has its own descriptor now: this one is not needed (one fewer open file per buffer)."""
@@ -192,35 +195,40 @@ class RemoteSession:
         self._inputs: _Buffer | None = None
         self._outputs: _Buffer | None = None
         self._state: list[Any] = [None, []]  # what the finalizer closes: the connection, the buffers in use
-        reply = self._connect()
+        self._state[0], reply = self._connect()
         _, self._providers, inputs, outputs, self.cuda_unavailable, self.host_pid = reply
         self._input_args = [NodeArg(*i) for i in inputs]
         self._output_args = [NodeArg(*o) for o in outputs]
         self._finalizer = weakref.finalize(self, RemoteSession._release, self._state)
 
-    def _connect(self) -> tuple[Any, ...]:
-        """A new connection with the session open on it (and no buffers yet): the host's "opened" reply."""
+    def _connect(self) -> tuple[Connection, tuple[Any, ...]]:
+        """A new connection with the session open on it (and no buffers yet), and the host's "opened" reply."""
         try:
             connection = Client(self._where, "AF_UNIX", authkey=self._key)
         except (OSError, EOFError) as exc:
             raise SessionHostGone(f"cannot reach the session host at {self._where}: {exc}") from None
-        self._state[0] = connection
-        reply = self._ask(("open", self.spec))
-        if reply[0] != "opened":
+        try:
+            reply = self._ask(("open", self.spec), connection=connection)
+            if reply[0] != "opened":
+                raise RuntimeError(reply[1])
+        except BaseException:
             connection.close()
-            raise RuntimeError(reply[1])
-        return reply
+            raise
+        return connection, reply
 
     @staticmethod
     def _release(state: list[Any]) -> None:
         if state[0] is not None:
             state[0].close()  # the host lets its session go with the last connection to it
+            state[0] = None
         for buffer in state[1]:
             buffer.close()
         state[1].clear()
 
     def close(self) -> None:
-        self._finalizer()
+        """Let the session go now (else it goes with the last reference); a run after this raises."""
+        with self._lock:
+            self._finalizer()
 
     def get_inputs(self) -> list[NodeArg]:
         return self._input_args
@@ -231,8 +239,10 @@ class RemoteSession:
     def get_providers(self) -> list[str]:
         return list(self._providers)
 
-    def _ask(self, message: tuple[Any, ...], *handles: int) -> tuple[Any, ...]:
-        connection: Connection = self._state[0]
+    def _ask(self, message: tuple[Any, ...], *handles: int, connection: Connection | None = None) -> tuple[Any, ...]:
+        connection = connection or self._state[0]
+        if connection is None:
+            raise SessionHostGone("this session was closed")
         try:
             connection.send(message)
             for handle in handles:
@@ -252,8 +262,8 @@ class RemoteSession:
             try:
                 fresh.append(_Buffer(sizes[1]))
                 reply = self._ask(("buffers", *sizes), *[b.fd for b in fresh if b.fd is not None])
-                if reply[0] != "ok":
-                    raise RuntimeError(f"the session host could not take the buffers: {reply[1]}")
+                if reply[0] != "ok":  # not from this host (it ends a connection whose buffers fail): start again
+                    raise SessionHostGone(f"the session host could not take the buffers: {reply[1:]}")
             except BaseException:
                 for buffer in fresh:
                     buffer.close()
@@ -267,10 +277,13 @@ class RemoteSession:
         return self._inputs, self._outputs
 
     def _reopen(self) -> None:
-        """After a broken connection: drop it and its buffers, and open the session on a new one."""
+        """After a broken connection: open the session on a new one first (so that where this worker was its only
+        user the host keeps it open), then drop the old one and its buffers."""
+        if not self._finalizer.alive:
+            raise SessionHostGone("this session was closed")
+        connection, _ = self._connect()
         RemoteSession._release(self._state)
-        self._inputs = self._outputs = None
-        self._connect()
+        self._state[0], self._inputs, self._outputs = connection, None, None
         logger.warning("%s instance %d: its connection to the session host broke; opened again",
                        self.spec.graph, self.spec.instance)  # fmt: skip
 
@@ -333,15 +346,19 @@ class SessionHost:
             try:
                 options = sessions.session_options(spec.threads, spec.inter_op_threads, spinning=spec.spinning,
                                                    cpu_arena=spec.cpu_arena)  # fmt: skip
-                held.session = ort.InferenceSession(spec.graph, options, providers=spec.providers)
-                logger.info("session host: opened %s instance %d on %s", spec.graph, spec.instance,
-                            held.session.get_providers()[0])  # fmt: skip
-            except Exception as exc:
+                session = ort.InferenceSession(spec.graph, options, providers=spec.providers)
+                provider = session.get_providers()[0]
+                held.session = session
+                logger.info("session host: opened %s instance %d on %s", spec.graph, spec.instance, provider)
+            except BaseException as exc:
                 held.failure = f"{type(exc).__name__}: {exc}"
                 with self._lock:  # the next to ask tries again
                     if self.sessions.get(key) is held:
                         del self.sessions[key]
-            held.opened.set()
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                held.opened.set()  # whatever happened: no one waits for it for ever
         held.opened.wait()
         if held.session is None:
             self.release(key, held)
@@ -371,7 +388,12 @@ class SessionHost:
                 logger.error("session host: cannot accept a connection (%s); trying again in 1 s", exc)
                 time.sleep(1.0)
                 continue
-            threading.Thread(target=self.client, args=(connection, authkey), name="session-client", daemon=True).start()
+            try:
+                threading.Thread(target=self.client, args=(connection, authkey), name="session-client",
+                                 daemon=True).start()  # fmt: skip
+            except RuntimeError as exc:  # no thread to be had: that worker finds the connection closed
+                logger.error("session host: cannot serve a connection (%s)", exc)
+                connection.close()
 
     def client(self, connection: Connection, authkey: bytes) -> None:
         """One worker's session, until it closes its connection (or dies). A request that fails is answered with
@@ -390,9 +412,14 @@ class SessionHost:
                     message = connection.recv()
                 except (EOFError, OSError):
                     return
-                try:
-                    if message[0] == "buffers":  # the descriptors follow the message: read them whatever happens
+                if message[0] == "buffers":  # the descriptors follow the message
+                    try:
                         maps = self._map(connection, message[1:], maps)
+                    except Exception as exc:  # a descriptor left unread would be read as the next message
+                        logger.warning("session host: cannot map a worker's buffers (%s); its connection ends", exc)
+                        return
+                try:
+                    if message[0] == "buffers":
                         reply: tuple[Any, ...] = ("ok",)
                     elif message[0] == "stats":
                         reply = ("stats", self.stats())
@@ -527,11 +554,15 @@ def start(*, stop_server_on_exit: bool = True) -> HostProcess:
     ready, deadline = b"", time.monotonic() + START_TIMEOUT_S
     while READY_LINE.encode() not in ready:
         if process.poll() is not None or time.monotonic() > deadline:
+            sys.stderr.write(ready.decode(errors="replace"))
             host.stop()
             raise RuntimeError(f"the session host did not start (exit code {process.returncode}); its log says why")
         if select.select([process.stdout], [], [], 0.1)[0]:
             ready += os.read(process.stdout.fileno(), 4096)
     process.stdout.close()
+    printed = ready.decode(errors="replace").replace(f"{READY_LINE}\n", "")
+    if printed.strip():  # what it printed before (a library's own output): into the server's log
+        sys.stderr.write(printed)
     os.environ[ADDRESS_ENV], os.environ[KEY_ENV] = where, key.hex()
     atexit.register(host.stop)
     if stop_server_on_exit:

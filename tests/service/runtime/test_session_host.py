@@ -4,6 +4,7 @@ shared memory. Real ONNX Runtime sessions of the exported models, a real host pr
 from __future__ import annotations
 
 import gc
+import mmap
 import signal
 import subprocess
 import sys
@@ -165,6 +166,19 @@ def test_a_broken_connection_is_opened_again_by_the_next_run(host: session_host.
     after = session.run(["probabilities"], {INPUT_NAME: images})[0]
     np.testing.assert_array_equal(after, before)
     wait_until(lambda: (3, 1) in _held(host, lenet5), 10, "the old connection released, the new one holding")
+
+
+def test_buffers_the_host_cannot_map_end_the_connection_and_the_next_run_opens_another(
+    host: session_host.HostProcess, lenet5: Path
+) -> None:
+    session, images = _remote(lenet5, host, instance=4), _images(2)
+    small = [session_host._Buffer(mmap.PAGESIZE) for _ in range(2)]
+    with pytest.raises(session_host.SessionHostGone):  # sizes beyond the files: the host cannot map them
+        session._ask(("buffers", 1 << 20, 1 << 20), *[b.fd for b in small if b.fd is not None])
+    for buffer in small:
+        buffer.close()
+    want = _local(lenet5).run(["probabilities"], {INPUT_NAME: images})[0]
+    np.testing.assert_allclose(session.run(["probabilities"], {INPUT_NAME: images})[0], want, rtol=0, atol=1e-6)
 
 
 def test_the_host_ignores_a_stop_signal_until_its_server_closes_its_stdin(lenet5: Path) -> None:
