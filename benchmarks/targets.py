@@ -42,7 +42,8 @@ def vs_floor(runs: list[RunResult]) -> dict[tuple[str, str, int], float]:
     for run in runs:
         floor = at(runs, run.model, "floor", run.concurrency)
         if run.path in HTTP_PATHS and floor:
-            out[(run.model, run.path, run.concurrency)] = round(run.requests / run.seconds / floor, 3)
+            # four significant figures: a slow network's fraction (ResNet-18 at a few images/s) is not rounded to 0
+            out[(run.model, run.path, run.concurrency)] = float(f"{run.requests / run.seconds / floor:.4g}")
     return out
 
 
