@@ -33,7 +33,8 @@ MODELS = {"lenet5": 16, "resnet18": 8}  # and the concurrency each is driven at
 
 def resident_mib(service: ServiceProcess) -> float:
     assert service.process is not None
-    tree = [psutil.Process(service.process.pid), *psutil.Process(service.process.pid).children(recursive=True)]
+    root = psutil.Process(service.process.pid)
+    tree = [root, *root.children(recursive=True)]
     return round(sum(p.memory_info().rss for p in tree) / 2**20, 1)
 
 

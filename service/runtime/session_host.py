@@ -192,9 +192,7 @@ class RemoteSession:
 
     def __init__(self, spec: OpenSpec, where: str, key: bytes) -> None:
         self.spec, self._where, self._key, self._lock = spec, where, key, threading.Lock()
-        self._inputs: _Buffer | None = None
-        self._outputs: _Buffer | None = None
-        self._state: list[Any] = [None, []]  # what the finalizer closes: the connection, the buffers in use
+        self._state: list[Any] = [None, []]  # what the finalizer closes: the connection, [inputs, outputs] or []
         self._state[0], reply = self._connect()
         _, self._providers, inputs, outputs, self.cuda_unavailable, self.host_pid = reply
         self._input_args = [NodeArg(*i) for i in inputs]
@@ -255,9 +253,10 @@ class RemoteSession:
     def _room(self, inputs: int, outputs: int) -> tuple[_Buffer, _Buffer]:
         """Buffers that hold ``inputs`` and ``outputs`` bytes: new ones (powers of two) sent to the host where these
         are too small."""
-        if self._inputs is None or self._outputs is None or self._inputs.size < inputs or self._outputs.size < outputs:
-            sizes = (_grown(max(inputs, self._inputs.size if self._inputs else 0)),
-                     _grown(max(outputs, self._outputs.size if self._outputs else 0)))  # fmt: skip
+        held: list[_Buffer] = self._state[1]
+        have = (held[0].size, held[1].size) if held else (0, 0)
+        if have[0] < inputs or have[1] < outputs:
+            sizes = (_grown(max(inputs, have[0])), _grown(max(outputs, have[1])))
             fresh = [_Buffer(sizes[0])]
             try:
                 fresh.append(_Buffer(sizes[1]))
@@ -268,13 +267,12 @@ class RemoteSession:
                 for buffer in fresh:
                     buffer.close()
                 raise
-            for buffer in self._state[1]:
+            for buffer in held:
                 buffer.close()
             for buffer in fresh:
                 buffer.sent()
-            self._inputs, self._outputs = fresh
-            self._state[1][:] = fresh
-        return self._inputs, self._outputs
+            held[:] = fresh
+        return held[0], held[1]
 
     def _reopen(self) -> None:
         """After a broken connection: open the session on a new one first (so that where this worker was its only
@@ -283,7 +281,7 @@ class RemoteSession:
             raise SessionHostGone("this session was closed")
         connection, _ = self._connect()
         RemoteSession._release(self._state)
-        self._state[0], self._inputs, self._outputs = connection, None, None
+        self._state[0] = connection
         logger.warning("%s instance %d: its connection to the session host broke; opened again",
                        self.spec.graph, self.spec.instance)  # fmt: skip
 
@@ -299,7 +297,7 @@ class RemoteSession:
     def _run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         names, arrays = list(feeds), [np.ascontiguousarray(a) for a in feeds.values()]
         places, size = _layout(arrays)
-        inputs, outputs = self._room(size, self._outputs.size if self._outputs is not None else size)
+        inputs, outputs = self._room(size, self._state[1][1].size if self._state[1] else size)
         for view, array in zip(_views(inputs.map, places), arrays, strict=True):
             view[...] = array
         reply = self._ask(("run", list(output_names), list(zip(names, places, strict=True))))
@@ -418,20 +416,21 @@ class SessionHost:
                     except Exception as exc:  # a descriptor left unread would be read as the next message
                         logger.warning("session host: cannot map a worker's buffers (%s); its connection ends", exc)
                         return
-                try:
-                    if message[0] == "buffers":
-                        reply: tuple[Any, ...] = ("ok",)
-                    elif message[0] == "stats":
-                        reply = ("stats", self.stats())
-                    elif message[0] == "open" and opened is None:
-                        opened = self.acquire(message[1])
-                        reply = self._describe(message[1], opened[1])
-                    elif message[0] == "run" and opened is not None and len(maps) == 2:
-                        reply = self._run(opened[1], maps, message[1], message[2])
-                    else:
-                        reply = ("error", f"the session host cannot do {message[0]!r} now", False)
-                except Exception as exc:  # the worker gets the reason (a load failure, a buffer it cannot map)
-                    reply = ("failed" if message[0] == "open" else "error", f"{type(exc).__name__}: {exc}", False)
+                    reply: tuple[Any, ...] = ("ok",)
+                else:
+                    try:
+                        if message[0] == "stats":
+                            reply = ("stats", self.stats())
+                        elif message[0] == "open" and opened is None:
+                            opened = self.acquire(message[1])
+                            reply = self._describe(message[1], opened[1])
+                        elif message[0] == "run" and opened is not None and len(maps) == 2:
+                            reply = self._run(opened[1], maps, message[1], message[2])
+                        else:
+                            reply = ("error", f"the session host cannot do {message[0]!r} now", False)
+                    except Exception as exc:  # the worker gets the reason (a load failure, say)
+                        failed = "failed" if message[0] == "open" else "error"
+                        reply = (failed, f"{type(exc).__name__}: {exc}", False)
                 try:
                     connection.send(reply)
                 except (OSError, ValueError) as exc:  # the worker is gone, or the answer cannot be sent
