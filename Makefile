@@ -80,8 +80,9 @@ test-fast: setup test-tools
 	$(BIN)/pytest -m 'not slow'
 
 # On a machine with an NVIDIA GPU: CUDA against the CPU per family, the FP16 variant, the served service on CUDA.
+# Only tests/gpu is collected: the other folders import tools (Triton's client, Playwright) a GPU machine may lack.
 test-gpu: setup
-	$(BIN)/pytest -m gpu
+	$(BIN)/pytest -m gpu tests/gpu
 
 # The Open Inference Protocol's Python modules (checked in; a test checks they match the .proto).
 proto: setup

@@ -16,11 +16,13 @@ import contextlib
 import ctypes
 import io
 import logging
+import sys
 import threading
 from functools import cache
 from pathlib import Path
 
 import onnxruntime as ort
+from onnxruntime.capi import build_and_package_info
 
 from ..settings import Settings
 
@@ -30,6 +32,10 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # what ONNX Runtime loads to start its CUDA provider; its missing dependencies are CUDA's and cuDNN's libraries
 PROVIDER_LIBRARY = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+# which ONNX Runtime loads first, globally: the provider library needs its symbols to load at all
+SHARED_LIBRARY = "libonnxruntime_providers_shared.so"
+# the CUDA major version onnxruntime-gpu was built for (13 for 1.31): the libraries it needs are named after it
+CUDA_MAJOR = (getattr(build_and_package_info, "cuda_version", "") or "13").split(".")[0]
 CUDNN_LIBRARY = "libcudnn.so.9"  # opened by the provider when a session starts, not a dependency of its library
 DRIVER_LIBRARY = "libcuda.so.1"  # the NVIDIA driver's, never a wheel's
 INSTALL_HINT = "install requirements/gpu.txt (onnxruntime-gpu[cuda,cudnn]) or CUDA 13 and cuDNN 9"
@@ -64,6 +70,18 @@ def wanted_providers(choice: str) -> list[str]:
     return [CPU]
 
 
+def _wheel_directories() -> tuple[Path | None, Path | None]:
+    """Where NVIDIA's CUDA 13 and cuDNN 9 wheels put their libraries (``nvidia/cu13/lib``, ``nvidia/cudnn/lib``):
+    beside ONNX Runtime first (where ``onnxruntime.preload_dlls`` looks), then on ``sys.path`` (onnxruntime-gpu
+    installed apart from the wheels, as beside an image's PyTorch)."""
+    roots = [Path(ort.__file__).parent.parent, *(Path(entry) for entry in sys.path if entry)]
+    found: list[Path | None] = []
+    for parts, library in ((("nvidia", f"cu{CUDA_MAJOR}", "lib"), f"libcublasLt.so.{CUDA_MAJOR}"),
+                           (("nvidia", "cudnn", "lib"), CUDNN_LIBRARY)):  # fmt: skip
+        found.append(next((root.joinpath(*parts) for root in roots if root.joinpath(*parts, library).is_file()), None))
+    return found[0], found[1]
+
+
 @cache
 def preload() -> tuple[str, ...]:
     """Load CUDA's and cuDNN's libraries from NVIDIA's pip wheels (or the loader's paths), once per process.
@@ -72,13 +90,17 @@ def preload() -> tuple[str, ...]:
     returned (and logged) instead, for :func:`unavailable_reason` to be the one word on it.
     """
     printed = io.StringIO()
+    libraries, cudnn = _wheel_directories()
     with _preloading:  # one at a time: nested redirections could leave sys.stdout swapped for good
         try:
             with contextlib.redirect_stdout(printed):
-                ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
+                for wanted, directory in (("cuda", libraries), ("cudnn", cudnn)):
+                    where = None if directory is None else str(directory)  # None: ONNX Runtime's own search
+                    ort.preload_dlls(cuda=wanted == "cuda", cudnn=wanted == "cudnn", msvc=False, directory=where)
         except Exception as exc:  # a preload that fails leaves the loader's own paths, which may still work
             print(f"preload_dlls failed: {type(exc).__name__}: {exc}", file=printed)
     lines = tuple(line for line in printed.getvalue().splitlines() if line.strip())
+    logger.debug("CUDA preload from %s and %s", libraries or "the loader's paths", cudnn or "the loader's paths")
     for line in lines:
         logger.debug("CUDA preload: %s", line)
     return lines
@@ -90,6 +112,8 @@ def unavailable_reason(library: Path = PROVIDER_LIBRARY, cudnn: str = CUDNN_LIBR
     count, problem = _nvml()
     if count == 0:
         problems.append(f"the NVIDIA driver reports no GPU ({problem or 'no device'})")
+    with contextlib.suppress(OSError):  # what the provider's library takes its host's symbols from (else: "undefined
+        ctypes.CDLL(str(library.with_name(SHARED_LIBRARY)), mode=ctypes.RTLD_GLOBAL)  # symbol: Provider_GetHost")
     try:
         ctypes.CDLL(str(library))
     except OSError as exc:

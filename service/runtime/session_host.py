@@ -122,13 +122,22 @@ def open_session(graph: Path, options: ort.SessionOptions, providers: Providers,
     own (CUDA's libraries preloaded first where CUDA is asked for)."""
     found = address()
     if found is None:
-        if providers[0] != CPU:
-            preload()  # once per process: a no-op after the first
-        return ort.InferenceSession(str(graph), options, providers=providers)
+        return inference_session(str(graph), options, providers)
     spinning = options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     spec = OpenSpec(str(graph.resolve()), instance, providers, options.intra_op_num_threads,
                     options.inter_op_num_threads, spinning, options.enable_cpu_mem_arena)  # fmt: skip
     return RemoteSession(spec, *found)
+
+
+def inference_session(graph: str, options: ort.SessionOptions, providers: Providers) -> ort.InferenceSession:
+    """ONNX Runtime's session, in the process that runs it: CUDA's libraries preloaded first where CUDA is asked for
+    (once per process), and no silent fallback (ONNX Runtime would move a session whose CUDA run failed to the CPU
+    for good, printing it to stdout only, under the other threads that run it; the batch fails instead)."""
+    if providers[0] != CPU:
+        preload()
+    session = ort.InferenceSession(graph, options, providers=providers)
+    session.disable_fallback()
+    return session
 
 
 def cuda_unavailable(session: Any) -> str:
@@ -344,7 +353,7 @@ class SessionHost:
             try:
                 options = sessions.session_options(spec.threads, spec.inter_op_threads, spinning=spec.spinning,
                                                    cpu_arena=spec.cpu_arena)  # fmt: skip
-                session = ort.InferenceSession(spec.graph, options, providers=spec.providers)
+                session = inference_session(spec.graph, options, spec.providers)
                 provider = session.get_providers()[0]
                 held.session = session
                 logger.info("session host: opened %s instance %d on %s", spec.graph, spec.instance, provider)

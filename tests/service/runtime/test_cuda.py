@@ -7,6 +7,7 @@ import ctypes
 import ctypes.util
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,7 @@ from service.store.layout import ModelStore
 
 
 def _provider_loads() -> bool:
-    try:
-        ctypes.CDLL(str(cuda.PROVIDER_LIBRARY))
-    except OSError:
-        return False
-    return True
+    return "CUDA provider cannot load" not in cuda.unavailable_reason()
 
 
 needs_no_cuda = pytest.mark.skipif(_provider_loads(), reason="CUDA's libraries load here; tests -m gpu cover it")
@@ -72,6 +69,57 @@ def test_a_missing_cudnn_is_named_where_the_provider_itself_loads(tmp_path: Path
 def test_the_reason_for_a_provider_library_that_is_not_there(tmp_path: Path) -> None:
     reason = cuda.unavailable_reason(tmp_path / "libonnxruntime_providers_cuda.so")
     assert "libonnxruntime_providers_cuda.so" in reason and "cannot open shared object file" in reason
+
+
+def _compile(tmp_path: Path, library: Path, source: str, *link: str) -> Path:
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "a C compiler (make test-tools installs gcc)"
+    (tmp_path / f"{library.name}.c").write_text(source)
+    library.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([compiler, "-shared", "-fPIC", f"-Wl,-soname,{library.name}", "-o", str(library),
+                    str(tmp_path / f"{library.name}.c"), *link], check=True)  # fmt: skip
+    return library
+
+
+def test_a_provider_library_that_needs_its_host_library_is_not_reported_missing(tmp_path: Path) -> None:
+    """ONNX Runtime's CUDA provider library takes symbols from ``libonnxruntime_providers_shared.so``, which ONNX
+    Runtime loads globally before it: asked alone, the loader refuses the provider ("undefined symbol"), and a GPU
+    machine with every library in place read as one without CUDA."""
+    folder = tmp_path / "capi"
+    _compile(tmp_path, folder / cuda.SHARED_LIBRARY, "int cnn_test_provider_host(void) { return 1; }\n")
+    provider = _compile(
+        tmp_path,
+        folder / "libprovider.so",
+        "int cnn_test_provider_host(void);\nint uses(void) { return cnn_test_provider_host(); }\n",
+    )
+    cudnn = _compile(tmp_path, tmp_path / "libcudnnstandin.so.9", "int plain(void) { return 1; }\n")
+    reason = cuda.unavailable_reason(provider, cudnn=str(cudnn))
+    assert "CUDA provider cannot load" not in reason and "undefined symbol" not in reason
+    assert "cuDNN" not in reason
+
+
+def test_preload_finds_nvidia_wheels_on_the_python_path(tmp_path: Path) -> None:
+    """onnxruntime-gpu installed apart from NVIDIA's CUDA wheels (an image's PyTorch brought them): ONNX Runtime's
+    own preload looks only beside itself, the service's finds them on sys.path. Stand-in libraries with the wheels'
+    names, in a fresh process (a library's name, once loaded, would stand for the real one in this one)."""
+    cu = tmp_path / "site" / "nvidia" / f"cu{cuda.CUDA_MAJOR}" / "lib"
+    names = [f"libcublasLt.so.{cuda.CUDA_MAJOR}", f"libcublas.so.{cuda.CUDA_MAJOR}", "libcurand.so.10",
+             f"libcudart.so.{cuda.CUDA_MAJOR}"]  # fmt: skip
+    for name in names:
+        _compile(tmp_path, cu / name, "int plain(void) { return 1; }\n")
+    cudnn = tmp_path / "site" / "nvidia" / "cudnn" / "lib"
+    _compile(tmp_path, cudnn / cuda.CUDNN_LIBRARY, "int plain(void) { return 1; }\n")
+    script = (f"import sys; sys.path.append({str(tmp_path / 'site')!r})\n"
+              "from service.runtime import cuda\n"
+              "print(cuda._wheel_directories()); lines = cuda.preload()\n"
+              "print('|'.join(lines)); print(open('/proc/self/maps').read())\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[3], capture_output=True,
+                          text=True, check=True)  # fmt: skip
+    directories, complaints, maps = done.stdout.split("\n", 2)
+    assert str(cu) in directories and str(cudnn) in directories
+    for name in [*names, cuda.CUDNN_LIBRARY]:
+        assert name in maps, f"{name} was not loaded from the wheel's folder"
+    assert "libcublasLt" not in complaints  # found, so not complained of
 
 
 @needs_no_cuda
