@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import datetime as dt
 import importlib.util
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +43,9 @@ from .report import markdown, targets
 from .served import BODY_SIDE, bodies, serve
 
 DESCRIPTION = "The service on a GPU: in-process ceilings, a PyTorch anchor, served HTTP and gRPC runs, the targets."
+
+
+NOT_TAKEN = "did not take the session"  # the ceiling's words where CUDA's provider refused the graph
 
 
 class Failed(RuntimeError):
@@ -76,6 +82,11 @@ class Run:
         (self.out / "gpu.json").write_text(json.dumps(self.found, indent=2) + "\n")
         (self.out / "gpu.md").write_text(text)
 
+    def limit(self, needs: float) -> float:
+        """How long a stage that needs about ``needs`` seconds may take: three times that (a first CUDA start is
+        slow), never past the budget's end plus a margin, so that one stage that hangs leaves the others theirs."""
+        return max(10.0, min(3 * needs + 30, self.plan.budget + 30 - self.elapsed()))
+
     def stage(self, name: str, needs: float, work: Callable[[], Any]) -> Any:
         """``work()`` if ``needs`` seconds are left of the budget; a failure is recorded and the run goes on."""
         left = self.plan.budget - self.elapsed()
@@ -98,26 +109,34 @@ class Run:
             self.save()
 
 
-def export_missing(store: ModelStore, models: tuple[str, ...], say: Callable[[str], None]) -> dict[str, Any]:
-    """What the store lacks, with random weights (speed does not depend on them); the FP16 variant from its parent."""
+def export_missing(run: Run, store: ModelStore, models: tuple[str, ...]) -> tuple[str, ...]:
+    """What the store lacks, with random weights (speed does not depend on them); the FP16 variant from its parent.
+    Each model is its own stage: one that fails to export is recorded, and the others are measured. Returns the
+    models the store has."""
+    run.found["exports"] = {}
+    for name in sorted(models, key=lambda n: n.endswith("_fp16")):  # a variant after its parent
+        run.stage(f"export {name}", 0, partial(_export, run, store, name))
+    return tuple(name for name in models if name in run.found["exports"])
+
+
+def _export(run: Run, store: ModelStore, name: str) -> None:
     from export.pipeline import ExportOptions, export_model
 
     from ..__main__ import export_variant_for_bench
 
-    done = {}
-    for name in sorted(models, key=lambda n: n.endswith("_fp16")):  # a variant after its parent
-        parent = name.removesuffix("_fp16")
-        for needed in dict.fromkeys((parent, name)):
-            if needed in done or store.latest(needed) is not None:
-                continue
-            began = time.perf_counter()
+    parent = name.removesuffix("_fp16")
+    if parent != name and parent in run.plan.models and parent not in run.found["exports"]:
+        raise Failed(f"{name} is made from {parent}, whose export failed")
+    began, took = time.perf_counter(), None
+    for needed in dict.fromkeys((parent, name)):  # a variant's parent first, where the store lacks it
+        if store.latest(needed) is None:
             if needed.endswith("_fp16"):
                 export_variant_for_bench(store, parent, "fp16")
             else:
                 export_model(needed, store, ExportOptions(weights="random", progress=False))
-            done[needed] = round(time.perf_counter() - began, 1)
-            say(f"exported {needed} in {done[needed]} s")
-    return {name: stored(store, name) | {"exported_s": done.get(name)} for name in models}
+            took = round(time.perf_counter() - began, 1)
+            run.say(f"exported {needed} in {took} s")
+    run.found["exports"][name] = stored(store, name) | {"exported_s": took}
 
 
 def stored(store: ModelStore, name: str) -> dict[str, Any]:
@@ -148,7 +167,9 @@ def subprocess_json(command: list[str], timeout: float, say: Callable[[str], Non
     found: dict[str, Any] = json.loads(lines[-1]) if lines else {}
     if code != 0 or not lines:
         why = found.get("error") or (f"killed after {timeout:.0f} s" if code == -9 else f"exit {code}")
-        raise Failed(f"{why}; its stderr ends: {' | '.join(tail)[-1200:]}")
+        printed = [line for line in out.splitlines() if line.strip() and not line.startswith("{")]
+        said = f"; it printed: {' | '.join(printed)[-800:]}" if printed else ""  # ONNX Runtime's "EP Error ..."
+        raise Failed(f"{why}{said}; its stderr ends: {' | '.join(tail)[-1200:]}")
     return found
 
 
@@ -166,7 +187,7 @@ def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
     command = ["ceiling", "--store", str(store.root), "--model", config.model, "--providers", plan.providers,
                "--options", json.dumps(options), "--batches", ",".join(map(str, plan.batches)),
                "--seconds", str(plan.ceiling_seconds)]  # fmt: skip
-    found = subprocess_json(command, max(30.0, plan.budget - run.elapsed()), run.say)
+    found = subprocess_json(command, run.limit(ceiling_cost(plan)), run.say)
     found["options_label"] = config.options_label
     run.found["ceilings"].append(found)
     best = max(found["runs"], key=lambda r: r["images_per_s"])
@@ -185,9 +206,18 @@ def anchor(run: Run) -> None:
     else:
         command = ["anchor", "--batches", ",".join(map(str, plan.anchor_batches)), "--seconds",
                    str(plan.ceiling_seconds * 2)]  # fmt: skip
-        run.found["anchor"] = subprocess_json(command, max(30.0, plan.budget - run.elapsed()), run.say)
+        run.found["anchor"] = subprocess_json(command, run.limit(anchor_cost(plan)), run.say)
     a = run.found["anchor"]
     run.say(f"PyTorch anchor: {a['images_per_s'] if a['images_per_s'] else 'none: ' + a['reason']}")
+
+
+def ceiling_cost(plan: Plan) -> float:
+    """About how long one in-process ceiling takes: its session, then each batch size timed two ways."""
+    return 8 + len(plan.batches) * 2 * (plan.ceiling_seconds + 0.5)
+
+
+def anchor_cost(plan: Plan) -> float:
+    return 15 + len(plan.anchor_batches) * (2 * plan.ceiling_seconds + 3)
 
 
 def needs(plan: Plan, server: Server) -> float:
@@ -200,20 +230,28 @@ def needs(plan: Plan, server: Server) -> float:
 def benchmark(run: Run, store: ModelStore) -> None:
     plan, found = run.plan, run.found
     nvml = Nvml()
-    found |= {"machine": machine(), "gpu": nvml.describe(), "providers_available": _providers(),
+    try:
+        described = machine()
+    except Exception as exc:  # a package missing on the GPU machine must not cost the run: the stages say what
+        described = {"cpu": "unknown", "cores": cpu_count(), "cpu_flags": [], "error": f"{type(exc).__name__}: {exc}"}
+    found |= {"machine": described, "gpu": nvml.describe(), "providers_available": _providers(),
               "ceilings": [], "served": []}  # fmt: skip
+    if plan.providers == "cuda":
+        found["cuda_libraries"] = _cuda_libraries()
     found["machine"]["providers"] = [CUDA, CPU] if plan.providers == "cuda" else [CPU]
     run.say(f"GPU: {found['gpu'].get('name') or found['gpu'].get('reason')}; CPU: {found['machine']['cpu']}, "
             f"{found['machine']['cores']} cores, flags {', '.join(found['machine']['cpu_flags'])}")  # fmt: skip
-    exports = run.stage("export", 0, partial(export_missing, store, plan.models, run.say))
-    if exports is None:
+    models = export_missing(run, store, plan.models)
+    if not models:
         return  # nothing to measure without the models
-    found["exports"] = exports
+    if models != plan.models:  # what failed to export is not measured (the failures say why)
+        run.plan = plan = dataclasses.replace(plan, models=models)
+        found["plan"] = plan.to_dict()
     run.stage("decode", 5, partial(_decode, run))
     for config in plan.ceilings():
-        cost = 8 + len(plan.batches) * 2 * (plan.ceiling_seconds + 0.5)
-        run.stage(f"ceiling {config.model} ({config.options_label})", cost, partial(ceiling, run, store, config))
-    run.stage("anchor", 15 + len(plan.anchor_batches) * (2 * plan.ceiling_seconds + 3), partial(anchor, run))
+        label = f"ceiling {config.model} ({config.options_label})"
+        run.stage(label, ceiling_cost(plan), partial(ceiling, run, store, config))
+    run.stage("anchor", anchor_cost(plan), partial(anchor, run))
     served_stages(run, store, nvml)
 
 
@@ -221,17 +259,19 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
     """One stage per server; none on a GPU that took no in-process session (each start would wait out its timeout
     with models that cannot load)."""
     plan, found = run.plan, run.found
-    failed = any(stage.startswith("ceiling") for stage in found["failures"])
-    if plan.providers == "cuda" and failed and not any(c["providers_taken"][0] == CUDA for c in found["ceilings"]):
+    refused = [why for stage, why in found["failures"].items() if stage.startswith("ceiling") and NOT_TAKEN in why]
+    if plan.providers == "cuda" and refused and not any(c["providers_taken"][0] == CUDA for c in found["ceilings"]):
         for server in plan.servers():
             found["skipped"][f"served {server.label}"] = "CUDA took no in-process session (see failures)"
         return
-    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as logs, LoadPool(plan.load_processes) as pool:
+    logs = run.out / "logs"  # each server's log, kept beside the figures (the first place to look on a failure)
+    logs.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="gpu-bench-") as homes, LoadPool(plan.load_processes) as pool:
         for server in plan.servers():
             record: dict[str, Any] = {"server": server.label, "model": server.model, "workers": server.workers,
                                       "env": plan.service_env(server), "runs": [], "sweep": None}  # fmt: skip
             found["served"].append(record)
-            work = partial(serve, store, server, plan, pool, nvml, Path(logs), record, run.save, run.say)
+            work = partial(serve, store, server, plan, pool, nvml, logs, Path(homes), record, run.save, run.say)
             run.stage(f"served {server.label}", needs(plan, server), work)
 
 
@@ -240,6 +280,15 @@ def _decode(run: Run) -> None:
     run.found["decode"] = found = decode_rate(files, max(1.0, run.plan.ceiling_seconds * 2))
     rate = found["images_per_s_per_core"]
     run.say(f"CPU decode + resize to 224 of {BODY_SIDE}-px JPEGs: {rate} images/s on one core")
+
+
+def _cuda_libraries() -> dict[str, Any]:
+    """Where CUDA's libraries come from on this machine (said before any stage, for a run whose CUDA fails)."""
+    from service.runtime import cuda
+
+    libraries, cudnn = cuda.wheel_directories()
+    found = {"cuda": str(libraries) if libraries else None, "cudnn": str(cudnn) if cudnn else None}
+    return found | {"ld_library_path": os.environ.get("LD_LIBRARY_PATH")}
 
 
 def _providers() -> list[str]:
@@ -285,7 +334,12 @@ def parse(argv: list[str] | None) -> tuple[Plan, Path, Path]:
     return plan, args.out, args.store
 
 
+def _stop(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # timeout's TERM: the servers are stopped and the figures saved on the way out
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop)
     plan, out, store_dir = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     run = Run(plan, out)

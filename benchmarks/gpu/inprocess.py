@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +63,7 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
     """ONNX Runtime on ``model``'s latest graph with the service's session options and ``options`` for CUDA."""
     import onnxruntime as ort
 
-    from service.runtime.cuda import preload
+    from service.runtime.cuda import preload, unavailable_reason
     from service.runtime.session import session_options
     from service.settings import Settings
     from service.store.layout import ModelStore
@@ -76,42 +77,53 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
     if providers == "cuda" and CUDA not in ort.get_available_providers():
         raise RuntimeError(f"onnxruntime {ort.__version__} ({ort.__file__}) has no {CUDA} "
                            f"(it has {ort.get_available_providers()}): onnxruntime-gpu is needed")  # fmt: skip
+    complaints: tuple[str, ...] = ()
     if providers == "cuda":
-        preload()  # CUDA's and cuDNN's libraries from NVIDIA's wheels, as the service loads them
+        complaints = preload()  # CUDA's and cuDNN's libraries from NVIDIA's wheels, as the service loads them
     wanted: list[Any] = [(CUDA, {"device_id": "0", **options}), CPU] if providers == "cuda" else [CPU]
     options_used = session_options(Settings())
     session = ort.InferenceSession(str(version.graph), options_used, providers=wanted)
+    session.disable_fallback()  # as the service's: a failed CUDA run is an error, not a CPU figure
     taken = session.get_providers()
     if providers == "cuda" and taken[0] != CUDA:
-        raise RuntimeError(f"{CUDA} did not take the session (it runs on {taken}): CUDA or cuDNN libraries missing?")
+        said = f"; the preload said: {' | '.join(complaints)}" if complaints else ""
+        raise RuntimeError(f"{CUDA} did not take the session (it runs on {taken}): {unavailable_reason()}{said}")
     device = "cuda" if taken[0] == CUDA else "cpu"
     outputs = [o.name for o in session.get_outputs()]
-    runs = []
+    runs: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     rng = np.random.default_rng(0)
     for batch in batches:
         images = rng.integers(0, 256, (batch, spec.size, spec.size, spec.channels), dtype=np.uint8)
-        first, latencies, total = first_then_timed(lambda: session.run(None, {INPUT_NAME: images}), seconds)  # noqa: B023
-        runs.append(row("numpy", batch, latencies, total, first))
-        binding = session.io_binding()
-        binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(images, device, 0))
-        for name in outputs:
-            binding.bind_output(name, device)
+        try:
+            first, latencies, total = first_then_timed(lambda: session.run(None, {INPUT_NAME: images}), seconds)  # noqa: B023
+            runs.append(row("numpy", batch, latencies, total, first))
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(INPUT_NAME, ort.OrtValue.ortvalue_from_numpy(images, device, 0))
+            for name in outputs:
+                binding.bind_output(name, device)
 
-        def bound() -> None:
-            session.run_with_iobinding(binding)  # noqa: B023
-            binding.synchronize_outputs()  # noqa: B023
+            def bound() -> None:
+                session.run_with_iobinding(binding)  # noqa: B023
+                binding.synchronize_outputs()  # noqa: B023
 
-        first, latencies, total = first_then_timed(bound, seconds)
-        runs.append(row("iobinding", batch, latencies, total, first))
+            first, latencies, total = first_then_timed(bound, seconds)
+            runs.append(row("iobinding", batch, latencies, total, first))
+        except Exception as exc:  # out of GPU memory at the largest batch, say: the smaller ones' figures stay
+            errors.append({"batch": batch, "error": f"{type(exc).__name__}: {exc}"[:1000]})
+            print(f"{model} batch {batch}: {errors[-1]['error']}", file=sys.stderr, flush=True)  # noqa: T201
+            continue
         numpy_rate, bound_rate = runs[-2]["images_per_s"], runs[-1]["images_per_s"]
         message = f"{model} batch {batch}: {numpy_rate:.0f} images/s (numpy), {bound_rate:.0f} (IOBinding)"
         print(message, file=sys.stderr, flush=True)  # noqa: T201
+    if not runs:
+        raise RuntimeError(f"no batch size ran: {errors[0]['error'] if errors else 'none asked for'}")
     return {"model": model, "precision": version.read_metadata().get("precision", "fp32"),
             "providers_requested": [p if isinstance(p, str) else p[0] for p in wanted], "providers_taken": taken,
             "provider_options_requested": options,
             "provider_options": session.get_provider_options().get(taken[0], {}),
             "intra_op_threads": options_used.intra_op_num_threads, "onnxruntime": ort.__version__,
-            "input": [spec.size, spec.size, spec.channels], "runs": runs}  # fmt: skip
+            "input": [spec.size, spec.size, spec.channels], "runs": runs, "errors": errors}  # fmt: skip
 
 
 def anchor(batches: Sequence[int], seconds: float) -> dict[str, Any]:
@@ -187,4 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the answer is out: no interpreter teardown, where CUDA's libraries can crash at exit

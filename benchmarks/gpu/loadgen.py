@@ -15,6 +15,7 @@ import multiprocessing
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from ..load import RunResult, check_loopback, drive, summarise
 
 UNBOUNDED = 10**12  # requests: the runs are bounded by time
+REQUEST_TIMEOUT = 30.0  # s: a request the server never answers fails, rather than hold a run (and the budget) up
 BOUNDARY = "gpu-bench-7c1f"
 
 
@@ -72,8 +74,8 @@ async def _http(url: str, bodies: Sequence[bytes], content_type: str, concurrenc
 
     failures: list[str] = []
     headers = {"Content-Type": content_type}
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+    connector, timeout = aiohttp.TCPConnector(limit=0), aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def call(i: int) -> bool:
             try:
@@ -123,8 +125,12 @@ class LoadPool:
 
     def __init__(self, processes: int) -> None:
         self.processes = processes
-        self.pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-        list(self.pool.map(_ready, range(processes)))  # spawned now, not inside the first run's window
+        self.pool = self._spawn()
+
+    def _spawn(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+        list(pool.map(_ready, range(self.processes)))  # spawned now, not inside the first run's window
+        return pool
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -138,7 +144,12 @@ class LoadPool:
     def _run(self, share: Any, concurrency: int, path: str, model: str, *args: Any) -> tuple[RunResult, dict[str, Any]]:
         start_at = time.monotonic() + 0.3
         futures = [self.pool.submit(share, c, start_at, *args) for c in split(concurrency, self.processes)]
-        shares: list[Share] = [f.result() for f in futures]
+        try:
+            shares: list[Share] = [f.result() for f in futures]
+        except BrokenProcessPool:  # a load process died: this run fails, the next ones get a new pool
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._spawn()
+            raise
         seconds = max(s.seconds for s in shares)
         latencies = [latency for s in shares for latency in s.latencies]
         result = summarise(path, model, concurrency, latencies, sum(s.errors for s in shares), seconds)

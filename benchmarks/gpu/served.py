@@ -34,7 +34,7 @@ from service.store.preprocess import preprocess
 
 from ..payloads import payload, photos_at
 from ..run import batch_totals, process_cpu
-from .loadgen import LoadPool, multipart
+from .loadgen import REQUEST_TIMEOUT, LoadPool, multipart
 from .nvml import Nvml
 from .plan import Plan, Server
 
@@ -105,9 +105,10 @@ def started(store: ModelStore, model: str, env: dict[str, str], log: Path, timeo
     CUDA) fails the start at once rather than after ``timeout``."""
     from tests.helpers import ServiceProcess
 
+    deadline = time.monotonic() + timeout  # one bound for both waits
     service = ServiceProcess(store.root, log, **env).start(timeout=timeout, wait_for="/livez")
     try:
-        wait_ready(service, model, timeout)
+        wait_ready(service, model, max(1.0, deadline - time.monotonic()))
         yield service
     finally:
         service.stop()
@@ -159,7 +160,7 @@ def sweep(service: Any, model: str, plan: Plan, nvml: Nvml) -> dict[str, Any]:
     url = f"{service.url}/classify?model={model}"
     before = batch_totals(service.url, model)
     deadline = time.perf_counter() + plan.sweep_seconds
-    with httpx.Client(timeout=120) as client, Window(nvml, service.process.pid, 0) as window:
+    with httpx.Client(timeout=REQUEST_TIMEOUT) as client, Window(nvml, service.process.pid, 0) as window:
         for k in order:
             if time.perf_counter() > deadline:
                 break
@@ -206,14 +207,16 @@ def sweep_figures(latencies: dict[int, list[float]], errors: int, sent: int, ima
     }  # fmt: skip
 
 
-def serve(store: ModelStore, server: Server, plan: Plan, pool: LoadPool, nvml: Nvml, logs: Path,
+def serve(store: ModelStore, server: Server, plan: Plan, pool: LoadPool, nvml: Nvml, logs: Path, homes: Path,
           record: dict[str, Any], save: Callable[[], None], say: Callable[[str], None]) -> None:  # fmt: skip
-    """Start ``server`` and fill ``record`` with its runs, saving after each (a later failure keeps them)."""
+    """Start ``server`` and fill ``record`` with its runs, saving after each (a later failure keeps them). Its log
+    goes to ``logs``, its ``BENTOML_HOME`` (metrics' files) under ``homes``."""
     from tests.helpers import workers
 
-    env = plan.service_env(server)
+    name = f"{server.model}-workers{server.workers}"
+    env = plan.service_env(server) | {"BENTOML_HOME": str(homes / name)}
     began = time.perf_counter()
-    log = logs / f"{server.model}-workers{server.workers}.log"
+    log = logs / f"{name}.log"
     with started(store, server.model, env, log, plan.start_timeout) as service:
         listed = {m["name"]: m for m in httpx.get(f"{service.url}/models", timeout=10).json()["models"]}
         record |= {"start_seconds": round(time.perf_counter() - began, 1), "workers_resolved": len(workers(service)),

@@ -70,7 +70,7 @@ def wanted_providers(choice: str) -> list[str]:
     return [CPU]
 
 
-def _wheel_directories() -> tuple[Path | None, Path | None]:
+def wheel_directories() -> tuple[Path | None, Path | None]:
     """Where NVIDIA's CUDA 13 and cuDNN 9 wheels put their libraries (``nvidia/cu13/lib``, ``nvidia/cudnn/lib``):
     beside ONNX Runtime first (where ``onnxruntime.preload_dlls`` looks), then on ``sys.path`` (onnxruntime-gpu
     installed apart from the wheels, as beside an image's PyTorch)."""
@@ -90,7 +90,7 @@ def preload() -> tuple[str, ...]:
     returned (and logged) instead, for :func:`unavailable_reason` to be the one word on it.
     """
     printed = io.StringIO()
-    libraries, cudnn = _wheel_directories()
+    libraries, cudnn = wheel_directories()
     with _preloading:  # one at a time: nested redirections could leave sys.stdout swapped for good
         try:
             with contextlib.redirect_stdout(printed):

@@ -3,17 +3,23 @@ plan, which no CI machine can run, on figures shaped as a GPU run writes them.""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+from benchmarks.gpu.cli import Run, export_missing
 from benchmarks.gpu.loadgen import multipart, split
 from benchmarks.gpu.plan import Plan, Server
 from benchmarks.gpu.report import DRY, markdown, targets
+from service.store.layout import ModelStore
 
 from ..helpers import ROOT
 
@@ -55,11 +61,61 @@ def test_the_dry_run_measures_every_stage_on_the_cpu(tmp_path: Path) -> None:
     assert sweep["sizes_covered"] == sweep["sizes_wanted"] == 8 and sweep["errors"] == 0
     assert sweep["one_batch_per_request"] and sweep["ratio"] > 0
     assert found["decode"]["images_per_s_per_core"] > 0
+    # each server's log kept beside the figures (deleted with a temporary folder, it was lost with a failure's cause)
+    logs = {log.name: log.read_text() for log in (out / "logs").iterdir()}
+    assert set(logs) == {"lenet5-workers0.log", "resnet50-workers1.log", "lenet5-workers1.log", "lenet5-workers2.log"}
+    assert (
+        "session host" in logs["lenet5-workers2.log"]
+        and "ready on CPUExecutionProvider" in logs["resnet50-workers1.log"]
+    )
     assert found["gpu"]["available"] is False and found["gpu"]["reason"]
     assert all(t["status"] == DRY for t in found["targets"]) and len(found["targets"]) == 7
     table = (out / "gpu.md").read_text()
     assert found["machine"]["cpu"] in table and "no GPU" in table and "## Targets" in table
     assert "[" in result.stdout and "every batch size" in result.stdout  # progress lines as it goes
+
+
+@pytest.mark.integration
+def test_a_run_stopped_by_timeout_saves_its_figures_and_stops_its_server(tmp_path: Path) -> None:
+    """``timeout`` ends a GPU run with SIGTERM: the run saves what it has and stops the server it started (left
+    running, it would hold the GPU), exiting 143."""
+    out, store = tmp_path / "out", tmp_path / "store"
+    command = [sys.executable, "-m", "benchmarks.gpu", "--providers", "cpu", "--models", "lenet5", "--store",
+               str(store), "--out", str(out)]  # fmt: skip
+    bench = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    servers: list[psutil.Process] = []
+    try:
+        assert bench.stdout is not None
+        for line in bench.stdout:
+            if "WORKERS=0: ready" in line:  # a server is up
+                break
+        else:
+            pytest.fail("the run ended before serving")
+        servers = [p for p in psutil.Process(bench.pid).children(recursive=True) if "bentoml" in " ".join(p.cmdline())]
+        assert servers
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        _, alive = psutil.wait_procs(servers, timeout=10)
+        assert not alive, f"left running: {[p.cmdline() for p in alive]}"
+    finally:
+        bench.kill()
+        for server in servers:  # where the run left them, not to outlive the test
+            with contextlib.suppress(psutil.NoSuchProcess):
+                server.kill()
+    found = json.loads((out / "gpu.json").read_text())
+    assert not found["complete"] and found["ceilings"] and found["served"][0]["server"] == "lenet5 WORKERS=0"
+
+
+def test_a_model_that_fails_to_export_leaves_the_others_measured(tmp_path: Path) -> None:
+    """One export failing (a model the export stage does not know, here) is that model's failure; the others are
+    exported and measured, rather than the whole run ending with nothing."""
+    plan = dataclasses.replace(Plan.make("cpu", 2), models=("nosuchnet", "lenet5"))
+    run = Run(plan, tmp_path / "out")
+    assert export_missing(run, ModelStore(tmp_path / "store"), plan.models) == ("lenet5",)
+    failed = {stage: why for stage, why in run.found["failures"].items() if stage.startswith("export")}
+    assert set(failed) == {"export nosuchnet"} and "Unknown model 'nosuchnet'" in failed["export nosuchnet"]
+    assert run.found["exports"]["lenet5"]["weights"] == "random" and run.found["exports"]["lenet5"]["exported_s"] > 0
+    assert "export nosuchnet" in json.loads((tmp_path / "out" / "gpu.json").read_text())["failures"]  # saved
 
 
 def gpu_run(fp16_http: float, p99: float, anchor: float, workers4: float) -> dict[str, Any]:

@@ -111,7 +111,7 @@ def test_preload_finds_nvidia_wheels_on_the_python_path(tmp_path: Path) -> None:
     _compile(tmp_path, cudnn / cuda.CUDNN_LIBRARY, "int plain(void) { return 1; }\n")
     script = (f"import sys; sys.path.append({str(tmp_path / 'site')!r})\n"
               "from service.runtime import cuda\n"
-              "print(cuda._wheel_directories()); lines = cuda.preload()\n"
+              "print(cuda.wheel_directories()); lines = cuda.preload()\n"
               "print('|'.join(lines)); print(open('/proc/self/maps').read())\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[3], capture_output=True,
                           text=True, check=True)  # fmt: skip
