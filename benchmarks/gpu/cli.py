@@ -268,11 +268,30 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as homes, LoadPool(plan.load_processes) as pool:
         for server in plan.servers():
+            twin = measured_already(found, plan, server)
+            if twin is not None:
+                found["skipped"][f"served {server.label}"] = f"measured already: {twin} ran {server.workers} workers"
+                run.say(f"not served again: {server.label}, {found['skipped'][f'served {server.label}']}")
+                continue
             record: dict[str, Any] = {"server": server.label, "model": server.model, "workers": server.workers,
                                       "env": plan.service_env(server), "runs": [], "sweep": None}  # fmt: skip
             found["served"].append(record)
             work = partial(serve, store, server, plan, pool, nvml, logs, Path(homes), record, run.save, run.say)
             run.stage(f"served {server.label}", needs(plan, server), work)
+
+
+def measured_already(found: dict[str, Any], plan: Plan, server: Server) -> str | None:
+    """The server already run whose ``WORKERS=0`` resolved to ``server``'s count, with the same settings otherwise
+    and a run at each of its concurrency levels: ``server`` would measure it again."""
+    settings = {k: v for k, v in plan.service_env(server).items() if k != "WORKERS"}
+    for record in found["served"]:
+        ran = {(r["path"], r["concurrency"]) for r in record["runs"]}
+        if (record["model"] == server.model and record["workers"] == 0
+                and record.get("workers_resolved") == server.workers
+                and {k: v for k, v in record["env"].items() if k != "WORKERS"} == settings
+                and all(("http", c) in ran for c in server.http)):  # fmt: skip
+            return str(record["server"])
+    return None
 
 
 def _decode(run: Run) -> None:

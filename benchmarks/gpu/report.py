@@ -17,9 +17,13 @@ Found = dict[str, Any]
 Judged = tuple[str | None, bool | None, str]  # what was measured, in words; met; what it was measured on
 
 
-def run_at(found: Found, model: str, workers: int, path: str, concurrency: int) -> dict[str, Any] | None:
+def run_at(found: Found, model: str, workers: int, path: str, concurrency: int,
+           resolved: bool = False) -> dict[str, Any] | None:  # fmt: skip
+    """``model``'s run on ``path`` at ``concurrency`` by the server asked for ``workers`` (``resolved``: by the one
+    that ran ``workers``, the service's sizing included)."""
     for server in found.get("served", []):
-        if (server["model"], server["workers"]) == (model, workers):
+        asked = server["workers"] == workers or (resolved and server.get("workers_resolved") == workers)
+        if server["model"] == model and asked:
             for run in server["runs"]:
                 if (run["path"], run["concurrency"]) == (path, concurrency):
                     return dict(run)
@@ -40,16 +44,17 @@ def ceiling_best(found: Found, model: str, path: str, label: str | None, batches
 
 
 def http_rate(found: Found, model: str, concurrency: int, floor: float, p99: float | None) -> Judged:
-    run = run_at(found, model, 1, "http", concurrency)
+    run = run_at(found, model, 0, "http", concurrency)
+    on = f"{model} HTTP JPEG at concurrency {concurrency}, the service's WORKERS sizing"
     if run is None:
-        return None, None, f"{model} HTTP at concurrency {concurrency}, WORKERS=1"
+        return None, None, on
     words = f"{run['images_per_s']:.0f} images/s, p99 {run['p99_ms']} ms, {run['errors']} errors"
     met = run["errors"] == 0 and run["images_per_s"] >= floor and (p99 is None or run["p99_ms"] <= p99)
-    return words, met, f"{model} HTTP JPEG at concurrency {concurrency}, WORKERS=1"
+    return words, met, on
 
 
 def grpc_vs_ceiling(found: Found, model: str, max_batch: int) -> Judged:
-    runs = [r for r in served_runs(found, model, "grpc-pixels", 1) if r["errors"] == 0]
+    runs = [r for r in served_runs(found, model, "grpc-pixels", 0) if r["errors"] == 0]
     top, _ = ceiling_best(found, model, "numpy", "service", lambda b: b <= max_batch)
     on = f"{model} gRPC uint8 (best concurrency) / in-process numpy path, the service's CUDA options, batch <= "
     on += str(max_batch)
@@ -101,7 +106,7 @@ def every_batch(found: Found) -> Judged:
 
 def scaling(found: Found, model: str | None, workers: list[int], concurrency: int) -> Judged:
     on = f"{model} HTTP at concurrency {concurrency}, WORKERS {', '.join(map(str, workers))}"
-    runs = {w: run_at(found, model, w, "http", concurrency) for w in workers} if model else {}
+    runs = {w: run_at(found, model, w, "http", concurrency, resolved=True) for w in workers} if model else {}
     if not runs or any(r is None for r in runs.values()):
         return None, None, on
     words = ", ".join(f"WORKERS={w}: {r['images_per_s']:.0f} images/s" for w, r in runs.items() if r)

@@ -7,7 +7,15 @@ per CPU doubles the requests a 2-core machine answers (LeNet-5 /classify at conc
 whose sessions use every core answers a lone request fastest (ResNet-50 at concurrency 1:
 20.9 images/s with one worker, 13.6 with two one-thread workers), and each more worker
 loads every model again. So ``WORKERS=0`` (the default) gives one worker per CPU when every
-model served is light, else one.
+model served is light, else one on CPUs.
+
+Where the models run on CUDA the sessions are the GPU's, not the cores': the cores parse HTTP and
+decode images, and one worker (one event loop) cannot keep a GPU busy (ResNet-50 FP16 on an
+H200 served 875 images/s with one worker, the GPU busy 17% of the time). So ``WORKERS=0``
+gives one worker per four CPUs there (each with its share of decoder threads), their sessions
+in one session host; four cores per worker is the CPU's arithmetic (one event loop, about
+two decoder threads of ~1,900 JPEGs/s each), not yet a GPU measurement: ``benchmarks.gpu``
+measures it beside WORKERS 1, 2 and 4.
 
 Where the models run on CUDA, small images no longer decode on the event loop
 (``INLINE_DECODE_BYTES`` 0 unless set): on the CPU inline decoding saves two thread hops
@@ -30,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Below this the HTTP stack costs more than the network: LeNet-5 is 0.0008, AlexNet 1.4
 LIGHT_GFLOPS_PER_IMAGE = 0.1
+CPUS_PER_CUDA_WORKER = 4  # heavy models on CUDA: one worker (event loop and decoders) per this many CPUs
 
 
 def model_gflops(store: ModelStore, name: str, version: int | None) -> float | None:
@@ -53,6 +62,11 @@ def auto_workers(settings: Settings) -> tuple[int, str]:
     heavy = sorted(name for name, gflops in costs.items() if gflops is None or gflops > LIGHT_GFLOPS_PER_IMAGE)
     if cpus == 1:
         return 1, "one CPU"
+    if heavy and wants_cuda(settings):
+        workers = max(1, cpus // CPUS_PER_CUDA_WORKER)
+        where = "in one session host" if workers > 1 else "in the worker"
+        return workers, (f"models on CUDA: one worker per {CPUS_PER_CUDA_WORKER} of {cpus} CPUs to parse and "
+                         f"decode, the GPU's sessions {where}")  # fmt: skip
     if heavy or not costs:
         why = f"{', '.join(heavy)} over {LIGHT_GFLOPS_PER_IMAGE} GFLOPs per image" if heavy else "no model yet"
         return 1, f"{why}: one worker, whose sessions use all {cpus} CPUs"
