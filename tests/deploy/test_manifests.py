@@ -121,7 +121,10 @@ def test_the_gpu_overlay_asks_for_one_gpu_and_cuda() -> None:
     objects = render("overlays/gpu")
     (container,) = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert find(objects, "ConfigMap")["data"]["PROVIDERS"] == "cuda"
+    settings = find(objects, "ConfigMap")["data"]
+    assert settings["PROVIDERS"] == "cuda" and settings["WORKERS"] == "0"  # the CPUs feed one session host
+    limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+    assert limits["cpu"] == requests["cpu"] == "8" and limits["memory"] == requests["memory"] == "8Gi"
 
 
 def test_the_whole_store_overlay_serves_on_demand_within_the_containers_limit() -> None:

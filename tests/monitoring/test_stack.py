@@ -43,6 +43,8 @@ def test_compose_files_validate(tmp_path: Path) -> None:
     gpu = config["services"]["classifier"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert config["services"]["classifier"]["image"] == "cnn-classifier:latest-gpu"  # the GPU bento's image
+    environment = config["services"]["classifier"]["environment"]
+    assert environment["PROVIDERS"] == "cuda" and environment["WORKERS"] == "0"  # the service's sizing, not 1
     text = (ROOT / "docker-compose.yml").read_text().lower()
     assert "password: ${" in text and "password: admin" not in text  # no secret in the file
 
