@@ -31,7 +31,7 @@ def pixels_request(model: str, pixels: np.ndarray) -> pb.ModelInferRequest:
 
 
 async def grpc_run(target: str, requests_pool: Sequence[pb.ModelInferRequest], concurrency: int, requests: int,
-                   seconds: float) -> tuple[list[float], int, float]:  # fmt: skip
+                   seconds: float, timeout: float = 120.0) -> tuple[list[float], int, float]:  # fmt: skip
     check_loopback(target)
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
@@ -39,7 +39,7 @@ async def grpc_run(target: str, requests_pool: Sequence[pb.ModelInferRequest], c
 
         async def call(i: int) -> bool:
             try:
-                await stub.ModelInfer(requests_pool[i % len(requests_pool)], timeout=120)
+                await stub.ModelInfer(requests_pool[i % len(requests_pool)], timeout=timeout)
             except grpc.aio.AioRpcError:
                 return False
             return True

@@ -67,7 +67,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="BentoML worker processes, each loading every model; 0 = one per CPU when every model "
-        "served is under 0.1 GFLOPs per image (LeNet-5: the HTTP stack is the cost), else 1.",
+        "served is under 0.1 GFLOPs per image (LeNet-5: the HTTP stack is the cost), else 1; where those run on "
+        "CUDA, one per 4 CPUs (at most 8), feeding one session host.",
     )
     instances: str = Field(
         "1",

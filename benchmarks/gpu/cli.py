@@ -49,7 +49,11 @@ NOT_TAKEN = "did not take the session"  # the ceiling's words where CUDA's provi
 
 
 class Failed(RuntimeError):
-    """A stage's failure whose message says all (no traceback needed)."""
+    """A stage's failure whose message says all (no traceback needed); ``partial``: what it measured before."""
+
+    def __init__(self, message: str, partial: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class Run:
@@ -100,7 +104,7 @@ class Run:
             return work()
         except Exception as exc:  # recorded, said, and the exit status says a stage failed
             why = str(exc) if isinstance(exc, Failed) else f"{type(exc).__name__}: {exc}"
-            self.found["failures"][name] = why[-2000:]
+            self.found["failures"][name] = why if len(why) <= 2000 else f"{why[:1000]} ... {why[-1000:]}"
             self.say(f"FAILED {name}: {self.found['failures'][name]}")
             if not isinstance(exc, Failed):
                 traceback.print_exc(file=sys.stderr)
@@ -163,13 +167,15 @@ def subprocess_json(command: list[str], timeout: float, say: Callable[[str], Non
         code = process.wait()
     finally:
         killer.cancel()
+        if process.poll() is None:  # this process is being stopped (SIGTERM): not the child left behind
+            process.kill()
     lines = [line for line in out.splitlines() if line.startswith("{")]
     found: dict[str, Any] = json.loads(lines[-1]) if lines else {}
-    if code != 0 or not lines:
+    if code != 0 or not lines or "error" in found:
         why = found.get("error") or (f"killed after {timeout:.0f} s" if code == -9 else f"exit {code}")
         printed = [line for line in out.splitlines() if line.strip() and not line.startswith("{")]
         said = f"; it printed: {' | '.join(printed)[-800:]}" if printed else ""  # ONNX Runtime's "EP Error ..."
-        raise Failed(f"{why}{said}; its stderr ends: {' | '.join(tail)[-1200:]}")
+        raise Failed(f"{why}{said}; its stderr ends: {' | '.join(tail)[-1200:]}", found if "runs" in found else None)
     return found
 
 
@@ -187,7 +193,12 @@ def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
     command = ["ceiling", "--store", str(store.root), "--model", config.model, "--providers", plan.providers,
                "--options", json.dumps(options), "--batches", ",".join(map(str, plan.batches)),
                "--seconds", str(plan.ceiling_seconds)]  # fmt: skip
-    found = subprocess_json(command, run.limit(ceiling_cost(plan)), run.say)
+    try:
+        found = subprocess_json(command, run.limit(ceiling_cost(plan)), run.say)
+    except Failed as failed:  # killed part-way: the batch sizes it had timed are kept, the stage still fails
+        if failed.partial is not None:
+            run.found["ceilings"].append(failed.partial | {"options_label": config.options_label, "cut_short": True})
+        raise
     found["options_label"] = config.options_label
     run.found["ceilings"].append(found)
     best = max(found["runs"], key=lambda r: r["images_per_s"])
@@ -354,7 +365,10 @@ def parse(argv: list[str] | None) -> tuple[Plan, Path, Path]:
 
 
 def _stop(signum: int, _frame: Any) -> None:
-    raise SystemExit(128 + signum)  # timeout's TERM: the servers are stopped and the figures saved on the way out
+    """timeout's TERM: the servers are stopped and the figures saved on the way out (a second TERM is ignored,
+    so that it cannot cut that short)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,11 @@
         --options '{"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1"}' --batches 1,8 --seconds 1
     python -m benchmarks.gpu.inprocess anchor --batches 256,64 --seconds 1
 
-Each prints one JSON line. The ceiling and the anchor run in a subprocess each: the benchmark's own process never
-creates a CUDA context (its memory would be missing from the servers measured next), PyTorch's CUDA libraries never
-meet ONNX Runtime's in one process, and a provider that crashes fails one stage rather than the benchmark.
+Each prints its result as a JSON line (the ceiling, one after each batch size: the last is the answer, and a
+ceiling killed part-way leaves the sizes it timed). The ceiling and the anchor run in a subprocess each: the
+benchmark's own process never creates a CUDA context (its memory would be missing from the servers measured next),
+PyTorch's CUDA libraries never meet ONNX Runtime's in one process, and a provider that crashes fails one stage
+rather than the benchmark.
 
 The ceiling times the graph at each batch size two ways: ``session.run`` on a numpy array (what the service does:
 the input crosses to the device and the outputs back on every call) and IOBinding (the input copied to the device
@@ -92,6 +94,12 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
     outputs = [o.name for o in session.get_outputs()]
     runs: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
+    found = {"model": model, "precision": version.read_metadata().get("precision", "fp32"),
+             "providers_requested": [p if isinstance(p, str) else p[0] for p in wanted], "providers_taken": taken,
+             "provider_options_requested": options,
+             "provider_options": session.get_provider_options().get(taken[0], {}),
+             "intra_op_threads": options_used.intra_op_num_threads, "onnxruntime": ort.__version__,
+             "input": [spec.size, spec.size, spec.channels], "runs": runs, "errors": errors}  # fmt: skip
     rng = np.random.default_rng(0)
     for batch in batches:
         images = rng.integers(0, 256, (batch, spec.size, spec.size, spec.channels), dtype=np.uint8)
@@ -116,14 +124,10 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
         numpy_rate, bound_rate = runs[-2]["images_per_s"], runs[-1]["images_per_s"]
         message = f"{model} batch {batch}: {numpy_rate:.0f} images/s (numpy), {bound_rate:.0f} (IOBinding)"
         print(message, file=sys.stderr, flush=True)  # noqa: T201
+        print(json.dumps(found), flush=True)  # noqa: T201  # so far: a run killed part-way keeps these sizes
     if not runs:
         raise RuntimeError(f"no batch size ran: {errors[0]['error'] if errors else 'none asked for'}")
-    return {"model": model, "precision": version.read_metadata().get("precision", "fp32"),
-            "providers_requested": [p if isinstance(p, str) else p[0] for p in wanted], "providers_taken": taken,
-            "provider_options_requested": options,
-            "provider_options": session.get_provider_options().get(taken[0], {}),
-            "intra_op_threads": options_used.intra_op_num_threads, "onnxruntime": ort.__version__,
-            "input": [spec.size, spec.size, spec.channels], "runs": runs, "errors": errors}  # fmt: skip
+    return found
 
 
 def anchor(batches: Sequence[int], seconds: float) -> dict[str, Any]:

@@ -114,9 +114,9 @@ def grpc_share(concurrency: int, start_at: float, target: str, model: str, pixel
     pool = [pixels_request(model, p) for p in pixels]
     _until(start_at)
     if warmup > 0:
-        asyncio.run(grpc_run(target, pool, concurrency, UNBOUNDED, warmup))
+        asyncio.run(grpc_run(target, pool, concurrency, UNBOUNDED, warmup, REQUEST_TIMEOUT))
     cpu = time.process_time()
-    latencies, errors, measured = asyncio.run(grpc_run(target, pool, concurrency, UNBOUNDED, seconds))
+    latencies, errors, measured = asyncio.run(grpc_run(target, pool, concurrency, UNBOUNDED, seconds, REQUEST_TIMEOUT))
     return Share(latencies, errors, measured, time.process_time() - cpu, None)
 
 
@@ -143,8 +143,8 @@ class LoadPool:
 
     def _run(self, share: Any, concurrency: int, path: str, model: str, *args: Any) -> tuple[RunResult, dict[str, Any]]:
         start_at = time.monotonic() + 0.3
-        futures = [self.pool.submit(share, c, start_at, *args) for c in split(concurrency, self.processes)]
         try:
+            futures = [self.pool.submit(share, c, start_at, *args) for c in split(concurrency, self.processes)]
             shares: list[Share] = [f.result() for f in futures]
         except BrokenProcessPool:  # a load process died: this run fails, the next ones get a new pool
             self.pool.shutdown(wait=False, cancel_futures=True)

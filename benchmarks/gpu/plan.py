@@ -118,7 +118,7 @@ class Plan:
         for model in self.models:
             workers = 0
             http = self.concurrency
-            if model == self.scaling_model and workers in self.scaling_workers:
+            if model == self.scaling_model:  # its sizing's count is one the scaling target reads
                 http = tuple(sorted({*http, self.scaling_concurrency}))
             grpc = self.concurrency if model.startswith("resnet50") else ()
             main.append(Server(model, workers, http, grpc, sweep=model == self.sweep_model))

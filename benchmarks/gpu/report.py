@@ -21,12 +21,13 @@ def run_at(found: Found, model: str, workers: int, path: str, concurrency: int,
            resolved: bool = False) -> dict[str, Any] | None:  # fmt: skip
     """``model``'s run on ``path`` at ``concurrency`` by the server asked for ``workers`` (``resolved``: by the one
     that ran ``workers``, the service's sizing included)."""
-    for server in found.get("served", []):
-        asked = server["workers"] == workers or (resolved and server.get("workers_resolved") == workers)
-        if server["model"] == model and asked:
-            for run in server["runs"]:
-                if (run["path"], run["concurrency"]) == (path, concurrency):
-                    return dict(run)
+    servers = [s for s in found.get("served", []) if s["model"] == model]
+    exact = [s for s in servers if s["workers"] == workers]
+    sized = [s for s in servers if resolved and s["workers"] == 0 and s.get("workers_resolved") == workers]
+    for server in exact + sized:  # the server asked for that count first
+        for run in server["runs"]:
+            if (run["path"], run["concurrency"]) == (path, concurrency):
+                return dict(run)
     return None
 
 
@@ -180,6 +181,9 @@ def markdown(found: Found) -> str:
             cells = [c["model"], label, c["providers_taken"][0], r["path"], r["batch"], f"{r['images_per_s']:.1f}",
                      r["p50_ms"], r["p99_ms"], r["first_call_ms"]]  # fmt: skip
             lines.append(row(cells))
+        for e in c.get("errors", []):  # a batch size that failed (out of GPU memory, say): no figure, its reason
+            lines.append(row([c["model"], label, c["providers_taken"][0], "-", e["batch"], "failed: " + e["error"],
+                              "-", "-", "-"]))  # fmt: skip
     anchor = found.get("anchor") or {}
     lines += ["", "## PyTorch anchor", ""]
     if anchor.get("images_per_s"):

@@ -106,8 +106,9 @@ def started(store: ModelStore, model: str, env: dict[str, str], log: Path, timeo
     from tests.helpers import ServiceProcess
 
     deadline = time.monotonic() + timeout  # one bound for both waits
-    service = ServiceProcess(store.root, log, **env).start(timeout=timeout, wait_for="/livez")
-    try:
+    service = ServiceProcess(store.root, log, **env)
+    try:  # the start inside: a SIGTERM while it waits must stop the server too (in its own session, nothing else does)
+        service.start(timeout=timeout, wait_for="/livez")
         wait_ready(service, model, max(1.0, deadline - time.monotonic()))
         yield service
     finally:

@@ -12,8 +12,8 @@ model served is light, else one on CPUs.
 Where the models run on CUDA the sessions are the GPU's, not the cores': the cores parse HTTP and
 decode images, and one worker (one event loop) cannot keep a GPU busy (ResNet-50 FP16 on an
 H200 served 875 images/s with one worker, the GPU busy 17% of the time). So ``WORKERS=0``
-gives one worker per four CPUs there (each with its share of decoder threads), their sessions
-in one session host; four cores per worker is the CPU's arithmetic (one event loop, about
+gives one worker per four CPUs there, at most eight (each with its share of decoder threads),
+their sessions in one session host; four cores per worker is the CPU's arithmetic (one event loop, about
 two decoder threads of ~1,900 JPEGs/s each), not yet a GPU measurement: ``benchmarks.gpu``
 measures it beside WORKERS 1, 2 and 4.
 
@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 # Below this the HTTP stack costs more than the network: LeNet-5 is 0.0008, AlexNet 1.4
 LIGHT_GFLOPS_PER_IMAGE = 0.1
 CPUS_PER_CUDA_WORKER = 4  # heavy models on CUDA: one worker (event loop and decoders) per this many CPUs
+# and no more than this many (each warms every batch shape through the one host, and takes a share of
+# MEMORY_BUDGET): a 128-core node would otherwise start 32, a count nothing has measured
+MAX_CUDA_WORKERS = 8
 
 
 def model_gflops(store: ModelStore, name: str, version: int | None) -> float | None:
@@ -63,7 +66,7 @@ def auto_workers(settings: Settings) -> tuple[int, str]:
     if cpus == 1:
         return 1, "one CPU"
     if heavy and wants_cuda(settings):
-        workers = max(1, cpus // CPUS_PER_CUDA_WORKER)
+        workers = max(1, min(MAX_CUDA_WORKERS, cpus // CPUS_PER_CUDA_WORKER))
         where = "in one session host" if workers > 1 else "in the worker"
         return workers, (f"models on CUDA: one worker per {CPUS_PER_CUDA_WORKER} of {cpus} CPUs to parse and "
                          f"decode, the GPU's sessions {where}")  # fmt: skip

@@ -17,6 +17,7 @@ from service.store.layout import ModelStore
         ("lenet5,resnet18", 16, False, 1),  # heavy on CPUs: one worker whose sessions take every core
         ("resnet18", 16, True, 4),  # heavy on CUDA: one worker per 4 CPUs feeds the GPU's session host
         ("resnet18", 6, True, 1),
+        ("resnet18", 128, True, 8),  # at most 8 until more is measured
         ("lenet5", 16, True, 16),  # light on CUDA: one per CPU still
         ("resnet18", 1, True, 1),
     ],
