@@ -13,9 +13,9 @@ Where the models run on CUDA the sessions are the GPU's, not the cores': the cor
 decode images, and one worker (one event loop) cannot keep a GPU busy (ResNet-50 FP16 on an
 H200 served 875 images/s with one worker, the GPU busy 17% of the time). So ``WORKERS=0``
 gives one worker per four CPUs there, at most eight (each with its share of decoder threads),
-their sessions in one session host; four cores per worker is the CPU's arithmetic (one event loop, about
-two decoder threads of ~1,900 JPEGs/s each), not yet a GPU measurement: ``benchmarks.gpu``
-measures it beside WORKERS 1, 2 and 4.
+their sessions in one session host; four cores per worker is the CPU's arithmetic (one event
+loop, about two decoder threads of ~1,950 JPEGs/s each), not yet a GPU measurement:
+``benchmarks.gpu`` measures it beside WORKERS 1, 2 and 4.
 
 Where the models run on CUDA, small images no longer decode on the event loop
 (``INLINE_DECODE_BYTES`` 0 unless set): on the CPU inline decoding saves two thread hops
@@ -67,9 +67,9 @@ def auto_workers(settings: Settings) -> tuple[int, str]:
         return 1, "one CPU"
     if heavy and wants_cuda(settings):
         workers = max(1, min(MAX_CUDA_WORKERS, cpus // CPUS_PER_CUDA_WORKER))
-        where = "in one session host" if workers > 1 else "in the worker"
-        return workers, (f"models on CUDA: one worker per {CPUS_PER_CUDA_WORKER} of {cpus} CPUs to parse and "
-                         f"decode, the GPU's sessions {where}")  # fmt: skip
+        host = " (SESSION_HOST=auto holds the GPU's sessions in one session host)" if workers > 1 else ""
+        return workers, (f"models on CUDA: one worker per {CPUS_PER_CUDA_WORKER} of {cpus} CPUs (at most "
+                         f"{MAX_CUDA_WORKERS}) to parse and decode{host}")  # fmt: skip
     if heavy or not costs:
         why = f"{', '.join(heavy)} over {LIGHT_GFLOPS_PER_IMAGE} GFLOPs per image" if heavy else "no model yet"
         return 1, f"{why}: one worker, whose sessions use all {cpus} CPUs"
