@@ -40,7 +40,6 @@ from .loadgen import LoadPool
 from .nvml import Nvml
 from .plan import FAMILIES, Ceiling, Plan, Server
 from .report import markdown, targets
-from .served import BODY_SIDE, bodies, serve
 
 DESCRIPTION = "The service on a GPU: in-process ceilings, a PyTorch anchor, served HTTP and gRPC runs, the targets."
 
@@ -126,8 +125,6 @@ def export_missing(run: Run, store: ModelStore, models: tuple[str, ...]) -> tupl
 def _export(run: Run, store: ModelStore, name: str) -> None:
     from export.pipeline import ExportOptions, export_model
 
-    from ..__main__ import export_variant_for_bench
-
     parent = name.removesuffix("_fp16")
     if parent != name and parent in run.plan.models and parent not in run.found["exports"]:
         raise Failed(f"{name} is made from {parent}, whose export failed")
@@ -135,6 +132,8 @@ def _export(run: Run, store: ModelStore, name: str) -> None:
     for needed in dict.fromkeys((parent, name)):  # a variant's parent first, where the store lacks it
         if store.latest(needed) is None:
             if needed.endswith("_fp16"):
+                from ..__main__ import export_variant_for_bench  # only here: it imports the v2 protocol (see serve)
+
                 export_variant_for_bench(store, parent, "fp16")
             else:
                 export_model(needed, store, ExportOptions(weights="random", progress=False))
@@ -275,6 +274,8 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
         for server in plan.servers():
             found["skipped"][f"served {server.label}"] = "CUDA took no in-process session (see failures)"
         return
+    from .served import serve  # here: it imports the v2 protocol, whose "inference" package tritonclient's clashes with
+
     logs = run.out / "logs"  # each server's log, kept beside the figures (the first place to look on a failure)
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as homes, LoadPool(plan.load_processes) as pool:
@@ -306,6 +307,8 @@ def measured_already(found: dict[str, Any], plan: Plan, server: Server) -> str |
 
 
 def _decode(run: Run) -> None:
+    from .served import BODY_SIDE, bodies
+
     files, _ = bodies("resnet50")
     run.found["decode"] = found = decode_rate(files, max(1.0, run.plan.ceiling_seconds * 2))
     rate = found["images_per_s_per_core"]
