@@ -243,7 +243,16 @@ def benchmark(run: Run, store: ModelStore) -> None:
     try:
         described = machine()
     except Exception as exc:  # a package missing on the GPU machine must not cost the run: the stages say what
-        described = {"cpu": "unknown", "cores": cpu_count(), "cpu_flags": [], "error": f"{type(exc).__name__}: {exc}"}
+        import onnxruntime as ort
+
+        described = {
+            "cpu": "unknown",
+            "cores": cpu_count(),
+            "cpu_flags": [],
+            "onnxruntime": ort.__version__,
+            "commit": "unknown",
+            "error": f"{type(exc).__name__}: {exc}",
+        }  # what the report reads
     found |= {"machine": described, "gpu": nvml.describe(), "providers_available": _providers(),
               "ceilings": [], "served": []}  # fmt: skip
     if plan.providers == "cuda":
