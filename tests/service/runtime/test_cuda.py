@@ -25,18 +25,25 @@ def _provider_loads() -> bool:
 needs_no_cuda = pytest.mark.skipif(_provider_loads(), reason="CUDA's libraries load here; tests -m gpu cover it")
 
 
-def _library_needing(tmp_path: Path, missing: str) -> Path:
-    """A shared library that needs the library named ``missing`` (its soname), which is then taken away."""
+PLAIN = "int plain(void) { return 1; }\n"  # a library that loads and needs nothing
+
+
+def _compile(tmp_path: Path, library: Path, source: str, *link: str) -> Path:
+    """``source`` built as the shared library ``library`` (its soname: its file name), linked with ``link``."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert compiler, "a C compiler (make test-tools installs gcc)"
-    (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
-    (tmp_path / "lib.c").write_text("int dep(void);\nint uses(void) { return dep(); }\n")
-    dependency = tmp_path / missing
-    library = tmp_path / "libneeds.so"
-    subprocess.run([compiler, "-shared", "-fPIC", f"-Wl,-soname,{missing}", "-o", str(dependency),
-                    str(tmp_path / "dep.c")], check=True)  # fmt: skip
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(library), str(tmp_path / "lib.c"),
-                    f"-L{tmp_path}", f"-l:{missing}"], check=True)  # fmt: skip
+    (tmp_path / f"{library.name}.c").write_text(source)
+    library.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([compiler, "-shared", "-fPIC", f"-Wl,-soname,{library.name}", "-o", str(library),
+                    str(tmp_path / f"{library.name}.c"), *link], check=True)  # fmt: skip
+    return library
+
+
+def _library_needing(tmp_path: Path, missing: str) -> Path:
+    """A shared library that needs the library named ``missing`` (its soname), which is then taken away."""
+    dependency = _compile(tmp_path, tmp_path / missing, "int dep(void) { return 1; }\n")
+    library = _compile(tmp_path, tmp_path / "libneeds.so", "int dep(void);\nint uses(void) { return dep(); }\n",
+                       f"-L{tmp_path}", f"-l:{missing}")  # fmt: skip
     dependency.unlink()
     return library
 
@@ -56,11 +63,7 @@ def test_a_missing_driver_library_is_blamed_on_the_driver_not_the_wheels(tmp_pat
 
 def test_a_missing_cudnn_is_named_where_the_provider_itself_loads(tmp_path: Path) -> None:
     """cuDNN is opened by the provider when a session starts, not by the loader: it is looked for by itself."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler, "a C compiler (make test-tools installs gcc)"
-    (tmp_path / "plain.c").write_text("int plain(void) { return 1; }\n")
-    loadable = tmp_path / "libplain.so"  # a provider library that loads
-    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(loadable), str(tmp_path / "plain.c")], check=True)
+    loadable = _compile(tmp_path, tmp_path / "libplain.so", PLAIN)  # a provider library that loads
     reason = cuda.unavailable_reason(loadable, cudnn="libcudnnmadeup.so.9")
     assert "cuDNN 9 cannot load (libcudnnmadeup.so.9: cannot open shared object file" in reason
     assert "CUDA provider cannot load" not in reason
@@ -69,16 +72,6 @@ def test_a_missing_cudnn_is_named_where_the_provider_itself_loads(tmp_path: Path
 def test_the_reason_for_a_provider_library_that_is_not_there(tmp_path: Path) -> None:
     reason = cuda.unavailable_reason(tmp_path / "libonnxruntime_providers_cuda.so")
     assert "libonnxruntime_providers_cuda.so" in reason and "cannot open shared object file" in reason
-
-
-def _compile(tmp_path: Path, library: Path, source: str, *link: str) -> Path:
-    compiler = shutil.which("cc") or shutil.which("gcc")
-    assert compiler, "a C compiler (make test-tools installs gcc)"
-    (tmp_path / f"{library.name}.c").write_text(source)
-    library.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([compiler, "-shared", "-fPIC", f"-Wl,-soname,{library.name}", "-o", str(library),
-                    str(tmp_path / f"{library.name}.c"), *link], check=True)  # fmt: skip
-    return library
 
 
 def test_a_provider_library_that_needs_its_host_library_is_not_reported_missing(tmp_path: Path) -> None:
@@ -92,7 +85,7 @@ def test_a_provider_library_that_needs_its_host_library_is_not_reported_missing(
         folder / "libprovider.so",
         "int cnn_test_provider_host(void);\nint uses(void) { return cnn_test_provider_host(); }\n",
     )
-    cudnn = _compile(tmp_path, tmp_path / "libcudnnstandin.so.9", "int plain(void) { return 1; }\n")
+    cudnn = _compile(tmp_path, tmp_path / "libcudnnstandin.so.9", PLAIN)
     reason = cuda.unavailable_reason(provider, cudnn=str(cudnn))
     assert "CUDA provider cannot load" not in reason and "undefined symbol" not in reason
     assert "cuDNN" not in reason
@@ -106,9 +99,9 @@ def test_preload_finds_nvidia_wheels_on_the_python_path(tmp_path: Path) -> None:
     names = [f"libcublasLt.so.{cuda.CUDA_MAJOR}", f"libcublas.so.{cuda.CUDA_MAJOR}", "libcurand.so.10",
              f"libcudart.so.{cuda.CUDA_MAJOR}"]  # fmt: skip
     for name in names:
-        _compile(tmp_path, cu / name, "int plain(void) { return 1; }\n")
+        _compile(tmp_path, cu / name, PLAIN)
     cudnn = tmp_path / "site" / "nvidia" / "cudnn" / "lib"
-    _compile(tmp_path, cudnn / cuda.CUDNN_LIBRARY, "int plain(void) { return 1; }\n")
+    _compile(tmp_path, cudnn / cuda.CUDNN_LIBRARY, PLAIN)
     script = (f"import sys; sys.path.append({str(tmp_path / 'site')!r})\n"
               "from service.runtime import cuda\n"
               "print(cuda.wheel_directories()); lines = cuda.preload()\n"
