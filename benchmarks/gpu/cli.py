@@ -35,16 +35,13 @@ from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 
 from ..host import ROOT, machine
-from .inprocess import decode_rate
+from .inprocess import NOT_TAKEN, decode_rate
 from .loadgen import LoadPool
 from .nvml import Nvml
 from .plan import FAMILIES, Ceiling, Plan, Server
 from .report import markdown, targets
 
 DESCRIPTION = "The service on a GPU: in-process ceilings, a PyTorch anchor, served HTTP and gRPC runs, the targets."
-
-
-NOT_TAKEN = "did not take the session"  # the ceiling's words where CUDA's provider refused the graph
 
 
 class Failed(RuntimeError):

@@ -33,6 +33,8 @@ import numpy as np
 from service.runtime.cuda import CPU, CUDA
 from service.store.metadata import InputMeta
 
+# a ceiling's words where CUDA's provider refused the graph: the benchmark skips the served stages on them
+NOT_TAKEN = "did not take the session"
 # what ImageNet networks take (the export's metadata for resnet50): the decode rate's target
 IMAGENET = InputMeta(size=224, channels=3, resize=256, crop=224, mean=[0.485, 0.456, 0.406],
                      std=[0.229, 0.224, 0.225])  # fmt: skip
@@ -89,7 +91,7 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
     taken = session.get_providers()
     if providers == "cuda" and taken[0] != CUDA:
         said = f"; the preload said: {' | '.join(complaints)}" if complaints else ""
-        raise RuntimeError(f"{CUDA} did not take the session (it runs on {taken}): {unavailable_reason()}{said}")
+        raise RuntimeError(f"{CUDA} {NOT_TAKEN} (it runs on {taken}): {unavailable_reason()}{said}")
     device = "cuda" if taken[0] == CUDA else "cpu"
     outputs = [o.name for o in session.get_outputs()]
     runs: list[dict[str, Any]] = []
