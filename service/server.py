@@ -24,6 +24,7 @@ from typing import Any
 from .frontends.v2.handler import OipHandler
 from .metrics import Metrics, exposition, get_metrics
 from .observers import attach
+from .parent import ParentWatch
 from .runtime import session_host
 from .runtime.cache import ResponseCache
 from .runtime.canary import Canaries
@@ -145,8 +146,10 @@ def build_runtime(
 class Server:
     """A worker: its runtime and the front ends on it (``app``: the FastAPI app BentoML serves)."""
 
-    def __init__(self, settings: Settings, app: Any) -> None:
+    def __init__(self, settings: Settings, app: Any, *, watch_parent: bool = False) -> None:
         self.settings = settings
+        # in a BentoML worker: stop once the server that started it is gone (see service.parent)
+        self.parent_watch = ParentWatch() if watch_parent else None
         self.readiness = WorkerReadiness(settings.workers)
         self.runtime = build_runtime(settings, readiness=self.readiness)
         self.oip = OipHandler(self.runtime.classifier, self.runtime.control)
@@ -169,6 +172,8 @@ class Server:
         from .frontends.v2.grpc_server import start_grpc_server
 
         self.runtime.start()
+        if self.parent_watch is not None:
+            self.parent_watch.start()
         settings = self.settings
         token = settings.api_token.get_secret_value() if settings.api_token else None
         admin = settings.admin_token.get_secret_value() if settings.admin_token else None
@@ -188,3 +193,5 @@ class Server:
             return
         self._stopped = True
         await self.runtime.stop()
+        if self.parent_watch is not None:
+            self.parent_watch.stop()

@@ -84,7 +84,7 @@ class CNNClassifier:
 
     def __init__(self) -> None:
         # built here, in the worker; the app's lifespan starts it (loads, gRPC) and stops it in reverse
-        self.server = Server(settings, app)
+        self.server = Server(settings, app, watch_parent=True)
 
     def __is_ready__(self) -> bool:
         return self.server.ready

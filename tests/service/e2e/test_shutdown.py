@@ -1,20 +1,23 @@
-"""SIGTERM lets the requests in flight finish, then the server exits 0."""
+"""SIGTERM lets the requests in flight finish, then the server exits 0; a server killed outright takes its
+workers with it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from skimage import data
 
 from service.store.layout import ModelStore
 
-from ...helpers import ServiceProcess, encode
+from ...helpers import ServiceProcess, encode, workers
 
 pytestmark = pytest.mark.integration
 
@@ -41,3 +44,23 @@ def test_sigterm_drains_in_flight_requests(model_store: ModelStore, tmp_path: Pa
         assert time.monotonic() - started < 60
     finally:
         process.stop()
+
+
+def test_workers_stop_when_the_server_is_killed_outright(model_store: ModelStore, tmp_path: Path) -> None:
+    """A server SIGKILLed (no handler of its own runs) leaves no worker behind, bound to its port and answering."""
+    process = ServiceProcess(Path(model_store.root), tmp_path / "killed.log", MODELS="lenet5", WORKERS="2").start()
+    started = workers(process)  # each in a session of its own: the server's group is not theirs
+    try:
+        assert len(started) == 2
+        assert process.process is not None
+        os.kill(process.process.pid, signal.SIGKILL)
+        process.process.wait(10)
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert alive == [], f"workers outlived their server: {[p.pid for p in alive]}\n{process.log()}"
+        with pytest.raises(httpx.ConnectError):  # nothing holds the port any more
+            httpx.get(f"{process.url}/readyz", timeout=2)
+        assert process.log().count("is gone: this worker") == 2, process.log()
+    finally:
+        for worker in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
