@@ -3,11 +3,13 @@
 BentoML starts each worker in a session of its own. A server killed outright (SIGKILL, the
 kernel's OOM killer) used to leave its workers behind: still bound to the port, still answering
 with what they had loaded (``/readyz`` said 200), their models' memory, and a GPU's, held until
-someone found and killed them. Each worker now watches its parent. Once it has been re-parented
-(its server died), it sends itself SIGTERM and stops as on any shutdown: requests in flight are
-answered, the runtime stops in reverse. Where that shutdown does not end within
-:data:`GRACE_S`, the worker exits. The session host already goes with its server (its stdin
-closes).
+someone found and killed them. Each worker now watches its parent. The server's first process
+writes its pid into the workers' environment (:data:`SERVER_PID_ENV`, before it starts any), so a
+worker whose server died while it was still starting knows it too. Once the worker's parent is
+no longer that process, the worker sends itself SIGTERM and stops as on any shutdown: requests
+in flight are answered (with ``SESSION_HOST=shared`` they fail, 503: the session host went with
+the server), the runtime stops in reverse. Where that shutdown has not ended after ``grace``
+seconds, the worker exits.
 """
 
 from __future__ import annotations
@@ -19,17 +21,28 @@ import threading
 
 logger = logging.getLogger(__name__)
 
+SERVER_PID_ENV = "CNN_SERVER_PID"  # the server's first process, set for its workers by announce()
 INTERVAL_S = 1.0  # how often a worker looks at its parent
-GRACE_S = 60.0  # how long its shutdown may take, once it is orphaned, before it exits
+
+
+def announce() -> None:
+    """In the server's first process, before it starts a worker: its workers' parent is this process."""
+    os.environ[SERVER_PID_ENV] = str(os.getpid())
+
+
+def server_pid() -> int:
+    """The server this worker belongs to: the one that announced itself, else this process's parent."""
+    announced = os.environ.get(SERVER_PID_ENV, "")
+    return int(announced) if announced.isdigit() else os.getppid()
 
 
 class ParentWatch:
-    """Watch this process's parent from a daemon thread; SIGTERM this process once it changes."""
+    """Watch this process's parent from a daemon thread; SIGTERM this process once it is not the server."""
 
-    def __init__(self, interval: float = INTERVAL_S, grace: float = GRACE_S) -> None:
-        self.parent = os.getppid()  # the server's process, while it lives
+    def __init__(self, grace: float, interval: float = INTERVAL_S) -> None:
+        self.server = server_pid()
+        self.grace = grace  # how long the shutdown may take before the worker exits
         self.interval = interval
-        self.grace = grace
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -42,17 +55,14 @@ class ParentWatch:
         self._stopped.set()
 
     def _watch(self) -> None:
-        while not self._stopped.wait(self.interval):
-            if os.getppid() != self.parent:
-                break
-        else:
-            return
+        while os.getppid() == self.server:
+            if self._stopped.wait(self.interval):
+                return
         logger.error(
             "the server process (pid %d) is gone: this worker (pid %d) stops rather than serve on unmanaged",
-            self.parent, os.getpid(),
+            self.server, os.getpid(),
         )  # fmt: skip
         os.kill(os.getpid(), signal.SIGTERM)
         if not self._stopped.wait(self.grace):
             logger.error("the worker's shutdown took over %.0f s after its server died: exiting now", self.grace)
-            logging.shutdown()
             os._exit(1)

@@ -41,6 +41,8 @@ from .tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
+SHUTDOWN_MARGIN_S = 30.0  # beyond the request time-out: gRPC's 5-s grace, the runtime's stop
+
 
 @dataclass
 class Runtime:
@@ -148,8 +150,10 @@ class Server:
 
     def __init__(self, settings: Settings, app: Any, *, watch_parent: bool = False) -> None:
         self.settings = settings
-        # in a BentoML worker: stop once the server that started it is gone (see service.parent)
-        self.parent_watch = ParentWatch() if watch_parent else None
+        # in a BentoML worker: stop once the server that started it is gone (see service.parent), leaving the
+        # shutdown time for requests in flight, gRPC's grace and the runtime's stop
+        grace = settings.request_timeout_s + SHUTDOWN_MARGIN_S
+        self.parent_watch = ParentWatch(grace) if watch_parent else None
         self.readiness = WorkerReadiness(settings.workers)
         self.runtime = build_runtime(settings, readiness=self.readiness)
         self.oip = OipHandler(self.runtime.classifier, self.runtime.control)

@@ -24,6 +24,7 @@ import os
 import bentoml
 from bentoml._internal.context import server_context
 
+from . import parent
 from .frontends.app import create_app
 from .frontends.auth import BearerTokenMiddleware
 from .frontends.fastpath import FastPathMiddleware
@@ -59,6 +60,7 @@ _configure_logging()
 install_request_timeout()  # BentoML's timeout middleware kept every request's timer for the whole timeout
 settings = sized(get_settings())
 if server_context.worker_index is None:  # BentoML's first process, before it starts a worker (not in a worker)
+    parent.announce()  # its workers stop if it dies
     if shares_sessions(settings):
         session_host.start()
     else:

@@ -169,6 +169,20 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+def gone(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` has exited (a zombie nobody reaped counts) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def stop_group(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
     """SIGTERM to the process's group (it leads one: start_new_session), then wait for every member:
     a child that outlives its parent (LitServe's worker drains its queue at full speed for 20 s and
