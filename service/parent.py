@@ -44,11 +44,9 @@ class ParentWatch:
         self.grace = grace  # how long the shutdown may take before the worker exits
         self.interval = interval
         self._stopped = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._watch, name="parent-watch", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, name="parent-watch", daemon=True).start()
 
     def stop(self) -> None:
         """The worker is stopping (for whatever reason): no more watching, and no forced exit."""

@@ -28,7 +28,7 @@ from service.store.host import cpu_count
 from service.store.layout import ModelStore, StoredVersion
 from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
 
-from ...helpers import wait_until
+from ...helpers import gone, wait_until
 from .harness import StoreFactory
 
 CPU = ["CPUExecutionProvider"]
@@ -248,10 +248,7 @@ def test_the_host_goes_when_the_process_that_started_it_goes(tmp_path: Path) -> 
     assert psutil.pid_exists(pid)
     starter.kill()
     starter.wait()
-    deadline = time.monotonic() + 15
-    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-        assert time.monotonic() < deadline, "the session host outlived the process that started it"
-        time.sleep(0.1)
+    assert gone(pid, 15), "the session host outlived the process that started it"
 
 
 @pytest.mark.parametrize(
