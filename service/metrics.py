@@ -413,10 +413,11 @@ class ModelStateCollector:
             yield family
 
 
-def exposition(states: Callable[[], Iterable[dict[str, Any]]]) -> Callable[[], bytes]:
+def exposition(states: Callable[[], Iterable[dict[str, Any]]], server_pid: int | None = None) -> Callable[[], bytes]:
     """``/metrics``: every worker's samples, the server's processes and every worker's model states.
 
-    ``states`` gives each worker's published state (see :class:`ModelStateCollector`).
+    ``states`` gives each worker's published state (see :class:`ModelStateCollector`); ``server_pid``
+    is the ``bentoml serve`` process whose tree is summed (this process's parent where not given).
     """
     from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -426,7 +427,7 @@ def exposition(states: Callable[[], Iterable[dict[str, Any]]]) -> Callable[[], b
         MultiProcessCollector(registry)
     else:  # outside BentoML's server: this process's own samples
         registry.register(_Samples(REGISTRY))
-    registry.register(ServerProcessCollector())
+    registry.register(ServerProcessCollector(server_pid))
     registry.register(ModelStateCollector(states))
     return lambda: generate_latest(registry)
 

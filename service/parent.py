@@ -9,15 +9,17 @@ worker whose server died while it was still starting knows it too. Once the work
 no longer that process, the worker sends itself SIGTERM and stops as on any shutdown: requests
 in flight are answered (with ``SESSION_HOST=shared`` they fail, 503: the session host went with
 the server), the runtime stops in reverse. Where that shutdown has not ended after ``grace``
-seconds, the worker exits.
+seconds, the worker runs ``before_exit`` (the worker withdraws its readiness marker) and exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +41,13 @@ def server_pid() -> int:
 class ParentWatch:
     """Watch this process's parent from a daemon thread; SIGTERM this process once it is not the server."""
 
-    def __init__(self, grace: float, interval: float = INTERVAL_S) -> None:
+    def __init__(
+        self, grace: float, interval: float = INTERVAL_S, before_exit: Callable[[], None] | None = None
+    ) -> None:
         self.server = server_pid()
         self.grace = grace  # how long the shutdown may take before the worker exits
         self.interval = interval
+        self.before_exit = before_exit  # what the forced exit still does (the shutdown it skips would have)
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -63,4 +68,7 @@ class ParentWatch:
         os.kill(os.getpid(), signal.SIGTERM)
         if not self._stopped.wait(self.grace):
             logger.error("the worker's shutdown took over %.0f s after its server died: exiting now", self.grace)
+            if self.before_exit is not None:
+                with contextlib.suppress(Exception):  # the exit happens whatever this does
+                    self.before_exit()
             os._exit(1)

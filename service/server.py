@@ -24,7 +24,7 @@ from typing import Any
 from .frontends.v2.handler import OipHandler
 from .metrics import Metrics, exposition, get_metrics
 from .observers import attach
-from .parent import ParentWatch
+from .parent import ParentWatch, server_pid
 from .runtime import session_host
 from .runtime.cache import ResponseCache
 from .runtime.canary import Canaries
@@ -153,11 +153,11 @@ class Server:
         # in a BentoML worker: stop once the server that started it is gone (see service.parent), leaving the
         # shutdown time for requests in flight, gRPC's grace and the runtime's stop
         grace = settings.request_timeout_s + SHUTDOWN_MARGIN_S
-        self.parent_watch = ParentWatch(grace) if watch_parent else None
-        self.readiness = WorkerReadiness(settings.workers)
+        self.readiness = WorkerReadiness(settings.workers, server_pid())
+        self.parent_watch = ParentWatch(grace, before_exit=self.readiness.withdraw) if watch_parent else None
         self.runtime = build_runtime(settings, readiness=self.readiness)
         self.oip = OipHandler(self.runtime.classifier, self.runtime.control)
-        app.state.metrics = exposition(lambda: self.readiness.states().values())
+        app.state.metrics = exposition(lambda: self.readiness.states().values(), server_pid())
         app.state.classifier = self.runtime.classifier
         app.state.oip = self.oip
         app.state.server = self

@@ -21,7 +21,7 @@ WORKER = textwrap.dedent("""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     time.sleep(float(sys.argv[1]))  # its start-up
     from service.parent import ParentWatch
-    ParentWatch(grace=1.0, interval=0.1).start()
+    ParentWatch(grace=1.0, interval=0.1, before_exit=lambda: logging.info("before exit")).start()
     logging.info("watching")
     time.sleep(60)
 """)
@@ -53,6 +53,7 @@ def test_an_orphaned_worker_whose_shutdown_hangs_exits_after_the_grace(tmp_path:
         text = log.read_text()
         assert f"is gone: this worker (pid {worker}) stops" in text
         assert "took over 1 s after its server died: exiting now" in text
+        assert text.index("exiting now") < text.index("before exit")  # what the skipped shutdown would have done
     finally:
         if not gone(worker, 0):
             psutil.Process(worker).kill()

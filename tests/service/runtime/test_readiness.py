@@ -45,3 +45,11 @@ def test_servers_do_not_share_markers(tmpdir_env: Path) -> None:
     second = WorkerReadiness(workers=1, server_pid=os.getppid())
     first.mark_ready()
     assert first.all_ready() and not second.all_ready()
+
+
+def test_a_worker_whose_server_is_gone_does_not_start(tmpdir_env: Path) -> None:
+    server = subprocess.Popen([sys.executable, "-c", "pass"])
+    server.wait()  # reaped: its pid names no process
+    with pytest.raises(RuntimeError, match=rf"server process \(pid {server.pid}\) is gone"):
+        WorkerReadiness(workers=1, server_pid=server.pid)
+    assert not list(tmpdir_env.iterdir())  # and it left no marker directory
