@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -37,10 +37,12 @@ def make_serve(store: Path, home: Path, log: Path, timeout: float) -> Iterator[t
     url = f"http://127.0.0.1:{port}"
     try:
         ready = wait_for_ok(f"{url}/readyz", timeout, give_up=lambda: process.poll() is not None)
-        assert ready, f"make serve not ready after {timeout}s:\n{log.read_text(errors='replace')[-4000:]}"
+        why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready after {timeout}s"
+        assert ready, f"make serve {why}:\n{log.read_text(errors='replace')[-4000:]}"
         yield url, time.monotonic() - started
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        with suppress(ProcessLookupError):  # it may have exited on its own (the assertion says why)
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(60)
         except subprocess.TimeoutExpired:
