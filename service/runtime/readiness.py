@@ -26,10 +26,11 @@ import psutil
 class WorkerReadiness:
     def __init__(self, workers: int, server_pid: int | None = None) -> None:
         self.workers = workers
+        pid = server_pid or os.getppid()
         try:
-            server = psutil.Process(server_pid or os.getppid())
+            server = psutil.Process(pid)
         except psutil.NoSuchProcess:  # it died as this worker started: nothing to be ready for
-            raise RuntimeError(f"the server process (pid {server_pid}) is gone: this worker does not start") from None
+            raise RuntimeError(f"the server process (pid {pid}) is gone: this worker does not start") from None
         name = f"cnn-serving-ready-{server.pid}-{int(server.create_time())}"
         self.directory = Path(tempfile.gettempdir()) / name
         self.directory.mkdir(mode=0o700, exist_ok=True)
