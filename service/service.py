@@ -31,7 +31,7 @@ from .frontends.fastpath import FastPathMiddleware
 from .frontends.observe import RequestObserver
 from .frontends.protocol import install as install_http_limits
 from .frontends.timeout import install as install_request_timeout
-from .runtime import session_host
+from .runtime import readiness, session_host
 from .runtime.session_host import shares_sessions
 from .runtime.sizing import sized
 from .server import Server
@@ -61,6 +61,7 @@ install_request_timeout()  # BentoML's timeout middleware kept every request's t
 settings = sized(get_settings())
 if server_context.worker_index is None:  # BentoML's first process, before it starts a worker (not in a worker)
     parent.announce()  # its workers stop if it dies
+    readiness.sweep()  # what servers killed outright left behind
     if shares_sessions(settings):
         session_host.start()
     else:

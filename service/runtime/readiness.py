@@ -9,18 +9,51 @@ as many markers of live workers as configured workers.
 Beside its marker each worker publishes the versions it serves (``<pid>.json``), so a
 repository call answered by one worker can wait for all of them, and ``/metrics`` shows
 every worker's model state whichever worker answers the scrape.
+
+The last worker out removes the directory. Where nobody withdrew (the server and its workers
+killed outright), the next server's first process removes it (:func:`sweep`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "cnn-serving-ready-"  # then the server's pid and its start time (whole seconds since the epoch)
+
+
+def sweep() -> list[Path]:
+    """Remove the readiness directories of servers that no longer run; the ones removed."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        pid, _, started = path.name.removeprefix(PREFIX).partition("-")
+        if not (pid.isdigit() and started.isdigit()) or _running(int(pid), int(started)):
+            continue
+        with contextlib.suppress(OSError):  # another user's, or another server sweeping at the same moment
+            shutil.rmtree(path)
+            removed.append(path)
+    if removed:
+        logger.info("removed the readiness directories of %d server(s) that no longer run", len(removed))
+    return removed
+
+
+def _running(pid: int, started: int) -> bool:
+    try:
+        return int(psutil.Process(pid).create_time()) == started  # not a later process given the same pid
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:  # cannot tell: leave it
+        return True
 
 
 class WorkerReadiness:
@@ -31,7 +64,7 @@ class WorkerReadiness:
             server = psutil.Process(pid)
         except psutil.NoSuchProcess:  # it died as this worker started: nothing to be ready for
             raise RuntimeError(f"the server process (pid {pid}) is gone: this worker does not start") from None
-        name = f"cnn-serving-ready-{server.pid}-{int(server.create_time())}"
+        name = f"{PREFIX}{server.pid}-{int(server.create_time())}"
         self.directory = Path(tempfile.gettempdir()) / name
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self.marker = self.directory / str(os.getpid())

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
-from service.runtime.readiness import WorkerReadiness
+from service.runtime.readiness import WorkerReadiness, sweep
 
 
 @pytest.fixture
@@ -53,3 +54,23 @@ def test_a_worker_whose_server_is_gone_does_not_start(tmpdir_env: Path) -> None:
     with pytest.raises(RuntimeError, match=rf"server process \(pid {server.pid}\) is gone"):
         WorkerReadiness(workers=1, server_pid=server.pid)
     assert not list(tmpdir_env.iterdir())  # and it left no marker directory
+
+
+def test_a_new_server_removes_only_what_servers_that_no_longer_run_left(tmpdir_env: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    this = psutil.Process()
+    started = int(this.create_time())
+    names = {
+        "killed": f"cnn-serving-ready-{gone.pid}-{started}",  # its server is no more
+        "reused": f"cnn-serving-ready-{this.pid}-{started - 3600}",  # its pid now names a later process
+        "running": f"cnn-serving-ready-{this.pid}-{started}",
+        "other": "cnn-serving-ready-not-a-server",
+    }
+    for name in names.values():
+        (tmpdir_env / name).mkdir()
+        (tmpdir_env / name / "1234").touch()  # a worker's marker, never withdrawn
+    removed = sweep()
+    assert sorted(p.name for p in removed) == sorted([names["killed"], names["reused"]])
+    assert sorted(p.name for p in tmpdir_env.iterdir()) == sorted([names["running"], names["other"]])
+    assert WorkerReadiness(workers=1, server_pid=this.pid).directory.name == names["running"]
