@@ -153,11 +153,12 @@ class Server:
         # in a BentoML worker: stop once the server that started it is gone (see service.parent), leaving the
         # shutdown time for requests in flight, gRPC's grace and the runtime's stop
         grace = settings.request_timeout_s + SHUTDOWN_MARGIN_S
-        self.readiness = WorkerReadiness(settings.workers, server_pid())
+        server = server_pid()
+        self.readiness = WorkerReadiness(settings.workers, server)
         self.parent_watch = ParentWatch(grace, before_exit=self.readiness.withdraw) if watch_parent else None
         self.runtime = build_runtime(settings, readiness=self.readiness)
         self.oip = OipHandler(self.runtime.classifier, self.runtime.control)
-        app.state.metrics = exposition(lambda: self.readiness.states().values(), server_pid())
+        app.state.metrics = exposition(lambda: self.readiness.states().values(), server)
         app.state.classifier = self.runtime.classifier
         app.state.oip = self.oip
         app.state.server = self
