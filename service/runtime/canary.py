@@ -5,7 +5,8 @@ names no version is leased to CANDIDATE instead, for that share of requests: the
 exact over every block of a hundred requests, the positions in it random (a client that
 cycles through a few images does not send the same one to the candidate each time). A
 request that names a version is never diverted; a candidate that cannot take a request
-(not in the store, failed, its queue full) leaves it to the primary.
+(not in the store, failed, its queue full) leaves it to the primary, and, but for a full
+queue, the canary's ``reason`` says why until the candidate answers again.
 
 Each worker judges windows of ``CANARY_WINDOW`` of its canary answers
 (:mod:`.canary_analysis`); a sample of them (``CANARY_SAMPLE``) also goes through the
@@ -56,6 +57,8 @@ BLOCK = 100  # requests over which a fraction is exact
 SYNC_S = 0.5  # how often a worker reads the shared state
 HISTORY = 20  # windows kept in /models
 COLD_RETRY_S = 10.0  # on demand: after a candidate's background load failed, the primary answers this long
+FALLBACK = "the primary answers the candidate's share: "  # a reason that lasts until the candidate answers again
+REPEAT_S = 60.0  # the same fallback is logged again at most this often
 
 
 class Leases(Protocol):
@@ -134,6 +137,7 @@ class Canary:
     _block: list[bool] = field(default_factory=list)
     _carry: float = 0.0
     _cold_retry_at: float = 0.0  # on demand: not before this (monotonic) is a failed candidate load tried again
+    _said: tuple[str, float] = ("", 0.0)  # the fallback last logged, and when (monotonic)
 
     @property
     def key(self) -> str:
@@ -363,12 +367,13 @@ class Canaries:
             try:
                 lease = await leases.acquire(pair.candidate.name, pair.candidate.version)
             except ServiceError as exc:  # not in the store, failed, not loadable: the primary answers
-                logger.debug("canary %s: the candidate cannot answer (%s); the primary does", canary.key, exc.message)
+                self._fall_back(canary, exc.message)
             else:
                 entry = lease.__enter__()  # entered once: the _Routed takes it over, or it is given back now
                 problem = None if canary.revision == revision and canary.diverting > 0 else "changed"
                 problem = problem or self._unfit(canary, entry)
                 if problem is None:
+                    self._answers_again(canary)
                     return _Routed(self, canary, "candidate", lease, revision, entry)
                 lease.__exit__(None, None, None)
         try:
@@ -413,8 +418,8 @@ class Canaries:
             if failed is not None
             else "; ".join(f"v{e.version}: {e.reason}" for e in versions if e.status == "failed") or "not resident"
         )
-        logger.warning("canary %s: the candidate could not be loaded (%s); the primary answers, and the load is "
-                       "tried again in %g s", canary.key, reason, COLD_RETRY_S)  # fmt: skip
+        self._fall_back(canary, f"the candidate could not be loaded ({reason}); the load is tried again in "
+                                f"{COLD_RETRY_S:g} s", repeat=True)  # fmt: skip
 
     def _unfit(self, canary: Canary, entry: ModelEntry) -> str | None:
         """Why the candidate's version ``entry`` should not take this request: its queue is full, or it does not take
@@ -429,12 +434,26 @@ class Canaries:
         ours, theirs = entry.model.metadata, primary.model.metadata
         if ours.input == theirs.input and ours.num_classes == theirs.num_classes:
             return None
-        if canary.reason is None or not canary.reason.startswith("incompatible"):
-            canary.reason = (f"incompatible: {canary.pair.candidate} takes {ours.input.model_dump()} and gives "
-                             f"{ours.num_classes} classes; {canary.pair.primary} {theirs.input.model_dump()} and "
-                             f"{theirs.num_classes}: the primary answers every request")  # fmt: skip
-            logger.error("canary %s: %s", canary.key, canary.reason)
+        self._fall_back(canary, f"incompatible: {canary.pair.candidate} takes {ours.input.model_dump()} and gives "
+                                f"{ours.num_classes} classes; {canary.pair.primary} {theirs.input.model_dump()} and "
+                                f"{theirs.num_classes}", level=logging.ERROR)  # fmt: skip
         return "incompatible"
+
+    def _fall_back(self, canary: Canary, why: str, level: int = logging.WARNING, repeat: bool = False) -> None:
+        """The candidate cannot answer its share, so the primary does: say why in ``reason`` (``GET /models``) until
+        the candidate answers again, and in the log once (``repeat``: each time), or again after REPEAT_S."""
+        reason = FALLBACK + why
+        canary.reason = reason
+        now = time.monotonic()
+        if repeat or canary._said[0] != reason or now - canary._said[1] >= REPEAT_S:
+            canary._said = (reason, now)
+            logger.log(level, "canary %s: %s", canary.key, reason)
+
+    def _answers_again(self, canary: Canary) -> None:
+        """The candidate took a diverted request: a fallback's reason no longer holds."""
+        if canary.reason is not None and canary.reason.startswith(FALLBACK):
+            canary.reason, canary._said = None, ("", 0.0)
+            logger.info("canary %s: the candidate answers its share again", canary.key)
 
     def answered(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
         """The ``answered`` hook: a routed request's answers into its window; a sample of the candidate's also to

@@ -235,9 +235,12 @@ def test_a_canary_without_a_writable_state_file_runs_in_memory(tmp_path: Path) -
         worker.stop()
 
 
-def test_routing_on_real_graphs(make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path) -> None:
+def test_routing_on_real_graphs(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A canary at 1.0 answers every request for the primary that names no version, and says so; a request naming a
-    version never goes to it; a candidate that is not served leaves its requests to the primary."""
+    version never goes to it; a candidate that is not served leaves its requests to the primary, and the canary's
+    reason and the log say so (once) until the candidate answers again."""
     runtime = make_runtime(
         make_store(lenet5=[1, 2], twin=[1]),
         canary="lenet5:twin:1.0",
@@ -265,13 +268,26 @@ def test_routing_on_real_graphs(make_store: StoreFactory, make_runtime: RuntimeF
                             ("twin", 1, None)]  # fmt: skip
     assert runtime.canaries.canaries["lenet5"].window.routed["candidate"] == 2
 
+    canary = runtime.canaries.canaries["lenet5"]
+    assert canary.reason is None
     runtime.repository.unload(runtime.repository.serving("twin"))  # the candidate gone: the primary answers
 
     async def fallback() -> tuple[str, str | None]:
         c = await classifier.classify("lenet5", None, files, k=1)
         return c.model, c.canary
 
-    assert asyncio.run(fallback()) == ("lenet5", None)  # version 2, the one it serves
+    with caplog.at_level("INFO", logger="service.runtime.canary"):
+        assert asyncio.run(fallback()) == ("lenet5", None)  # version 2, the one it serves
+        assert asyncio.run(fallback()) == ("lenet5", None)
+        said = [r for r in caplog.records if "the primary answers the candidate's share" in r.getMessage()]
+        assert [r.levelname for r in said] == ["WARNING"] and "'twin'" in said[0].getMessage()
+        described = runtime.canaries.describe("lenet5")
+        assert described is not None and (described["state"], described["fraction"]) == ("running", 1.0)
+        assert described["reason"] == said[0].getMessage().removeprefix("canary lenet5:twin: ")
+
+        runtime.control.reconcile()  # the candidate served again: it answers, and the reason goes
+        assert asyncio.run(fallback()) == ("twin", "lenet5:twin")
+    assert canary.reason is None and "canary lenet5:twin: the candidate answers its share again" in caplog.text
     with pytest.raises(ModelNotFound):
         asyncio.run(classifier.classify("ghost", None, files, k=1))
 
