@@ -62,17 +62,22 @@ def auto_workers(settings: Settings) -> tuple[int, str]:
     store = ModelStore(settings.model_store)
     wanted = settings.requested_models() or dict.fromkeys(store.names())
     costs = {name: model_gflops(store, name, version) for name, version in wanted.items()}
-    heavy = sorted(name for name, gflops in costs.items() if gflops is None or gflops > LIGHT_GFLOPS_PER_IMAGE)
+    unknown = sorted(name for name, gflops in costs.items() if gflops is None)  # counted as heavy: any network
+    heavy = sorted(name for name, gflops in costs.items() if gflops is not None and gflops > LIGHT_GFLOPS_PER_IMAGE)
     if cpus == 1:
         return 1, "one CPU"
-    if heavy and wants_cuda(settings):
+    if (heavy or unknown) and wants_cuda(settings):
         workers = max(1, min(MAX_CUDA_WORKERS, cpus // CPUS_PER_CUDA_WORKER))
         host = " (SESSION_HOST=auto holds the GPU's sessions in one session host)" if workers > 1 else ""
         return workers, (f"models on CUDA: one worker per {CPUS_PER_CUDA_WORKER} of {cpus} CPUs (at most "
                          f"{MAX_CUDA_WORKERS}) to parse and decode{host}")  # fmt: skip
-    if heavy or not costs:
-        why = f"{', '.join(heavy)} over {LIGHT_GFLOPS_PER_IMAGE} GFLOPs per image" if heavy else "no model yet"
-        return 1, f"{why}: one worker, whose sessions use all {cpus} CPUs"
+    if heavy or unknown or not costs:
+        reasons = []
+        if heavy:
+            reasons.append(f"{', '.join(heavy)} over {LIGHT_GFLOPS_PER_IMAGE} GFLOPs per image")
+        if unknown:
+            reasons.append(f"{', '.join(unknown)} of unknown cost (not in the store, or no readable metadata)")
+        return 1, f"{'; '.join(reasons) or 'no model yet'}: one worker, whose sessions use all {cpus} CPUs"
     return cpus, f"every model under {LIGHT_GFLOPS_PER_IMAGE} GFLOPs per image: one worker per CPU ({cpus})"
 
 

@@ -31,3 +31,16 @@ def test_workers_follow_the_cpus_the_models_and_the_device(
     assert chosen == workers, why
     if on_cuda and cpus >= 2 and models == "resnet18":
         assert "models on CUDA" in why and ("session host" in why) == (workers > 1)
+
+
+def test_a_model_not_in_the_store_counts_as_heavy_and_the_reason_says_it_is_unknown(
+    monkeypatch: pytest.MonkeyPatch, model_store: ModelStore
+) -> None:
+    """A MODELS entry the store lacks (a typo, or one exported later) may be any network: one worker, as for a
+    heavy one, and the log line names it as unknown rather than over the threshold."""
+    monkeypatch.setattr(sizing, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sizing, "wants_cuda", lambda settings: False)
+    chosen, why = sizing.auto_workers(Settings(model_store=str(model_store.root), models="lenet5,lenet6"))
+    assert chosen == 1 and "lenet6 of unknown cost" in why and "GFLOPs" not in why, why
+    chosen, why = sizing.auto_workers(Settings(model_store=str(model_store.root), models="resnet18,lenet6"))
+    assert chosen == 1 and why.startswith("resnet18 over 0.1 GFLOPs per image; lenet6 of unknown cost"), why
