@@ -101,6 +101,8 @@ class ServiceProcess:
             "BENTOML_HOME": str(log_path.parent / f"bentoml-home-{self.port}"),
             **env,
         }
+        # a home chosen here is removed when the server stops (a benchmark's log lies in /tmp: so would its homes)
+        self.own_home = None if "BENTOML_HOME" in env else Path(self.env["BENTOML_HOME"])
         self.process: subprocess.Popen[bytes] | None = None
         self.http_port_chosen = False  # by on_port: kept when the start is tried again
 
@@ -144,9 +146,12 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self, timeout: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return None if self.process is None else self.process.returncode
-        return stop_group(self.process, timeout)
+        if self.process is None:
+            return None
+        code = self.process.returncode if self.process.poll() is not None else stop_group(self.process, timeout)
+        if self.own_home is not None:
+            shutil.rmtree(self.own_home, ignore_errors=True)
+        return code
 
 
 def workers(service: ServiceProcess) -> list[psutil.Process]:
