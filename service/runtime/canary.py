@@ -6,7 +6,7 @@ exact over every block of a hundred requests, the positions in it random (a clie
 cycles through a few images does not send the same one to the candidate each time). A
 request that names a version is never diverted; a candidate that cannot take a request
 (not in the store, failed, its queue full) leaves it to the primary, and, but for a full
-queue, the canary's ``reason`` says why until the candidate answers again.
+queue, the canary's ``fallback`` says why until the candidate answers again.
 
 Each worker judges windows of ``CANARY_WINDOW`` of its canary answers
 (:mod:`.canary_analysis`); a sample of them (``CANARY_SAMPLE``) also goes through the
@@ -57,8 +57,7 @@ BLOCK = 100  # requests over which a fraction is exact
 SYNC_S = 0.5  # how often a worker reads the shared state
 HISTORY = 20  # windows kept in /models
 COLD_RETRY_S = 10.0  # on demand: after a candidate's background load failed, the primary answers this long
-FALLBACK = "the primary answers the candidate's share: "  # a reason that lasts until the candidate answers again
-REPEAT_S = 60.0  # the same fallback is logged again at most this often
+REPEAT_S = 60.0  # a kind of fallback (and the candidate answering again) is logged at most this often
 
 
 class Leases(Protocol):
@@ -137,7 +136,9 @@ class Canary:
     _block: list[bool] = field(default_factory=list)
     _carry: float = 0.0
     _cold_retry_at: float = 0.0  # on demand: not before this (monotonic) is a failed candidate load tried again
-    _said: tuple[str, float] = ("", 0.0)  # the fallback last logged, and when (monotonic)
+    fallback: str | None = None  # in this worker: why the primary answers the candidate's share (None: it doesn't)
+    primary_io: tuple[Any, int] | None = None  # the primary's inputs and class count, once it was served
+    _said: dict[str, float] = field(default_factory=dict)  # when (monotonic) each kind of line was last logged
 
     @property
     def key(self) -> str:
@@ -182,6 +183,8 @@ class Canary:
         self.history = list(stored.get("history") or [])
         self.window = self.window.next()
         self._block, self._carry = [], 0.0
+        if self.diverting <= 0:  # nothing of its share left to fall back
+            self.fallback = None
 
 
 class _Routed(contextlib.AbstractContextManager[ModelEntry]):
@@ -367,7 +370,7 @@ class Canaries:
             try:
                 lease = await leases.acquire(pair.candidate.name, pair.candidate.version)
             except ServiceError as exc:  # not in the store, failed, not loadable: the primary answers
-                self._fall_back(canary, exc.message)
+                self._fall_back(canary, "unavailable", exc.message)
             else:
                 entry = lease.__enter__()  # entered once: the _Routed takes it over, or it is given back now
                 problem = None if canary.revision == revision and canary.diverting > 0 else "changed"
@@ -418,42 +421,58 @@ class Canaries:
             if failed is not None
             else "; ".join(f"v{e.version}: {e.reason}" for e in versions if e.status == "failed") or "not resident"
         )
-        self._fall_back(canary, f"the candidate could not be loaded ({reason}); the load is tried again in "
-                                f"{COLD_RETRY_S:g} s", repeat=True)  # fmt: skip
+        self._fall_back(canary, "cold", f"the candidate could not be loaded ({reason}); the load is tried again in "
+                                        f"{COLD_RETRY_S:g} s", repeat=True)  # fmt: skip
 
     def _unfit(self, canary: Canary, entry: ModelEntry) -> str | None:
         """Why the candidate's version ``entry`` should not take this request: its queue is full, or it does not take
-        the primary's inputs or give its classes (said once in the log); None when it should."""
+        the primary's inputs or give its classes (as the primary was served last: on demand it may be evicted since);
+        None when it should."""
         batcher = entry.batcher
         room = batcher.max_queue_images - batcher.queued_images if batcher is not None else None
         if room is not None and room < self.settings.max_images_per_request:
             return "queue full"
         primary = self.repository.serving(canary.pair.primary.name)
-        if primary is None or primary.model is None or entry.model is None:
+        if primary is not None and primary.model is not None:
+            canary.primary_io = (primary.model.metadata.input, primary.model.metadata.num_classes)
+        if canary.primary_io is None or entry.model is None:
             return None
-        ours, theirs = entry.model.metadata, primary.model.metadata
-        if ours.input == theirs.input and ours.num_classes == theirs.num_classes:
+        ours, (inputs, classes) = entry.model.metadata, canary.primary_io
+        if ours.input == inputs and ours.num_classes == classes:
             return None
-        self._fall_back(canary, f"incompatible: {canary.pair.candidate} takes {ours.input.model_dump()} and gives "
-                                f"{ours.num_classes} classes; {canary.pair.primary} {theirs.input.model_dump()} and "
-                                f"{theirs.num_classes}", level=logging.ERROR)  # fmt: skip
+        why = (f"incompatible: {canary.pair.candidate} takes {ours.input.model_dump()} and gives {ours.num_classes} "
+               f"classes; {canary.pair.primary} {inputs.model_dump()} and {classes}")  # fmt: skip
+        self._fall_back(canary, "incompatible", why, level=logging.ERROR)
         return "incompatible"
 
-    def _fall_back(self, canary: Canary, why: str, level: int = logging.WARNING, repeat: bool = False) -> None:
-        """The candidate cannot answer its share, so the primary does: say why in ``reason`` (``GET /models``) until
-        the candidate answers again, and in the log once (``repeat``: each time), or again after REPEAT_S."""
-        reason = FALLBACK + why
-        canary.reason = reason
-        now = time.monotonic()
-        if repeat or canary._said[0] != reason or now - canary._said[1] >= REPEAT_S:
-            canary._said = (reason, now)
-            logger.log(level, "canary %s: %s", canary.key, reason)
+    def _fall_back(
+        self, canary: Canary, kind: str, why: str, level: int = logging.WARNING, repeat: bool = False
+    ) -> None:
+        """The candidate cannot answer its share, so the primary does: ``why`` goes in the canary's ``fallback``
+        (``GET /models``) until the candidate answers again, and in the log at most once per REPEAT_S for each
+        ``kind`` (its text may differ per request), or each time (``repeat``: a failed load, one per COLD_RETRY_S).
+        Nothing for a canary that diverts nothing (stopped while the request waited)."""
+        if canary.diverting <= 0:
+            return
+        canary.fallback = why
+        if repeat or self._due(canary, kind):
+            logger.log(level, "canary %s: the primary answers the candidate's share: %s", canary.key, why)
 
     def _answers_again(self, canary: Canary) -> None:
-        """The candidate took a diverted request: a fallback's reason no longer holds."""
-        if canary.reason is not None and canary.reason.startswith(FALLBACK):
-            canary.reason, canary._said = None, ("", 0.0)
-            logger.info("canary %s: the candidate answers its share again", canary.key)
+        """The candidate took a diverted request: a fallback no longer holds."""
+        if canary.fallback is not None:
+            canary.fallback = None
+            if self._due(canary, "again"):
+                logger.info("canary %s: the candidate answers its share again", canary.key)
+
+    @staticmethod
+    def _due(canary: Canary, kind: str) -> bool:
+        """Whether a line of ``kind`` may be logged now (none for REPEAT_S before), noting that it is."""
+        now, last = time.monotonic(), canary._said.get(kind)
+        if last is not None and now - last < REPEAT_S:
+            return False
+        canary._said[kind] = now
+        return True
 
     def answered(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
         """The ``answered`` hook: a routed request's answers into its window; a sample of the candidate's also to
@@ -566,7 +585,8 @@ class Canaries:
         return {
             "primary": str(canary.pair.primary), "candidate": str(canary.pair.candidate), "state": canary.state,
             "fraction": canary.diverting, "step": canary.step, "steps": list(self.steps), "revision": canary.revision,
-            "reason": canary.reason, "window": canary.window.figures() if canary.state == "running" else None,
+            "reason": canary.reason, "fallback": canary.fallback,
+            "window": canary.window.figures() if canary.state == "running" else None,
             "verdict": canary.verdict, "history": canary.history,
         }  # fmt: skip
 

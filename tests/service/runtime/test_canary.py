@@ -240,7 +240,7 @@ def test_routing_on_real_graphs(
 ) -> None:
     """A canary at 1.0 answers every request for the primary that names no version, and says so; a request naming a
     version never goes to it; a candidate that is not served leaves its requests to the primary, and the canary's
-    reason and the log say so (once) until the candidate answers again."""
+    fallback and the log say so (once) until the candidate answers again."""
     runtime = make_runtime(
         make_store(lenet5=[1, 2], twin=[1]),
         canary="lenet5:twin:1.0",
@@ -269,7 +269,7 @@ def test_routing_on_real_graphs(
     assert runtime.canaries.canaries["lenet5"].window.routed["candidate"] == 2
 
     canary = runtime.canaries.canaries["lenet5"]
-    assert canary.reason is None
+    assert canary.fallback is None
     runtime.repository.unload(runtime.repository.serving("twin"))  # the candidate gone: the primary answers
 
     async def fallback() -> tuple[str, str | None]:
@@ -283,11 +283,12 @@ def test_routing_on_real_graphs(
         assert [r.levelname for r in said] == ["WARNING"] and "'twin'" in said[0].getMessage()
         described = runtime.canaries.describe("lenet5")
         assert described is not None and (described["state"], described["fraction"]) == ("running", 1.0)
-        assert described["reason"] == said[0].getMessage().removeprefix("canary lenet5:twin: ")
+        assert "'twin'" in described["fallback"] and described["fallback"] in said[0].getMessage()
+        assert described["reason"] is None  # the shared state's own reason is untouched
 
-        runtime.control.reconcile()  # the candidate served again: it answers, and the reason goes
+        runtime.control.reconcile()  # the candidate served again: it answers, and the fallback goes
         assert asyncio.run(fallback()) == ("twin", "lenet5:twin")
-    assert canary.reason is None and "canary lenet5:twin: the candidate answers its share again" in caplog.text
+    assert canary.fallback is None and "canary lenet5:twin: the candidate answers its share again" in caplog.text
     with pytest.raises(ModelNotFound):
         asyncio.run(classifier.classify("ghost", None, files, k=1))
 
@@ -509,3 +510,67 @@ def test_a_promoted_canary_of_one_models_versions_is_declared_and_the_old_versio
     runtime.control.reconcile()
     served = {v: e.status for v, e in runtime.repository.versions["lenet5"].items()}
     assert served.get(2) == "ready" and served.get(1) in (None, "draining")
+
+
+def test_a_fallback_is_logged_once_a_minute_whatever_its_text_and_a_stopped_canary_has_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A candidate that gives up waiting for its load says so with each request's own figures: one warning for all
+    of them within REPEAT_S, /models showing the latest. Once the canary is ended, a request that fell back while
+    it waited leaves nothing behind, and nothing of it reaches the shared state."""
+    worker = canaries(tmp_path)
+    worker.start()
+    canary = worker.canaries["lenet5"]
+    try:
+        with caplog.at_level("INFO", logger="service.runtime.canary"):
+            for wait in (0.5, 0.25, 0.125):
+                worker._fall_back(canary, "unavailable", f"lenet5_int8 is loading; gave up after {wait} s")
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and "after 0.5 s" in warned[0], warned
+        described = worker.describe("lenet5")
+        assert described is not None and described["fallback"] == "lenet5_int8 is loading; gave up after 0.125 s"
+
+        worker.operate("lenet5", "ended", None)
+        assert canary.fallback is None
+        worker._fall_back(canary, "unavailable", "lenet5_int8 is loading; gave up after 1 s")  # a request that waited
+        assert canary.fallback is None
+        stored = json.loads((tmp_path / ".canary.json").read_text())["canaries"]["lenet5:lenet5_int8"]
+        assert "loading" not in json.dumps(stored)
+    finally:
+        worker.stop()
+
+
+def test_on_demand_an_incompatible_candidate_stays_out_while_the_primary_is_evicted(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
+) -> None:
+    """A candidate that normalises its inputs otherwise than the primary never answers for it: neither while the
+    primary is resident nor once it has been evicted (it was compared only with a resident primary before)."""
+    store = make_store(lenet5=[1], twin=[1])
+    metadata_path = store.model_dir("twin") / "1" / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    metadata["input"]["mean"] = [0.25]
+    metadata_path.write_text(json.dumps(metadata))
+    runtime = make_runtime(store, model_control="on-demand", memory_budget="1GiB", canary="lenet5:twin:1.0",
+                           canary_state=tmp_path / "c.json")  # fmt: skip
+    assert runtime.canaries is not None and isinstance(runtime.residency, Residency)
+    residency = runtime.residency
+    runtime.start()
+    files, _ = held_out_drawings(1)
+
+    async def main() -> list[tuple[str, str | None]]:
+        answers = []
+        for primary_resident in (True, False):
+            if primary_resident:
+                await residency.ensure("lenet5", None)
+            else:
+                assert residency.evict("lenet5", "test") and runtime.repository.serving("lenet5") is None
+            await residency.ensure("twin", None)
+            c = await runtime.classifier.classify("lenet5", None, files, k=1)
+            answers.append((c.model, c.canary))
+        return answers
+
+    try:
+        assert asyncio.run(main()) == [("lenet5", None), ("lenet5", None)]
+    finally:
+        runtime.canaries.stop()
+    assert (runtime.canaries.canaries["lenet5"].fallback or "").startswith("incompatible: twin takes")
