@@ -153,7 +153,9 @@ class ModelInfo(BaseModel):
     canary: dict[str, Any] | None = Field(
         None,
         description="The CANARY this model is the primary of: its state (running, paused, rolled_back, promoted, "
-        "ended), fraction, step, the current window's figures, the last verdict and the windows judged before",
+        "ended), fraction, step, reason, fallback (in this worker, why the primary answers the candidate's share; "
+        "null while the candidate answers it), the current window's figures, the last verdict and the windows judged "
+        "before",
     )
     quality: dict[str, Any] | None = Field(
         None,
