@@ -32,10 +32,12 @@ from .frontends.observe import RequestObserver
 from .frontends.protocol import install as install_http_limits
 from .frontends.timeout import install as install_request_timeout
 from .runtime import readiness, session_host
+from .runtime.lifecycle import unknown_in_settings
 from .runtime.session_host import shares_sessions
 from .runtime.sizing import sized
 from .server import Server
 from .settings import get_settings
+from .store.layout import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +64,8 @@ settings = sized(get_settings())
 if server_context.worker_index is None:  # BentoML's first process, before it starts a worker (not in a worker)
     parent.announce()  # its workers stop if it dies
     readiness.sweep()  # what servers killed outright left behind
+    for line in unknown_in_settings(settings, ModelStore(settings.model_store)):
+        logger.warning("%s", line)
     if shares_sessions(settings):
         session_host.start()
     else:

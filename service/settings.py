@@ -317,14 +317,20 @@ class Settings(BaseSettings):
                 default = int(count)
         return default
 
-    def requested_models(self) -> dict[str, int | None]:
-        """``MODELS`` as {name: pinned version or None}; empty = all in the store."""
-        requested: dict[str, int | None] = {}
+    def listed_models(self) -> dict[str, int | None]:
+        """``MODELS`` as written, {name: pinned version or None}."""
+        listed: dict[str, int | None] = {}
         for part in filter(None, self.models.split(",")):
             name, _, version = part.partition(":")
             if version and not version.isdigit():
                 raise ValueError(f"MODELS entry {part!r}: the version after ':' must be a positive integer")
-            requested[name] = int(version) if version else None
+            listed[name] = int(version) if version else None
+        return listed
+
+    def requested_models(self) -> dict[str, int | None]:
+        """``MODELS`` as {name: pinned version or None}, with the models of its shadows and canaries; empty = all in
+        the store."""
+        requested = self.listed_models()
         if requested:  # a shadow's and a canary's models are served too
             for pair in self.shadow_pairs() + self.canary_pairs():
                 requested.setdefault(pair.primary.name, None)

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..settings import Settings
 from ..store.integrity import IntegrityChecker, Verdict
-from ..store.layout import CONFIG_FILE, StoredVersion, is_valid_name
+from ..store.layout import CONFIG_FILE, ModelStore, StoredVersion, is_valid_name
 from ..store.policy import read_version_policy
 from .entry import ModelEntry
 from .readiness import WorkerReadiness
@@ -44,6 +45,36 @@ from .repository import Repository
 logger = logging.getLogger(__name__)
 
 EXPLICIT_WATCH_S = 0.5  # how often explicit mode looks at the state file: a load waits for every worker
+
+
+def unknown_in_settings(settings: Settings, store: ModelStore) -> list[str]:
+    """What the settings name that the store lacks (a typo, or a model not exported yet), and PINNED where nothing
+    reads it: one line each, for the log at start. Otherwise each is silent, or only a failed model in /models."""
+    pairs = {"SHADOW": settings.shadow_pairs(), "CANARY": settings.canary_pairs()}
+    named: dict[str, list[tuple[str, int | None]]] = {
+        "MODELS": list(settings.listed_models().items()),
+        "DEFAULT_MODEL": [(settings.default_model, None)] if settings.default_model else [],
+        "PINNED": [(name, None) for name in settings.pinned_models()],
+        "INSTANCES": [(part.rpartition(":")[0], None) for part in settings.instances.split(",") if ":" in part],
+        **{key: [(side.name, side.version) for pair in found for side in (pair.primary, pair.candidate)]
+           for key, found in pairs.items()},
+    }  # fmt: skip
+    held = {name: {stored.version for stored in store.versions(name)} for name in store.names()}
+    lines = []
+    for setting, models in named.items():
+        separator = ":" if setting == "MODELS" else "@"
+        missing = sorted(
+            name if name not in held else f"{name}{separator}{version}"
+            for name, version in models
+            if name not in held or (version is not None and version not in held[name])
+        )
+        if missing:
+            lines.append(f"{setting} names {', '.join(dict.fromkeys(missing))}, which the model store {store.root} "
+                         f"does not hold (it holds {', '.join(held) or 'nothing'}): correct the setting, or "
+                         "export the model (`make export`)")  # fmt: skip
+    if settings.pinned and settings.model_control != "on-demand":
+        lines.append(f"PINNED applies with MODEL_CONTROL=on-demand only (here {settings.model_control}): ignored")
+    return lines
 
 
 class DeclaredState:

@@ -8,6 +8,8 @@ import time
 import numpy as np
 
 from service.metrics import ModelStateCollector
+from service.runtime.lifecycle import unknown_in_settings
+from service.settings import Settings
 
 from .harness import RuntimeFactory, StoreFactory
 
@@ -70,3 +72,27 @@ def test_a_lone_served_version_whose_files_go_bad_keeps_serving(
     entry = repository.serving("lenet")
     assert entry is not None and entry.version == 1
     assert entry.files_problem is not None and "metadata.json is missing" in entry.files_problem
+
+
+def test_settings_naming_models_the_store_lacks_are_said_at_start(make_store: StoreFactory) -> None:
+    """A typo in a setting that names models is otherwise silent (PINNED, INSTANCES, a canary's candidate) or only a
+    failed model in /models (MODELS): each setting gets one line naming what the store lacks, and what it holds."""
+    store = make_store(lenet5=[1, 2], twin=[1])
+    settings = Settings(
+        model_store=store.root, models="lenet5:3,lenet6", default_model="lenet5", pinned="lenet7,twin",
+        instances="2,lenet8:2,twin:2", shadow="lenet5:twin@4:0.1", canary="lenet5@2:lenet9:0.5",
+    )  # fmt: skip
+    lines = unknown_in_settings(settings, store)
+    said = {line.split(" ", 1)[0]: line for line in lines if " names " in line}
+    assert sorted(said) == ["CANARY", "INSTANCES", "MODELS", "PINNED", "SHADOW"], lines
+    assert said["MODELS"].startswith("MODELS names lenet5:3, lenet6, which the model store ")
+    assert said["PINNED"].startswith("PINNED names lenet7, ") and "twin" not in said["PINNED"].split("(")[0]
+    assert said["INSTANCES"].startswith("INSTANCES names lenet8, ")
+    assert said["SHADOW"].startswith("SHADOW names twin@4, ") and said["CANARY"].startswith("CANARY names lenet9, ")
+    assert "(it holds lenet5, twin)" in said["MODELS"]
+    assert [line for line in lines if line.startswith("PINNED applies")] == [
+        "PINNED applies with MODEL_CONTROL=on-demand only (here none): ignored"
+    ]
+
+    exact = Settings(model_store=store.root, models="lenet5:2", pinned="twin", model_control="on-demand")
+    assert unknown_in_settings(exact, store) == []
