@@ -49,30 +49,44 @@ EXPLICIT_WATCH_S = 0.5  # how often explicit mode looks at the state file: a loa
 
 def unknown_in_settings(settings: Settings, store: ModelStore) -> list[str]:
     """What the settings name that the store lacks (a typo, or a model not exported yet), and PINNED where nothing
-    reads it: one line each, for the log at start. Otherwise each is silent, or only a failed model in /models."""
+    reads it: one line each, for the log at start (otherwise each is silent, or only a failed model in /models).
+    It raises nothing: what it cannot read, it says, and the server starts as it would without it."""
+    lines = []
+    try:
+        listed = [(name, version or None) for name, version in settings.listed_models().items()]  # 0: the policy's
+    except ValueError as exc:  # the workers' passes fail on it too, and say so
+        listed = []
+        lines.append(f"{exc}: MODELS cannot be read")
     pairs = {"SHADOW": settings.shadow_pairs(), "CANARY": settings.canary_pairs()}
+    instances = [part.rpartition(":") for part in settings.instances.split(",")]  # NAME:N, or a bare N
     named: dict[str, list[tuple[str, int | None]]] = {
-        "MODELS": list(settings.listed_models().items()),
+        "MODELS": listed,
         "DEFAULT_MODEL": [(settings.default_model, None)] if settings.default_model else [],
         "PINNED": [(name, None) for name in settings.pinned_models()],
-        "INSTANCES": [(part.rpartition(":")[0], None) for part in settings.instances.split(",") if ":" in part],
+        "INSTANCES": [(name, None) for name, _, count in instances if name and count],
         **{key: [(side.name, side.version) for pair in found for side in (pair.primary, pair.candidate)]
            for key, found in pairs.items()},
     }  # fmt: skip
-    held = {name: {stored.version for stored in store.versions(name)} for name in store.names()}
-    lines = []
-    for setting, models in named.items():
-        separator = ":" if setting == "MODELS" else "@"
-        missing = sorted(
-            name if name not in held else f"{name}{separator}{version}"
-            for name, version in models
-            if name not in held or (version is not None and version not in held[name])
-        )
-        if missing:
-            lines.append(f"{setting} names {', '.join(dict.fromkeys(missing))}, which the model store {store.root} "
-                         f"does not hold (it holds {', '.join(held) or 'nothing'}): correct the setting, or "
-                         "export the model (`make export`)")  # fmt: skip
-    if settings.pinned and settings.model_control != "on-demand":
+    held: dict[str, set[int]] = {}
+    try:
+        for name in {name for models in named.values() for name, _ in models}:  # the models named, not the store
+            held[name] = {stored.version for stored in store.versions(name)} if is_valid_name(name) else set()
+        missing = {
+            setting: sorted({name if not held[name] else f"{name}{':' if setting == 'MODELS' else '@'}{version}"
+                             for name, version in models
+                             if not held[name] or (version is not None and version not in held[name])})
+            for setting, models in named.items()
+        }  # fmt: skip
+        holds = (", ".join(store.names()) or "nothing") if any(missing.values()) else ""
+    except (OSError, ValueError) as exc:
+        return [*lines, f"the model store {store.root} cannot be read to check the settings' models: {exc}"]
+    lines += [
+        f"{setting} names {', '.join(names)}, which the model store {store.root} does not hold (it holds {holds}): "
+        "correct the setting, or export the model (`make export`)"
+        for setting, names in missing.items()
+        if names
+    ]
+    if settings.pinned_models() and settings.model_control != "on-demand":
         lines.append(f"PINNED applies with MODEL_CONTROL=on-demand only (here {settings.model_control}): ignored")
     return lines
 

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from service.metrics import ModelStateCollector
 from service.runtime.lifecycle import unknown_in_settings
@@ -96,3 +97,24 @@ def test_settings_naming_models_the_store_lacks_are_said_at_start(make_store: St
 
     exact = Settings(model_store=store.root, models="lenet5:2", pinned="twin", model_control="on-demand")
     assert unknown_in_settings(exact, store) == []
+    # what the service reads as no pin, no name or nothing pinned is not a name the store lacks
+    assert unknown_in_settings(Settings(model_store=store.root, models="lenet5:0", instances=":2", pinned=" , "),
+                               store) == []  # fmt: skip
+
+
+def test_the_start_up_check_of_the_settings_raises_nothing(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It runs where the server starts: a MODELS entry the workers reject, or a store it cannot read, is one line
+    more, and the server starts as it did without the check."""
+    store = make_store(lenet5=[1])
+    lines = unknown_in_settings(Settings(model_store=store.root, models="lenet5:v2"), store)
+    assert len(lines) == 1 and "'lenet5:v2'" in lines[0] and "positive integer" in lines[0], lines
+
+    def unreadable(name: str) -> list[object]:
+        raise PermissionError(13, "Permission denied", str(store.root / name))
+
+    monkeypatch.setattr(store, "versions", unreadable)
+    lines = unknown_in_settings(Settings(model_store=store.root, pinned="lenet5", model_control="on-demand"), store)
+    assert len(lines) == 1 and "cannot be read to check the settings' models" in lines[0], lines
+    assert "Permission denied" in lines[0]
