@@ -306,16 +306,19 @@ class Settings(BaseSettings):
     def canary_state_path(self) -> Path:
         return self.canary_state or self.control_state_path.with_name(".canary.json")
 
-    def instances_for(self, model: str) -> int:
-        """``INSTANCES`` for one model: its own ``name:N`` entry, else a bare ``N``, else 1."""
-        default = 1
+    def instance_counts(self) -> dict[str, int]:
+        """``INSTANCES`` as {name: N}: each model's first ``name:N`` entry, and the last bare ``N`` under ``""``."""
+        counts: dict[str, int] = {}
         for part in self.instances.split(","):
             name, _, count = part.rpartition(":")
-            if name == model:
-                return int(count)
-            if not name:
-                default = int(count)
-        return default
+            if not name or name not in counts:
+                counts[name] = int(count)
+        return counts
+
+    def instances_for(self, model: str) -> int:
+        """``INSTANCES`` for one model: its own ``name:N`` entry, else a bare ``N``, else 1."""
+        counts = self.instance_counts()
+        return counts.get(model, counts.get("", 1))
 
     def listed_models(self) -> dict[str, int | None]:
         """``MODELS`` as written, {name: pinned version or None}."""

@@ -58,12 +58,11 @@ def unknown_in_settings(settings: Settings, store: ModelStore) -> list[str]:
         listed = []
         lines.append(f"{exc}: MODELS cannot be read")
     pairs = {"SHADOW": settings.shadow_pairs(), "CANARY": settings.canary_pairs()}
-    instances = [part.rpartition(":") for part in settings.instances.split(",")]  # NAME:N, or a bare N
     named: dict[str, list[tuple[str, int | None]]] = {
         "MODELS": listed,
         "DEFAULT_MODEL": [(settings.default_model, None)] if settings.default_model else [],
         "PINNED": [(name, None) for name in settings.pinned_models()],
-        "INSTANCES": [(name, None) for name, _, count in instances if name and count],
+        "INSTANCES": [(name, None) for name in settings.instance_counts() if name],  # "": a bare N
         **{key: [(side.name, side.version) for pair in found for side in (pair.primary, pair.candidate)]
            for key, found in pairs.items()},
     }  # fmt: skip
