@@ -87,6 +87,11 @@ def unknown_in_settings(settings: Settings, store: ModelStore) -> list[str]:
     ]
     if settings.pinned_models() and settings.model_control != "on-demand":
         lines.append(f"PINNED applies with MODEL_CONTROL=on-demand only (here {settings.model_control}): ignored")
+    served = {name for name, _ in listed} | {name for key in pairs for name, _ in named[key]}  # requested_models()
+    default = settings.default_model
+    if default and listed and settings.model_control in ("none", "poll") and default not in served:
+        lines.append(f"DEFAULT_MODEL {default} is not among the models MODELS serves ({', '.join(sorted(served))}): "
+                     "a request that names no model gets 404; add it to MODELS")  # fmt: skip
     return lines
 
 

@@ -97,6 +97,21 @@ def test_settings_naming_models_the_store_lacks_are_said_at_start(make_store: St
 
     exact = Settings(model_store=store.root, models="lenet5:2", pinned="twin", model_control="on-demand")
     assert unknown_in_settings(exact, store) == []
+    # a default the store holds but MODELS does not serve: requests naming no model would all get 404
+    lines = unknown_in_settings(Settings(model_store=store.root, models="lenet5", default_model="twin"), store)
+    assert len(lines) == 1 and lines[0].startswith("DEFAULT_MODEL twin is not among the models MODELS serves"), lines
+    assert (
+        unknown_in_settings(
+            Settings(model_store=store.root, models="lenet5", default_model="twin", model_control="on-demand"), store
+        )
+        == []
+    )  # loaded by its first request
+    assert (
+        unknown_in_settings(
+            Settings(model_store=store.root, models="lenet5", canary="lenet5:twin:0.1", default_model="twin"), store
+        )
+        == []
+    )  # a canary's models are served too
     # what the service reads as no pin, no name or nothing pinned is not a name the store lacks
     assert unknown_in_settings(Settings(model_store=store.root, models="lenet5:0", instances=":2", pinned=" , "),
                                store) == []  # fmt: skip
