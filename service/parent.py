@@ -42,9 +42,13 @@ class ParentWatch:
     """Watch this process's parent from a daemon thread; SIGTERM this process once it is not the server."""
 
     def __init__(
-        self, grace: float, interval: float = INTERVAL_S, before_exit: Callable[[], None] | None = None
+        self,
+        grace: float,
+        interval: float = INTERVAL_S,
+        before_exit: Callable[[], None] | None = None,
+        server: int | None = None,
     ) -> None:
-        self.server = server_pid()
+        self.server = server if server is not None else server_pid()  # the caller's reading, where it has one
         self.grace = grace  # how long the shutdown may take before the worker exits
         self.interval = interval
         self.before_exit = before_exit  # what the forced exit still does (the shutdown it skips would have)

@@ -155,7 +155,9 @@ class Server:
         grace = settings.request_timeout_s + SHUTDOWN_MARGIN_S
         server = server_pid()
         self.readiness = WorkerReadiness(settings.workers, server)
-        self.parent_watch = ParentWatch(grace, before_exit=self.readiness.withdraw) if watch_parent else None
+        self.parent_watch = (
+            ParentWatch(grace, before_exit=self.readiness.withdraw, server=server) if watch_parent else None
+        )
         self.runtime = build_runtime(settings, readiness=self.readiness)
         self.oip = OipHandler(self.runtime.classifier, self.runtime.control)
         app.state.metrics = exposition(lambda: self.readiness.states().values(), server)
