@@ -13,17 +13,21 @@ and the status code.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import psutil
 
 from .errors import Overloaded, ServiceError
 from .store.quality import CONFIDENCE_BUCKETS, ENTROPY_BUCKETS, confidence_and_entropy
+
+logger = logging.getLogger(__name__)
 
 # 1 ms to 10 s, roughly x2 per bucket: CNN inference on a CPU or a GPU
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -338,11 +342,15 @@ class ServerProcessCollector:
     def __init__(self, root_pid: int | None = None) -> None:
         self.root = psutil.Process(root_pid or os.getppid())
 
-    def _processes(self) -> list[psutil.Process]:
+    def tree(self) -> list[psutil.Process] | None:
+        """The server and its workers now; None where the server's process cannot be read."""
         try:
             return [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
-            return [psutil.Process()]
+            return None
+
+    def _processes(self) -> list[psutil.Process]:
+        return self.tree() or [psutil.Process()]
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -423,13 +431,55 @@ def exposition(states: Callable[[], Iterable[dict[str, Any]]], server_pid: int |
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
         MultiProcessCollector(registry)
     else:  # outside BentoML's server: this process's own samples
         registry.register(_Samples(REGISTRY))
-    registry.register(ServerProcessCollector(server_pid))
+    server = ServerProcessCollector(server_pid)
+    registry.register(server)
     registry.register(ModelStateCollector(states))
-    return lambda: generate_latest(registry)
+
+    def alive() -> set[int] | None:
+        tree = server.tree()
+        return None if tree is None else {process.pid for process in tree} | {os.getpid()}
+
+    def render() -> bytes:
+        if directory:
+            forget_dead_workers(Path(directory), alive)
+        return generate_latest(registry)
+
+    return render
+
+
+def forget_dead_workers(directory: Path, alive: Callable[[], set[int] | None]) -> list[int]:
+    """Remove the live gauges (``livesum``, ``livemax``, ...) of processes not among ``alive()``; the pids
+    forgotten. ``alive`` is read after the files are listed, so a worker that starts in between cannot lose its
+    own; where it gives None (who lives cannot be told) nothing is removed.
+
+    prometheus_client keeps each process's samples in files named by its pid and leaves removing a dead
+    one's live gauges to the application (``mark_process_dead``). A worker killed outright (SIGKILL, the
+    kernel's OOM killer) runs nothing on its way out, and BentoML's supervisor starts another: without this its
+    in-flight requests, resident bytes and budget share would be added to its successor's for as long as the
+    server runs. Its counters and histograms stay, as prometheus_client means them to: they count what it did.
+    A scrape that finds the server's process unreadable removes nothing; prometheus_client's collector
+    tolerates a live gauge's file removed while it reads.
+    """
+    files = list(directory.glob("gauge_live*_*.db"))
+    living = alive() if files else None
+    if living is None:
+        return []
+    forgotten: set[int] = set()
+    for path in files:
+        owner = path.stem.rpartition("_")[2]
+        if not owner.isdigit() or int(owner) in living:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another worker answering a scrape removed it first
+            path.unlink()
+            forgotten.add(int(owner))
+    for pid in sorted(forgotten):
+        logger.warning("worker %d exited without removing its gauges (killed?): removed them from /metrics", pid)
+    return sorted(forgotten)
 
 
 class _Samples:

@@ -155,10 +155,17 @@ class ServiceProcess:
 
 
 def workers(service: ServiceProcess) -> list[psutil.Process]:
-    """The service's HTTP worker processes (BentoML's ``_bentoml_impl.worker``)."""
+    """The service's HTTP worker processes (BentoML's ``_bentoml_impl.worker``); one killed and not yet reaped
+    (a zombie, whose command line cannot be read) is not among them."""
     assert service.process is not None
-    return [p for p in psutil.Process(service.process.pid).children(recursive=True)
-            if any("_bentoml_impl.worker" in part for part in p.cmdline())]  # fmt: skip
+
+    def worker(process: psutil.Process) -> bool:
+        try:
+            return any("_bentoml_impl.worker" in part for part in process.cmdline())
+        except psutil.Error:  # exited, or a zombie
+            return False
+
+    return [p for p in psutil.Process(service.process.pid).children(recursive=True) if worker(p)]
 
 
 def group_alive(pgid: int) -> bool:

@@ -233,4 +233,7 @@ def test_a_worker_killed_under_load_loses_no_request_at_the_client(
     while time.monotonic() < deadline and len(workers(two_workers)) < 2:
         time.sleep(0.5)
     assert len(workers(two_workers)) == 2 and before[0].pid not in {p.pid for p in workers(two_workers)}
+    # the load is over: nothing is in flight, not even what the killed worker held when it died
+    text = httpx.get(f"{two_workers.url}/metrics", timeout=10).text
+    assert sum(value for _, value in metric_samples(text, "cnn_requests_in_flight")) == 0
     print(f"\nkilled worker: {len(lines)} files in {seconds:.1f} s, 0 failed ({cpu_flags()})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +15,7 @@ import tritonclient.grpc as triton_grpc
 
 from service.store.layout import ModelStore
 
-from ...helpers import ServiceProcess, encode, metric_samples, running
+from ...helpers import ServiceProcess, encode, gone, metric_samples, running, wait_until, workers
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +42,29 @@ def test_every_worker_serves_grpc_on_the_shared_port(two_workers: ServiceProcess
     text = httpx.get(f"{two_workers.url}/metrics", timeout=10).text
     served = sum(v for labels, v in metric_samples(text, "cnn_requests_total") if labels["protocol"] == "grpc")
     assert served == 24  # counted once each, whichever worker answered
+
+
+def test_a_worker_killed_outright_takes_its_gauges_out_of_metrics(model_store: ModelStore, tmp_path: Path) -> None:
+    """SIGKILL (as the kernel's OOM killer sends) runs nothing in the worker; BentoML starts another, and the
+    summed gauges count the living: the budget is MEMORY_BUDGET again, not one and a half of it."""
+    budget = 256 * 2**20
+    with running(Path(model_store.root), tmp_path / "killed-worker.log", WORKERS="2", MODELS="lenet5",
+                 MODEL_CONTROL="on-demand", MEMORY_BUDGET="256MiB") as process:  # fmt: skip
+
+        def summed(name: str) -> float:
+            return sum(value for _, value in metric_samples(httpx.get(f"{process.url}/metrics", timeout=10).text, name))
+
+        assert summed("cnn_memory_budget_bytes") == budget
+        killed = workers(process)[0].pid
+        os.kill(killed, signal.SIGKILL)
+        assert gone(killed, 30)
+
+        def replaced() -> bool:
+            pids = {worker.pid for worker in workers(process)}
+            ready = httpx.get(f"{process.url}/readyz", timeout=10).status_code == 200
+            return len(pids) == 2 and killed not in pids and ready
+
+        wait_until(replaced, 90, "another worker in the killed one's place, ready")
+        assert summed("cnn_memory_budget_bytes") == budget
+        assert summed("cnn_requests_in_flight") == 0
+        assert f"worker {killed} exited without removing its gauges" in process.log()

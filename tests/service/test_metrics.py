@@ -1,0 +1,57 @@
+"""A worker killed outright leaves its live gauges behind; the next scrape forgets them and keeps its counters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from service.metrics import forget_dead_workers
+
+WORKER = """
+import os, signal, sys
+import prometheus_client as prom
+prom.Gauge("in_flight", "", multiprocess_mode="livesum").set(float(sys.argv[1]))
+prom.Gauge("share", "", multiprocess_mode="livemax").set(float(sys.argv[1]))
+prom.Counter("served", "").inc(float(sys.argv[1]))
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+def worker(directory: Path, value: int) -> subprocess.Popen[str]:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    process = subprocess.Popen([sys.executable, "-c", WORKER, str(value)], env=env, text=True,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    return process
+
+
+def merged(directory: Path) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    return {sample.name: sample.value for family in registry.collect() for sample in family.samples}
+
+
+def test_a_killed_workers_live_gauges_are_forgotten_and_its_counters_kept(tmp_path: Path) -> None:
+    survivor, killed = worker(tmp_path, 5), worker(tmp_path, 7)
+    try:
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(10)
+        assert merged(tmp_path) == {"in_flight": 12.0, "share": 7.0, "served_total": 12.0}
+
+        assert forget_dead_workers(tmp_path, lambda: None) == []  # who lives cannot be told: nothing goes
+        assert merged(tmp_path)["in_flight"] == 12.0
+
+        assert forget_dead_workers(tmp_path, lambda: {survivor.pid}) == [killed.pid]
+        assert merged(tmp_path) == {"in_flight": 5.0, "share": 5.0, "served_total": 12.0}
+        assert forget_dead_workers(tmp_path, lambda: {survivor.pid}) == []
+    finally:
+        for process in (survivor, killed):
+            process.kill()
+            process.wait(10)
