@@ -453,9 +453,11 @@ def exposition(states: Callable[[], Iterable[dict[str, Any]]], server_pid: int |
 
 
 def forget_dead_workers(directory: Path, alive: Callable[[], set[int] | None]) -> list[int]:
-    """Remove the live gauges (``livesum``, ``livemax``, ...) of processes not among ``alive()``; the pids
-    forgotten. ``alive`` is read after the files are listed, so a worker that starts in between cannot lose its
-    own; where it gives None (who lives cannot be told) nothing is removed.
+    """Remove the live gauges (``livesum``, ``livemax``, ...) of processes that are not among ``alive()`` and no
+    longer run at all; the pids forgotten. ``alive`` is read after the files are listed, so a worker that starts
+    in between cannot lose its own; where it gives None (who lives cannot be told) nothing is removed. A
+    process that still runs keeps its files whoever it is (another server sharing ``BENTOML_HOME``): removed
+    under it, its gauges would be lost until it exits, as prometheus_client keeps writing to the open file.
 
     prometheus_client keeps each process's samples in files named by its pid and leaves removing a dead
     one's live gauges to the application (``mark_process_dead``). A worker killed outright (SIGKILL, the
@@ -472,13 +474,13 @@ def forget_dead_workers(directory: Path, alive: Callable[[], set[int] | None]) -
     forgotten: set[int] = set()
     for path in files:
         owner = path.stem.rpartition("_")[2]
-        if not owner.isdigit() or int(owner) in living:
+        if not owner.isdigit() or int(owner) in living or psutil.pid_exists(int(owner)):
             continue
         with contextlib.suppress(FileNotFoundError):  # another worker answering a scrape removed it first
             path.unlink()
             forgotten.add(int(owner))
     for pid in sorted(forgotten):
-        logger.warning("worker %d exited without removing its gauges (killed?): removed them from /metrics", pid)
+        logger.warning("worker %d is gone and left its gauges (killed outright?): removed them from /metrics", pid)
     return sorted(forgotten)
 
 

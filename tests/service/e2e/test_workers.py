@@ -67,4 +67,4 @@ def test_a_worker_killed_outright_takes_its_gauges_out_of_metrics(model_store: M
         wait_until(replaced, 90, "another worker in the killed one's place, ready")
         assert summed("cnn_memory_budget_bytes") == budget
         assert summed("cnn_requests_in_flight") == 0
-        assert f"worker {killed} exited without removing its gauges" in process.log()
+        assert f"worker {killed} is gone and left its gauges" in process.log_path.read_text()
