@@ -74,6 +74,8 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("Process CPU", "percentunit",
      [("{{instance}}", f"sum by (instance) (rate(process_cpu_seconds_total{{{JOB}}}[{RATE}]))")], 8),
     ("Process memory", "bytes", [("{{instance}}", f"sum by (instance) (process_resident_memory_bytes{{{JOB}}})")], 8),
+    ("Workers died (OOM killer, SIGKILL, crash) per 30 minutes", "short",
+     [("{{instance}}", f"sum by (instance) (increase(cnn_worker_deaths_total{{{JOB}}}[30m]))")], 8),
     ("Models ready", "short", [("{{model}} v{{version}}", f"cnn_model_ready{{{M}}}"),
                                ("{{model}} on {{provider}}", f"cnn_model_info{{{M}}}")], 8),
     ("Model load and warm-up", "s", [("{{model}} {{phase}}", f"cnn_model_load_seconds{{{M}}}")], 12),

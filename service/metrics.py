@@ -12,6 +12,7 @@ and the status code.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -221,6 +222,11 @@ class Metrics:
             "reason=connections (MAX_CONNECTIONS), header_bytes (431, MAX_HEADER_BYTES), header_timeout (408, "
             "HEADER_TIMEOUT_S), body_rate (408, MIN_BODY_BYTES_PER_S)", ["reason"],
         )  # fmt: skip
+        self.worker_deaths = prom.Counter(
+            "cnn_worker_deaths", "Workers that ended without shutting down (SIGKILL, the kernel's OOM killer, a "
+            "crash), counted by the first scrape after BentoML's supervisor reaped them; it starts another in their "
+            "place", [],
+        )  # fmt: skip
         self.device_oom = prom.Counter(
             "cnn_batch_out_of_memory", "Batches that failed for want of device memory (their requests got 503 and "
             "the model's largest batch was halved)", model,
@@ -322,7 +328,19 @@ class RequestRecord:
 
 @cache
 def get_metrics() -> Metrics:
-    return Metrics()
+    metrics = Metrics()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # one killed outright cannot: see forget_dead_workers
+        atexit.register(withdraw_gauges)
+    return metrics
+
+
+def withdraw_gauges() -> None:
+    """This process's live gauges leave ``/metrics``: called as a worker stops (uvicorn ends it by raising the
+    SIGTERM it caught again, so no ``atexit`` handler runs on that path) and at any other exit."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        for path in Path(directory).glob(f"gauge_live*_{os.getpid()}.db"):
+            path.unlink(missing_ok=True)
 
 
 def connection_refused(reason: str) -> None:
@@ -445,8 +463,8 @@ def exposition(states: Callable[[], Iterable[dict[str, Any]]], server_pid: int |
         return None if tree is None else {process.pid for process in tree} | {os.getpid()}
 
     def render() -> bytes:
-        if directory:
-            forget_dead_workers(Path(directory), alive)
+        if directory and (dead := forget_dead_workers(Path(directory), alive)):
+            get_metrics().worker_deaths.inc(len(dead))
         return generate_latest(registry)
 
     return render
@@ -454,18 +472,20 @@ def exposition(states: Callable[[], Iterable[dict[str, Any]]], server_pid: int |
 
 def forget_dead_workers(directory: Path, alive: Callable[[], set[int] | None]) -> list[int]:
     """Remove the live gauges (``livesum``, ``livemax``, ...) of processes that are not among ``alive()`` and no
-    longer run at all; the pids forgotten. ``alive`` is read after the files are listed, so a worker that starts
-    in between cannot lose its own; where it gives None (who lives cannot be told) nothing is removed. A
-    process that still runs keeps its files whoever it is (another server sharing ``BENTOML_HOME``): removed
-    under it, its gauges would be lost until it exits, as prometheus_client keeps writing to the open file.
+    longer run at all; the pids whose ``livesum`` file this call removed (every worker writes one as it starts:
+    its budget and cache gauges), so that workers scraped at the same moment name each dead one once between
+    them. ``alive`` is read after the files are listed, so a worker that starts in between cannot lose its own;
+    where it gives None (who lives cannot be told) nothing is removed. A process that still runs keeps its
+    files whoever it is (another server sharing ``BENTOML_HOME``): removed under it, its gauges would be lost
+    until it exits, as prometheus_client keeps writing to the open file.
 
     prometheus_client keeps each process's samples in files named by its pid and leaves removing a dead
-    one's live gauges to the application (``mark_process_dead``). A worker killed outright (SIGKILL, the
-    kernel's OOM killer) runs nothing on its way out, and BentoML's supervisor starts another: without this its
-    in-flight requests, resident bytes and budget share would be added to its successor's for as long as the
-    server runs. Its counters and histograms stay, as prometheus_client means them to: they count what it did.
-    A scrape that finds the server's process unreadable removes nothing; prometheus_client's collector
-    tolerates a live gauge's file removed while it reads.
+    one's live gauges to the application (``mark_process_dead``): a worker that ends by itself removes its own
+    (:func:`withdraw_gauges`). A worker killed outright (SIGKILL, the kernel's OOM killer) runs nothing on its way
+    out, and BentoML's supervisor starts another: without this its in-flight requests, resident bytes and budget
+    share would be added to its successor's for as long as the server runs. Its counters and histograms stay,
+    as prometheus_client means them to: they count what it did. prometheus_client's collector tolerates a live
+    gauge's file removed while it reads.
     """
     files = list(directory.glob("gauge_live*_*.db"))
     living = alive() if files else None
@@ -478,9 +498,10 @@ def forget_dead_workers(directory: Path, alive: Callable[[], set[int] | None]) -
             continue
         with contextlib.suppress(FileNotFoundError):  # another worker answering a scrape removed it first
             path.unlink()
-            forgotten.add(int(owner))
+            if path.name.startswith("gauge_livesum_"):
+                forgotten.add(int(owner))
     for pid in sorted(forgotten):
-        logger.warning("worker %d is gone and left its gauges (killed outright?): removed them from /metrics", pid)
+        logger.warning("worker %d ended without shutting down (killed outright?): its gauges leave /metrics", pid)
     return sorted(forgotten)
 
 

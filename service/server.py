@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .frontends.v2.handler import OipHandler
-from .metrics import Metrics, exposition, get_metrics
+from .metrics import Metrics, exposition, get_metrics, withdraw_gauges
 from .observers import attach
 from .parent import ParentWatch, server_pid
 from .runtime import session_host
@@ -200,5 +200,6 @@ class Server:
             return
         self._stopped = True
         await self.runtime.stop()
+        withdraw_gauges()  # not a death: /metrics counts a worker that left its gauges as one
         if self.parent_watch is not None:
             self.parent_watch.stop()

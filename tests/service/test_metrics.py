@@ -50,8 +50,26 @@ def test_a_killed_workers_live_gauges_are_forgotten_and_its_counters_kept(tmp_pa
 
         assert forget_dead_workers(tmp_path, set) == [killed.pid]  # the survivor runs, if not in this server
         assert merged(tmp_path) == {"in_flight": 5.0, "share": 5.0, "served_total": 12.0}
-        assert forget_dead_workers(tmp_path, set) == []
+        assert forget_dead_workers(tmp_path, set) == []  # named once
     finally:
         for process in (survivor, killed):
             process.kill()
             process.wait(10)
+
+
+def test_a_death_is_named_only_by_the_sweep_that_removes_its_livesum_file(tmp_path: Path) -> None:
+    """Two workers scraped at the same moment: one removed the dead one's ``livesum`` file, the other its
+    ``livemax`` file; only the first counts the death."""
+    dead = worker(tmp_path, 3)
+    os.kill(dead.pid, signal.SIGKILL)
+    dead.wait(10)
+    (tmp_path / f"gauge_livesum_{dead.pid}.db").unlink()
+    assert forget_dead_workers(tmp_path, set) == []
+    assert not list(tmp_path.glob("gauge_live*"))
+
+
+def test_a_worker_that_ends_by_itself_takes_its_gauges_along(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    script = "from service.metrics import get_metrics; get_metrics().child(get_metrics().in_flight, 'http').inc()"
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=Path(__file__).parents[2])
+    assert [path.name.split("_")[0] for path in tmp_path.iterdir()] == ["counter"]  # its counts stay

@@ -45,16 +45,19 @@ def test_every_worker_serves_grpc_on_the_shared_port(two_workers: ServiceProcess
 
 
 def test_a_worker_killed_outright_takes_its_gauges_out_of_metrics(model_store: ModelStore, tmp_path: Path) -> None:
-    """SIGKILL (as the kernel's OOM killer sends) runs nothing in the worker; BentoML starts another, and the
-    summed gauges count the living: the budget is MEMORY_BUDGET again, not one and a half of it."""
+    """SIGKILL (as the kernel's OOM killer sends) runs nothing in the worker; BentoML starts another, the summed
+    gauges count the living (the budget is MEMORY_BUDGET again, not one and a half of it) and the death is
+    counted once. Workers that stop with their server take their gauges along and count no death."""
     budget = 256 * 2**20
+    home = tmp_path / "home"
     with running(Path(model_store.root), tmp_path / "killed-worker.log", WORKERS="2", MODELS="lenet5",
-                 MODEL_CONTROL="on-demand", MEMORY_BUDGET="256MiB") as process:  # fmt: skip
+                 MODEL_CONTROL="on-demand", MEMORY_BUDGET="256MiB", BENTOML_HOME=str(home)) as process:  # fmt: skip
 
         def summed(name: str) -> float:
             return sum(value for _, value in metric_samples(httpx.get(f"{process.url}/metrics", timeout=10).text, name))
 
         assert summed("cnn_memory_budget_bytes") == budget
+        assert summed("cnn_worker_deaths_total") == 0
         killed = workers(process)[0].pid
         os.kill(killed, signal.SIGKILL)
         assert gone(killed, 30)
@@ -67,4 +70,7 @@ def test_a_worker_killed_outright_takes_its_gauges_out_of_metrics(model_store: M
         wait_until(replaced, 90, "another worker in the killed one's place, ready")
         assert summed("cnn_memory_budget_bytes") == budget
         assert summed("cnn_requests_in_flight") == 0
-        assert f"worker {killed} is gone and left its gauges" in process.log_path.read_text()
+        assert [summed("cnn_worker_deaths_total") for _ in range(4)] == [1] * 4  # whichever worker answers
+        assert process.log_path.read_text().count(f"worker {killed} ended without shutting down") == 1
+    files = home / "prometheus_multiproc_dir"
+    assert sorted(files.glob("counter_*.db")) and not sorted(files.glob("gauge_live*")), sorted(files.iterdir())
