@@ -29,7 +29,7 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "cnn-serving-ready-"  # then the server's pid and its start time (whole seconds since the epoch)
+PREFIX = "cnn-serving-ready-"  # then the server's pid and when it started (see _started)
 
 
 def sweep() -> list[Path]:
@@ -47,9 +47,17 @@ def sweep() -> list[Path]:
     return removed
 
 
+def _started(process: psutil.Process) -> int:
+    """When ``process`` started, in milliseconds since the machine booted. Not its start time since the epoch:
+    that is the boot time read now plus this, and the boot time moves when the system clock is set, so a live
+    server's directory could stop matching its name and be swept from under it (as seen here: a test server's
+    ``/readyz`` answered 500 once another server had started on the same machine)."""
+    return round((process.create_time() - psutil.boot_time()) * 1000)  # both read the boot time: it cancels out
+
+
 def _running(pid: int, started: int) -> bool:
     try:
-        return int(psutil.Process(pid).create_time()) == started  # not a later process given the same pid
+        return _started(psutil.Process(pid)) == started  # not a later process given the same pid
     except psutil.NoSuchProcess:
         return False
     except psutil.Error:  # cannot tell: leave it
@@ -64,7 +72,7 @@ class WorkerReadiness:
             server = psutil.Process(pid)
         except psutil.NoSuchProcess:  # it died as this worker started: nothing to be ready for
             raise RuntimeError(f"the server process (pid {pid}) is gone: this worker does not start") from None
-        name = f"{PREFIX}{server.pid}-{int(server.create_time())}"
+        name = f"{PREFIX}{server.pid}-{_started(server)}"
         self.directory = Path(tempfile.gettempdir()) / name
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self.marker = self.directory / str(os.getpid())

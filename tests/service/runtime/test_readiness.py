@@ -60,17 +60,29 @@ def test_a_new_server_removes_only_what_servers_that_no_longer_run_left(tmpdir_e
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     this = psutil.Process()
-    started = int(this.create_time())
+    running = WorkerReadiness(workers=1, server_pid=this.pid).directory.name
+    started = int(running.rpartition("-")[2])
     names = {
         "killed": f"cnn-serving-ready-{gone.pid}-{started}",  # its server is no more
-        "reused": f"cnn-serving-ready-{this.pid}-{started - 3600}",  # its pid now names a later process
-        "running": f"cnn-serving-ready-{this.pid}-{started}",
+        "reused": f"cnn-serving-ready-{this.pid}-{started - 1}",  # its pid now names a later process
         "other": "cnn-serving-ready-not-a-server",
     }
-    for name in names.values():
-        (tmpdir_env / name).mkdir()
+    for name in [*names.values(), running]:
+        (tmpdir_env / name).mkdir(exist_ok=True)
         (tmpdir_env / name / "1234").touch()  # a worker's marker, never withdrawn
     removed = sweep()
     assert sorted(p.name for p in removed) == sorted([names["killed"], names["reused"]])
-    assert sorted(p.name for p in tmpdir_env.iterdir()) == sorted([names["running"], names["other"]])
-    assert WorkerReadiness(workers=1, server_pid=this.pid).directory.name == names["running"]
+    assert sorted(p.name for p in tmpdir_env.iterdir()) == sorted([running, names["other"]])
+
+
+def test_a_running_servers_directory_survives_a_change_of_the_system_clock(
+    tmpdir_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The boot time Linux reports (``btime``) is the clock now less the time since boot: setting the clock
+    moves it, and with it every process's start time since the epoch."""
+    readiness = WorkerReadiness(workers=1, server_pid=os.getpid())
+    readiness.mark_ready()
+    booted = psutil.boot_time()
+    monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: booted + 1.0)  # the clock set a second on
+    assert sweep() == []
+    assert readiness.all_ready()
