@@ -29,15 +29,22 @@ import psutil
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "cnn-serving-ready-"  # then the server's pid and when it started (see _started)
+PREFIX = "cnn-serving-readiness-"  # then the server's pid and when it started (see _started)
+# the name before the start time counted from boot: such a server is judged by its pid alone, and it judges
+# by its own rule only names under its own prefix, which this one does not match
+EARLIER_PREFIX = "cnn-serving-ready-"
 
 
 def sweep() -> list[Path]:
     """Remove the readiness directories of servers that no longer run; the ones removed."""
     removed = []
-    for path in Path(tempfile.gettempdir()).glob(f"{PREFIX}*"):
-        pid, _, started = path.name.removeprefix(PREFIX).partition("-")
-        if not (pid.isdigit() and started.isdigit()) or _running(int(pid), int(started)):
+    temp = Path(tempfile.gettempdir())
+    for path in [*temp.glob(f"{PREFIX}*"), *temp.glob(f"{EARLIER_PREFIX}*")]:
+        earlier = path.name.startswith(EARLIER_PREFIX)
+        pid, _, started = path.name.removeprefix(EARLIER_PREFIX if earlier else PREFIX).partition("-")
+        if not (pid.isdigit() and started.isdigit()):
+            continue
+        if psutil.pid_exists(int(pid)) if earlier else _running(int(pid), int(started)):
             continue
         with contextlib.suppress(OSError):  # another user's, or another server sweeping at the same moment
             shutil.rmtree(path)

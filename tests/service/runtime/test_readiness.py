@@ -62,17 +62,22 @@ def test_a_new_server_removes_only_what_servers_that_no_longer_run_left(tmpdir_e
     this = psutil.Process()
     running = WorkerReadiness(workers=1, server_pid=this.pid).directory.name
     started = int(running.rpartition("-")[2])
+    prefix = running.rpartition(f"{this.pid}-")[0]
     names = {
-        "killed": f"cnn-serving-ready-{gone.pid}-{started}",  # its server is no more
-        "reused": f"cnn-serving-ready-{this.pid}-{started - 1}",  # its pid now names a later process
-        "other": "cnn-serving-ready-not-a-server",
+        "killed": f"{prefix}{gone.pid}-{started}",  # its server is no more
+        "reused": f"{prefix}{this.pid}-{started - 1}",  # its pid now names a later process
+        "other": f"{prefix}not-a-server",
+        # an earlier version's (start time since the epoch), judged by its pid alone
+        "earlier killed": f"cnn-serving-ready-{gone.pid}-1796517032",
+        "earlier running": f"cnn-serving-ready-{this.pid}-1796517032",
     }
     for name in [*names.values(), running]:
         (tmpdir_env / name).mkdir(exist_ok=True)
         (tmpdir_env / name / "1234").touch()  # a worker's marker, never withdrawn
     removed = sweep()
-    assert sorted(p.name for p in removed) == sorted([names["killed"], names["reused"]])
-    assert sorted(p.name for p in tmpdir_env.iterdir()) == sorted([running, names["other"]])
+    assert sorted(p.name for p in removed) == sorted([names["killed"], names["reused"], names["earlier killed"]])
+    kept = [running, names["other"], names["earlier running"]]
+    assert sorted(p.name for p in tmpdir_env.iterdir()) == sorted(kept)
 
 
 def test_a_running_servers_directory_survives_a_change_of_the_system_clock(
