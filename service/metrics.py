@@ -224,8 +224,8 @@ class Metrics:
         )  # fmt: skip
         self.worker_deaths = prom.Counter(
             "cnn_worker_deaths", "Workers that ended without shutting down (SIGKILL, the kernel's OOM killer, a "
-            "crash), counted by the first scrape after BentoML's supervisor reaped them; it starts another in their "
-            "place", [],
+            "native crash), counted by the first scrape after BentoML's supervisor reaped them; it starts another in "
+            "their place", [],
         )  # fmt: skip
         self.device_oom = prom.Counter(
             "cnn_batch_out_of_memory", "Batches that failed for want of device memory (their requests got 503 and "

@@ -199,7 +199,9 @@ class Server:
         if self._stopped:
             return
         self._stopped = True
-        await self.runtime.stop()
-        withdraw_gauges()  # not a death: /metrics counts a worker that left its gauges as one
+        try:
+            await self.runtime.stop()
+        finally:
+            withdraw_gauges()  # not a death: /metrics counts a worker that left its gauges as one
         if self.parent_watch is not None:
             self.parent_watch.stop()

@@ -69,7 +69,16 @@ def test_a_death_is_named_only_by_the_sweep_that_removes_its_livesum_file(tmp_pa
 
 
 def test_a_worker_that_ends_by_itself_takes_its_gauges_along(tmp_path: Path) -> None:
+    """And it has a ``livesum`` file from the start, before it serves anything: its death is counted by that
+    file's removal."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    script = "from service.metrics import get_metrics; get_metrics().child(get_metrics().in_flight, 'http').inc()"
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=Path(__file__).parents[2])
-    assert [path.name.split("_")[0] for path in tmp_path.iterdir()] == ["counter"]  # its counts stay
+    script = (
+        "import os; from service.metrics import get_metrics; metrics = get_metrics(); "
+        "print(sorted(os.listdir(os.environ['PROMETHEUS_MULTIPROC_DIR']))); "
+        "metrics.child(metrics.in_flight, 'http').inc()"
+    )
+    run = subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=Path(__file__).parents[2],
+                         capture_output=True, text=True)  # fmt: skip
+    pid = run.stdout.split("_")[-1].split(".")[0]
+    assert run.stdout.strip() == f"['counter_{pid}.db', 'gauge_livesum_{pid}.db']"
+    assert [path.name for path in tmp_path.iterdir()] == [f"counter_{pid}.db"]  # its counts stay
