@@ -290,7 +290,7 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
     try:
         graph = staging / GRAPH_FILE
         extra = _convert(parent.graph, graph, meta, options)
-        onnx.checker.check_model(onnx.load(str(graph)), full_check=True)
+        onnx.checker.check_model(str(graph), full_check=True)  # from the file: no copy through Python
         held_out = _held_out(meta, options)
         figures = compare(parent.graph, graph, held_out)
         misses = check(figures, options)
