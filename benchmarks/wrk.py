@@ -48,6 +48,9 @@ def finish(process: subprocess.Popen[str], path: str, model: str, concurrency: i
     if process.returncode != 0 or not lines:
         raise RuntimeError(f"wrk failed ({process.returncode}): {err.strip() or out.strip()}")
     summary = json.loads(lines[-1])
+    if summary["requests"] == 0:  # a row of zeros would read as a measurement
+        raise RuntimeError(f"wrk finished no request to {model} {path} at concurrency {concurrency}: "
+                           "a request takes longer than the run")  # fmt: skip
     seconds = summary["duration_us"] / 1e6
     served = summary["requests"] - summary["status_errors"]
     errors = summary["status_errors"] + summary["socket_errors"]
