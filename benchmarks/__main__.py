@@ -27,7 +27,7 @@ def ensure_models(store: ModelStore, models: tuple[str, ...], quick: bool) -> No
             continue
         variant = next((suffix for suffix in VARIANT_SUFFIXES if name.endswith(suffix)), None)
         if variant is not None:
-            export_variant_for_bench(store, name.removesuffix(variant), VARIANT_SUFFIXES[variant])
+            export_variant_for_bench(store, name.removesuffix(variant), VARIANT_SUFFIXES[variant], quick)
             continue
         epochs = 2 if quick else 40
         try:
@@ -37,23 +37,29 @@ def ensure_models(store: ModelStore, models: tuple[str, ...], quick: bool) -> No
             export_model(name, store, ExportOptions(weights="random", progress=False))
 
 
-def export_variant_for_bench(store: ModelStore, parent: str, precision: str) -> None:
-    """The variant; forced where the parent has random weights (no agreement to speak of), and said so."""
+def export_variant_for_bench(store: ModelStore, parent: str, precision: str, quick: bool) -> None:
+    """The variant; forced where the parent has random weights (no agreement to speak of), and said so. Quick:
+    each INT8 recipe timed for a moment only (the choice among them is then a rough one)."""
     from export.precision import VariantOptions, export_variant
 
-    ensure_models(store, (parent,), quick=False)
+    ensure_models(store, (parent,), quick)
     latest = store.latest(parent)
     assert latest is not None
     random_weights = latest.read_metadata()["weights"]["kind"] == "random"
     if random_weights:
         logging.getLogger("benchmarks").info("%s has random weights: its %s variant is forced", parent, precision)
-    export_variant(parent, store, VariantOptions(precision, force=random_weights))  # type: ignore[arg-type]
+    options = VariantOptions(precision, force=random_weights)  # type: ignore[arg-type]
+    export_variant(parent, store, dataclasses.replace(options, timing_seconds=0.2) if quick else options)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="short runs at concurrency 1 and 4 (under 2 minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short runs at concurrency 1 and 4: the code end to end, not figures to quote",
+    )
     parser.add_argument(
         "--store", type=Path, default=Path("benchmarks/.store"), help="model store; what it lacks is exported into it"
     )

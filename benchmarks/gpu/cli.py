@@ -131,7 +131,7 @@ def _export(run: Run, store: ModelStore, name: str) -> None:
             if needed.endswith("_fp16"):
                 from ..__main__ import export_variant_for_bench  # only here: it imports the v2 protocol (see serve)
 
-                export_variant_for_bench(store, parent, "fp16")
+                export_variant_for_bench(store, parent, "fp16", quick=False)
             else:
                 export_model(needed, store, ExportOptions(weights="random", progress=False))
             took = round(time.perf_counter() - began, 1)
