@@ -67,11 +67,13 @@ class Plan:
         ("http-workers1", "WORKERS=1"), ("http-workers2", "WORKERS=2"), ("http-instances2", "INSTANCES=2"),
     )  # fmt: skip
     peer_concurrency: tuple[int, ...] = (1, 16, 64)
+    scaling_models: tuple[str, ...] | None = None  # the models the layouts are tried on; None: every model
 
     @classmethod
     def make(cls, models: tuple[str, ...], quick: bool) -> Plan:
-        if quick:
-            return cls(models, (1, 4), 1.0, 200, 0.5, large_photo=False, peer_concurrency=(1, 4))
+        if quick:  # the layouts on the first model only: the same code for each model, three servers' starts apiece
+            return cls(models, (1, 4), 1.0, 200, 0.5, large_photo=False, peer_concurrency=(1, 4),
+                       scaling_models=models[:1])  # fmt: skip
         return cls(models, (1, 4, 16, 64), 8.0, 4000, 4.0, large_photo=True)
 
 
@@ -350,7 +352,8 @@ def model_runs(store: ModelStore, model: str, plan: Plan, workdir: Path) -> list
             one = request_seconds(service.url + route, *payload(model, plan.large_photo))
             timed = replace(plan, seconds=max(plan.seconds * longer, 3 * one))
             runs += http_runs(service.url, model, timed, f"explain-{method}", route, levels, service.process.pid)
-    for path, setting in plan.scaling if "scaling" in plan.paths else ():
+    scaled = "scaling" in plan.paths and (plan.scaling_models is None or model in plan.scaling_models)
+    for path, setting in plan.scaling if scaled else ():
         key, value = setting.split("=", 1)
         with serving(store, model, plan, **{key: value}) as service:
             route = f"/classify?model={model}"
