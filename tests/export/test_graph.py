@@ -1,4 +1,4 @@
-"""Every registered network exports to a graph that keeps the ONNX contract and matches PyTorch."""
+"""Every registered architecture exports to a graph that keeps the ONNX contract and matches PyTorch."""
 
 from __future__ import annotations
 
@@ -13,8 +13,13 @@ import torch
 from export.graph import TOLERANCE, ClassifierGraph, VerificationError, export_onnx, random_images, verify
 from export.registry import get_model_spec, list_models
 
-LARGE = {"vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn", "resnet101", "resnet152"}
-NETWORKS = [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in list_models()]
+LARGE = {"vgg11", "vgg19_bn", "resnet101", "resnet152"}
+# The VGGs between VGG-11 (the smallest, no batch normalisation) and VGG-19-BN (the largest graph of the zoo, 548 MiB
+# in one file, batch normalisation) repeat the same layers more or fewer times, and test_registry checks each one's
+# exact parameter count and output width: six more half-gigabyte exports here would add a minute and no case
+# (every export verifies its own graph against PyTorch anyway).
+SAME_LAYERS = {"vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19"}
+NETWORKS = [pytest.param(n, marks=pytest.mark.slow) if n in LARGE else n for n in list_models() if n not in SAME_LAYERS]
 
 
 @pytest.mark.parametrize("name", NETWORKS)
@@ -49,9 +54,6 @@ def test_graph_keeps_the_contract_and_matches_pytorch(name: str, tmp_path: Path)
     np.testing.assert_allclose(probs, expected, rtol=0, atol=TOLERANCE)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (logits.argmax(1) == expected.argmax(1)).all()
-
-    result = verify(graph, spec.input, path, batch=2)
-    assert result.top1_agreement == 1.0 and result.max_abs_diff_probabilities <= TOLERANCE
 
 
 def test_verification_rejects_a_graph_that_differs(tmp_path: Path) -> None:
