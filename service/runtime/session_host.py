@@ -269,7 +269,8 @@ class RemoteSession:
             fresh = [_Buffer(sizes[0])]
             try:
                 fresh.append(_Buffer(sizes[1]))
-                reply = self._ask(("buffers", *sizes), *[b.fd for b in fresh if b.fd is not None])
+                # the sizes the files have (a page at least), which this side's checks read: the host maps as much
+                reply = self._ask(("buffers", *(b.size for b in fresh)), *[b.fd for b in fresh if b.fd is not None])
                 if reply[0] != "ok":  # not from this host (it ends a connection whose buffers fail): start again
                     raise SessionHostGone(f"the session host could not take the buffers: {reply[1:]}")
             except BaseException:

@@ -74,9 +74,10 @@ def test_a_shared_session_answers_as_the_workers_own(host: session_host.HostProc
     remote, local = _remote(lenet5, host), _local(lenet5)
     assert remote.get_providers()[0] == "CPUExecutionProvider"
     assert [(i.name, i.type, i.shape[1:]) for i in remote.get_inputs()] == [(INPUT_NAME, "tensor(uint8)", [32, 32, 1])]
-    # a batch of 1 first: the buffers start small, and the 64-image batch then outgrows both (its answers come back
-    # through the socket once, and through the grown buffer after)
-    for count in (1, 64, 64, 5):
+    # a batch of 1 first: the buffers start small (a page at least; LeNet-5's image is a quarter of one), batches of
+    # 2 to 4 fill that page, and the 64-image batch then outgrows both (its answers come back through the socket
+    # once, and through the grown buffer after)
+    for count in (1, 2, 3, 4, 64, 64, 5):
         images = _images(count, seed=count)
         got = remote.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
         want = local.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
