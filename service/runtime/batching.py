@@ -188,9 +188,40 @@ class DynamicBatcher:
             self._queued_images -= pending.size
             if pending.future.cancelled():  # the client went away while queued
                 continue
+            if pending.size > self.max_batch_size:  # queued before an out-of-memory batch lowered the limit
+                self._split(pending)
+                continue
             batch.append(pending)
             size += pending.size
         return batch
+
+    def _split(self, pending: _Pending) -> None:
+        """Put ``pending`` back at the head of the queue as pieces within :attr:`max_batch_size`, its answer their
+        rows joined: no batch larger than the device just refused, and no shape that was not warmed."""
+        loop, limit = pending.future.get_loop(), self.max_batch_size
+        pieces = [
+            _Pending(take(pending.images, slice(i, i + limit)), loop.create_future(), pending.context,
+                     pending.observe, pending.enqueued)
+            for i in range(0, pending.size, limit)
+        ]  # fmt: skip
+        self._queue.extendleft(reversed(pieces))
+        self._queued_images += pending.size
+        answers = asyncio.gather(*(piece.future for piece in pieces))
+
+        def answered(done: asyncio.Future[list[Outputs]]) -> None:
+            if pending.future.done():
+                return
+            if done.cancelled() or done.exception() is not None:  # a piece failed: the whole request did
+                pending.future.set_exception(done.exception() or asyncio.CancelledError())
+            else:
+                pending.future.set_result(tuple(np.concatenate(parts) for parts in zip(*done.result(), strict=True)))
+
+        def abandoned(future: asyncio.Future[Outputs]) -> None:
+            if future.cancelled():  # the client went away: its pieces are skipped where still queued
+                answers.cancel()
+
+        answers.add_done_callback(answered)
+        pending.future.add_done_callback(abandoned)
 
     async def _serve(self) -> None:
         assert self._wakeup is not None
@@ -280,18 +311,26 @@ class DynamicBatcher:
         """A batch of ``size`` images, run as ``shape`` rows, the device had no memory for: the largest batch goes
         to half of what ran, and down to a batch shape where there are shapes (one already warmed)."""
         before = self.max_batch_size
+        ran = f"{size}" if shape == size else f"{size} (run as {shape})"
+        if shape > before:  # taken before another batch's failure lowered the limit: nothing new is known
+            return self._out_of_memory(ran)
         limit = max(1, min(before, shape) // 2)
         if self.batch_sizes is not None:
             limit = max((s for s in self.batch_sizes if s <= limit), default=limit)
         self.max_batch_size = limit
-        ran = f"{size}" if shape == size else f"{size} (run as {shape})"
         what = next(iter(str(exc).splitlines()), "") or type(exc).__name__
         logger.warning(
             "%s: out of memory for a batch of %s (%s); largest batch %d -> %d, its requests get 503",
             self.name, ran, what[-300:], before, self.max_batch_size,
         )  # fmt: skip
         if self._on_out_of_memory is not None:
-            self._on_out_of_memory(size, self.max_batch_size)
+            try:
+                self._on_out_of_memory(size, self.max_batch_size)
+            except Exception:  # an observer's failure; the batch's requests still get their 503
+                logger.exception("%s: the out-of-memory hook failed", self.name)
+        return self._out_of_memory(ran)
+
+    def _out_of_memory(self, ran: str) -> DeviceOutOfMemory:
         return DeviceOutOfMemory(
             f"Model {self.name!r}: the device ran out of memory for a batch of {ran} images; batches are now "
             f"at most {self.max_batch_size}; send the request again"

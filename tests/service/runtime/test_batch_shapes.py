@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -131,6 +132,56 @@ def test_an_out_of_memory_batch_halves_what_ran_down_to_a_warmed_shape() -> None
     assert [batcher.shape_for(n) for n in (1, 3, 9, 16)] == [1, 4, 16, 16]
     unpadded = DynamicBatcher("m", [run], max_batch_size=8, max_delay=0, max_queue_images=10)
     assert [unpadded.shape_for(n) for n in (1, 3, 5)] == [1, 3, 5]
+
+
+def test_requests_queued_before_an_out_of_memory_batch_run_in_pieces_within_the_new_limit() -> None:
+    """A device that holds 16 rows; requests of 32, 20, 24 and 32 images queued at once. The first batch (32) finds
+    no memory and the largest batch becomes 16; the others were queued under the old limit and run in pieces of at
+    most 16, each a warmed shape, every image answered with its own row: one 503, not four, and no shape unwarmed."""
+    calls: list[int] = []
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(images))
+        if len(images) > 16:
+            raise MemoryError("out of memory")
+        first = images[:, 0, 0, :1].astype(np.float32)
+        return first, first
+
+    shapes = (1, 2, 4, 8, 16, 32)
+    batcher = DynamicBatcher("m", [run], max_batch_size=32, max_delay=0, max_queue_images=1000, batch_sizes=shapes)
+    requests = [np.arange(n, dtype=np.uint8)[:, None, None, None] + 100 * (i % 2) for i, n in enumerate((32, 20, 24, 32))]
+
+    async def everyone() -> list[Any]:
+        return await asyncio.gather(*(batcher.infer(r) for r in requests), return_exceptions=True)
+
+    first, *others = asyncio.run(everyone())
+    assert isinstance(first, ServiceError) and first.status_code == 503
+    for answer, request in zip(others, requests[1:], strict=True):
+        assert not isinstance(answer, BaseException), answer
+        np.testing.assert_array_equal(answer[0][:, 0], request[:, 0, 0, 0])
+    assert calls[0] == 32 and all(call <= 16 and call in shapes for call in calls[1:]), calls
+    assert batcher.max_batch_size == 16 and batcher.queued_images == 0
+
+
+def test_batches_that_ran_together_out_of_memory_lower_the_limit_once() -> None:
+    """Two instances each run 32 rows at the same time and both find no memory: the limit halves once (to 16), not
+    once per batch (the second ran under the limit the first had already lowered)."""
+    started = threading.Barrier(2, timeout=10)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        started.wait()  # both batches are running before either fails
+        raise MemoryError("out of memory")
+
+    batcher = DynamicBatcher("m", [run, run], max_batch_size=32, max_delay=0, max_queue_images=1000,
+                             batch_sizes=(1, 2, 4, 8, 16, 32))  # fmt: skip
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(*(batcher.infer(np.ones((32, 2, 2, 1), np.uint8)) for _ in range(2)),
+                                    return_exceptions=True)  # fmt: skip
+
+    answers = asyncio.run(both())
+    assert all(isinstance(a, ServiceError) and a.status_code == 503 for a in answers), answers
+    assert batcher.max_batch_size == 16
 
 
 class _Recording:
