@@ -38,6 +38,7 @@ from .handler import (
     OipHandler,
     RequestedOutput,
     Tensor,
+    parse_shape,
     serialize_bytes,
     tensor_from_raw,
     tensor_from_values,
@@ -81,15 +82,24 @@ def _parameter(value: pb.InferParameter) -> Any:
     return getattr(value, kind) if kind else None
 
 
+def requested_output(output: pb.ModelInferRequest.InferRequestedOutputTensor) -> RequestedOutput:
+    """An output asked for; its ``classification`` parameter an integer (int64_param or uint64_param)."""
+    if "classification" not in output.parameters:
+        return RequestedOutput(output.name)
+    parameter = output.parameters["classification"]
+    if parameter.WhichOneof("parameter_choice") not in ("int64_param", "uint64_param"):
+        raise InvalidInput(f"Output {output.name!r}: classification must be an integer parameter (int64_param), "
+                           f"the number of classes to answer; got {str(parameter).strip() or 'none'}")  # fmt: skip
+    return RequestedOutput(output.name, _parameter(parameter))
+
+
 def decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents entries")
     tensors = []
     for i, tensor in enumerate(request.inputs):
-        shape = [int(d) for d in tensor.shape]
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"Input {tensor.name!r}: negative dimension in shape {shape}")
+        shape = parse_shape(tensor.name, list(tensor.shape))
         if raw:
             tensors.append(tensor_from_raw(tensor.name, tensor.datatype, shape, raw[i]))
         else:
@@ -160,12 +170,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request_deadline.set(asyncio.get_running_loop().time() + left)
         try:
             with await self.handler.lease(request.model_name, request.model_version, routed=True) as entry:
-                requested = [
-                    RequestedOutput(o.name, int(_parameter(o.parameters["classification"]) or 0))
-                    if "classification" in o.parameters
-                    else RequestedOutput(o.name)
-                    for o in request.outputs
-                ]
+                requested = [requested_output(o) for o in request.outputs]
                 record = RequestRecord(entry.name, str(entry.version))
                 outputs = await self.handler.infer(entry, decode_inputs(request), requested, "grpc", record)
                 canary = answering_canary()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,9 +93,35 @@ def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
     return items
 
 
+def parse_shape(name: str, dims: Any) -> list[int]:
+    """An input's ``shape`` as the client sent it (a JSON list, gRPC's int64s), checked: integer dimensions,
+    none negative."""
+    if not isinstance(dims, list | tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise InvalidInput(f'Input {name!r}: "shape" must be a list of integers, e.g. [1, 224, 224, 3]; got {dims!r}')
+    if any(d < 0 for d in dims):
+        raise InvalidInput(f"Input {name!r}: negative dimension in shape {list(dims)}")
+    return list(dims)
+
+
+def _elements(shape: list[int]) -> int:
+    """How many elements ``shape`` holds, in Python's integers (numpy's product wraps around at 2**64)."""
+    return math.prod(shape) if shape else 0
+
+
+def _unknown_datatype(name: str, datatype: str) -> InvalidInput:
+    return InvalidInput(f"Input {name!r}: unknown datatype {datatype!r}; use one of {', '.join(DTYPES)} or BYTES")
+
+
+def _reshaped(name: str, array: np.ndarray, shape: list[int]) -> np.ndarray:
+    try:
+        return array.reshape(shape)
+    except (ValueError, OverflowError):  # an empty tensor with a dimension numpy cannot hold
+        raise InvalidInput(f"Input {name!r}: shape {shape} has a dimension too large for any tensor") from None
+
+
 def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
     """A tensor from raw little-endian bytes, its size checked against its shape."""
-    count = int(np.prod(shape)) if shape else 0
+    count = _elements(shape)
     if datatype == "BYTES":
         items = deserialize_bytes(raw, name)
         if len(items) != count:
@@ -102,35 +129,43 @@ def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> T
         return Tensor(name, datatype, shape, np.array(items, dtype=object))
     dtype = DTYPES.get(datatype)
     if dtype is None:
-        raise InvalidInput(f"Input {name!r}: unknown datatype {datatype!r}")
+        raise _unknown_datatype(name, datatype)
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(
             f"Input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, got {len(raw)}"
         )
-    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
+    return Tensor(name, datatype, shape, _reshaped(name, np.frombuffer(raw, dtype=dtype), shape))
 
 
 def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) -> Tensor:
     """A tensor from a flat or nested list (JSON ``data``, gRPC ``contents``)."""
     if datatype == "BYTES":
-        items = [v.encode() if isinstance(v, str) else bytes(v) for v in np.asarray(values, dtype=object).ravel()]
-        array = np.array(items, dtype=object)
+        try:
+            elements = np.asarray(values, dtype=object).ravel()
+        except ValueError:  # ragged nesting
+            elements = np.array([values], dtype=object)
+        if not all(isinstance(v, str | bytes) for v in elements):  # bytes(n) would make n zero bytes
+            raise InvalidInput(f"Input {name!r}: BYTES data must be strings; send files as binary data (the "
+                               "binary_data_size parameter, or raw_input_contents over gRPC)")  # fmt: skip
+        array = np.array([v.encode() if isinstance(v, str) else v for v in elements], dtype=object)
     else:
         dtype = DTYPES.get(datatype)
         if dtype is None:
-            raise InvalidInput(f"Input {name!r}: unknown datatype {datatype!r}")
+            raise _unknown_datatype(name, datatype)
         try:
             array = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else np.int64).ravel()
+        except OverflowError:
+            raise InvalidInput(f"Input {name!r}: values out of range for {datatype}") from None
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"Input {name!r}: data is not a list of {datatype} numbers ({exc})") from None
         bounds = np.iinfo(dtype) if dtype.kind in "ui" else None
         if bounds is not None and array.size and (array.min() < bounds.min or array.max() > bounds.max):
             raise InvalidInput(f"Input {name!r}: values out of range for {datatype}")
         array = array.astype(dtype)
-    count = int(np.prod(shape)) if shape else 0
+    count = _elements(shape)
     if array.size != count:
         raise InvalidInput(f"Input {name!r}: shape {shape} needs {count} values, got {array.size}")
-    return Tensor(name, datatype, shape, array.reshape(shape) if datatype != "BYTES" else array)
+    return Tensor(name, datatype, shape, _reshaped(name, array, shape) if datatype != "BYTES" else array)
 
 
 def model_metadata(entry: ModelEntry, versions: list[int]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .handler import (
     OipHandler,
     RequestedOutput,
     Tensor,
+    parse_shape,
     serialize_bytes,
     tensor_from_raw,
     tensor_from_values,
@@ -50,42 +51,74 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
         if not header_length.isdigit() or int(header_length) > len(body):
             raise InvalidInput(f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes")
         json_length = int(header_length)
-    try:
-        header = json.loads(body[:json_length])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"The inference request is not valid JSON: {exc}") from None
+    header = _loads(body[:json_length], "The inference request")
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidInput('The inference request needs an "inputs" list')
     binary, offset, tensors = body[json_length:], 0, []
     for item in header["inputs"]:
-        try:
-            name, datatype, shape = str(item["name"]), str(item["datatype"]), [int(d) for d in item["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise InvalidInput('Each input needs "name", "datatype" and an integer "shape"') from None
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"Input {name!r}: negative dimension in shape {shape}")
-        size = (item.get("parameters") or {}).get("binary_data_size")
+        if not isinstance(item, dict) or not {"name", "datatype", "shape"} <= item.keys():
+            raise InvalidInput('Each input needs "name", "datatype" and an integer "shape"')
+        name, datatype = str(item["name"]), str(item["datatype"])
+        shape = parse_shape(name, item["shape"])
+        size = _object(item.get("parameters"), f"Input {name!r}: its parameters").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
                 raise InvalidInput(f"Input {name!r}: binary_data_size {size} runs past the {len(binary)} bytes sent")
             tensors.append(tensor_from_raw(name, datatype, shape, binary[offset : offset + size]))
             offset += size
         elif "data" in item:
+            if not isinstance(item["data"], list):
+                raise InvalidInput(f'Input {name!r}: "data" must be a list of values, flat or nested')
             tensors.append(tensor_from_values(name, datatype, shape, item["data"]))
         else:
             raise InvalidInput(f'Input {name!r} has neither "data" nor a binary_data_size parameter')
     return header, tensors
 
 
+def _loads(text: bytes, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidInput(f"{what} nests JSON too deeply") from None
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """An optional JSON object of a request (``parameters``): absent is empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object, e.g. {{}}; got {type(value).__name__}")
+    return value
+
+
+def _flag(parameters: dict[str, Any], key: str, default: bool, what: str) -> bool:
+    """A boolean parameter: JSON true or false (a string such as "false" would read as true)."""
+    value = parameters.get(key, default)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{what}: {key} must be true or false, got {value!r}")
+    return value
+
+
 def requested_outputs(header: dict[str, Any]) -> tuple[list[RequestedOutput], bool]:
-    default_binary = bool((header.get("parameters") or {}).get("binary_data_output", False))
+    parameters = _object(header.get("parameters"), "The request's parameters")
+    default_binary = _flag(parameters, "binary_data_output", False, "The request's parameters")
+    items = header.get("outputs")
+    if items is not None and not isinstance(items, list):
+        raise InvalidInput('"outputs" must be a list of objects, e.g. [{"name": "probabilities"}]')
     outputs = []
-    for item in header.get("outputs") or []:
-        parameters = item.get("parameters") or {}
+    for item in items or []:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput(f'Each output must be an object with a "name", e.g. {{"name": "probabilities"}}; '
+                               f"got {item!r}"[:300])  # fmt: skip
+        what = f"Output {item['name']!r}"
+        parameters = _object(item.get("parameters"), f"{what}: its parameters")
         count = parameters.get("classification", 0)
-        if not isinstance(count, int) or count < 0:
-            raise InvalidInput(f"Output {item.get('name')!r}: classification must be a non-negative integer")
-        outputs.append(RequestedOutput(str(item.get("name")), count, parameters))
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise InvalidInput(f"{what}: classification must be a non-negative integer")
+        _flag(parameters, "binary_data", default_binary, what)
+        outputs.append(RequestedOutput(item["name"], count, parameters))
     return outputs, default_binary
 
 
@@ -187,26 +220,21 @@ async def _json_object(request: Request) -> dict[str, Any]:
     body = await read_body(request, 1 << 20)
     if not body.strip():
         return {}
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidInput(f"The request body is not valid JSON: {exc}") from None
+    data = _loads(body, "The request body")
     if not isinstance(data, dict):
         raise InvalidInput("The request body must be a JSON object")
     return data
 
 
 def _parameters(data: dict[str, Any]) -> dict[str, Any]:
-    parameters = data.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput('"parameters" must be a JSON object')
-    return parameters
+    return _object(data.get("parameters"), '"parameters"')
 
 
 @router.post("/repository/index", tags=["Model repository"], summary="The store's models and their versions' states")
 async def repository_index(request: Request) -> JSONResponse:
     data = await _json_object(request)
-    return JSONResponse(_handler(request).manager.index(ready_only=bool(data.get("ready", False))))
+    ready_only = _flag(data, "ready", False, "The repository index request")
+    return JSONResponse(_handler(request).manager.index(ready_only=ready_only))
 
 
 @router.post("/repository/models/{name}/load", tags=["Model repository"], summary="Load a model of the store")

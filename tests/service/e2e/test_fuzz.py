@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from service.errors import InvalidInput, PayloadTooLarge
+from service.frontends.v2.handler import DTYPES
+from service.frontends.v2.rest import parse_infer_request, requested_outputs
 from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 from service.store.preprocess import preprocess
@@ -84,6 +87,58 @@ def test_corrupted_images_fail_only_as_client_errors(data: bytes, spec: InputMet
     for where, value in flips:
         corrupted[int(where * (len(corrupted) - 1))] ^= value
     _check(spec, bytes(corrupted))
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=6),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+)
+DIMENSION = st.integers(-2, 4) | st.integers(2**31, 2**70)
+INPUT = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["images", "image_bytes", "x"]) | JSON,
+        "datatype": st.sampled_from([*DTYPES, "BYTES", "FP8"]) | JSON,
+        "shape": st.lists(DIMENSION, max_size=4) | JSON,
+        "data": st.lists(st.integers(-1, 2**65) | st.text(max_size=3) | JSON, max_size=8) | JSON,
+        "parameters": st.fixed_dictionaries({"binary_data_size": st.integers(-1, 80) | JSON}) | JSON,
+    },
+)
+OUTPUT = st.fixed_dictionaries(
+    {},
+    optional={
+        "name": st.sampled_from(["probabilities", "logits"]) | JSON,
+        "parameters": st.fixed_dictionaries(
+            {}, optional={"classification": st.integers(-1, 2**64) | JSON, "binary_data": JSON}
+        )
+        | JSON,
+    },
+)
+INFER = st.fixed_dictionaries(
+    {"inputs": st.lists(INPUT, max_size=3) | JSON},
+    optional={
+        "outputs": st.lists(OUTPUT, max_size=3) | JSON,
+        "parameters": st.fixed_dictionaries({}, optional={"binary_data_output": JSON}) | JSON,
+        "id": JSON,
+    },
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(header=INFER, binary=st.binary(max_size=80))
+def test_any_v2_json_request_parses_or_fails_as_a_client_error(header: dict, binary: bytes) -> None:
+    """The Open Inference Protocol's JSON (with binary tensor data after it): whatever its fields hold, parsing
+    either gives tensors of the shapes they declare or a 4xx that says which field is wrong."""
+    text = json.dumps(header).encode()
+    try:
+        parsed, tensors = parse_infer_request(text + binary, str(len(text)))
+        requested_outputs(parsed)
+    except (InvalidInput, PayloadTooLarge) as exc:
+        assert exc.message
+        return
+    for tensor in tensors:
+        assert list(tensor.data.shape) == tensor.shape or tensor.datatype == "BYTES"
 
 
 @pytest.fixture(scope="module")

@@ -171,6 +171,76 @@ def _stub(service: ServiceProcess) -> pb_grpc.GRPCInferenceServiceStub:
     return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(service.grpc_target))
 
 
+ZEROS = {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [0] * 1024}
+MALFORMED_JSON = [
+    ("parameters a list", {"inputs": [ZEROS], "parameters": [1]}, "parameters must be a JSON object"),
+    ("outputs a string", {"inputs": [ZEROS], "outputs": "probabilities"}, '"outputs" must be a list'),
+    ("an output without a name", {"inputs": [ZEROS], "outputs": [{"a": 1}]}, 'an object with a "name"'),
+    ("an input's parameters a list", {"inputs": [{**ZEROS, "parameters": [1]}]}, "its parameters must be"),
+    ("binary_data_output a string", {"inputs": [ZEROS], "parameters": {"binary_data_output": "false"}},
+     "binary_data_output must be true or false"),
+    ("classification a string", {"inputs": [ZEROS], "outputs": [{"name": "probabilities",
+     "parameters": {"classification": "3"}}]}, "classification must be a non-negative integer"),
+    ("BYTES data a number", {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+     "data": [10**10]}]}, "BYTES data must be strings"),
+    ("BYTES data null", {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [None]}]},
+     "BYTES data must be strings"),
+    ("shape whose product wraps", {"inputs": [{**ZEROS, "shape": [2**32, 2**32], "data": []}]},
+     "needs 18446744073709551616 values"),
+    ("a dimension too large for numpy", {"inputs": [{**ZEROS, "shape": [10**30, 0], "data": []}]},
+     "too large for any tensor"),
+    ("shape of strings", {"inputs": [{**ZEROS, "shape": ["1", "32", "32", "1"]}]}, "must be a list of integers"),
+    ("UINT64 past int64", {"inputs": [{"name": "x", "datatype": "UINT64", "shape": [1], "data": [2**64 - 1]}]},
+     "values out of range for UINT64"),
+    ("data a string", {"inputs": [{**ZEROS, "data": "0"}]}, '"data" must be a list'),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "body", "says"), MALFORMED_JSON, ids=[c[0] for c in MALFORMED_JSON])
+def test_a_malformed_json_request_is_a_400_that_names_the_field(
+    service: ServiceProcess, case: str, body: dict, says: str
+) -> None:
+    response = httpx.post(f"{service.url}/v2/models/lenet5/infer", json=body, timeout=30)
+    assert response.status_code == 400 and says in response.json()["error"], response.text
+    assert httpx.post(f"{service.url}/v2/models/lenet5/infer", json={"inputs": [ZEROS]}, timeout=30).status_code == 200
+
+
+def test_json_nested_past_the_parser_is_a_400_here_and_on_the_repository_api(service: ServiceProcess) -> None:
+    deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    for path in ("/v2/models/lenet5/infer", "/v2/repository/index"):
+        response = httpx.post(f"{service.url}{path}", content=deep, timeout=30)
+        assert response.status_code == 400 and "nests JSON too deeply" in response.json()["error"], response.text
+    flag = httpx.post(f"{service.url}/v2/repository/index", json={"ready": "false"}, timeout=30)
+    assert flag.status_code == 400 and "ready must be true or false" in flag.json()["error"]
+
+
+def _invalid(service: ServiceProcess, request: pb.ModelInferRequest) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        _stub(service).ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    return str(info.value.details())
+
+
+def test_grpc_malformed_requests_are_invalid_arguments(service: ServiceProcess) -> None:
+    request = pb.ModelInferRequest(model_name="lenet5")
+    request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
+    request.raw_input_contents.append(b"\0" * 1024)
+    request.outputs.add(name="probabilities").parameters["classification"].string_param = "five"
+    assert "classification must be an integer parameter" in _invalid(service, request)
+
+    wraps = pb.ModelInferRequest(model_name="lenet5")
+    wraps.inputs.add(name="images", datatype="UINT8", shape=[2**32, 2**32])
+    wraps.raw_input_contents.append(b"")
+    assert "needs 18446744073709551616 bytes" in _invalid(service, wraps)
+
+    large = pb.ModelInferRequest(model_name="lenet5")
+    large.inputs.add(name="x", datatype="UINT64", shape=[1]).contents.uint64_contents.append(2**64 - 1)
+    assert "values out of range for UINT64" in _invalid(service, large)
+
+    request.outputs[0].parameters["classification"].int64_param = 3
+    assert list(_stub(service).ModelInfer(request).outputs[0].shape) == [1, 3]
+
+
 def test_raw_content_length_mismatch_is_invalid(service: ServiceProcess) -> None:
     request = pb.ModelInferRequest(model_name="lenet5")
     request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
