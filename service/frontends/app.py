@@ -67,8 +67,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return internal_error(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"Nothing at {request.url.path}: the API reference is at /docs"
+        elif exc.status_code == 405 and exc.headers and exc.headers.get("Allow"):
+            message = f"{request.method} is not allowed on {request.url.path}: use {exc.headers['Allow']}"
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})  # a 405's Allow
+        return response
 
 
 async def classify(request: Request) -> Response:

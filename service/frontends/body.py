@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 
@@ -45,10 +46,12 @@ async def read_images(request: Request, max_body: int, max_files: int) -> list[b
     await read_body(request, max_body)
     try:
         form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
-    except MultiPartException as exc:
-        if "Too many files" in exc.message:
+    except (MultiPartException, HTTPException) as exc:  # Starlette raises its parser's error as a 400 in an app
+        message = exc.message if isinstance(exc, MultiPartException) else str(exc.detail)
+        if "Too many files" in message:
             raise PayloadTooLarge(f"Too many files: at most {max_files} per request (MAX_IMAGES_PER_REQUEST)") from None
-        raise InvalidInput(f"Malformed multipart body: {exc.message}") from None
+        raise InvalidInput(f"Malformed multipart body: {message}; send files as multipart/form-data with the "
+                           "boundary its Content-Type names, e.g. curl -F image=@cat.jpg") from None  # fmt: skip
     files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
     if not files:
         raise InvalidInput("The multipart form holds no file: send images as file fields, e.g. curl -F image=@cat.jpg")

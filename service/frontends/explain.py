@@ -99,6 +99,10 @@ async def explain(request: Request) -> Response:
         occlusion = Occlusion.for_input(meta.input, query["patch"], query["stride"])
         index = class_index(query["class"], labels, entry.name)
         method = wanted or default_method(service.explanation_graph(entry), with_layers)
+        if method != "occlusion" and (given := [k for k in ("patch", "stride") if query[k] is not None]):
+            verb = "apply" if len(given) > 1 else "applies"
+            raise InvalidInput(f"{' and '.join(given)} {verb} to method=occlusion, and this one is {method}: "
+                               "ask for method=occlusion, or leave it out")  # fmt: skip
         files = await read_images(request, settings.max_body_bytes, settings.max_images_per_request)
         if as_png and len(files) != 1:
             raise InvalidInput(

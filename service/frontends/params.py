@@ -118,7 +118,12 @@ class Params(tuple[Param, ...]):
     """A route's query parameters, in the order the API reference lists them."""
 
     def parse(self, query: QueryParams) -> dict[str, Any]:
-        """Every parameter's value (its default where absent), by name; the first bad one raises InvalidInput."""
+        """Every parameter's value (its default where absent), by name; the first bad one, or one this route does
+        not take (a misspelt ``?modle=`` would otherwise answer with the default model), raises InvalidInput."""
+        names = [param.name for param in self]
+        unknown = [name for name in dict.fromkeys(query.keys()) if name not in names]
+        if unknown:
+            raise InvalidInput(f"Unknown parameter {unknown[0][:80]!r}: this route takes {', '.join(names)}")
         return {param.name: param.parse(query) for param in self}
 
     def openapi(self) -> dict[str, Any]:

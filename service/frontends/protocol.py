@@ -123,8 +123,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         if self._head_too_large:
             self._too_large()
-        else:
-            super().send_400_response(msg)
+        else:  # uvicorn's own is plain text; errors of this API are JSON
+            self._refuse(b"400 Bad Request", f"{msg.rstrip('.')}: the request line or a header is not valid HTTP/1.1")
 
     # heads and bodies that span chunks
     def _watch(self, data: bytes) -> None:

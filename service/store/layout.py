@@ -29,12 +29,12 @@ LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.pbtxt"
 
 # Model names double as directory names, URL path segments and metric labels.
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")  # whole: "$" would let a trailing newline through
 
 
 def is_valid_name(name: str) -> bool:
     """True for a name that is safe as a directory name (no separators, no ``..``)."""
-    return bool(_NAME_RE.match(name)) and ".." not in name
+    return bool(_NAME_RE.fullmatch(name)) and ".." not in name
 
 
 @dataclass(frozen=True)

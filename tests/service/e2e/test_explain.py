@@ -148,6 +148,8 @@ def test_any_class_by_index_or_label_and_the_overlay_as_png(service: ServiceProc
         ({"patch": "40"}, 1, "patch=40 must be from 1 to the input size, 32"),
         ({"overlay": "maybe"}, 1, "overlay"),
         ({"model": "nope"}, 1, "nope"),
+        ({"method": "gradcam", "stride": "4"}, 1, "stride applies to method=occlusion, and this one is gradcam"),
+        ({"stide": "4"}, 1, "Unknown parameter 'stide': this route takes model, version, class, method, patch, stride"),
     ],
 )
 def test_a_request_the_service_cannot_explain_is_a_4xx_that_says_why(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import socket
 import struct
 import zlib
 
@@ -70,6 +72,8 @@ BAD_PARAMETERS = [
     ("top_k abc", {"top_k": "abc"}, 400),
     ("top_k 10**9", {"top_k": 10**9}, 400),
     ("version absent", {"version": 99}, 404),
+    ("model with a trailing newline", {"model": "resnet18\n"}, 400),
+    ("a parameter misspelt", {"modle": "lenet5"}, 400),
 ]
 
 
@@ -78,6 +82,59 @@ def test_bad_parameters(service: ServiceProcess, case: str, params: dict, status
     response = classify(service, JPEG, **{"model": "resnet18", **params})
     assert response.status_code == status, response.text
     assert response.json()["error"]
+    assert_still_serving(service)
+
+
+def test_a_misspelt_parameter_is_named_with_those_the_route_takes(service: ServiceProcess) -> None:
+    response = classify(service, JPEG, model="resnet18", topk=1)
+    assert response.status_code == 400
+    takes = "model, top_k, version, min_confidence"
+    assert response.json()["error"] == f"Unknown parameter 'topk': this route takes {takes}"
+
+
+def test_more_files_than_the_limit_allows_is_413_however_many(service: ServiceProcess) -> None:
+    """65 files (one over MAX_IMAGES_PER_REQUEST=64) and 66 (past the form parser's own limit of 65) alike."""
+    small = encode(np.zeros((8, 8), dtype=np.uint8))
+    for count in (65, 66, 200):
+        files = [("image", (f"{i}.png", small, "image/png")) for i in range(count)]
+        response = httpx.post(f"{service.url}/classify", params={"model": "lenet5"}, files=files, timeout=30)
+        assert response.status_code == 413, (count, response.text)
+        assert "at most 64 per request (MAX_IMAGES_PER_REQUEST)" in response.json()["error"]
+    assert_still_serving(service)
+
+
+def test_a_multipart_body_without_its_boundary_says_how_to_send_files(service: ServiceProcess) -> None:
+    response = classify(service, b"--x\r\n", "multipart/form-data", model="lenet5")
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("Malformed multipart body: Missing boundary")
+    assert "curl -F image=@cat.jpg" in response.json()["error"]
+
+
+def test_a_wrong_method_or_path_is_a_json_error_that_says_what_is_there(service: ServiceProcess) -> None:
+    wrong_method = httpx.get(f"{service.url}/classify", timeout=10)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json() == {"error": "GET is not allowed on /classify: use POST"}
+    nowhere = httpx.get(f"{service.url}/page/nowhere.js", timeout=10)
+    assert nowhere.status_code == 404
+    assert nowhere.json() == {"error": "Nothing at /page/nowhere.js: the API reference is at /docs"}
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+     b"GET /healthz HTTP/1.1\r\nHost x\r\n\r\n"],
+    ids=["content-length not a number", "header without a colon"],
+)  # fmt: skip
+def test_a_request_that_is_not_http_gets_a_json_400(service: ServiceProcess, head: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", service.port), timeout=10) as connection:
+        connection.sendall(head)
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    status, _, rest = answer.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request" and b"content-type: application/json" in headers.lower()
+    assert "not valid HTTP/1.1" in json.loads(body)["error"]
     assert_still_serving(service)
 
 
