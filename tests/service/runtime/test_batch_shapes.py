@@ -149,7 +149,8 @@ def test_requests_queued_before_an_out_of_memory_batch_run_in_pieces_within_the_
 
     shapes = (1, 2, 4, 8, 16, 32)
     batcher = DynamicBatcher("m", [run], max_batch_size=32, max_delay=0, max_queue_images=1000, batch_sizes=shapes)
-    requests = [np.arange(n, dtype=np.uint8)[:, None, None, None] + 100 * (i % 2) for i, n in enumerate((32, 20, 24, 32))]
+    sizes = (32, 20, 24, 32)
+    requests = [np.arange(n, dtype=np.uint8)[:, None, None, None] + 100 * (i % 2) for i, n in enumerate(sizes)]
 
     async def everyone() -> list[Any]:
         return await asyncio.gather(*(batcher.infer(r) for r in requests), return_exceptions=True)
