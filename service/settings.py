@@ -137,7 +137,9 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(
         2.0, ge=0, le=1000, description="How long a batch waits for more requests once the runtime is free."
     )
-    max_queue_images: int = Field(512, ge=1, description="Images waiting per model beyond which requests get 503.")
+    max_queue_images: int = Field(
+        512, ge=1, description="Images waiting per model beyond which requests get 503 (one of more images alone: 413)."
+    )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, description="Largest request line and headers together (431 above, connection closed)."

@@ -8,7 +8,7 @@ Requests announce themselves (:meth:`DynamicBatcher.expect`) when they start dec
 the batcher waits up to ``max_delay`` for company only while such a request is on its
 way, so a lone request never waits. Requests for different models never meet in one
 call. Past ``max_queue_images`` waiting images a request is refused with 503 at once
-rather than left to time out: load shedding.
+rather than left to time out: load shedding (and with 413 where it alone holds more).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DeviceOutOfMemory, Overloaded, ServiceError, Stranded
+from ..errors import DeviceOutOfMemory, Overloaded, PayloadTooLarge, ServiceError, Stranded
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,11 @@ class DynamicBatcher:
             raise self._stranded()
         count = count_rows(images)
         chunks = [take(images, slice(i, i + self.max_batch_size)) for i in range(0, count, self.max_batch_size)]
+        if count > self.max_queue_images:  # no retry could ever be queued: not a 503
+            raise PayloadTooLarge(
+                f"Model {self.name!r} queues at most {self.max_queue_images} images (MAX_QUEUE_IMAGES) and this "
+                f"request has {count}: send at most {self.max_queue_images} per request"
+            )
         if self._queued_images + count > self.max_queue_images:
             raise Overloaded(
                 f"Model {self.name!r} has {self._queued_images} images waiting (limit {self.max_queue_images}); "

@@ -369,7 +369,7 @@ class Classifier:
         fill, size = fill_pixel(entry.model.metadata.input), entry.model.metadata.input.size
         explained = []
         with self.stage(entry, "explain"):
-            step = entry.batcher.max_batch_size
+            step = min(entry.batcher.max_batch_size, entry.batcher.max_queue_images)  # a part the queue can hold
             for image in images:
                 copies = occlusion.images(image, fill)
                 parts = [await entry.batcher.infer(copies[i : i + step], self.tracing.current(), False)

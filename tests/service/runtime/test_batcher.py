@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from service.errors import Overloaded
+from service.errors import Overloaded, PayloadTooLarge
 from service.runtime.batching import BatchStats, DynamicBatcher
 
 
@@ -110,6 +110,17 @@ def test_a_full_queue_sheds_load() -> None:
     served = [o for o in outcomes if isinstance(o, tuple)]
     assert shed and served and len(shed) + len(served) == 10
     assert "retry" in str(shed[0])
+
+
+def test_a_request_larger_than_the_whole_queue_is_413_not_a_503_to_retry() -> None:
+    """An empty queue of 4 images: a request of 5 could never be queued, so it is told so (413, with the setting),
+    not told to retry; one of 4 runs."""
+    batcher = DynamicBatcher("m", [echo_run([])], max_batch_size=2, max_delay=0, max_queue_images=4)
+    with pytest.raises(PayloadTooLarge) as raised:
+        asyncio.run(batcher.infer(np.zeros((5, 2, 2, 1), np.uint8)))
+    assert raised.value.status_code == 413
+    assert "queues at most 4 images (MAX_QUEUE_IMAGES) and this request has 5" in raised.value.message
+    assert asyncio.run(batcher.infer(np.zeros((4, 2, 2, 1), np.uint8)))[0].shape[0] == 4
 
 
 def test_a_failing_call_fails_its_batch_only() -> None:
