@@ -66,6 +66,7 @@ class Repository:
         self.generation = 0  # of the declared state (MODEL_CONTROL=explicit) this worker has applied
         self.catalogue = settings.model_control == "on-demand"  # every model of the store is served (on request)
         self._lock = threading.Lock()  # between the event loop's leases and the lifecycle thread
+        self._publishing = threading.Lock()  # see publish
         self._loaded = threading.Event()
 
     # -- what the front ends see ---------------------------------------------------------
@@ -286,9 +287,11 @@ class Repository:
         return {"generation": self.generation, "models": models}
 
     def publish(self) -> None:
-        """Tell the other workers (and ``/metrics``) what this worker serves."""
+        """Tell the other workers (and ``/metrics``) what this worker serves; the state read and written under one
+        lock, so that of two threads publishing, the state written last is the one read last."""
         if self.readiness is not None:
-            self.readiness.publish(self.state())
+            with self._publishing:
+                self.readiness.publish(self.state())
 
     def set_problems(self, problems: dict[str, str]) -> None:
         """The models asked for that cannot be served at all, and why (the lifecycle's last plan)."""

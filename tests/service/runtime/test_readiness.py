@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -91,3 +92,29 @@ def test_a_running_servers_directory_survives_a_change_of_the_system_clock(
     monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: booted + 1.0)  # the clock set a second on
     assert sweep() == []
     assert readiness.all_ready()
+
+
+def test_threads_of_one_worker_publishing_at_once_never_tear_its_state(tmpdir_env: Path) -> None:
+    """Two threads of a worker publish its state 300 times each at once (the residency thread's unload beside a
+    request's cold start): no publish fails, and a reader only ever finds a whole state, one of the two."""
+    readiness = WorkerReadiness(workers=1, server_pid=os.getpid())
+    states = [{"generation": n, "models": {"m": {str(v): {"status": "ready"} for v in range(50)}}} for n in (1, 2)]
+    failures: list[BaseException] = []
+    seen: list[int] = []
+
+    def publish(state: dict) -> None:
+        try:
+            for _ in range(300):
+                readiness.publish(state)
+        except BaseException as exc:  # any failure is the finding
+            failures.append(exc)
+
+    threads = [threading.Thread(target=publish, args=(state,)) for state in states]
+    for thread in threads:
+        thread.start()
+    while any(thread.is_alive() for thread in threads):
+        seen += [state["generation"] for state in readiness.states().values()]
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    assert set(seen) <= {1, 2} and readiness.states()[os.getpid()] in states
