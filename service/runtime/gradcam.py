@@ -12,6 +12,7 @@ their own; the images go in with one class index each (negative: the top-1).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -56,9 +57,10 @@ class GradCams:
     store: ModelStore
     settings: Settings
     loaded: dict[tuple[str, int], GradCam] = field(default_factory=dict)
-    _locks: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
-    # called (in a worker thread) before a graph opens: MODEL_CONTROL=on-demand makes room for it and counts it
-    before_load: Callable[[ModelEntry, Path], None] | None = None
+    _loading: dict[tuple[str, int], asyncio.Future[GradCam]] = field(default_factory=dict)  # loads under way
+    # called (in a worker thread) before a graph opens: MODEL_CONTROL=on-demand makes room for it and counts it,
+    # and returns what takes the count back should the graph fail to open
+    before_load: Callable[[ModelEntry, Path], Callable[[], None] | None] | None = None
 
     def graph_of(self, entry: ModelEntry) -> tuple[Path, dict[str, Any]] | None:
         """Where ``entry``'s explanation graph is and what its metadata says of it; None without one."""
@@ -85,15 +87,34 @@ class GradCams:
                 f"{entry.name} v{entry.version} has no explanation graph (exported before explanations, or its "
                 "explain.onnx is missing): use method=occlusion, which explains any model through its own graph"
             )
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            if key not in self.loaded:
-                self.loaded[key] = await asyncio.to_thread(self._load, entry, *found)
-        return self.loaded[key]
+        loading = self._loading.get(key)
+        if loading is None:  # the first to ask begins the load; the others wait for it
+            loading = self._loading[key] = asyncio.ensure_future(asyncio.to_thread(self._load, entry, *found))
+            loading.add_done_callback(functools.partial(self._keep, key))
+        return await asyncio.shield(loading)  # a requester that goes away leaves the load to those after it
+
+    def _keep(self, key: tuple[str, int], loading: asyncio.Future[GradCam]) -> None:
+        """A load that ended: its graph kept, unless its version was released meanwhile (then closed); after a
+        failure the next request tries again."""
+        if self._loading.get(key) is not loading:  # released while it loaded
+            if not loading.cancelled() and loading.exception() is None:
+                loading.result().batcher.shutdown()
+            return
+        del self._loading[key]
+        if not loading.cancelled() and loading.exception() is None:
+            self.loaded[key] = loading.result()
 
     def _load(self, entry: ModelEntry, path: Path, info: dict[str, Any]) -> GradCam:
+        uncount = self.before_load(entry, path) if self.before_load is not None else None
+        try:
+            return self._open(entry, path, info)
+        except BaseException:
+            if uncount is not None:
+                uncount()
+            raise
+
+    def _open(self, entry: ModelEntry, path: Path, info: dict[str, Any]) -> GradCam:
         settings = self.settings
-        if self.before_load is not None:
-            self.before_load(entry, path)
         started = time.perf_counter()
         try:  # the server's files, not the request, are wrong: 503 with the reason, as a model that fails to load
             session = open_session(path, session_options(settings), providers_for(settings, "fp32"))
@@ -125,7 +146,7 @@ class GradCams:
         """Drop the version's graph, if loaded (its requests have drained with the version's)."""
         key = (entry.name, entry.version)
         found = self.loaded.pop(key, None)
-        self._locks.pop(key, None)
+        self._loading.pop(key, None)
         if found is not None:
             try:
                 found.batcher.shutdown()

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,19 +338,31 @@ class Residency:
             return Estimate(int(stored.graph.stat().st_size * ESTIMATE_RATIO) + ESTIMATE_FIXED, recorded=False)
         return Estimate(ESTIMATE_FIXED, recorded=False)
 
-    def count_explanation(self, entry: ModelEntry, graph: Path) -> None:
+    def count_explanation(self, entry: ModelEntry, graph: Path) -> Callable[[], None] | None:
         """Before a version's explanation graph opens (it holds the network again): room for it, counted with the
-        model's cost (released with it). The estimate: the version's, scaled by the two graphs' sizes."""
+        model's cost (released with it). The estimate: the version's, scaled by the two graphs' sizes. Returns
+        what takes the count back where the graph then fails to open."""
         assert entry.model is not None
         model = entry.model.stored
-        with contextlib.suppress(OSError):
+        try:
             extra = int(self.estimate(model).bytes * graph.stat().st_size / max(model.graph.stat().st_size, 1))
+        except OSError:
+            return None
+        with self._lock:
+            self._make_room(entry.name, extra)
+            found = self.resident.get(entry.name)
+            if found is None:
+                return None
+            found.cost += extra
+            logger.info("%s: explanation graph counted as %.0f MiB (%.0f of %.0f MiB used)", entry.name,
+                        extra / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
+
+        def uncount() -> None:
             with self._lock:
-                self._make_room(entry.name, extra)
-                if (found := self.resident.get(entry.name)) is not None:
-                    found.cost += extra
-                    logger.info("%s: explanation graph counted as %.0f MiB (%.0f of %.0f MiB used)", entry.name,
-                                extra / 2**20, self.used() / 2**20, self.budget / 2**20)  # fmt: skip
+                if self.resident.get(entry.name) is found:  # not since evicted and loaded again
+                    found.cost -= extra
+
+        return uncount
 
     def used(self) -> int:
         return sum(r.cost for r in self.resident.values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -103,6 +104,71 @@ def test_an_explanation_graph_takes_room_in_the_budget(make_store: StoreFactory,
     assert residency.resident["alpha"].cost > 110 * MiB  # its explanation graph holds LeNet-5's features again
     assert set(residency.resident) == {"alpha"}  # beta made room for it
     assert residency.used() <= residency.budget
+
+
+def test_an_explanation_graph_that_fails_to_open_is_not_charged_however_often_asked(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """A Grad-CAM whose explain.onnx cannot be opened is a 503 each time; the room counted for it before it opened
+    is given back each time, so the model costs what it did (the count grew by a graph per request)."""
+    store = make_store(alpha=[1])
+    runtime = make_runtime(store, memory_budget="1GiB", **ON_DEMAND)
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
+
+    async def main() -> list[BaseException]:
+        await classify(runtime, "alpha")
+        (store.model_dir("alpha") / "1" / "explain.onnx").write_bytes(b"not an ONNX graph")
+        failures = []
+        for _ in range(3):
+            with await runtime.classifier.acquire("alpha") as entry:
+                with pytest.raises(ModelNotReady) as raised:
+                    await runtime.repository.gradcams.get(entry)
+                failures.append(raised.value)
+        return failures
+
+    failures = asyncio.run(main())
+    assert all("Cannot load the explanation graph" in str(f) for f in failures)
+    assert residency.resident["alpha"].cost == 100 * MiB == residency.used()
+
+
+def test_an_explanation_graph_whose_requester_went_away_is_kept_and_counted_once(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request that began a Grad-CAM's load is cancelled while the graph opens: the load finishes, the graph is
+    kept for the next request, which neither opens it nor counts it again."""
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    residency, gradcams = runtime.residency, runtime.repository.gradcams
+    assert isinstance(residency, Residency)
+    opening, go_on, opened = threading.Event(), threading.Event(), []
+    real_open = gradcams._open
+
+    def slow_open(*args: Any) -> Any:
+        opening.set()
+        assert go_on.wait(30)
+        opened.append(args[0].version)
+        return real_open(*args)
+
+    monkeypatch.setattr(gradcams, "_open", slow_open)
+
+    async def main() -> tuple[int, int]:
+        await classify(runtime, "alpha")
+        with await runtime.classifier.acquire("alpha") as entry:
+            first = asyncio.create_task(gradcams.get(entry))
+            while not opening.is_set():
+                await asyncio.sleep(0.01)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            counted = residency.resident["alpha"].cost
+            go_on.set()
+            graph = await gradcams.get(entry)  # waits for the load the cancelled request began
+            assert await gradcams.get(entry) is graph
+            await graph.batcher.infer((DIGIT, np.array([-1])))
+        return counted, residency.resident["alpha"].cost
+
+    counted, after = asyncio.run(main())
+    assert opened == [1] and after == counted > 100 * MiB
 
 
 def test_a_load_measured_beside_other_work_does_not_inflate_the_model_for_good(
