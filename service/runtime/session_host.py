@@ -94,14 +94,24 @@ class OpenSpec:
     inter_op_threads: int = 1
     spinning: bool = False
     cpu_arena: bool = True
+    # the graph file as the worker loaded (and verified) it: inode, modification time, size; read as the spec is made
+    file: tuple[int, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.file is None:
+            object.__setattr__(self, "file", file_identity(self.graph))
 
     def key(self) -> tuple[Any, ...]:
         """What makes two workers' requests the same session: the same file (not a new one at that path), the same
         instance, the same options."""
-        status = os.stat(self.graph)
         providers = tuple(p if isinstance(p, str) else (p[0], tuple(sorted(p[1].items()))) for p in self.providers)
-        return (self.graph, status.st_ino, status.st_mtime_ns, status.st_size, self.instance, providers,
-                self.threads, self.inter_op_threads, self.spinning, self.cpu_arena)  # fmt: skip
+        return (self.graph, self.file, self.instance, providers, self.threads, self.inter_op_threads, self.spinning,
+                self.cpu_arena)  # fmt: skip
+
+
+def file_identity(path: str) -> tuple[int, int, int]:
+    status = os.stat(path)
+    return status.st_ino, status.st_mtime_ns, status.st_size
 
 
 def shares_sessions(settings: Settings) -> bool:
@@ -301,7 +311,10 @@ class RemoteSession:
             try:
                 return self._run(output_names, feeds)
             except SessionHostGone:
-                self._reopen()  # a host that is gone fails this too (SessionHostGone), and the server stops
+                try:
+                    self._reopen()  # a host that is gone fails this too (SessionHostGone), and the server stops
+                except RuntimeError as exc:  # the host could not open it again: its graph changed, say
+                    raise SessionHostGone(f"the session could not be opened again: {exc}") from None
                 return self._run(output_names, feeds)
 
     def _run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -352,6 +365,9 @@ class SessionHost:
             held.users += 1
         if opener:
             try:
+                if file_identity(spec.graph) != spec.file:  # reopened (a broken connection) after a change
+                    raise RuntimeError(f"{spec.graph} is no longer the file this worker loaded and verified (replaced "
+                                       "or changed since): the version must be loaded again")  # fmt: skip
                 options = sessions.session_options(spec.threads, spec.inter_op_threads, spinning=spec.spinning,
                                                    cpu_arena=spec.cpu_arena)  # fmt: skip
                 session = inference_session(spec.graph, options, spec.providers)
@@ -384,7 +400,7 @@ class SessionHost:
 
     def stats(self) -> list[dict[str, Any]]:
         with self._lock:
-            return [{"graph": key[0], "instance": key[4], "users": held.users, "runs": held.runs}
+            return [{"graph": key[0], "instance": key[2], "users": held.users, "runs": held.runs}  # see OpenSpec.key
                     for key, held in self.sessions.items() if held.session is not None]  # fmt: skip
 
     def serve(self, listener: Listener, authkey: bytes) -> None:

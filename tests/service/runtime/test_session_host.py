@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,6 +168,26 @@ def test_a_broken_connection_is_opened_again_by_the_next_run(host: session_host.
     after = session.run(["probabilities"], {INPUT_NAME: images})[0]
     np.testing.assert_array_equal(after, before)
     wait_until(lambda: (3, 1) in _held(host, lenet5), 10, "the old connection released, the new one holding")
+
+
+def test_a_session_opened_again_is_the_file_the_worker_loaded_or_a_503_that_says_it_changed(
+    host: session_host.HostProcess, lenet5: Path, tmp_path: Path
+) -> None:
+    """A connection breaks after the graph's file was replaced: the host, which let the session go with its last
+    user, does not open the new file in its place (it was never verified); the run is a 503 naming the change."""
+    graph = tmp_path / "model.onnx"
+    shutil.copy(lenet5, graph)
+    session, images = _remote(graph, host, instance=5), _images(2)
+    session.run(["probabilities"], {INPUT_NAME: images})
+    replaced = tmp_path / "new.onnx"
+    shutil.copy(lenet5, replaced)
+    replaced.replace(graph)  # same bytes, another file: what a re-export in place leaves
+    session._state[0].close()
+    wait_until(lambda: not _held(host, graph), 10, "the host letting the session go with its only user")
+    with pytest.raises(session_host.SessionHostGone) as raised:
+        session.run(["probabilities"], {INPUT_NAME: images})
+    assert "is no longer the file this worker loaded and verified" in raised.value.message
+    assert raised.value.status_code == 503 and not _held(host, graph)
 
 
 def test_buffers_the_host_cannot_map_end_the_connection_and_the_next_run_opens_another(
