@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0,
         ge=0,
-        description="ONNX Runtime threads per session; 0 = CPUs (affinity, cgroup quota) / workers / instances.",
+        description="ONNX Runtime threads per session; 0 = CPUs (affinity, cgroup quota) / workers / instances "
+        "(CPUs / instances where a session host holds every worker's sessions).",
     )
     inter_op_threads: int = Field(1, ge=1, description="ONNX Runtime inter-op threads (sequential execution).")
     ort_spinning: bool = Field(False, description="Let ONNX Runtime threads spin when idle (steals CPU from decoding).")
