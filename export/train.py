@@ -8,6 +8,7 @@ MNIST IDX files from ``data_dir``, downloading them first where they are missing
 from __future__ import annotations
 
 import gzip
+import http.client
 import logging
 import os
 import urllib.request
@@ -83,14 +84,20 @@ def _find_or_fetch(data_dir: Path, stem: str) -> Path:
         if candidate.exists():
             return candidate
     target = data_dir / f"{stem}.gz"
+    partial = target.with_name(target.name + ".partial")
     data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        urllib.request.urlretrieve(MNIST_URL + target.name, os.fspath(target))
-    except OSError as exc:
+    try:  # under another name until whole: an interrupted download is not found as the file next time
+        urllib.request.urlretrieve(MNIST_URL + target.name, os.fspath(partial))
+        with gzip.open(partial) as whole:  # a body cut short fails here, not in every later run
+            while whole.read(1 << 20):
+                pass
+    except (OSError, EOFError, http.client.HTTPException) as exc:  # gzip's BadGzipFile is an OSError
+        partial.unlink(missing_ok=True)
         raise WeightsUnavailableError(
-            f"{stem} is not in {data_dir} and cannot be fetched from {MNIST_URL} ({exc}); "
+            f"{stem} is not in {data_dir} and cannot be fetched from {MNIST_URL} ({type(exc).__name__}: {exc}); "
             "put the MNIST IDX files there, or use --data digits"
         ) from exc
+    os.replace(partial, target)
     return target
 
 

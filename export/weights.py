@@ -7,6 +7,7 @@ Loading weights is a security boundary: files are hash-checked and read with
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import pickle
@@ -70,12 +71,17 @@ def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, prog
     if not target.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         logger.info("Downloading %s to %s", weights.url, target)
-        try:
-            torch.hub.download_url_to_file(weights.url, os.fspath(target), hash_prefix=None, progress=progress)
-        except OSError as exc:  # URLError is an OSError: no network, DNS, refused, 404
+        try:  # torch checks the hash before the file takes its name: a bad download never reaches the cache
+            torch.hub.download_url_to_file(weights.url, os.fspath(target), weights.hash_prefix, progress)
+        except (OSError, http.client.HTTPException) as exc:  # URLError: no network, DNS, 404; a cut-off body
             raise WeightsUnavailableError(
-                f"cannot fetch {weights.url} ({exc}); pass --weights-file PATH with a copy of "
+                f"cannot fetch {weights.url} ({type(exc).__name__}: {exc}); pass --weights-file PATH with a copy of "
                 f"{weights.filename}, or --weights random for an untrained graph"
+            ) from exc
+        except RuntimeError as exc:  # torch's "invalid hash value"
+            raise WeightsIntegrityError(
+                f"{weights.url} downloaded with the wrong sha256 ({exc}): {weights.filename} is published with "
+                f"prefix {weights.hash_prefix}; nothing was kept, try again or pass --weights-file PATH"
             ) from exc
     digest = sha256_file(target)
     if not digest.startswith(weights.hash_prefix):

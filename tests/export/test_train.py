@@ -9,7 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from export import train
 from export.train import load_digits_dataset, read_idx
+from export.weights import WeightsUnavailableError
 from service.store.layout import ModelStore
 
 
@@ -43,6 +45,27 @@ def test_idx_files_round_trip(tmp_path: Path) -> None:
     (tmp_path / "bad").write_bytes(b"not idx")
     with pytest.raises(ValueError, match="IDX"):
         read_idx(tmp_path / "bad")
+
+
+def test_an_mnist_download_cut_short_is_not_kept_and_a_whole_one_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files fetched from a mirror (a folder here): one cut off mid-way is refused and leaves nothing behind,
+    so the next run fetches it again instead of failing on it for ever; a whole one is kept under its name."""
+    mirror, data_dir = tmp_path / "mirror", tmp_path / "data"
+    mirror.mkdir()
+    labels = np.arange(200, dtype=np.uint8) % 10
+    _write_idx(mirror / "t10k-labels-idx1-ubyte.gz", labels)
+    whole = (mirror / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(whole[: len(whole) // 2])
+    monkeypatch.setattr(train, "MNIST_URL", mirror.as_uri() + "/")
+    with pytest.raises(WeightsUnavailableError, match="cannot be fetched"):
+        train._find_or_fetch(data_dir, "t10k-labels-idx1-ubyte")
+    assert list(data_dir.iterdir()) == []
+    (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(whole)
+    fetched = train._find_or_fetch(data_dir, "t10k-labels-idx1-ubyte")
+    assert fetched == data_dir / "t10k-labels-idx1-ubyte.gz" and list(data_dir.iterdir()) == [fetched]
+    np.testing.assert_array_equal(read_idx(fetched), labels)
 
 
 @pytest.mark.slow

@@ -107,8 +107,9 @@ def test_release_download_is_hash_checked(tmp_path: Path) -> None:
 def test_tampered_download_is_refused(tmp_path: Path) -> None:
     path, release = release_file(tmp_path, "tiny", {"w": torch.ones(3)})
     torch.save({"w": torch.zeros(3)}, path)  # the content changes, the published name stays
-    with pytest.raises(WeightsIntegrityError):
+    with pytest.raises(WeightsIntegrityError, match="nothing was kept"):
         fetch_released(release, cache_dir=tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []  # the next run fetches it again, not fails on it
 
 
 def test_unreachable_release_names_the_alternatives(tmp_path: Path) -> None:
