@@ -214,10 +214,14 @@ class DynamicBatcher:
         answers = asyncio.gather(*(piece.future for piece in pieces))
 
         def answered(done: asyncio.Future[list[Outputs]]) -> None:
+            failure = asyncio.CancelledError() if done.cancelled() else done.exception()  # read: never left unread
+            if failure is not None:  # a piece failed (or the client went away): the others need not run
+                for piece in pieces:
+                    piece.future.cancel()
             if pending.future.done():
                 return
-            if done.cancelled() or done.exception() is not None:  # a piece failed: the whole request did
-                pending.future.set_exception(done.exception() or asyncio.CancelledError())
+            if failure is not None:
+                pending.future.set_exception(failure)
             else:
                 pending.future.set_result(tuple(np.concatenate(parts) for parts in zip(*done.result(), strict=True)))
 
@@ -345,6 +349,7 @@ class DynamicBatcher:
         """:meth:`close` from another thread (the model lifecycle's), once no request is left."""
         loop = self._loop
         if loop is None or loop.is_closed() or not loop.is_running():
+            self._closed = True  # a request that still comes is Stranded (503, send again), not a 500
             self._executor.shutdown(wait=False)
             return
         asyncio.run_coroutine_threadsafe(self.close(), loop).result(timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..errors import InvalidInput, ModelNotReady
+from ..errors import InvalidInput, ModelNotReady, Stranded
 from ..store.tensors import CLASSES_NAME, INPUT_NAME
 from ..store.tensors import EXPLANATION_OUTPUT_NAMES as OUTPUT_NAMES
 from .batching import DynamicBatcher
@@ -58,6 +59,7 @@ class GradCams:
     settings: Settings
     loaded: dict[tuple[str, int], GradCam] = field(default_factory=dict)
     _loading: dict[tuple[str, int], asyncio.Future[GradCam]] = field(default_factory=dict)  # loads under way
+    _guard: threading.Lock = field(default_factory=threading.Lock)  # the two dicts, against release's thread
     # called (in a worker thread) before a graph opens: MODEL_CONTROL=on-demand makes room for it and counts it,
     # and returns what takes the count back should the graph fail to open
     before_load: Callable[[ModelEntry, Path], Callable[[], None] | None] | None = None
@@ -87,22 +89,29 @@ class GradCams:
                 f"{entry.name} v{entry.version} has no explanation graph (exported before explanations, or its "
                 "explain.onnx is missing): use method=occlusion, which explains any model through its own graph"
             )
-        loading = self._loading.get(key)
-        if loading is None:  # the first to ask begins the load; the others wait for it
-            loading = self._loading[key] = asyncio.ensure_future(asyncio.to_thread(self._load, entry, *found))
-            loading.add_done_callback(functools.partial(self._keep, key))
-        return await asyncio.shield(loading)  # a requester that goes away leaves the load to those after it
+        with self._guard:
+            loading = self._loading.get(key)
+            if loading is None:  # the first to ask begins the load; the others wait for it
+                loading = self._loading[key] = asyncio.ensure_future(asyncio.to_thread(self._load, entry, *found))
+                loading.add_done_callback(functools.partial(self._keep, key))
+        graph = await asyncio.shield(loading)  # a requester that goes away leaves the load to those after it
+        if self.loaded.get(key) is not graph:  # its version was released while it loaded (see _keep)
+            raise Stranded(f"{entry.name} v{entry.version} was unloaded while its explanation graph loaded; send "
+                           "the request again")  # fmt: skip
+        return graph
 
     def _keep(self, key: tuple[str, int], loading: asyncio.Future[GradCam]) -> None:
-        """A load that ended: its graph kept, unless its version was released meanwhile (then closed); after a
-        failure the next request tries again."""
-        if self._loading.get(key) is not loading:  # released while it loaded
-            if not loading.cancelled() and loading.exception() is None:
-                loading.result().batcher.shutdown()
-            return
-        del self._loading[key]
-        if not loading.cancelled() and loading.exception() is None:
-            self.loaded[key] = loading.result()
+        """A load that ended (on the event loop, before its requesters resume): its graph kept, unless its version
+        was released meanwhile (then closed); after a failure the next request tries again."""
+        failed = loading.cancelled() or loading.exception() is not None
+        with self._guard:  # release() runs on the lifecycle's or the residency's thread
+            current = self._loading.get(key) is loading
+            if current:
+                del self._loading[key]
+                if not failed:
+                    self.loaded[key] = loading.result()
+        if not current and not failed:
+            loading.result().batcher.shutdown()
 
     def _load(self, entry: ModelEntry, path: Path, info: dict[str, Any]) -> GradCam:
         uncount = self.before_load(entry, path) if self.before_load is not None else None
@@ -145,8 +154,9 @@ class GradCams:
     def release(self, entry: ModelEntry) -> None:
         """Drop the version's graph, if loaded (its requests have drained with the version's)."""
         key = (entry.name, entry.version)
-        found = self.loaded.pop(key, None)
-        self._loading.pop(key, None)
+        with self._guard:
+            found = self.loaded.pop(key, None)
+            self._loading.pop(key, None)
         if found is not None:
             try:
                 found.batcher.shutdown()

@@ -287,11 +287,14 @@ class Repository:
         return {"generation": self.generation, "models": models}
 
     def publish(self) -> None:
-        """Tell the other workers (and ``/metrics``) what this worker serves; the state read and written under one
-        lock, so that of two threads publishing, the state written last is the one read last."""
+        """Tell the other workers (and ``/metrics``) what this worker serves: the state read while no thread changes
+        the versions, and read and written under one lock, so that of two threads publishing, the state written
+        last is the one read last."""
         if self.readiness is not None:
             with self._publishing:
-                self.readiness.publish(self.state())
+                with self._lock:  # never held where publish is called
+                    state = self.state()
+                self.readiness.publish(state)
 
     def set_problems(self, problems: dict[str, str]) -> None:
         """The models asked for that cannot be served at all, and why (the lifecycle's last plan)."""

@@ -314,7 +314,9 @@ class RemoteSession:
                 try:
                     self._reopen()  # a host that is gone fails this too (SessionHostGone), and the server stops
                 except RuntimeError as exc:  # the host could not open it again: its graph changed, say
-                    raise SessionHostGone(f"the session could not be opened again: {exc}") from None
+                    RemoteSession._release(self._state)  # the broken connection: the next run tries afresh
+                    raise ModelNotReady(f"{self.spec.graph} instance {self.spec.instance}: the session could not "
+                                        f"be opened again: {exc}") from None  # fmt: skip
                 return self._run(output_names, feeds)
 
     def _run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -396,7 +398,7 @@ class SessionHost:
             if held.users == 0 and self.sessions.get(key) is held:
                 del self.sessions[key]
                 if held.session is not None:
-                    logger.info("session host: closed %s instance %d after %d runs", key[0], key[4], held.runs)
+                    logger.info("session host: closed %s instance %d after %d runs", key[0], key[2], held.runs)
 
     def stats(self) -> list[dict[str, Any]]:
         with self._lock:

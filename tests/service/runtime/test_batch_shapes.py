@@ -164,6 +164,33 @@ def test_requests_queued_before_an_out_of_memory_batch_run_in_pieces_within_the_
     assert batcher.max_batch_size == 16 and batcher.queued_images == 0
 
 
+def test_a_request_run_in_pieces_fails_whole_at_its_first_failed_piece_and_runs_no_more_of_them() -> None:
+    """After an out-of-memory batch halves the limit to 16, a request of 32 runs as two pieces; its first fails,
+    so the request fails with that error and its second piece, whose answer nobody would read, never runs."""
+    calls: list[int] = []
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(images))
+        if len(images) > 16:
+            raise MemoryError("out of memory")
+        if images[0, 0, 0, 0] == 7:
+            raise RuntimeError("this piece fails")
+        return images[:, 0, 0, :1].astype(np.float32), images[:, 0, 0, :1].astype(np.float32)
+
+    batcher = DynamicBatcher("m", [run], max_batch_size=32, max_delay=0, max_queue_images=1000,
+                             batch_sizes=(1, 2, 4, 8, 16, 32))  # fmt: skip
+    failing = np.full((32, 2, 2, 1), 7, np.uint8)
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(batcher.infer(np.ones((32, 2, 2, 1), np.uint8)), batcher.infer(failing),
+                                    return_exceptions=True)  # fmt: skip
+
+    first, second = asyncio.run(both())
+    assert isinstance(first, ServiceError) and first.status_code == 503
+    assert isinstance(second, RuntimeError) and "this piece fails" in str(second)
+    assert calls == [32, 16] and batcher.queued_images == 0
+
+
 def test_batches_that_ran_together_out_of_memory_lower_the_limit_once() -> None:
     """Two instances each run 32 rows at the same time and both find no memory: the limit halves once (to 16), not
     once per batch (the second ran under the limit the first had already lowered)."""

@@ -171,6 +171,42 @@ def test_an_explanation_graph_whose_requester_went_away_is_kept_and_counted_once
     assert opened == [1] and after == counted > 100 * MiB
 
 
+def test_an_explanation_graph_whose_version_was_released_while_it_loaded_is_a_503_and_closed(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The version is released while its Grad-CAM graph opens: the graph is closed, not kept for a version that is
+    gone, and the request that waited for it gets Stranded (503, send again), not a 500 from a closed batcher."""
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    gradcams = runtime.repository.gradcams
+    opening, go_on, opened = threading.Event(), threading.Event(), []
+    real_open = gradcams._open
+
+    def slow_open(*args: Any) -> Any:
+        opening.set()
+        assert go_on.wait(30)
+        opened.append(real_open(*args))
+        return opened[-1]
+
+    monkeypatch.setattr(gradcams, "_open", slow_open)
+
+    async def main() -> BaseException:
+        await classify(runtime, "alpha")
+        with await runtime.classifier.acquire("alpha") as entry:
+            waiting = asyncio.create_task(gradcams.get(entry))
+            while not opening.is_set():
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(gradcams.release, entry)  # as the lifecycle's thread does
+            go_on.set()
+            with pytest.raises(ServiceError) as raised:
+                await waiting
+            return raised.value
+
+    refused = asyncio.run(main())
+    assert isinstance(refused, ServiceError) and refused.status_code == 503 and refused.retry_after == 1
+    assert "unloaded while its explanation graph loaded" in refused.message
+    assert gradcams.loaded == {} and opened and opened[0].batcher._closed
+
+
 def test_a_load_measured_beside_other_work_does_not_inflate_the_model_for_good(
     make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
