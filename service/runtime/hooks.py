@@ -8,11 +8,13 @@ metrics attach to a model's load and unload without the registry importing them.
 subscriber runs where the hook is called: ``ready``, ``released`` and ``changed`` on the
 thread that loads or unloads (the lifecycle's, the residency's); ``batch``, ``out_of_memory``
 and ``answered`` on the worker's event loop, so they must be quick. A subscriber that raises
-in ``ready`` fails the version's load.
+in ``ready`` fails the version's load; in any other hook it is logged and the others still run:
+what watches a request never fails it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, ParamSpec
@@ -23,14 +25,18 @@ if TYPE_CHECKING:
     from .batching import BatchStats
     from .entry import ModelEntry
 
+logger = logging.getLogger(__name__)
+
 P = ParamSpec("P")
 
 
 class Hook(Generic[P]):
-    """A list of subscribers, called in the order they subscribed."""
+    """A list of subscribers, called in the order they subscribed; one that raises is logged, and the others still
+    run, unless the hook is ``vetoable`` (its caller then fails with the error)."""
 
-    def __init__(self) -> None:
+    def __init__(self, vetoable: bool = False) -> None:
         self.subscribers: list[Callable[P, None]] = []  # read where calling none is worth skipping work for
+        self.vetoable = vetoable
 
     def subscribe(self, subscriber: Callable[P, None]) -> Callable[P, None]:
         self.subscribers.append(subscriber)
@@ -38,13 +44,19 @@ class Hook(Generic[P]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> None:
         for subscriber in self.subscribers:
-            subscriber(*args, **kwargs)
+            if self.vetoable:
+                subscriber(*args, **kwargs)
+                continue
+            try:
+                subscriber(*args, **kwargs)
+            except Exception:
+                logger.exception("%s failed; what it watched goes on", getattr(subscriber, "__qualname__", subscriber))
 
 
 @dataclass(frozen=True)
 class Hooks:
     # a version loaded and warmed up, about to take requests (seconds its load and warm-up took)
-    ready: Hook[[ModelEntry, float]] = field(default_factory=Hook)
+    ready: Hook[[ModelEntry, float]] = field(default_factory=lambda: Hook(vetoable=True))
     # a version released: its sessions are gone
     released: Hook[[ModelEntry]] = field(default_factory=Hook)
     # a load or an unload ended: (entry, "load" | "unload", "success" | "failure", seconds or None)

@@ -136,3 +136,25 @@ def test_a_version_its_watchers_cannot_take_is_failed_not_served_unwatched(make_
     with pytest.raises(ModelNotReady) as refused:
         repository.lease("lenet")
     assert "KeyError" in refused.value.message
+
+
+def test_a_watcher_that_fails_on_an_answer_is_logged_and_the_answer_stands(
+    make_store: StoreFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A subscriber of ``answered`` or ``batch`` that raises (a canary's candidate with odd metadata, say) is
+    logged; the request it watched is still answered and the subscribers after it still run."""
+    store = make_store(lenet=[1])
+    settings = Settings(model_store=store.root, workers=1, max_batch_size=4, warmup_batches=(1,), intra_op_threads=1)
+    hooks, seen = Hooks(), []
+
+    def broken(*args: object) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'get'")
+
+    hooks.batch.subscribe(broken)
+    hooks.batch.subscribe(lambda entry, stats: seen.append(stats.size))
+    repository = Repository(settings, hooks)
+    (entry,) = [repository.load(stored, ()) for stored in repository.store.versions("lenet")]
+    assert entry.batcher is not None
+    outputs = asyncio.run(entry.batcher.infer(np.zeros((2, 32, 32, 1), np.uint8)))
+    assert outputs[0].shape == (2, 10) and seen == [2]
+    assert "broken failed; what it watched goes on" in caplog.text
