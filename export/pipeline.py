@@ -8,7 +8,6 @@ import json
 import logging
 import platform
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_
 from service.store.metadata import InputMeta
 from service.store.tensors import INPUT_NAME
 
-from . import baseline, calibration, checkpoint, explanation, train, typicality
+from . import baseline, calibration, checkpoint, explanation, train, typicality, versions
 from .checkpoint import InputOverrides
 from .graph import OPSET, ClassifierGraph, count_flops, export_onnx, verify
 from .registry import get_model_spec
@@ -235,7 +234,7 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
     graph = ClassifierGraph(model, spec.input, None if check is None else (check.layer, check.head()))
     model_dir = store.model_dir(spec.name)
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    staging = versions.staging_dir(model_dir)
     try:
         graph_path = staging / GRAPH_FILE
         export_onnx(graph, spec.input, graph_path)
@@ -267,9 +266,8 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         labels = "\n".join(spec.categories) + "\n"
         (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # the version's own
-        (model_dir / LABELS_FILE).write_text(labels, encoding="utf-8")  # the latest's, which Triton reads
-        (model_dir / CONFIG_FILE).write_text(triton_config(spec, graph.output_names), encoding="utf-8")
-        staging.rename(model_dir / str(version))  # atomic: a version folder is complete or absent
+        config = versions.kept_settings(triton_config(spec, graph.output_names), model_dir / CONFIG_FILE)
+        versions.publish(staging, model_dir, version, labels, config)  # the model's labels: Triton reads them
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("%s: version %d written (%s weights)", spec.name, version, provenance.kind)

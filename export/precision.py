@@ -47,7 +47,7 @@ from service.store.metadata import ModelMetadata
 from service.store.sessions import session_options
 from service.store.tensors import INPUT_NAME
 
-from . import baseline, calibration, evaluation, train, typicality
+from . import baseline, calibration, evaluation, train, typicality, versions
 from .calibration import ImageSet
 from .weights import sha256_file
 
@@ -286,7 +286,7 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
     target_name = variant_name(name, options.precision)
     model_dir = store.model_dir(target_name)
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=model_dir))
+    staging = versions.staging_dir(model_dir)
     try:
         graph = staging / GRAPH_FILE
         extra = _convert(parent.graph, graph, meta, options)
@@ -333,10 +333,9 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         labels = "\n".join(store.read_labels(name, parent)) + "\n"
         (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
-        (model_dir / LABELS_FILE).write_text(labels, encoding="utf-8")
-        config = store.model_dir(name) / CONFIG_FILE
-        (model_dir / CONFIG_FILE).write_text(_triton_config(config.read_text(encoding="utf-8"), target_name))
-        staging.rename(model_dir / str(version))
+        parent_config = (store.model_dir(name) / CONFIG_FILE).read_text(encoding="utf-8")
+        config = versions.kept_settings(_triton_config(parent_config, target_name), model_dir / CONFIG_FILE)
+        versions.publish(staging, model_dir, version, labels, config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not any(model_dir.iterdir()):

@@ -32,6 +32,14 @@ class VersionPolicy:
     num_versions: int = 1
     versions: tuple[int, ...] = ()
 
+    def pbtxt(self) -> str:
+        """The policy as ``config.pbtxt`` writes it."""
+        if self.kind == "all":
+            return "version_policy: { all: { } }"
+        if self.kind == "specific":
+            return f"version_policy: {{ specific: {{ versions: [{', '.join(map(str, self.versions))}] }} }}"
+        return f"version_policy: {{ latest: {{ num_versions: {self.num_versions} }} }}"
+
     def select(self, available: list[int]) -> list[int]:
         """The versions to serve among ``available`` (any order), ascending."""
         ordered = sorted(set(available))

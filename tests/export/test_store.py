@@ -14,6 +14,7 @@ from export.pipeline import ExportOptions, export_model
 from export.registry import get_model_spec, list_models
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
+from service.store.policy import read_version_policy
 
 from ..helpers import ROOT, free_port
 
@@ -40,12 +41,35 @@ def test_metadata_describes_the_graph(model_store: ModelStore) -> None:
 
 
 def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
+    """A second export is version 2, readable by other users as the umask allows (the service's image runs as
+    another user than the one who exported); the operator's pin and batch limit in config.pbtxt stay; a
+    staging folder that an export killed outright left is removed, one an export still running holds is not."""
     store = ModelStore(tmp_path)
-    first = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
-    second = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
+    previous = os.umask(0o022)
+    try:
+        first = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
+        model_dir = store.model_dir("lenet5")
+        config = model_dir / "config.pbtxt"
+        edited = config.read_text().replace("max_batch_size: 64", "max_batch_size: 8").replace(
+            "version_policy: { latest: { num_versions: 1 } }", "version_policy: {\n  specific: { versions: [1] }\n}"
+        )
+        config.write_text(edited)
+        ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        killed, running = model_dir / f".staging-{ended.stdout.strip()}-abc", model_dir / f".staging-{os.getpid()}-xyz"
+        for left in (killed, running):
+            left.mkdir()
+            (left / "model.onnx").write_bytes(b"half a graph")
+        second = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
+    finally:
+        os.umask(previous)
     assert (first.version, second.version) == (1, 2)
     assert [v.version for v in store.versions("lenet5")] == [1, 2]
-    assert not [p for p in store.model_dir("lenet5").iterdir() if p.name.startswith(".staging")]
+    assert [oct((model_dir / str(v)).stat().st_mode & 0o777) for v in (1, 2)] == ["0o755", "0o755"]
+    assert not killed.exists() and running.exists()
+    kept = config.read_text()
+    assert "max_batch_size: 8" in kept and "version_policy: { specific: { versions: [1] } }" in kept
+    assert kept.count("max_batch_size") == 1 and kept.count("version_policy") == 1 and 'name: "lenet5"' in kept
+    assert read_version_policy(config).select([1, 2]) == [1]
 
 
 def test_trained_weights_are_refused_for_imagenet_networks(tmp_path: Path) -> None:
