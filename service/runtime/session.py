@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import ValidationError
 
 from ..settings import Settings
 from ..store import sessions
@@ -108,7 +109,10 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
         metadata = ModelMetadata.model_validate(stored.read_metadata())
     except FileNotFoundError:
         raise ModelLoadError(f"{stored.metadata_path} is missing") from None
-    except ValueError as exc:  # JSON and pydantic validation errors
+    except ValidationError as exc:  # what is wrong where, not pydantic's "1 validation error for ModelMetadata"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
+        raise ModelLoadError(f"{stored.metadata_path} is invalid: {problems}") from None
+    except ValueError as exc:  # not JSON
         raise ModelLoadError(f"{stored.metadata_path} is invalid: {str(exc).splitlines()[0]}") from None
     if not stored.graph.is_file():
         raise ModelLoadError(f"{stored.graph} is missing")

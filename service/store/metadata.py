@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import cached_property
 from typing import Any, Literal
 
@@ -59,6 +60,18 @@ class ModelMetadata(BaseModel):
     # The Grad-CAM graph beside the classifier (``export/explanation.py``): file, layer, map size,
     # its verification; for a variant, ``from`` names the FP32 parent whose graph explains it
     explanation: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _thresholds_are_numbers(self) -> ModelMetadata:
+        """Read on every answer: a version whose thresholds are not numbers fails its load with why, rather than
+        load and fail each request."""
+        for section, high in (("abstain", 1.0), ("typicality", math.inf)):
+            found = getattr(self, section)
+            value = None if found is None else found.get("threshold")
+            if found is None or (isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= high):
+                continue
+            raise ValueError(f"{section}.threshold must be a number from 0 to {high:g}, got {value!r}")
+        return self
 
     @cached_property  # read on every request: computed once per loaded version
     def abstain_threshold(self) -> float | None:

@@ -50,8 +50,12 @@ def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
         first = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
         model_dir = store.model_dir("lenet5")
         config = model_dir / "config.pbtxt"
-        edited = config.read_text().replace("max_batch_size: 64", "max_batch_size: 8").replace(
-            "version_policy: { latest: { num_versions: 1 } }", "version_policy: {\n  specific: { versions: [1] }\n}"
+        edited = (
+            config.read_text()
+            .replace("max_batch_size: 64", "max_batch_size: 8")
+            .replace(
+                "version_policy: { latest: { num_versions: 1 } }", "version_policy: {\n  specific: { versions: [1] }\n}"
+            )
         )
         config.write_text(edited)
         ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
