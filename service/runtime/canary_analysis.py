@@ -14,11 +14,14 @@ Four checks, each a setting (``CANARY_*``):
   candidate, while five do fail it;
 * **drift**: the Jensen-Shannon divergence between the two sides' top-1 confidence
   distributions (the bins of ``cnn_confidence``, as drift measures them) at most
-  ``CANARY_MAX_DRIFT`` (over 50 images or more per side);
+  ``CANARY_MAX_DRIFT`` (over 50 images or more per side), or at most what samples of these
+  sizes reach by chance 99 times in 100 (a permutation test, :func:`drift_noise`), whichever
+  is higher;
 * **agreement**: top-1 agreement with the primary on the canary's own requests, run
   through the primary off the request path; a window fails only when agreement is *shown*
-  to be below the gate: the upper end of its 99% Wilson interval is. A window of 100
-  answers with three disagreements does not fail a gate of 99%; one of 90% does.
+  to be below the gate: the upper end of its 99% exact (Clopper-Pearson) interval is. A
+  window of 100 answers with three disagreements does not fail a gate of 99%; one of 90%
+  does, and one disagreement among ten comparisons does not.
 
 The primary's side is its answers in the same window, under the same load (two models
 sharing a CPU slow each other down: at a fraction of 0.5 both sides are slower than
@@ -57,6 +60,51 @@ def wilson(successes: int, trials: int, z: float = Z99) -> tuple[float, float]:
 
 def wilson_upper(successes: int, trials: int, z: float = Z99) -> float:
     return wilson(successes, trials, z)[1]
+
+
+def exact_upper(successes: int, trials: int, tail: float = 0.005) -> float:
+    """The upper end of the Clopper-Pearson (exact binomial) 99% interval of a proportion: the ``u`` at which
+    ``successes`` or fewer of ``trials`` has probability ``tail``. Near 1 with few trials Wilson's end is too
+    low (one disagreement in ten would show agreement below 99% for a candidate that agrees 99% of the time in
+    one window of ten); the exact end is below a gate for at most ``tail`` of such windows, whatever the count."""
+    if trials == 0 or successes >= trials:
+        return 1.0
+    low, high = successes / trials, 1.0
+    for _ in range(60):  # bisection: the binomial CDF falls as u rises
+        middle = (low + high) / 2
+        if _binomial_cdf(successes, trials, middle) > tail:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def _binomial_cdf(k: int, n: int, p: float) -> float:
+    if p >= 1.0:
+        return 0.0
+    log_p, log_q = math.log(p) if p > 0 else -math.inf, math.log1p(-p)
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
+             for i in range(k + 1)]  # fmt: skip
+    top = max(terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+
+
+DRIFT_PERMUTATIONS = 200
+
+
+def drift_noise(primary: np.ndarray, candidate: np.ndarray, permutations: int = DRIFT_PERMUTATIONS) -> float:
+    """The divergence two samples of these sizes reach by chance alone, 99 times in 100: the 99th percentile of
+    the divergence between random splits of the two sides' confidence bins pooled (a permutation test). Two
+    samples of 50 from one spread-out distribution exceed 0.1 four times in ten."""
+    pooled = np.concatenate([primary, candidate])
+    rng = np.random.default_rng(0)  # the same window judged twice is judged alike
+    buckets = len(CONFIDENCE_BUCKETS)
+    found = []
+    for _ in range(permutations):
+        order = rng.permutation(pooled)
+        first, second = order[: len(primary)], order[len(primary) :]
+        found.append(js_divergence(np.bincount(first, minlength=buckets), np.bincount(second, minlength=buckets)))
+    return float(np.quantile(found, 0.99))
 
 
 @dataclass
@@ -171,7 +219,7 @@ class Window:
             "confidence_drift": None if drift is None else round(drift, 4),
             "compared": self.compared,
             "top1_agreement": round(self.agreed / self.compared, 4) if self.compared else None,
-            "agreement_upper_99": round(wilson_upper(self.agreed, self.compared), 4) if self.compared else None,
+            "agreement_upper_99": round(exact_upper(self.agreed, self.compared), 4) if self.compared else None,
         }
 
     def judge(self, thresholds: Thresholds) -> tuple[bool, list[str], dict[str, Any]]:
@@ -202,8 +250,12 @@ class Window:
                 )
         drift = figures["confidence_drift"]
         if drift is not None and drift > t.max_drift:
-            failures.append(f"confidence drift {drift:.3f} against the primary (at most {t.max_drift:g})")
-        upper = wilson_upper(self.agreed, self.compared)
+            noise = drift_noise(np.fromiter(p.bins, int), np.fromiter(c.bins, int))
+            figures["confidence_drift_by_chance_99"] = round(noise, 4)
+            if drift > noise:
+                failures.append(f"confidence drift {drift:.3f} against the primary (at most {t.max_drift:g}, and "
+                                f"{noise:.3f} by chance at 99% with these counts)")  # fmt: skip
+        upper = exact_upper(self.agreed, self.compared)
         if self.compared and upper < t.min_agreement:
             failures.append(
                 f"top-1 agreement {self.agreed}/{self.compared} ({self.agreed / self.compared:.1%}; at most "

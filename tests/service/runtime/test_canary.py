@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import pytest
 from service.errors import ModelNotFound
 from service.metrics import get_metrics
 from service.runtime.canary import COLD_RETRY_S, Canaries, Canary
-from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, wilson_upper
+from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, exact_upper, wilson_upper
 from service.runtime.residency import Residency
 from service.runtime.shadow import Shadow
 from service.settings import Settings, shadow_pair
+from service.store.quality import CONFIDENCE_BUCKETS
 
 from ..pictures import held_out_drawings
 from .harness import RuntimeFactory, StoreFactory
@@ -50,6 +52,58 @@ def test_wilson_upper_bound_separates_a_few_disagreements_from_a_bad_candidate()
     assert wilson_upper(100, 100) == pytest.approx(1.0)
     assert wilson_upper(90, 100) < 0.99
     assert wilson_upper(10, 100) < 0.25
+
+
+@pytest.mark.parametrize("trials", [1, 3, 5, 10, 25, 100, 400])
+def test_agreement_fails_a_candidate_that_meets_the_gate_at_most_once_in_200_windows_however_few_compared(
+    trials: int,
+) -> None:
+    """A candidate that agrees with its primary 99% of the time: over every count of agreements a window of
+    ``trials`` comparisons can hold, the chance that its exact bound falls below a 99% gate is at most 0.5%
+    (Wilson's bound failed such a candidate in 9.6% of windows of ten); one that agrees 90% of the time is still
+    caught in a window of 100."""
+    chance = sum(math.comb(trials, k) * 0.99**k * 0.01 ** (trials - k) for k in range(trials + 1)
+                 if exact_upper(k, trials) < 0.99)  # fmt: skip
+    assert chance <= 0.005
+    assert exact_upper(trials, trials) == 1.0 and exact_upper(0, 0) == 1.0
+    assert exact_upper(90, 100) < 0.99 and exact_upper(97, 100) > 0.99
+
+
+def test_drift_fails_only_past_what_chance_gives_samples_of_that_size() -> None:
+    """Two windows of 50 answers drawn from one spread-out distribution of confidences drift apart by chance (over
+    0.1 about four times in ten); such windows pass, while a candidate whose confidences moved fails."""
+    spread = np.full(len(CONFIDENCE_BUCKETS), 1 / len(CONFIDENCE_BUCKETS))
+    rng = np.random.default_rng(7)
+    failed = 0
+    for _ in range(20):
+        window = Window(50)
+        for side in ("primary", "candidate"):
+            for bucket in rng.choice(len(CONFIDENCE_BUCKETS), size=50, p=spread):
+                window.answered(side, _top1_in(bucket), 0.004)
+                window.finished(side, False)
+        window.compared, window.agreed = 50, 50
+        passed, failures, _ = window.judge(THRESHOLDS)
+        failed += not passed
+    assert failed <= 1
+    moved = Window(50)
+    for i in range(50):
+        moved.answered("primary", _top1_in(len(CONFIDENCE_BUCKETS) - 1 - i % 3), 0.004)
+        moved.finished("primary", False)
+        moved.answered("candidate", _top1_in(i % 3), 0.004)
+        moved.finished("candidate", False)
+    moved.compared, moved.agreed = 50, 50
+    passed, failures, figures = moved.judge(THRESHOLDS)
+    assert not passed and failures[0].startswith("confidence drift") and "by chance at 99%" in failures[0]
+    assert figures["confidence_drift"] > figures["confidence_drift_by_chance_99"]
+
+
+def _top1_in(bucket: int) -> np.ndarray:
+    """One answer of ten classes whose top-1 probability falls in confidence bucket ``bucket``."""
+    edges = [0.0, *CONFIDENCE_BUCKETS]
+    top = min(0.999, max(0.1 + 1e-3, (edges[bucket] + edges[bucket + 1]) / 2))
+    row = np.full((1, 10), (1 - top) / 9, dtype=np.float32)
+    row[0, 0] = top
+    return row
 
 
 def test_a_few_server_errors_or_a_few_answers_do_not_fail_a_window() -> None:
