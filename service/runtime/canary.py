@@ -79,6 +79,18 @@ class Leases(Protocol):
 ROUTE: contextvars.ContextVar[tuple[Canary, str, int] | None] = contextvars.ContextVar("canary_route", default=None)
 
 
+# the routed lease of the current request, while it is held: what the response cache tells it (see answered_by_cache)
+_ROUTED: contextvars.ContextVar[_Routed | None] = contextvars.ContextVar("canary_routed", default=None)
+
+
+def answered_by_cache() -> None:
+    """The current request's answer came from the response cache: the version ran nothing, so the request is no
+    evidence of its error rate (errors are never cached: counting hits would dilute them)."""
+    routed = _ROUTED.get()
+    if routed is not None:
+        routed.cached = True
+
+
 def answering_canary() -> str | None:
     """The canary (``PRIMARY:CANDIDATE``) whose candidate answers the current request, while its lease is held;
     None where the model asked for answers (no canary, or the primary's share)."""
@@ -190,7 +202,7 @@ class Canary:
 class _Routed(contextlib.AbstractContextManager[ModelEntry]):
     """A lease that says which side of which canary it is, to the answered hook and when it ends."""
 
-    __slots__ = ("canaries", "canary", "entered", "lease", "revision", "side", "token")
+    __slots__ = ("cached", "canaries", "canary", "entered", "lease", "revision", "routed", "side", "token")
 
     def __init__(
         self,
@@ -205,23 +217,29 @@ class _Routed(contextlib.AbstractContextManager[ModelEntry]):
         self.revision = revision  # the state the request was routed under
         self.entered = entered  # the lease's version, where it was entered already (to look at it first)
         self.token: contextvars.Token[tuple[Canary, str, int] | None] | None = None
+        self.routed: contextvars.Token[_Routed | None] | None = None
+        self.cached = False  # answered by the response cache (answered_by_cache)
 
     def __enter__(self) -> ModelEntry:
         entry = self.entered if self.entered is not None else self.lease.__enter__()
         self.token = ROUTE.set((self.canary, self.side, self.revision))
+        self.routed = _ROUTED.set(self)
         return entry
 
     def __exit__(self, *exc: Any) -> bool | None:
-        if self.token is not None:
-            with contextlib.suppress(ValueError):  # a token of another context: nothing to restore here
+        with contextlib.suppress(ValueError):  # a token of another context: nothing to restore here
+            if self.token is not None:
                 ROUTE.reset(self.token)
+        with contextlib.suppress(ValueError):
+            if self.routed is not None:
+                _ROUTED.reset(self.routed)
         try:
             return self.lease.__exit__(*exc)
         finally:
             if exc[0] is None or isinstance(exc[1], Exception):  # a cancelled request (the client went) is none
                 error = exc[0] is not None and not (isinstance(exc[1], ServiceError) and exc[1].status_code < 500)
                 try:
-                    self.canaries.finished(self.canary, self.side, self.revision, error)
+                    self.canaries.finished(self.canary, self.side, self.revision, error, computed=not self.cached)
                 except Exception:  # the canary's bookkeeping never fails a request
                     logger.exception("canary %s: recording a request failed", self.canary.key)
 
@@ -491,11 +509,12 @@ class Canaries:
         if canary.lane is not None and random.random() < self.settings.canary_sample:
             self.shadow.offer_to(canary.lane, images, probabilities, seconds)
 
-    def finished(self, canary: Canary, side: str, revision: int, error: bool) -> None:
-        """A routed request ended (``error``: a server error); a full window is judged."""
+    def finished(self, canary: Canary, side: str, revision: int, error: bool, computed: bool = True) -> None:
+        """A routed request ended (``error``: a server error); a full window is judged. One the response cache
+        answered (not ``computed``) is counted as routed, not as evidence."""
         m = self.metrics
         m.child(m.canary_requests, str(canary.pair.primary), str(canary.pair.candidate), side).inc()
-        if revision != canary.revision or canary.state != "running":
+        if revision != canary.revision or canary.state != "running" or not computed:
             return
         window = canary.window  # the state's thread may start a new one meanwhile: then the judgement is stale
         window.finished(side, error)

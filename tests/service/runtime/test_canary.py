@@ -538,6 +538,30 @@ def test_the_primary_answers_when_the_candidate_is_full_or_its_pinned_version_is
         runtime.canaries.stop()
 
 
+def test_answers_the_response_cache_gives_are_routed_but_no_evidence_for_the_window(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
+) -> None:
+    """With RESPONSE_CACHE_MB, the same image sent five times to a canary diverting everything: the first is
+    computed by the candidate, the next four come from the cache. All five are routed to the candidate; only the
+    first is in the window (hits ran nothing, and errors are never cached: they would dilute its error rate)."""
+    runtime = make_runtime(make_store(lenet5=[1], twin=[1]), canary="lenet5:twin:1.0", canary_state=tmp_path / "c.json",
+                           response_cache_mb=8)  # fmt: skip
+    assert runtime.canaries is not None
+    runtime.canaries.start()
+    runtime.control.reconcile()
+    files, _ = held_out_drawings(1)
+
+    async def main() -> list[str | None]:
+        return [(await runtime.classifier.classify("lenet5", None, files, k=1)).canary for _ in range(5)]
+
+    try:
+        assert asyncio.run(main()) == ["lenet5:twin"] * 5
+        (canary,) = runtime.canaries.canaries.values()
+        assert canary.window.routed["candidate"] == 1 and canary.window.candidate.requests == 1
+    finally:
+        runtime.canaries.stop()
+
+
 def test_a_promoted_canary_of_one_models_versions_is_declared_and_the_old_version_drains(
     make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
 ) -> None:
