@@ -581,19 +581,22 @@ class Canaries:
             logger.info("canary %s: window passed at %g (no CANARY_STEPS: the fraction stays); figures %s",
                         canary.key, figures["fraction"], json.dumps(figures))  # fmt: skip
 
-    def _switch(self, canary: Canary) -> None:
+    def _switch(self, canary: Canary, back: bool = False) -> None:
         """A canary of one model's two versions, promoted: the lifecycle serves the candidate's version alone
-        (``MODEL_CONTROL=explicit``), the primary's drained; elsewhere the routing is the promotion."""
+        (``MODEL_CONTROL=explicit``), the primary's drained; elsewhere the routing is the promotion. ``back``: the
+        promotion undone (rolled back or ended through the API), the primary's version declared alone again,
+        since the routing alone cannot bring back a version that has drained."""
         primary, candidate = canary.pair.primary, canary.pair.candidate
-        if self.promote is None or primary.name != candidate.name or candidate.version is None:
+        chosen = primary if back else candidate
+        if self.promote is None or primary.name != candidate.name or chosen.version is None:
             return
         try:
-            if self.promote(candidate.name, candidate.version):
+            if self.promote(chosen.name, chosen.version):
                 logger.info("canary %s: %s declared at version %d alone; the other versions drain", canary.key,
-                            candidate.name, candidate.version)  # fmt: skip
+                            chosen.name, chosen.version)  # fmt: skip
         except (OSError, ValueError) as exc:
-            logger.error("canary %s: promoted, but declaring %s failed (%s); the routing serves it meanwhile",
-                         canary.key, candidate, exc)  # fmt: skip
+            logger.error("canary %s: %s, but declaring %s failed (%s); the routing serves it meanwhile", canary.key,
+                         "undone" if back else "promoted", chosen, exc)  # fmt: skip
 
     # -- what the repository API and /models read ----------------------------------------------
 
@@ -623,6 +626,7 @@ class Canaries:
             raise ValueError(f"Unknown canary state {state!r}; use one of {', '.join(STATES)}")
         if fraction is not None and not 0 <= fraction <= 1:
             raise ValueError(f"The fraction must be from 0 to 1, got {fraction}")
+        was = canary.state
         changes: dict[str, Any] = {}
         if fraction is not None:
             changes["fraction"] = fraction
@@ -639,6 +643,8 @@ class Canaries:
         logger.info("canary %s: %s through the repository API", canary.key, json.dumps(changes))
         if state == "promoted":
             self._switch(canary)
+        elif state in ("rolled_back", "ended") and was == "promoted":
+            self._switch(canary, back=True)
         described = self.describe(primary)
         assert described is not None
         return described

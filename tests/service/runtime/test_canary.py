@@ -566,7 +566,8 @@ def test_a_promoted_canary_of_one_models_versions_is_declared_and_the_old_versio
     make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path
 ) -> None:
     """MODEL_CONTROL=explicit: lenet5 serves versions 1 and 2, v2 the canary of v1; once promoted, the declared state
-    names v2 alone, and the next pass drains v1 (the promotion outlives a restart as the lifecycle's own state)."""
+    names v2 alone, and the next pass drains v1 (the promotion outlives a restart as the lifecycle's own state);
+    rolled back through the API, v1 is declared alone again and serves."""
     runtime = make_runtime(make_store(lenet5=[1, 2], policy="all: { }"), model_control="explicit",
                            canary="lenet5@1:lenet5@2:0.5", canary_steps="1.0", canary_window=10,
                            canary_state=tmp_path / "c.json",
@@ -588,6 +589,13 @@ def test_a_promoted_canary_of_one_models_versions_is_declared_and_the_old_versio
     runtime.control.reconcile()
     served = {v: e.status for v, e in runtime.repository.versions["lenet5"].items()}
     assert served.get(2) == "ready" and served.get(1) in (None, "draining")
+    # rolled back through the API: the routing alone cannot bring back a version that drained; it is declared again
+    assert runtime.canaries.operate("lenet5", "rolled_back", None)["state"] == "rolled_back"
+    declared = runtime.control.declared.read()
+    assert declared is not None and declared["models"] == {"lenet5": [1]}
+    runtime.control.reconcile()
+    served = {v: e.status for v, e in runtime.repository.versions["lenet5"].items()}
+    assert served.get(1) == "ready" and served.get(2) in (None, "draining")
 
 
 def test_a_fallback_is_logged_once_a_minute_whatever_its_text_and_a_stopped_canary_has_none(
