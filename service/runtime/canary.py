@@ -268,7 +268,6 @@ class Canaries:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._stamp: tuple[int, int, int] | None = None
-        self._file_failed = False
         for canary in self.canaries.values():
             canary.lane = shadow.add_lane(ShadowPair(canary.pair.candidate, canary.pair.primary, 1.0), self._compared)
 
@@ -292,13 +291,11 @@ class Canaries:
                         logger.info("canary %s: started at %g; steps %s", canary.key, canary.fraction,
                                     ",".join(map(str, self.steps)) or "none")  # fmt: skip
         except ValueError as exc:  # unreadable, or a value that is not a state: it may hold a rollback
-            self._file_failed = True
             for canary in self.canaries.values():
                 canary.state, canary.fraction, canary.reason = "paused", 0.0, f"paused at start: {exc}"
             logger.error("canary: %s; every canary starts paused (fix or remove the file, then set its state through "
                          "the repository API)", exc)  # fmt: skip
         except OSError as exc:
-            self._file_failed = True
             logger.error("canary: %s; each worker keeps its canaries' state in memory only (set CANARY_STATE to a "
                          "writable file every worker shares)", exc)  # fmt: skip
         for canary in self.canaries.values():
@@ -341,20 +338,19 @@ class Canaries:
                 canary.window = canary.window.next()
                 return False
             current = None
-            if not self._file_failed:
-                try:
-                    with self.file.locked() as stored:
-                        found = stored.get(canary.key) or canary.stored()
-                        if expected is not None and int(found.get("revision", 0)) != expected:
-                            canary.adopt(found)
-                            self._publish(canary)
-                            return False
-                        current = {**found, **changes, "revision": int(found.get("revision", 0)) + 1}
-                        stored[canary.key] = current
-                except (OSError, ValueError, TypeError, AttributeError) as exc:
-                    current = None
-                    logger.error("canary %s: cannot record the change in %s (%s); applied in this worker only",
-                                 canary.key, self.file.path, exc)  # fmt: skip
+            try:  # tried every time, also where it failed before: once fixed or removed, the workers share again
+                with self.file.locked() as stored:
+                    found = stored.get(canary.key) or canary.stored()
+                    if expected is not None and int(found.get("revision", 0)) != expected:
+                        canary.adopt(found)
+                        self._publish(canary)
+                        return False
+                    current = {**found, **changes, "revision": int(found.get("revision", 0)) + 1}
+                    stored[canary.key] = current
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                current = None
+                logger.error("canary %s: cannot record the change in %s (%s); applied in this worker only",
+                             canary.key, self.file.path, exc)  # fmt: skip
             if current is None:
                 current = {**canary.stored(), **changes, "revision": canary.revision + 1}
             canary.adopt(current)
@@ -626,6 +622,8 @@ class Canaries:
             raise ValueError(f"Unknown canary state {state!r}; use one of {', '.join(STATES)}")
         if fraction is not None and not 0 <= fraction <= 1:
             raise ValueError(f"The fraction must be from 0 to 1, got {fraction}")
+        with contextlib.suppress(OSError, ValueError):  # what another worker decided since (within SYNC_S) first
+            self.sync()
         was = canary.state
         changes: dict[str, Any] = {}
         if fraction is not None:

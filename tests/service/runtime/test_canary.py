@@ -507,6 +507,15 @@ def test_an_unreadable_state_file_starts_the_canaries_paused(tmp_path: Path) -> 
         canary = worker.canaries["lenet5"]
         assert (canary.state, canary.diverting) == ("paused", 0.0)
         assert "is not a canary's state" in (canary.reason or "")
+        # the operator removes the file and sets the state: this worker records it there again, and others take it
+        (tmp_path / ".canary.json").unlink()
+        worker.operate("lenet5", "running", 0.5)
+        stored = json.loads((tmp_path / ".canary.json").read_text())["canaries"]["lenet5:lenet5_int8"]
+        assert (stored["state"], stored["fraction"]) == ("running", 0.5)
+        other = canaries(tmp_path)
+        other.start()
+        other.stop()
+        assert (other.canaries["lenet5"].state, other.canaries["lenet5"].fraction) == ("running", 0.5)
     finally:
         worker.stop()
 
