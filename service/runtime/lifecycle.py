@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,10 +154,16 @@ class DeclaredState:
 
 @dataclass
 class Plan:
-    """What one pass wants: versions per model, and why the models it cannot serve are out."""
+    """What one pass wants: versions per model, and why the models it cannot serve are out; ``unreadable``: those
+    whose ``config.pbtxt`` cannot be read, which keep serving what they serve (an edit's typo takes nothing down)."""
 
     versions: dict[str, list[StoredVersion]]
     problems: dict[str, str]
+    unreadable: set[str] = field(default_factory=set)
+
+
+class _ConfigUnreadable(ValueError):
+    """A model's ``config.pbtxt`` says something this service (and Triton) cannot act on."""
 
 
 class ModelControl:
@@ -254,6 +260,8 @@ class ModelControl:
                 plan.versions[name] = self._versions(name, pinned)
             except ValueError as exc:
                 plan.problems[name] = str(exc)
+                if isinstance(exc, _ConfigUnreadable):
+                    plan.unreadable.add(name)
         return plan
 
     def _versions(self, name: str, pinned: list[int] | None) -> list[StoredVersion]:
@@ -267,7 +275,7 @@ class ModelControl:
         try:
             policy = read_version_policy(self.store.model_dir(name) / CONFIG_FILE)
         except ValueError as exc:
-            raise ValueError(f"{CONFIG_FILE}: {exc}") from None
+            raise _ConfigUnreadable(f"{CONFIG_FILE}: {exc}; the versions it serves go on meanwhile") from None
         loadable = [v for v in (pinned or sorted(stored)) if self._loadable(stored[v])]
         chosen = loadable if pinned else policy.select(loadable)
         return [stored[v] for v in chosen]
@@ -318,7 +326,8 @@ class ModelControl:
                 if current is None or current.status == "failed":
                     repository.load(stored, self.integrity.signature(stored))
         for name in list(repository.versions):
-            self._retire(name, {s.version for s in plan.versions.get(name, [])}, name in plan.versions)
+            wanted = name in plan.versions or name in plan.unreadable
+            self._retire(name, {s.version for s in plan.versions.get(name, [])}, wanted)
         repository.applied(generation)
 
     def _retire(self, name: str, wanted: set[int], model_wanted: bool) -> None:

@@ -55,7 +55,8 @@ def parse_version_policy(text: str) -> VersionPolicy:
 
     Raises ``ValueError`` naming what is wrong, for a policy Triton would refuse too.
     """
-    text = without_strings_and_comments(text)
+    # protobuf's text format also delimits a message with < and >, which appear nowhere else once strings are gone
+    text = without_strings_and_comments(text).replace("<", "{").replace(">", "}")
     if "version_policy" not in text:
         return VersionPolicy()
     match = _POLICY.search(text)

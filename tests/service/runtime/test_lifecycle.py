@@ -75,6 +75,29 @@ def test_a_lone_served_version_whose_files_go_bad_keeps_serving(
     assert entry.files_problem is not None and "metadata.json is missing" in entry.files_problem
 
 
+def test_a_config_pbtxt_edited_wrong_takes_nothing_down_and_says_why(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """MODEL_CONTROL=poll, version 2 serving. An operator's edit leaves config.pbtxt's version_policy unreadable:
+    version 2 keeps serving (it was unloaded: the model went offline for a typo), and the problem is named; once
+    fixed (in protobuf's other form, angle brackets), the policy applies again."""
+    store = make_store(lenet=[1, 2])
+    runtime = make_runtime(store, model_control="poll", poll_interval_s=0.05)
+    repository, control = runtime.repository, runtime.control
+    control.reconcile()
+    assert set(repository.versions["lenet"]) == {2}
+    config = store.model_dir("lenet") / "config.pbtxt"
+    config.write_text('name: "lenet"\nversion_policy: { lastest: { num_versions: 2 } }\n')
+    control.reconcile()
+    entry = repository.serving("lenet")
+    assert entry is not None and entry.version == 2 and entry.status == "ready"
+    problem = repository.state()["models"]["lenet"][""]
+    assert "unknown version_policy 'lastest'" in problem["reason"] and "serves go on" in problem["reason"]
+    config.write_text('name: "lenet"\nversion_policy < latest < num_versions: 2 > >\n')
+    control.reconcile()
+    assert sorted(repository.versions["lenet"]) == [1, 2] and "" not in repository.state()["models"]["lenet"]
+
+
 def test_settings_naming_models_the_store_lacks_are_said_at_start(make_store: StoreFactory) -> None:
     """A typo in a setting that names models is otherwise silent (PINNED, INSTANCES, a canary's candidate) or only a
     failed model in /models (MODELS): each setting gets one line naming what the store lacks, and what it holds."""

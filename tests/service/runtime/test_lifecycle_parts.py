@@ -25,6 +25,7 @@ from service.store.policy import parse_version_policy
         ("version_policy: { specific: { versions: [1, 3] } }", [1, 2, 3], [1, 3]),
         ("version_policy: { specific: { versions: 2 versions: 4 } }", [1, 2, 3], [2]),
         ("version_policy: { all: { } }", [2, 1, 7], [1, 2, 7]),
+        ("version_policy < latest < num_versions: 2 > >", [1, 2, 3], [2, 3]),  # protobuf text's other delimiters
         ("# version_policy: { all: { } }\n", [1, 2], [2]),  # a comment is not a policy
     ],
 )
