@@ -297,7 +297,11 @@ class Repository:
                 self.readiness.publish(state)
 
     def set_problems(self, problems: dict[str, str]) -> None:
-        """The models asked for that cannot be served at all, and why (the lifecycle's last plan)."""
+        """The models asked for that cannot be served as asked, and why (the lifecycle's last plan); each new one
+        logged once."""
+        for name, reason in problems.items():
+            if self.problems.get(name) != reason:
+                logger.error("%s: %s", name, reason)
         self.problems = problems
 
     def applied(self, generation: int) -> None:

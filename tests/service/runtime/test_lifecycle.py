@@ -76,7 +76,7 @@ def test_a_lone_served_version_whose_files_go_bad_keeps_serving(
 
 
 def test_a_config_pbtxt_edited_wrong_takes_nothing_down_and_says_why(
-    make_store: StoreFactory, make_runtime: RuntimeFactory
+    make_store: StoreFactory, make_runtime: RuntimeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """MODEL_CONTROL=poll, version 2 serving. An operator's edit leaves config.pbtxt's version_policy unreadable:
     version 2 keeps serving (it was unloaded: the model went offline for a typo), and the problem is named; once
@@ -93,6 +93,8 @@ def test_a_config_pbtxt_edited_wrong_takes_nothing_down_and_says_why(
     assert entry is not None and entry.version == 2 and entry.status == "ready"
     problem = repository.state()["models"]["lenet"][""]
     assert "unknown version_policy 'lastest'" in problem["reason"] and "serves go on" in problem["reason"]
+    control.reconcile()  # logged once, not at every pass
+    assert caplog.text.count("unknown version_policy 'lastest'") == 1
     config.write_text('name: "lenet"\nversion_policy < latest < num_versions: 2 > >\n')
     control.reconcile()
     assert sorted(repository.versions["lenet"]) == [1, 2] and "" not in repository.state()["models"]["lenet"]
