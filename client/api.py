@@ -7,6 +7,8 @@ go to the service as they are, and the service decodes them.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import email.utils
 import itertools
 import os
 import random
@@ -25,6 +27,23 @@ RETRY_STATUSES = frozenset({502, 503, 504})  # load shedding, a model still load
 # request did nothing the server keeps, so it is sent again
 RETRY_ERRORS = (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 MAX_BACKOFF_S = 10.0
+MAX_RETRY_AFTER_S = 60.0  # a model's cold start can ask for this long; past it, the answer is the 503
+
+
+def _retry_after(value: str) -> float | None:
+    """A ``Retry-After`` header's seconds: a number, or an HTTP date from now; None where absent or unreadable."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())
 
 
 class ServiceUnavailableError(RuntimeError):
@@ -49,6 +68,7 @@ class Result:
     error: str | None = None
     status: int | None = None  # the HTTP status; None when no request was made
     explanation: str | None = None  # with explain_dir: the heat map's file, or why there is none
+    explanation_failed: bool = False  # asked for, and not written (``explanation`` says why)
 
     @property
     def ok(self) -> bool:
@@ -151,7 +171,8 @@ class Client:
                 async with slots:
                     result = await self._classify_one(http, _source(item, position), item, params)
                     if explain_dir is not None and result.ok:
-                        result.explanation = await self._explain_one(http, item, result, explain_dir, taken)
+                        written, result.explanation = await self._explain_one(http, item, result, explain_dir, taken)
+                        result.explanation_failed = not written
                 if on_done is not None:
                     on_done(result)
                 return result
@@ -181,6 +202,8 @@ class Client:
     ) -> Result:
         if isinstance(item, bytes):
             data = item
+        elif Path(item).is_dir():  # a folder given, or matched by a glob, that holds no image
+            return Result(source, error="a folder with no image file in it (.jpg, .png, .webp, ...)")
         else:
             try:
                 data = await asyncio.to_thread(Path(item).read_bytes)
@@ -196,24 +219,31 @@ class Client:
             )
         if response.status_code != 200:
             return Result(source, error=_error_message(response), status=response.status_code)
-        body = response.json()
-        ranked = body["results"][0]["predictions"]
-        predictions = [Prediction(p["label"], int(p["index"]), float(p["score"])) for p in ranked]
-        return Result(source, body["model"], body["version"], predictions, status=200)
+        try:
+            body = response.json()
+            ranked = body["results"][0]["predictions"]
+            predictions = [Prediction(p["label"], int(p["index"]), float(p["score"])) for p in ranked]
+            return Result(source, body["model"], body["version"], predictions, status=200)
+        except (ValueError, KeyError, IndexError, TypeError):  # a proxy's page, say: not the service's answer
+            return Result(source, error=f"HTTP 200 without the service's answer: {response.text[:200]!r}", status=200)
 
     async def _explain_one(
         self, http: httpx.AsyncClient, item: Item, result: Result, directory: Path, taken: set[str]
-    ) -> str:
-        """The top-1's heat map of an image ``result`` classified, written into ``directory``; its path, or why not."""
-        data = item if isinstance(item, bytes) else await asyncio.to_thread(Path(item).read_bytes)
+    ) -> tuple[bool, str]:
+        """The top-1's heat map of an image ``result`` classified, written into ``directory``: (True, its path), or
+        (False, why not)."""
+        try:
+            data = item if isinstance(item, bytes) else await asyncio.to_thread(Path(item).read_bytes)
+        except OSError as exc:
+            return False, f"no explanation: cannot read the file again: {exc.strerror or exc}"
         params: dict[str, str | int] = {"model": str(result.model), "version": str(result.version),
                                         "class": result.predictions[0].index}  # fmt: skip
         try:
             response = await self._post(http, data, params, path="/explain", accept="image/png")
         except httpx.TimeoutException:
-            return f"no explanation within {self.timeout:g} s"
+            return False, f"no explanation within {self.timeout:g} s"
         if response.status_code != 200:
-            return f"no explanation: {_error_message(response)}"
+            return False, f"no explanation: {_error_message(response)}"
         stem = Path(result.source).stem if not isinstance(item, bytes) else f"image-{result.source.split()[-1][:-1]}"
         name, n = f"{stem}.png", 1
         while name in taken:
@@ -221,8 +251,11 @@ class Client:
             name = f"{stem}-{n}.png"
         taken.add(name)
         target = directory / name
-        await asyncio.to_thread(target.write_bytes, response.content)
-        return str(target)
+        try:
+            await asyncio.to_thread(target.write_bytes, response.content)
+        except OSError as exc:
+            return False, f"no explanation: cannot write {target}: {exc.strerror or exc}"
+        return True, str(target)
 
     async def _post(
         self,
@@ -253,11 +286,18 @@ class Client:
             else:
                 if response.status_code not in RETRY_STATUSES or attempt == self.retries:
                     return response
-            await asyncio.sleep(self._delay(attempt, response))
+            delay = self._delay(attempt, response)
+            if delay is None:  # the server asks for a longer wait than a run should sit through
+                assert response is not None
+                return response
+            await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
-    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
-        """The server's ``Retry-After`` or exponential backoff, capped, times a random 0.5-1.5."""
-        retry_after = response.headers.get("retry-after", "") if response is not None else ""
-        base = float(retry_after) if retry_after.isdigit() else self.backoff * 2**attempt
-        return min(base, MAX_BACKOFF_S) * random.uniform(0.5, 1.5)
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float | None:
+        """The server's ``Retry-After`` (seconds or an HTTP date) plus up to one backoff of jitter, never less than
+        it asked; None where it asks for more than :data:`MAX_RETRY_AFTER_S`. Without one, exponential backoff,
+        capped, times a random 0.5-1.5."""
+        asked = _retry_after(response.headers.get("retry-after", "")) if response is not None else None
+        if asked is None:
+            return min(self.backoff * 2**attempt, MAX_BACKOFF_S) * random.uniform(0.5, 1.5)
+        return asked + random.uniform(0, self.backoff) if asked <= MAX_RETRY_AFTER_S else None

@@ -26,8 +26,8 @@ examples:
   API_TOKEN=... python -m client photos/ --url http://gpu-box:3000
   python -m client photos/ --explain heatmaps/           # and where the network looked, one PNG per image
 
-exit status: 0 when every file was classified, 1 when any failed, 2 when the service
-could not be used at all.
+exit status: 0 when every file was classified (and, with --explain, every heat map written),
+1 when any failed, 2 when the service or the output could not be used at all.
 """
 
 
@@ -74,15 +74,11 @@ def check_reachable(client: Client) -> None:
         ) from None
 
 
-async def run(args: argparse.Namespace, paths: list[str], stream: TextIO) -> int:
-    client = Client(args.url, timeout=args.timeout)
-    check_reachable(client)
-    write = WRITERS[args.format](stream, args.top_k, paths)
-    failed = 0
+async def run(args: argparse.Namespace, paths: list[str], stream: TextIO, client: Client) -> int:
+    write = WRITERS[args.format](stream, args.top_k, paths, explain=args.explain is not None)
+    failed = unexplained = 0
     show = not args.no_progress and sys.stderr.isatty()
     with tqdm(total=len(paths), unit="image", disable=not show, file=sys.stderr) as progress:
-        if args.explain is not None:
-            args.explain.mkdir(parents=True, exist_ok=True)
         results = client.stream(
             paths, model=args.model, top_k=args.top_k, concurrency=args.concurrency,
             on_done=lambda _: progress.update(), explain_dir=args.explain,
@@ -90,9 +86,12 @@ async def run(args: argparse.Namespace, paths: list[str], stream: TextIO) -> int
         async for result in results:
             write(result)
             failed += not result.ok
+            unexplained += result.explanation_failed
     if failed:
         sys.stderr.write(f"{failed} of {len(paths)} files failed\n")
-    return 1 if failed else 0
+    if unexplained:
+        sys.stderr.write(f"{unexplained} of {len(paths)} heat maps were not written (see each one's explanation)\n")
+    return 1 if failed or unexplained else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("No image found in the given paths\n")
         return 1
     try:
+        client = Client(args.url, timeout=args.timeout)
+        check_reachable(client)  # before --output is opened: a service that is down leaves yesterday's results be
+        if args.explain is not None:
+            args.explain.mkdir(parents=True, exist_ok=True)
         with _destination(args.output) as stream:
-            return asyncio.run(run(args, paths, stream))
+            return asyncio.run(run(args, paths, stream, client))
     except ServiceUnavailableError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    except OSError as exc:  # --output or --explain cannot be written
         sys.stderr.write(f"error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -23,16 +23,18 @@ def expand(arguments: Iterable[str]) -> list[str]:
 
     A file is taken whatever its extension (the service says if it is no image); a folder
     gives its images, recursively, sorted; a pattern (``photos/**/*.jpg``) gives what it
-    matches. Anything else is kept as given, so that it is reported as unreadable.
+    matches. Anything else, and a folder or a pattern that gives nothing, is kept as given,
+    so that it is reported (a failure, not silently nothing).
     """
     paths: list[str] = []
     for argument in arguments:
         path = Path(argument)
         if path.is_dir():
-            paths.extend(str(p) for p in _images_in(path))
+            paths.extend([str(p) for p in _images_in(path)] or [argument])
         elif not path.exists() and _GLOB_CHARS & set(argument):
-            for match in sorted(glob.glob(argument, recursive=True)):
-                paths.extend(map(str, _images_in(Path(match))) if Path(match).is_dir() else [match])
+            matched = [m for m in sorted(glob.glob(argument, recursive=True))]
+            found = [p for m in matched for p in (map(str, _images_in(Path(m))) if Path(m).is_dir() else [m])]
+            paths.extend(found or [argument])
         else:
             paths.append(argument)
     return list(dict.fromkeys(paths))

@@ -8,12 +8,15 @@ the service's.
 from __future__ import annotations
 
 import csv
+import email.utils
 import json
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import pytest
 from skimage import data
 
 from client import Client
-from client.api import ServiceUnavailableError
+from client.api import ServiceUnavailableError, _retry_after
 from client.files import expand
 
 from ..helpers import ROOT, ServiceProcess, classified, encode, free_port
@@ -170,7 +173,10 @@ class _Stub(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if server.posts <= 2 + server.dropped:
-            self._answer(503, {"error": "shedding load"}, {"Retry-After": "0"})
+            self._answer(503, {"error": "shedding load"}, {"Retry-After": server.retry_after})
+            return
+        if self.path.startswith("/explain"):
+            self._answer(404, {"error": "no explanation graph here"})
             return
         self._answer(200, {"model": "stub", "version": "7",
                            "results": [{"predictions": [{"label": "ok", "index": 0, "score": 1.0}]}]})  # fmt: skip
@@ -189,6 +195,7 @@ class _Stub(BaseHTTPRequestHandler):
 def stub() -> Iterator[Any]:
     server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     server.posts, server.token, server.request_ids, server.drop, server.dropped = 0, None, [], 0, 0
+    server.retry_after = "0"
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield server
@@ -229,6 +236,49 @@ def test_a_refused_token_stops_the_run(stub: Any, photos: Path) -> None:
     assert result.returncode == 2 and "set API_TOKEN" in result.stderr
     result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "right"})
     assert result.returncode == 0, result.stderr
+
+
+def test_retry_after_is_waited_for_in_full_and_a_longer_one_than_a_run_sits_through_is_the_answer(
+    stub: Any,
+) -> None:
+    stub.retry_after = "1"
+    started = time.perf_counter()
+    (result,) = Client(stub.url, backoff=0.01).classify(b"image bytes")
+    assert result.ok and stub.posts == 3 and time.perf_counter() - started >= 2.0  # two 503s asking 1 s each
+    stub.posts, stub.retry_after = 0, "120"
+    (result,) = Client(stub.url, backoff=0.01).classify(b"image bytes")
+    assert (result.status, result.error, stub.posts) == (503, "shedding load", 1)
+    soon = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= _retry_after(soon) <= 30 and _retry_after("") is None and _retry_after("soon") is None
+
+
+def test_an_empty_folder_or_glob_fails_the_run_and_the_output_outlives_a_service_that_is_down(
+    stub: Any, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert expand([str(empty), str(tmp_path / "nothing" / "*.png")]) == [
+        str(empty),
+        str(tmp_path / "nothing" / "*.png"),
+    ]
+    stub.posts = 2  # no shedding
+    result = run_client(str(empty), str(tmp_path / "*.PNG"), "--url", stub.url, "--no-progress")
+    assert result.returncode == 1 and "a folder with no image file in it" in result.stdout
+    assert "No such file or directory" in result.stdout and "2 of 2 files failed" in result.stderr
+    kept = tmp_path / "labels.csv"
+    kept.write_text("yesterday's results\n")
+    down = run_client(str(empty), "--url", f"http://127.0.0.1:{free_port()}", "--output", str(kept))
+    assert down.returncode == 2 and kept.read_text() == "yesterday's results\n"
+
+
+def test_heat_maps_that_cannot_be_had_fail_the_run_and_say_why(stub: Any, photos: Path, tmp_path: Path) -> None:
+    stub.posts = 2
+    result = run_client(str(photos / "things"), "--url", stub.url, "--explain", str(tmp_path / "maps"),
+                        "--format", "csv", "--no-progress")  # fmt: skip
+    assert result.returncode == 1 and "2 of 2 heat maps were not written" in result.stderr
+    rows = list(csv.DictReader(result.stdout.splitlines()))
+    assert [r["explanation"] for r in rows] == ["no explanation: no explanation graph here"] * 2
+    assert list((tmp_path / "maps").iterdir()) == []
 
 
 def test_the_client_needs_only_httpx_and_tqdm() -> None:
