@@ -92,7 +92,7 @@ PANELS: list[tuple[str, str, list[tuple[str, str]], int]] = [
     ("HTTP requests by route and status", "reqps", [("{{route}} {{code}}", HTTP_REQUESTS)], 12),
     # is the model still right?
     ("Prediction drift from the baseline (alert above 0.1)", "short",
-     [("{{model}} v{{version}} {{kind}}", f"max by (model, version, kind) (cnn_prediction_drift{{{M}}})")], 8),
+     [("{{model}} v{{version}} {{kind}}", f"max by (model, version, kind) (cnn_prediction_drift{{{M}}}) >= 0")], 8),
     ("Top-1 confidence (p10, median)", "percentunit", [
         (f"p{int(q * 100)} {{{{model}}}} v{{{{version}}}}", quantile(q, "cnn_prediction_confidence", "model, version"))
         for q in (0.1, 0.5)

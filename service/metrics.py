@@ -42,6 +42,9 @@ SHADOW_SKIP_REASONS: tuple[ShadowSkip, ...] = get_args(ShadowSkip)
 REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate")
 
 
+DRIFT_RELEASED = -1.0  # cnn_prediction_drift of a version unloaded: below every divergence, unlike NaN comparable
+
+
 class Metrics:
     def __init__(self) -> None:
         import prometheus_client as prom  # deferred: see the module docstring
@@ -119,7 +122,7 @@ class Metrics:
             "cnn_prediction_drift",
             "Jensen-Shannon divergence (0 same, 1 disjoint) of the latest answers from the version's baseline: "
             "kind=confidence (top-1 probability bins), kind=classes (top-1 class mix); the largest over workers; "
-            "NaN once the version is unloaded",
+            "-1 once the version is unloaded",
             [*model, "kind"], multiprocess_mode="livemax",
         )  # fmt: skip
         self.drift_window = prom.Gauge(
@@ -380,6 +383,8 @@ class ServerProcessCollector:
                     times = process.cpu_times()
                     memory = process.memory_info()
                     cpu += times.user + times.system
+                    if process is self.root:  # and its children's that ended (a worker killed and reaped): the
+                        cpu += times.children_user + times.children_system  # counter never goes down
                     rss, vms, fds, count = rss + memory.rss, vms + memory.vms, fds + process.num_fds(), count + 1
             except psutil.Error:  # a worker that exited between listing and reading
                 continue

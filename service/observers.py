@@ -7,7 +7,7 @@ composition root (:mod:`service.server`) attaches them once, before the first lo
 
 from __future__ import annotations
 
-from .metrics import Metrics
+from .metrics import DRIFT_RELEASED, Metrics
 from .runtime.batching import BatchStats
 from .runtime.entry import ModelEntry
 from .runtime.hooks import Hooks
@@ -32,9 +32,9 @@ def attach(hooks: Hooks, settings: Settings, metrics: Metrics, tracing: Tracing)
     @hooks.released.subscribe
     def released(entry: ModelEntry) -> None:
         labels = (entry.name, str(entry.version))
-        if entry.drift is not None and entry.drift.values:  # a multiprocess gauge cannot be removed: not a number
-            for kind in entry.drift.values:
-                metrics.child(metrics.drift, *labels, kind).set(float("nan"))
+        if entry.drift is not None and entry.drift.values:  # a multiprocess gauge cannot be removed: below any drift
+            for kind in entry.drift.values:  # (not NaN: merged as the largest over workers, a NaN read first would
+                metrics.child(metrics.drift, *labels, kind).set(DRIFT_RELEASED)  # hide another worker's drift)
             metrics.child(metrics.drift_window, *labels).set(0)
         metrics.child(metrics.resident_bytes, *labels).set(0)
 
