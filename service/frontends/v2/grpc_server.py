@@ -26,7 +26,6 @@ from ...errors import (
     RepositoryError,
     ServiceError,
 )
-from ...metrics import RequestRecord
 from ...runtime.canary import answering_canary
 from ...runtime.deadline import request_deadline
 from ...tracing import carrier
@@ -169,9 +168,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if left is not None:
             request_deadline.set(asyncio.get_running_loop().time() + left)
         try:
-            with await self.handler.lease(request.model_name, request.model_version, routed=True) as entry:
+            with (
+                self.handler.track("grpc") as record,
+                await self.handler.lease(request.model_name, request.model_version, routed=True) as entry,
+            ):
+                record.model, record.version = entry.name, str(entry.version)
                 requested = [requested_output(o) for o in request.outputs]
-                record = RequestRecord(entry.name, str(entry.version))
                 outputs = await self.handler.infer(entry, decode_inputs(request), requested, "grpc", record)
                 canary = answering_canary()
         except Exception as exc:

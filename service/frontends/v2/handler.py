@@ -268,6 +268,11 @@ class OipHandler:
         with self.classifier.stage(entry, "preprocess"):
             return np.ascontiguousarray(tensor.data, dtype=np.uint8)
 
+    def track(self, protocol: str) -> contextlib.AbstractContextManager[RequestRecord]:
+        """Count one request from its start, under ``protocol``: one refused before it reached a model (unknown,
+        loading, a malformed body) counts too, under ``model=""`` until :meth:`lease` names it."""
+        return self.classifier.metrics.track_request(protocol)
+
     async def infer(
         self,
         entry: ModelEntry,
@@ -276,20 +281,27 @@ class OipHandler:
         protocol: str,
         record: RequestRecord | None = None,
     ) -> list[Tensor]:
-        """Run one request; counted in the metrics under ``protocol`` (``record`` learns its images and, with
-        ``RESPONSE_CACHE_MB``, whether the cache answered)."""
-        record = record or RequestRecord(entry.name, str(entry.version))
+        """Run one request; counted in the metrics under ``protocol`` unless the caller counts it already (its
+        ``record``, from :meth:`track`, learns its images and, with ``RESPONSE_CACHE_MB``, whether the cache
+        answered)."""
+        if record is None:
+            with self.classifier.metrics.track_request(protocol, RequestRecord(entry.name, str(entry.version))) as own:
+                return await self._answer(entry, inputs, requested, own)
+        return await self._answer(entry, inputs, requested, record)
+
+    async def _answer(
+        self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput], record: RequestRecord
+    ) -> list[Tensor]:
         cache = self.classifier.cache
-        with self.classifier.metrics.track_request(protocol, record):
-            if cache is None:
-                outputs = await self._infer(entry, inputs, requested)
-            else:
-                compute = functools.partial(self._kept, entry, inputs, requested)
-                outputs, hit = await cache.get_or_compute(self.cache_key(entry, inputs, requested), entry, compute)
-                if hit:
-                    answered_by_cache()
-                record.cache = "hit" if hit else "miss"
-            record.images = outputs[0].shape[0]
+        if cache is None:
+            outputs = await self._infer(entry, inputs, requested)
+        else:
+            compute = functools.partial(self._kept, entry, inputs, requested)
+            outputs, hit = await cache.get_or_compute(self.cache_key(entry, inputs, requested), entry, compute)
+            if hit:
+                answered_by_cache()
+            record.cache = "hit" if hit else "miss"
+        record.images = outputs[0].shape[0]
         return outputs
 
     async def _kept(self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput]) -> list[Tensor]:

@@ -16,7 +16,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...errors import InvalidInput, ModelNotFound, ServiceError
-from ...metrics import RequestRecord
 from ...runtime.canary import answering_canary
 from ..body import read_body
 from .handler import (
@@ -195,8 +194,9 @@ async def infer(request: Request) -> Response:
     """``POST /v2/models/{name}[/versions/{version}]/infer`` (also answered by the fast path)."""
     handler = _handler(request)
     name, version = request.path_params["name"], request.path_params.get("version", "")
-    with await handler.lease(name, version, routed=True) as entry:
-        record = request.scope["request_record"] = RequestRecord(entry.name, str(entry.version))
+    with handler.track("http") as record, await handler.lease(name, version, routed=True) as entry:
+        record.model, record.version = entry.name, str(entry.version)
+        request.scope["request_record"] = record
         body = await read_body(request, handler.settings.max_body_bytes)
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
         requested, default_binary = requested_outputs(header)

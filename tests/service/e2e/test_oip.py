@@ -214,6 +214,35 @@ def test_json_nested_past_the_parser_is_a_400_here_and_on_the_repository_api(ser
     assert flag.status_code == 400 and "ready must be true or false" in flag.json()["error"]
 
 
+def test_requests_refused_before_a_model_answers_are_counted_for_both_protocols(service: ServiceProcess) -> None:
+    """An unknown model (404), a malformed body (400) and a model that failed to load (503), over HTTP and gRPC,
+    each count in cnn_requests_total: the error-ratio alert sees v2 and gRPC clients as it sees /classify's."""
+
+    def counts() -> dict[tuple[str, str, str], float]:
+        text = httpx.get(f"{service.url}/metrics", timeout=10).text
+        return {(labels["model"], labels["protocol"], labels["outcome"]): value
+                for labels, value in metric_samples(text, "cnn_requests_total")}  # fmt: skip
+
+    before = counts()
+    assert httpx.post(f"{service.url}/v2/models/nope/infer", json={"inputs": [ZEROS]}, timeout=30).status_code == 404
+    assert httpx.post(f"{service.url}/v2/models/lenet5/infer", content=b"{", timeout=30).status_code == 400
+    assert httpx.post(f"{service.url}/v2/models/ghost/infer", json={"inputs": [ZEROS]}, timeout=30).status_code == 503
+    for model in ("nope", "ghost"):
+        request = pb.ModelInferRequest(model_name=model)
+        request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
+        request.raw_input_contents.append(b"\0" * 1024)
+        with pytest.raises(grpc.RpcError):
+            _stub(service).ModelInfer(request)
+    after = counts()
+
+    def rose(key: tuple[str, str, str]) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert rose(("", "http", "4xx")) == 1 and rose(("lenet5", "http", "4xx")) == 1 and rose(("", "grpc", "4xx")) == 1
+    assert rose(("", "http", "5xx")) + rose(("ghost", "http", "5xx")) == 1
+    assert rose(("", "grpc", "5xx")) + rose(("ghost", "grpc", "5xx")) == 1
+
+
 def _invalid(service: ServiceProcess, request: pb.ModelInferRequest) -> str:
     with pytest.raises(grpc.RpcError) as info:
         _stub(service).ModelInfer(request)
