@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .memory import parse_size
 from .store.host import cpu_count
@@ -247,11 +247,48 @@ class Settings(BaseSettings):
         "image bytes, model, version and parameters) is answered from it with `X-Cache: hit`, without decoding or "
         "inference; least recently used answers go first, and an unloaded version's go with it.",
     )  # fmt: skip
-    warmup_batches: tuple[int, ...] = Field(
+    warmup_batches: Annotated[tuple[int, ...], NoDecode] = Field(
         (),
-        description="Batch sizes each model runs once before /readyz says ready (none above its largest batch); "
-        "empty = 1 and the model's largest batch (MAX_BATCH_SIZE, or its config.pbtxt's lower max_batch_size).",
+        description="Batch sizes each model runs once before /readyz says ready, e.g. 1,8,32 (none above its "
+        "largest batch); empty = 1 and the model's largest batch (MAX_BATCH_SIZE, or its config.pbtxt's lower "
+        "max_batch_size).",
     )
+
+    @field_validator("model_control_state", "canary_state", "api_token", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``MODEL_CONTROL_STATE=`` means its default, as its description says (not the current folder); a token read
+        from a secret file loses its trailing newline (which would make every request 401), and an empty one is none."""
+        if isinstance(value, str):
+            value = value.strip()
+            return value or None
+        return value
+
+    @field_validator("warmup_batches", mode="before")
+    @classmethod
+    def _warmup_batches(cls, value: Any) -> Any:
+        """``1,8`` as written in an environment (or ``[1, 8]``); empty = the default."""
+        if isinstance(value, str):
+            text = value.strip().removeprefix("[").removesuffix("]")
+            try:
+                return tuple(int(part) for part in text.split(",") if part.strip())
+            except ValueError:
+                raise ValueError(f"WARMUP_BATCHES {value!r}: use batch sizes, e.g. 1,8,32") from None
+        return value
+
+    @field_validator("warmup_batches")
+    @classmethod
+    def _warmup_batches_positive(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(size < 1 for size in value):
+            raise ValueError(f"WARMUP_BATCHES {list(value)}: every batch size must be at least 1")
+        return value
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.http_port == self.grpc_port:
+            port = self.http_port
+            raise ValueError(f"HTTP_PORT and GRPC_PORT are both {port}: give each its own (defaults 3000 and 8001)")
+        return self
 
     @field_validator("models", "instances")
     @classmethod
@@ -328,7 +365,7 @@ class Settings(BaseSettings):
         listed: dict[str, int | None] = {}
         for part in filter(None, self.models.split(",")):
             name, _, version = part.partition(":")
-            if version and not version.isdigit():
+            if version and not (version.isdigit() and int(version) > 0):
                 raise ValueError(f"MODELS entry {part!r}: the version after ':' must be a positive integer")
             listed[name] = int(version) if version else None
         return listed

@@ -1,0 +1,53 @@
+"""Settings as an environment writes them: empty values mean the default, lists are comma-separated, and a
+combination that cannot work is refused at start with what would be right."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("env", "read"),
+    [
+        ({"MODEL_CONTROL_STATE": ""}, lambda s: s.control_state_path == Path("model_store/.model-control.json")),
+        ({"CANARY_STATE": "  "}, lambda s: s.canary_state is None),
+        ({"API_TOKEN": "s3cret\n"}, lambda s: s.api_token.get_secret_value() == "s3cret"),  # from a secret file
+        ({"ADMIN_TOKEN": ""}, lambda s: s.admin_token is None),
+        ({"WARMUP_BATCHES": ""}, lambda s: s.warmup_batches == ()),
+        ({"WARMUP_BATCHES": "1, 8"}, lambda s: s.warmup_batches == (1, 8)),
+        ({"WARMUP_BATCHES": "[1,8,32]"}, lambda s: s.warmup_batches == (1, 8, 32)),
+    ],
+    ids=["state empty", "canary state blank", "token newline", "admin token empty", "warm-up empty",
+         "warm-up list", "warm-up json"],
+)  # fmt: skip
+def test_an_environment_as_people_write_it(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], read) -> None:  # type: ignore[no-untyped-def]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert read(Settings())
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"HTTP_PORT": "8001"}, "HTTP_PORT and GRPC_PORT are both 8001: give each its own"),
+        ({"WARMUP_BATCHES": "0,8"}, "WARMUP_BATCHES [0, 8]: every batch size must be at least 1"),
+        ({"WARMUP_BATCHES": "one"}, "WARMUP_BATCHES 'one': use batch sizes, e.g. 1,8,32"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_with_what_would(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], says: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=says.replace("[", r"\[").replace("]", r"\]")):
+        Settings()
+
+
+def test_a_pinned_version_zero_is_refused_with_the_rule() -> None:
+    with pytest.raises(ValueError, match="the version after ':' must be a positive integer"):
+        Settings(models="lenet5:0").listed_models()
