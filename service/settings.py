@@ -365,7 +365,7 @@ class Settings(BaseSettings):
         listed: dict[str, int | None] = {}
         for part in filter(None, self.models.split(",")):
             name, _, version = part.partition(":")
-            if version and not (version.isdigit() and int(version) > 0):
+            if version and not version.isdigit():
                 raise ValueError(f"MODELS entry {part!r}: the version after ':' must be a positive integer")
             listed[name] = int(version) if version else None
         return listed

@@ -46,8 +46,3 @@ def test_settings_that_cannot_work_are_refused_with_what_would(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=says.replace("[", r"\[").replace("]", r"\]")):
         Settings()
-
-
-def test_a_pinned_version_zero_is_refused_with_the_rule() -> None:
-    with pytest.raises(ValueError, match="the version after ':' must be a positive integer"):
-        Settings(models="lenet5:0").listed_models()
