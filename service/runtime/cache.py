@@ -104,19 +104,29 @@ class ResponseCache:
         return len(self._entries)
 
     async def get_or_compute(
-        self, key: bytes, entry: ModelEntry, compute: Callable[[], Awaitable[T]]
+        self,
+        key: bytes,
+        entry: ModelEntry,
+        compute: Callable[[], Awaitable[T]],
+        shared: Callable[[], None] | None = None,
     ) -> tuple[T, bool]:
         """The answer stored under ``key``, else the one computing now, else ``compute()``'s (then stored):
-        with True where this request computed nothing (a hit)."""
+        with True where this request computed nothing (a hit). ``shared`` is called where this request takes
+        another's answer, stored or computing, before the outcome is known (it may yet be that computation's
+        error): what judges a version's requests leaves both outcomes out alike."""
         version = (entry.name, entry.version)
         while True:
             found = self._get(key)
             if found is not None:
                 self._count(self.metrics.cache_hits, version)
+                if shared is not None:
+                    shared()
                 return found.value, True
             pending = self._pending.get(key)
             if pending is None:
                 break
+            if shared is not None:
+                shared()
             try:
                 value = await asyncio.shield(pending)
             except Abandoned:

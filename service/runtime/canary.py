@@ -84,8 +84,9 @@ _ROUTED: contextvars.ContextVar[_Routed | None] = contextvars.ContextVar("canary
 
 
 def answered_by_cache() -> None:
-    """The current request's answer came from the response cache: the version ran nothing, so the request is no
-    evidence of its error rate (errors are never cached: counting hits would dilute them)."""
+    """The current request takes its answer from the response cache (stored, or another request's computing now):
+    the version runs nothing for it, so it is no evidence of its error rate, whether that answer succeeds or
+    fails (errors are never stored: counting hits would dilute them; counting a shared failure would not)."""
     routed = _ROUTED.get()
     if routed is not None:
         routed.cached = True

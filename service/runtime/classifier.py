@@ -306,9 +306,7 @@ class Classifier:
             else:  # after the lease: a cached answer is never served for a version that is gone
                 key = cache_key("", "classify", entry.name, entry.version, (k, min_confidence), images)
                 compute = functools.partial(self.answer, entry, images, k, min_confidence)
-                classified, hit = await self.cache.get_or_compute(key, entry, compute)
-                if hit:
-                    answered_by_cache()
+                classified, hit = await self.cache.get_or_compute(key, entry, compute, shared=answered_by_cache)
                 if record is not None:
                     record.cache = "hit" if hit else "miss"
             if (canary := answering_canary()) is not None:  # a copy: the cache's answer is shared

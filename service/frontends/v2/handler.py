@@ -297,9 +297,8 @@ class OipHandler:
             outputs = await self._infer(entry, inputs, requested)
         else:
             compute = functools.partial(self._kept, entry, inputs, requested)
-            outputs, hit = await cache.get_or_compute(self.cache_key(entry, inputs, requested), entry, compute)
-            if hit:
-                answered_by_cache()
+            key = self.cache_key(entry, inputs, requested)
+            outputs, hit = await cache.get_or_compute(key, entry, compute, shared=answered_by_cache)
             record.cache = "hit" if hit else "miss"
         record.images = outputs[0].shape[0]
         return outputs
