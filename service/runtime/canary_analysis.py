@@ -33,6 +33,7 @@ back and steps nothing up.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ def wilson_upper(successes: int, trials: int, z: float = Z99) -> float:
     return wilson(successes, trials, z)[1]
 
 
+@functools.lru_cache(maxsize=256)  # a window's figures are read on every /models call while it fills
 def exact_upper(successes: int, trials: int, tail: float = 0.005) -> float:
     """The upper end of the Clopper-Pearson (exact binomial) 99% interval of a proportion: the ``u`` at which
     ``successes`` or fewer of ``trials`` has probability ``tail``. Near 1 with few trials Wilson's end is too
@@ -69,24 +71,26 @@ def exact_upper(successes: int, trials: int, tail: float = 0.005) -> float:
     one window of ten); the exact end is below a gate for at most ``tail`` of such windows, whatever the count."""
     if trials == 0 or successes >= trials:
         return 1.0
-    low, high = successes / trials, 1.0
-    for _ in range(60):  # bisection: the binomial CDF falls as u rises
+    k, n = successes, trials
+    # the shorter of the two tails, its log binomial coefficients once: each bisection step is one vector sum
+    upper_tail = n - k < k + 1
+    counts = np.arange(k + 1, n + 1) if upper_tail else np.arange(0, k + 1)
+    log_choose = math.lgamma(n + 1) - _lgamma(counts + 1) - _lgamma(n - counts + 1)
+    low, high = k / n, 1.0
+    for _ in range(60):  # bisection: P(X <= k) falls as u rises
         middle = (low + high) / 2
-        if _binomial_cdf(successes, trials, middle) > tail:
+        logs = log_choose + counts * math.log(middle) + (n - counts) * math.log1p(-middle)
+        top = logs.max()
+        mass = math.exp(top) * float(np.exp(logs - top).sum())
+        at_most_k = 1.0 - mass if upper_tail else mass
+        if at_most_k > tail:
             low = middle
         else:
             high = middle
     return high
 
 
-def _binomial_cdf(k: int, n: int, p: float) -> float:
-    if p >= 1.0:
-        return 0.0
-    log_p, log_q = math.log(p) if p > 0 else -math.inf, math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q
-             for i in range(k + 1)]  # fmt: skip
-    top = max(terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in terms))
+_lgamma = np.vectorize(math.lgamma, otypes=[float])
 
 
 DRIFT_PERMUTATIONS = 200
