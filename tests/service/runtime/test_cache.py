@@ -97,6 +97,29 @@ def test_identical_requests_at_the_same_moment_are_computed_once_and_a_failure_i
     assert all(value is answered[0][0] for value, _ in answered)  # the one object, stored once
 
 
+def test_a_request_that_shares_an_answer_is_told_so_before_the_outcome_whatever_it_is() -> None:
+    """Of 8 identical requests at once, 7 take the first's computation: each of those 7 is told it shares the answer
+    (a canary leaves it out of its window), when it fails as when it succeeds, and so is a later stored hit."""
+    cache = ResponseCache(1 << 20, get_metrics())
+
+    async def slow(fail: bool) -> bytes:
+        await asyncio.sleep(0.05)
+        if fail:
+            raise InvalidInput("not an image")
+        return b"the answer"
+
+    async def many(fail: bool) -> int:
+        told = []
+        requests = [cache.get_or_compute(b"shared", MODEL, lambda: slow(fail), shared=lambda: told.append(1))
+                    for _ in range(8)]  # fmt: skip
+        await asyncio.gather(*requests, return_exceptions=True)
+        return len(told)
+
+    assert asyncio.run(many(fail=True)) == 7
+    assert asyncio.run(many(fail=False)) == 7
+    assert asyncio.run(many(fail=False)) == 8  # all stored hits now
+
+
 def test_a_cancelled_waiter_cancels_nothing_and_a_cancelled_computation_hands_over() -> None:
     cache = ResponseCache(1 << 20, get_metrics())
     calls = 0
