@@ -44,6 +44,7 @@ import onnxruntime as ort
 from service.store.host import cpu_count
 from service.store.layout import CONFIG_FILE, GRAPH_FILE, LABELS_FILE, METADATA_FILE, ModelStore, StoredVersion
 from service.store.metadata import ModelMetadata
+from service.store.policy import VersionPolicy
 from service.store.sessions import session_options
 from service.store.tensors import INPUT_NAME
 
@@ -334,7 +335,10 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
         labels = "\n".join(store.read_labels(name, parent)) + "\n"
         (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
         parent_config = (store.model_dir(name) / CONFIG_FILE).read_text(encoding="utf-8")
-        config = versions.kept_settings(_triton_config(parent_config, target_name), model_dir / CONFIG_FILE)
+        # the parent's configuration under the variant's name, its version policy Triton's default (a pin of the
+        # parent's versions means nothing here), then the variant's own policy and limit where it has a config
+        generated = versions.with_settings(_triton_config(parent_config, target_name), VersionPolicy())
+        config = versions.kept_settings(generated, model_dir / CONFIG_FILE)
         versions.publish(staging, model_dir, version, labels, config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

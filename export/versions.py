@@ -8,34 +8,45 @@ operator's choices in ``config.pbtxt`` (``version_policy``, ``max_batch_size``) 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 from service.store.batch_limit import parse_max_batch_size
 from service.store.layout import CONFIG_FILE, LABELS_FILE
-from service.store.policy import parse_version_policy
+from service.store.policy import VersionPolicy, parse_version_policy
 
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
-# the blocks the export writes and an operator edits, in the text of a config.pbtxt (see service.store.policy)
+STALE_S = 3600.0  # a staging folder untouched this long, its export gone from this host, is swept
+# the blocks the export writes and an operator edits, found in a masked copy of a config.pbtxt (see _masked)
 _POLICY_BLOCK = re.compile(r"version_policy\s*:?\s*\{\s*\w+\s*:?\s*\{[^{}]*\}\s*\}")
 _LIMIT_FIELD = re.compile(r"(?<![\w.])max_batch_size\s*:\s*[^\s,;{}\]\[]+")
+_STRING_OR_COMMENT = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*""")
+_STAGED = re.compile(r"(\d+)@(.+)-[^-]+")  # pid@host-random, after the prefix
 
 
 def staging_dir(model_dir: Path) -> Path:
-    """A new folder to build a version in, named by this process; those that exports killed outright left (their
-    process gone) are removed first: a VGG's is half a gigabyte."""
+    """A new folder to build a version in, named by this process and host; those that exports killed outright
+    left (their process gone from this host, the folder untouched for an hour) are removed first: a VGG's is half
+    a gigabyte. Another host's, or another container's sharing the volume, is left alone."""
+    host = socket.gethostname()
     for left in model_dir.glob(f"{STAGING_PREFIX}*"):
-        owner = left.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
-        if owner.isdigit() and not _running(int(owner)):
-            shutil.rmtree(left, ignore_errors=True)
-            logger.info("removed %s, left by an export that stopped (pid %s)", left, owner)
-    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir))
+        owner = _STAGED.fullmatch(left.name.removeprefix(STAGING_PREFIX))
+        if owner is None or owner.group(2) != host or _running(int(owner.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if time.time() - left.stat().st_mtime > STALE_S:
+                shutil.rmtree(left, ignore_errors=True)
+                logger.info("removed %s, left by an export that stopped (pid %s)", left, owner.group(1))
+    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}@{host}-", dir=model_dir))
 
 
 def _running(pid: int) -> bool:
@@ -60,9 +71,12 @@ def publish(staging: Path, model_dir: Path, version: int, labels: str, config: s
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """This process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
 
 
 def _replace(path: Path, text: str) -> None:
@@ -71,9 +85,32 @@ def _replace(path: Path, text: str) -> None:
     os.replace(staged, path)
 
 
+def _masked(text: str) -> str:
+    """``text`` with its comments and strings blanked, same length (so that spans found here are the text's), and
+    protobuf's ``< >`` delimiters as ``{ }``."""
+    blanked = _STRING_OR_COMMENT.sub(lambda match: re.sub(r"[^\n]", " ", match.group()), text)
+    return blanked.replace("<", "{").replace(">", "}")
+
+
+def with_settings(text: str, policy: VersionPolicy, limit: int | None = None) -> str:
+    """``text`` (a ``config.pbtxt``) with ``policy`` in place of its ``version_policy`` (added where it has none),
+    and ``limit`` in place of its ``max_batch_size`` where given; comments and strings are left as they are."""
+    masked = _masked(text)
+    edits = []
+    found = _POLICY_BLOCK.search(masked)
+    edits.append((found.start(), found.end(), policy.pbtxt()) if found else (len(text), len(text), ""))
+    if limit is not None and (field := _LIMIT_FIELD.search(masked)) is not None:
+        edits.append((field.start(), field.end(), f"max_batch_size: {limit}"))
+    for start, end, replacement in sorted(edits, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    if found is None:
+        text = text.rstrip("\n") + "\n" + policy.pbtxt() + "\n"
+    return text
+
+
 def kept_settings(generated: str, existing: Path) -> str:
     """``generated`` (a new export's ``config.pbtxt``) with the ``version_policy`` and ``max_batch_size`` of the
-    model's ``existing`` one: an operator's pin (``specific: { versions: [1] }``) or lower limit stays. Where the
+    model's ``existing`` one: an operator's pin (``specific: { versions: [1] }``) or batch limit stays. Where the
     existing one cannot be read as this service reads it, ``generated`` as it is, and a warning says so."""
     try:
         old = existing.read_text(encoding="utf-8")
@@ -84,9 +121,4 @@ def kept_settings(generated: str, existing: Path) -> str:
     except ValueError as exc:
         logger.warning("%s: %s; written anew with the export's version_policy and max_batch_size", existing, exc)
         return generated
-    text = _POLICY_BLOCK.sub(lambda _: policy.pbtxt(), generated, count=1)
-    if _POLICY_BLOCK.search(text) is None:
-        text = text.rstrip("\n") + "\n" + policy.pbtxt() + "\n"
-    if limit is not None:
-        text = _LIMIT_FIELD.sub(f"max_batch_size: {limit}", text, count=1)
-    return text
+    return with_settings(generated, policy, limit)

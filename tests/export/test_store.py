@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from export import versions
 from export.pipeline import ExportOptions, export_model
 from export.registry import get_model_spec, list_models
+from service.store.batch_limit import parse_max_batch_size
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
-from service.store.policy import read_version_policy
+from service.store.policy import VersionPolicy, parse_version_policy, read_version_policy
 
 from ..helpers import ROOT, free_port
 
@@ -59,21 +63,37 @@ def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
         )
         config.write_text(edited)
         ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        killed, running = model_dir / f".staging-{ended.stdout.strip()}-abc", model_dir / f".staging-{os.getpid()}-xyz"
-        for left in (killed, running):
+        here, gone = socket.gethostname(), ended.stdout.strip()
+        killed, running = model_dir / f".staging-{gone}@{here}-abc", model_dir / f".staging-{os.getpid()}@{here}-xyz"
+        elsewhere = model_dir / f".staging-{gone}@another-host-def"  # another container's, sharing the volume
+        for left in (killed, running, elsewhere):
             left.mkdir()
             (left / "model.onnx").write_bytes(b"half a graph")
+            os.utime(left, (time.time() - 7200, time.time() - 7200))
         second = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
     finally:
         os.umask(previous)
     assert (first.version, second.version) == (1, 2)
     assert [v.version for v in store.versions("lenet5")] == [1, 2]
     assert [oct((model_dir / str(v)).stat().st_mode & 0o777) for v in (1, 2)] == ["0o755", "0o755"]
-    assert not killed.exists() and running.exists()
+    assert not killed.exists() and running.exists() and elsewhere.exists()
     kept = config.read_text()
     assert "max_batch_size: 8" in kept and "version_policy: { specific: { versions: [1] } }" in kept
     assert kept.count("max_batch_size") == 1 and kept.count("version_policy") == 1 and 'name: "lenet5"' in kept
     assert read_version_policy(config).select([1, 2]) == [1]
+
+
+def test_the_operators_settings_are_spliced_into_a_config_whatever_its_comments_and_delimiters() -> None:
+    """A variant's configuration is its parent's text: its comments and protobuf's < > delimiters stay, and the
+    kept policy and limit replace the real fields, not a mention of them in a comment."""
+    parent = (
+        'name: "resnet50"\n# was version_policy: { all: { } }\n# max_batch_size: 64 was too much\n'
+        "max_batch_size: 16\nversion_policy < specific < versions: [3] > >\n"
+    )
+    out = versions.with_settings(parent, VersionPolicy("latest", num_versions=2), 8)
+    assert out.startswith('name: "resnet50"\n# was version_policy: { all: { } }\n# max_batch_size: 64 was too much\n')
+    assert parse_version_policy(out) == VersionPolicy("latest", num_versions=2) and parse_max_batch_size(out) == 8
+    assert out.count("version_policy") == 2 and out.count("max_batch_size") == 2  # one each, and the comments'
 
 
 def test_trained_weights_are_refused_for_imagenet_networks(tmp_path: Path) -> None:
