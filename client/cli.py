@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceUnavailableError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except BrokenPipeError:  # the reader went away (| head): not an error of the run
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure flushing at exit
+        return 141
     except OSError as exc:  # --output or --explain cannot be written
         sys.stderr.write(f"error: {exc}\n")
         return 2

@@ -275,7 +275,7 @@ class ModelControl:
         try:
             policy = read_version_policy(self.store.model_dir(name) / CONFIG_FILE)
         except ValueError as exc:
-            raise _ConfigUnreadable(f"{CONFIG_FILE}: {exc}; the versions it serves go on meanwhile") from None
+            raise _ConfigUnreadable(f"{CONFIG_FILE}: {exc} (versions already serving go on)") from None
         loadable = [v for v in (pinned or sorted(stored)) if self._loadable(stored[v])]
         chosen = loadable if pinned else policy.select(loadable)
         return [stored[v] for v in chosen]

@@ -92,7 +92,7 @@ def test_a_config_pbtxt_edited_wrong_takes_nothing_down_and_says_why(
     entry = repository.serving("lenet")
     assert entry is not None and entry.version == 2 and entry.status == "ready"
     problem = repository.state()["models"]["lenet"][""]
-    assert "unknown version_policy 'lastest'" in problem["reason"] and "serves go on" in problem["reason"]
+    assert "unknown version_policy 'lastest'" in problem["reason"] and "already serving go on" in problem["reason"]
     control.reconcile()  # logged once, not at every pass
     assert caplog.text.count("unknown version_policy 'lastest'") == 1
     config.write_text('name: "lenet"\nversion_policy < latest < num_versions: 2 > >\n')
