@@ -12,7 +12,8 @@ model served is light, else one on CPUs.
 Where the models run on CUDA the sessions are the GPU's, not the cores': the cores parse HTTP and
 decode images, and one worker (one event loop) cannot keep a GPU busy (ResNet-50 FP16 on an
 H200 served 875 images/s with one worker, the GPU busy 17% of the time). So ``WORKERS=0``
-gives one worker per four CPUs there, at most eight (each with its share of decoder threads),
+gives one worker per four CPUs there for ImageNet networks, at most eight (each with its share
+of decoder threads; light models alone keep one worker per CPU, their event loop the limit),
 their sessions in one session host; four cores per worker is the CPU's arithmetic (one event
 loop, about two decoder threads of ~1,950 JPEGs/s each), not yet a GPU measurement:
 ``benchmarks.gpu`` measures it beside WORKERS 1, 2 and 4.
