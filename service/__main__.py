@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from .runtime.residency import Residency
+from .runtime.sizing import auto_workers
 from .settings import Settings
 from .store.layout import ModelStore
 
@@ -18,6 +20,10 @@ def main() -> int:
             f"The model store {store.root.resolve()} holds no model. Run `make export` first "
             f"(or `python -m export lenet5 --out {store.root}`).\n"
         )
+        return 2
+    workers = settings.workers or auto_workers(settings)[0]
+    if (problem := Residency.impossible(settings, store, workers)) is not None:
+        sys.stderr.write(problem + "\n")
         return 2
     command = [
         sys.executable,

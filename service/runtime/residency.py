@@ -43,6 +43,8 @@ from .deadline import time_left
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
+    from ..settings import Settings
+    from ..store.layout import ModelStore
     from .entry import ModelEntry
     from .lifecycle import ModelControl
     from .repository import Repository
@@ -156,6 +158,37 @@ class Residency:
             whole, how = default_budget(resident_bytes(), workers)
         shared = f"{how}; shared by {workers} workers" if workers > 1 else how
         return cls(repository, control, metrics, whole // workers, shared)
+
+    @classmethod
+    def impossible(cls, settings: Settings, store: ModelStore, workers: int) -> str | None:
+        """Why ``MODEL_CONTROL=on-demand`` cannot serve this store with these settings, before any worker starts
+        (every request would get 503 for ever), with what would do; None where it can. The budget is measured
+        from this process, lighter than a worker, so only what cannot work anyway is refused."""
+        if settings.model_control != "on-demand":
+            return None
+        if settings.memory_budget.strip():
+            whole, how = parse_size(settings.memory_budget), f"MEMORY_BUDGET={settings.memory_budget}"
+        else:
+            whole, how = default_budget(resident_bytes(), workers)
+        share = whole // max(workers, 1)
+        estimates = {
+            name: cls.estimate(latest).bytes for name in store.names() if (latest := store.latest(name)) is not None
+        }
+        if not estimates:
+            return None
+        mib = 2**20
+        smallest = min(estimates, key=estimates.__getitem__)
+        pinned = [name for name in settings.pinned_models() if name in estimates]
+        if share < estimates[smallest]:
+            return (f"MODEL_CONTROL=on-demand: each of {workers} worker(s) may give models {share / mib:.0f} MiB "
+                    f"({how}), less than the smallest model of the store, {smallest} "
+                    f"({estimates[smallest] / mib:.0f} MiB): raise MEMORY_BUDGET (or the memory limit) to at least "
+                    f"{estimates[smallest] * workers / mib:.0f} MiB for the models, or use fewer WORKERS")  # fmt: skip
+        if (need := sum(estimates[name] for name in pinned)) > share:
+            return (f"PINNED models {', '.join(pinned)} take {need / mib:.0f} MiB, more than each worker's "
+                    f"{share / mib:.0f} MiB for models ({how}): pin fewer, or raise MEMORY_BUDGET (or the memory "
+                    f"limit) to at least {need * workers / mib:.0f} MiB for the models")  # fmt: skip
+        return None
 
     # -- what requests call ---------------------------------------------------------------------
 

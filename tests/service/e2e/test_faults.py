@@ -154,6 +154,23 @@ def test_an_empty_store_is_refused_with_the_remedy(tmp_path: Path) -> None:
     assert result.returncode == 2 and "make export" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"MEMORY_BUDGET": "1MiB"}, "less than the smallest model of the store, lenet5"),
+        ({"MEMORY_BUDGET": "100MiB", "PINNED": "resnet18"}, "PINNED models resnet18 take 294 MiB, more than"),
+    ],
+)
+def test_an_on_demand_budget_that_cannot_serve_the_store_is_refused_with_what_would(
+    model_store: ModelStore, env: dict[str, str], says: str
+) -> None:
+    """Every request would get 503 for ever (a budget below the smallest model, pinned models above it): the start
+    is refused, naming the figure that would do."""
+    env = {**os.environ, "MODEL_STORE": str(model_store.root), "MODEL_CONTROL": "on-demand", "WORKERS": "1", **env}
+    result = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and says in result.stderr and "MiB for the models" in result.stderr
+
+
 def test_bentoml_serve_on_an_empty_store_stays_unready_and_says_why(tmp_path: Path) -> None:
     process = ServiceProcess(tmp_path, tmp_path / "empty.log").start(wait_for="/livez")
     try:
