@@ -177,6 +177,54 @@ def test_why_lays_the_heat_map_over_the_image_for_any_class(
     assert tab.console_errors == []
 
 
+def test_a_heat_map_the_network_did_not_bring_says_so_and_can_be_asked_again(
+    tab: Tab, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The connection fails as "why?" is asked: the card says why, is not left waiting, and the next click works."""
+    photo = tmp_path_factory.mktemp("why-offline") / "coffee.jpg"
+    photo.write_bytes(encode(data.coffee(), "JPEG", quality=90))
+    tab.page.set_input_files("#file-input", str(photo))
+    card = ".result[data-status=done]"
+    tab.page.wait_for_selector(card)
+    tab.page.route("**/explain?*", lambda route: route.abort())
+    tab.page.click(f"{card} button.why")
+    tab.page.wait_for_function(
+        "() => document.querySelector('.result .meta').textContent.startsWith('no explanation:')"
+    )
+    assert (
+        tab.page.get_attribute(card, "data-explaining") is None
+        and tab.page.get_attribute(card, "data-explained") is None
+    )
+    tab.page.unroute("**/explain?*")
+    tab.page.click(f"{card} button.why")
+    tab.page.wait_for_selector(f"{card}[data-explained]")
+
+
+def test_a_service_that_does_not_answer_at_first_is_asked_again_without_a_reload(
+    browser: Browser, service: ServiceProcess
+) -> None:
+    """/models answers 503 twice (a service still starting): the page says so, asks again by itself, and the
+    model list appears with the message gone."""
+    context = browser.new_context()
+    page = context.new_page()
+    refused: list[str] = []
+
+    def starting(route: Any) -> None:
+        if len(refused) < 2:
+            refused.append(route.request.url)
+            route.fulfill(status=503, content_type="application/json", body='{"error": "the service is starting"}')
+        else:
+            route.continue_()
+
+    try:
+        page.route("**/models", starting)
+        page.goto(f"{service.url}/")
+        page.wait_for_selector("#model-select:not([disabled])", timeout=30_000)
+        assert len(refused) == 2 and page.is_hidden("#models-error")
+    finally:
+        context.close()
+
+
 def test_what_each_layer_of_lenet5_sees_is_drawn_under_the_canvas(
     tab: Tab, service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

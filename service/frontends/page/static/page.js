@@ -114,7 +114,16 @@ function perClassToggle(model) {
   button.className = "link";
   button.textContent = "accuracy per class";
   button.addEventListener("click", async () => {
-    const body = await call("/models?per_class=true");
+    let body;
+    try {
+      body = await call("/models?per_class=true");
+    } catch (exc) {  // shown where it was asked for; the button stays, to try again
+      const why = dd.querySelector(".per-class-error") || document.createElement("span");
+      why.className = "per-class-error";
+      why.textContent = ` unavailable: ${exc.message}`;
+      dd.append(why);
+      return;
+    }
     const found = (body.models || []).find((m) => m.name === model.name);
     const list = document.createElement("ul");
     for (const [label, figures] of Object.entries((found && found.evaluation && found.evaluation.per_class) || {})) {
@@ -224,6 +233,8 @@ function renderModelSelect(defaultModel) {
   renderUnavailable();
 }
 
+let modelsRetry = 1000;  // after a failure: doubled up to 30 s, back to 1 s once /models answers
+
 async function loadModels() {
   const error = $("models-error");
   try {
@@ -231,12 +242,19 @@ async function loadModels() {
     error.hidden = true;
     $("token-panel").hidden = true;
     $("forget-token").hidden = !token();
+    modelsRetry = 1000;
     state.models = body.models;
     renderModelSelect(body.default_model);
     if (state.models.some((m) => m.status === "loading")) setTimeout(loadModels, 2000);
   } catch (exc) {
     error.textContent = exc.message;
     error.hidden = false;
+    // a service still starting (503) or out of reach: asked again, so the page needs no reload; a refused token
+    // waits for the one entered (the token panel loads the models itself)
+    if (!(exc instanceof ApiError && exc.status === 401)) {
+      setTimeout(loadModels, modelsRetry);
+      modelsRetry = Math.min(2 * modelsRetry, 30000);
+    }
   }
 }
 
@@ -384,12 +402,20 @@ function explainUrl(model, version, index) {
 async function explainInto(card, blob, index) {
   const meta = card.querySelector(".meta");
   card.dataset.explaining = String(index);
-  const response = await fetch(explainUrl(card.dataset.model, card.dataset.version, index), {
-    method: "POST",
-    headers: { "Content-Type": contentTypeOf(blob), Accept: "image/png", ...authHeaders() },
-    body: blob,
-  });
-  delete card.dataset.explaining;
+  let response;
+  try {
+    response = await fetch(explainUrl(card.dataset.model, card.dataset.version, index), {
+      method: "POST",
+      headers: { "Content-Type": contentTypeOf(blob), Accept: "image/png", ...authHeaders() },
+      body: blob,
+    });
+  } catch (exc) {  // the network, not the service: say so, and the card is not left "explaining"
+    meta.textContent = `no explanation: ${exc.message}`;
+    return false;
+  } finally {
+    delete card.dataset.explaining;
+  }
+  if (response.status === 401) showTokenPanel(token() ? "That token was refused." : null);
   if (!response.ok) {
     let reason = `HTTP ${response.status}`;
     try {
