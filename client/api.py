@@ -165,13 +165,25 @@ class Client:
         params: dict[str, str | int] = {"top_k": top_k} | ({"model": model} if model else {})
         slots = asyncio.Semaphore(max(1, concurrency))  # also bounds the pool's connections
         async with httpx.AsyncClient(headers=self.headers, timeout=self.timeout) as http:
-            taken: set[str] = set()
+            taken: set[str] = set()  # heat maps' names, case-folded: one file each on a case-insensitive disk too
 
-            async def one(position: int, item: Item) -> Result:
+            def heat_map(position: int, item: Item) -> Path | None:
+                """Where an item's heat map goes, chosen in input order (the same names run after run)."""
+                if explain_dir is None:
+                    return None
+                stem = f"image-{position}" if isinstance(item, bytes) else Path(item).stem
+                name, n = f"{stem}.png", 1
+                while name.casefold() in taken:
+                    n += 1
+                    name = f"{stem}-{n}.png"
+                taken.add(name.casefold())
+                return explain_dir / name
+
+            async def one(position: int, item: Item, target: Path | None) -> Result:
                 async with slots:
                     result = await self._classify_one(http, _source(item, position), item, params)
-                    if explain_dir is not None and result.ok:
-                        written, result.explanation = await self._explain_one(http, item, result, explain_dir, taken)
+                    if target is not None and result.ok:
+                        written, result.explanation = await self._explain_one(http, item, result, target)
                         result.explanation_failed = not written
                 if on_done is not None:
                     on_done(result)
@@ -184,7 +196,7 @@ class Client:
 
             def fill() -> None:
                 for position, item in itertools.islice(pending, 4 * max(1, concurrency) - len(window)):
-                    window.append(asyncio.ensure_future(one(position, item)))
+                    window.append(asyncio.ensure_future(one(position, item, heat_map(position, item))))
 
             try:
                 fill()
@@ -227,10 +239,8 @@ class Client:
         except (ValueError, KeyError, IndexError, TypeError):  # a proxy's page, say: not the service's answer
             return Result(source, error=f"HTTP 200 without the service's answer: {response.text[:200]!r}", status=200)
 
-    async def _explain_one(
-        self, http: httpx.AsyncClient, item: Item, result: Result, directory: Path, taken: set[str]
-    ) -> tuple[bool, str]:
-        """The top-1's heat map of an image ``result`` classified, written into ``directory``: (True, its path), or
+    async def _explain_one(self, http: httpx.AsyncClient, item: Item, result: Result, target: Path) -> tuple[bool, str]:
+        """The top-1's heat map of an image ``result`` classified, written to ``target``: (True, its path), or
         (False, why not)."""
         try:
             data = item if isinstance(item, bytes) else await asyncio.to_thread(Path(item).read_bytes)
@@ -244,13 +254,6 @@ class Client:
             return False, f"no explanation within {self.timeout:g} s"
         if response.status_code != 200:
             return False, f"no explanation: {_error_message(response)}"
-        stem = Path(result.source).stem if not isinstance(item, bytes) else f"image-{result.source.split()[-1][:-1]}"
-        name, n = f"{stem}.png", 1
-        while name in taken:
-            n += 1
-            name = f"{stem}-{n}.png"
-        taken.add(name)
-        target = directory / name
         try:
             await asyncio.to_thread(target.write_bytes, response.content)
         except OSError as exc:

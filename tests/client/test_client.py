@@ -7,6 +7,7 @@ the service's.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import email.utils
 import json
@@ -176,15 +177,20 @@ class _Stub(BaseHTTPRequestHandler):
             self._answer(503, {"error": "shedding load"}, {"Retry-After": server.retry_after})
             return
         if self.path.startswith("/explain"):
-            self._answer(404, {"error": "no explanation graph here"})
+            if server.explain_png:
+                self._send(200, b"\x89PNG a heat map", {"Content-Type": "image/png"})
+            else:
+                self._answer(404, {"error": "no explanation graph here"})
             return
         self._answer(200, {"model": "stub", "version": "7",
                            "results": [{"predictions": [{"label": "ok", "index": 0, "score": 1.0}]}]})  # fmt: skip
 
     def _answer(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-        payload = json.dumps(body).encode()
+        self._send(status, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _send(self, status: int, payload: bytes, headers: dict[str, str]) -> None:
         self.send_response(status)
-        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+        for name, value in headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -195,7 +201,7 @@ class _Stub(BaseHTTPRequestHandler):
 def stub() -> Iterator[Any]:
     server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     server.posts, server.token, server.request_ids, server.drop, server.dropped = 0, None, [], 0, 0
-    server.retry_after = "0"
+    server.retry_after, server.explain_png = "0", False
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     yield server
@@ -279,6 +285,24 @@ def test_heat_maps_that_cannot_be_had_fail_the_run_and_say_why(stub: Any, photos
     rows = list(csv.DictReader(result.stdout.splitlines()))
     assert [r["explanation"] for r in rows] == ["no explanation: no explanation graph here"] * 2
     assert list((tmp_path / "maps").iterdir()) == []
+
+
+def test_heat_maps_are_named_in_input_order_one_file_each_on_a_case_insensitive_disk(stub: Any, tmp_path: Path) -> None:
+    stub.posts, stub.explain_png = 2, True
+    paths = []
+    for folder, name in (("a", "IMG_1.JPG"), ("b", "img_1.jpg"), ("c", "IMG_1.jpg")):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / name)
+        paths[-1].write_bytes(b"a photo")
+
+    async def run() -> list[Any]:
+        stream = Client(stub.url, backoff=0.01).stream(paths, concurrency=3, explain_dir=tmp_path / "maps")
+        return [result async for result in stream]
+
+    (tmp_path / "maps").mkdir()
+    results = asyncio.run(run())
+    assert [Path(r.explanation).name for r in results] == ["IMG_1.png", "img_1-2.png", "IMG_1-3.png"]
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["IMG_1-3.png", "IMG_1.png", "img_1-2.png"]
 
 
 def test_the_client_needs_only_httpx_and_tqdm() -> None:
