@@ -302,6 +302,8 @@ class Residency:
     def load(self, name: str, version: int | None, reason: str) -> int | None:
         """Load ``name``'s versions (its policy's, or ``version``), evicting for room first; the version to lease.
         Where the room is held by models answering or awaiting requests, wait for it (``COLD_START_TIMEOUT_S``)."""
+        if self._stop.is_set():  # a load queued before the worker began to stop: its entry would outlive it
+            raise ModelNotReady(f"Model {name!r} is not loaded: the server is stopping")
         plan = self.control.plan({name: [version] if version else None})
         if name in plan.problems:  # a bad config.pbtxt, say: the request is told, not sent to a 404
             raise ModelNotReady(f"Model {name!r} cannot be loaded: {plan.problems[name]}")
@@ -498,6 +500,8 @@ class Residency:
     def _run(self) -> None:
         warm = {**dict.fromkeys(self.settings.pinned_models()), **self.settings.requested_models()}
         for name, version in warm.items():
+            if self._stop.is_set():  # the worker stops: no more loads nothing would close
+                return
             try:
                 self.load(name, version, "start")
             except Exception as exc:  # serving goes on; a request for it tries again and says why

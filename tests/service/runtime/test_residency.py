@@ -368,3 +368,15 @@ def test_no_model_is_evicted_for_a_load_that_cannot_fit_anyway(
     with pytest.raises(BudgetExhausted, match="pinned models \\(alpha\\)"):
         asyncio.run(main())
     assert set(residency.resident) == {"alpha", "beta"}
+
+
+def test_a_stopping_worker_starts_no_more_loads(make_store: StoreFactory, make_runtime: RuntimeFactory) -> None:
+    """Once the worker stops, a load queued before (a cold start, a warm model at start) is refused, not run into
+    an entry nothing would close."""
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
+    residency.shutdown()
+    with pytest.raises(ModelNotReady, match="the server is stopping"):
+        residency.load("alpha", None, "request")
+    assert "alpha" not in runtime.repository.versions
