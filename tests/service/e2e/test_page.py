@@ -134,14 +134,20 @@ def test_a_drawn_digit_is_read_and_matches_classify(
     print(f"screenshot: {screenshot}")
 
 
-def test_why_lays_the_heat_map_over_the_image_for_any_class(
-    tab: Tab, service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    photo = tmp_path_factory.mktemp("why") / "coffee.jpg"
+def uploaded_coffee(tab: Tab, folder: Path) -> tuple[Path, str]:
+    """The coffee photo, written into ``folder`` and chosen in the page's file input; and its card, once answered."""
+    photo = folder / "coffee.jpg"
     photo.write_bytes(encode(data.coffee(), "JPEG", quality=90))
     tab.page.set_input_files("#file-input", str(photo))
     card = ".result[data-status=done]"
     tab.page.wait_for_selector(card)
+    return photo, card
+
+
+def test_why_lays_the_heat_map_over_the_image_for_any_class(
+    tab: Tab, service: ServiceProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    photo, card = uploaded_coffee(tab, tmp_path_factory.mktemp("why"))
     shown = shown_predictions(tab.page, card)
     with tab.page.expect_request(lambda r: "/explain" in r.url) as sent:
         tab.page.click(f"{card} button.why")
@@ -181,11 +187,7 @@ def test_a_heat_map_the_network_did_not_bring_says_so_and_can_be_asked_again(
     tab: Tab, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """The connection fails as "why?" is asked: the card says why, is not left waiting, and the next click works."""
-    photo = tmp_path_factory.mktemp("why-offline") / "coffee.jpg"
-    photo.write_bytes(encode(data.coffee(), "JPEG", quality=90))
-    tab.page.set_input_files("#file-input", str(photo))
-    card = ".result[data-status=done]"
-    tab.page.wait_for_selector(card)
+    _, card = uploaded_coffee(tab, tmp_path_factory.mktemp("why-offline"))
     tab.page.route("**/explain?*", lambda route: route.abort())
     tab.page.click(f"{card} button.why")
     tab.page.wait_for_function(
