@@ -18,18 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.store.batch_limit import parse_max_batch_size
+from service.store.batch_limit import LIMIT_FIELD, parse_max_batch_size
 from service.store.layout import CONFIG_FILE, LABELS_FILE
-from service.store.policy import VersionPolicy, parse_version_policy
+from service.store.policy import POLICY_BLOCK, VersionPolicy, masked, parse_version_policy
 
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 STALE_S = 3600.0  # a staging folder untouched this long, its export gone from this host, is swept
-# the blocks the export writes and an operator edits, found in a masked copy of a config.pbtxt (see _masked)
-_POLICY_BLOCK = re.compile(r"version_policy\s*:?\s*\{\s*\w+\s*:?\s*\{[^{}]*\}\s*\}")
-_LIMIT_FIELD = re.compile(r"(?<![\w.])max_batch_size\s*:\s*[^\s,;{}\]\[]+")
-_STRING_OR_COMMENT = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*""")
 _STAGED = re.compile(r"(\d+)@(.+)-[^-]+")  # pid@host-random, after the prefix
 
 
@@ -85,21 +81,14 @@ def _replace(path: Path, text: str) -> None:
     os.replace(staged, path)
 
 
-def _masked(text: str) -> str:
-    """``text`` with its comments and strings blanked, same length (so that spans found here are the text's), and
-    protobuf's ``< >`` delimiters as ``{ }``."""
-    blanked = _STRING_OR_COMMENT.sub(lambda match: re.sub(r"[^\n]", " ", match.group()), text)
-    return blanked.replace("<", "{").replace(">", "}")
-
-
 def with_settings(text: str, policy: VersionPolicy, limit: int | None = None) -> str:
     """``text`` (a ``config.pbtxt``) with ``policy`` in place of its ``version_policy`` (added where it has none),
     and ``limit`` in place of its ``max_batch_size`` where given; comments and strings are left as they are."""
-    masked = _masked(text)
+    blanked = masked(text)
     edits = []
-    found = _POLICY_BLOCK.search(masked)
+    found = POLICY_BLOCK.search(blanked)
     edits.append((found.start(), found.end(), policy.pbtxt()) if found else (len(text), len(text), ""))
-    if limit is not None and (field := _LIMIT_FIELD.search(masked)) is not None:
+    if limit is not None and (field := LIMIT_FIELD.search(blanked)) is not None:
         edits.append((field.start(), field.end(), f"max_batch_size: {limit}"))
     for start, end, replacement in sorted(edits, reverse=True):
         text = text[:start] + replacement + text[end:]

@@ -24,7 +24,7 @@ from .policy import config_text, without_strings_and_comments
 # it or MAX_BATCH_SIZE (32 by default), whichever is lower
 MODEL_MAX_BATCH_SIZE = 64
 
-_FIELD = re.compile(r"(?<![\w.])max_batch_size\s*:\s*([^\s,;{}\]\[]+)")
+LIMIT_FIELD = re.compile(r"(?<![\w.])max_batch_size\s*:\s*([^\s,;{}\]\[]+)")
 
 
 def parse_max_batch_size(text: str) -> int | None:
@@ -32,7 +32,7 @@ def parse_max_batch_size(text: str) -> int | None:
 
     Raises ``ValueError`` naming what is wrong and what would be right.
     """
-    found = _FIELD.findall(without_strings_and_comments(text))
+    found = LIMIT_FIELD.findall(without_strings_and_comments(text))
     if not found:
         return None
     if len(found) > 1:

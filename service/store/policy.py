@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-_POLICY = re.compile(r"version_policy\s*:?\s*\{\s*(\w+)\s*:?\s*\{([^{}]*)\}\s*\}", re.S)
+POLICY_BLOCK = re.compile(r"version_policy\s*:?\s*\{\s*(\w+)\s*:?\s*\{([^{}]*)\}\s*\}", re.S)
 # protobuf text format's string literals (either quote, backslash escapes) and its only comments, `#` to the line's end
 _STRING_OR_COMMENT = re.compile(r""""(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|#[^\n]*""")
 
@@ -24,6 +24,13 @@ def without_strings_and_comments(text: str) -> str:
     """A ``config.pbtxt``'s text with its comments removed and its strings emptied, so that neither a ``#`` nor a
     field's name inside a string (a parameter's value, say) is read as structure."""
     return _STRING_OR_COMMENT.sub(lambda match: "" if match.group().startswith("#") else '""', text)
+
+
+def masked(text: str) -> str:
+    """A ``config.pbtxt``'s text with its comments and strings blanked, same length (so that a span found in it is
+    the text's span), and protobuf's ``< >`` delimiters as ``{ }``: for editing the text where a field is."""
+    blanked = _STRING_OR_COMMENT.sub(lambda match: re.sub(r"[^\n]", " ", match.group()), text)
+    return blanked.replace("<", "{").replace(">", "}")
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,7 @@ def parse_version_policy(text: str) -> VersionPolicy:
     text = without_strings_and_comments(text).replace("<", "{").replace(">", "}")
     if "version_policy" not in text:
         return VersionPolicy()
-    match = _POLICY.search(text)
+    match = POLICY_BLOCK.search(text)
     if match is None:
         raise ValueError("version_policy is not of the form `version_policy: { latest|specific|all: { ... } }`")
     kind, body = match.group(1), match.group(2)
