@@ -15,8 +15,10 @@ connection:
   must bring that rate, unless the server itself stopped reading (flow control); otherwise
   **408** and close.
 - ``MAX_CONNECTIONS``: connections one worker holds; one more is answered **503** with
-  ``Retry-After`` and closed at once, before it can send anything, while the connections
-  already held keep being served.
+  ``Retry-After`` and closed, while the connections already held keep being served. It gets
+  ``OVER_LIMIT_HEAD_S`` to send a head first, and a probe's or scraper's (``PROBE_PATHS``) is
+  answered, then the connection closed: a worker at its limit is busy, not dead, and neither the
+  kubelet (which would restart it, dropping every connection) nor Prometheus should read it as gone.
 
 The common path stays cheap: each connection arms one timer (its first head's deadline), and
 after that a head or body that arrives in one chunk (every normal request) arms none. The
@@ -39,6 +41,8 @@ from ..settings import Settings
 logger = logging.getLogger(__name__)
 
 BODY_RATE_WINDOW_S = 5.0
+OVER_LIMIT_HEAD_S = 1.0  # how long a connection past MAX_CONNECTIONS may take to show it is a probe's
+PROBE_PATHS = frozenset({b"/livez", b"/readyz", b"/healthz", b"/metrics"})
 
 
 class Limits:
@@ -60,8 +64,8 @@ def _response(status: bytes, message: str, retry_after: int | None = None) -> by
     )  # fmt: skip
 
 
-class _HeadTooLarge(Exception):
-    pass
+class _Refused(Exception):
+    """Raised in a parser callback to stop parsing: uvicorn then calls send_400_response, which answers."""
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -81,21 +85,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._watching_body = False  # whether the deadline is the body's (else the head's)
         self._body_bytes = 0  # body bytes since the last check
         self._message_bytes = 0  # bytes since the body's watch began: a body with trailers is bounded too
+        self._over_limit: asyncio.TimerHandle | None = None  # past MAX_CONNECTIONS: its deadline for a probe's head
+        self._busy = False  # a request past MAX_CONNECTIONS that is not a probe's: answered 503
 
     # the connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > Limits.max_connections:
-            metrics.connection_refused("connections")
-            limit = Limits.max_connections
-            self._refuse(
-                b"503 Service Unavailable", f"this worker holds its MAX_CONNECTIONS={limit} connections; retry", 1
-            )
+            self._over_limit = self.loop.call_later(min(OVER_LIMIT_HEAD_S, Limits.header_timeout_s), self._refuse_busy)
             return
         self._arm(Limits.header_timeout_s, self._head_late, body=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._over_limit is not None:
+            self._over_limit.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -117,11 +121,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         before = self._head_bytes if self._head_scope is self.scope else 0
         if before + self._chunk > Limits.max_header_bytes and self._head_size() > Limits.max_header_bytes:
             self._head_too_large = True
-            raise _HeadTooLarge  # httptools stops parsing; uvicorn answers 400 through send_400_response
+            raise _Refused  # answered 431 by send_400_response
+        if self._over_limit is not None:
+            self._over_limit.cancel()
+            if self.url.partition(b"?")[0] not in PROBE_PATHS:
+                self._busy = True
+                raise _Refused  # answered 503 by send_400_response
         super().on_headers_complete()
+        if self._over_limit is not None and self.cycle is not None:
+            self.cycle.keep_alive = False  # a probe's answer, then the connection is closed
 
     def send_400_response(self, msg: str) -> None:
-        if self._head_too_large:
+        if self._busy:
+            self._refuse_busy()
+        elif self._head_too_large:
             self._too_large()
         else:  # uvicorn's own is plain text; errors of this API are JSON
             self._refuse(b"400 Bad Request", f"{msg.rstrip('.')}: the request line or a header is not valid HTTP/1.1")
@@ -164,6 +177,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) + 16
+
+    def _refuse_busy(self) -> None:
+        if self.transport.is_closing():
+            return
+        metrics.connection_refused("connections")
+        limit = Limits.max_connections
+        self._refuse(b"503 Service Unavailable", f"this worker holds its MAX_CONNECTIONS={limit} connections; retry", 1)
 
     def _too_large(self) -> None:
         metrics.connection_refused("header_bytes")

@@ -159,6 +159,8 @@ def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess
 
 
 def test_connections_past_the_limit_are_refused_fast_and_held_ones_keep_serving(guarded: ServiceProcess) -> None:
+    """Past MAX_CONNECTIONS a request is answered 503 at once, a connection that sends nothing within a second
+    too, but a probe's or a scraper's is answered (then closed): a busy worker is not a dead one to the kubelet."""
     before = refused(guarded)
     with httpx.Client(base_url=guarded.url, timeout=30) as held:  # a client that connected first
         assert held.post("/classify?model=lenet5", content=DIGIT, headers=PNG).status_code == 200
@@ -166,10 +168,18 @@ def test_connections_past_the_limit_are_refused_fast_and_held_ones_keep_serving(
         try:
             time.sleep(0.3)
             started = time.monotonic()
-            status, error = status_and_error(exchange(guarded, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n"))
+            head = f"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(DIGIT)}\r\n\r\n"
+            status, error = status_and_error(exchange(guarded, head.encode() + DIGIT))
             assert status == 503 and f"MAX_CONNECTIONS={MAX_CONNECTIONS}" in error
             assert time.monotonic() - started < 1
+            for probe in ("/livez", "/readyz", "/metrics"):
+                answer = exchange(guarded, f"GET {probe} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert answer.startswith(b"HTTP/1.1 200"), (probe, answer[:300])
+                assert b"connection: close" in answer.lower()
             assert held.post("/classify?model=lenet5", content=DIGIT, headers=PNG).status_code == 200
+            idle[-1].settimeout(5)
+            status, error = status_and_error(_read_all(idle[-1]))  # the newest, past the limit, said nothing
+            assert status == 503 and f"MAX_CONNECTIONS={MAX_CONNECTIONS}" in error
         finally:
             for sock in idle:
                 sock.close()
