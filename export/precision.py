@@ -285,6 +285,14 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
     started = time.perf_counter()
     parent, meta = _parent(store, name, options.from_version)
     target_name = variant_name(name, options.precision)
+    # the parent's configuration under the variant's name, its version policy Triton's default (a pin of the
+    # parent's versions means nothing here); read first, so that a config it cannot splice fails before the work
+    parent_config = store.model_dir(name) / CONFIG_FILE
+    try:
+        renamed = _triton_config(parent_config.read_text(encoding="utf-8"), target_name)
+        generated = versions.with_settings(renamed, VersionPolicy())
+    except ValueError as exc:
+        raise ValueError(f"{parent_config}: {exc}; correct it, {target_name} takes its configuration from it") from exc
     model_dir = store.model_dir(target_name)
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = versions.staging_dir(model_dir)
@@ -334,11 +342,7 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         labels = "\n".join(store.read_labels(name, parent)) + "\n"
         (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
-        parent_config = (store.model_dir(name) / CONFIG_FILE).read_text(encoding="utf-8")
-        # the parent's configuration under the variant's name, its version policy Triton's default (a pin of the
-        # parent's versions means nothing here), then the variant's own policy and limit where it has a config
-        generated = versions.with_settings(_triton_config(parent_config, target_name), VersionPolicy())
-        config = versions.kept_settings(generated, model_dir / CONFIG_FILE)
+        config = versions.kept_settings(generated, model_dir / CONFIG_FILE)  # the variant's own policy and limit
         versions.publish(staging, model_dir, version, labels, config)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

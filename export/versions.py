@@ -83,10 +83,16 @@ def _replace(path: Path, text: str) -> None:
 
 def with_settings(text: str, policy: VersionPolicy, limit: int | None = None) -> str:
     """``text`` (a ``config.pbtxt``) with ``policy`` in place of its ``version_policy`` (added where it has none),
-    and ``limit`` in place of its ``max_batch_size`` where given; comments and strings are left as they are."""
+    and ``limit`` in place of its ``max_batch_size`` where given; comments and strings are left as they are.
+
+    Raises ``ValueError`` where ``text`` has a ``version_policy`` not of a form to replace (a second one would be
+    added, which Triton refuses).
+    """
     blanked = masked(text)
     edits = []
     found = POLICY_BLOCK.search(blanked)
+    if found is None and "version_policy" in blanked:  # as parse_version_policy tells
+        raise ValueError("its version_policy is not of the form `version_policy: { latest|specific|all: { ... } }`")
     edits.append((found.start(), found.end(), policy.pbtxt()) if found else (len(text), len(text), ""))
     if limit is not None and (field := LIMIT_FIELD.search(blanked)) is not None:
         edits.append((field.start(), field.end(), f"max_batch_size: {limit}"))

@@ -124,6 +124,21 @@ def test_variants_derive_only_from_fp32(lenet_store: ModelStore) -> None:
         export_variant("lenet5_fp16", lenet_store, VariantOptions("int8"))
 
 
+def test_a_parent_config_whose_policy_cannot_be_spliced_fails_the_variant_before_its_work(
+    model_store: ModelStore, tmp_path: Path
+) -> None:
+    """A variant's config.pbtxt is its parent's with Triton's default policy in place of the parent's: one that
+    is not of the form would be kept and a second added (Triton refuses that), so the export names the file."""
+    store = ModelStore(tmp_path / "store")
+    shutil.copytree(model_store.model_dir("lenet5"), store.model_dir("lenet5"))
+    config = store.model_dir("lenet5") / "config.pbtxt"
+    lines = [line for line in config.read_text(encoding="utf-8").splitlines() if "version_policy" not in line]
+    config.write_text("\n".join([*lines, "version_policy: { lastest: 1 }"]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"config\.pbtxt: its version_policy is not of the form"):
+        export_variant("lenet5", store, VariantOptions("fp16"))
+    assert not store.model_dir("lenet5_fp16").exists()
+
+
 def test_calibration_sets_are_disjoint_and_preprocessed_as_served() -> None:
     spec = ModelMetadata.model_validate(json.loads(_resnet_meta())).input
     calibrate, held_out = calibration.default_calibration("resnet18", spec), calibration.held_out(spec)
