@@ -14,7 +14,7 @@ from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(
             f"Request body of {int(declared):,} bytes exceeds the limit of {limit:,} (MAX_BODY_BYTES)"
         )

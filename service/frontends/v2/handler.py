@@ -154,7 +154,8 @@ def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) 
         if dtype is None:
             raise _unknown_datatype(name, datatype)
         try:
-            array = np.asarray(values, dtype=np.float64 if dtype.kind == "f" else np.int64).ravel()
+            wide = {"f": np.float64, "u": np.uint64}.get(dtype.kind, np.int64)  # UINT64 past int64 is in range
+            array = np.asarray(values, dtype=wide).ravel()
         except OverflowError:
             raise InvalidInput(f"Input {name!r}: values out of range for {datatype}") from None
         except (TypeError, ValueError) as exc:
@@ -167,6 +168,12 @@ def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) 
     if array.size != count:
         raise InvalidInput(f"Input {name!r}: shape {shape} needs {count} values, got {array.size}")
     return Tensor(name, datatype, shape, _reshaped(name, array, shape) if datatype != "BYTES" else array)
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a whole number where it is one in ASCII digits, at most 18 (``"²".isdigit()`` holds but ``int``
+    refuses it, and ``int`` refuses a number of thousands of digits); else None."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def model_metadata(entry: ModelEntry, versions: list[int]) -> dict[str, Any]:
@@ -210,9 +217,12 @@ class OipHandler:
     def _resolve(self, name: str, version: str) -> int | None:
         if not name:
             raise InvalidInput(f"No model name given; available: {', '.join(self.classifier.names())}")
-        if version and not (version.isdigit() and int(version) > 0):
+        if not version:
+            return None
+        number = whole_number(version)
+        if number is None or number < 1:
             raise InvalidInput(f"Model version must be a positive integer, got {version!r}")
-        return int(version) if version else None
+        return number
 
     def entry(self, name: str, version: str = "") -> ModelEntry:
         return self.classifier.entry(name, self._resolve(name, version))

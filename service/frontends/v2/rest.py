@@ -29,6 +29,7 @@ from .handler import (
     serialize_bytes,
     tensor_from_raw,
     tensor_from_values,
+    whole_number,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -47,9 +48,10 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
     """The JSON header and the input tensors of an infer request body."""
     json_length = len(body)
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        length = whole_number(header_length)
+        if length is None or length > len(body):
             raise InvalidInput(f"{HEADER_LENGTH} {header_length!r} does not fit a body of {len(body)} bytes")
-        json_length = int(header_length)
+        json_length = length
     header = _loads(body[:json_length], "The inference request")
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list):
         raise InvalidInput('The inference request needs an "inputs" list')

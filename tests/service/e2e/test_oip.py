@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from types import ModuleType
 
 import grpc
@@ -190,8 +191,10 @@ MALFORMED_JSON = [
     ("a dimension too large for numpy", {"inputs": [{**ZEROS, "shape": [10**30, 0], "data": []}]},
      "too large for any tensor"),
     ("shape of strings", {"inputs": [{**ZEROS, "shape": ["1", "32", "32", "1"]}]}, "must be a list of integers"),
-    ("UINT64 past int64", {"inputs": [{"name": "x", "datatype": "UINT64", "shape": [1], "data": [2**64 - 1]}]},
+    ("UINT64 past its range", {"inputs": [{"name": "x", "datatype": "UINT64", "shape": [1], "data": [2**64]}]},
      "values out of range for UINT64"),
+    ("UINT64 past int64, in its range", {"inputs": [{"name": "images", "datatype": "UINT64", "shape": [1],
+     "data": [2**64 - 1]}]}, "must be UINT8, got UINT64"),
     ("data a string", {"inputs": [{**ZEROS, "data": "0"}]}, '"data" must be a list'),
 ]  # fmt: skip
 
@@ -263,11 +266,30 @@ def test_grpc_malformed_requests_are_invalid_arguments(service: ServiceProcess) 
     assert "needs 18446744073709551616 bytes" in _invalid(service, wraps)
 
     large = pb.ModelInferRequest(model_name="lenet5")
-    large.inputs.add(name="x", datatype="UINT64", shape=[1]).contents.uint64_contents.append(2**64 - 1)
-    assert "values out of range for UINT64" in _invalid(service, large)
+    large.inputs.add(name="images", datatype="UINT64", shape=[1]).contents.uint64_contents.append(2**64 - 1)
+    assert "must be UINT8, got UINT64" in _invalid(service, large)  # read, not "out of range" past int64
+
+    for version in ("²", "9" * 5000):  # a digit int() refuses; more digits than int() converts
+        versioned = pb.ModelInferRequest(model_name="lenet5", model_version=version)
+        versioned.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
+        versioned.raw_input_contents.append(b"\0" * 1024)
+        assert "Model version must be a positive integer" in _invalid(service, versioned)
+        assert not _stub(service).ModelReady(pb.ModelReadyRequest(name="lenet5", version=version)).ready
 
     request.outputs[0].parameters["classification"].int64_param = 3
     assert list(_stub(service).ModelInfer(request).outputs[0].shape) == [1, 3]
+
+
+def test_a_version_or_header_length_not_in_ascii_digits_is_a_400(service: ServiceProcess) -> None:
+    body = json.dumps({"inputs": [ZEROS]}).encode()
+    for version in ("%C2%B2", "9" * 5000):
+        answer = httpx.post(f"{service.url}/v2/models/lenet5/versions/{version}/infer", content=body, timeout=30)
+        assert answer.status_code == 400 and "Model version must be a positive integer" in answer.json()["error"]
+        assert httpx.get(f"{service.url}/v2/models/lenet5/versions/{version}/ready", timeout=30).status_code == 400
+    for length in (b"\xb2", b"9" * 5000):
+        headers = [(b"Content-Type", b"application/octet-stream"), (b"Inference-Header-Content-Length", length)]
+        answer = httpx.post(f"{service.url}/v2/models/lenet5/infer", content=body, headers=headers, timeout=30)
+        assert answer.status_code == 400 and "does not fit a body" in answer.json()["error"], answer.text
 
 
 def test_raw_content_length_mismatch_is_invalid(service: ServiceProcess) -> None:
