@@ -35,7 +35,7 @@ def _retry_after(value: str) -> float | None:
     value = value.strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() holds too
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -112,7 +112,7 @@ class Client:
         backoff: float = 0.5,
     ) -> None:
         self.url = url.rstrip("/")
-        token = token if token is not None else os.environ.get("API_TOKEN")
+        token = (token if token is not None else os.environ.get("API_TOKEN", "")).strip()  # a secret file's newline
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
         self.retries = retries

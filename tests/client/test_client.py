@@ -240,7 +240,7 @@ def test_a_refused_token_stops_the_run(stub: Any, photos: Path) -> None:
     stub.token = "right"
     result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "wrong"})
     assert result.returncode == 2 and "set API_TOKEN" in result.stderr
-    result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "right"})
+    result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "right\n"})
     assert result.returncode == 0, result.stderr
 
 
@@ -256,6 +256,7 @@ def test_retry_after_is_waited_for_in_full_and_a_longer_one_than_a_run_sits_thro
     assert (result.status, result.error, stub.posts) == (503, "shedding load", 1)
     soon = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 <= _retry_after(soon) <= 30 and _retry_after("") is None and _retry_after("soon") is None
+    assert _retry_after("²") is None  # "²".isdigit() holds, float() refuses it
 
 
 def test_an_empty_folder_or_glob_fails_the_run_and_the_output_outlives_a_service_that_is_down(
