@@ -12,7 +12,6 @@ their own; the images go in with one class index each (negative: the top-1).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -92,26 +91,32 @@ class GradCams:
         with self._guard:
             loading = self._loading.get(key)
             if loading is None:  # the first to ask begins the load; the others wait for it
-                loading = self._loading[key] = asyncio.ensure_future(asyncio.to_thread(self._load, entry, *found))
-                loading.add_done_callback(functools.partial(self._keep, key))
-        graph = await asyncio.shield(loading)  # a requester that goes away leaves the load to those after it
-        if self.loaded.get(key) is not graph:  # its version was released while it loaded (see _keep)
+                loading = self._loading[key] = asyncio.ensure_future(self._load_and_keep(key, entry, *found))
+        return await asyncio.shield(loading)  # a requester that goes away leaves the load to those after it
+
+    async def _load_and_keep(
+        self, key: tuple[str, int], entry: ModelEntry, path: Path, info: dict[str, Any]
+    ) -> GradCam:
+        """The load every requester of ``key`` awaits: its graph kept before any of them resumes, unless its version
+        was released meanwhile (then closed, and they get Stranded); after a failure the next request tries again."""
+        this = asyncio.current_task()
+        try:
+            graph = await asyncio.to_thread(self._load, entry, path, info)
+        except BaseException:
+            with self._guard:
+                if self._loading.get(key) is this:
+                    del self._loading[key]
+            raise
+        with self._guard:  # release() runs on the lifecycle's or the residency's thread
+            current = self._loading.get(key) is this
+            if current:
+                del self._loading[key]
+                self.loaded[key] = graph
+        if not current:
+            graph.batcher.shutdown()
             raise Stranded(f"{entry.name} v{entry.version} was unloaded while its explanation graph loaded; send "
                            "the request again")  # fmt: skip
         return graph
-
-    def _keep(self, key: tuple[str, int], loading: asyncio.Future[GradCam]) -> None:
-        """A load that ended (on the event loop, before its requesters resume): its graph kept, unless its version
-        was released meanwhile (then closed); after a failure the next request tries again."""
-        failed = loading.cancelled() or loading.exception() is not None
-        with self._guard:  # release() runs on the lifecycle's or the residency's thread
-            current = self._loading.get(key) is loading
-            if current:
-                del self._loading[key]
-                if not failed:
-                    self.loaded[key] = loading.result()
-        if not current and not failed:
-            loading.result().batcher.shutdown()
 
     def _load(self, entry: ModelEntry, path: Path, info: dict[str, Any]) -> GradCam:
         uncount = self.before_load(entry, path) if self.before_load is not None else None

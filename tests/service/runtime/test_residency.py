@@ -207,6 +207,34 @@ def test_an_explanation_graph_whose_version_was_released_while_it_loaded_is_a_50
     assert gradcams.loaded == {} and opened and opened[0].batcher._closed
 
 
+def test_a_request_that_arrives_as_the_explanation_graph_finishes_loading_gets_it(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second request runs in the loop turn where the load has ended: it gets the graph the first one gets, not
+    a Stranded 503 (nothing was unloaded)."""
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    gradcams = runtime.repository.gradcams
+    real_open = gradcams._open
+    monkeypatch.setattr(gradcams, "_open", lambda *args: (time.sleep(0.2), real_open(*args))[1])
+
+    async def main() -> tuple[Any, Any]:
+        await classify(runtime, "alpha")
+        with await runtime.classifier.acquire("alpha") as entry:
+            first = asyncio.create_task(gradcams.get(entry))
+            await asyncio.sleep(0.01)
+            (loading,) = gradcams._loading.values()
+
+            async def second() -> Any:
+                while not loading.done():  # a step of another request, queued as the load ends
+                    await asyncio.sleep(0)
+                return await gradcams.get(entry)
+
+            return await asyncio.gather(first, second())
+
+    got_first, got_second = asyncio.run(main())
+    assert got_second is got_first and gradcams.loaded == {("alpha", 1): got_first}
+
+
 def test_a_load_measured_beside_other_work_does_not_inflate_the_model_for_good(
     make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
