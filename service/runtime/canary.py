@@ -144,6 +144,7 @@ class Canary:
     reason: str | None = None
     verdict: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    switched: bool = False  # promoted, and its candidate's version declared alone (MODEL_CONTROL=explicit): see _switch
     lane: Lane | None = None
     gate: float | None = None  # the candidate's export gate, once it answered
     _block: list[bool] = field(default_factory=list)
@@ -182,7 +183,7 @@ class Canary:
     def stored(self) -> dict[str, Any]:
         return {"state": self.state, "fraction": self.fraction, "step": self.step, "revision": self.revision,
                 "reason": self.reason, "verdict": self.verdict, "history": self.history[-HISTORY:],
-                "updated": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+                "switched": self.switched, "updated": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
 
     def adopt(self, stored: dict[str, Any]) -> None:
         """Take the shared state; the window starts afresh."""
@@ -194,6 +195,7 @@ class Canary:
         self.revision = int(stored.get("revision", 0))
         self.reason, self.verdict = stored.get("reason"), stored.get("verdict")
         self.history = list(stored.get("history") or [])
+        self.switched = bool(stored.get("switched", False))
         self.window = self.window.next()
         self._block, self._carry = [], 0.0
         if self.diverting <= 0:  # nothing of its share left to fall back
@@ -554,6 +556,8 @@ class Canaries:
                            history=history):  # fmt: skip
                 logger.warning("canary %s ROLLED BACK at fraction %g: %s; figures %s", canary.key,
                                figures["fraction"], reason, json.dumps(figures))  # fmt: skip
+                if canary.switched:
+                    self._switch(canary, back=True)
             return
         higher = [s for s in self.steps if s > canary.fraction]
         if not window.conclusive:  # it passed, but without the agreement sample: no step on that
@@ -580,9 +584,10 @@ class Canaries:
 
     def _switch(self, canary: Canary, back: bool = False) -> None:
         """A canary of one model's two versions, promoted: the lifecycle serves the candidate's version alone
-        (``MODEL_CONTROL=explicit``), the primary's drained; elsewhere the routing is the promotion. ``back``: the
-        promotion undone (rolled back or ended through the API), the primary's version declared alone again,
-        since the routing alone cannot bring back a version that has drained."""
+        (``MODEL_CONTROL=explicit``), the primary's drained, and the canary records it (``switched``, shared by
+        every worker); elsewhere the routing is the promotion. ``back``: a switched canary rolled back or ended,
+        whoever did it and from whichever state, the primary's version declared alone again, since the routing
+        alone cannot bring back a version that has drained."""
         primary, candidate = canary.pair.primary, canary.pair.candidate
         chosen = primary if back else candidate
         if self.promote is None or primary.name != candidate.name or chosen.version is None:
@@ -591,6 +596,7 @@ class Canaries:
             if self.promote(chosen.name, chosen.version):
                 logger.info("canary %s: %s declared at version %d alone; the other versions drain", canary.key,
                             chosen.name, chosen.version)  # fmt: skip
+                self.change(canary, None, switched=not back)
         except (OSError, ValueError) as exc:
             logger.error("canary %s: %s, but declaring %s failed (%s); the routing serves it meanwhile", canary.key,
                          "undone" if back else "promoted", chosen, exc)  # fmt: skip
@@ -625,7 +631,10 @@ class Canaries:
             raise ValueError(f"The fraction must be from 0 to 1, got {fraction}")
         with contextlib.suppress(OSError, ValueError):  # what another worker decided since (within SYNC_S) first
             self.sync()
-        was = canary.state
+        if canary.switched and (state in ("running", "paused") or (state is None and fraction is not None)):
+            raise ValueError(f"canary {canary.key} is promoted and {canary.pair.candidate} alone is served now (the "
+                             f"other version has drained): set state rolled_back or ended to serve "
+                             f"{canary.pair.primary} again")  # fmt: skip
         changes: dict[str, Any] = {}
         if fraction is not None:
             changes["fraction"] = fraction
@@ -640,9 +649,9 @@ class Canaries:
                 changes["fraction"], changes["step"] = canary.pair.fraction, 0
         self.change(canary, None, **changes)
         logger.info("canary %s: %s through the repository API", canary.key, json.dumps(changes))
-        if state == "promoted":
+        if state == "promoted" and not canary.switched:
             self._switch(canary)
-        elif state in ("rolled_back", "ended") and was == "promoted":
+        elif state in ("rolled_back", "ended") and canary.switched:
             self._switch(canary, back=True)
         described = self.describe(primary)
         assert described is not None

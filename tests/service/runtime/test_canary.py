@@ -598,10 +598,18 @@ def test_a_promoted_canary_of_one_models_versions_is_declared_and_the_old_versio
     runtime.control.reconcile()
     served = {v: e.status for v, e in runtime.repository.versions["lenet5"].items()}
     assert served.get(2) == "ready" and served.get(1) in (None, "draining")
+    # paused, or sent a fraction, it would route to v1, which has drained (and a rollback from there would not
+    # have declared v1 again): refused, naming what would be right
+    for state, fraction in (("paused", None), ("running", None), (None, 0.5)):
+        with pytest.raises(ValueError, match="set state rolled_back or ended"):
+            runtime.canaries.operate("lenet5", state, fraction)
+    shared = json.loads((tmp_path / "c.json").read_text())["canaries"]["lenet5@1:lenet5@2"]
+    assert shared["state"] == "promoted" and shared["switched"] is True  # what another worker reads
     # rolled back through the API: the routing alone cannot bring back a version that drained; it is declared again
     assert runtime.canaries.operate("lenet5", "rolled_back", None)["state"] == "rolled_back"
     declared = runtime.control.declared.read()
     assert declared is not None and declared["models"] == {"lenet5": [1]}
+    assert json.loads((tmp_path / "c.json").read_text())["canaries"]["lenet5@1:lenet5@2"]["switched"] is False
     runtime.control.reconcile()
     served = {v: e.status for v, e in runtime.repository.versions["lenet5"].items()}
     assert served.get(1) == "ready" and served.get(2) in (None, "draining")
