@@ -112,8 +112,8 @@ class ResponseCache:
     ) -> tuple[T, bool]:
         """The answer stored under ``key``, else the one computing now, else ``compute()``'s (then stored):
         with True where this request computed nothing (a hit). ``shared`` is called where this request takes
-        another's answer, stored or computing, before the outcome is known (it may yet be that computation's
-        error): what judges a version's requests leaves both outcomes out alike."""
+        another's outcome, stored or computed meanwhile, its answer or its error (not where that request went away
+        and this one computed after all): what judges a version's requests leaves both out alike."""
         version = (entry.name, entry.version)
         while True:
             found = self._get(key)
@@ -125,12 +125,16 @@ class ResponseCache:
             pending = self._pending.get(key)
             if pending is None:
                 break
-            if shared is not None:
-                shared()
             try:
                 value = await asyncio.shield(pending)
-            except Abandoned:
+            except Abandoned:  # its request went away: this one may compute it itself, and counts then
                 continue
+            except BaseException:
+                if shared is not None:
+                    shared()
+                raise
+            if shared is not None:
+                shared()
             self._count(self.metrics.cache_hits, version)
             return value, True
         self._count(self.metrics.cache_misses, version)

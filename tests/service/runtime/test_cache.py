@@ -97,7 +97,7 @@ def test_identical_requests_at_the_same_moment_are_computed_once_and_a_failure_i
     assert all(value is answered[0][0] for value, _ in answered)  # the one object, stored once
 
 
-def test_a_request_that_shares_an_answer_is_told_so_before_the_outcome_whatever_it_is() -> None:
+def test_a_request_that_shares_an_answer_is_told_so_whatever_the_outcome() -> None:
     """Of 8 identical requests at once, 7 take the first's computation: each of those 7 is told it shares the answer
     (a canary leaves it out of its window), when it fails as when it succeeds, and so is a later stored hit."""
     cache = ResponseCache(1 << 20, get_metrics())
@@ -138,14 +138,16 @@ def test_a_cancelled_waiter_cancels_nothing_and_a_cancelled_computation_hands_ov
         answered = await first
         # the request computing goes away: the one waiting computes instead, and is answered
         computing = asyncio.ensure_future(cache.get_or_compute(b"other", MODEL, slow))
-        patient = asyncio.ensure_future(cache.get_or_compute(b"other", MODEL, slow))
+        patient = asyncio.ensure_future(cache.get_or_compute(b"other", MODEL, slow, shared=lambda: told.append(1)))
         await asyncio.sleep(0.01)
         computing.cancel()
         return answered, await patient
 
+    told: list[int] = []
     answered, patient = asyncio.run(main())
     assert answered == (b"the answer", False) and patient == (b"the answer", False)
     assert calls == 3 and len(cache) == 2
+    assert told == []  # it computed its own answer: a canary counts it
 
 
 def test_dropping_a_version_empties_its_entries_only_and_keeps_none_computing_then() -> None:
