@@ -302,8 +302,6 @@ class Residency:
     def load(self, name: str, version: int | None, reason: str) -> int | None:
         """Load ``name``'s versions (its policy's, or ``version``), evicting for room first; the version to lease.
         Where the room is held by models answering or awaiting requests, wait for it (``COLD_START_TIMEOUT_S``)."""
-        if self._stop.is_set():  # a load queued before the worker began to stop: its entry would outlive it
-            raise ModelNotReady(f"Model {name!r} is not loaded: the server is stopping")
         plan = self.control.plan({name: [version] if version else None})
         if name in plan.problems:  # a bad config.pbtxt, say: the request is told, not sent to a 404
             raise ModelNotReady(f"Model {name!r} cannot be loaded: {plan.problems[name]}")
@@ -316,6 +314,8 @@ class Residency:
                 found = self._resident_version(name, version)
                 if found is not None:
                     return found
+                if self._stop.is_set():  # queued, or waiting for room, as the worker began to stop: what it loaded
+                    raise ModelNotReady(f"Model {name!r} is not loaded: the server is stopping")  # would outlive it
                 versions = self.repository.versions.get(name, {})
                 wanted = [s for s in plan.versions[name] if s.version not in versions
                           or versions[s.version].status == "failed"]  # fmt: skip

@@ -408,3 +408,27 @@ def test_a_stopping_worker_starts_no_more_loads(make_store: StoreFactory, make_r
     with pytest.raises(ModelNotReady, match="the server is stopping"):
         residency.load("alpha", None, "request")
     assert "alpha" not in runtime.repository.versions
+
+
+def test_a_load_waiting_for_room_as_the_worker_stops_loads_nothing(
+    make_store: StoreFactory, make_runtime: RuntimeFactory
+) -> None:
+    """beta waits for the room alpha holds while it answers; the worker stops, alpha's request ends: beta is
+    refused, not loaded (after the repository closed, its entry would outlive the worker)."""
+    runtime = make_runtime(make_store(alpha=[1], beta=[1]), memory_budget="150MiB", cold_start_timeout_s=60,
+                           **ON_DEMAND)  # fmt: skip
+    residency = runtime.residency
+    assert isinstance(residency, Residency)
+
+    async def main() -> None:
+        await classify(runtime, "alpha")
+        with await runtime.classifier.acquire("alpha"):
+            waiting = asyncio.ensure_future(asyncio.to_thread(residency.load, "beta", None, "request"))
+            await asyncio.sleep(0.5)
+            assert not waiting.done()  # alpha is busy: no room yet
+            residency.shutdown()
+        with pytest.raises(ModelNotReady, match="the server is stopping"):
+            await waiting
+
+    asyncio.run(main())
+    assert "beta" not in runtime.repository.versions and "alpha" in residency.resident
