@@ -14,7 +14,8 @@ from service.settings import Settings
 @pytest.mark.parametrize(
     ("env", "read"),
     [
-        ({"MODEL_CONTROL_STATE": ""}, lambda s: s.control_state_path == Path("model_store/.model-control.json")),
+        ({"MODEL_STORE": "/srv/store", "MODEL_CONTROL_STATE": ""},
+         lambda s: s.control_state_path == Path("/srv/store/.model-control.json")),
         ({"CANARY_STATE": "  "}, lambda s: s.canary_state is None),
         ({"API_TOKEN": "s3cret\n"}, lambda s: s.api_token.get_secret_value() == "s3cret"),  # from a secret file
         ({"ADMIN_TOKEN": ""}, lambda s: s.admin_token is None),
