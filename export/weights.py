@@ -78,7 +78,9 @@ def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, prog
                 f"cannot fetch {weights.url} ({type(exc).__name__}: {exc}); pass --weights-file PATH with a copy of "
                 f"{weights.filename}, or --weights random for an untrained graph"
             ) from exc
-        except RuntimeError as exc:  # torch's "invalid hash value"
+        except RuntimeError as exc:
+            if "invalid hash value" not in str(exc):  # torch's words for a mismatch; anything else is not one
+                raise
             raise WeightsIntegrityError(
                 f"{weights.url} downloaded with the wrong sha256 ({exc}): {weights.filename} is published with "
                 f"prefix {weights.hash_prefix}; nothing was kept, try again or pass --weights-file PATH"

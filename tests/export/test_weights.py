@@ -118,3 +118,17 @@ def test_unreachable_release_names_the_alternatives(tmp_path: Path) -> None:
         fetch_released(release, cache_dir=tmp_path / "cache", progress=False)
     message = str(info.value)
     assert "--weights-file" in message and "--weights random" in message and "\n" not in message
+
+
+def test_another_failure_of_the_download_is_not_called_a_hash_mismatch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, release = release_file(tmp_path, "tiny", {"w": torch.ones(3)})
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("the disk is read-only")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", broken)
+    with pytest.raises(RuntimeError, match="read-only") as raised:
+        fetch_released(release, cache_dir=tmp_path / "cache", progress=False)
+    assert not isinstance(raised.value, WeightsIntegrityError)
