@@ -8,6 +8,7 @@ MNIST IDX files from ``data_dir``, downloading them first where they are missing
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.client
 import logging
 import os
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .weights import Provenance, WeightsUnavailableError
+from .weights import Provenance, WeightsIntegrityError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,13 @@ MNIST_FILES = {
     "train_labels": "train-labels-idx1-ubyte",
     "test_images": "t10k-images-idx3-ubyte",
     "test_labels": "t10k-labels-idx1-ubyte",
+}
+# the MD5s torchvision's MNIST publishes for the mirror's .gz files: a download is checked against them
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
 }
 
 
@@ -97,6 +105,13 @@ def _find_or_fetch(data_dir: Path, stem: str) -> Path:
             f"{stem} is not in {data_dir} and cannot be fetched from {MNIST_URL} ({type(exc).__name__}: {exc}); "
             "put the MNIST IDX files there, or use --data digits"
         ) from exc
+    digest = hashlib.md5(partial.read_bytes(), usedforsecurity=False).hexdigest()
+    if digest != MNIST_MD5[stem]:
+        partial.unlink()
+        raise WeightsIntegrityError(
+            f"{MNIST_URL}{target.name} downloaded with MD5 {digest}, but MNIST publishes it with {MNIST_MD5[stem]}; "
+            f"nothing was kept: try again, or put the MNIST IDX files in {data_dir}"
+        )
     os.replace(partial, target)
     return target
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 from export import train
 from export.train import load_digits_dataset, read_idx
-from export.weights import WeightsUnavailableError
+from export.weights import WeightsIntegrityError, WeightsUnavailableError
 from service.store.layout import ModelStore
 
 
@@ -50,8 +51,9 @@ def test_idx_files_round_trip(tmp_path: Path) -> None:
 def test_an_mnist_download_cut_short_is_not_kept_and_a_whole_one_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The files fetched from a mirror (a folder here): one cut off mid-way is refused and leaves nothing behind,
-    so the next run fetches it again instead of failing on it for ever; a whole one is kept under its name."""
+    """The files fetched from a mirror (a folder here): one cut off mid-way, or whole but not the file MNIST
+    publishes (its MD5), is refused and leaves nothing behind, so the next run fetches it again instead of failing
+    on it for ever; the published one is kept under its name."""
     mirror, data_dir = tmp_path / "mirror", tmp_path / "data"
     mirror.mkdir()
     labels = np.arange(200, dtype=np.uint8) % 10
@@ -59,7 +61,13 @@ def test_an_mnist_download_cut_short_is_not_kept_and_a_whole_one_is(
     whole = (mirror / "t10k-labels-idx1-ubyte.gz").read_bytes()
     (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(whole[: len(whole) // 2])
     monkeypatch.setattr(train, "MNIST_URL", mirror.as_uri() + "/")
+    published = {"t10k-labels-idx1-ubyte": hashlib.md5(whole, usedforsecurity=False).hexdigest()}
+    monkeypatch.setattr(train, "MNIST_MD5", published)  # this mirror's file, as MNIST publishes its own
     with pytest.raises(WeightsUnavailableError, match="cannot be fetched"):
+        train._find_or_fetch(data_dir, "t10k-labels-idx1-ubyte")
+    assert list(data_dir.iterdir()) == []
+    _write_idx(mirror / "t10k-labels-idx1-ubyte.gz", labels[::-1].copy())  # whole, but not the published file
+    with pytest.raises(WeightsIntegrityError, match="nothing was kept"):
         train._find_or_fetch(data_dir, "t10k-labels-idx1-ubyte")
     assert list(data_dir.iterdir()) == []
     (mirror / "t10k-labels-idx1-ubyte.gz").write_bytes(whole)
