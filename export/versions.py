@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from service.store.atomic import replace_text
 from service.store.batch_limit import LIMIT_FIELD, parse_max_batch_size
 from service.store.layout import CONFIG_FILE, LABELS_FILE
 from service.store.policy import POLICY_BLOCK, VersionPolicy, masked, parse_version_policy
@@ -61,8 +62,8 @@ def publish(staging: Path, model_dir: Path, version: int, labels: str, config: s
     os.chmod(staging, 0o777 & ~_umask())
     target = model_dir / str(version)
     staging.rename(target)  # atomic: a version folder is complete or absent
-    _replace(model_dir / LABELS_FILE, labels)
-    _replace(model_dir / CONFIG_FILE, config)
+    replace_text(model_dir / LABELS_FILE, labels)
+    replace_text(model_dir / CONFIG_FILE, config)
     return target
 
 
@@ -73,12 +74,6 @@ def _umask() -> int:
             if line.startswith("Umask:"):
                 return int(line.split()[1], 8)
     return 0o022
-
-
-def _replace(path: Path, text: str) -> None:
-    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staged.write_text(text, encoding="utf-8")
-    os.replace(staged, path)
 
 
 def with_settings(text: str, policy: VersionPolicy, limit: int | None = None) -> str:

@@ -31,7 +31,6 @@ import contextvars
 import fcntl
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -46,6 +45,7 @@ import numpy as np
 from ..errors import ServiceError
 from ..metrics import Metrics
 from ..settings import Settings, ShadowPair
+from ..store.atomic import replace_text
 from .canary_analysis import Thresholds, Window
 from .entry import ModelEntry
 from .shadow import MIN_TOP1_AGREEMENT, Lane, Shadow, agreement_gate
@@ -126,9 +126,7 @@ class StateFile:
             fcntl.flock(lock, fcntl.LOCK_EX)
             canaries = self.read()
             yield canaries
-            staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-            staging.write_text(json.dumps({"canaries": canaries}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.replace(staging, self.path)
+            replace_text(self.path, json.dumps({"canaries": canaries}, indent=2, sort_keys=True) + "\n")
 
 
 @dataclass

@@ -26,7 +26,6 @@ import contextlib
 import fcntl
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..settings import Settings
+from ..store.atomic import replace_text
 from ..store.integrity import IntegrityChecker, Verdict
 from ..store.layout import CONFIG_FILE, ModelStore, StoredVersion, is_valid_name
 from ..store.policy import read_version_policy
@@ -125,9 +125,7 @@ class DeclaredState:
             yield
 
     def _write(self, data: dict[str, Any]) -> None:
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        staging.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(staging, self.path)
+        replace_text(self.path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     def initialize(self, models: dict[str, list[int]]) -> dict[str, Any]:
         """The declared state; the start-up models become it where there is none yet."""

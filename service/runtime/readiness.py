@@ -22,11 +22,12 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
 import psutil
+
+from ..store.atomic import replace_text
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,6 @@ class WorkerReadiness:
         self.directory = Path(tempfile.gettempdir()) / name
         self.directory.mkdir(mode=0o700, exist_ok=True)
         self.marker = self.directory / str(os.getpid())
-        self._publishing = threading.Lock()
 
     def mark_ready(self) -> None:
         self.marker.touch()
@@ -94,13 +94,10 @@ class WorkerReadiness:
         return len(live) >= self.workers
 
     def publish(self, state: dict[str, Any]) -> None:
-        """Write this worker's model state; replaced atomically, so a reader never sees half of it. Threads of one
-        worker publish one at a time (the residency thread's unload beside a request's cold start): sharing one
-        staging file, one's replace would move the other's half-written state, or find the file gone."""
-        with self._publishing:
-            staging = self.directory / f".{os.getpid()}.json.tmp"
-            staging.write_text(json.dumps(state), encoding="utf-8")
-            os.replace(staging, self.directory / f"{os.getpid()}.json")
+        """Write this worker's model state; replaced atomically, so a reader never sees half of it, and staged per
+        thread, so that two threads of a worker publishing at once (the residency thread's unload beside a
+        request's cold start) do not move each other's half-written state (the repository orders them)."""
+        replace_text(self.directory / f"{os.getpid()}.json", json.dumps(state))
 
     def states(self) -> dict[int, dict[str, Any]]:
         """Every live worker's last published state, by pid."""
