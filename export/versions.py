@@ -12,9 +12,9 @@ import contextlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,23 +27,38 @@ logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
 STALE_S = 3600.0  # a staging folder untouched this long, its export gone from this host, is swept
-_STAGED = re.compile(r"(\d+)@(.+)-[^-]+")  # pid@host-random, after the prefix
+# pid.pid namespace@host-random, after the prefix (without the namespace: named by an earlier version)
+_STAGED = re.compile(r"(\d+)(?:\.(\d+))?@(.+)-[^-]+")
 
 
 def staging_dir(model_dir: Path) -> Path:
-    """A new folder to build a version in, named by this process and host; those that exports killed outright
-    left (their process gone from this host, the folder untouched for an hour) are removed first: a VGG's is half
-    a gigabyte. Another host's, or another container's sharing the volume, is left alone."""
-    host = socket.gethostname()
+    """A new folder to build a version in, named by this process, its pid namespace and its host, readable as the
+    umask allows (the service may run as another user; :func:`publish` renames the folder as it is). Those that
+    exports killed outright left (their process gone, the folder untouched for an hour) are removed first: a
+    VGG's is half a gigabyte. Another host's, or another pid namespace's (a container's sharing the volume, even
+    under the same hostname), is left alone: its pid means nothing here."""
+    host, namespace = socket.gethostname(), _pid_namespace()
     for left in model_dir.glob(f"{STAGING_PREFIX}*"):
         owner = _STAGED.fullmatch(left.name.removeprefix(STAGING_PREFIX))
-        if owner is None or owner.group(2) != host or _running(int(owner.group(1))):
+        if owner is None or owner.group(3) != host or int(owner.group(2) or namespace) != namespace:
+            continue
+        if _running(int(owner.group(1))):
             continue
         with contextlib.suppress(OSError):
             if time.time() - left.stat().st_mtime > STALE_S:
                 shutil.rmtree(left, ignore_errors=True)
                 logger.info("removed %s, left by an export that stopped (pid %s)", left, owner.group(1))
-    return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}@{host}-", dir=model_dir))
+    staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}.{namespace}@{host}-{secrets.token_hex(6)}"
+    staging.mkdir()
+    return staging
+
+
+def _pid_namespace() -> int:
+    """This process's pid namespace (the inode of /proc/self/ns/pid); 0 where it cannot be read."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _running(pid: int) -> bool:
@@ -57,23 +72,12 @@ def _running(pid: int) -> bool:
 
 
 def publish(staging: Path, model_dir: Path, version: int, labels: str, config: str) -> Path:
-    """``staging`` as ``model_dir/version``, readable as the umask allows (a temporary folder is the owner's
-    only: a service running as another user could not read it), then the model's labels and configuration."""
-    os.chmod(staging, 0o777 & ~_umask())
+    """``staging`` as ``model_dir/version``, then the model's labels and configuration."""
     target = model_dir / str(version)
     staging.rename(target)  # atomic: a version folder is complete or absent
     replace_text(model_dir / LABELS_FILE, labels)
     replace_text(model_dir / CONFIG_FILE, config)
     return target
-
-
-def _umask() -> int:
-    """This process's umask, read without setting it (os.umask would change it for every thread meanwhile)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    return 0o022
 
 
 def with_settings(text: str, policy: VersionPolicy, limit: int | None = None) -> str:

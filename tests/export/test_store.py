@@ -47,7 +47,8 @@ def test_metadata_describes_the_graph(model_store: ModelStore) -> None:
 def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
     """A second export is version 2, readable by other users as the umask allows (the service's image runs as
     another user than the one who exported); the operator's pin and batch limit in config.pbtxt stay; a
-    staging folder that an export killed outright left is removed, one an export still running holds is not."""
+    staging folder that an export killed outright left an hour ago is removed; one an export still running holds,
+    one of another host or pid namespace (a container sharing the volume), or one left a minute ago is not."""
     store = ModelStore(tmp_path)
     previous = os.umask(0o022)
     try:
@@ -63,24 +64,31 @@ def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
         )
         config.write_text(edited)
         ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        here, gone = socket.gethostname(), ended.stdout.strip()
-        killed, running = model_dir / f".staging-{gone}@{here}-abc", model_dir / f".staging-{os.getpid()}@{here}-xyz"
-        elsewhere = model_dir / f".staging-{gone}@another-host-def"  # another container's, sharing the volume
-        for left in (killed, running, elsewhere):
+        here, gone, namespace = socket.gethostname(), ended.stdout.strip(), os.stat("/proc/self/ns/pid").st_ino
+        killed = model_dir / f".staging-{gone}.{namespace}@{here}-abc"
+        running = model_dir / f".staging-{os.getpid()}.{namespace}@{here}-xyz"
+        elsewhere = model_dir / f".staging-{gone}.{namespace}@another-host-def"
+        other_namespace = model_dir / f".staging-{gone}.{namespace + 1}@{here}-ghi"
+        recent = model_dir / f".staging-{gone}.{namespace}@{here}-jkl"
+        for left in (killed, running, elsewhere, other_namespace, recent):
             left.mkdir()
             (left / "model.onnx").write_bytes(b"half a graph")
-            os.utime(left, (time.time() - 7200, time.time() - 7200))
+            if left is not recent:
+                os.utime(left, (time.time() - 7200, time.time() - 7200))
         second = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
+        os.umask(0o027)
+        third = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
     finally:
         os.umask(previous)
-    assert (first.version, second.version) == (1, 2)
-    assert [v.version for v in store.versions("lenet5")] == [1, 2]
-    assert [oct((model_dir / str(v)).stat().st_mode & 0o777) for v in (1, 2)] == ["0o755", "0o755"]
-    assert not killed.exists() and running.exists() and elsewhere.exists()
+    assert (first.version, second.version, third.version) == (1, 2, 3)
+    assert [v.version for v in store.versions("lenet5")] == [1, 2, 3]
+    modes = [oct((model_dir / str(v)).stat().st_mode & 0o777) for v in (1, 2, 3)]
+    assert modes == ["0o755", "0o755", "0o750"]
+    assert not killed.exists() and all(kept.exists() for kept in (running, elsewhere, other_namespace, recent))
     kept = config.read_text()
     assert "max_batch_size: 8" in kept and "version_policy: { specific: { versions: [1] } }" in kept
     assert kept.count("max_batch_size") == 1 and kept.count("version_policy") == 1 and 'name: "lenet5"' in kept
-    assert read_version_policy(config).select([1, 2]) == [1]
+    assert read_version_policy(config).select([1, 2, 3]) == [1]
 
 
 def test_the_operators_settings_are_spliced_into_a_config_whatever_its_comments_and_delimiters() -> None:
