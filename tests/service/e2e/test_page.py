@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,33 @@ def test_a_service_that_does_not_answer_at_first_is_asked_again_without_a_reload
         page.goto(f"{service.url}/")
         page.wait_for_selector("#model-select:not([disabled])", timeout=30_000)
         assert len(refused) == 2 and page.is_hidden("#models-error")
+    finally:
+        context.close()
+
+
+def test_a_token_entered_while_the_models_are_asked_again_starts_no_second_loop(
+    browser: Browser, service: ServiceProcess
+) -> None:
+    """/models keeps answering 503; a token entered three times meanwhile asks at once each time, and then one
+    reload stays pending (backed off past 5 s), not one per entry asking every second or two."""
+    context = browser.new_context()
+    page = context.new_page()
+    asked: list[float] = []
+
+    def down(route: Any) -> None:
+        asked.append(time.monotonic())
+        route.fulfill(status=503, content_type="application/json", body='{"error": "the service is starting"}')
+
+    try:
+        page.route("**/models", down)
+        page.goto(f"{service.url}/")
+        page.wait_for_selector("#models-error:not([hidden])")
+        for _ in range(3):
+            page.evaluate("$('token-input').value = 'secret'; $('token-form').requestSubmit()")
+        page.wait_for_timeout(300)
+        entered = len(asked)
+        page.wait_for_timeout(5000)
+        assert entered >= 4 and len(asked) == entered, [round(t - asked[0], 1) for t in asked]
     finally:
         context.close()
 

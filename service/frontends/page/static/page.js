@@ -234,8 +234,16 @@ function renderModelSelect(defaultModel) {
 }
 
 let modelsRetry = 1000;  // after a failure: doubled up to 30 s, back to 1 s once /models answers
+let modelsTimer = null;  // the one pending reload: a token entered meanwhile replaces it, never adds a second loop
+
+function reloadModels(delay) {
+  clearTimeout(modelsTimer);
+  modelsTimer = setTimeout(loadModels, delay);
+}
 
 async function loadModels() {
+  clearTimeout(modelsTimer);
+  modelsTimer = null;
   const error = $("models-error");
   try {
     const body = await call("/models");
@@ -245,14 +253,14 @@ async function loadModels() {
     modelsRetry = 1000;
     state.models = body.models;
     renderModelSelect(body.default_model);
-    if (state.models.some((m) => m.status === "loading")) setTimeout(loadModels, 2000);
+    if (state.models.some((m) => m.status === "loading")) reloadModels(2000);
   } catch (exc) {
     error.textContent = exc.message;
     error.hidden = false;
     // a service still starting (503) or out of reach: asked again, so the page needs no reload; a refused token
     // waits for the one entered (the token panel loads the models itself)
     if (!(exc instanceof ApiError && exc.status === 401)) {
-      setTimeout(loadModels, modelsRetry);
+      reloadModels(modelsRetry);
       modelsRetry = Math.min(2 * modelsRetry, 30000);
     }
   }
