@@ -29,22 +29,31 @@ function authHeaders() {
   return value ? { Authorization: `Bearer ${value}` } : {};
 }
 
-async function call(path, options = {}) {
+// the service's answer, with the token; an ApiError with the service's message where it refused (401: the token
+// panel asks for one)
+async function request(path, options = {}) {
   const response = await fetch(path, { ...options, headers: { ...(options.headers || {}), ...authHeaders() } });
+  if (response.ok) return response;
   let body = null;
   try {
     body = await response.json();
   } catch (_) {
-    body = null;
+    body = null;  // not JSON: the status says it
   }
   if (response.status === 401) {
     showTokenPanel(token() ? "That token was refused." : null);
     throw new ApiError(401, "This service needs a token: enter it above.");
   }
-  if (!response.ok) {
-    throw new ApiError(response.status, (body && body.error) || `HTTP ${response.status} ${response.statusText}`);
+  throw new ApiError(response.status, (body && body.error) || `HTTP ${response.status} ${response.statusText}`);
+}
+
+async function call(path, options = {}) {
+  const response = await request(path, options);
+  try {
+    return await response.json();
+  } catch (_) {
+    return null;
   }
-  return body;
 }
 
 function classifyUrl(model) {
@@ -412,27 +421,16 @@ async function explainInto(card, blob, index) {
   card.dataset.explaining = String(index);
   let response;
   try {
-    response = await fetch(explainUrl(card.dataset.model, card.dataset.version, index), {
+    response = await request(explainUrl(card.dataset.model, card.dataset.version, index), {
       method: "POST",
-      headers: { "Content-Type": contentTypeOf(blob), Accept: "image/png", ...authHeaders() },
+      headers: { "Content-Type": contentTypeOf(blob), Accept: "image/png" },
       body: blob,
     });
-  } catch (exc) {  // the network, not the service: say so, and the card is not left "explaining"
+  } catch (exc) {  // the service's refusal or the network's failure: said, and the card is not left "explaining"
     meta.textContent = `no explanation: ${exc.message}`;
     return false;
   } finally {
     delete card.dataset.explaining;
-  }
-  if (response.status === 401) showTokenPanel(token() ? "That token was refused." : null);
-  if (!response.ok) {
-    let reason = `HTTP ${response.status}`;
-    try {
-      reason = (await response.json()).error || reason;
-    } catch (_) {
-      // not JSON: keep the status
-    }
-    meta.textContent = `no explanation: ${reason}`;
-    return false;
   }
   const image = card.querySelector("img");
   image.src = URL.createObjectURL(await response.blob());
