@@ -62,8 +62,7 @@ def parse_version_policy(text: str) -> VersionPolicy:
 
     Raises ``ValueError`` naming what is wrong, for a policy Triton would refuse too.
     """
-    # protobuf's text format also delimits a message with < and >, which appear nowhere else once strings are gone
-    text = without_strings_and_comments(text).replace("<", "{").replace(">", "}")
+    text = masked(text)  # protobuf's text format also delimits a message with < and >
     if "version_policy" not in text:
         return VersionPolicy()
     match = POLICY_BLOCK.search(text)
