@@ -174,7 +174,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ):
                 record.model, record.version = entry.name, str(entry.version)
                 requested = [requested_output(o) for o in request.outputs]
-                outputs = await self.handler.infer(entry, decode_inputs(request), requested, "grpc", record)
+                outputs = await self.handler.infer(entry, decode_inputs(request), requested, record)
                 canary = answering_canary()
         except Exception as exc:
             await self._abort(context, exc)

@@ -284,24 +284,10 @@ class OipHandler:
         return self.classifier.metrics.track_request(protocol)
 
     async def infer(
-        self,
-        entry: ModelEntry,
-        inputs: list[Tensor],
-        requested: list[RequestedOutput],
-        protocol: str,
-        record: RequestRecord | None = None,
-    ) -> list[Tensor]:
-        """Run one request; counted in the metrics under ``protocol`` unless the caller counts it already (its
-        ``record``, from :meth:`track`, learns its images and, with ``RESPONSE_CACHE_MB``, whether the cache
-        answered)."""
-        if record is None:
-            with self.classifier.metrics.track_request(protocol, RequestRecord(entry.name, str(entry.version))) as own:
-                return await self._answer(entry, inputs, requested, own)
-        return await self._answer(entry, inputs, requested, record)
-
-    async def _answer(
         self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput], record: RequestRecord
     ) -> list[Tensor]:
+        """Run one request, counted by its caller (``record``, from :meth:`track`, learns its images and, with
+        ``RESPONSE_CACHE_MB``, whether the cache answered)."""
         cache = self.classifier.cache
         if cache is None:
             outputs = await self._infer(entry, inputs, requested)

@@ -202,7 +202,7 @@ async def infer(request: Request) -> Response:
         body = await read_body(request, handler.settings.max_body_bytes)
         header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
         requested, default_binary = requested_outputs(header)
-        outputs = await handler.infer(entry, inputs, requested, protocol="http", record=record)
+        outputs = await handler.infer(entry, inputs, requested, record)
         canary = answering_canary()
     response = encode_response(entry.name, str(entry.version), header.get("id"), outputs, requested, default_binary,
                                canary)  # fmt: skip
