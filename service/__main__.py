@@ -21,10 +21,11 @@ def main() -> int:
             f"(or `python -m export lenet5 --out {store.root}`).\n"
         )
         return 2
-    workers = settings.workers or auto_workers(settings)[0]
-    if (problem := Residency.impossible(settings, store, workers)) is not None:
-        sys.stderr.write(problem + "\n")
-        return 2
+    if settings.model_control == "on-demand":  # sizing workers reads every model's metadata: only for this
+        workers = settings.workers or auto_workers(settings)[0]
+        if (problem := Residency.impossible(settings, store, workers)) is not None:
+            sys.stderr.write(problem + "\n")
+            return 2
     command = [
         sys.executable,
         "-m",

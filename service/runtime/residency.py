@@ -125,6 +125,14 @@ class AlwaysResident:
         pass
 
 
+def _whole_budget(settings: Settings, workers: int) -> tuple[int, str]:
+    """The memory every worker's models share, and where it comes from: ``MEMORY_BUDGET``, else derived from the
+    machine's (or the cgroup's) memory and this process's resident size."""
+    if settings.memory_budget.strip():
+        return parse_size(settings.memory_budget), f"MEMORY_BUDGET={settings.memory_budget}"
+    return default_budget(resident_bytes(), workers)
+
+
 class Residency:
     """``MODEL_CONTROL=on-demand``: the strategy behind a request's lease that makes its model resident first."""
 
@@ -150,12 +158,8 @@ class Residency:
     def create(cls, repository: Repository, control: ModelControl, metrics: Metrics) -> Residency:
         """This worker's residency: its share of ``MEMORY_BUDGET`` (or of the derived budget), measured from
         its resident memory now, before any model."""
-        settings = repository.settings
-        workers = settings.processes
-        if settings.memory_budget.strip():
-            whole, how = parse_size(settings.memory_budget), f"MEMORY_BUDGET={settings.memory_budget}"
-        else:
-            whole, how = default_budget(resident_bytes(), workers)
+        workers = repository.settings.processes
+        whole, how = _whole_budget(repository.settings, workers)
         shared = f"{how}; shared by {workers} workers" if workers > 1 else how
         return cls(repository, control, metrics, whole // workers, shared)
 
@@ -166,10 +170,7 @@ class Residency:
         from this process, lighter than a worker, so only what cannot work anyway is refused."""
         if settings.model_control != "on-demand":
             return None
-        if settings.memory_budget.strip():
-            whole, how = parse_size(settings.memory_budget), f"MEMORY_BUDGET={settings.memory_budget}"
-        else:
-            whole, how = default_budget(resident_bytes(), workers)
+        whole, how = _whole_budget(settings, workers)
         share = whole // max(workers, 1)
         estimates = {
             name: cls.estimate(latest).bytes for name in store.names() if (latest := store.latest(name)) is not None
