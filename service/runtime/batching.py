@@ -332,11 +332,8 @@ class DynamicBatcher:
             "%s: out of memory for a batch of %s (%s); largest batch %d -> %d, its requests get 503",
             self.name, ran, what[-300:], before, self.max_batch_size,
         )  # fmt: skip
-        if self._on_out_of_memory is not None:
-            try:
-                self._on_out_of_memory(size, self.max_batch_size)
-            except Exception:  # an observer's failure; the batch's requests still get their 503
-                logger.exception("%s: the out-of-memory hook failed", self.name)
+        if self._on_out_of_memory is not None:  # a Hook: an observer's failure is contained there
+            self._on_out_of_memory(size, self.max_batch_size)
         return self._out_of_memory(ran)
 
     def _out_of_memory(self, ran: str) -> DeviceOutOfMemory:

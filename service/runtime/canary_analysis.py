@@ -59,10 +59,6 @@ def wilson(successes: int, trials: int, z: float = Z99) -> tuple[float, float]:
     return max(0.0, (centre - spread) / denominator), min(1.0, (centre + spread) / denominator)
 
 
-def wilson_upper(successes: int, trials: int, z: float = Z99) -> float:
-    return wilson(successes, trials, z)[1]
-
-
 @functools.lru_cache(maxsize=256)  # a window's figures are read on every /models call while it fills
 def exact_upper(successes: int, trials: int, tail: float = 0.005) -> float:
     """The upper end of the Clopper-Pearson (exact binomial) 99% interval of a proportion: the ``u`` at which

@@ -14,7 +14,7 @@ import pytest
 from service.errors import ModelNotFound
 from service.metrics import get_metrics
 from service.runtime.canary import COLD_RETRY_S, Canaries, Canary
-from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, exact_upper, wilson_upper
+from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, exact_upper, wilson
 from service.runtime.residency import Residency
 from service.runtime.shadow import Shadow
 from service.settings import Settings, shadow_pair
@@ -46,12 +46,13 @@ def filled(window: Window, candidate_top: float, candidate_s: float, agreed: int
     return window
 
 
-def test_wilson_upper_bound_separates_a_few_disagreements_from_a_bad_candidate() -> None:
-    assert wilson_upper(0, 0) == 1.0
-    assert wilson_upper(97, 100) > 0.99  # three disagreements in 100 do not show agreement below 99%
-    assert wilson_upper(100, 100) == pytest.approx(1.0)
-    assert wilson_upper(90, 100) < 0.99
-    assert wilson_upper(10, 100) < 0.25
+def test_the_wilson_interval_separates_a_few_disagreements_from_a_bad_candidate() -> None:
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert wilson(97, 100)[1] > 0.99  # three disagreements in 100 do not show agreement below 99%
+    assert wilson(100, 100)[1] == pytest.approx(1.0)
+    assert wilson(90, 100)[1] < 0.99
+    assert wilson(10, 100)[1] < 0.25
+    assert wilson(3, 100)[0] < 0.01 < wilson(10, 100)[0]  # the low end (errors): 3% may be 1%, 10% is not
 
 
 @pytest.mark.parametrize("trials", [1, 3, 5, 10, 25, 100, 400])
