@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+
+def validation_problems(errors: Iterable[Mapping[str, Any]], skip: int = 0, whole: str = "") -> str:
+    """pydantic's errors as a person reads them, ``where: what; ...``: each location less its first ``skip``
+    parts (FastAPI's ``query``, say), ``whole`` where nothing is left (the object itself)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'][skip:])) or whole}: {e['msg']}" for e in errors)
+
 
 class ServiceError(Exception):
     status_code = 500

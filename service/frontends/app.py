@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ServiceError
+from ..errors import ServiceError, validation_problems
 from ..runtime.classifier import Answer
 from ..settings import Settings
 from .body import read_body, read_images
@@ -59,8 +59,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'][1:]))}: {e['msg']}" for e in exc.errors())
-        return error_response(400, f"Invalid parameter: {problems}")
+        return error_response(400, f"Invalid parameter: {validation_problems(exc.errors(), skip=1)}")
 
     @app.exception_handler(Exception)
     async def unhandled_error(_: Request, exc: Exception) -> JSONResponse:

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from pydantic import ValidationError
 
+from ..errors import validation_problems
 from ..settings import Settings
 from ..store import sessions
 from ..store.batch_limit import read_max_batch_size
@@ -110,7 +111,7 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     except FileNotFoundError:
         raise ModelLoadError(f"{stored.metadata_path} is missing") from None
     except ValidationError as exc:  # what is wrong where, not pydantic's "1 validation error for ModelMetadata"
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'metadata'}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc.errors(), whole="metadata")
         raise ModelLoadError(f"{stored.metadata_path} is invalid: {problems}") from None
     except ValueError as exc:  # not JSON
         raise ModelLoadError(f"{stored.metadata_path} is invalid: {str(exc).splitlines()[0]}") from None
