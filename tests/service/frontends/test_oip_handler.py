@@ -18,8 +18,8 @@ from ..runtime.harness import Served
 
 def infer(served: Served, inputs: list[Tensor], requested: list[RequestedOutput] | None = None) -> list[Tensor]:
     async def run() -> list[Tensor]:
-        with await served.oip.lease("lenet5") as entry:
-            return await served.oip.infer(entry, inputs, requested or [], "rest")
+        with served.oip.track("http") as record, await served.oip.lease("lenet5") as entry:
+            return await served.oip.infer(entry, inputs, requested or [], record)
 
     return asyncio.run(run())
 
