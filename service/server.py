@@ -27,7 +27,7 @@ from .observers import attach
 from .parent import ParentWatch, server_pid
 from .runtime import session_host
 from .runtime.cache import ResponseCache
-from .runtime.canary import Canaries
+from .runtime.canary import Canaries, answered_by_cache
 from .runtime.classifier import Classifier
 from .runtime.cuda import preload, wants_cuda
 from .runtime.hooks import Hooks
@@ -124,7 +124,8 @@ def build_runtime(
         hooks.answered.subscribe(canaries.answered)
     cache = None
     if settings.response_cache_mb > 0:  # each worker its own: several workers, each caches what it answered
-        cache = ResponseCache(int(settings.response_cache_mb * 2**20), metrics)
+        # a request answered from it or beside another is left out of a canary's window
+        cache = ResponseCache(int(settings.response_cache_mb * 2**20), metrics, shared=answered_by_cache)
         hooks.ready.subscribe(cache.ready)
         hooks.released.subscribe(cache.released)  # an unloaded version's answers go with it
     decoders = ThreadPoolExecutor(settings.decoder_threads, thread_name_prefix="decode")

@@ -90,9 +90,10 @@ class Abandoned(Exception):
 class ResponseCache:
     """Answers by key within ``max_bytes``, least recently used evicted first; see the module's docstring."""
 
-    def __init__(self, max_bytes: int, metrics: Metrics) -> None:
+    def __init__(self, max_bytes: int, metrics: Metrics, shared: Callable[[], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self.metrics = metrics
+        self.shared = shared  # see get_or_compute
         self.bytes = 0
         self._entries: OrderedDict[bytes, Stored[Any]] = OrderedDict()
         self._by_version: dict[Version, set[bytes]] = {}
@@ -108,13 +109,12 @@ class ResponseCache:
         key: bytes,
         entry: ModelEntry,
         compute: Callable[[], Awaitable[T]],
-        shared: Callable[[], None] | None = None,
     ) -> tuple[T, bool]:
         """The answer stored under ``key``, else the one computing now, else ``compute()``'s (then stored):
-        with True where this request computed nothing (a hit). ``shared`` is called where this request takes
+        with True where this request computed nothing (a hit). The cache's ``shared`` is called where this request takes
         another's outcome, stored or computed meanwhile, its answer or its error (not where that request went away
         and this one computed after all): what judges a version's requests leaves both out alike."""
-        version = (entry.name, entry.version)
+        version, shared = (entry.name, entry.version), self.shared
         while True:
             found = self._get(key)
             if found is not None:
@@ -129,7 +129,7 @@ class ResponseCache:
                 value = await asyncio.shield(pending)
             except Abandoned:  # its request went away: this one may compute it itself, and counts then
                 continue
-            except BaseException:
+            except Exception:  # its error, this request's too (not this request's own cancellation)
                 if shared is not None:
                     shared()
                 raise

@@ -32,7 +32,7 @@ from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
 from .cache import ResponseCache, cache_key
-from .canary import Canaries, Leases, answered_by_cache, answering_canary
+from .canary import Canaries, Leases, answering_canary
 from .entry import ModelEntry
 from .gradcam import GradCam
 from .hooks import Hooks
@@ -306,7 +306,7 @@ class Classifier:
             else:  # after the lease: a cached answer is never served for a version that is gone
                 key = cache_key("", "classify", entry.name, entry.version, (k, min_confidence), images)
                 compute = functools.partial(self.answer, entry, images, k, min_confidence)
-                classified, hit = await self.cache.get_or_compute(key, entry, compute, shared=answered_by_cache)
+                classified, hit = await self.cache.get_or_compute(key, entry, compute)
                 if record is not None:
                     record.cache = "hit" if hit else "miss"
             if (canary := answering_canary()) is not None:  # a copy: the cache's answer is shared

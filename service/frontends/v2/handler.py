@@ -27,7 +27,6 @@ import numpy as np
 from ...errors import InvalidInput, PayloadTooLarge, ServiceError
 from ...metrics import RequestRecord
 from ...runtime.cache import cache_key
-from ...runtime.canary import answered_by_cache
 from ...runtime.classifier import Classifier, top_k
 from ...runtime.entry import ModelEntry
 from ...runtime.lifecycle import ModelControl
@@ -294,7 +293,7 @@ class OipHandler:
         else:
             compute = functools.partial(self._kept, entry, inputs, requested)
             key = self.cache_key(entry, inputs, requested)
-            outputs, hit = await cache.get_or_compute(key, entry, compute, shared=answered_by_cache)
+            outputs, hit = await cache.get_or_compute(key, entry, compute)
             record.cache = "hit" if hit else "miss"
         record.images = outputs[0].shape[0]
         return outputs

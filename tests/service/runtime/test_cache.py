@@ -100,7 +100,8 @@ def test_identical_requests_at_the_same_moment_are_computed_once_and_a_failure_i
 def test_a_request_that_shares_an_answer_is_told_so_whatever_the_outcome() -> None:
     """Of 8 identical requests at once, 7 take the first's computation: each of those 7 is told it shares the answer
     (a canary leaves it out of its window), when it fails as when it succeeds, and so is a later stored hit."""
-    cache = ResponseCache(1 << 20, get_metrics())
+    told: list[int] = []
+    cache = ResponseCache(1 << 20, get_metrics(), shared=lambda: told.append(1))
 
     async def slow(fail: bool) -> bytes:
         await asyncio.sleep(0.05)
@@ -109,9 +110,8 @@ def test_a_request_that_shares_an_answer_is_told_so_whatever_the_outcome() -> No
         return b"the answer"
 
     async def many(fail: bool) -> int:
-        told = []
-        requests = [cache.get_or_compute(b"shared", MODEL, lambda: slow(fail), shared=lambda: told.append(1))
-                    for _ in range(8)]  # fmt: skip
+        told.clear()
+        requests = [cache.get_or_compute(b"shared", MODEL, lambda: slow(fail)) for _ in range(8)]
         await asyncio.gather(*requests, return_exceptions=True)
         return len(told)
 
@@ -121,7 +121,8 @@ def test_a_request_that_shares_an_answer_is_told_so_whatever_the_outcome() -> No
 
 
 def test_a_cancelled_waiter_cancels_nothing_and_a_cancelled_computation_hands_over() -> None:
-    cache = ResponseCache(1 << 20, get_metrics())
+    told: list[int] = []
+    cache = ResponseCache(1 << 20, get_metrics(), shared=lambda: told.append(1))
     calls = 0
 
     async def slow() -> bytes:
@@ -138,12 +139,11 @@ def test_a_cancelled_waiter_cancels_nothing_and_a_cancelled_computation_hands_ov
         answered = await first
         # the request computing goes away: the one waiting computes instead, and is answered
         computing = asyncio.ensure_future(cache.get_or_compute(b"other", MODEL, slow))
-        patient = asyncio.ensure_future(cache.get_or_compute(b"other", MODEL, slow, shared=lambda: told.append(1)))
+        patient = asyncio.ensure_future(cache.get_or_compute(b"other", MODEL, slow))
         await asyncio.sleep(0.01)
         computing.cancel()
         return answered, await patient
 
-    told: list[int] = []
     answered, patient = asyncio.run(main())
     assert answered == (b"the answer", False) and patient == (b"the answer", False)
     assert calls == 3 and len(cache) == 2
@@ -263,7 +263,7 @@ def test_the_protocol_handler_caches_by_tensor_and_outputs_asked(
         async def run() -> tuple[list[Tensor], str | None]:
             record = RequestRecord()
             with await oip.lease("lenet5") as entry:
-                return await oip.infer(entry, inputs, requested, "http", record), record.cache
+                return await oip.infer(entry, inputs, requested, record), record.cache
 
         return asyncio.run(run())
 
