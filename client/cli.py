@@ -27,7 +27,8 @@ examples:
   python -m client photos/ --explain heatmaps/           # and where the network looked, one PNG per image
 
 exit status: 0 when every file was classified (and, with --explain, every heat map written),
-1 when any failed, 2 when the service or the output could not be used at all.
+1 when any failed, 2 when the service or the output could not be used at all; as a shell's,
+141 when the reader of its output went away (| head) and 130 on Ctrl-C.
 """
 
 
@@ -90,7 +91,8 @@ async def run(args: argparse.Namespace, paths: list[str], stream: TextIO, client
     if failed:
         sys.stderr.write(f"{failed} of {len(paths)} files failed\n")
     if unexplained:
-        sys.stderr.write(f"{unexplained} of {len(paths)} heat maps were not written (see each one's explanation)\n")
+        asked = len(paths) - failed  # a file that failed was not explained
+        sys.stderr.write(f"{unexplained} of {asked} heat maps were not written (see each one's explanation)\n")
     return 1 if failed or unexplained else 0
 
 

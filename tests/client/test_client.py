@@ -280,11 +280,15 @@ def test_an_empty_folder_or_glob_fails_the_run_and_the_output_outlives_a_service
 
 def test_heat_maps_that_cannot_be_had_fail_the_run_and_say_why(stub: Any, photos: Path, tmp_path: Path) -> None:
     stub.posts = 2
-    result = run_client(str(photos / "things"), "--url", stub.url, "--explain", str(tmp_path / "maps"),
+    missing = tmp_path / "missing.png"  # fails before any heat map is asked for it
+    result = run_client(str(photos / "things"), str(missing), "--url", stub.url, "--explain", str(tmp_path / "maps"),
                         "--format", "csv", "--no-progress")  # fmt: skip
-    assert result.returncode == 1 and "2 of 2 heat maps were not written" in result.stderr
+    assert result.returncode == 1 and "1 of 3 files failed" in result.stderr
+    assert "2 of 2 heat maps were not written" in result.stderr
     rows = list(csv.DictReader(result.stdout.splitlines()))
-    assert [r["explanation"] for r in rows] == ["no explanation: no explanation graph here"] * 2
+    assert [r["explanation"] for r in rows if "missing" not in r["path"]] == [
+        "no explanation: no explanation graph here"
+    ] * 2
     assert list((tmp_path / "maps").iterdir()) == []
 
 
