@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -110,11 +111,17 @@ def test_threads_of_one_worker_publishing_at_once_never_tear_its_state(tmpdir_en
             failures.append(exc)
 
     threads = [threading.Thread(target=publish, args=(state,)) for state in states]
+    published, torn = readiness.directory / f"{os.getpid()}.json", 0
     for thread in threads:
         thread.start()
     while any(thread.is_alive() for thread in threads):
-        seen += [state["generation"] for state in readiness.states().values()]
+        try:  # read as another worker does, but a torn file counted rather than skipped
+            seen.append(json.loads(published.read_text())["generation"])
+        except FileNotFoundError:  # before the first publish
+            pass
+        except ValueError:
+            torn += 1
     for thread in threads:
         thread.join()
     assert not failures, failures
-    assert set(seen) <= {1, 2} and readiness.states()[os.getpid()] in states
+    assert torn == 0 and set(seen) <= {1, 2} and readiness.states()[os.getpid()] in states
