@@ -16,7 +16,8 @@ from service.runtime.hooks import Hooks
 from service.runtime.repository import Repository
 from service.settings import Settings
 
-from .harness import StoreFactory
+from ..pictures import held_out_drawings
+from .harness import RuntimeFactory, StoreFactory
 
 
 @pytest.fixture
@@ -139,7 +140,7 @@ def test_a_version_its_watchers_cannot_take_is_failed_not_served_unwatched(make_
 
 
 def test_a_watcher_that_fails_on_an_answer_is_logged_and_the_answer_stands(
-    make_store: StoreFactory, caplog: pytest.LogCaptureFixture
+    make_store: StoreFactory, make_runtime: RuntimeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A subscriber of ``answered`` or ``batch`` that raises (a canary's candidate with odd metadata, say) is
     logged; the request it watched is still answered and the subscribers after it still run."""
@@ -157,4 +158,15 @@ def test_a_watcher_that_fails_on_an_answer_is_logged_and_the_answer_stands(
     assert entry.batcher is not None
     outputs = asyncio.run(entry.batcher.infer(np.zeros((2, 32, 32, 1), np.uint8)))
     assert outputs[0].shape == (2, 10) and seen == [2]
+    assert "broken failed; what it watched goes on" in caplog.text
+
+    # answered: on the request's own path (Classifier.classify), after the batch
+    caplog.clear()
+    runtime = make_runtime(make_store(lenet5=[1]))
+    runtime.control.reconcile()
+    runtime.hooks.answered.subscribe(broken)
+    runtime.hooks.answered.subscribe(lambda entry, images, probabilities, seconds: seen.append(len(images)))
+    files, _ = held_out_drawings(3)
+    classified = asyncio.run(runtime.classifier.classify("lenet5", None, files, 1))
+    assert len(classified.answers) == 3 and seen == [2, 3]
     assert "broken failed; what it watched goes on" in caplog.text
