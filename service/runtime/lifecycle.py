@@ -273,7 +273,7 @@ class ModelControl:
         try:
             policy = read_version_policy(self.store.model_dir(name) / CONFIG_FILE)
         except ValueError as exc:
-            raise _ConfigUnreadable(f"{CONFIG_FILE}: {exc} (versions already serving go on)") from None
+            raise _ConfigUnreadable(f"{CONFIG_FILE}: {exc}") from None
         loadable = [v for v in (pinned or sorted(stored)) if self._loadable(stored[v])]
         chosen = loadable if pinned else policy.select(loadable)
         return [stored[v] for v in chosen]
@@ -317,7 +317,10 @@ class ModelControl:
             )  # fmt: skip
         plan = self.plan(targets)
         repository = self.repository
-        repository.set_problems(plan.problems)
+        repository.set_problems({
+            name: f"{why} (the versions serving go on)" if name in plan.unreadable and repository.versions.get(name)
+            else why for name, why in plan.problems.items()
+        })  # fmt: skip
         for name, versions in plan.versions.items():
             for stored in versions:
                 current = repository.versions.get(name, {}).get(stored.version)

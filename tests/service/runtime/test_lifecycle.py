@@ -79,7 +79,7 @@ def test_a_config_pbtxt_edited_wrong_takes_nothing_down_and_says_why(
     make_store: StoreFactory, make_runtime: RuntimeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """MODEL_CONTROL=poll, version 2 serving. An operator's edit leaves config.pbtxt's version_policy unreadable:
-    version 2 keeps serving (it was unloaded: the model went offline for a typo), and the problem is named; once
+    version 2 keeps serving (it used to be unloaded: the model went offline for a typo), and the problem is named; once
     fixed (in protobuf's other form, angle brackets), the policy applies again."""
     store = make_store(lenet=[1, 2])
     runtime = make_runtime(store, model_control="poll", poll_interval_s=0.05)
@@ -92,7 +92,7 @@ def test_a_config_pbtxt_edited_wrong_takes_nothing_down_and_says_why(
     entry = repository.serving("lenet")
     assert entry is not None and entry.version == 2 and entry.status == "ready"
     problem = repository.state()["models"]["lenet"][""]
-    assert "unknown version_policy 'lastest'" in problem["reason"] and "already serving go on" in problem["reason"]
+    assert "unknown version_policy 'lastest'" in problem["reason"] and "the versions serving go on" in problem["reason"]
     control.reconcile()  # logged once, not at every pass
     assert caplog.text.count("unknown version_policy 'lastest'") == 1
     config.write_text('name: "lenet"\nversion_policy < latest < num_versions: 2 > >\n')
