@@ -75,19 +75,16 @@ class Leases(Protocol):
         """Start that load in the background: the load, or None where none was needed or one is under way."""
 
 
-# the canary a request's lease came from, and which side answers it (read by the answered hook)
-ROUTE: contextvars.ContextVar[tuple[Canary, str, int] | None] = contextvars.ContextVar("canary_route", default=None)
-
-
-# the routed lease of the current request, while it is held: what the response cache tells it (see answered_by_cache)
-_ROUTED: contextvars.ContextVar[_Routed | None] = contextvars.ContextVar("canary_routed", default=None)
+# the routed lease of the current request, while it is held: which canary, which side answers, under which state
+# (read by the answered hook), and what the response cache tells it (see answered_by_cache)
+ROUTE: contextvars.ContextVar[_Routed | None] = contextvars.ContextVar("canary_route", default=None)
 
 
 def answered_by_cache() -> None:
     """The current request takes its answer from the response cache (stored, or another request's computing now):
     the version runs nothing for it, so it is no evidence of its error rate, whether that answer succeeds or
     fails (errors are never stored: counting hits would dilute them; counting a shared failure would not)."""
-    routed = _ROUTED.get()
+    routed = ROUTE.get()
     if routed is not None:
         routed.cached = True
 
@@ -95,8 +92,8 @@ def answered_by_cache() -> None:
 def answering_canary() -> str | None:
     """The canary (``PRIMARY:CANDIDATE``) whose candidate answers the current request, while its lease is held;
     None where the model asked for answers (no canary, or the primary's share)."""
-    route = ROUTE.get()
-    return route[0].key if route is not None and route[1] == "candidate" else None
+    routed = ROUTE.get()
+    return routed.canary.key if routed is not None and routed.side == "candidate" else None
 
 
 class StateFile:
@@ -203,7 +200,7 @@ class Canary:
 class _Routed(contextlib.AbstractContextManager[ModelEntry]):
     """A lease that says which side of which canary it is, to the answered hook and when it ends."""
 
-    __slots__ = ("cached", "canaries", "canary", "entered", "lease", "revision", "routed", "side", "token")
+    __slots__ = ("cached", "canaries", "canary", "entered", "lease", "revision", "side", "token")
 
     def __init__(
         self,
@@ -217,23 +214,18 @@ class _Routed(contextlib.AbstractContextManager[ModelEntry]):
         self.canaries, self.canary, self.side, self.lease = canaries, canary, side, lease
         self.revision = revision  # the state the request was routed under
         self.entered = entered  # the lease's version, where it was entered already (to look at it first)
-        self.token: contextvars.Token[tuple[Canary, str, int] | None] | None = None
-        self.routed: contextvars.Token[_Routed | None] | None = None
+        self.token: contextvars.Token[_Routed | None] | None = None
         self.cached = False  # answered by the response cache (answered_by_cache)
 
     def __enter__(self) -> ModelEntry:
         entry = self.entered if self.entered is not None else self.lease.__enter__()
-        self.token = ROUTE.set((self.canary, self.side, self.revision))
-        self.routed = _ROUTED.set(self)
+        self.token = ROUTE.set(self)
         return entry
 
     def __exit__(self, *exc: Any) -> bool | None:
         with contextlib.suppress(ValueError):  # a token of another context: nothing to restore here
             if self.token is not None:
                 ROUTE.reset(self.token)
-        with contextlib.suppress(ValueError):
-            if self.routed is not None:
-                _ROUTED.reset(self.routed)
         try:
             return self.lease.__exit__(*exc)
         finally:
@@ -492,10 +484,10 @@ class Canaries:
     def answered(self, entry: ModelEntry, images: np.ndarray, probabilities: np.ndarray, seconds: float) -> None:
         """The ``answered`` hook: a routed request's answers into its window; a sample of the candidate's also to
         the primary, off the request path."""
-        route = ROUTE.get()
-        if route is None:
+        routed = ROUTE.get()
+        if routed is None:
             return
-        canary, side, revision = route
+        canary, side, revision = routed.canary, routed.side, routed.revision
         if revision != canary.revision or canary.state != "running":
             return
         canary.window.answered(side, probabilities, seconds)
