@@ -27,10 +27,18 @@ def without_strings_and_comments(text: str) -> str:
 
 
 def masked(text: str) -> str:
-    """A ``config.pbtxt``'s text with its comments and strings blanked, same length (so that a span found in it is
-    the text's span), and protobuf's ``< >`` delimiters as ``{ }``: for editing the text where a field is."""
-    blanked = _STRING_OR_COMMENT.sub(lambda match: re.sub(r"[^\n]", " ", match.group()), text)
+    """A ``config.pbtxt``'s text with its comments and the insides of its strings blanked (a string keeps its
+    quotes: still a value, one no number field takes), same length (so that a span found in it is the text's
+    span), and protobuf's ``< >`` delimiters as ``{ }``."""
+    blanked = _STRING_OR_COMMENT.sub(_blank, text)
     return blanked.replace("<", "{").replace(">", "}")
+
+
+def _blank(match: re.Match[str]) -> str:
+    found = match.group()
+    if found.startswith("#"):
+        return " " * len(found)
+    return found[0] + " " * (len(found) - 2) + found[-1]
 
 
 @dataclass(frozen=True)

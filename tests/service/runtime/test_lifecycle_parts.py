@@ -40,6 +40,7 @@ def test_version_policies_select_as_triton_does(text: str, available: list[int],
         ("version_policy: { specific: { versions: [] } }", "positive integers"),
         ("version_policy: { newest: { } }", "unknown version_policy 'newest'"),
         ("version_policy: latest", "not of the form"),
+        ('version_policy: { specific: { versions: [1, "2"] } }', "positive integers"),  # Triton refuses it too
     ],
 )
 def test_a_bad_policy_says_what_is_wrong(text: str, message: str) -> None:
