@@ -15,10 +15,13 @@ connection:
   must bring that rate, unless the server itself stopped reading (flow control); otherwise
   **408** and close.
 - ``MAX_CONNECTIONS``: connections one worker holds; one more is answered **503** with
-  ``Retry-After`` and closed, while the connections already held keep being served. It gets
-  ``OVER_LIMIT_HEAD_S`` to send a head first, and a probe's or scraper's (``PROBE_PATHS``) is
-  answered, then the connection closed: a worker at its limit is busy, not dead, and neither the
-  kubelet (which would restart it, dropping every connection) nor Prometheus should read it as gone.
+  ``Retry-After`` and closed, while the connections already held keep being served. Up to
+  ``OVER_LIMIT_PENDING`` of them at a time get ``OVER_LIMIT_HEAD_S`` to send a head first, and a
+  probe's or scraper's (``PROBE_PATHS``) is answered, then the connection closed (within
+  ``OVER_LIMIT_PROBE_S`` whatever the reader does): a worker at its limit is busy, not dead, and
+  neither the kubelet (which would restart it, dropping every connection, or take it out of the
+  endpoints, as it would every pod of a service busy at once) nor Prometheus should read it as gone.
+  Any other request past the limit, and every connection past the pending ones, gets the 503 at once.
 
 The common path stays cheap: each connection arms one timer (its first head's deadline), and
 after that a head or body that arrives in one chunk (every normal request) arms none. The
@@ -42,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 BODY_RATE_WINDOW_S = 5.0
 OVER_LIMIT_HEAD_S = 1.0  # how long a connection past MAX_CONNECTIONS may take to show it is a probe's
+OVER_LIMIT_PENDING = 16  # connections past MAX_CONNECTIONS given that time at once; the others refused at once
+OVER_LIMIT_PROBE_S = 10.0  # a probe's connection past MAX_CONNECTIONS is aborted after this, answered or not
 PROBE_PATHS = frozenset({b"/livez", b"/readyz", b"/healthz", b"/metrics"})
 
 
@@ -62,6 +67,9 @@ def _response(status: bytes, message: str, retry_after: int | None = None) -> by
         b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(body)
         + extra + b"connection: close\r\n\r\n" + body
     )  # fmt: skip
+
+
+_past_limit: set[BoundedHttpToolsProtocol] = set()  # this worker's connections past MAX_CONNECTIONS, still open
 
 
 class _Refused(Exception):
@@ -85,13 +93,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._watching_body = False  # whether the deadline is the body's (else the head's)
         self._body_bytes = 0  # body bytes since the last check
         self._message_bytes = 0  # bytes since the body's watch began: a body with trailers is bounded too
-        self._over_limit: asyncio.TimerHandle | None = None  # past MAX_CONNECTIONS: its deadline for a probe's head
-        self._busy = False  # a request past MAX_CONNECTIONS that is not a probe's: answered 503
+        self._over_limit: asyncio.TimerHandle | None = None  # past MAX_CONNECTIONS: its deadline (see _past_limit)
+        self._busy = False  # a request past MAX_CONNECTIONS that is not a probe's: answered 503, the rest ignored
 
     # the connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > Limits.max_connections:
+            if len(_past_limit) >= OVER_LIMIT_PENDING:
+                self._refuse_busy()
+                return
+            _past_limit.add(self)
             self._over_limit = self.loop.call_later(min(OVER_LIMIT_HEAD_S, Limits.header_timeout_s), self._refuse_busy)
             return
         self._arm(Limits.header_timeout_s, self._head_late, body=False)
@@ -100,6 +112,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm()
         if self._over_limit is not None:
             self._over_limit.cancel()
+            _past_limit.discard(self)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -124,17 +137,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise _Refused  # answered 431 by send_400_response
         if self._over_limit is not None:
             self._over_limit.cancel()
-            if self.url.partition(b"?")[0] not in PROBE_PATHS:
-                self._busy = True
-                raise _Refused  # answered 503 by send_400_response
+            if self._busy or self.url.partition(b"?")[0] not in PROBE_PATHS:
+                self._busy = True  # answered here, not by raising: uvicorn would log every refusal as invalid HTTP
+                self._refuse_busy()
+                return
+            self._over_limit = self.loop.call_later(OVER_LIMIT_PROBE_S, self._abort)  # a reader that never reads
         super().on_headers_complete()
         if self._over_limit is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # a probe's answer, then the connection is closed
 
+    def on_body(self, body: bytes) -> None:
+        if not self._busy:  # a refused request's body: no cycle reads it
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._busy:
+            super().on_message_complete()
+
     def send_400_response(self, msg: str) -> None:
-        if self._busy:
-            self._refuse_busy()
-        elif self._head_too_large:
+        if self._head_too_large:
             self._too_large()
         else:  # uvicorn's own is plain text; errors of this API are JSON
             self._refuse(b"400 Bad Request", f"{msg.rstrip('.')}: the request line or a header is not valid HTTP/1.1")
@@ -177,6 +198,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _head_size(self) -> int:
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) + 16
+
+    def _abort(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.abort()
 
     def _refuse_busy(self) -> None:
         if self.transport.is_closing():

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service.frontends.protocol import OVER_LIMIT_PENDING
 from service.store.layout import ModelStore
 from tests.helpers import ServiceProcess, encode, metric_samples, running, workers
 
@@ -158,31 +159,47 @@ def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess
     assert_serving(guarded)
 
 
+@contextlib.contextmanager
+def crowded(service: ServiceProcess, past: int = 10) -> Iterator[list[socket.socket]]:
+    """``past`` connections more than MAX_CONNECTIONS, sending nothing (each check gets a crowd of its own: the
+    ones within the limit are closed after HEADER_TIMEOUT_S, 2 s here)."""
+    idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(MAX_CONNECTIONS + past)]
+    try:
+        time.sleep(0.3)
+        yield idle
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_connections_past_the_limit_are_refused_fast_and_held_ones_keep_serving(guarded: ServiceProcess) -> None:
     """Past MAX_CONNECTIONS a request is answered 503 at once, a connection that sends nothing within a second
-    too, but a probe's or a scraper's is answered (then closed): a busy worker is not a dead one to the kubelet."""
+    too, but a probe's or a scraper's is answered (then closed): a busy worker is not a dead one to the kubelet.
+    Past the 16 given that second, a connection gets the 503 at once, as an attacker's flood would."""
     before = refused(guarded)
+    warned = guarded.log_path.read_text().count("Invalid HTTP request")
     with httpx.Client(base_url=guarded.url, timeout=30) as held:  # a client that connected first
         assert held.post("/classify?model=lenet5", content=DIGIT, headers=PNG).status_code == 200
-        idle = [socket.create_connection(("127.0.0.1", guarded.port)) for _ in range(MAX_CONNECTIONS + 10)]
-        try:
-            time.sleep(0.3)
+        with crowded(guarded) as idle:
             started = time.monotonic()
             head = f"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Length: {len(DIGIT)}\r\n\r\n"
             status, error = status_and_error(exchange(guarded, head.encode() + DIGIT))
             assert status == 503 and f"MAX_CONNECTIONS={MAX_CONNECTIONS}" in error
             assert time.monotonic() - started < 1
-            for probe in ("/livez", "/readyz", "/metrics"):
-                answer = exchange(guarded, f"GET {probe} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                assert answer.startswith(b"HTTP/1.1 200"), (probe, answer[:300])
-                assert b"connection: close" in answer.lower()
             assert held.post("/classify?model=lenet5", content=DIGIT, headers=PNG).status_code == 200
             idle[-1].settimeout(5)
             status, error = status_and_error(_read_all(idle[-1]))  # the newest, past the limit, said nothing
             assert status == 503 and f"MAX_CONNECTIONS={MAX_CONNECTIONS}" in error
-        finally:
-            for sock in idle:
-                sock.close()
+        for probe in ("/livez", "/readyz", "/metrics"):
+            with crowded(guarded):
+                answer = exchange(guarded, f"GET {probe} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert answer.startswith(b"HTTP/1.1 200"), (probe, answer[:300])
+            assert b"connection: close" in answer.lower()  # past the limit: answered, then closed
+        with crowded(guarded, past=OVER_LIMIT_PENDING + 5) as idle:
+            idle[-1].settimeout(0.5)  # well before the second the pending ones get
+            status, error = status_and_error(_read_all(idle[-1]))
+            assert status == 503 and f"MAX_CONNECTIONS={MAX_CONNECTIONS}" in error
+    assert guarded.log_path.read_text().count("Invalid HTTP request") == warned  # a refusal is no invalid request
     assert refused(guarded)["connections"] >= before["connections"] + 11
     time.sleep(0.3)
     assert_serving(guarded)
