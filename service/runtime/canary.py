@@ -96,6 +96,11 @@ def answering_canary() -> str | None:
     return routed.canary.key if routed is not None and routed.side == "candidate" else None
 
 
+class CanaryRefused(Exception):
+    """A change that would route a switched canary's requests to the version that drained (not a ValueError: what
+    records a change takes those as a state file it cannot use)."""
+
+
 class StateFile:
     """``{"canaries": {"PRIMARY:CANDIDATE": {...}}}`` in one JSON file: read freely, changed under an exclusive
     ``flock`` on ``<file>.lock`` and replaced atomically (as the lifecycle's declared state)."""
@@ -325,7 +330,11 @@ class Canaries:
 
     def change(self, canary: Canary, expected: int | None, **changes: Any) -> bool:
         """Apply ``changes`` if the canary is still at revision ``expected`` (None: whatever it is); False when
-        another worker changed it first (its state is taken instead). The window starts afresh either way."""
+        another worker changed it first (its state is taken instead). The window starts afresh either way.
+
+        A change of state also declares what the new state needs served (:meth:`_applied`), under the same lock as
+        the shared state, so that two workers' changes and their declarations happen in one order; one that would
+        route to a drained version is refused (:class:`CanaryRefused`)."""
         with self._lock:
             if expected is not None and expected != canary.revision:  # this worker took another's change meanwhile
                 canary.window = canary.window.next()
@@ -338,17 +347,36 @@ class Canaries:
                         canary.adopt(found)
                         self._publish(canary)
                         return False
-                    current = {**found, **changes, "revision": int(found.get("revision", 0)) + 1}
+                    current = self._applied(canary, found, changes)
                     stored[canary.key] = current
             except (OSError, ValueError, TypeError, AttributeError) as exc:
                 current = None
                 logger.error("canary %s: cannot record the change in %s (%s); applied in this worker only",
                              canary.key, self.file.path, exc)  # fmt: skip
             if current is None:
-                current = {**canary.stored(), **changes, "revision": canary.revision + 1}
+                current = self._applied(canary, canary.stored(), changes)
             canary.adopt(current)
             self._publish(canary)
             return True
+
+    def _applied(self, canary: Canary, found: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+        """``found`` (the canary's shared state) with ``changes``, its next revision, and what it serves declared:
+        a canary of one model's two versions promoted serves the candidate's version alone (:meth:`_switch`), and
+        rolled back or ended, whoever does it and from whichever state, the primary's again, since the routing
+        alone cannot bring back a version that has drained. Pausing, resuming or diverting less than all of a
+        switched canary would route to that drained version: refused."""
+        current = {**found, **changes, "revision": int(found.get("revision", 0)) + 1}
+        state, switched = current.get("state"), bool(found.get("switched", False))
+        diverts_all = state == "promoted" and float(current.get("fraction", 1.0)) >= 1.0
+        if switched and not diverts_all and state not in ("rolled_back", "ended"):
+            raise CanaryRefused(f"canary {canary.key} is promoted and {canary.pair.candidate} alone is served now "
+                                f"(the other version has drained): set state rolled_back or ended to serve "
+                                f"{canary.pair.primary} again")  # fmt: skip
+        if state == "promoted" and not switched:
+            current["switched"] = self._switch(canary)
+        elif state in ("rolled_back", "ended") and switched:
+            current["switched"] = not self._switch(canary, back=True)
+        return current
 
     def _publish(self, canary: Canary) -> None:
         labels = (str(canary.pair.primary), str(canary.pair.candidate))
@@ -529,6 +557,12 @@ class Canaries:
         """Judge ``window`` (the canary's current one), collected at ``revision`` (the current one): roll back, step
         up, promote (or, without steps, go on at the same fraction). A decision on a window another worker (or the
         operator) has moved past since is dropped."""
+        try:
+            self._judge(canary, window, revision)
+        except CanaryRefused as exc:  # another worker promoted it meanwhile: its window is moot
+            logger.info("canary %s: window dropped: %s", canary.key, exc)
+
+    def _judge(self, canary: Canary, window: Window | None, revision: int | None) -> None:
         window = window or canary.window
         expected = canary.revision if revision is None else revision
         passed, failures, figures = window.judge(self.thresholds(canary.gate))
@@ -546,8 +580,6 @@ class Canaries:
                            history=history):  # fmt: skip
                 logger.warning("canary %s ROLLED BACK at fraction %g: %s; figures %s", canary.key,
                                figures["fraction"], reason, json.dumps(figures))  # fmt: skip
-                if canary.switched:
-                    self._switch(canary, back=True)
             return
         higher = [s for s in self.steps if s > canary.fraction]
         if not window.conclusive:  # it passed, but without the agreement sample: no step on that
@@ -566,30 +598,28 @@ class Canaries:
                            reason=f"passed every step ({','.join(map(str, self.steps))})"):  # fmt: skip
                 logger.info("canary %s PROMOTED: %s now answers every request for %s; figures %s", canary.key,
                             canary.pair.candidate, canary.pair.primary.name, json.dumps(figures))  # fmt: skip
-                self._switch(canary)
         else:
             self.change(canary, expected, verdict=verdict, history=history)
             logger.info("canary %s: window passed at %g (no CANARY_STEPS: the fraction stays); figures %s",
                         canary.key, figures["fraction"], json.dumps(figures))  # fmt: skip
 
-    def _switch(self, canary: Canary, back: bool = False) -> None:
-        """A canary of one model's two versions, promoted: the lifecycle serves the candidate's version alone
-        (``MODEL_CONTROL=explicit``), the primary's drained, and the canary records it (``switched``, shared by
-        every worker); elsewhere the routing is the promotion. ``back``: a switched canary rolled back or ended,
-        whoever did it and from whichever state, the primary's version declared alone again, since the routing
-        alone cannot bring back a version that has drained."""
+    def _switch(self, canary: Canary, back: bool = False) -> bool:
+        """Declare the candidate's version of a canary of one model's two versions alone (``back``: the
+        primary's), as the lifecycle's switch does (``MODEL_CONTROL=explicit``; elsewhere the routing is the
+        promotion); whether it was declared."""
         primary, candidate = canary.pair.primary, canary.pair.candidate
         chosen = primary if back else candidate
         if self.promote is None or primary.name != candidate.name or chosen.version is None:
-            return
+            return False
         try:
             if self.promote(chosen.name, chosen.version):
                 logger.info("canary %s: %s declared at version %d alone; the other versions drain", canary.key,
                             chosen.name, chosen.version)  # fmt: skip
-                self.change(canary, None, switched=not back)
+                return True
         except (OSError, ValueError) as exc:
             logger.error("canary %s: %s, but declaring %s failed (%s); the routing serves it meanwhile", canary.key,
                          "undone" if back else "promoted", chosen, exc)  # fmt: skip
+        return False
 
     # -- what the repository API and /models read ----------------------------------------------
 
@@ -621,10 +651,6 @@ class Canaries:
             raise ValueError(f"The fraction must be from 0 to 1, got {fraction}")
         with contextlib.suppress(OSError, ValueError):  # what another worker decided since (within SYNC_S) first
             self.sync()
-        if canary.switched and (state in ("running", "paused") or (state is None and fraction is not None)):
-            raise ValueError(f"canary {canary.key} is promoted and {canary.pair.candidate} alone is served now (the "
-                             f"other version has drained): set state rolled_back or ended to serve "
-                             f"{canary.pair.primary} again")  # fmt: skip
         changes: dict[str, Any] = {}
         if fraction is not None:
             changes["fraction"] = fraction
@@ -637,12 +663,11 @@ class Canaries:
                 changes["fraction"] = 0.0
             elif state == "running" and canary.state in ("rolled_back", "ended") and fraction is None:
                 changes["fraction"], changes["step"] = canary.pair.fraction, 0
-        self.change(canary, None, **changes)
+        try:
+            self.change(canary, None, **changes)
+        except CanaryRefused as exc:
+            raise ValueError(str(exc)) from None
         logger.info("canary %s: %s through the repository API", canary.key, json.dumps(changes))
-        if state == "promoted" and not canary.switched:
-            self._switch(canary)
-        elif state in ("rolled_back", "ended") and canary.switched:
-            self._switch(canary, back=True)
         described = self.describe(primary)
         assert described is not None
         return described
