@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import logging
 import platform
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -234,8 +233,7 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
     graph = ClassifierGraph(model, spec.input, None if check is None else (check.layer, check.head()))
     model_dir = store.model_dir(spec.name)
     model_dir.mkdir(parents=True, exist_ok=True)
-    staging = versions.staging_dir(model_dir)
-    try:
+    with versions.staging(model_dir) as staging:
         graph_path = staging / GRAPH_FILE
         export_onnx(graph, spec.input, graph_path)
         verification = verify(graph, spec.input, graph_path)
@@ -268,7 +266,5 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
         (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # the version's own
         config = versions.kept_settings(triton_config(spec, graph.output_names), model_dir / CONFIG_FILE)
         versions.publish(staging, model_dir, version, labels, config)  # the model's labels: Triton reads them
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info("%s: version %d written (%s weights)", spec.name, version, provenance.kind)
     return StoredVersion(spec.name, version, model_dir / str(version))

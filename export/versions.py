@@ -9,6 +9,7 @@ operator's choices in ``config.pbtxt`` (``version_policy``, ``max_batch_size``) 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from service.store.atomic import replace_text
@@ -26,49 +28,47 @@ from service.store.policy import POLICY_BLOCK, VersionPolicy, masked, parse_vers
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".staging-"
-STALE_S = 3600.0  # a staging folder untouched this long, its export gone from this host, is swept
-# pid.pid namespace@host-random, after the prefix (without the namespace: named by an earlier version)
-_STAGED = re.compile(r"(\d+)(?:\.(\d+))?@(.+)-[^-]+")
+STALE_S = 3600.0  # a staging folder untouched this long, no export holding it, is swept
+_STAGED = re.compile(r"(\d+)(?:\.\d+)?@(.+)-[^-]+")  # pid@host-random after the prefix (pid.namespace@ earlier)
 
 
-def staging_dir(model_dir: Path) -> Path:
-    """A new folder to build a version in, named by this process, its pid namespace and its host, readable as the
-    umask allows (the service may run as another user; :func:`publish` renames the folder as it is). Those that
-    exports killed outright left (their process gone, the folder untouched for an hour) are removed first: a
-    VGG's is half a gigabyte. Another host's, or another pid namespace's (a container's sharing the volume, even
-    under the same hostname), is left alone: its pid means nothing here."""
-    host, namespace = socket.gethostname(), _pid_namespace()
+@contextlib.contextmanager
+def staging(model_dir: Path) -> Iterator[Path]:
+    """A new folder to build a version in, readable as the umask allows (the service may run as another user;
+    :func:`publish` renames it as it is), held until the block ends (an ``flock`` on the folder, released by the
+    kernel however the export ends), then removed unless published.
+
+    Folders that exports killed outright left on this host are removed first (no one holds them, untouched for
+    an hour): a VGG's is half a gigabyte. The lock is seen across processes, pid namespaces and containers of
+    one kernel; another host's folders are left alone (not every shared filesystem carries locks between hosts).
+    """
+    host = socket.gethostname()
     for left in model_dir.glob(f"{STAGING_PREFIX}*"):
         owner = _STAGED.fullmatch(left.name.removeprefix(STAGING_PREFIX))
-        if owner is None or owner.group(3) != host or int(owner.group(2) or namespace) != namespace:
-            continue
-        if _running(int(owner.group(1))):
-            continue
-        with contextlib.suppress(OSError):
-            if time.time() - left.stat().st_mtime > STALE_S:
-                shutil.rmtree(left, ignore_errors=True)
-                logger.info("removed %s, left by an export that stopped (pid %s)", left, owner.group(1))
-    staging = model_dir / f"{STAGING_PREFIX}{os.getpid()}.{namespace}@{host}-{secrets.token_hex(6)}"
-    staging.mkdir()
-    return staging
-
-
-def _pid_namespace() -> int:
-    """This process's pid namespace (the inode of /proc/self/ns/pid); 0 where it cannot be read."""
+        if owner is not None and owner.group(2) == host:
+            _sweep(left)
+    folder = model_dir / f"{STAGING_PREFIX}{os.getpid()}@{host}-{secrets.token_hex(6)}"
+    folder.mkdir()
+    held = os.open(folder, os.O_RDONLY)
     try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return 0
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # published: renamed away, nothing is left here
+        os.close(held)
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+def _sweep(left: Path) -> None:
+    with contextlib.suppress(OSError):  # gone meanwhile, or held (BlockingIOError): an export is writing it
+        if time.time() - left.stat().st_mtime <= STALE_S:
+            return
+        unheld = os.open(left, os.O_RDONLY)
+        try:
+            fcntl.flock(unheld, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(left, ignore_errors=True)
+            logger.info("removed %s, left by an export that stopped", left)
+        finally:
+            os.close(unheld)
 
 
 def publish(staging: Path, model_dir: Path, version: int, labels: str, config: str) -> Path:

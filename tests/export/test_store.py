@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import socket
@@ -47,8 +48,8 @@ def test_metadata_describes_the_graph(model_store: ModelStore) -> None:
 def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
     """A second export is version 2, readable by other users as the umask allows (the service's image runs as
     another user than the one who exported); the operator's pin and batch limit in config.pbtxt stay; a
-    staging folder that an export killed outright left an hour ago is removed; one an export still running holds,
-    one of another host or pid namespace (a container sharing the volume), or one left a minute ago is not."""
+    staging folder that an export killed outright left an hour ago is removed; one an export still holds (in
+    another container sharing the volume, say), one of another host, or one left a minute ago is not."""
     store = ModelStore(tmp_path)
     previous = os.umask(0o022)
     try:
@@ -63,28 +64,29 @@ def test_a_new_export_adds_a_version(tmp_path: Path) -> None:
             )
         )
         config.write_text(edited)
-        ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        here, gone, namespace = socket.gethostname(), ended.stdout.strip(), os.stat("/proc/self/ns/pid").st_ino
-        killed = model_dir / f".staging-{gone}.{namespace}@{here}-abc"
-        running = model_dir / f".staging-{os.getpid()}.{namespace}@{here}-xyz"
-        elsewhere = model_dir / f".staging-{gone}.{namespace}@another-host-def"
-        other_namespace = model_dir / f".staging-{gone}.{namespace + 1}@{here}-ghi"
-        recent = model_dir / f".staging-{gone}.{namespace}@{here}-jkl"
-        for left in (killed, running, elsewhere, other_namespace, recent):
+        here = socket.gethostname()
+        killed = model_dir / f".staging-4242@{here}-abc"  # its export killed outright: nothing holds it
+        running = model_dir / f".staging-4343@{here}-xyz"  # held, by another container's export say
+        elsewhere = model_dir / ".staging-4242@another-host-def"  # another host's: its locks are not seen here
+        recent = model_dir / f".staging-4242@{here}-jkl"  # left a minute ago
+        for left in (killed, running, elsewhere, recent):
             left.mkdir()
             (left / "model.onnx").write_bytes(b"half a graph")
             if left is not recent:
                 os.utime(left, (time.time() - 7200, time.time() - 7200))
+        holder = os.open(running, os.O_RDONLY)
+        fcntl.flock(holder, fcntl.LOCK_EX)  # as an export holds its folder
         second = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
         os.umask(0o027)
         third = export_model("lenet5", store, ExportOptions(weights="random", progress=False))
+        os.close(holder)
     finally:
         os.umask(previous)
     assert (first.version, second.version, third.version) == (1, 2, 3)
     assert [v.version for v in store.versions("lenet5")] == [1, 2, 3]
     modes = [oct((model_dir / str(v)).stat().st_mode & 0o777) for v in (1, 2, 3)]
     assert modes == ["0o755", "0o755", "0o750"]
-    assert not killed.exists() and all(kept.exists() for kept in (running, elsewhere, other_namespace, recent))
+    assert not killed.exists() and all(kept.exists() for kept in (running, elsewhere, recent))
     kept = config.read_text()
     assert "max_batch_size: 8" in kept and "version_policy: { specific: { versions: [1] } }" in kept
     assert kept.count("max_batch_size") == 1 and kept.count("version_policy") == 1 and 'name: "lenet5"' in kept
