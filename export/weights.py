@@ -74,13 +74,10 @@ def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, prog
         try:  # torch checks the hash before the file takes its name: a bad download never reaches the cache
             torch.hub.download_url_to_file(weights.url, os.fspath(target), weights.hash_prefix, progress)
         except (OSError, http.client.HTTPException) as exc:  # URLError: no network, DNS, 404; a cut-off body
-            raise WeightsUnavailableError(
-                f"cannot fetch {weights.url} ({type(exc).__name__}: {exc}); pass --weights-file PATH with a copy of "
-                f"{weights.filename}, or --weights random for an untrained graph"
-            ) from exc
+            raise _unavailable(weights, exc) from exc
         except RuntimeError as exc:
-            if "invalid hash value" not in str(exc):  # torch's words for a mismatch; anything else is not one
-                raise
+            if "invalid hash value" not in str(exc):  # torch's words for a mismatch; anything else: not fetched
+                raise _unavailable(weights, exc) from exc
             raise WeightsIntegrityError(
                 f"{weights.url} downloaded with the wrong sha256 ({exc}): {weights.filename} is published with "
                 f"prefix {weights.hash_prefix}; nothing was kept, try again or pass --weights-file PATH"
@@ -92,6 +89,13 @@ def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, prog
             f"{weights.hash_prefix}; delete the file and fetch it again"
         )
     return target
+
+
+def _unavailable(weights: ReleasedWeights, exc: Exception) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
+        f"cannot fetch {weights.url} ({type(exc).__name__}: {exc}); pass --weights-file PATH with a copy of "
+        f"{weights.filename}, or --weights random for an untrained graph"
+    )
 
 
 def read_checkpoint(path: Path) -> tuple[Mapping[str, Tensor], str]:

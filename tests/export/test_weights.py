@@ -129,6 +129,5 @@ def test_another_failure_of_the_download_is_not_called_a_hash_mismatch(
         raise RuntimeError("the disk is read-only")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", broken)
-    with pytest.raises(RuntimeError, match="read-only") as raised:
+    with pytest.raises(WeightsUnavailableError, match="read-only"):  # the CLI says so and goes on with the others
         fetch_released(release, cache_dir=tmp_path / "cache", progress=False)
-    assert not isinstance(raised.value, WeightsIntegrityError)
