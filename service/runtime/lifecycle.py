@@ -317,9 +317,11 @@ class ModelControl:
             )  # fmt: skip
         plan = self.plan(targets)
         repository = self.repository
+        serving = {name for name, entries in list(repository.versions.items())
+                   if any(e.status in ("ready", "draining") for e in list(entries.values()))}  # fmt: skip
         repository.set_problems({
-            name: f"{why} (the versions serving go on)" if name in plan.unreadable and repository.versions.get(name)
-            else why for name, why in plan.problems.items()
+            name: f"{why} (the versions serving go on)" if name in plan.unreadable and name in serving else why
+            for name, why in plan.problems.items()
         })  # fmt: skip
         for name, versions in plan.versions.items():
             for stored in versions:
