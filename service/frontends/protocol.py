@@ -200,8 +200,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) + 16
 
     def _abort(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.abort()
+        self.transport.abort()  # also one closing, its answer stuck in a buffer its reader never empties
 
     def _refuse_busy(self) -> None:
         if self.transport.is_closing():
