@@ -25,6 +25,9 @@ from ..pictures import held_out_drawings
 pytestmark = pytest.mark.integration
 
 PNG = {"Content-Type": "image/png"}
+# both sides are LeNet-5 (FP32, and INT8 or random weights), about as fast: what their p99s differ by on a busy
+# 2-core machine (a CI's) is its noise; the latency checks have tests of their own (tests/service/runtime)
+LOADED_MACHINE = {"CANARY_LATENCY_SLACK_MS": "50"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,7 @@ def test_a_faithful_int8_canary_steps_up_and_is_promoted_with_no_request_lost(
     images, _ = held_out_drawings(360)
     store = fresh(canary_store, tmp_path)
     with running(store, tmp_path / "service.log", MODELS="lenet5", WORKERS="1", CANARY="lenet5:lenet5_int8:0.1",
-                 CANARY_STEPS="0.1,0.5,1.0", CANARY_WINDOW="100") as service:  # fmt: skip
+                 CANARY_STEPS="0.1,0.5,1.0", CANARY_WINDOW="100", **LOADED_MACHINE) as service:  # fmt: skip
         answers = asyncio.run(load(service, images, 3000))
         canary = canary_of(service)
         metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
@@ -75,7 +78,7 @@ def test_a_random_candidate_is_rolled_back_within_one_window(canary_store: Path,
     images, _ = held_out_drawings(360)
     store = fresh(canary_store, tmp_path)
     with running(store, tmp_path / "service.log", MODELS="lenet5", WORKERS="1", CANARY="lenet5:lenet5_rand:0.5",
-                 CANARY_STEPS="0.5,1.0", CANARY_WINDOW="100") as service:  # fmt: skip
+                 CANARY_STEPS="0.5,1.0", CANARY_WINDOW="100", **LOADED_MACHINE) as service:  # fmt: skip
         records = asyncio.run(load(service, images, 600, watch=True))
         canary = canary_of(service)
         metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
@@ -95,7 +98,8 @@ def test_a_random_candidate_is_rolled_back_within_one_window(canary_store: Path,
     state = {s["state"]: v for s, v in metric_samples(metrics, "cnn_canary_state")}
     assert state["rolled_back"] == 1
     log = (tmp_path / "service.log").read_text()
-    assert "canary lenet5:lenet5_rand ROLLED BACK at fraction 0.5: confidence drift" in log
+    (rolled,) = [line for line in log.splitlines() if "canary lenet5:lenet5_rand ROLLED BACK at fraction 0.5: " in line]
+    assert "confidence drift" in rolled
 
 
 def oip_answers(service: ServiceProcess, image: bytes) -> list[tuple[str, str | None]]:
