@@ -48,12 +48,13 @@ def scenario(store: Path, canary: str, workers: str, requests: int, concurrency:
         state = canary_of(service)
     answers = [r for r in records if "model" in r]
     seen = [r["rolled_back_at"] for r in records if "rolled_back_at" in r]
-    candidate = canary.split(":")[1]
+    primary, candidate = canary.split(":")[:2]
+    marker = f"{primary}:{candidate}"  # what a candidate's answer carries over every protocol
     return {
         "canary": canary, "workers": int(workers), "requests": requests, "concurrency": concurrency,
         "seconds": round(seconds, 2), "failed": requests - len(answers),
         "answered_by": dict(Counter(a["model"] for a in answers)),
-        "unmarked_candidate_answers": sum(a["model"] == candidate and not a["marked"] for a in answers),
+        "unmarked_candidate_answers": sum(a["model"] == candidate and a["canary"] != marker for a in answers),
         "candidate_answers_sent_after_the_rollback_was_visible": (
             sum(a["sent"] > seen[0] and a["model"] == candidate for a in answers) if seen else None
         ),

@@ -34,15 +34,19 @@ def candidates(lenet5: Path, root: Path) -> Path:
     return root
 
 
-async def one(client: httpx.AsyncClient, channel: grpc.aio.Channel, i: int, image: bytes) -> tuple[str, str, bool]:
+async def one(
+    client: httpx.AsyncClient, channel: grpc.aio.Channel, i: int, image: bytes
+) -> tuple[str, str, str | None]:
     """Request ``i`` for lenet5, over gRPC (every tenth from the 5th), OIP REST (every tenth from the 9th) or
-    /classify: (the model that answered, its version, whether the answer says a canary gave it)."""
+    /classify: (the model that answered, its version, the canary the answer says gave it: ``canary`` in the
+    /classify body, the ``canary`` parameter of an Open Inference Protocol response; None where it names none)."""
     if i % 10 == 5:
         request = pb.ModelInferRequest(model_name="lenet5")
         request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
         request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
         response = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
-        return response.model_name, response.model_version, response.model_name == "lenet5_int8"
+        marker = response.parameters["canary"].string_param if "canary" in response.parameters else None
+        return response.model_name, response.model_version, marker
     if i % 10 == 9:
         header = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
                                          "parameters": {"binary_data_size": len(image) + 4}}]}).encode()  # fmt: skip
@@ -51,12 +55,12 @@ async def one(client: httpx.AsyncClient, channel: grpc.aio.Channel, i: int, imag
         assert reply.status_code == 200, reply.text
         size = int(reply.headers.get("Inference-Header-Content-Length", len(reply.content)))
         body = json.loads(reply.content[:size])
-        return body["model_name"], body["model_version"], body["model_name"] == "lenet5_int8"
+        return body["model_name"], body["model_version"], (body.get("parameters") or {}).get("canary")
     reply = await client.post("/classify", params={"model": "lenet5"}, content=image,
                               headers={"Content-Type": "image/png"})  # fmt: skip
     assert reply.status_code == 200, reply.text
     body = reply.json()
-    return body["model"], body["version"], body.get("canary") == "lenet5:lenet5_int8"
+    return body["model"], body["version"], body.get("canary")
 
 
 async def load(
@@ -75,8 +79,8 @@ async def load(
         async def worker() -> None:
             for i in queue:
                 sent = time.monotonic()
-                model, version, marked = await one(client, channel, i, images[i % len(images)])
-                answers.append({"i": i, "sent": sent, "model": model, "version": version, "marked": marked})
+                model, version, canary = await one(client, channel, i, images[i % len(images)])
+                answers.append({"i": i, "sent": sent, "model": model, "version": version, "canary": canary})
 
         async def watcher() -> None:
             while not rolled_back_at:

@@ -54,7 +54,8 @@ def test_a_faithful_int8_canary_steps_up_and_is_promoted_with_no_request_lost(
         metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
     assert len(answers) == 3000  # none failed: each would have raised
     assert {a["model"] for a in answers} == {"lenet5", "lenet5_int8"}
-    assert all(a["marked"] == (a["model"] == "lenet5_int8") for a in answers)  # every answer names who gave it
+    # every answer names who gave it, over each protocol
+    assert all(a["canary"] == ("lenet5:lenet5_int8" if a["model"] == "lenet5_int8" else None) for a in answers)
     assert canary["state"] == "promoted" and canary["fraction"] == 1.0, canary
     windows = canary["history"]
     assert [w["figures"]["fraction"] for w in windows] == [0.1, 0.5, 1.0] and all(w["passed"] for w in windows)
