@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 from PIL import Image
@@ -202,6 +204,13 @@ def test_lenet5s_default_is_occlusion_and_its_grad_cam_is_what_the_export_verifi
     spec = InputMeta.model_validate(meta["input"])
     assert "and 4 held-out images" in meta["explanation"]["verification"]["against"]
     assert meta["explanation"]["default"] == "occlusion" and "strokes" in meta["explanation"]["default_because"]
+    # the served maps are the verified graph's: that file, run here on the same pixels for each top-1
+    graph = version.directory / meta["explanation"]["file"]
+    assert hashlib.sha256(graph.read_bytes()).hexdigest() == meta["explanation"]["sha256"]
+    pixels = np.stack([preprocess(data, spec, max_pixels=10**8) for data in files])
+    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
+    expected = session.run(["gradcam"], {"images": pixels, "classes": np.full(len(files), -1, dtype=np.int64)})[0]
+    np.testing.assert_allclose(np.array([r["explanation"]["map"] for r in grad]), expected, atol=1e-4)  # 4 decimals
     # C3's 10 x 10 positions sit at input pixels 6.5 + 2i (two 5 x 5 convolutions and a 2 x 2 pooling);
     # occlusion's 15 x 15 at 2 + 2k: both are compared there, at C3's positions
     centres = np.meshgrid(6.5 + 2 * np.arange(10), 6.5 + 2 * np.arange(10), indexing="ij")
