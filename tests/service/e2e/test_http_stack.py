@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def test_every_answer_carries_a_request_id(service: ServiceProcess) -> None:
     assert answered.status_code == 200 and answered.headers["x-request-id"] == "order-7f3a:retry-2"
     made = [httpx.post(f"{service.url}/classify?model=lenet5", content=DIGIT, headers=PNG, timeout=30) for _ in "ab"]
     ids = [r.headers["x-request-id"] for r in made]
-    assert ids[0] != ids[1] and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)  # new ones, unique
+    assert ids[0] != ids[1] and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)  # new ones, unique
     for url, method in ((f"{service.url}/classify?model=ghost", "POST"), (f"{service.url}/models", "GET"),
                         (f"{service.url}/readyz", "GET"), (f"{service.url}/nowhere", "GET")):  # fmt: skip
         response = httpx.request(method, url, content=DIGIT if method == "POST" else None, headers=mine, timeout=30)

@@ -85,12 +85,18 @@ def test_garbage_is_no_limit_not_a_crash(tmp_path: Path) -> None:
     assert _v2(tmp_path, "lots 0") is None
 
 
+THREADS = "from service.settings import Settings; s = Settings(); print(s.session_threads(), s.decoder_threads)"
+
+
 def test_a_real_cgroup_quota_sets_the_thread_defaults() -> None:
     """A child cgroup with a 1-CPU quota: a service started in it uses 1 ONNX Runtime thread, not nproc."""
-    probe = "from service.settings import Settings; s = Settings(); print(s.session_threads(), s.decoder_threads)"
-    inside = in_child_cgroup("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "150000"}, probe)  # 1.5 CPUs
+    inside = in_child_cgroup("cpu", {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": "150000"}, THREADS)  # 1.5 CPUs
     assert inside.returncode == 0, inside.stderr
     assert inside.stdout.split() == ["1", "1"]
-    outside = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_without_a_quota_the_thread_defaults_follow_the_cpus() -> None:
+    outside = subprocess.run([sys.executable, "-c", THREADS], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert outside.returncode == 0, outside.stderr
     cpus = len(os.sched_getaffinity(0))  # sessions get every CPU, decoders half of them (DECODE_THREADS' default)
     assert outside.stdout.split() == [str(cpus), str(max(1, cpus // 2))]
