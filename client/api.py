@@ -118,6 +118,23 @@ class Client:
         self.retries = retries
         self.backoff = backoff
 
+    def check(self) -> None:
+        """Raise :class:`ServiceUnavailableError` where nothing answers at the URL or the service refuses the token
+        (``GET /models`` asks for it as ``/classify`` does): a run can stop before it writes anything."""
+        try:
+            response = httpx.get(f"{self.url}/models", headers=self.headers, timeout=min(self.timeout, 10.0))
+        except httpx.HTTPError as exc:
+            raise ServiceUnavailableError(
+                f"cannot reach {self.url} ({exc}); start the service with `make serve` or pass --url"
+            ) from None
+        self._raise_if_refused(response)
+
+    def _raise_if_refused(self, response: httpx.Response) -> None:
+        if response.status_code in (401, 403):
+            raise ServiceUnavailableError(
+                f"{self.url} refused the request ({_error_message(response)}): set API_TOKEN to the service's token"
+            )
+
     def classify(
         self,
         items: Item | Sequence[Item],
@@ -225,10 +242,7 @@ class Client:
             response = await self._post(http, data, params)
         except httpx.TimeoutException:
             return Result(source, error=f"no answer within {self.timeout:g} s")
-        if response.status_code in (401, 403):
-            raise ServiceUnavailableError(
-                f"{self.url} refused the request ({_error_message(response)}): set API_TOKEN to the service's token"
-            )
+        self._raise_if_refused(response)
         if response.status_code != 200:
             return Result(source, error=_error_message(response), status=response.status_code)
         try:

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-import httpx
 from tqdm import tqdm
 
 from .api import DEFAULT_URL, Client, ServiceUnavailableError
@@ -65,16 +64,6 @@ def _destination(path: str | None) -> Iterator[TextIO]:
         yield stream
 
 
-def check_reachable(client: Client) -> None:
-    """Fail fast, with one clear message, when nothing answers at the URL."""
-    try:
-        httpx.get(f"{client.url}/livez", timeout=10)
-    except httpx.HTTPError as exc:
-        raise ServiceUnavailableError(
-            f"cannot reach {client.url} ({exc}); start the service with `make serve` or pass --url"
-        ) from None
-
-
 async def run(args: argparse.Namespace, paths: list[str], stream: TextIO, client: Client) -> int:
     write = WRITERS[args.format](stream, args.top_k, paths, explain=args.explain is not None)
     failed = unexplained = 0
@@ -104,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         client = Client(args.url, timeout=args.timeout)
-        check_reachable(client)  # before --output is opened: a service that is down leaves yesterday's results be
+        client.check()  # before --output is opened: a service down or a wrong token leaves yesterday's results be
         if args.explain is not None:
             args.explain.mkdir(parents=True, exist_ok=True)
         with _destination(args.output) as stream:

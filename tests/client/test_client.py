@@ -159,6 +159,14 @@ class _Stub(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        server: Any = self.server
+        if (
+            self.path.startswith("/models")
+            and server.token
+            and self.headers.get("Authorization") != f"Bearer {server.token}"
+        ):
+            self._answer(401, {"error": "Missing or wrong token"})  # as the service's /models does
+            return
         self._answer(200, {})
 
     def do_POST(self) -> None:
@@ -236,10 +244,14 @@ def test_many_items_come_back_in_order_through_the_bounded_window(stub: Any) -> 
     assert all(r.ok for r in results) and stub.posts == 32  # 30 answers + the 2 shed and retried
 
 
-def test_a_refused_token_stops_the_run(stub: Any, photos: Path) -> None:
+def test_a_refused_token_stops_the_run_before_the_output_is_opened(stub: Any, photos: Path, tmp_path: Path) -> None:
     stub.token = "right"
-    result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "wrong"})
+    kept = tmp_path / "labels.csv"
+    kept.write_text("yesterday's results\n")
+    wrong = {"PATH": "/usr/bin", "API_TOKEN": "wrong"}
+    result = run_client(str(photos / "things"), "--url", stub.url, "--output", str(kept), env=wrong)
     assert result.returncode == 2 and "set API_TOKEN" in result.stderr
+    assert kept.read_text() == "yesterday's results\n" and stub.posts == 0  # stopped before the first image
     result = run_client(str(photos / "things"), "--url", stub.url, env={"PATH": "/usr/bin", "API_TOKEN": "right\n"})
     assert result.returncode == 0, result.stderr
 
