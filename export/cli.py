@@ -23,7 +23,8 @@ logger = logging.getLogger("export")
 EPILOG = """\
 commands:
   python -m export NAME [NAME ...]   export these networks (a new version each)
-  python -m export default           the first-run set (`make export`): one network per family, modest sizes
+  python -m export default           the first-run set (`make export`): every family but VGG
+                                     (LeNet-5, ResNet-18/50, GoogLeNet, AlexNet)
   python -m export all               every registered network whose weights can be had
   python -m export list              the registry as a table, with download and ONNX sizes
 

@@ -11,8 +11,8 @@ from .spec import Builder, ModelSpec
 _MODELS: dict[str, ModelSpec] = {}
 _FAMILIES = ("lenet", "alexnet", "vgg", "googlenet", "resnet")
 
-# What `make export` writes for a first run: every family at a modest size (LeNet-5 is
-# trained here; the others download about 425 MiB). VGG's graphs are 500 MiB each.
+# What `make export` writes for a first run: every family but VGG, whose graphs are 500 MiB each (LeNet-5 is
+# trained here; the others download about 425 MiB).
 DEFAULT_MODELS = ("lenet5", "resnet18", "resnet50", "googlenet", "alexnet")
 
 

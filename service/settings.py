@@ -19,7 +19,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
 
-    http_host: str = Field("0.0.0.0", description="Address the HTTP server binds.")
+    http_host: str = Field("0.0.0.0", description="Address the HTTP and gRPC servers bind.")
     http_port: int = Field(3000, ge=1, le=65535, description="HTTP port: /classify, /models, health, metrics.")
     grpc_port: int = Field(8001, ge=1, le=65535, description="gRPC port: the Open Inference Protocol (KServe v2).")
     model_store: Path = Field(Path("model_store"), description="The model store written by `make export`.")
@@ -47,7 +47,10 @@ class Settings(BaseSettings):
         0.0, ge=0, description="MODEL_CONTROL=on-demand: unload a model unused this long (0 = only under pressure)."
     )
     poll_interval_s: float = Field(
-        5.0, gt=0, le=3600, description="How often MODEL_CONTROL=poll re-reads the store (and explicit the state file)."
+        5.0,
+        gt=0,
+        le=3600,
+        description="How often MODEL_CONTROL=poll re-reads the store (explicit reads its state file twice a second).",
     )
     model_control_state: Path | None = Field(
         None,
@@ -164,7 +167,9 @@ class Settings(BaseSettings):
         False, description="Serve POST /noop (reads the body, answers a fixed JSON): the HTTP stack's own ceiling."
     )
     api_token: SecretStr | None = Field(
-        None, description="When set, /classify, /models and /v2 (HTTP and gRPC) need `Authorization: Bearer <token>`."
+        None,
+        description="When set, /classify, /explain, /models and /v2 (HTTP and gRPC) need "
+        "`Authorization: Bearer <token>`.",
     )
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
     access_log: Literal["off", "json"] = Field(
