@@ -92,8 +92,8 @@ class Settings(BaseSettings):
     inline_decode_bytes: int = Field(
         16384,
         ge=0,
-        description="Images up to this size decode on the event loop, skipping the thread pool's hops; "
-        "where the models run on CUDA, 0 unless set (the event loop is then the worker's bottleneck).",
+        description="Images up to this size (and 512 x 512 pixels) decode on the event loop, skipping the thread "
+        "pool's hops; where the models run on CUDA, 0 unless set (the event loop is then the worker's bottleneck).",
     )
     decode_threads: int = Field(
         0,

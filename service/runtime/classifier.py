@@ -27,7 +27,7 @@ from ..metrics import Metrics, RequestRecord
 from ..settings import Settings
 from ..store.layout import is_valid_name
 from ..store.metadata import ModelMetadata
-from ..store.preprocess import preprocess
+from ..store.preprocess import DecodeOffTheLoop, preprocess
 from ..store.quality import Verdict, verdicts
 from ..tracing import Tracing
 from .batching import Outputs
@@ -261,8 +261,10 @@ class Classifier:
         assert entry.batcher is not None
         with self.stage(entry, "preprocess"):
             if sum(len(data) for data in files) <= settings.inline_decode_bytes:
-                # a small image decodes faster than two thread hops take (a 64x64 PNG: ~0.1 ms)
-                return np.stack([decode(data) for data in files])
+                # a small image decodes faster than two thread hops take (a 64x64 PNG: ~0.1 ms), unless a small file
+                # holds a large one
+                with contextlib.suppress(DecodeOffTheLoop):
+                    return np.stack([decode(data, inline=True) for data in files])
             with entry.batcher.expect():  # a batch forming meanwhile waits for these images
                 arrays = await asyncio.gather(*(loop.run_in_executor(self.decoders, decode, d) for d in files))
             return np.stack(arrays)

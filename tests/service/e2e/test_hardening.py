@@ -168,6 +168,8 @@ UNUSUAL = [
     ("TIFF", _save(rgb, "TIFF"), "image/tiff"),
     ("1x1 pixel", _save(Image.new("RGB", (1, 1), (200, 30, 30)), "PNG"), "image/png"),
     ("10000x10", _save(Image.new("RGB", (10_000, 10), (30, 200, 30)), "PNG"), "image/png"),
+    # under INLINE_DECODE_BYTES, over the pixels decoded on the event loop: decoded on a thread
+    ("8 KB one-bit PNG of 8000x8000", _save(Image.new("1", (8000, 8000)), "PNG"), "image/png"),
 ]
 
 

@@ -11,7 +11,7 @@ from skimage import data
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.store.metadata import InputMeta
-from service.store.preprocess import preprocess
+from service.store.preprocess import INLINE_PIXELS, DecodeOffTheLoop, _to_8bit, preprocess
 
 from ...helpers import encode
 
@@ -80,6 +80,30 @@ def test_16_bit_grayscale_is_rescaled_not_clipped() -> None:
     out = preprocess(buffer.getvalue(), IMAGENET, max_pixels=LIMIT)
     assert out[:, 0].max() < 40 and out[:, -1].min() > 215  # dark to light, as in the file
     assert np.all(np.diff(out[100, :, 0].astype(int)) >= 0)
+
+
+def test_wide_grayscale_is_every_16_bit_value_rounded_to_the_nearest_8_bit_one() -> None:
+    """x / 257 rounded (65535 / 255 = 257), for every 16-bit value; float images scaled to their peak."""
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    eight = _to_8bit(Image.fromarray(values))
+    np.testing.assert_array_equal(np.asarray(eight), np.round(values / 257.0).astype(np.uint8))
+    floats = np.array([[0.0, 0.5], [2.0, 4.0]], dtype=np.float32)
+    assert np.asarray(_to_8bit(Image.fromarray(floats))).tolist() == [[0, 32], [128, 255]]
+    fractions = np.array([[0.0, 0.25], [0.5, 1.0]], dtype=np.float32)  # 0 to 1: kept as fractions of white
+    assert np.asarray(_to_8bit(Image.fromarray(fractions))).tolist() == [[0, 64], [128, 255]]
+
+
+def test_a_small_file_holding_a_large_image_is_not_decoded_inline() -> None:
+    """An 8 KB one-bit PNG of 8000 x 8000 pixels: decoding it on the event loop would stall every request."""
+    large = io.BytesIO()
+    Image.new("1", (8000, 8000)).save(large, "PNG")
+    assert len(large.getvalue()) < 16384  # under INLINE_DECODE_BYTES' default
+    with pytest.raises(DecodeOffTheLoop):
+        preprocess(large.getvalue(), IMAGENET, max_pixels=LIMIT, inline=True)
+    assert preprocess(large.getvalue(), IMAGENET, max_pixels=LIMIT).shape == (224, 224, 3)  # on a thread
+    side = int(INLINE_PIXELS**0.5)
+    at_the_bound = encode(np.zeros((side, side), np.uint8))
+    assert preprocess(at_the_bound, IMAGENET, max_pixels=LIMIT, inline=True).shape == (224, 224, 3)  # inline
 
 
 def test_cmyk_jpeg_converts_to_rgb() -> None:
