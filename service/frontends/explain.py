@@ -38,10 +38,11 @@ def class_index(text: str | None, labels: list[str], model: str) -> int | None:
     if wanted in labels:
         return labels.index(wanted)
     if wanted.isdecimal():
-        index = int(wanted)
-        if index < len(labels):
+        index = int(wanted) if len(wanted) <= 18 else None  # int() refuses thousands of digits: a 500 otherwise
+        if index is not None and index < len(labels):
             return index
-        raise InvalidInput(f"class={wanted} is out of range: {model} has classes 0 to {len(labels) - 1}")
+        shown = wanted if len(wanted) <= 20 else f"{wanted[:20]}..."
+        raise InvalidInput(f"class={shown} is out of range: {model} has classes 0 to {len(labels) - 1}")
     examples = ", ".join(repr(label) for label in labels[:3])
     raise InvalidInput(
         f"Unknown class {wanted!r} for {model}: give a label of its labels.txt ({examples}, ...) or an index "

@@ -146,6 +146,7 @@ def test_any_class_by_index_or_label_and_the_overlay_as_png(service: ServiceProc
     [
         ({"class": "cat"}, 1, "Unknown class 'cat' for lenet5"),
         ({"class": "10"}, 1, "class=10 is out of range: lenet5 has classes 0 to 9"),
+        ({"class": "1" * 5000}, 1, "class=11111111111111111111... is out of range: lenet5 has classes 0 to 9"),
         ({"method": "lime"}, 1, "Unknown method 'lime'"),
         ({"patch": "40"}, 1, "patch=40 must be from 1 to the input size, 32"),
         ({"overlay": "maybe"}, 1, "overlay"),
