@@ -147,19 +147,32 @@ def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) 
         if not all(isinstance(v, str | bytes) for v in elements):  # bytes(n) would make n zero bytes
             raise InvalidInput(f"Input {name!r}: BYTES data must be strings; send files as binary data (the "
                                "binary_data_size parameter, or raw_input_contents over gRPC)")  # fmt: skip
-        array = np.array([v.encode() if isinstance(v, str) else v for v in elements], dtype=object)
+        try:
+            array = np.array([v.encode() if isinstance(v, str) else v for v in elements], dtype=object)
+        except UnicodeEncodeError as exc:  # JSON's "\ud800": a lone surrogate is no UTF-8 text
+            raise InvalidInput(f"Input {name!r}: a BYTES string is not valid Unicode text ({exc.reason} at "
+                               f"position {exc.start})") from None  # fmt: skip
     else:
         dtype = DTYPES.get(datatype)
         if dtype is None:
             raise _unknown_datatype(name, datatype)
+        bounds = np.iinfo(dtype) if dtype.kind in "ui" else None
         try:
+            given = np.asarray(values)
+            if given.dtype.kind in "US" or (given.dtype.kind == "b" and dtype.kind != "b"):  # "1" and true: 1
+                raise TypeError("strings or true/false where numbers belong")
+            if bounds is not None and given.dtype.kind == "f" and given.size:
+                if not np.isfinite(given).all() or (given != np.round(given)).any():
+                    raise InvalidInput(f"Input {name!r}: {datatype} takes whole numbers, not fractions or NaN")
+                if given.min() < bounds.min or given.max() > bounds.max:
+                    raise OverflowError
             wide = {"f": np.float64, "u": np.uint64}.get(dtype.kind, np.int64)  # UINT64 past int64 is in range
-            array = np.asarray(values, dtype=wide).ravel()
+            # huge integers or mixed types (numpy's object arrays): converted one by one, which checks each
+            array = (np.asarray(values, dtype=wide) if given.dtype.kind == "O" else given.astype(wide)).ravel()
         except OverflowError:
             raise InvalidInput(f"Input {name!r}: values out of range for {datatype}") from None
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"Input {name!r}: data is not a list of {datatype} numbers ({exc})") from None
-        bounds = np.iinfo(dtype) if dtype.kind in "ui" else None
         if bounds is not None and array.size and (array.min() < bounds.min or array.max() > bounds.max):
             raise InvalidInput(f"Input {name!r}: values out of range for {datatype}")
         array = array.astype(dtype)

@@ -171,6 +171,7 @@ def _stub(service: ServiceProcess) -> pb_grpc.GRPCInferenceServiceStub:
     return pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(service.grpc_target))
 
 
+JSON = {"Content-Type": "application/json"}
 ZEROS = {"name": "images", "datatype": "UINT8", "shape": [1, 32, 32, 1], "data": [0] * 1024}
 MALFORMED_JSON = [
     ("parameters a list", {"inputs": [ZEROS], "parameters": [1]}, "parameters must be a JSON object"),
@@ -195,6 +196,11 @@ MALFORMED_JSON = [
     ("UINT64 past int64, in its range", {"inputs": [{"name": "images", "datatype": "UINT64", "shape": [1],
      "data": [2**64 - 1]}]}, "must be UINT8, got UINT64"),
     ("data a string", {"inputs": [{**ZEROS, "data": "0"}]}, '"data" must be a list'),
+    ("UINT8 data strings of digits", {"inputs": [{**ZEROS, "data": ["0"] * 1024}]}, "not a list of UINT8 numbers"),
+    ("UINT8 data true/false", {"inputs": [{**ZEROS, "data": [False] * 1024}]}, "not a list of UINT8 numbers"),
+    ("UINT8 data fractions", {"inputs": [{**ZEROS, "data": [0.5] * 1024}]}, "UINT8 takes whole numbers"),
+    ("BYTES data a lone surrogate", {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+     "data": ["\ud800"]}]}, "a BYTES string is not valid Unicode text"),
 ]  # fmt: skip
 
 
@@ -202,7 +208,8 @@ MALFORMED_JSON = [
 def test_a_malformed_json_request_is_a_400_that_names_the_field(
     service: ServiceProcess, case: str, body: dict, says: str
 ) -> None:
-    response = httpx.post(f"{service.url}/v2/models/lenet5/infer", json=body, timeout=30)
+    sent = json.dumps(body)  # ASCII, escapes and all: httpx's json= cannot encode a lone surrogate
+    response = httpx.post(f"{service.url}/v2/models/lenet5/infer", content=sent, headers=JSON, timeout=30)
     assert response.status_code == 400 and says in response.json()["error"], response.text
     assert httpx.post(f"{service.url}/v2/models/lenet5/infer", json={"inputs": [ZEROS]}, timeout=30).status_code == 200
 
