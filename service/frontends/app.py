@@ -17,13 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import ServiceError, validation_problems
 from ..runtime.classifier import Answer
 from ..settings import Settings
 from .body import read_body, read_images
 from .explain import explain
-from .fastpath import FastRoutes, error_response, internal_error
+from .fastpath import FastRoutes, client_gone, error_response, internal_error
 from .page import add_page
 from .params import MODELS, classifier, classify_params, explain_params
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList
@@ -60,6 +61,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(400, f"Invalid parameter: {validation_problems(exc.errors(), skip=1)}")
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(_: Request, __: ClientDisconnect) -> Response:
+        return client_gone()
 
     @app.exception_handler(Exception)
     async def unhandled_error(_: Request, exc: Exception) -> JSONResponse:
