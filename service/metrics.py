@@ -39,7 +39,7 @@ EXPLANATION_METHODS = ("occlusion", "gradcam")
 ShadowSkip = Literal["dropped", "unavailable", "refused", "incompatible", "error"]
 SHADOW_SKIP_REASONS: tuple[ShadowSkip, ...] = get_args(ShadowSkip)
 # why the HTTP protocol closed a connection before the app saw a request (service.frontends.protocol)
-REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate")
+REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate", "body_bytes")
 
 
 DRIFT_RELEASED = -1.0  # cnn_prediction_drift of a version unloaded: below every divergence, unlike NaN comparable
@@ -223,7 +223,8 @@ class Metrics:
         self.connections_refused = prom.Counter(
             "cnn_connections_refused", "Connections the HTTP server closed before the app saw a request: "
             "reason=connections (MAX_CONNECTIONS), header_bytes (431, MAX_HEADER_BYTES), header_timeout (408, "
-            "HEADER_TIMEOUT_S), body_rate (408, MIN_BODY_BYTES_PER_S)", ["reason"],
+            "HEADER_TIMEOUT_S), body_rate (408, MIN_BODY_BYTES_PER_S), body_bytes (413, MAX_BODY_BYTES, a body "
+            "arriving faster than the app reads it)", ["reason"],
         )  # fmt: skip
         self.worker_deaths = prom.Counter(
             "cnn_worker_deaths", "Workers that ended without shutting down (SIGKILL, the kernel's OOM killer, a "

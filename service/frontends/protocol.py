@@ -14,6 +14,8 @@ connection:
 - ``MIN_BODY_BYTES_PER_S``: once a body has started, each window of ``BODY_RATE_WINDOW_S``
   must bring that rate, unless the server itself stopped reading (flow control); otherwise
   **408** and close.
+- ``MAX_BODY_BYTES``: the app refuses a larger body as it reads it; a body that arrives faster
+  than the app reads goes past it here first: the same **413**, and close.
 - ``MAX_CONNECTIONS``: connections one worker holds; one more is answered **503** with
   ``Retry-After`` and closed, while the connections already held keep being served. Up to
   ``OVER_LIMIT_PENDING`` of them at a time get ``OVER_LIMIT_HEAD_S`` to send a head first, and a
@@ -186,8 +188,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._body_bytes += len(data)
                 self._message_bytes += len(data)
-                if self._message_bytes > Limits.max_body_bytes + Limits.max_header_bytes:  # trailers, say
-                    self._too_large()
+                if self._message_bytes > Limits.max_body_bytes + Limits.max_header_bytes:  # chunk framing, trailers
+                    self._body_too_large()
             return
         if cycle is not None and cycle.response_complete and not self.pipeline:  # bytes, but no new request
             if self._deadline is None or self._watching_body:
@@ -215,6 +217,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             b"431 Request Header Fields Too Large",
             f"the request line and headers exceed MAX_HEADER_BYTES={Limits.max_header_bytes} bytes",
         )
+
+    def _body_too_large(self) -> None:
+        """More body than MAX_BODY_BYTES (and room for chunk framing and trailers) before the app refused it (its
+        reading is paused while it works): the 413 the app would give, or only the close where it answered."""
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()
+            return
+        metrics.connection_refused("body_bytes")
+        limit = Limits.max_body_bytes
+        self._refuse(b"413 Content Too Large", f"Request body exceeds the limit of {limit:,} bytes (MAX_BODY_BYTES)")
 
     # the deadlines
     def _arm(self, delay: float, callback: Any, body: bool) -> None:

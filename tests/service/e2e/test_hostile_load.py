@@ -80,7 +80,18 @@ def test_every_served_versions_counters_exist_at_zero(guarded: ServiceProcess) -
                           ("cnn_model_loads_total", {"request", "start"})):  # fmt: skip
         seen = {labels["reason"] for labels, _ in metric_samples(text, name) if labels["model"] == "lenet5"}
         assert seen >= reasons, (name, seen)
-    assert set(refused(guarded)) == {"connections", "header_bytes", "header_timeout", "body_rate"}
+    assert set(refused(guarded)) == {"connections", "header_bytes", "header_timeout", "body_rate", "body_bytes"}
+
+
+@pytest.mark.parametrize("path", ["/classify?model=lenet5", "/v2/models/lenet5/infer"])
+def test_a_chunked_body_over_the_limit_gets_413_naming_it(guarded: ServiceProcess, path: str) -> None:
+    """22 MiB in 1 MiB chunks against MAX_BODY_BYTES' 20: whether the app or the connection's guard sees the
+    excess first, the answer is the body's limit, not the head's."""
+    chunk = b"%x\r\n" % (1 << 20) + b"\0" * (1 << 20) + b"\r\n"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+    status, error = status_and_error(exchange(guarded, head.encode() + chunk * 22 + b"0\r\n\r\n"))
+    assert status == 413 and "MAX_BODY_BYTES" in error, error
+    assert_serving(guarded)
 
 
 def test_a_head_over_the_limit_gets_431_naming_it(guarded: ServiceProcess) -> None:
