@@ -79,9 +79,13 @@ def serialize_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
+def deserialize_bytes(raw: bytes, name: str, most: int | None = None) -> list[bytes]:
+    """The elements of ``raw``; past ``most`` of them (the shape's count) it stops at once: a body of millions of
+    empty elements is not walked to its end on the event loop."""
     items, offset = [], 0
     while offset < len(raw):
+        if most is not None and len(items) == most:
+            raise InvalidInput(f"Input {name!r}: more than the {most} BYTES elements its shape holds were sent")
         if offset + 4 > len(raw):
             raise InvalidInput(f"Input {name!r}: truncated BYTES element length at offset {offset}")
         (length,) = struct.unpack_from("<I", raw, offset)
@@ -123,7 +127,7 @@ def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> T
     """A tensor from raw little-endian bytes, its size checked against its shape."""
     count = _elements(shape)
     if datatype == "BYTES":
-        items = deserialize_bytes(raw, name)
+        items = deserialize_bytes(raw, name, most=count)
         if len(items) != count:
             raise InvalidInput(f"Input {name!r}: shape {shape} needs {count} BYTES elements, got {len(items)}")
         return Tensor(name, datatype, shape, np.array(items, dtype=object))

@@ -63,7 +63,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
         shape = parse_shape(name, item["shape"])
         size = _object(item.get("parameters"), f"Input {name!r}: its parameters").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"Input {name!r}: binary_data_size must be a whole number of bytes, got {size!r}")
+            if offset + size > len(binary):
                 raise InvalidInput(f"Input {name!r}: binary_data_size {size} runs past the {len(binary)} bytes sent")
             tensors.append(tensor_from_raw(name, datatype, shape, binary[offset : offset + size]))
             offset += size

@@ -4,13 +4,15 @@ encoded files and on pixels, the errors that say what is right, and the model's 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import numpy as np
 import pytest
 
 from service.errors import InvalidInput
-from service.frontends.v2.handler import RequestedOutput, Tensor
+from service.frontends.v2.handler import RequestedOutput, Tensor, serialize_bytes, tensor_from_raw
+from service.frontends.v2.rest import parse_infer_request
 
 from ..pictures import held_out_drawings
 from ..runtime.harness import Served
@@ -100,3 +102,20 @@ def test_model_metadata_describes_the_inputs_and_outputs_it_takes(served_lenet5:
     assert meta["parameters"]["precision"] == "fp32"
     with pytest.raises(InvalidInput, match="positive integer, got 'x'"):
         asyncio.run(served_lenet5.oip.metadata("lenet5", "x"))
+
+
+def test_bytes_elements_past_the_shape_stop_the_parse_and_too_few_are_named() -> None:
+    many = serialize_bytes([b""] * 1_000_000)  # 4 MB of empty elements
+    with pytest.raises(InvalidInput, match=r"more than the 1 BYTES elements its shape holds were sent"):
+        tensor_from_raw("image_bytes", "BYTES", [1], many)
+    with pytest.raises(InvalidInput, match=r"shape \[3\] needs 3 BYTES elements, got 2"):
+        tensor_from_raw("image_bytes", "BYTES", [3], serialize_bytes([b"a", b"b"]))
+    assert tensor_from_raw("image_bytes", "BYTES", [2], serialize_bytes([b"a", b""])).data.tolist() == [b"a", b""]
+
+
+@pytest.mark.parametrize("size", ["4", 4.0, -1, True])
+def test_a_binary_data_size_that_is_no_byte_count_says_so(size: Any) -> None:
+    header = json.dumps({"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1],
+                                     "parameters": {"binary_data_size": size}}]}).encode()  # fmt: skip
+    with pytest.raises(InvalidInput, match=r"binary_data_size must be a whole number of bytes"):
+        parse_infer_request(header + serialize_bytes([b"ab"]), str(len(header)))
