@@ -1,6 +1,7 @@
 """Optional bearer-token access control, for HTTP and gRPC alike.
 
-``API_TOKEN`` guards inference and metadata (``/classify``, ``/explain``, ``/models``, ``/v2``);
+``API_TOKEN`` guards inference and metadata (``/classify``, ``/explain``, ``/models``, ``/v2``, and
+``/noop`` where ``ENABLE_NOOP`` serves it);
 ``ADMIN_TOKEN`` guards management, the repository API (``/v2/repository``, gRPC
 ``Repository*``): the inference token is not enough there (403), and the admin token
 also opens inference. Without ``ADMIN_TOKEN`` the repository API falls under
@@ -17,7 +18,7 @@ import hmac
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-PROTECTED_PREFIXES = ("/classify", "/explain", "/models", "/v2")
+PROTECTED_PREFIXES = ("/classify", "/explain", "/models", "/v2", "/noop")  # /noop: ENABLE_NOOP reads any body
 OPEN_PREFIXES = ("/v2/health/",)
 ADMIN_PREFIXES = ("/v2/repository",)
 OPEN_GRPC_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")

@@ -25,13 +25,13 @@ DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
 @pytest.fixture(scope="module")
 def locked(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("logs") / "locked.log"
-    with running(Path(model_store.root), log, API_TOKEN=TOKEN, MODELS="lenet5") as process:
+    with running(Path(model_store.root), log, API_TOKEN=TOKEN, MODELS="lenet5", ENABLE_NOOP="true") as process:
         yield process
 
 
 def call(service: ServiceProcess, method: str, path: str, authorization: str | None) -> httpx.Response:
     headers = {"Authorization": authorization} if authorization else {}
-    if method == "POST" and path.startswith(("/classify", "/explain")):
+    if method == "POST" and path.startswith(("/classify", "/explain", "/noop")):
         headers["Content-Type"] = "image/png"
         return httpx.post(f"{service.url}{path}", content=DIGIT, headers=headers, timeout=30)
     if method == "POST":
@@ -48,6 +48,7 @@ PROTECTED = [
     ("GET", "/v2/models/lenet5"),
     ("GET", "/v2/models/lenet5/ready"),
     ("POST", "/v2/models/lenet5/infer"),
+    ("POST", "/noop"),
 ]
 OPEN = ["/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"]
 
