@@ -13,13 +13,29 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import (  # the plugins of FORMATS, registered: Image.open(formats=...) uses only those already registered
+    BmpImagePlugin,  # noqa: F401
+    GifImagePlugin,  # noqa: F401
+    Image,
+    ImageOps,
+    JpegImagePlugin,  # noqa: F401
+    MpoImagePlugin,  # noqa: F401 - JPEG's opener hands MPO files to it
+    PngImagePlugin,  # noqa: F401
+    PpmImagePlugin,  # noqa: F401
+    TiffImagePlugin,  # noqa: F401
+    UnidentifiedImageError,
+    WebPImagePlugin,  # noqa: F401
+)
 
 from ..errors import InvalidInput, PayloadTooLarge
 from .metadata import InputMeta
 
 _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# The decoders Pillow may use: photos' formats (JPEG's opens many cameras' MPO files too) and the netpbm family;
+# none of the rarely used ones (EPS would start Ghostscript where it is installed; each decoder is attack surface).
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+
 # An image decoded on the event loop (INLINE_DECODE_BYTES) has at most this many pixels: a small file can hold a
 # large image (an 8000 x 8000 one-bit PNG is 8 KB and takes half a second to decode), and the loop serves every
 # other request meanwhile. 512 x 512 decodes in about 2 ms.
@@ -44,7 +60,7 @@ def open_image(data: bytes, max_pixels: int, *, draft_to: int | None = None, inl
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise PayloadTooLarge(
@@ -64,7 +80,7 @@ def open_image(data: bytes, max_pixels: int, *, draft_to: int | None = None, inl
         raise PayloadTooLarge(f"Image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError:
         raise InvalidInput(
-            "Cannot decode the image: not a format Pillow reads (JPEG, PNG, GIF, WebP, BMP, TIFF, ...)"
+            "Cannot decode the image: send JPEG, PNG, GIF, WebP, BMP, TIFF or PNM (PBM, PGM, PPM)"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInput(f"Cannot decode the image: {exc}") from None

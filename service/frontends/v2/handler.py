@@ -82,7 +82,8 @@ def serialize_bytes(items: list[bytes]) -> bytes:
 def deserialize_bytes(raw: bytes, name: str, most: int | None = None) -> list[bytes]:
     """The elements of ``raw``; past ``most`` of them (the shape's count) it stops at once: a body of millions of
     empty elements is not walked to its end on the event loop."""
-    items, offset = [], 0
+    items: list[bytes] = []
+    offset = 0
     while offset < len(raw):
         if most is not None and len(items) == most:
             raise InvalidInput(f"Input {name!r}: more than the {most} BYTES elements its shape holds were sent")

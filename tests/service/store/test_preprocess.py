@@ -125,6 +125,26 @@ def test_lenet_input_inverts_dark_ink_on_white() -> None:
     assert preprocess(encode(255 - ink), DIGITS, max_pixels=LIMIT)[16, 16, 0] == 255
 
 
+def _saved(fmt: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(data.coffee()).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["MPO", "PPM", "TIFF", "BMP"])
+def test_the_photo_formats_decode(fmt: str) -> None:
+    """MPO is how Pillow reads many cameras' JPEGs; PPM the netpbm family the client sends too."""
+    options = {"save_all": True, "append_images": [Image.new("RGB", (8, 8))]} if fmt == "MPO" else {}
+    out = preprocess(_saved(fmt, **options), IMAGENET, max_pixels=LIMIT)
+    assert np.abs(out.astype(int) - preprocess(encode(data.coffee()), IMAGENET, max_pixels=LIMIT)).mean() < 3
+
+
+@pytest.mark.parametrize("fmt", ["TGA", "ICO", "PCX"])
+def test_formats_outside_the_photo_ones_are_refused_by_name(fmt: str) -> None:
+    with pytest.raises(InvalidInput, match=r"send JPEG, PNG, GIF, WebP, BMP, TIFF or PNM"):
+        preprocess(_saved(fmt), IMAGENET, max_pixels=LIMIT)
+
+
 @pytest.mark.parametrize("payload", [b"", b"\x00" * 100, b"not an image at all", encode(data.camera())[:300]])
 def test_undecodable_input_is_invalid(payload: bytes) -> None:
     with pytest.raises(InvalidInput):
