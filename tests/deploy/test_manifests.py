@@ -150,6 +150,19 @@ def test_the_kserve_overlays_serve_the_store_over_v2() -> None:
     assert triton["modelFormat"]["name"] == "triton"
 
 
+def test_our_pods_are_hardened_alike_under_a_deployment_and_under_kserve() -> None:
+    deployment = find(render("overlays/cpu"), "Deployment")["spec"]["template"]["spec"]
+    predictor = find(render("overlays/kserve"), "InferenceService")["spec"]["predictor"]
+    for pod in (deployment, predictor):
+        assert pod["automountServiceAccountToken"] is False  # the service calls no Kubernetes API
+        context = pod["securityContext"]
+        assert context["runAsNonRoot"] and context["seccompProfile"] == {"type": "RuntimeDefault"}
+        (container,) = pod["containers"]
+        guard = container["securityContext"]
+        assert guard["readOnlyRootFilesystem"] and guard["allowPrivilegeEscalation"] is False
+        assert guard["capabilities"] == {"drop": ["ALL"]}
+
+
 def test_the_prometheusrule_is_generated_from_the_alerts_file() -> None:
     sys.path.insert(0, str(KUBERNETES))
     try:
