@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ...errors import (
     DeviceOutOfMemory,
@@ -248,6 +251,51 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+@dataclass(frozen=True)
+class _Malformed:
+    """What a request's bytes became where they are no message of its type (the deserializer may not raise: grpcio
+    would answer UNKNOWN and log a traceback)."""
+
+    kind: str
+    error: str
+
+
+def _reader(message: Any) -> Callable[[bytes], Any]:
+    def read(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return _Malformed(message.__name__, str(exc))
+
+    return read
+
+
+def _refusing_malformed(behaviour: Callable[[Any, Any], Awaitable[Any]]) -> Callable[[Any, Any], Awaitable[Any]]:
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"The request is no valid {request.kind} message: {request.error}"
+            )
+        return await behaviour(request, context)
+
+    return call
+
+
+def servicer_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's methods, as the generated ``add_..._to_server`` registers them, but with a request that does
+    not parse answered INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            _refusing_malformed(getattr(servicer, method.name)),
+            request_deserializer=_reader(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 async def start_grpc_server(
     handler: OipHandler,
     host: str,
@@ -264,7 +312,7 @@ async def start_grpc_server(
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(handler), server)
+    server.add_generic_rpc_handlers((servicer_handlers(InferenceServicer(handler)),))
     address = f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"gRPC cannot bind {address}")

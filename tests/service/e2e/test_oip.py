@@ -353,3 +353,15 @@ def test_32_concurrent_grpc_calls_are_batched(service: ServiceProcess) -> None:
     assert images_after - images_before == 32
     assert calls_after - calls_before < 32  # several calls shared one session run
     assert grpc_requests(httpx.get(f"{service.url}/metrics").text) - requests_before == 32
+
+
+def test_grpc_bytes_that_are_no_message_are_invalid_argument_not_unknown(service: ServiceProcess) -> None:
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff", timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert "no valid ModelInferRequest message" in info.value.details()
+        live = channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)
+        assert pb.ServerLiveResponse.FromString(live).live  # an empty message is a valid request
+    assert "DecodeError" not in service.log()
