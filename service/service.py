@@ -27,7 +27,7 @@ from bentoml._internal.context import server_context
 from . import parent
 from .frontends.app import create_app
 from .frontends.auth import BearerTokenMiddleware
-from .frontends.fastpath import FastPathMiddleware
+from .frontends.fastpath import FastPathMiddleware, JsonNotFound
 from .frontends.observe import RequestObserver
 from .frontends.protocol import install as install_http_limits
 from .frontends.timeout import install as install_request_timeout
@@ -103,12 +103,12 @@ class CNNClassifier:
 
 def middlewares() -> list[tuple[type, dict[str, object]]]:
     """Ours, outermost first, inside BentoML's timeout: every request's ID, count, log line and span;
-    the tokens; the inference routes answered without FastAPI's layers."""
+    the tokens; the inference routes answered without FastAPI's layers; BentoML's plain-text 404 as JSON."""
     found: list[tuple[type, dict[str, object]]] = [(RequestObserver, {"api": app})]
     if settings.api_token or settings.admin_token:
         tokens = {"token": settings.api_token, "admin_token": settings.admin_token}
         found.append((BearerTokenMiddleware, {k: v.get_secret_value() if v else None for k, v in tokens.items()}))
-    return [*found, (FastPathMiddleware, {"api": app})]
+    return [*found, (FastPathMiddleware, {"api": app}), (JsonNotFound, {})]  # the last: off the fast path
 
 
 for _middleware, _options in middlewares():

@@ -24,7 +24,7 @@ from ..runtime.classifier import Answer
 from ..settings import Settings
 from .body import read_body, read_images
 from .explain import explain
-from .fastpath import FastRoutes, client_gone, error_response, internal_error
+from .fastpath import FastRoutes, client_gone, error_response, internal_error, nothing_at
 from .page import add_page
 from .params import MODELS, classifier, classify_params, explain_params
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList
@@ -74,7 +74,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail)
         if exc.status_code == 404:
-            message = f"Nothing at {request.url.path}: the API reference is at /docs"
+            message = nothing_at(request.url.path)
         elif exc.status_code == 405 and exc.headers and exc.headers.get("Allow"):
             message = f"{request.method} is not allowed on {request.url.path}: use {exc.headers['Allow']}"
         response = error_response(exc.status_code, message)

@@ -19,7 +19,7 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
 
@@ -31,6 +31,37 @@ Handler = Callable[[Request], Awaitable[Response]]
 def error_response(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def nothing_at(path: str) -> str:
+    return f"Nothing at {path}: the API reference is at /docs"
+
+
+class JsonNotFound:
+    """BentoML's router answers a path that no route serves with a plain-text ``404 Not Found`` before the app sees
+    it (its mount passes on what the app's routes do not match); that answer becomes the API's JSON error."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_json(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                headers = dict(message.get("headers", ()))
+                if headers.get(b"content-type", b"").startswith(b"text/plain"):
+                    replaced = True
+                    await error_response(404, nothing_at(scope["path"]))(scope, receive, send)
+                    return
+            if not replaced:
+                await send(message)
+
+        await self.app(scope, receive, send_json)
 
 
 def client_gone() -> Response:

@@ -66,6 +66,7 @@ def test_bentoml_runs_only_what_the_service_relies_on(tmp_path: Path) -> None:
         "service.frontends.timeout.RequestTimeout",  # in place of BentoML's, which kept every request's timer
         "service.frontends.observe.RequestObserver",
         "service.frontends.fastpath.FastPathMiddleware",
+        "service.frontends.fastpath.JsonNotFound",  # what the fast path does not answer: BentoML's 404 as JSON
         "_bentoml_impl.server.app.ContextMiddleware",
     ], stack["middlewares"]
     assert all(stack["otel_excludes"])  # OpenTelemetry's middleware returns at its first check
