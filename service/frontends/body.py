@@ -12,18 +12,17 @@ from starlette.requests import Request
 from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, limit_name: str = "MAX_BODY_BYTES") -> bytes:
+    """The whole body, refused past ``limit`` bytes (``limit_name`` says which limit: the setting, where one)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"Request body of {int(declared):,} bytes exceeds the limit of {limit:,} (MAX_BODY_BYTES)"
-        )
+        raise PayloadTooLarge(f"Request body of {int(declared):,} bytes exceeds the limit of {limit:,} ({limit_name})")
     chunks, size = [], 0
     stream: AsyncIterator[bytes] = request.stream()
     async for chunk in stream:
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit:,} bytes (MAX_BODY_BYTES)")
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit:,} bytes ({limit_name})")
         chunks.append(chunk)
     body = b"".join(chunks)
     request._body = body  # Starlette's form parser reads the cached body

@@ -231,7 +231,8 @@ class OipHandler:
         self.settings = classifier.settings
         self.manager = RepositoryManager(control, classifier.shadow, classifier.canaries)
 
-    def _resolve(self, name: str, version: str) -> int | None:
+    def resolve(self, name: str, version: str) -> int | None:
+        """The version a call names (None: the latest served), refusing one that is no positive integer."""
         if not name:
             raise InvalidInput(f"No model name given; available: {', '.join(self.classifier.names())}")
         if not version:
@@ -242,14 +243,14 @@ class OipHandler:
         return number
 
     def entry(self, name: str, version: str = "") -> ModelEntry:
-        return self.classifier.entry(name, self._resolve(name, version))
+        return self.classifier.entry(name, self.resolve(name, version))
 
     async def lease(
         self, name: str, version: str = "", routed: bool = False
     ) -> contextlib.AbstractContextManager[ModelEntry]:
         """The version for a call, held until it is answered; ``routed`` (an inference): a ``CANARY``'s candidate
         may answer it (see :meth:`Classifier.acquire`)."""
-        return await self.classifier.acquire(name, self._resolve(name, version), routed)
+        return await self.classifier.acquire(name, self.resolve(name, version), routed)
 
     async def metadata(self, name: str, version: str = "") -> dict[str, Any]:
         """The model's metadata; MODEL_CONTROL=on-demand loads a model of the store to answer, as an inference

@@ -190,6 +190,7 @@ async def model_ready(request: Request, name: str, version: str = "") -> JSONRes
     handler = _handler(request)
     if name not in (names := handler.classifier.names()):
         raise ModelNotFound(name, names)
+    handler.resolve(name, version)  # a version that is no positive integer: the 400 says so, not only "not ready"
     is_ready = handler.model_ready(name, version)
     return JSONResponse({"name": name, "ready": is_ready}, status_code=200 if is_ready else NOT_READY)
 
@@ -221,7 +222,7 @@ async def infer_route(request: Request, name: str, version: str = "") -> Respons
 
 async def _json_object(request: Request) -> dict[str, Any]:
     """A repository call's body: empty, or a JSON object."""
-    body = await read_body(request, 1 << 20)
+    body = await read_body(request, 1 << 20, "a repository call's, fixed")
     if not body.strip():
         return {}
     data = _loads(body, "The request body")

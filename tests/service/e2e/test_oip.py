@@ -221,6 +221,8 @@ def test_json_nested_past_the_parser_is_a_400_here_and_on_the_repository_api(ser
         assert response.status_code == 400 and "nests JSON too deeply" in response.json()["error"], response.text
     flag = httpx.post(f"{service.url}/v2/repository/index", json={"ready": "false"}, timeout=30)
     assert flag.status_code == 400 and "ready must be true or false" in flag.json()["error"]
+    large = httpx.post(f"{service.url}/v2/repository/index", content=b" " * (2 << 20), headers=JSON, timeout=30)
+    assert large.status_code == 413 and "limit of 1,048,576 (a repository call's, fixed)" in large.json()["error"]
 
 
 def test_requests_refused_before_a_model_answers_are_counted_for_both_protocols(service: ServiceProcess) -> None:
@@ -291,7 +293,8 @@ def test_a_version_or_header_length_not_in_ascii_digits_is_a_400(service: Servic
     for version in ("%C2%B2", "9" * 5000):
         answer = httpx.post(f"{service.url}/v2/models/lenet5/versions/{version}/infer", content=body, timeout=30)
         assert answer.status_code == 400 and "Model version must be a positive integer" in answer.json()["error"]
-        assert httpx.get(f"{service.url}/v2/models/lenet5/versions/{version}/ready", timeout=30).status_code == 400
+        ready = httpx.get(f"{service.url}/v2/models/lenet5/versions/{version}/ready", timeout=30)
+        assert ready.status_code == 400 and "Model version must be a positive integer" in ready.json()["error"]
     for length in (b"\xb2", b"9" * 5000):
         headers = [(b"Content-Type", b"application/octet-stream"), (b"Inference-Header-Content-Length", length)]
         answer = httpx.post(f"{service.url}/v2/models/lenet5/infer", content=body, headers=headers, timeout=30)
