@@ -44,8 +44,13 @@ class Param:
     choices: tuple[str, ...] = ()  # a string's allowed values (compared in lower case)
 
     def parse(self, query: QueryParams) -> Any:
-        """Its value in ``query``, checked; the default where absent."""
-        text = query.get(self.name)
+        """Its value in ``query``, checked; the default where absent. Given twice, it is refused: which one a
+        client meant cannot be told (``?model=a&model=b`` answered with ``b`` was a silent guess)."""
+        given = query.getlist(self.name)
+        if len(given) > 1:
+            shown = ", ".join(repr(value[:40]) for value in given[:4])
+            raise InvalidInput(f"Parameter {self.name} is given {len(given)} times ({shown}): give it once")
+        text = given[0] if given else None
         return self.default if text is None else PARSERS[self.kind](self, text)
 
     def openapi(self) -> dict[str, Any]:

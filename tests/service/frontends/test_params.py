@@ -70,3 +70,12 @@ def test_values_are_read_as_the_service_always_read_them() -> None:
     with pytest.raises(InvalidInput, match=r"top_k=10{20} is out of range; use 1 to 7"):
         parse(params, top_k=10**20)
     assert parse(classify_params(MAX_TOP_K), min_confidence="0")["min_confidence"] == 0.0
+
+
+def test_a_parameter_given_twice_is_refused_not_guessed() -> None:
+    params = classify_params(MAX_TOP_K)
+    with pytest.raises(InvalidInput, match=r"Parameter model is given 2 times \('lenet5', 'resnet50'\): give it once"):
+        params.parse(QueryParams("model=lenet5&model=resnet50"))
+    with pytest.raises(InvalidInput, match=r"Parameter top_k is given 3 times"):
+        params.parse(QueryParams("top_k=1&top_k=2&top_k=3"))
+    assert params.parse(QueryParams("model=lenet5&top_k=2"))["top_k"] == 2
