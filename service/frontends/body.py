@@ -32,6 +32,18 @@ async def read_body(request: Request, limit: int, limit_name: str = "MAX_BODY_BY
 RAW_TYPES = ("image/", "application/octet-stream")
 
 
+def _framing_problem(content_type: str, body: bytes) -> str | None:
+    """Why a multipart body the parser read no part from is malformed, where it can be told (the parser reads an
+    empty boundary, or a body without its closing one, as an empty form)."""
+    params = (part.strip().partition("=") for part in content_type.split(";")[1:])
+    boundary = next((value.strip().strip('"') for key, _, value in params if key.strip().lower() == "boundary"), "")
+    if not boundary:
+        return "Malformed multipart body: its Content-Type names an empty boundary"
+    if f"--{boundary}--".encode("latin-1", "replace") not in body:
+        return f"Malformed multipart body: it does not end with the closing boundary --{boundary[:70]}--"
+    return None
+
+
 async def read_images(request: Request, max_body: int, max_files: int) -> list[bytes]:
     """The encoded images of a raw-body or multipart request, in order."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -42,7 +54,7 @@ async def read_images(request: Request, max_body: int, max_files: int) -> list[b
             f"Unsupported Content-Type {content_type or '(none)'!r}: send the image file as the body with "
             "Content-Type image/jpeg, image/png, ... or application/octet-stream, or as multipart/form-data files"
         )
-    await read_body(request, max_body)
+    body = await read_body(request, max_body)
     try:
         form = await request.form(max_files=max_files + 1, max_fields=max_files + 16)
     except (MultiPartException, HTTPException) as exc:  # Starlette raises its parser's error as a 400 in an app
@@ -53,7 +65,8 @@ async def read_images(request: Request, max_body: int, max_files: int) -> list[b
                            "boundary its Content-Type names, e.g. curl -F image=@cat.jpg") from None  # fmt: skip
     files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
     if not files:
-        raise InvalidInput("The multipart form holds no file: send images as file fields, e.g. curl -F image=@cat.jpg")
+        problem = _framing_problem(request.headers.get("content-type", ""), body) or "The multipart form holds no file"
+        raise InvalidInput(f"{problem}: send images as file fields, e.g. curl -F image=@cat.jpg")
     if len(files) > max_files:
         raise PayloadTooLarge(f"Too many files: {len(files)}, at most {max_files} per request (MAX_IMAGES_PER_REQUEST)")
     return [await f.read() for f in files]

@@ -22,6 +22,7 @@ pytestmark = pytest.mark.integration
 PHOTO = data.astronaut()
 JPEG = encode(PHOTO, "JPEG", quality=90)
 PNG = encode(PHOTO, "PNG")
+DIGIT_PNG = encode(np.pad(np.full((20, 4), 255, dtype=np.uint8), 6))
 
 
 def assert_still_serving(service: ServiceProcess) -> None:
@@ -109,6 +110,15 @@ def test_a_multipart_body_without_its_boundary_says_how_to_send_files(service: S
     assert response.status_code == 400
     assert response.json()["error"].startswith("Malformed multipart body: Missing boundary")
     assert "curl -F image=@cat.jpg" in response.json()["error"]
+    part = b'--x\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n' + DIGIT_PNG + b"\r\n"
+    for content_type, body, says in (
+        ("multipart/form-data; boundary=", b"", "its Content-Type names an empty boundary"),
+        ("multipart/form-data; boundary=x", part, "it does not end with the closing boundary --x--"),
+        ("multipart/form-data; boundary=x", b"--x--\r\n", "The multipart form holds no file"),
+    ):
+        response = classify(service, body, content_type, model="lenet5")
+        assert response.status_code == 400 and says in response.json()["error"], response.text
+    assert classify(service, part + b"--x--\r\n", "multipart/form-data; boundary=x", model="lenet5").status_code == 200
 
 
 def test_a_wrong_method_or_path_is_a_json_error_that_says_what_is_there(service: ServiceProcess) -> None:
