@@ -164,6 +164,15 @@ class _ConfigUnreadable(ValueError):
     """A model's ``config.pbtxt`` says something this service (and Triton) cannot act on."""
 
 
+def management_warning(settings: Settings) -> str | None:
+    """Who may load and unload models under MODEL_CONTROL=explicit without an ADMIN_TOKEN, where that is more than
+    the operator (the repository API then falls under API_TOKEN, or under nothing)."""
+    if settings.model_control != "explicit" or settings.admin_token:
+        return None
+    who = "every client holding API_TOKEN" if settings.api_token else "anyone who reaches the port"
+    return f"MODEL_CONTROL=explicit with no ADMIN_TOKEN: {who} can load and unload models"
+
+
 class ModelControl:
     def __init__(self, repository: Repository, readiness: WorkerReadiness | None = None) -> None:
         self.repository = repository
@@ -184,8 +193,8 @@ class ModelControl:
         """Load in the background, then follow ``MODEL_CONTROL`` (on demand the residency loads instead)."""
         if self.mode == "on-demand":
             return
-        if self.mode == "explicit" and not (self.settings.admin_token or self.settings.api_token):
-            logger.warning("MODEL_CONTROL=explicit with no ADMIN_TOKEN: anyone who reaches the port can unload models")
+        if (warning := management_warning(self.settings)) is not None:
+            logger.warning("%s", warning)
         threading.Thread(target=self._run, name="model-control", daemon=True).start()
 
     def stop(self) -> None:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from service.frontends.auth import Access, check_access
-from service.runtime.lifecycle import DeclaredState
+from service.runtime.lifecycle import DeclaredState, management_warning
+from service.settings import Settings
 from service.store.integrity import IntegrityChecker
 from service.store.layout import StoredVersion
 from service.store.policy import parse_version_policy
@@ -110,3 +111,23 @@ def test_who_may_call_what(
     authorization: str | None, api: str | None, admin: str | None, management: bool, expected: Access
 ) -> None:
     assert check_access(authorization, api, admin, management)[0] is expected
+
+
+@pytest.mark.parametrize(
+    ("env", "warned"),
+    [
+        ({"MODEL_CONTROL": "explicit"}, "anyone who reaches the port can load and unload models"),
+        ({"MODEL_CONTROL": "explicit", "API_TOKEN": "api"}, "every client holding API_TOKEN can load and unload"),
+        ({"MODEL_CONTROL": "explicit", "API_TOKEN": "api", "ADMIN_TOKEN": "boss"}, None),
+        ({"MODEL_CONTROL": "none"}, None),
+    ],
+)
+def test_explicit_control_without_an_admin_token_warns_who_may_manage_models(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], warned: str | None
+) -> None:
+    for name in ("MODEL_CONTROL", "API_TOKEN", "ADMIN_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    warning = management_warning(Settings())
+    assert (warning is None) if warned is None else (warning is not None and warned in warning)
