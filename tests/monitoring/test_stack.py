@@ -47,6 +47,9 @@ def test_compose_files_validate(tmp_path: Path) -> None:
     assert environment["PROVIDERS"] == "cuda" and environment["WORKERS"] == "0"  # the service's sizing, not 1
     text = (ROOT / "docker-compose.yml").read_text().lower()
     assert "password: ${" in text and "password: admin" not in text  # no secret in the file
+    for name in ("prometheus", "grafana"):  # loopback unless MONITORING_BIND; docker-compose v1 writes a string
+        (port,) = config["services"][name]["ports"]
+        assert (port.split(":")[0] if isinstance(port, str) else port["host_ip"]) == "127.0.0.1", (name, port)
 
 
 def test_prometheus_config_is_valid() -> None:
