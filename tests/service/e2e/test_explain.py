@@ -152,8 +152,11 @@ def test_any_class_by_index_or_label_and_the_overlay_as_png(service: ServiceProc
         ({"overlay": "maybe"}, 1, "overlay"),
         ({"model": "nope"}, 1, "nope"),
         ({"method": "gradcam", "stride": "4"}, 1, "stride applies to method=occlusion, and this one is gradcam"),
-        ({"method": "occlusion", "layers": "true"}, 1, "layers=true shows the layers Grad-CAM reads, and this "
-         "request asks for method=occlusion"),
+        (
+            {"method": "occlusion", "layers": "true"},
+            1,
+            "layers=true shows the layers Grad-CAM reads, and this request asks for method=occlusion",
+        ),
         ({"stide": "4"}, 1, "Unknown parameter 'stide': this route takes model, version, class, method, patch, stride"),
     ],
 )
