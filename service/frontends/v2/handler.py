@@ -166,14 +166,16 @@ def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) 
             given = np.asarray(values)
             if given.dtype.kind in "US" or (given.dtype.kind == "b" and dtype.kind != "b"):  # "1" and true: 1
                 raise TypeError("strings or true/false where numbers belong")
-            if bounds is not None and given.dtype.kind == "f" and given.size:
-                if not np.isfinite(given).all() or (given != np.round(given)).any():
+            if bounds is not None and given.dtype.kind in "iuf" and given.size:
+                if given.dtype.kind == "f" and (not np.isfinite(given).all() or (given != np.round(given)).any()):
                     raise InvalidInput(f"Input {name!r}: {datatype} takes whole numbers, not fractions or NaN")
-                if given.min() < bounds.min or given.max() > bounds.max:
+                if given.min() < bounds.min or given.max() > bounds.max:  # before a cast could wrap them
                     raise OverflowError
             wide = {"f": np.float64, "u": np.uint64}.get(dtype.kind, np.int64)  # UINT64 past int64 is in range
-            # huge integers or mixed types (numpy's object arrays): converted one by one, which checks each
-            array = (np.asarray(values, dtype=wide) if given.dtype.kind == "O" else given.astype(wide)).ravel()
+            # huge integers, mixed types (numpy's object arrays) and floats for an integer type (a float64 array
+            # rounds 2**60 + 1): converted one by one, which checks each and keeps it exact
+            exact = given.dtype.kind == "O" or (bounds is not None and given.dtype.kind == "f")
+            array = (np.asarray(values, dtype=wide) if exact else given.astype(wide)).ravel()
         except OverflowError:
             raise InvalidInput(f"Input {name!r}: values out of range for {datatype}") from None
         except (TypeError, ValueError) as exc:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.errors import InvalidInput
-from service.frontends.v2.handler import RequestedOutput, Tensor, serialize_bytes, tensor_from_raw
+from service.frontends.v2.handler import RequestedOutput, Tensor, serialize_bytes, tensor_from_raw, tensor_from_values
 from service.frontends.v2.rest import parse_infer_request
 
 from ..pictures import held_out_drawings
@@ -119,3 +119,17 @@ def test_a_binary_data_size_that_is_no_byte_count_says_so(size: Any) -> None:
                                      "parameters": {"binary_data_size": size}}]}).encode()  # fmt: skip
     with pytest.raises(InvalidInput, match=r"binary_data_size must be a whole number of bytes"):
         parse_infer_request(header + serialize_bytes([b"ab"]), str(len(header)))
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values"), [("INT64", [2**63]), ("INT64", [2**64 - 1]), ("UINT64", [-1]), ("INT8", [-129])]
+)
+def test_integers_past_their_type_are_refused_not_wrapped(datatype: str, values: list[int]) -> None:
+    with pytest.raises(InvalidInput, match=rf"values out of range for {datatype}"):
+        tensor_from_values("x", datatype, [1], values)
+
+
+def test_integer_data_keeps_every_value_exact() -> None:
+    assert tensor_from_values("x", "UINT64", [1], [2**64 - 1]).data.tolist() == [2**64 - 1]
+    assert tensor_from_values("x", "INT64", [2], [1.0, 2**60 + 1]).data.tolist() == [1, 2**60 + 1]  # not via float64
+    assert tensor_from_values("x", "BOOL", [2], [True, False]).data.tolist() == [True, False]
