@@ -168,7 +168,7 @@ class Settings(BaseSettings):
     )
     api_token: SecretStr | None = Field(
         None,
-        description="When set, /classify, /explain, /models and /v2 (HTTP and gRPC) need "
+        description="When set, /classify, /explain, /models, /v2 (HTTP and gRPC) and /noop need "
         "`Authorization: Bearer <token>`.",
     )
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")

@@ -110,15 +110,15 @@ async def explain(request: Request) -> Response:
                 f"Accept: image/png answers one image's overlay, and the request has {len(files)}: send one image, "
                 "or ask for JSON with overlay=true"
             )
-        if with_layers and method != "gradcam":
-            raise InvalidInput(
-                f"layers=true shows the layers Grad-CAM reads, and this request asks for method={method}: ask for "
-                "method=gradcam, or without layers"
-            )
         if with_layers and not (meta.explanation or {}).get("feature_maps"):
             raise InvalidInput(
                 f"layers=true: {entry.name}'s explanation graph does not output its feature maps (LeNet-5's does); "
                 "ask without layers"
+            )
+        if with_layers and method != "gradcam":
+            raise InvalidInput(
+                f"layers=true shows the layers Grad-CAM reads, and this request asks for method={method}: ask for "
+                "method=gradcam, or without layers"
             )
         explained, how = await service.explain(entry, files, index, method, occlusion)
     service.metrics.child(service.metrics.explanations, entry.name, str(entry.version), method).inc(len(explained))

@@ -14,6 +14,7 @@ import warnings
 
 import numpy as np
 from PIL import (  # the plugins of FORMATS, registered: Image.open(formats=...) uses only those already registered
+    AvifImagePlugin,  # noqa: F401 - what image CDNs serve and browsers save
     BmpImagePlugin,  # noqa: F401
     GifImagePlugin,  # noqa: F401
     Image,
@@ -34,7 +35,9 @@ _ALPHA_MODES = {"RGBA", "LA", "La", "RGBa", "PA"}
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 # The decoders Pillow may use: photos' formats (JPEG's opens many cameras' MPO files too) and the netpbm family;
 # none of the rarely used ones (EPS would start Ghostscript where it is installed; each decoder is attack surface).
-FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+FORMATS = tuple(  # those this Pillow build registered: a build without AVIF opens the others
+    f for f in ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "PPM") if f in Image.OPEN
+)
 
 # An image decoded on the event loop (INLINE_DECODE_BYTES) has at most this many pixels: a small file can hold a
 # large image (an 8000 x 8000 one-bit PNG is 8 KB and takes half a second to decode), and the loop serves every
@@ -80,7 +83,7 @@ def open_image(data: bytes, max_pixels: int, *, draft_to: int | None = None, inl
         raise PayloadTooLarge(f"Image rejected as a decompression bomb: {exc}") from exc
     except UnidentifiedImageError:
         raise InvalidInput(
-            "Cannot decode the image: send JPEG, PNG, GIF, WebP, BMP, TIFF or PNM (PBM, PGM, PPM)"
+            "Cannot decode the image: send JPEG, PNG, GIF, WebP, AVIF, BMP, TIFF or PNM (PBM, PGM, PPM)"
         ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidInput(f"Cannot decode the image: {exc}") from None

@@ -131,9 +131,10 @@ def _saved(fmt: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("fmt", ["MPO", "PPM", "TIFF", "BMP"])
+@pytest.mark.parametrize("fmt", ["MPO", "PPM", "TIFF", "BMP", "AVIF"])
 def test_the_photo_formats_decode(fmt: str) -> None:
-    """MPO is how Pillow reads many cameras' JPEGs; PPM the netpbm family the client sends too."""
+    """MPO is how Pillow reads many cameras' JPEGs; PPM the netpbm family the client sends too; AVIF what image
+    CDNs serve."""
     options = {"save_all": True, "append_images": [Image.new("RGB", (8, 8))]} if fmt == "MPO" else {}
     out = preprocess(_saved(fmt, **options), IMAGENET, max_pixels=LIMIT)
     assert np.abs(out.astype(int) - preprocess(encode(data.coffee()), IMAGENET, max_pixels=LIMIT)).mean() < 3
@@ -141,7 +142,7 @@ def test_the_photo_formats_decode(fmt: str) -> None:
 
 @pytest.mark.parametrize("fmt", ["TGA", "ICO", "PCX"])
 def test_formats_outside_the_photo_ones_are_refused_by_name(fmt: str) -> None:
-    with pytest.raises(InvalidInput, match=r"send JPEG, PNG, GIF, WebP, BMP, TIFF or PNM"):
+    with pytest.raises(InvalidInput, match=r"send JPEG, PNG, GIF, WebP, AVIF, BMP, TIFF or PNM"):
         preprocess(_saved(fmt), IMAGENET, max_pixels=LIMIT)
 
 
