@@ -59,7 +59,8 @@ class Metrics:
         self.http_requests = prom.Counter(
             "cnn_http_requests",
             "HTTP requests by route (its template, /v2/models/{name}/infer; unmatched for a path no route serves, "
-            "never the path itself) and status code (499: the client went away before its request was read)",
+            "never the path itself) and status code (the connection's own 408 or 413 where it refused a body the app "
+            "was reading; 499: the client went away before its request was read)",
             ["route", "code"],
         )
         self.shed = prom.Counter(

@@ -63,8 +63,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, f"Invalid parameter: {validation_problems(exc.errors(), skip=1)}")
 
     @app.exception_handler(ClientDisconnect)
-    async def disconnected(_: Request, __: ClientDisconnect) -> Response:
-        return client_gone()
+    async def disconnected(request: Request, _: ClientDisconnect) -> Response:
+        return client_gone(request.scope)
 
     @app.exception_handler(Exception)
     async def unhandled_error(_: Request, exc: Exception) -> JSONResponse:

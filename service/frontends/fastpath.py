@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ServiceError
+from .protocol import REFUSED_WITH
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +65,11 @@ class JsonNotFound:
         await self.app(scope, receive, send_json)
 
 
-def client_gone() -> Response:
-    """The answer to a request whose client went away before its body was read: nobody reads it, but the access
-    log and ``cnn_http_requests_total`` say so as nginx does (499, "client closed request"), not as a 500."""
-    return Response(status_code=499)
+def client_gone(scope: Scope) -> Response:
+    """The answer to a request whose body stopped arriving: nobody reads it, but the access log and
+    ``cnn_http_requests_total`` say what happened: the connection's own refusal (408, 413), or, where the client
+    went away, 499 as nginx says ("client closed request"), not a 500."""
+    return Response(status_code=scope.get(REFUSED_WITH, 499))
 
 
 def internal_error(exc: Exception) -> JSONResponse:
@@ -121,7 +123,7 @@ class FastPathMiddleware:
         except HTTPException as exc:  # Starlette's own, e.g. from a malformed multipart form
             response = error_response(exc.status_code, str(exc.detail))
         except ClientDisconnect:
-            response = client_gone()
+            response = client_gone(scope)
         except Exception as exc:
             response = internal_error(exc)
         await response(scope, receive, send)

@@ -43,6 +43,10 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .. import metrics
 from ..settings import Settings
 
+# set in a request's scope where the connection refused it in the middle of its body (408, 413): the app then sees
+# a client gone (ClientDisconnect), and the access log and metrics count the refusal the client got
+REFUSED_WITH = "cnn.refused_with"
+
 logger = logging.getLogger(__name__)
 
 BODY_RATE_WINDOW_S = 5.0
@@ -284,6 +288,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.write(_response(status, message, retry_after))
         self.transport.close()
         if self.cycle is not None and not self.cycle.response_complete:
+            scope: dict[str, Any] = self.cycle.scope  # type: ignore[assignment]  # uvicorn's TypedDict, an ASGI dict
+            scope[REFUSED_WITH] = int(status[:3])  # what the client got, for the access log and metrics
             self.cycle.disconnected = True  # an app still reading the body ends at its next receive
             self.cycle.message_event.set()
 

@@ -17,7 +17,7 @@ import pytest
 
 from service.frontends.protocol import OVER_LIMIT_PENDING
 from service.store.layout import ModelStore
-from tests.helpers import ServiceProcess, encode, metric_samples, running, workers
+from tests.helpers import ServiceProcess, encode, metric_samples, running, wait_until, workers
 
 DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
 PNG = {"Content-Type": "image/png"}
@@ -59,6 +59,12 @@ def status_and_error(answer: bytes) -> tuple[int, str]:
 def refused(service: ServiceProcess) -> dict[str, float]:
     text = httpx.get(f"{service.url}/metrics", timeout=10).text
     return {labels["reason"]: value for labels, value in metric_samples(text, "cnn_connections_refused_total")}
+
+
+def http_codes(service: ServiceProcess) -> dict[tuple[str, str], float]:
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    samples = metric_samples(text, "cnn_http_requests_total")
+    return {(labels["route"], labels["code"]): value for labels, value in samples}
 
 
 def assert_serving(service: ServiceProcess) -> None:
@@ -150,7 +156,7 @@ def test_a_head_that_never_finishes_is_answered_408_and_closed(guarded: ServiceP
 
 def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess) -> None:
     """10 bytes a second of a 100 kB body: cut at the first 5 s window under MIN_BODY_BYTES_PER_S (1024)."""
-    before = refused(guarded)
+    before, codes = refused(guarded), http_codes(guarded)
     head = (b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
             b"Content-Length: 100000\r\n\r\n")  # fmt: skip
     started = time.monotonic()
@@ -167,6 +173,9 @@ def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess
     status, error = status_and_error(answer)
     assert status == 408 and "MIN_BODY_BYTES_PER_S=1024" in error
     assert refused(guarded)["body_rate"] == before["body_rate"] + 1
+    # the app, reading the body when the connection refused it, counts what the client got: not 499 nor 500
+    wait_until(lambda: http_codes(guarded).get(("/classify", "408"), 0) == codes.get(("/classify", "408"), 0) + 1,
+               10, "/classify's 408 counted")  # fmt: skip
     assert_serving(guarded)
 
 
