@@ -100,17 +100,22 @@ def deserialize_bytes(raw: bytes, name: str, most: int | None = None) -> list[by
 
 def parse_shape(name: str, dims: Any) -> list[int]:
     """An input's ``shape`` as the client sent it (a JSON list, gRPC's int64s), checked: integer dimensions,
-    none negative."""
+    none negative, at least one."""
     if not isinstance(dims, list | tuple) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
         raise InvalidInput(f'Input {name!r}: "shape" must be a list of integers, e.g. [1, 224, 224, 3]; got {dims!r}')
     if any(d < 0 for d in dims):
         raise InvalidInput(f"Input {name!r}: negative dimension in shape {list(dims)}")
+    if not dims:
+        raise InvalidInput(
+            f"Input {name!r}: shape [] is a scalar; an input has a batch dimension, e.g. [1] or [1, 32, 32, 1]"
+        )
     return list(dims)
 
 
 def _elements(shape: list[int]) -> int:
-    """How many elements ``shape`` holds, in Python's integers (numpy's product wraps around at 2**64)."""
-    return math.prod(shape) if shape else 0
+    """How many elements ``shape`` (never empty: see :func:`parse_shape`) holds, in Python's integers (numpy's
+    product wraps around at 2**64)."""
+    return math.prod(shape)
 
 
 def _unknown_datatype(name: str, datatype: str) -> InvalidInput:

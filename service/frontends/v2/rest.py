@@ -62,6 +62,8 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
         name, datatype = str(item["name"]), str(item["datatype"])
         shape = parse_shape(name, item["shape"])
         size = _object(item.get("parameters"), f"Input {name!r}: its parameters").get("binary_data_size")
+        if size is not None and "data" in item:
+            raise InvalidInput(f'Input {name!r} has both "data" and a binary_data_size parameter: give one of them')
         if size is not None:
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
                 raise InvalidInput(f"Input {name!r}: binary_data_size must be a whole number of bytes, got {size!r}")
@@ -75,6 +77,9 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
             tensors.append(tensor_from_values(name, datatype, shape, item["data"]))
         else:
             raise InvalidInput(f'Input {name!r} has neither "data" nor a binary_data_size parameter')
+    if offset < len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes follow the last input's binary data: each input's "
+                           "binary_data_size must count all of its bytes")  # fmt: skip
     return header, tensors
 
 

@@ -133,3 +133,21 @@ def test_integer_data_keeps_every_value_exact() -> None:
     assert tensor_from_values("x", "UINT64", [1], [2**64 - 1]).data.tolist() == [2**64 - 1]
     assert tensor_from_values("x", "INT64", [2], [1.0, 2**60 + 1]).data.tolist() == [1, 2**60 + 1]  # not via float64
     assert tensor_from_values("x", "BOOL", [2], [True, False]).data.tolist() == [True, False]
+
+
+def _request(*inputs: dict[str, Any], binary: bytes = b"") -> tuple[bytes, str]:
+    header = json.dumps({"inputs": list(inputs)}).encode()
+    return header + binary, str(len(header))
+
+
+def test_a_scalar_shape_extra_bytes_and_an_input_given_twice_are_refused_by_name() -> None:
+    image = serialize_bytes([b"ab"])
+    files = {"name": "image_bytes", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(image)}}
+    with pytest.raises(InvalidInput, match=r"shape \[\] is a scalar; an input has a batch dimension"):
+        parse_infer_request(*_request({"name": "images", "datatype": "UINT8", "shape": [], "data": [0]}))
+    with pytest.raises(InvalidInput, match=r"2 bytes follow the last input's binary data"):
+        parse_infer_request(*_request(files, binary=image + b"zz"))
+    with pytest.raises(InvalidInput, match=r'has both "data" and a binary_data_size parameter: give one of them'):
+        parse_infer_request(*_request({**files, "data": ["x"]}, binary=image))
+    _, tensors = parse_infer_request(*_request(files, binary=image))
+    assert tensors[0].data.tolist() == [b"ab"]
