@@ -50,6 +50,23 @@ def class_index(text: str | None, labels: list[str], model: str) -> int | None:
     )
 
 
+def prefers_png(accept: str) -> bool:
+    """Whether ``Accept`` asks for ``image/png`` (a quality above 0, and not below ``application/json``'s)."""
+    quality: dict[str, float] = {}
+    for item in accept.lower().split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for key, _, value in (param.partition("=") for param in params):
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality[media] = max(quality.get(media, 0.0), q)
+    png = quality.get("image/png", 0.0)
+    return png > 0 and png >= quality.get("application/json", 0.0)
+
+
 def hot(heat: np.ndarray) -> np.ndarray:
     """A black-red-yellow-white colour ramp for values in [0, 1], as float RGB."""
     return np.clip(np.stack([3 * heat, 3 * heat - 1, 3 * heat - 2], axis=-1), 0.0, 1.0)
@@ -93,7 +110,7 @@ async def explain(request: Request) -> Response:
     settings = service.settings
     query = explain_params(settings.max_top_k).parse(request.query_params)
     wanted, with_overlay, with_layers = query["method"], query["overlay"], query["layers"]
-    as_png = "image/png" in request.headers.get("accept", "").lower()
+    as_png = prefers_png(request.headers.get("accept", ""))
     with await service.acquire(query["model"], query["version"]) as entry:
         assert entry.model is not None
         meta, labels = entry.model.metadata, entry.model.labels
