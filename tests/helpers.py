@@ -325,6 +325,13 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
 
 
+def http_codes(service: ServiceProcess) -> dict[tuple[str, str], float]:
+    """``cnn_http_requests_total`` now, by (route, code)."""
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    samples = metric_samples(text, "cnn_http_requests_total")
+    return {(labels["route"], labels["code"]): value for labels, value in samples}
+
+
 def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     """Samples of one metric from Prometheus' text format, as (labels, value)."""
     from prometheus_client.parser import text_string_to_metric_families

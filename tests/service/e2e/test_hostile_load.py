@@ -17,7 +17,7 @@ import pytest
 
 from service.frontends.protocol import OVER_LIMIT_PENDING
 from service.store.layout import ModelStore
-from tests.helpers import ServiceProcess, encode, metric_samples, running, wait_until, workers
+from tests.helpers import ServiceProcess, encode, http_codes, metric_samples, running, wait_until, workers
 
 DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
 PNG = {"Content-Type": "image/png"}
@@ -59,12 +59,6 @@ def status_and_error(answer: bytes) -> tuple[int, str]:
 def refused(service: ServiceProcess) -> dict[str, float]:
     text = httpx.get(f"{service.url}/metrics", timeout=10).text
     return {labels["reason"]: value for labels, value in metric_samples(text, "cnn_connections_refused_total")}
-
-
-def http_codes(service: ServiceProcess) -> dict[tuple[str, str], float]:
-    text = httpx.get(f"{service.url}/metrics", timeout=10).text
-    samples = metric_samples(text, "cnn_http_requests_total")
-    return {(labels["route"], labels["code"]): value for labels, value in samples}
 
 
 def assert_serving(service: ServiceProcess) -> None:

@@ -29,7 +29,7 @@ import tritonclient.grpc as triton_grpc
 
 from service.store.layout import ModelStore
 
-from ...helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, running, wait_until
+from ...helpers import ROOT, ServiceProcess, encode, free_port, http_codes, metric_samples, running, wait_until
 
 DIGIT = encode(np.pad(np.full((20, 4), 255, dtype=np.uint8), 4))
 PNG = {"Content-Type": "image/png"}
@@ -101,15 +101,11 @@ def test_every_answer_carries_a_request_id(service: ServiceProcess) -> None:
 
 
 def test_http_requests_are_counted_by_route_template_never_by_path(service: ServiceProcess) -> None:
-    def counts() -> dict[tuple[str, str], float]:
-        text = httpx.get(f"{service.url}/metrics", timeout=10).text
-        return {(s["route"], s["code"]): v for s, v in metric_samples(text, "cnn_http_requests_total")}
-
-    before = counts()
+    before = http_codes(service)
     httpx.post(f"{service.url}/classify?model=lenet5", content=DIGIT, headers=PNG, timeout=30)
     httpx.get(f"{service.url}/v2/models/lenet5", timeout=30)
     httpx.get(f"{service.url}/no/such/path-{time.time()}", timeout=30)
-    after = counts()
+    after = http_codes(service)
     for key in (("/classify", "200"), ("/v2/models/{name}", "200"), ("unmatched", "404")):
         assert after.get(key, 0) - before.get(key, 0) == 1, key
     assert not any("such" in route for route, _ in after)
@@ -119,18 +115,15 @@ def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_500(service: Servi
     """Content-Length 1000, 100 bytes, then the socket closes: on the fast path (/classify) and through FastAPI
     (/explain), counted as nginx counts a client's close, with no error in the log."""
 
-    def counts() -> dict[tuple[str, str], float]:
-        text = httpx.get(f"{service.url}/metrics", timeout=10).text
-        return {(s["route"], s["code"]): v for s, v in metric_samples(text, "cnn_http_requests_total")}
-
-    before = counts()
+    before = http_codes(service)
     for path in ("/classify?model=lenet5", "/explain?model=lenet5"):
         with socket.create_connection(("127.0.0.1", service.port), timeout=30) as connection:
             head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
             connection.sendall(head.encode() + DIGIT[:100])
     routes = ("/classify", "/explain")
-    wait_until(lambda: all(counts().get((r, "499"), 0) > before.get((r, "499"), 0) for r in routes), 10, "499s")
-    after = counts()
+    counted = lambda: all(http_codes(service).get((r, "499"), 0) > before.get((r, "499"), 0) for r in routes)  # noqa: E731
+    wait_until(counted, 10, "499s")
+    after = http_codes(service)
     assert all(after.get((r, "500"), 0) == before.get((r, "500"), 0) for r in routes), after
     assert "ClientDisconnect" not in service.log() and "Unhandled error" not in service.log()
 
