@@ -65,6 +65,12 @@ class Param:
                 "schema": schema}  # fmt: skip
 
 
+def whole_number(text: str) -> int | None:
+    """``text`` as a whole number where it is one in ASCII digits, at most 18 (``"²".isdigit()`` holds but ``int``
+    refuses it, and ``int`` refuses a number of thousands of digits); else None."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
+
+
 def _integer(param: Param, text: str) -> int:
     """An integer from ``param.minimum`` (1 for every one of this API) to its maximum, if any."""
     most = param.maximum

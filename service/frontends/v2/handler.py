@@ -31,6 +31,7 @@ from ...runtime.classifier import Classifier, top_k
 from ...runtime.entry import ModelEntry
 from ...runtime.lifecycle import ModelControl
 from ...store.tensors import DISTANCE_NAME, GRADCAM_NAME, INPUT_NAME, OUTPUT_NAMES
+from ..params import whole_number
 from .management import RepositoryManager
 
 GRADCAM = GRADCAM_NAME  # an output of versions with an explanation graph
@@ -192,12 +193,6 @@ def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) 
     if array.size != count:
         raise InvalidInput(f"Input {name!r}: shape {shape} needs {count} values, got {array.size}")
     return Tensor(name, datatype, shape, _reshaped(name, array, shape) if datatype != "BYTES" else array)
-
-
-def whole_number(text: str) -> int | None:
-    """``text`` as a whole number where it is one in ASCII digits, at most 18 (``"²".isdigit()`` holds but ``int``
-    refuses it, and ``int`` refuses a number of thousands of digits); else None."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 18 else None
 
 
 def model_metadata(entry: ModelEntry, versions: list[int]) -> dict[str, Any]:

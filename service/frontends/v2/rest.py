@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ...errors import InvalidInput, ModelNotFound, ServiceError
 from ...runtime.canary import answering_canary
 from ..body import read_body
+from ..params import whole_number
 from .handler import (
     EXTENSIONS,
     SERVER_NAME,
@@ -29,7 +30,6 @@ from .handler import (
     serialize_bytes,
     tensor_from_raw,
     tensor_from_values,
-    whole_number,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
