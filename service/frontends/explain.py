@@ -25,7 +25,7 @@ from ..errors import InvalidInput
 from ..runtime.classifier import Explained, top_k
 from ..runtime.occlusion import Occlusion
 from .body import read_images
-from .params import classifier, explain_params
+from .params import classifier, explain_params, whole_number
 
 OVERLAY_MIN_SIDE = 224  # small inputs (LeNet-5's 32 pixels) are enlarged, pixel for pixel, to at least this
 
@@ -37,8 +37,8 @@ def class_index(text: str | None, labels: list[str], model: str) -> int | None:
     wanted = text.strip()
     if wanted in labels:
         return labels.index(wanted)
-    if wanted.isdecimal():
-        index = int(wanted) if len(wanted) <= 18 else None  # int() refuses thousands of digits: a 500 otherwise
+    if wanted.isascii() and wanted.isdigit():
+        index = whole_number(wanted)  # None past 18 digits (int() refuses thousands: a 500 otherwise)
         if index is not None and index < len(labels):
             return index
         shown = wanted if len(wanted) <= 20 else f"{wanted[:20]}..."
