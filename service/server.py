@@ -182,12 +182,7 @@ class Server:
         self.runtime.start()
         if self.parent_watch is not None:
             self.parent_watch.start()
-        settings = self.settings
-        token = settings.api_token.get_secret_value() if settings.api_token else None
-        admin = settings.admin_token.get_secret_value() if settings.admin_token else None
-        grpc = await start_grpc_server(
-            self.oip, settings.http_host, settings.grpc_port, settings.max_body_bytes, token, admin
-        )
+        grpc = await start_grpc_server(self.oip)
         try:
             yield
         finally:

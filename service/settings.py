@@ -157,6 +157,19 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024, ge=1, description="Connections one worker holds; one more gets 503 with Retry-After and is closed."
     )
+    grpc_max_concurrent_rpcs: int = Field(
+        1024,
+        ge=1,
+        description="gRPC calls one worker holds at once; one more is answered RESOURCE_EXHAUSTED before its "
+        "message is read (the gRPC port's MAX_CONNECTIONS).",
+    )
+    grpc_max_connection_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="Ask a gRPC client to reconnect after about this long on one connection (GOAWAY, gRPC's +-10% "
+        "jitter; its calls finish first, for up to REQUEST_TIMEOUT_S), so that a layer-4 balancer such as a "
+        "Kubernetes Service spreads long-lived clients over replicas added since; 0 = never.",
+    )
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Largest decoded image, width x height, checked before decoding (413 above)."
     )

@@ -31,6 +31,7 @@ from ...errors import (
 )
 from ...runtime.canary import answering_canary
 from ...runtime.deadline import request_deadline
+from ...settings import Settings
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
 from .handler import (
@@ -333,24 +334,46 @@ def servicer_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-async def start_grpc_server(
-    handler: OipHandler,
-    host: str,
-    port: int,
-    max_message_bytes: int,
-    token: str | None = None,
-    admin_token: str | None = None,
-) -> grpc.aio.Server:
+# Connections: an idle one is pinged after a minute and closed when 20 s pass without the answer (a peer gone
+# without a FIN: a crashed client, a NAT that dropped it), and a client may ping every 10 s, with or without calls
+# in flight, where gRPC's default (5 minutes) answers such a client's pings with GOAWAY "too_many_pings"
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments: message size, connection age and keepalive, from ``settings``."""
+    options = [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.max_send_message_length", settings.max_body_bytes),
+        *KEEPALIVE_OPTIONS,
+    ]
+    if settings.grpc_max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", round(settings.grpc_max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(settings.request_timeout_s * 1000)),
+        ]
+    return options
+
+
+async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:
+    """The Open Inference Protocol on ``GRPC_PORT``, beside HTTP in this worker, with its limits from the
+    handler's settings."""
+    settings = handler.settings
+    token = settings.api_token.get_secret_value() if settings.api_token else None
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     server = grpc.aio.server(
         interceptors=[TokenInterceptor(token, admin_token)] if token or admin_token else None,
-        options=[
-            ("grpc.so_reuseport", 1),
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
+        options=server_options(settings),
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers((servicer_handlers(InferenceServicer(handler)),))
-    address = f"{host}:{port}"
+    address = f"{settings.http_host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"gRPC cannot bind {address}")
     await server.start()

@@ -1,8 +1,10 @@
 """Hostile clients against the real service (issue #31): heads too large or too slow, bodies that trickle,
-more connections than a worker holds, and counters that read 0 rather than nothing."""
+more connections than a worker holds, more gRPC calls than it holds, and counters that read 0 rather than
+nothing; and gRPC connections asked to reconnect as they age, losing no call."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -11,25 +13,32 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from service.frontends.protocol import OVER_LIMIT_PENDING
+from service.frontends.v2.protocol import grpc_predict_v2_pb2 as pb
+from service.frontends.v2.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.store.layout import ModelStore
 from tests.helpers import ServiceProcess, encode, http_codes, metric_samples, running, wait_until, workers
 
 DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
 PNG = {"Content-Type": "image/png"}
 MAX_CONNECTIONS = 40
+GRPC_MAX_CONCURRENT_RPCS = 2
 
 
 @pytest.fixture(scope="module")
 def guarded(model_store: ModelStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    """One worker, short head deadline, few connections: every limit is reached in a second or two."""
+    """One worker, short head deadline, few connections and gRPC calls, gRPC connections aged at a second: every
+    limit is reached in a second or two."""
     log = tmp_path_factory.mktemp("hostile") / "service.log"
     with running(Path(model_store.root), log, MODELS="lenet5", WORKERS="1", HEADER_TIMEOUT_S="2",
-                 MAX_CONNECTIONS=str(MAX_CONNECTIONS)) as process:  # fmt: skip
+                 MAX_CONNECTIONS=str(MAX_CONNECTIONS), GRPC_MAX_CONCURRENT_RPCS=str(GRPC_MAX_CONCURRENT_RPCS),
+                 GRPC_MAX_CONNECTION_AGE_S="1") as process:  # fmt: skip
         yield process
 
 
@@ -274,3 +283,76 @@ def test_a_kept_alive_connection_that_only_trickles_line_ends_is_closed(guarded:
             except OSError:
                 closed = True
     assert closed and time.monotonic() - started < 5
+
+
+def _digits_request(count: int) -> pb.ModelInferRequest:
+    """``count`` digit PNGs as one ModelInfer call: each call holds the worker for a few milliseconds."""
+    request = pb.ModelInferRequest(model_name="lenet5")
+    request.inputs.add(name="image_bytes", datatype="BYTES", shape=[count])
+    request.raw_input_contents.append(b"".join(len(DIGIT).to_bytes(4, "little") + DIGIT for _ in range(count)))
+    return request
+
+
+def test_grpc_calls_past_the_limit_are_refused_resource_exhausted_and_the_rest_answered(
+    guarded: ServiceProcess,
+) -> None:
+    """Bursts of 16 calls at once on one connection, against GRPC_MAX_CONCURRENT_RPCS=2: those past the limit
+    get RESOURCE_EXHAUSTED (safe to retry), every other one its answer, and the port serves on."""
+
+    async def burst() -> list[grpc.StatusCode]:
+        async with grpc.aio.insecure_channel(guarded.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ServerLive(pb.ServerLiveRequest(), timeout=10)  # connected before the burst
+            request = _digits_request(32)
+
+            async def call() -> grpc.StatusCode:
+                try:
+                    response = await stub.ModelInfer(request, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code()
+                assert response.outputs[0].shape == [32, 10]
+                return grpc.StatusCode.OK
+
+            return list(await asyncio.gather(*(call() for _ in range(16))))
+
+    codes: list[grpc.StatusCode] = []
+    for _ in range(5):  # one burst is almost always enough; the limit must show within five
+        codes += asyncio.run(burst())
+        if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
+            break
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes.count(grpc.StatusCode.OK) >= GRPC_MAX_CONCURRENT_RPCS
+    with grpc.insecure_channel(guarded.grpc_target) as channel:
+        response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_digits_request(1), timeout=30)
+    assert response.outputs[0].shape == [1, 10]
+
+
+def test_an_aged_grpc_connection_is_replaced_without_losing_a_call(guarded: ServiceProcess) -> None:
+    """GRPC_MAX_CONNECTION_AGE_S=1: over five seconds of calls on one channel, the client is asked to reconnect
+    and does (its connections to the gRPC port come from new local ports), and every call is answered."""
+    me, ports = psutil.Process(), set()
+    calls = 0
+    with grpc.insecure_channel(guarded.grpc_target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            response = stub.ModelInfer(_digits_request(1), timeout=30)  # raises on any failed call
+            assert response.outputs[0].shape == [1, 10]
+            calls += 1
+            ports |= {c.laddr.port for c in me.net_connections("tcp") if c.raddr and c.raddr.port == guarded.grpc_port}
+            time.sleep(0.02)
+    assert calls > 50 and len(ports) >= 3, (calls, ports)  # at least two replacements (1 s, +-10%)
+
+
+def test_a_grpc_message_over_max_body_bytes_is_refused_resource_exhausted(guarded: ServiceProcess) -> None:
+    request = pb.ModelInferRequest(model_name="lenet5")
+    request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(bytes(20 * 1024 * 1024 + 1))  # MAX_BODY_BYTES's default, and a byte
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(guarded.grpc_target, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert "larger than max" in (refused.value.details() or ""), refused.value.details()
+        assert stub.ModelInfer(_digits_request(1), timeout=30).outputs[0].shape == [1, 10]
