@@ -31,9 +31,9 @@ from ...errors import (
 )
 from ...runtime.canary import answering_canary
 from ...runtime.deadline import request_deadline
-from ...settings import Settings
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
+from .grpc_options import server_options
 from .handler import (
     EXTENSIONS,
     SERVER_NAME,
@@ -139,10 +139,12 @@ def _contents(contents: pb.InferTensorContents, field: str) -> Any:
     )
 
 
-def payload_size(request: pb.ModelInferRequest) -> int:
-    """About how many bytes a request's tensors hold: its raw contents, and 4 a value in typed contents (which
-    :func:`decode_inputs` reads value by value); without ``ByteSize()``, which walks the whole message."""
-    size = sum(len(raw) for raw in request.raw_input_contents)
+def parse_cost(request: pb.ModelInferRequest) -> int:
+    """About how many bytes of a request :func:`decode_inputs` reads value by value: 4 a value of typed
+    contents, and the raw contents of BYTES inputs (elements walked one by one); raw numbers are taken as they
+    lie. Without ``ByteSize()``, which walks the whole message."""
+    raw = request.raw_input_contents
+    size = sum(len(raw[i]) for i, tensor in enumerate(request.inputs) if tensor.datatype == "BYTES" and i < len(raw))
     for tensor in request.inputs:
         field = CONTENTS_FIELD.get(tensor.datatype)
         if field is not None:
@@ -214,7 +216,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ):
                 record.model, record.version = entry.name, str(entry.version)
                 requested = [requested_output(o) for o in request.outputs]
-                inputs = await self.handler.parse(payload_size(request), decode_inputs, request)
+                inputs = await self.handler.parse(parse_cost(request), decode_inputs, request)
                 outputs = await self.handler.infer(entry, inputs, requested, record)
                 canary = answering_canary()
         except Exception as exc:
@@ -332,33 +334,6 @@ def servicer_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
         for method in service.methods
     }
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
-
-
-# Connections: an idle one is pinged after a minute and closed when 20 s pass without the answer (a peer gone
-# without a FIN: a crashed client, a NAT that dropped it), and a client may ping every 10 s, with or without calls
-# in flight, where gRPC's default (5 minutes) answers such a client's pings with GOAWAY "too_many_pings"
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-]
-
-
-def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """The gRPC server's channel arguments: message size, connection age and keepalive, from ``settings``."""
-    options = [
-        ("grpc.so_reuseport", 1),
-        ("grpc.max_receive_message_length", settings.max_body_bytes),
-        ("grpc.max_send_message_length", settings.max_body_bytes),
-        *KEEPALIVE_OPTIONS,
-    ]
-    if settings.grpc_max_connection_age_s > 0:
-        options += [
-            ("grpc.max_connection_age_ms", round(settings.grpc_max_connection_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", round(settings.request_timeout_s * 1000)),
-        ]
-    return options
 
 
 async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:

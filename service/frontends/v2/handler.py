@@ -158,27 +158,40 @@ VALUES_CHUNK = 65536  # JSON values converted per step: a few ms, after which th
 
 
 def _as_array(values: Any) -> np.ndarray:
-    """``np.asarray(values)``, a step at a time where ``values`` is a long list (flat, a chunk of values a step;
-    nested, an element a step): one call over millions of values would hold the GIL, and with it the event loop,
-    for tens of milliseconds. The steps are joined only where each came out of the same numeric type and shape,
-    which is what the whole would have been; anything else is converted whole, as before."""
-    if not isinstance(values, list) or len(values) < 2:
-        return np.asarray(values)
-    if isinstance(values[0], list):
-        parts = [np.asarray(value) for value in values]
-    elif len(values) > VALUES_CHUNK:
-        parts = [np.asarray(values[i : i + VALUES_CHUNK]) for i in range(0, len(values), VALUES_CHUNK)]
-    else:
-        return np.asarray(values)
-    nested = isinstance(values[0], list)
-    if (
-        parts[0].dtype.kind in "biuf"
-        and all(part.dtype == parts[0].dtype for part in parts)
-        and (not nested or all(part.shape == parts[0].shape for part in parts))
-        and (nested or all(part.ndim == 1 for part in parts))
-    ):
-        return np.stack(parts) if nested else np.concatenate(parts)
+    """``np.asarray(values)``, in steps where ``values`` is a long list: one call over millions of values would
+    hold the GIL, and with it the event loop, for tens of milliseconds. Anything the steps cannot give exactly
+    as the whole would (another type, ragged rows, too many dimensions) is converted whole, as before, which
+    also words what is wrong as it always did."""
+    if isinstance(values, list):
+        try:
+            stepped = _in_steps(values)
+        except (ValueError, TypeError, IndexError, OverflowError, RecursionError):
+            stepped = None
+        if stepped is not None:
+            return stepped
     return np.asarray(values)
+
+
+def _in_steps(values: list[Any]) -> np.ndarray | None:
+    """``values`` as one array, at most :data:`VALUES_CHUNK` values a step (whole rows, or a row's own steps where
+    one row holds more), or None where it is small or the steps do not agree in numeric type and row shape."""
+    first, per_row = (values[0] if values else None), 1
+    while isinstance(first, list) and first:
+        per_row, first = per_row * len(first), first[0]
+    if len(values) * per_row <= VALUES_CHUNK:
+        return None
+    if per_row > VALUES_CHUNK:  # rows larger than a step (images): each row in steps of its own
+        parts = []
+        for row in values:
+            inner = _in_steps(row) if isinstance(row, list) else None
+            parts.append((np.asarray(row) if inner is None else inner)[np.newaxis])
+    else:
+        rows = VALUES_CHUNK // per_row
+        parts = [np.asarray(values[i : i + rows]) for i in range(0, len(values), rows)]
+    head = parts[0]
+    if head.dtype.kind in "biuf" and all(p.dtype == head.dtype and p.shape[1:] == head.shape[1:] for p in parts):
+        return np.concatenate(parts)
+    return None
 
 
 def tensor_from_values(name: str, datatype: str, shape: list[int], values: Any) -> Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 
 from ...errors import InvalidInput, ModelNotFound, ServiceError
 from ...runtime.canary import answering_canary
@@ -84,6 +84,15 @@ def parse_infer_request(body: bytes, header_length: str | None) -> tuple[dict[st
     return header, tensors
 
 
+def parse_cost(body: bytes, header_length: str | None) -> int:
+    """The bytes of ``body`` that :func:`parse_infer_request` reads value by value: its JSON, and binary data
+    only where an input is BYTES (elements walked one by one); binary numbers are taken as they lie."""
+    json_length = len(body)
+    if header_length is not None:
+        json_length = min(whole_number(header_length) or 0, len(body))  # a wrong one is refused by the parse
+    return len(body) if b'"BYTES"' in body[:json_length] else json_length
+
+
 def _loads(text: bytes, what: str) -> Any:
     """``text`` parsed: by pydantic-core's parser (jiter: 54 ms for a 10.5 MiB body of tensor values where the
     standard library's takes 121, each holding the GIL throughout), and where that refuses it, by the standard
@@ -95,7 +104,7 @@ def _loads(text: bytes, what: str) -> Any:
         pass
     try:
         return json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer past Python's 4,300 digits
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidInput(f"{what} nests JSON too deeply") from None
@@ -164,7 +173,9 @@ def encode_response(entry_name: str, version: str, request_id: Any, outputs: lis
         body["id"] = request_id
     if canary is not None:  # the response's parameters: a CANARY's candidate answered instead of the model
         body["parameters"] = {"canary": canary}
-    header = json.dumps(body).encode()
+    # pydantic-core's writer: 64 ResNet answers' logits and probabilities (2.5 MiB) in 10 ms on the event loop,
+    # where json.dumps took 70; the same values (small ones written 0.00007 rather than 7e-05), NaN as before
+    header = to_json(body, inf_nan_mode="constants")
     if not blobs:
         return Response(header, media_type="application/json")
     return Response(
@@ -217,7 +228,8 @@ async def infer(request: Request) -> Response:
         record.model, record.version = entry.name, str(entry.version)
         request.scope["request_record"] = record
         body = await read_body(request, handler.settings.max_body_bytes)
-        header, inputs = await handler.parse(len(body), parse_infer_request, body, request.headers.get(HEADER_LENGTH))
+        length = request.headers.get(HEADER_LENGTH)
+        header, inputs = await handler.parse(parse_cost(body, length), parse_infer_request, body, length)
         requested, default_binary = requested_outputs(header)
         outputs = await handler.infer(entry, inputs, requested, record)
         canary = answering_canary()

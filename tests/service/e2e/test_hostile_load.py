@@ -19,9 +19,12 @@ import numpy as np
 import psutil
 import pytest
 
+# tritonclient's generated messages: the service's own cannot be imported beside them (both register
+# inference.* in protobuf's global pool), and other test modules use tritonclient's
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
 from service.frontends.protocol import OVER_LIMIT_PENDING
-from service.frontends.v2.protocol import grpc_predict_v2_pb2 as pb
-from service.frontends.v2.protocol import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.store.layout import ModelStore
 from tests.helpers import ServiceProcess, encode, http_codes, metric_samples, running, wait_until, workers
 

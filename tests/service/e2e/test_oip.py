@@ -324,6 +324,26 @@ def test_typed_contents_are_accepted_and_answered_raw(service: ServiceProcess) -
     np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
 
 
+def test_long_typed_contents_read_a_step_at_a_time_answer_as_raw_contents(service: ServiceProcess) -> None:
+    """Two 224-px images as 301,056 typed values (the server reads them 65,536 at a time): the same answer as the
+    same pixels raw, and a value out of range in the last step refused."""
+    pixels = np.random.default_rng(2).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    typed, raw = pb.ModelInferRequest(model_name="resnet18"), pb.ModelInferRequest(model_name="resnet18")
+    typed.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape)).contents.uint_contents.extend(
+        pixels.ravel().tolist()
+    )
+    raw.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
+    raw.raw_input_contents.append(pixels.tobytes())
+    stub = _stub(service)
+    answers = [stub.ModelInfer(request, timeout=60).raw_output_contents for request in (typed, raw)]
+    assert answers[0] == answers[1] and len(answers[0][0]) == 2 * 1000 * 4
+    typed.inputs[0].contents.uint_contents[-1] = 256
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(typed, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "values out of range for UINT8" in (info.value.details() or "")
+
+
 def test_32_concurrent_grpc_calls_are_batched(service: ServiceProcess) -> None:
     def batch_metric() -> tuple[float, float]:
         text = httpx.get(f"{service.url}/metrics", timeout=10).text

@@ -212,23 +212,14 @@ def test_long_value_lists_read_a_step_at_a_time_keep_every_value_and_every_refus
         tensor_from_values("x", "UINT8", shape, shaped([*values[:-1], "1"]))
 
 
-def test_long_grpc_contents_read_a_step_at_a_time_keep_every_value() -> None:
-    from service.frontends.v2.grpc_server import CONTENTS_CHUNK, decode_inputs
-    from service.frontends.v2.protocol import grpc_predict_v2_pb2 as pb
-
-    count = 2 * CONTENTS_CHUNK + 3
-    request = pb.ModelInferRequest(model_name="x")
-    small = request.inputs.add(name="small", datatype="UINT8", shape=[count])
-    small.contents.uint_contents.extend(i % 256 for i in range(count))
-    wide = request.inputs.add(name="wide", datatype="UINT64", shape=[count])
-    wide.contents.uint64_contents.extend([*range(count - 1), 2**64 - 1])
-    floats = request.inputs.add(name="floats", datatype="FP32", shape=[count])
-    floats.contents.fp32_contents.extend(np.linspace(-1, 1, count, dtype=np.float32).tolist())
-    read = {tensor.name: tensor.data for tensor in decode_inputs(pb.ModelInferRequest.FromString(
-        request.SerializeToString()))}  # fmt: skip
-    assert read["small"].dtype == np.uint8 and read["small"].tolist() == [i % 256 for i in range(count)]
-    assert read["wide"].dtype == np.uint64 and read["wide"].tolist() == [*range(count - 1), 2**64 - 1]
-    np.testing.assert_array_equal(read["floats"], np.linspace(-1, 1, count, dtype=np.float32))
-    request.inputs[0].contents.uint_contents[-1] = 256
-    with pytest.raises(InvalidInput, match=r"values out of range for UINT8"):
-        decode_inputs(request)
+def test_json_numpy_or_python_cannot_take_is_a_400_not_a_500() -> None:
+    """Past numpy's 64 dimensions (each step of the conversion fits, the whole does not) and past Python's
+    4,300-digit integers: the request's fault, said as such."""
+    deep: Any = [0] * (VALUES_CHUNK + 1)
+    for _ in range(64):
+        deep = [deep]
+    with pytest.raises(InvalidInput, match=r"data is not a list of UINT8 numbers"):
+        tensor_from_values("images", "UINT8", [1], deep)
+    digits = b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1], "data": [' + b"1" * 5000 + b"]}]}"
+    with pytest.raises(InvalidInput, match=r"not valid JSON"):
+        parse_infer_request(digits, None)
