@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import logging
 import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .download import download
 from .weights import Provenance, WeightsIntegrityError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _find_or_fetch(data_dir: Path, stem: str) -> Path:
     partial = target.with_name(target.name + ".partial")
     data_dir.mkdir(parents=True, exist_ok=True)
     try:  # under another name until whole: an interrupted download is not found as the file next time
-        urllib.request.urlretrieve(MNIST_URL + target.name, os.fspath(partial))
+        download(MNIST_URL + target.name, partial, progress=False)
         with gzip.open(partial) as whole:  # a body cut short fails here, not in every later run
             while whole.read(1 << 20):
                 pass

@@ -11,6 +11,7 @@ import http.client
 import logging
 import os
 import pickle
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import unwrap
+from .download import download
 from .spec import ReleasedWeights
 
 logger = logging.getLogger(__name__)
@@ -71,17 +73,21 @@ def fetch_released(weights: ReleasedWeights, cache_dir: Path | None = None, prog
     if not target.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         logger.info("Downloading %s to %s", weights.url, target)
-        try:  # torch checks the hash before the file takes its name: a bad download never reaches the cache
-            torch.hub.download_url_to_file(weights.url, os.fspath(target), weights.hash_prefix, progress)
-        except (OSError, http.client.HTTPException) as exc:  # URLError: no network, DNS, 404; a cut-off body
+        # under another name until whole and checked: an interrupted or bad download never reaches the cache
+        partial = target.with_name(f"{target.name}.{secrets.token_hex(4)}.partial")
+        try:
+            digest = download(weights.url, partial, progress=progress)
+            if not digest.startswith(weights.hash_prefix):
+                raise WeightsIntegrityError(
+                    f"{weights.url} downloaded with the wrong sha256 ({digest[:12]}...): {weights.filename} is "
+                    f"published with prefix {weights.hash_prefix}; nothing was kept, try again or pass "
+                    "--weights-file PATH"
+                )
+            os.replace(partial, target)
+        except (OSError, http.client.HTTPException) as exc:  # no network, DNS, 404, a stall, a cut-off body
             raise _unavailable(weights, exc) from exc
-        except RuntimeError as exc:
-            if "invalid hash value" not in str(exc):  # torch's words for a mismatch; anything else: not fetched
-                raise _unavailable(weights, exc) from exc
-            raise WeightsIntegrityError(
-                f"{weights.url} downloaded with the wrong sha256 ({exc}): {weights.filename} is published with "
-                f"prefix {weights.hash_prefix}; nothing was kept, try again or pass --weights-file PATH"
-            ) from exc
+        finally:
+            partial.unlink(missing_ok=True)
     digest = sha256_file(target)
     if not digest.startswith(weights.hash_prefix):
         raise WeightsIntegrityError(
@@ -106,6 +112,10 @@ def read_checkpoint(path: Path) -> tuple[Mapping[str, Tensor], str]:
     except pickle.UnpicklingError as exc:
         reason = str(exc).splitlines()[-1] if str(exc) else "not a torch file"
         raise ValueError(f"{path} holds more than tensors; refusing to unpickle it ({reason})") from None
+    except (EOFError, KeyError, RuntimeError, IsADirectoryError) as exc:  # empty, text, cut short, a folder
+        reason = (str(exc).strip().splitlines() or ["no details"])[0]
+        raise ValueError(f"{path} is not a whole torch checkpoint ({type(exc).__name__}: {reason}); pass the "
+                         "file torch.save(model.state_dict(), PATH) wrote") from None  # fmt: skip
     return unwrap(loaded, str(path))
 
 
@@ -131,7 +141,8 @@ def released_state_dict(
 
 def file_state_dict(path: Path) -> tuple[Mapping[str, Tensor], Provenance]:
     if not path.is_file():
-        raise WeightsUnavailableError(f"--weights-file {path} does not exist")
+        raise WeightsUnavailableError(f"--weights-file {path} " + ("is a folder, not a file" if path.is_dir()
+                                                                  else "does not exist"))  # fmt: skip
     state, found = read_checkpoint(path)
     logger.info("%s: %s", path, found)
     provenance = Provenance(kind="file", source="user-supplied state dict", file=path.name, sha256=sha256_file(path),

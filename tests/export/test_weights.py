@@ -120,14 +120,16 @@ def test_unreachable_release_names_the_alternatives(tmp_path: Path) -> None:
     assert "--weights-file" in message and "--weights random" in message and "\n" not in message
 
 
-def test_another_failure_of_the_download_is_not_called_a_hash_mismatch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _, release = release_file(tmp_path, "tiny", {"w": torch.ones(3)})
-
-    def broken(*args: object) -> None:
-        raise RuntimeError("the disk is read-only")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", broken)
-    with pytest.raises(WeightsUnavailableError, match="read-only"):  # the CLI says so and goes on with the others
-        fetch_released(release, cache_dir=tmp_path / "cache", progress=False)
+@pytest.mark.parametrize("content", [b"", b"hello world\n", "half"])
+def test_a_weights_file_that_is_no_whole_checkpoint_is_a_one_line_error(tmp_path: Path, content: bytes | str) -> None:
+    """Empty, text, cut short: a line naming the file, and the export fails (with others named, they go on)."""
+    path = tmp_path / "weights.pth"
+    if content == "half":
+        torch.save({"w": torch.zeros(1000)}, path)
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"weights.pth is not a whole torch checkpoint \(\w+Error") as info:
+        load_state_dict(path)
+    assert "\n" not in str(info.value)
+    assert export_main(["resnet18", "--weights-file", str(path), "--out", str(tmp_path / "store"),
+                        "--no-progress"]) == 1  # fmt: skip
