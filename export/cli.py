@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from service.store.layout import ModelStore, StoredVersion
@@ -150,6 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--finetune takes its classes from DIR and starts from --weights imagenet or random")
     if args.finetune is not None and args.as_name is None:
         parser.error("--finetune DIR needs --as NAME: the name your model will have in the store")
+    if (args.epochs is not None and args.epochs < 1) or args.batch_size < 1 or args.patience < 1 or not args.lr > 0:
+        parser.error("--epochs, --batch-size and --patience must be at least 1, and --lr above 0")
     if not 0 < args.val_split < 1 or (args.min_accuracy is not None and not 0 <= args.min_accuracy <= 1):
         parser.error("0 < --val-split < 1 and 0 <= --min-accuracy <= 1")
     if args.recipe != "auto" and args.precision != "int8":
@@ -299,6 +303,25 @@ def _labels(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; Ctrl-C and SIGTERM (``docker stop``, Kubernetes) end it with one line and status 130 once the
+    version under way is cleaned up (its staging folder removed: a version is whole or absent)."""
+    if threading.current_thread() is not threading.main_thread():
+        return _main(argv)
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        logger.error("interrupted: the version under way was not written")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.names == ["list"]:
@@ -321,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         data=args.data,
         data_dir=args.data_dir,
         seed=args.seed,
-        epochs=args.epochs or 40,
+        epochs=40 if args.epochs is None else args.epochs,
         progress=not args.no_progress,
         baseline_dir=args.baseline_dir,
         labels=labels,
@@ -346,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.finetune is not None:
         tune = FinetuneOptions(
             folder=args.finetune,
-            epochs=args.epochs or 10,
+            epochs=10 if args.epochs is None else args.epochs,
             unfreeze=args.unfreeze,
             held_out=args.val_split,
             augment=tuple(args.augment.split(",")) if args.augment != "none" else (),

@@ -248,23 +248,24 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
         quality = baseline.measure(graph_path, served, spec.name, options.baseline_dir, options.seed,
                                    images=None if options.baseline_dir else held_out)  # fmt: skip
         quality |= gate(graph_path) if gate is not None else {}
-        version = store.next_version(spec.name)
-        metadata = _metadata(
-            spec,
-            version,
-            graph_path,
-            provenance,
-            graph.output_names,
-            verification=verification.to_dict(),
-            explanation=explained,
-            export_seconds=round(time.perf_counter() - started, 2),
-            **quality,
-            **({} if check is None else {"typicality": check.to_dict()}),
-        )
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-        labels = "\n".join(spec.categories) + "\n"
-        (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # the version's own
-        config = versions.kept_settings(triton_config(spec, graph.output_names), model_dir / CONFIG_FILE)
-        versions.publish(staging, model_dir, version, labels, config)  # the model's labels: Triton reads them
+        with versions.publishing(model_dir):  # the number picked and taken by this export alone
+            version = store.next_version(spec.name)
+            metadata = _metadata(
+                spec,
+                version,
+                graph_path,
+                provenance,
+                graph.output_names,
+                verification=verification.to_dict(),
+                explanation=explained,
+                export_seconds=round(time.perf_counter() - started, 2),
+                **quality,
+                **({} if check is None else {"typicality": check.to_dict()}),
+            )
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+            labels = "\n".join(spec.categories) + "\n"
+            (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # the version's own
+            config = versions.kept_settings(triton_config(spec, graph.output_names), model_dir / CONFIG_FILE)
+            versions.publish(staging, model_dir, version, labels, config)  # the model's labels: Triton reads them
     logger.info("%s: version %d written (%s weights)", spec.name, version, provenance.kind)
     return StoredVersion(spec.name, version, model_dir / str(version))

@@ -310,11 +310,10 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
                 )
             if misses:
                 logger.warning("%s: written with --force although %s", target_name, "; ".join(misses))
-            version = store.next_version(target_name)
             thresholds = {"min_top1_agreement": options.min_agreement, "max_accuracy_drop": options.max_accuracy_drop}
             metadata = meta.model_dump() | {
                 "name": target_name,
-                "version": version,
+                "version": 0,  # its number, picked below
                 "precision": options.precision,
                 "derived_from": {"model": parent.name, "version": parent.version, "sha256": sha256_file(parent.graph)},
                 "onnx": {**meta.onnx, "sha256": sha256_file(graph)},
@@ -339,11 +338,13 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
                 **_evaluation(meta, graph, held_out, store.read_labels(name, parent), options),
                 **_typicality(meta, graph, held_out, options.seed, target_name),
             }
-            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
             labels = "\n".join(store.read_labels(name, parent)) + "\n"
-            (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
-            config = versions.kept_settings(generated, model_dir / CONFIG_FILE)  # the variant's own policy and limit
-            versions.publish(staging, model_dir, version, labels, config)
+            with versions.publishing(model_dir):  # the number picked and taken by this export alone
+                version = metadata["version"] = store.next_version(target_name)
+                (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+                (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
+                config = versions.kept_settings(generated, model_dir / CONFIG_FILE)  # the variant's own settings
+                versions.publish(staging, model_dir, version, labels, config)
     finally:
         if not any(model_dir.iterdir()):
             model_dir.rmdir()

@@ -71,6 +71,20 @@ def _sweep(left: Path) -> None:
             os.close(unheld)
 
 
+@contextlib.contextmanager
+def publishing(model_dir: Path) -> Iterator[None]:
+    """One export of the model at a time from picking its version number to :func:`publish`: two exports of one
+    model at once would otherwise pick the same number, and the second's rename would fail (``Directory not
+    empty``) after all its work, or its labels land after the newer version's. An ``flock`` on the model's
+    folder, released by the kernel however the export ends; the work before it runs side by side."""
+    held = os.open(model_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(held)
+
+
 def publish(staging: Path, model_dir: Path, version: int, labels: str, config: str) -> Path:
     """``staging`` as ``model_dir/version``, then the model's labels and configuration."""
     target = model_dir / str(version)

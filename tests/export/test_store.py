@@ -161,3 +161,48 @@ def test_export_all_offline_trains_lenet5_and_skips_the_rest_with_reasons(tmp_pa
     assert ModelStore(tmp_path / "store").names() == ["lenet5"]
     assert "skipped, weights not available here: alexnet" in result.stderr
     assert "--weights-file" in result.stderr and "--weights random" in result.stderr
+
+
+def test_two_exports_of_one_model_at_once_both_land_as_their_own_versions(tmp_path: Path) -> None:
+    """Each picks its version number only once its work is done, under a lock on the model's folder: neither
+    fails on the other's number (it did: `Directory not empty` after all its work), and each version's metadata
+    names its own folder."""
+    command = [sys.executable, "-m", "export", "lenet5", "--weights", "random", "--out", str(tmp_path / "store"),
+               "--no-progress"]  # fmt: skip
+    runs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(2)]  # fmt: skip
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    stored = ModelStore(tmp_path / "store").versions("lenet5")
+    assert [v.version for v in stored] == [1, 2]
+    assert [v.read_metadata()["version"] for v in stored] == [1, 2]
+    assert not list((tmp_path / "store" / "lenet5").glob(".staging-*"))
+
+
+def test_sigterm_mid_export_ends_it_with_one_line_and_no_version_left(tmp_path: Path) -> None:
+    """`docker stop` or a pod's end during an export: status 130, one line, the staging folder removed (it was
+    left behind, half a gigabyte for a VGG), no version written."""
+    model_dir = tmp_path / "store" / "lenet5"
+    run = subprocess.Popen([sys.executable, "-m", "export", "lenet5", "--weights", "random", "--out",
+                            str(tmp_path / "store"), "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list(model_dir.glob(".staging-*")) and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.terminate()
+    output = run.communicate(timeout=60)[0]
+    assert run.returncode == 130, output
+    assert output.strip().splitlines()[-1] == "ERROR export: interrupted: the version under way was not written"
+    assert "Traceback" not in output
+    assert list(model_dir.iterdir()) == [] and ModelStore(tmp_path / "store").versions("lenet5") == []
+
+
+@pytest.mark.parametrize("option", [["--epochs", "0"], ["--epochs", "-2"], ["--batch-size", "0"], ["--lr", "0"],
+                                    ["--lr", "nan"], ["--patience", "0"]])  # fmt: skip
+def test_numbers_no_training_can_take_are_refused_before_any_work(option: list[str]) -> None:
+    """`--epochs 0` trained for 40 epochs, and -2 failed after the data had loaded."""
+    from export.cli import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["lenet5", *option])
+    assert info.value.code == 2
