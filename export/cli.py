@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -137,6 +138,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          help="write a variant, or a fine-tune, that misses its thresholds (marked)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    given = {token.split("=", 1)[0] for token in (sys.argv[1:] if argv is None else argv) if token.startswith("--")}
+    for needs, present, options in (
+        ("--finetune DIR", args.finetune is not None,
+         ("--unfreeze", "--val-split", "--augment", "--min-accuracy", "--lr", "--batch-size", "--patience")),
+        ("--precision int8|fp16", args.precision is not None,
+         ("--calibration-count", "--calibration-method", "--min-agreement", "--max-accuracy-drop")),
+        ("'list'", args.names == ["list"], ("--markdown",)),
+        ("LeNet-5 (lenet5, default or all)", bool({"lenet5", *SETS} & set(args.names)), ("--data", "--data-dir")),
+    ):  # fmt: skip
+        if not present and (stray := [option for option in options if option in given]):
+            parser.error(f"{', '.join(stray)} only {'go' if len(stray) > 1 else 'goes'} with {needs}; "
+                         "without it nothing reads them")  # fmt: skip
+    if args.weights is not None and args.weights_file is not None:
+        parser.error("--weights and --weights-file are two sources of weights: give one")
     if args.weights_file is not None and (len(args.names) != 1 or args.names[0] in KEYWORDS):
         parser.error("--weights-file goes with exactly one model name")
     own_model = (args.labels, args.labels_from, args.as_name, args.input_size, args.resize, args.mean, args.std)
@@ -337,6 +352,13 @@ def _main(argv: list[str] | None) -> int:
         labels = _labels(args)
     except (UnknownModelError, CheckpointError) as exc:
         logger.error("%s", exc)
+        return 2
+    try:  # before any download or training: a store that cannot take the result is said at once
+        store.root.mkdir(parents=True, exist_ok=True)
+        if not os.access(store.root, os.W_OK | os.X_OK):
+            raise PermissionError(f"{store.root} is not writable by this user")
+    except OSError as exc:
+        logger.error("--out %s cannot take a model: %s", store.root, exc)
         return 2
     options = ExportOptions(
         weights=args.weights,

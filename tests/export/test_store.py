@@ -206,3 +206,35 @@ def test_numbers_no_training_can_take_are_refused_before_any_work(option: list[s
     with pytest.raises(SystemExit) as info:
         parse_args(["lenet5", *option])
     assert info.value.code == 2
+
+
+STRAY = [
+    ["lenet5", "--unfreeze", "all"],
+    ["lenet5", "--lr=5"],
+    ["resnet18", "--calibration-method", "entropy"],
+    ["resnet18", "--data", "mnist"],
+    ["lenet5", "--markdown"],
+    ["resnet18", "--weights", "random", "--weights-file", "x"],
+]
+
+
+@pytest.mark.parametrize("argv", STRAY)
+def test_options_nothing_would_read_are_refused_not_ignored(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were accepted and dropped without a word (`lenet5 --lr 5` exported as if it were not there)."""
+    from export.cli import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(argv)
+    assert info.value.code == 2
+    assert "nothing reads them" in capsys.readouterr().err or argv[-2] == "--weights-file"
+    assert parse_args(["lenet5", "--data", "mnist", "--epochs", "3"]).data == "mnist"  # where they are read: kept
+    assert parse_args(["resnet18", "--precision", "int8", "--calibration-method", "entropy"]).precision == "int8"
+
+
+def test_a_store_that_cannot_be_written_is_said_before_any_training(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    result = _run_cli("lenet5", "--out", str(tmp_path / "a-file" / "store"), "--no-progress")
+    assert result.returncode == 2 and "cannot take a model" in result.stderr, result.stderr
+    assert "training" not in result.stderr and "Traceback" not in result.stderr
