@@ -235,7 +235,9 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
     model_dir.mkdir(parents=True, exist_ok=True)
     with versions.staging(model_dir) as staging:
         graph_path = staging / GRAPH_FILE
+        logger.info("%s: converting to ONNX", spec.name)  # the steps of a minute for a VGG, said as they start
         export_onnx(graph, spec.input, graph_path)
+        logger.info("%s: checking the graph against PyTorch", spec.name)
         verification = verify(graph, spec.input, graph_path)
         served = InputMeta.model_validate(spec.input.to_dict())
         if held_out is None:
@@ -243,6 +245,7 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
             if spec.built_on is not None:  # the digits' or photos' labels are not a user's model's classes
                 held_out = dataclasses.replace(held_out, labels=None)
         # explain.onnx, verified against autograd on random pixels and four held-out images
+        logger.info("%s: writing and checking its explanation graph", spec.name)
         explained = explanation.write(model, spec, staging, held_out.images[:4])
         # what its answers look like on images it should see (and, where labelled, when to abstain)
         quality = baseline.measure(graph_path, served, spec.name, options.baseline_dir, options.seed,
