@@ -13,6 +13,7 @@ from pathlib import Path
 
 from service.store.layout import ModelStore, StoredVersion
 
+from . import versions
 from .checkpoint import CheckpointError, InputOverrides, labels_from_folder, read_labels
 from .finetune import FinetuneOptions, finetune
 from .graph import VerificationError, count_flops
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Export classic CNN classifiers to verified ONNX graphs in a versioned model store.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # whole names only: `--batch 64` was read as --batch-size, past the checks below
     )
     parser.add_argument("names", nargs="+", metavar="NAME", help="model names, 'default', 'all' or 'list'")
     parser.add_argument(
@@ -319,21 +321,19 @@ def _labels(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 def main(argv: list[str] | None = None) -> int:
     """The command; Ctrl-C and SIGTERM (``docker stop``, Kubernetes) end it with one line and status 130 once the
-    version under way is cleaned up (its staging folder removed: a version is whole or absent)."""
+    step under way returns (a VGG's conversion to ONNX, a minute, is one step), the version under way removed or,
+    where it was being put in place, finished (``versions.uninterrupted``)."""
     if threading.current_thread() is not threading.main_thread():
         return _main(argv)
-    previous = signal.signal(signal.SIGTERM, _interrupted)
+    previous = {signum: signal.signal(signum, versions.interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        logger.error("interrupted: the version under way was not written")
+        logger.error("interrupted: the versions logged as written stand, and no other was written")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupted(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _main(argv: list[str] | None) -> int:

@@ -2,11 +2,12 @@
 
 ``torch.hub.download_url_to_file`` and ``urllib.request.urlretrieve`` wait without end on a connection that
 opens and never answers (a proxy or firewall that drops the traffic), and a body cut short is only seen when its
-hash is checked, as if the file were tampered with. Here every connect and read waits at most ``timeout``
-seconds, a body shorter than its ``Content-Length`` is an incomplete download, and both are tried again
-(``attempts`` in all, waiting 2 s, then 4 s); a host that timed out every try is not waited on again by this
-process. A name that does not resolve, a refused connection, a 4xx and a missing file are not tried again:
-that is the machine being offline, or the URL being wrong, and trying again would only delay the message.
+hash is checked, as if the file were tampered with. Here a connection to each of the host's addresses, and each
+read, waits at most ``timeout`` seconds; a body that brings under 64 KiB in that long, or ends short of its
+``Content-Length``, fails; each is tried again (``attempts`` in all, waiting 2 s, then 4 s), as is a server's
+5xx or 429; a host every try of which timed out is not waited on again by this process. A name that does not
+resolve, a refused connection, another 4xx and a missing file are not tried again: that is the machine being
+offline, or the URL being wrong, and trying again would only delay the message.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ TIMEOUT_S = 30.0
 ATTEMPTS = 3
 FIRST_BACKOFF_S = 2.0
 CHUNK = 1 << 20
+MIN_BYTES_PER_WINDOW = 64 * 1024  # in each time-out's span, or the body is given up on as stuck
 
 
 # Hosts every try of a download from timed out, in this process: `python -m export default` behind a firewall
@@ -49,12 +51,14 @@ def download(url: str, target: Path, *, progress: bool = True, timeout: float | 
     attempts = ATTEMPTS if attempts is None else attempts
     host = urllib.parse.urlsplit(url).netloc
     if host in _silent:  # every try of an earlier download from it timed out: do not wait that long again
-        raise TimeoutError(f"{host} did not answer an earlier download within {timeout:.0f} s, {attempts} times")
+        raise TimeoutError(f"{host} did not answer an earlier download in time, any of its tries")
+    timeouts = 0
     for attempt in range(1, attempts + 1):
         try:
             return _fetch(url, target, progress, timeout)
         except (OSError, http.client.HTTPException) as exc:
-            if attempt == attempts and _timed_out(exc):
+            timeouts += _timed_out(exc)
+            if timeouts == attempts:
                 _silent.add(host)
             if attempt == attempts or not _worth_again(exc):
                 raise
@@ -70,13 +74,19 @@ def _fetch(url: str, target: Path, progress: bool, timeout: float) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response, target.open("wb") as out:
         expected = response.headers.get("Content-Length")
         total = int(expected) if expected and expected.isdigit() else None
+        window, window_bytes = time.monotonic(), 0  # a body that trickles is as stuck as one that stops
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=target.name.split(".")[0],
                   disable=not progress) as bar:  # fmt: skip
-            while chunk := response.read(CHUNK):
+            while chunk := response.read1(CHUNK):  # what has arrived, one wait at most: the time-out holds
                 digest.update(chunk)
                 out.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+                window_bytes += len(chunk)
+                if time.monotonic() - window > timeout:
+                    if window_bytes < MIN_BYTES_PER_WINDOW:
+                        raise TimeoutError(f"under {MIN_BYTES_PER_WINDOW // 1024} KiB in {timeout:.0f} s")
+                    window, window_bytes = time.monotonic(), 0
     if total is not None and received < total:
         raise IncompleteDownload(f"the connection closed after {received} of {total} bytes")
     return digest.hexdigest()

@@ -270,5 +270,5 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
             (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # the version's own
             config = versions.kept_settings(triton_config(spec, graph.output_names), model_dir / CONFIG_FILE)
             versions.publish(staging, model_dir, version, labels, config)  # the model's labels: Triton reads them
-    logger.info("%s: version %d written (%s weights)", spec.name, version, provenance.kind)
+            logger.info("%s: version %d written (%s weights)", spec.name, version, provenance.kind)
     return StoredVersion(spec.name, version, model_dir / str(version))

@@ -345,12 +345,11 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
                 (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
                 config = versions.kept_settings(generated, model_dir / CONFIG_FILE)  # the variant's own settings
                 versions.publish(staging, model_dir, version, labels, config)
+                logger.info("%s: version %d written from %s v%d (%s)", target_name, version, name, parent.version,
+                            _summary(figures))  # fmt: skip
     finally:
         if not any(model_dir.iterdir()):
             model_dir.rmdir()
-    logger.info(
-        "%s: version %d written from %s v%d (%s)", target_name, version, name, parent.version, _summary(figures)
-    )
     return StoredVersion(target_name, version, model_dir / str(version))
 
 

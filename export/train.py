@@ -12,6 +12,7 @@ import hashlib
 import http.client
 import logging
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,27 +93,28 @@ def _find_or_fetch(data_dir: Path, stem: str) -> Path:
         if candidate.exists():
             return candidate
     target = data_dir / f"{stem}.gz"
-    partial = target.with_name(target.name + ".partial")
+    partial = target.with_name(f"{target.name}.{secrets.token_hex(4)}.partial")  # one per export running
     data_dir.mkdir(parents=True, exist_ok=True)
     try:  # under another name until whole: an interrupted download is not found as the file next time
-        download(MNIST_URL + target.name, partial, progress=False)
-        with gzip.open(partial) as whole:  # a body cut short fails here, not in every later run
-            while whole.read(1 << 20):
-                pass
-    except (OSError, EOFError, http.client.HTTPException) as exc:  # gzip's BadGzipFile is an OSError
-        partial.unlink(missing_ok=True)
-        raise WeightsUnavailableError(
-            f"{stem} is not in {data_dir} and cannot be fetched from {MNIST_URL} ({type(exc).__name__}: {exc}); "
-            "put the MNIST IDX files there, or use --data digits"
-        ) from exc
-    digest = hashlib.md5(partial.read_bytes(), usedforsecurity=False).hexdigest()
-    if digest != MNIST_MD5[stem]:
-        partial.unlink()
-        raise WeightsIntegrityError(
-            f"{MNIST_URL}{target.name} downloaded with MD5 {digest}, but MNIST publishes it with {MNIST_MD5[stem]}; "
-            f"nothing was kept: try again, or put the MNIST IDX files in {data_dir}"
-        )
-    os.replace(partial, target)
+        try:
+            download(MNIST_URL + target.name, partial, progress=False)
+            with gzip.open(partial) as whole:  # a body cut short fails here, not in every later run
+                while whole.read(1 << 20):
+                    pass
+        except (OSError, EOFError, http.client.HTTPException) as exc:  # gzip's BadGzipFile is an OSError
+            raise WeightsUnavailableError(
+                f"{stem} is not in {data_dir} and cannot be fetched from {MNIST_URL} ({type(exc).__name__}: "
+                f"{exc}); put the MNIST IDX files there, or use --data digits"
+            ) from exc
+        digest = hashlib.md5(partial.read_bytes(), usedforsecurity=False).hexdigest()
+        if digest != MNIST_MD5[stem]:
+            raise WeightsIntegrityError(
+                f"{MNIST_URL}{target.name} downloaded with MD5 {digest}, but MNIST publishes it with "
+                f"{MNIST_MD5[stem]}; nothing was kept: try again, or put the MNIST IDX files in {data_dir}"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)  # however it ended, Ctrl-C included
     return target
 
 

@@ -32,6 +32,37 @@ STALE_S = 3600.0  # a staging folder untouched this long, no export holding it, 
 _STAGED = re.compile(r"(\d+)(?:\.\d+)?@(.+)-[^-]+")  # pid@host-random after the prefix (pid.namespace@ earlier)
 
 
+# Ctrl-C and SIGTERM, with the CLI's handler (:func:`interrupt`): raised at once, except while a version is being
+# put in place or a staging folder removed, where they wait for that to end (a version's folder without its
+# model's labels and configuration, or half a staging folder, would be left otherwise)
+_holding = 0
+_held_back = False
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back until the block ends (where :func:`interrupt` handles them), then raised."""
+    global _holding, _held_back
+    _holding += 1
+    try:
+        yield
+    finally:
+        _holding -= 1
+        if not _holding and _held_back:
+            _held_back = False
+            raise KeyboardInterrupt
+
+
+def interrupt(signum: int, frame: object) -> None:
+    """A handler for SIGINT and SIGTERM: ``KeyboardInterrupt`` now, or at the end of an :func:`uninterrupted`
+    block under way."""
+    global _held_back
+    if _holding:
+        _held_back = True
+        return
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def staging(model_dir: Path) -> Iterator[Path]:
     """A new folder to build a version in, readable as the umask allows (the service may run as another user;
@@ -54,8 +85,9 @@ def staging(model_dir: Path) -> Iterator[Path]:
         fcntl.flock(held, fcntl.LOCK_EX)
         yield folder
     finally:
-        shutil.rmtree(folder, ignore_errors=True)  # published: renamed away, nothing is left here
-        os.close(held)
+        with uninterrupted():
+            shutil.rmtree(folder, ignore_errors=True)  # published: renamed away, nothing is left here
+            os.close(held)
 
 
 def _sweep(left: Path) -> None:
@@ -79,8 +111,9 @@ def publishing(model_dir: Path) -> Iterator[None]:
     folder, released by the kernel however the export ends; the work before it runs side by side."""
     held = os.open(model_dir, os.O_RDONLY)
     try:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        yield
+        fcntl.flock(held, fcntl.LOCK_EX)  # a signal while waiting for it interrupts at once
+        with uninterrupted():  # from the number picked to the model's files replaced: whole, or not begun
+            yield
     finally:
         os.close(held)
 

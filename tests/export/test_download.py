@@ -29,16 +29,23 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class Scripted(BaseHTTPRequestHandler):
-    """Answers each GET with the next of the server's ``script``: (status, body, the length it claims)."""
+    """Answers each GET with the next of the server's ``script``: (status, body, the length it claims), and
+    optionally the seconds between the body's bytes (a trickle)."""
 
     def do_GET(self) -> None:
         server: Any = self.server
         server.requests += 1
-        status, body, claimed = server.script[min(server.requests, len(server.script)) - 1]
+        status, body, claimed, *trickle = server.script[min(server.requests, len(server.script)) - 1]
         self.send_response(status)
         self.send_header("Content-Length", str(claimed))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            for piece in [body[i : i + 1] for i in range(len(body))] if trickle else [body]:
+                self.wfile.write(piece)
+                self.wfile.flush()
+                time.sleep(trickle[0] if trickle else 0)
+        except OSError:  # the client gave up
+            pass
         self.close_connection = True
 
     def log_message(self, *args: object) -> None:
@@ -130,3 +137,18 @@ def test_a_refused_connection_is_not_tried_again(tmp_path: Path, monkeypatch: py
     with pytest.raises(urllib.error.URLError) as info:
         download(f"http://127.0.0.1:{port}/w.pth", tmp_path / "w", progress=False, attempts=3)
     assert isinstance(info.value.reason, ConnectionRefusedError) and time.monotonic() - started < 1
+
+
+def test_a_body_that_trickles_is_given_up_on_and_its_host_not_called_silent(scripted: Any, tmp_path: Path) -> None:
+    """A byte every 0.1 s never lets a read wait its time-out, yet brings nothing: under 64 KiB in the time-out's
+    span fails the try. Two 503s then such a trickle: the host answered each try, so a later download from it
+    is still made."""
+    scripted.script = [(503, b"busy", 4), (503, b"busy", 4), (200, b"x" * 100, 100_000, 0.1)]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="under 64 KiB in 1 s"):
+        download(scripted.url, tmp_path / "w", progress=False, timeout=1.0, attempts=3)
+    assert 1.0 < time.monotonic() - started < 5 and scripted.requests == 3
+    scripted.script = [(200, b"whole", 5)]
+    scripted.requests = 0
+    download(scripted.url, tmp_path / "v", progress=False, timeout=1.0, attempts=1)
+    assert (tmp_path / "v").read_bytes() == b"whole"
