@@ -223,3 +223,14 @@ def test_json_numpy_or_python_cannot_take_is_a_400_not_a_500() -> None:
     digits = b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1], "data": [' + b"1" * 5000 + b"]}]}"
     with pytest.raises(InvalidInput, match=r"not valid JSON"):
         parse_infer_request(digits, None)
+
+
+def test_a_request_id_no_utf_8_can_carry_is_echoed_escaped_not_a_500() -> None:
+    """`"id": "\\ud800"` is valid JSON (an escape) and read as a lone surrogate, which UTF-8 cannot write."""
+    from service.frontends.v2.rest import encode_response
+
+    probabilities = Tensor("probabilities", "FP32", [1, 2], np.array([[0.25, 0.75]], dtype=np.float32))
+    answer = encode_response("lenet5", "1", "\ud800", [probabilities], [], False)
+    assert json.loads(answer.body) == {"model_name": "lenet5", "model_version": "1", "id": "\ud800", "outputs": [
+        {"name": "probabilities", "datatype": "FP32", "shape": [1, 2], "data": [0.25, 0.75]}]}  # fmt: skip
+    assert json.loads(encode_response("lenet5", "1", "r-1", [probabilities], [], False).body)["id"] == "r-1"
