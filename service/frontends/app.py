@@ -27,7 +27,7 @@ from .explain import explain
 from .fastpath import FastRoutes, client_gone, error_response, internal_error, nothing_at
 from .page import add_page
 from .params import MODELS, classifier, classify_params, explain_params
-from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, ModelInfo, ModelList
+from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, Limits, ModelInfo, ModelList
 from .v2.rest import infer as v2_infer
 from .v2.rest import router as v2_router
 
@@ -204,9 +204,13 @@ def create_app(enable_noop: bool = False, max_top_k: int = DEFAULT_MAX_TOP_K) ->
         """``?per_class=true`` adds each fine-tuned model's held-out accuracy per class and confusion matrix."""
         runtime = classifier(request)
         per_class = MODELS.parse(request.query_params)["per_class"]
-        return ModelList(
-            default_model=runtime.default_model,
-            models=[ModelInfo(**runtime.describe(name, per_class)) for name in runtime.names()],
+        settings = runtime.settings
+        limits = Limits(
+            max_body_bytes=settings.max_body_bytes,
+            max_images_per_request=settings.max_images_per_request,
+            max_top_k=settings.max_top_k,
         )
+        models = [ModelInfo(**runtime.describe(name, per_class)) for name in runtime.names()]
+        return ModelList(default_model=runtime.default_model, models=models, limits=limits)
 
     return app

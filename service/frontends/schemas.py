@@ -164,9 +164,19 @@ class ModelInfo(BaseModel):
     )
 
 
+class Limits(BaseModel):
+    """What a request may hold (the settings of the same names): a client checks its files against them before
+    sending, instead of learning them from a 413 on a connection the server closes mid-upload."""
+
+    max_body_bytes: int
+    max_images_per_request: int
+    max_top_k: int
+
+
 class ModelList(BaseModel):
     default_model: str | None
     models: list[ModelInfo]
+    limits: Limits
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
