@@ -340,3 +340,40 @@ def test_the_client_needs_only_httpx_and_tqdm() -> None:
     assert "--concurrency" in result.stdout
     project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
     assert sorted(d.split(">")[0] for d in project["dependencies"]) == ["httpx", "tqdm"]
+
+
+def test_a_file_over_the_services_body_limit_fails_alone_and_the_run_goes_on(
+    service: ServiceProcess, photos: Path, tmp_path: Path
+) -> None:
+    """Sent, it was answered 413 with the connection closed mid-upload, read as a service gone: six retries, then
+    exit 2 with the files after it never sent. The limit comes from GET /models; the file is not sent."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((photos / "things" / "coffee.png").read_bytes())
+    (folder / "b.tif").write_bytes(bytes(21 * 2**20))  # over MAX_BODY_BYTES's 20 MiB
+    (folder / "c.jpg").write_bytes((photos / "animals" / "chelsea.jpg").read_bytes())
+    result = run_client(str(folder), "--url", service.url, "--model", "resnet18", "--format", "jsonl")
+    assert result.returncode == 1 and "1 of 3 files failed" in result.stderr, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.tif", "c.jpg"]
+    assert rows[1]["status"] == 413 and "21.0 MiB, over the service's 20.0 MiB" in rows[1]["error"]
+    assert all(r["predictions"] for r in (rows[0], rows[2]))
+    assert httpx.get(f"{service.url}/models", timeout=10).json()["limits"]["max_body_bytes"] == 20 * 2**20
+
+
+def test_run_wide_mistakes_stop_the_run_before_anything_is_sent(
+    service: ServiceProcess, photos: Path, tmp_path: Path
+) -> None:
+    """A heat map folder that holds the images (cat.png would be replaced by its heat map), a --top-k over the
+    service's limit (every file failed alone): exit 2, the images untouched; --concurrency past 256 too."""
+    image = tmp_path / "cat.png"
+    image.write_bytes((photos / "things" / "coffee.png").read_bytes())
+    before = image.read_bytes()
+    result = run_client(str(image), "--url", service.url, "--explain", str(tmp_path))
+    assert result.returncode == 2 and "holds images being classified" in result.stderr, result.stderr
+    assert image.read_bytes() == before
+    result = run_client(str(image), "--url", service.url, "--top-k", "5000")
+    assert result.returncode == 2 and "--top-k 5000 is over the service's limit: use 1 to 1000" in result.stderr
+    assert result.stdout == ""
+    result = run_client(str(image), "--url", service.url, "--concurrency", "1000000")
+    assert result.returncode == 2 and "--concurrency from 1 to 256" in result.stderr
