@@ -90,6 +90,8 @@ class _Pending:
     context: Any = None
     observe: bool = True  # its answers count in the quality metrics (an explanation's occluded copies do not)
     enqueued: float = field(default_factory=time.perf_counter)
+    # a piece of a request split after an out-of-memory batch: all its request's pieces (itself among them)
+    pieces: list[_Pending] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -209,6 +211,8 @@ class DynamicBatcher:
                      pending.observe, pending.enqueued)
             for i in range(0, pending.size, limit)
         ]  # fmt: skip
+        for piece in pieces:
+            piece.pieces = pieces
         self._queue.extendleft(reversed(pieces))
         self._queued_images += pending.size
         answers = asyncio.gather(*(piece.future for piece in pieces))
@@ -292,6 +296,9 @@ class DynamicBatcher:
             for pending in batch:
                 if not pending.future.done():
                     pending.future.set_exception(exc)
+                for piece in pending.pieces:  # the request fails whole: its other pieces are not taken into a batch
+                    if not piece.future.done():  # (the request's own callback would cancel them one turn too late,
+                        piece.future.cancel()  # after the instance freed here may have taken the next one)
             return
         finally:
             self._free.append(instance)
