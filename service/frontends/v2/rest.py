@@ -90,7 +90,7 @@ def parse_cost(body: bytes, header_length: str | None) -> int:
     json_length = len(body)
     if header_length is not None:
         json_length = min(whole_number(header_length) or 0, len(body))  # a wrong one is refused by the parse
-    return len(body) if b'"BYTES"' in body[:json_length] else json_length
+    return len(body) if body.find(b'"BYTES"', 0, json_length) != -1 else json_length  # no copy of the body
 
 
 def _dumps(body: dict[str, Any]) -> bytes:
