@@ -58,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.top_k < 1 or not 1 <= args.concurrency <= MAX_CONCURRENCY:
         parser.error(f"--top-k must be at least 1, and --concurrency from 1 to {MAX_CONCURRENCY}")
+    if "" in args.paths:  # as "." it would search the current folder: an unset shell variable, most likely
+        parser.error("a PATH is empty: name files, folders or globs")
     if not args.timeout > 0:
         parser.error("--timeout must be a number of seconds above 0")
     return args
@@ -77,13 +79,17 @@ async def run(args: argparse.Namespace, paths: list[str], stream: TextIO, client
     write = WRITERS[args.format](stream, args.top_k, paths, explain=args.explain is not None)
     failed = unexplained = 0
     show = not args.no_progress and sys.stderr.isatty()
+    # Rows to the bar's terminal: the bar is cleared for each, then drawn again below it (a row landed after its text)
+    shares_terminal = show and stream.isatty()
     with tqdm(total=len(paths), unit="image", disable=not show, file=sys.stderr) as progress:
         results = client.stream(
             paths, model=args.model, top_k=args.top_k, concurrency=args.concurrency,
             on_done=lambda _: progress.update(), explain_dir=args.explain,
         )  # fmt: skip
         async for result in results:
-            write(result)
+            with tqdm.external_write_mode(file=stream) if shares_terminal else contextlib.nullcontext():
+                write(result)
+                stream.flush()
             failed += not result.ok
             unexplained += result.explanation_failed
     if failed:

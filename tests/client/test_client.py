@@ -8,11 +8,17 @@ the service's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import email.utils
+import fcntl
 import json
+import os
+import re
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import tomllib
@@ -377,3 +383,44 @@ def test_run_wide_mistakes_stop_the_run_before_anything_is_sent(
     assert result.stdout == ""
     result = run_client(str(image), "--url", service.url, "--concurrency", "1000000")
     assert result.returncode == 2 and "--concurrency from 1 to 256" in result.stderr
+    result = run_client(str(image), "", "--url", service.url)  # "$UNSET": not the current folder
+    assert result.returncode == 2 and "a PATH is empty" in result.stderr
+
+
+def _screen(output: str) -> list[str]:
+    """The lines a terminal shows for this output: ``\\r`` returns to the line's start and overwrites it."""
+    lines, line, column = [], [""] * 0, 0
+    for char in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", output):
+        if char == "\n":
+            lines.append("".join(line).rstrip())
+            line, column = [], 0
+        elif char == "\r":
+            column = 0
+        else:
+            line[column : column + 1] = [char]
+            column += 1
+    return [*lines, "".join(line).rstrip()]
+
+
+def test_rows_and_the_progress_bar_on_one_terminal_keep_to_lines_of_their_own(stub: Any, tmp_path: Path) -> None:
+    """Both streams on a terminal (a pseudo-terminal here): a row written while the bar is shown landed after the
+    bar's text, on its line."""
+    stub.posts = 2  # no load shed
+    for i in range(12):
+        (tmp_path / f"img_{i:02}.png").write_bytes(b"a photo")
+    controller, terminal = os.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    child = subprocess.Popen([sys.executable, "-m", "client", str(tmp_path), "--url", stub.url, "--concurrency", "1"],
+                             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)  # fmt: skip
+    os.close(terminal)
+    shown = b""
+    with contextlib.suppress(OSError):  # EIO once the child has gone and the terminal is closed
+        while chunk := os.read(controller, 65536):
+            shown += chunk
+    os.close(controller)
+    assert child.wait(timeout=60) == 0
+    screen = _screen(shown.decode())
+    rows = [line for line in screen if "stub v7" in line]
+    expected = [f"{tmp_path / f'img_{i:02}.png'}  stub v7  ok 100.0%" for i in range(12)]
+    assert rows == expected, screen
+    assert any("12/12" in line for line in screen), screen  # the bar was shown
