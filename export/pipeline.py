@@ -232,7 +232,6 @@ def write_version(built: Built, store: ModelStore, options: ExportOptions, start
         check = fit_typicality(spec, model, data, options.seed)
     graph = ClassifierGraph(model, spec.input, None if check is None else (check.layer, check.head()))
     model_dir = store.model_dir(spec.name)
-    model_dir.mkdir(parents=True, exist_ok=True)
     with versions.staging(model_dir) as staging:
         graph_path = staging / GRAPH_FILE
         logger.info("%s: converting to ONNX", spec.name)  # the steps of a minute for a VGG, said as they start

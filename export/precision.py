@@ -294,7 +294,6 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
     except ValueError as exc:
         raise ValueError(f"{parent_config}: {exc}; correct it, {target_name} takes its configuration from it") from exc
     model_dir = store.model_dir(target_name)
-    model_dir.mkdir(parents=True, exist_ok=True)
     try:
         with versions.staging(model_dir) as staging:
             graph = staging / GRAPH_FILE

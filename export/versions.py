@@ -65,9 +65,10 @@ def interrupt(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def staging(model_dir: Path) -> Iterator[Path]:
-    """A new folder to build a version in, readable as the umask allows (the service may run as another user;
-    :func:`publish` renames it as it is), held until the block ends (an ``flock`` on the folder, released by the
-    kernel however the export ends), then removed unless published.
+    """A new folder to build a version in (and the model's folder, where this is its first), readable as the umask
+    allows (the service may run as another user; :func:`publish` renames it as it is), held until the block ends
+    (an ``flock`` on the folder, released by the kernel however the export ends), then removed unless published,
+    and the model's folder with it if that leaves it empty.
 
     Folders that exports killed outright left on this host are removed first (no one holds them, untouched for
     an hour): a VGG's is half a gigabyte. The lock is seen across processes, pid namespaces and containers of
@@ -79,7 +80,13 @@ def staging(model_dir: Path) -> Iterator[Path]:
         if owner is not None and owner.group(2) == host:
             _sweep(left)
     folder = model_dir / f"{STAGING_PREFIX}{os.getpid()}@{host}-{secrets.token_hex(6)}"
-    folder.mkdir()
+    for _ in range(3):  # the model's folder made here; another export's failure may remove it in between (below)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            folder.mkdir()
+            break
+    else:
+        folder.mkdir()  # its error, as it is
     held = os.open(folder, os.O_RDONLY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -88,6 +95,9 @@ def staging(model_dir: Path) -> Iterator[Path]:
         with uninterrupted():
             shutil.rmtree(folder, ignore_errors=True)  # published: renamed away, nothing is left here
             os.close(held)
+            # a first export that failed: no empty model folder (Triton, given the store, fails to start on one)
+            with contextlib.suppress(OSError):  # not empty: versions, configuration or another export's staging
+                model_dir.rmdir()
 
 
 def _sweep(left: Path) -> None:

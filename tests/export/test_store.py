@@ -181,7 +181,7 @@ def test_two_exports_of_one_model_at_once_both_land_as_their_own_versions(tmp_pa
 
 def test_sigterm_mid_export_ends_it_with_one_line_and_no_version_left(tmp_path: Path) -> None:
     """`docker stop` or a pod's end during an export: status 130, one line, the staging folder removed (it was
-    left behind, half a gigabyte for a VGG), no version written."""
+    left behind, half a gigabyte for a VGG), no version written, and no empty model folder."""
     model_dir = tmp_path / "store" / "lenet5"
     run = subprocess.Popen([sys.executable, "-m", "export", "lenet5", "--weights", "random", "--out",
                             str(tmp_path / "store"), "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -195,7 +195,7 @@ def test_sigterm_mid_export_ends_it_with_one_line_and_no_version_left(tmp_path: 
     last = "ERROR export: interrupted: the versions logged as written stand, and no other was written"
     assert output.strip().splitlines()[-1] == last
     assert "Traceback" not in output
-    assert list(model_dir.iterdir()) == [] and ModelStore(tmp_path / "store").versions("lenet5") == []
+    assert not model_dir.exists()  # its first version: no empty folder left either (Triton fails to start on one)
 
 
 @pytest.mark.parametrize("option", [["--epochs", "0"], ["--epochs", "-2"], ["--batch-size", "0"], ["--lr", "0"],
