@@ -12,6 +12,7 @@ and the status code.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import logging
@@ -289,11 +290,15 @@ class Metrics:
         self.child(self.stage_seconds, labels["model"], labels["version"], stage).observe(seconds)
 
     @contextlib.contextmanager
-    def track_request(self, protocol: str, record: RequestRecord | None = None) -> Iterator[RequestRecord]:
+    def track_request(
+        self, protocol: str, record: RequestRecord | None = None, timed_out: Callable[[], bool] | None = None
+    ) -> Iterator[RequestRecord]:
         """Count one request: in flight while it runs, then its outcome, images and latency.
 
         A request whose model is not resolved yet counts under ``model=""``, so client-chosen
-        names never become label values; the caller fills ``record`` as it learns more.
+        names never become label values; the caller fills ``record`` as it learns more. A cancelled
+        request counts as ``5xx`` where ``timed_out()`` says the service's own time limit cut it off
+        (it is answered 504), else as nothing (the client went away).
         """
         record = record or RequestRecord()
         started = time.perf_counter()
@@ -311,7 +316,10 @@ class Metrics:
         except Exception:
             outcome = "5xx"
             raise
-        finally:  # a cancelled request (the client went away) counts as none of these
+        except asyncio.CancelledError:
+            outcome = "5xx" if timed_out is not None and timed_out() else None
+            raise
+        finally:
             in_flight.dec()
             labels = (record.model, record.version, protocol)
             if outcome is not None:

@@ -17,11 +17,22 @@ looks for its own (``tests/service/e2e/test_http_stack.py`` fails if an upgrade 
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime.deadline import request_deadline
+
+# the current request's time limit, for :func:`timed_out`
+_limit: ContextVar[asyncio.Timeout | None] = ContextVar("request_time_limit", default=None)
+
+
+def timed_out() -> bool:
+    """Whether the current request was cut off by ``REQUEST_TIMEOUT_S`` (its 504 is under way): read where a
+    cancellation arrives, which is otherwise a client gone away."""
+    limit = _limit.get()
+    return limit is not None and limit.expired()
 
 
 class RequestTimeout:
@@ -45,6 +56,7 @@ class RequestTimeout:
 
         # the runtime's waits (a cold start) end before this one does, with an answer of their own
         token = request_deadline.set(asyncio.get_running_loop().time() + self.timeout)
+        limit = _limit.set(deadline)
         try:
             async with deadline:
                 await self.app(scope, receive, send_and_disarm)
@@ -55,6 +67,7 @@ class RequestTimeout:
             await JSONResponse({"error": error}, status_code=504)(scope, receive, send)
         finally:
             request_deadline.reset(token)
+            _limit.reset(limit)
 
 
 def install() -> None:

@@ -8,6 +8,7 @@ count requests by route, write JSON access lines (``ACCESS_LOG=json``) and expor
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -172,6 +173,11 @@ def test_a_request_over_the_timeout_gets_504_and_the_service_goes_on(model_store
         text = httpx.get(f"{service.url}/metrics", timeout=10).text
         counted = {(s["route"], s["code"]): v for s, v in metric_samples(text, "cnn_http_requests_total")}
         assert counted.get(("/classify", "504")) == 1
+        # an error to the request counters too (CNNErrorRatioHigh reads them): it counted as nothing, as a client gone
+        outcomes = collections.Counter()
+        for labels, value in metric_samples(text, "cnn_requests_total"):
+            outcomes[labels["outcome"]] += value
+        assert outcomes == {"2xx": 1, "4xx": 0, "5xx": 1}, outcomes
 
 
 def test_access_log_json_lines_parse_and_say_what_happened(model_store: ModelStore, tmp_path: Path) -> None:
