@@ -1,4 +1,5 @@
-"""What the browser tests share: Debian's Chromium, and a tab that records what it requested and logged."""
+"""What the browser tests share: Debian's Chromium, a tab that records what it requested and logged, and a hand
+that draws on the page's canvas."""
 
 from __future__ import annotations
 
@@ -33,3 +34,16 @@ def open_tab(browser: Browser, origin: str, path: str = "/") -> Tab:
     page.on("console", lambda message: message.type == "error" and tab.console_errors.append(message.text))
     page.goto(f"{origin}{path}")
     return tab
+
+
+def draw_a_one(page: Page) -> None:
+    """A vertical stroke down the middle of the canvas, with the mouse; returns once its answer is shown."""
+    box = page.locator("#canvas").bounding_box()
+    assert box is not None
+    x, top = box["x"] + box["width"] / 2, box["y"] + 50
+    page.mouse.move(x, top)
+    page.mouse.down()
+    for step in range(1, 21):
+        page.mouse.move(x, top + step * 9)
+    page.mouse.up()
+    page.wait_for_function("() => !drawing.busy && !drawing.again")

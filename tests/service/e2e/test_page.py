@@ -24,7 +24,7 @@ from skimage import data
 from service.store.layout import ModelStore
 
 from ...helpers import ServiceProcess, classified, encode, running
-from ..browser import CHROMIUM, Tab, open_tab
+from ..browser import CHROMIUM, Tab, draw_a_one, open_tab
 
 pytestmark = pytest.mark.integration
 
@@ -57,19 +57,6 @@ def shown_predictions(page: Page, selector: str) -> list[dict[str, Any]]:
 def canvas_png(page: Page) -> bytes:
     data_url: str = page.evaluate("document.getElementById('canvas').toDataURL('image/png')")
     return base64.b64decode(data_url.split(",", 1)[1])
-
-
-def draw_a_one(page: Page) -> None:
-    """A vertical stroke down the middle of the canvas, with the mouse."""
-    box = page.locator("#canvas").bounding_box()
-    assert box is not None
-    x, top = box["x"] + box["width"] / 2, box["y"] + 50
-    page.mouse.move(x, top)
-    page.mouse.down()
-    for step in range(1, 21):
-        page.mouse.move(x, top + step * 9)
-    page.mouse.up()
-    page.wait_for_function("() => !drawing.busy && !drawing.again")
 
 
 def test_the_page_lists_models_with_their_state(tab: Tab) -> None:
