@@ -18,7 +18,7 @@ from playwright.sync_api import sync_playwright
 from service.store.layout import ModelStore
 
 from ...helpers import ServiceProcess, metric_samples, running
-from ..browser import CHROMIUM, open_tab
+from ..browser import CHROMIUM, draw_a_one, open_tab
 from ..canary_load import canary_of, candidates, load
 from ..pictures import held_out_drawings
 
@@ -162,9 +162,16 @@ def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_stor
             tab.page.wait_for_selector(".result[data-status=done]")
             meta = tab.page.inner_text(".result .meta")
             canary = tab.page.get_attribute(".result", "data-canary")
+            tab.page.wait_for_selector("#draw-panel:not([hidden])")
+            draw_a_one(tab.page)  # drawn: the answer, then the layer maps of the version that gave it
+            drawn = tab.page.inner_text("#draw-meta")
+            layers = [r.url.split("?", 1)[1] for r in tab.requests if "/explain?" in r.url]
             browser.close()
         assert meta.startswith("lenet5_int8 v1 · canary answer (lenet5 → lenet5_int8)"), meta
         assert canary == "lenet5:lenet5_int8"
+        assert drawn.startswith("lenet5_int8 v1 · canary answer"), drawn
+        assert all(query.startswith("model=lenet5_int8&version=1&") for query in layers), layers  # not lenet5's
+        assert tab.console_errors == []
         ended = httpx.post(url, json={"state": "ended"}, headers=admin, timeout=10).json()
         assert (ended["state"], ended["fraction"]) == ("ended", 0.0)
     with running(store, tmp_path / "again.log", **env) as service:  # the operator's state, not CANARY's 0.2

@@ -554,7 +554,7 @@ const drawing = {
       $("draw-meta").textContent = answeredBy(body, milliseconds);
       $("draw-panel").dataset.version = body.version;
       markConfidence($("draw-panel"), body);
-      await showLayers(blob, model, body.version, generation);
+      await showLayers(blob, body.model, body.version, generation); // a canary's candidate may have answered
     } catch (exc) {
       $("draw-meta").textContent = exc.message;
     } finally {
