@@ -255,6 +255,11 @@ class Metrics:
             self.child(self.images, *labels, protocol)
             for outcome in ("2xx", "4xx", "5xx"):  # the error ratio is 0, not "No data", before the first error
                 self.child(self.requests, *labels, protocol, outcome)
+        self.seed_model(model)
+
+    def seed_model(self, model: str) -> None:
+        """A model's residency counters at 0: from its first version's load, or on demand from the start, so
+        that a model that never loads has them too (its first refusal is then seen by ``increase()``)."""
         for metric in (self.cold_waits, self.budget_exhausted):
             self.child(metric, model)
         for reason in ("pressure", "idle"):

@@ -382,6 +382,8 @@ class Canaries:
         labels = (str(canary.pair.primary), str(canary.pair.candidate))
         m = self.metrics
         m.child(m.canary_fraction, *labels).set(canary.diverting)
+        for side in ("primary", "candidate"):  # at 0 from the start: increase() sees each side's first answer
+            m.child(m.canary_requests, *labels, side)
         for state in STATES:
             m.child(m.canary_state, *labels, state).set(1 if state == canary.state else 0)
 

@@ -152,6 +152,8 @@ class Residency:
         self._holds_lock = threading.Lock()
         self._stop = threading.Event()
         self.metrics.memory_budget.set(budget)
+        for name in repository.store.names():  # the models requests may load
+            self.metrics.seed_model(name)
         logger.info("on-demand: models may take %.0f MiB in this worker (%s)", budget / 2**20, how)
 
     @classmethod

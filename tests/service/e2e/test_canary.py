@@ -133,6 +133,8 @@ def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_stor
     admin = {"Authorization": "Bearer boss"}
     env = {"MODELS": "lenet5", "WORKERS": "1", "CANARY": "lenet5:lenet5_int8:0.2", "ADMIN_TOKEN": "boss"}
     with running(store, tmp_path / "service.log", **env) as service:
+        started = metric_samples(httpx.get(f"{service.url}/metrics", timeout=10).text, "cnn_canary_requests_total")
+        assert {s["side"]: v for s, v in started} == {"primary": 0, "candidate": 0}  # increase() sees a first answer
         url = f"{service.url}/v2/repository/canaries/lenet5"
         assert httpx.post(url, json={"state": "paused"}, timeout=10).status_code == 401
         paused = httpx.post(url, json={"state": "paused"}, headers=admin, timeout=10)

@@ -155,6 +155,7 @@ def test_a_long_request_is_not_evicted_under_and_concurrent_first_requests_share
 def test_where_no_room_can_be_made_the_answer_is_503_with_its_reason(zoo: ModelStore, tmp_path: Path) -> None:
     env = {**ON_DEMAND, "PINNED": "lenet5,resnet18", "MEMORY_BUDGET": "400MiB"}  # ResNet-18 counts 294 MiB
     with running(zoo.root, tmp_path / "full.log", **env) as service:
+        assert metric(service, "cnn_budget_exhausted_total")[("googlenet",)] == 0.0  # before: increase() sees 0 -> 1
         refused = classify(service, "googlenet")
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
         assert "held by pinned models (lenet5, resnet18)" in refused.json()["error"]
