@@ -157,6 +157,8 @@ def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_stor
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             tab = open_tab(browser, service.url)
             tab.page.wait_for_selector("#model-select:not([disabled])")
+            tab.page.select_option("#model-select", "lenet5_int8")  # the candidate's card: one precision row
+            card = tab.page.inner_text("#model-card")
             tab.page.select_option("#model-select", "lenet5")
             picture = tmp_path / "digit.png"
             picture.write_bytes(images[0])
@@ -172,6 +174,7 @@ def test_the_operator_steers_a_canary_and_the_page_marks_its_answers(canary_stor
         assert meta.startswith("lenet5_int8 v1 · canary answer (lenet5 → lenet5_int8)"), meta
         assert canary == "lenet5:lenet5_int8"
         assert drawn.startswith("lenet5_int8 v1 · canary answer"), drawn
+        assert card.count("precision") == 1 and "INT8, of lenet5 v1, top-1 agreement" in card, card
         assert all(query.startswith("model=lenet5_int8&version=1&") for query in layers), layers  # not lenet5's
         assert tab.console_errors == []
         ended = httpx.post(url, json={"state": "ended"}, headers=admin, timeout=10).json()

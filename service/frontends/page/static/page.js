@@ -171,12 +171,12 @@ function renderModelCard() {
   }
   rows.push(["version", model.version == null ? "–" : String(model.version)]);
   rows.push(["parameters", describeParams(model.num_params)]);
-  rows.push(["precision", model.precision || "fp32"]);
+  const variant = model.precision && model.precision !== "fp32"; // INT8 or FP16: of which model, and how faithful
+  rows.push(["precision", variant ? describePrecision(model) : "fp32"]);
   if (model.input) {
     rows.push(["input", `${model.input.size}×${model.input.size}, ${model.input.channels === 1 ? "grayscale" : "RGB"}`]);
   }
   rows.push(["weights", describeWeights(model.weights)]);
-  if (model.precision && model.precision !== "fp32") rows.push(["precision", describePrecision(model)]);
   if (model.evaluation) rows.push(["accuracy", describeEvaluation(model.evaluation)]);
   if (model.provider) rows.push(["runs on", model.provider]);
   for (const [term, value] of rows) {
