@@ -188,6 +188,29 @@ def test_where_no_room_can_be_made_the_answer_is_503_with_its_reason(zoo: ModelS
         }
 
 
+def test_the_page_learns_what_a_cold_model_offers_from_its_first_answer(zoo: ModelStore, tmp_path: Path) -> None:
+    """LeNet-5 not resident: /models has no layer maps to offer for it until it loads, and the page read /models
+    again only while a model said "loading", so a drawing's layer maps and the card's memory row waited for a
+    reload of the page."""
+    from playwright.sync_api import sync_playwright
+
+    from ..browser import CHROMIUM, draw_a_one, open_tab
+
+    with running(zoo.root, tmp_path / "page.log", **ON_DEMAND) as service, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        tab = open_tab(browser, service.url)
+        tab.page.wait_for_selector("#model-select:not([disabled])")
+        tab.page.select_option("#model-select", "lenet5")
+        before = tab.page.inner_text("#model-card")
+        draw_a_one(tab.page)
+        tab.page.wait_for_selector("#layers:not([hidden])", timeout=30_000)
+        after = tab.page.inner_text("#model-card")
+        maps = len(tab.page.query_selector_all("#layers canvas"))
+        browser.close()
+    assert "not resident" in before and "MiB resident" in after, after
+    assert maps == 6 + 6 + 16 + 16 and tab.console_errors == []
+
+
 @pytest.mark.parametrize(
     ("files", "expected"),
     [

@@ -71,7 +71,11 @@ async function classify(blob, model) {
     headers: { "Content-Type": contentTypeOf(blob) },
     body: blob,
   });
-  return { body, milliseconds: performance.now() - started };
+  const milliseconds = performance.now() - started;
+  const info = state.models.find((m) => m.name === model);
+  // on demand, the answer loaded it: its card (resident) and what it offers (layer maps) come with the load
+  if (info && coldStart(info)) await loadModels();
+  return { body, milliseconds };
 }
 
 // ---- models -----------------------------------------------------------------------
