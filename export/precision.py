@@ -294,61 +294,57 @@ def export_variant(name: str, store: ModelStore, options: VariantOptions) -> Sto
     except ValueError as exc:
         raise ValueError(f"{parent_config}: {exc}; correct it, {target_name} takes its configuration from it") from exc
     model_dir = store.model_dir(target_name)
-    try:
-        with versions.staging(model_dir) as staging:
-            graph = staging / GRAPH_FILE
-            extra = _convert(parent.graph, graph, meta, options)
-            onnx.checker.check_model(str(graph), full_check=True)  # from the file: no copy through Python
-            held_out = _held_out(meta, options)
-            figures = compare(parent.graph, graph, held_out)
-            misses = check(figures, options)
-            if misses and not options.force:
-                raise PrecisionRefused(
-                    f"{target_name} refused: {'; '.join(misses)}. Calibrate on more representative images "
-                    "(--calibration-dir), try another --calibration-method, or write it anyway with --force."
-                )
-            if misses:
-                logger.warning("%s: written with --force although %s", target_name, "; ".join(misses))
-            thresholds = {"min_top1_agreement": options.min_agreement, "max_accuracy_drop": options.max_accuracy_drop}
-            metadata = meta.model_dump() | {
-                "name": target_name,
-                "version": 0,  # its number, picked below
-                "precision": options.precision,
-                "derived_from": {"model": parent.name, "version": parent.version, "sha256": sha256_file(parent.graph)},
-                "onnx": {**meta.onnx, "sha256": sha256_file(graph)},
-                "accuracy": {**figures, "thresholds": thresholds, "passed": not misses},
-                # what verifies a variant is its FP32 parent, not PyTorch
-                "verification": {
-                    "against": f"{parent.name} v{parent.version} (FP32, ONNX Runtime)",
-                    "top1_agreement": figures["top1_agreement"],
-                    "max_abs_diff_probabilities": figures["max_abs_diff_probabilities"],
-                },
-                "forced": bool(misses),
-                # explained by its FP32 parent's Grad-CAM graph (``export/explanation.py``), and its answers say so
-                "explanation": None
-                if meta.explanation is None
-                else {**meta.explanation, "from": {"model": parent.name, "version": parent.version}},
-                "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                "exported_on": platform.node(),
-                "export_seconds": round(time.perf_counter() - started, 2),
-                **extra,
-                # its own answers' baseline, abstain and typicality thresholds, not its parent's (copied above)
-                **baseline.measure(graph, meta.input, target_name, images=held_out),
-                **_evaluation(meta, graph, held_out, store.read_labels(name, parent), options),
-                **_typicality(meta, graph, held_out, options.seed, target_name),
-            }
-            labels = "\n".join(store.read_labels(name, parent)) + "\n"
-            with versions.publishing(model_dir):  # the number picked and taken by this export alone
-                version = metadata["version"] = store.next_version(target_name)
-                (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-                (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
-                config = versions.kept_settings(generated, model_dir / CONFIG_FILE)  # the variant's own settings
-                versions.publish(staging, model_dir, version, labels, config)
-                logger.info("%s: version %d written from %s v%d (%s)", target_name, version, name, parent.version,
-                            _summary(figures))  # fmt: skip
-    finally:
-        if not any(model_dir.iterdir()):
-            model_dir.rmdir()
+    with versions.staging(model_dir) as staging:
+        graph = staging / GRAPH_FILE
+        extra = _convert(parent.graph, graph, meta, options)
+        onnx.checker.check_model(str(graph), full_check=True)  # from the file: no copy through Python
+        held_out = _held_out(meta, options)
+        figures = compare(parent.graph, graph, held_out)
+        misses = check(figures, options)
+        if misses and not options.force:
+            raise PrecisionRefused(
+                f"{target_name} refused: {'; '.join(misses)}. Calibrate on more representative images "
+                "(--calibration-dir), try another --calibration-method, or write it anyway with --force."
+            )
+        if misses:
+            logger.warning("%s: written with --force although %s", target_name, "; ".join(misses))
+        thresholds = {"min_top1_agreement": options.min_agreement, "max_accuracy_drop": options.max_accuracy_drop}
+        metadata = meta.model_dump() | {
+            "name": target_name,
+            "version": 0,  # its number, picked below
+            "precision": options.precision,
+            "derived_from": {"model": parent.name, "version": parent.version, "sha256": sha256_file(parent.graph)},
+            "onnx": {**meta.onnx, "sha256": sha256_file(graph)},
+            "accuracy": {**figures, "thresholds": thresholds, "passed": not misses},
+            # what verifies a variant is its FP32 parent, not PyTorch
+            "verification": {
+                "against": f"{parent.name} v{parent.version} (FP32, ONNX Runtime)",
+                "top1_agreement": figures["top1_agreement"],
+                "max_abs_diff_probabilities": figures["max_abs_diff_probabilities"],
+            },
+            "forced": bool(misses),
+            # explained by its FP32 parent's Grad-CAM graph (``export/explanation.py``), and its answers say so
+            "explanation": None
+            if meta.explanation is None
+            else {**meta.explanation, "from": {"model": parent.name, "version": parent.version}},
+            "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "exported_on": platform.node(),
+            "export_seconds": round(time.perf_counter() - started, 2),
+            **extra,
+            # its own answers' baseline, abstain and typicality thresholds, not its parent's (copied above)
+            **baseline.measure(graph, meta.input, target_name, images=held_out),
+            **_evaluation(meta, graph, held_out, store.read_labels(name, parent), options),
+            **_typicality(meta, graph, held_out, options.seed, target_name),
+        }
+        labels = "\n".join(store.read_labels(name, parent)) + "\n"
+        with versions.publishing(model_dir):  # the number picked and taken by this export alone
+            version = metadata["version"] = store.next_version(target_name)
+            (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+            (staging / LABELS_FILE).write_text(labels, encoding="utf-8")  # its parent's, its own from now on
+            config = versions.kept_settings(generated, model_dir / CONFIG_FILE)  # the variant's own settings
+            versions.publish(staging, model_dir, version, labels, config)
+            logger.info("%s: version %d written from %s v%d (%s)", target_name, version, name, parent.version,
+                        _summary(figures))  # fmt: skip
     return StoredVersion(target_name, version, model_dir / str(version))
 
 
