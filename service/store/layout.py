@@ -82,9 +82,11 @@ class ModelStore:
     def versions(self, name: str) -> list[StoredVersion]:
         """The model's versions, oldest first; a version is a folder named by a positive integer."""
         directory = self.model_dir(name)
-        if not directory.is_dir():
+        try:
+            entries = list(directory.iterdir())
+        except (FileNotFoundError, NotADirectoryError):  # none, or removed as it is read (a first export that failed)
             return []
-        found = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
+        found = [int(p.name) for p in entries if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
         return [StoredVersion(name, v, directory / str(v)) for v in sorted(found)]
 
     def latest(self, name: str) -> StoredVersion | None:
