@@ -72,9 +72,10 @@ async function classify(blob, model) {
     body: blob,
   });
   const milliseconds = performance.now() - started;
-  const info = state.models.find((m) => m.name === model);
-  // on demand, the answer loaded it: its card (resident) and what it offers (layer maps) come with the load
-  if (info && coldStart(info)) await loadModels();
+  // on demand, the answer loaded it (or a canary's candidate): its card (resident) and what it offers (layer maps)
+  // come with the load
+  const cold = (name) => state.models.some((m) => m.name === name && coldStart(m));
+  if (cold(model) || cold(body.model)) await loadModels();
   return { body, milliseconds };
 }
 
@@ -254,12 +255,16 @@ function reloadModels(delay) {
   modelsTimer = setTimeout(loadModels, delay);
 }
 
+let modelsAsked = 0; // /models asked again before an answer came (uploads side by side): only the last one counts
+
 async function loadModels() {
   clearTimeout(modelsTimer);
   modelsTimer = null;
   const error = $("models-error");
+  const asked = ++modelsAsked;
   try {
     const body = await call("/models");
+    if (asked !== modelsAsked) return;
     error.hidden = true;
     $("token-panel").hidden = true;
     $("forget-token").hidden = !token();
@@ -268,12 +273,15 @@ async function loadModels() {
     renderModelSelect(body.default_model);
     if (state.models.some((m) => m.status === "loading")) reloadModels(2000);
   } catch (exc) {
-    error.textContent = exc.message;
-    error.hidden = false;
+    const latest = asked === modelsAsked; // an older one's failure only backs off: the latest says and asks again
+    if (latest) {
+      error.textContent = exc.message;
+      error.hidden = false;
+    }
     // a service still starting (503) or out of reach: asked again, so the page needs no reload; a refused token
     // waits for the one entered (the token panel loads the models itself)
     if (!(exc instanceof ApiError && exc.status === 401)) {
-      reloadModels(modelsRetry);
+      if (latest) reloadModels(modelsRetry);
       modelsRetry = Math.min(2 * modelsRetry, 30000);
     }
   }
