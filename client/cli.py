@@ -87,9 +87,12 @@ async def run(args: argparse.Namespace, paths: list[str], stream: TextIO, client
             on_done=lambda _: progress.update(), explain_dir=args.explain,
         )  # fmt: skip
         async for result in results:
-            with tqdm.external_write_mode(file=stream) if shares_terminal else contextlib.nullcontext():
+            if shares_terminal:
+                with tqdm.external_write_mode(file=stream):
+                    write(result)
+                    stream.flush()  # before the bar is drawn again
+            else:
                 write(result)
-                stream.flush()
             failed += not result.ok
             unexplained += result.explanation_failed
     if failed:
