@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.util
@@ -79,8 +80,10 @@ class Run:
         except Exception as exc:  # the figures are still written: a report's fault must not lose them
             self.found["failures"]["report"] = f"{type(exc).__name__}: {exc}"
             text = f"# GPU benchmark\n\nThe report failed ({exc!r}): see gpu.json.\n"
-        (self.out / "gpu.json").write_text(json.dumps(self.found, indent=2) + "\n")
-        (self.out / "gpu.md").write_text(text)
+        for name, content in (("gpu.json", json.dumps(self.found, indent=2) + "\n"), ("gpu.md", text)):
+            staged = self.out / f".{name}.part"  # replaced whole: a run killed while writing keeps the last one
+            staged.write_text(content)
+            os.replace(staged, self.out / name)
 
     def limit(self, needs: float) -> float:
         """How long a stage that needs about ``needs`` seconds may take: three times that (a first CUDA start is
@@ -200,6 +203,8 @@ def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
     best = max(found["runs"], key=lambda r: r["images_per_s"])
     run.say(f"{config.model} ({config.options_label} options) on {found['providers_taken'][0]}: best "
             f"{best['images_per_s']:.0f} images/s ({best['path']}, batch {best['batch']})")  # fmt: skip
+    if found["errors"]:  # the sizes that ran are kept above; a path that failed at some size fails the stage
+        raise Failed("; ".join(f"batch {e['batch']}: {e['error']}" for e in found["errors"]))
 
 
 def anchor(run: Run) -> None:
@@ -282,8 +287,10 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
         return
     from .served import serve  # here: it imports the v2 protocol, whose "inference" package tritonclient's clashes with
 
-    logs = run.out / "logs"  # each server's log, kept beside the figures (the first place to look on a failure)
-    logs.mkdir(parents=True, exist_ok=True)
+    # every server's log, one after the other in one file beside the figures (the first place to look on a failure;
+    # a device machine gives back 8 files at most)
+    logs = run.out / "servers.log"
+    logs.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as homes, LoadPool(plan.load_processes) as pool:
         for server in plan.servers():
             twin = measured_already(found, plan, server)
@@ -294,7 +301,8 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
             record: dict[str, Any] = {"server": server.label, "model": server.model, "workers": server.workers,
                                       "env": plan.service_env(server), "runs": [], "sweep": None}  # fmt: skip
             found["served"].append(record)
-            work = partial(serve, store, server, plan, pool, nvml, logs, Path(homes), record, run.save, run.say)
+            work = partial(serve, store, server, plan, pool, nvml, logs, Path(homes), record, run.save, run.say,
+                           lambda: run.plan.budget + 30 - run.elapsed())  # fmt: skip
             run.stage(f"served {server.label}", needs(plan, server), work)
 
 
@@ -373,6 +381,25 @@ def parse(argv: list[str] | None) -> tuple[Plan, Path, Path]:
     return plan, args.out, args.store
 
 
+def stop_leftovers(store: Path) -> list[int]:
+    """The processes serving ``store`` that a run killed outright (SIGKILL: no handler runs) left behind, killed:
+    its servers run in sessions of their own, which the kill does not reach, and they would hold the GPU's memory
+    and the cores the next run measures. Their pids."""
+    import psutil
+
+    wanted = {str(store), str(store.resolve())}
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if process.pid != os.getpid() and process.environ().get("MODEL_STORE") in wanted:
+                found.append(process)
+    for process in found:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(found, timeout=10)
+    return sorted(process.pid for process in found)
+
+
 def _stop(signum: int, _frame: Any) -> None:
     """timeout's TERM: the servers are stopped and the figures saved on the way out (a second TERM is ignored,
     so that it cannot cut that short)."""
@@ -387,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     run = Run(plan, out)
     run.say(f"GPU benchmark, --providers {plan.providers}: models {', '.join(plan.models)}; results to {out}")
     store_dir.mkdir(parents=True, exist_ok=True)
+    if left := stop_leftovers(store_dir):
+        run.say(f"stopped {len(left)} processes serving {store_dir} that a run killed outright left behind")
     try:
         benchmark(run, ModelStore(store_dir))
         run.found["complete"] = True

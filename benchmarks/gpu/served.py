@@ -209,16 +209,31 @@ def sweep_figures(latencies: dict[int, list[float]], errors: int, sent: int, ima
 
 
 def serve(store: ModelStore, server: Server, plan: Plan, pool: LoadPool, nvml: Nvml, logs: Path, homes: Path,
-          record: dict[str, Any], save: Callable[[], None], say: Callable[[str], None]) -> None:  # fmt: skip
-    """Start ``server`` and fill ``record`` with its runs, saving after each (a later failure keeps them). Its log
-    goes to ``logs``, its ``BENTOML_HOME`` (metrics' files) under ``homes``."""
+          record: dict[str, Any], save: Callable[[], None], say: Callable[[str], None],
+          time_left: Callable[[], float]) -> None:  # fmt: skip
+    """Start ``server`` and fill ``record`` with its runs, saving after each (a later failure keeps them), while
+    ``time_left()`` allows: a run that would outlast it is not started (``record["cut_short"]``). Its log is added
+    to the file ``logs`` once it stops, its ``BENTOML_HOME`` (metrics' files) is under ``homes``."""
+    name = f"{server.model}-workers{server.workers}"
+    log = homes / f"{name}.log"
+    try:
+        _serve(store, server, plan, pool, nvml, homes / name, log, record, save, say, time_left)
+    finally:
+        with logs.open("ab") as kept:
+            kept.write(f"===== {server.label} =====\n".encode())
+            if log.exists():
+                kept.write(log.read_bytes())
+
+
+def _serve(store: ModelStore, server: Server, plan: Plan, pool: LoadPool, nvml: Nvml, home: Path, log: Path,
+           record: dict[str, Any], save: Callable[[], None], say: Callable[[str], None],
+           time_left: Callable[[], float]) -> None:  # fmt: skip
     from tests.helpers import workers
 
-    name = f"{server.model}-workers{server.workers}"
-    env = plan.service_env(server) | {"BENTOML_HOME": str(homes / name)}
+    env = plan.service_env(server) | {"BENTOML_HOME": str(home)}
     began = time.perf_counter()
-    log = logs / f"{name}.log"
-    with started(store, server.model, env, log, plan.start_timeout) as service:
+    start_timeout = max(10.0, min(plan.start_timeout, time_left()))
+    with started(store, server.model, env, log, start_timeout) as service:
         listed = {m["name"]: m for m in httpx.get(f"{service.url}/models", timeout=10).json()["models"]}
         record |= {"start_seconds": round(time.perf_counter() - began, 1), "workers_resolved": len(workers(service)),
                    "session_host": listed[server.model].get("session_host") is not None}  # fmt: skip
@@ -235,14 +250,22 @@ def serve(store: ModelStore, server: Server, plan: Plan, pool: LoadPool, nvml: N
             save()
         files, content_type = bodies(server.model)
         url = f"{service.url}/classify?model={server.model}"
-        for c in server.http:
+        runs = [("http", c) for c in server.http] + [("grpc-pixels", c) for c in server.grpc]
+        if time_left() < len(runs) * (plan.warmup + plan.seconds + 5):
+            kept = max(1, int(time_left() // (plan.warmup + plan.seconds + 5)))
+            record["cut_short"] = f"{len(runs) - kept} of its {len(runs)} runs left out: the budget was spent"
+            say(f"{server.label}: {record['cut_short']}")
+            runs = runs[:kept]
+        http = [c for path, c in runs if path == "http"]
+        grpc = [c for path, c in runs if path == "grpc-pixels"]
+        for c in http:
             load = partial(pool.http, url, files, content_type, c, plan.warmup, plan.seconds, "http", server.model)
             record["runs"].append(logged(measured(service, server.model, "http", c, load, plan, nvml), server, say))
             save()
-        if server.grpc:
+        if grpc:
             meta = ModelMetadata.model_validate(store.latest(server.model).read_metadata())  # type: ignore[union-attr]
             pixels = [preprocess(f, meta.input, max_pixels=10**9)[None] for f in files]
-            for c in server.grpc:
+            for c in grpc:
                 load = partial(pool.grpc, service.grpc_target, server.model, pixels, c, plan.warmup, plan.seconds,
                                "grpc-pixels")  # fmt: skip
                 run = measured(service, server.model, "grpc-pixels", c, load, plan, nvml)

@@ -17,9 +17,10 @@ from typing import Any
 import psutil
 import pytest
 
-from benchmarks.gpu.cli import Run, export_missing, measured_already
+from benchmarks.gpu import cli
+from benchmarks.gpu.cli import Run, export_missing, measured_already, stop_leftovers
 from benchmarks.gpu.loadgen import multipart, split
-from benchmarks.gpu.plan import Plan, Server
+from benchmarks.gpu.plan import Ceiling, Plan, Server
 from benchmarks.gpu.report import DRY, markdown, targets
 from service.store.layout import ModelStore
 
@@ -56,20 +57,22 @@ def test_the_dry_run_measures_every_stage_on_the_cpu(tmp_path: Path) -> None:
     for run in runs.values():
         assert run["requests"] > 0 and run["errors"] == 0 and run["images_per_s"] > 0, run
         assert run["gpu_busy_mean_pct"] is None and run["gpu_reason"] and run["server_cores"] > 0
-    assert [s["workers_resolved"] for s in found["served"]] == [2, 1, 1, 2]  # WORKERS=0 is one per CPU for LeNet-5
+    served = [(s["model"], s["workers"]) for s in found["served"]]
+    assert served == [("lenet5", 0), ("lenet5", 1), ("lenet5", 2), ("resnet50", 0)]  # the scaling model's together
+    assert [s["workers_resolved"] for s in found["served"]] == [2, 1, 2, 1]  # WORKERS=0 is one per CPU for LeNet-5
     # WORKERS=2 runs one session host, as it would on a GPU; WORKERS=0 resolved to 2 on the CPU keeps its own
-    assert [s["session_host"] for s in found["served"]] == [False, False, False, True]
+    assert [s["session_host"] for s in found["served"]] == [False, False, True, False]
     sweep = found["served"][0]["sweep"]
     assert sweep["sizes_covered"] == sweep["sizes_wanted"] == 8 and sweep["errors"] == 0
     assert sweep["one_batch_per_request"] and sweep["ratio"] > 0
     assert found["decode"]["images_per_s_per_core"] > 0
-    # each server's log kept beside the figures (deleted with a temporary folder, it was lost with a failure's cause)
-    logs = {log.name: log.read_text() for log in (out / "logs").iterdir()}
-    assert set(logs) == {"lenet5-workers0.log", "resnet50-workers0.log", "lenet5-workers1.log", "lenet5-workers2.log"}
-    assert (
-        "session host" in logs["lenet5-workers2.log"]
-        and "ready on CPUExecutionProvider" in logs["resnet50-workers0.log"]
-    )
+    # each server's log kept beside the figures (deleted with a temporary folder, it was lost with a failure's
+    # cause), one after the other in one file: a device machine gives back 8 files at most
+    assert sorted(p.name for p in out.iterdir()) == ["gpu.json", "gpu.md", "servers.log"]
+    sections = dict(part.split(" =====\n", 1) for part in (out / "servers.log").read_text().split("===== ")[1:])
+    assert list(sections) == ["lenet5 WORKERS=0", "lenet5 WORKERS=1", "lenet5 WORKERS=2", "resnet50 WORKERS=0"]
+    assert "session host" in sections["lenet5 WORKERS=2"]
+    assert "ready on CPUExecutionProvider" in sections["resnet50 WORKERS=0"]
     assert found["gpu"]["available"] is False and found["gpu"]["reason"]
     assert all(t["status"] == DRY for t in found["targets"]) and len(found["targets"]) == 7
     table = (out / "gpu.md").read_text()
@@ -133,6 +136,43 @@ def test_a_model_that_fails_to_export_leaves_the_others_measured(tmp_path: Path)
     assert set(failed) == {"export nosuchnet"} and "Unknown model 'nosuchnet'" in failed["export nosuchnet"]
     assert run.found["exports"]["lenet5"]["weights"] == "random" and run.found["exports"]["lenet5"]["exported_s"] > 0
     assert "export nosuchnet" in json.loads((tmp_path / "out" / "gpu.json").read_text())["failures"]  # saved
+
+
+def test_a_batch_size_that_failed_in_process_fails_its_stage_and_the_others_are_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path that failed at some batch size (IOBinding on a GPU, at every size say) was printed and the stage
+    passed: the run exited 0 and the target read "not measured". The stage fails now, its other sizes kept."""
+    measured = {"model": "resnet50_fp16", "providers_taken": ["CUDAExecutionProvider"],
+                "runs": [{"path": "numpy", "batch": 64, "images_per_s": 6000.0}],
+                "errors": [{"batch": 256, "error": "RuntimeError: CUDA failure 2: out of memory"}]}  # fmt: skip
+    monkeypatch.setattr(cli, "subprocess_json", lambda *args: dict(measured))
+    run = Run(Plan.make("cpu", 2), tmp_path / "out")
+    run.found["ceilings"] = []
+    config = Ceiling("resnet50_fp16", "onnxruntime-defaults")
+    run.stage("ceiling resnet50_fp16", 1.0, lambda: cli.ceiling(run, ModelStore(tmp_path / "store"), config))
+    assert run.found["failures"]["ceiling resnet50_fp16"] == "batch 256: RuntimeError: CUDA failure 2: out of memory"
+    assert [c["runs"] for c in run.found["ceilings"]] == [measured["runs"]]
+    assert json.loads((tmp_path / "out" / "gpu.json").read_text())["failures"]  # saved
+
+
+def test_servers_a_run_killed_outright_left_behind_are_stopped_by_the_next(tmp_path: Path) -> None:
+    """SIGKILL reaches no handler, and the servers run in sessions of their own: left serving the store, they held
+    the GPU and the cores of the next run on a machine kept warm."""
+    store = tmp_path / "store"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    left = subprocess.Popen(sleeper, env={**os.environ, "MODEL_STORE": str(store)}, start_new_session=True)
+    other = subprocess.Popen(sleeper, env={**os.environ, "MODEL_STORE": str(tmp_path / "another")})
+    try:
+        deadline = time.monotonic() + 10
+        while psutil.Process(left.pid).environ().get("MODEL_STORE") != str(store) and time.monotonic() < deadline:
+            time.sleep(0.05)  # exec'd with its own environment
+        assert stop_leftovers(store) == [left.pid]
+        assert not psutil.pid_exists(left.pid) and other.poll() is None  # killed and reaped; the other store's stays
+    finally:
+        for process in (left, other):
+            process.kill()
+            process.wait()
 
 
 def gpu_run(fp16_http: float, p99: float, anchor: float, workers1: float) -> dict[str, Any]:
@@ -217,13 +257,13 @@ def test_what_a_gpu_run_did_not_measure_is_never_judged() -> None:
 
 def test_the_gpu_plan_serves_each_model_then_each_workers_count() -> None:
     plan = Plan.make("cuda", 16)
-    assert plan.servers() == [
+    assert plan.servers() == [  # the budget spent leaves out the last: not the scaling target's servers
         Server("resnet50_fp16", 0, (32, 128, 256), (32, 128, 256), sweep=True),
-        Server("resnet50", 0, (32, 128, 256), (32, 128, 256)),
-        Server("lenet5", 0, (32, 128, 256)),
         Server("resnet50_fp16", 1, (128,)),
         Server("resnet50_fp16", 2, (128,)),
         Server("resnet50_fp16", 4, (128,)),
+        Server("resnet50", 0, (128, 256)),  # what its target reads (c128), and above
+        Server("lenet5", 0, (128, 256)),
     ]
     assert [(c.model, c.options_label) for c in plan.ceilings()] == [
         ("resnet50_fp16", "service"), ("resnet50_fp16", "onnxruntime-defaults"), ("resnet50", "service"),
@@ -238,8 +278,8 @@ def test_the_gpu_plan_serves_each_model_then_each_workers_count() -> None:
         "64",
     )
     dry = Plan.make("cpu", 2)
-    assert [s.label for s in dry.servers()] == ["lenet5 WORKERS=0", "resnet50 WORKERS=0", "lenet5 WORKERS=1",
-                                                "lenet5 WORKERS=2"]  # fmt: skip
+    assert [s.label for s in dry.servers()] == ["lenet5 WORKERS=0", "lenet5 WORKERS=1", "lenet5 WORKERS=2",
+                                                "resnet50 WORKERS=0"]  # fmt: skip
     with pytest.raises(ValueError, match="CUDA only"):
         Plan.make("cpu", 2, models=("resnet50_fp16",)).check()
 
@@ -248,7 +288,7 @@ def test_a_workers_count_the_sizing_already_served_is_not_served_again() -> None
     """On 16 cores the ResNets' WORKERS=0 is 4: the scaling server asked for 4 would measure it again (a minute of
     the GPU's budget), unless its settings differ (the dry run's WORKERS=2 asks for the session host)."""
     plan = Plan.make("cuda", 16)
-    main, *_, two, four = plan.servers()
+    main, _, two, four, *_ = plan.servers()
     runs = [{"path": "http", "concurrency": c} for c in main.http]
     record = {"server": main.label, "model": main.model, "workers": 0, "workers_resolved": 4,
               "env": plan.service_env(main), "runs": runs}  # fmt: skip
@@ -262,7 +302,7 @@ def test_a_workers_count_the_sizing_already_served_is_not_served_again() -> None
     lenet = dry.servers()[0]
     record = {"server": lenet.label, "model": "lenet5", "workers": 0, "workers_resolved": 2,
               "env": dry.service_env(lenet), "runs": [{"path": "http", "concurrency": c} for c in (8, 16)]}  # fmt: skip
-    assert measured_already({"served": [record]}, dry, dry.servers()[-1]) is None  # SESSION_HOST=shared there
+    assert measured_already({"served": [record]}, dry, dry.servers()[2]) is None  # SESSION_HOST=shared there
 
 
 def test_the_load_is_split_over_processes_and_multipart_bodies_are_built_once() -> None:
