@@ -158,12 +158,16 @@ def subprocess_json(command: list[str], timeout: float, say: Callable[[str], Non
     killer = threading.Timer(timeout, process.kill)
     killer.start()
     tail: collections.deque[str] = collections.deque(maxlen=8)
+    stdout: list[str] = []  # read beside stderr: a child that fills one pipe while this reads the other would hang
+    reader = threading.Thread(target=lambda: stdout.append(process.stdout.read() if process.stdout else ""))
+    reader.start()
     try:
         for line in process.stderr or ():
             tail.append(line.rstrip())
             say(f"  {tail[-1]}")
-        out = process.stdout.read() if process.stdout else ""
         code = process.wait()
+        reader.join()
+        out = "".join(stdout)
     finally:
         killer.cancel()
         if process.poll() is None:  # this process is being stopped (SIGTERM): not the child left behind
