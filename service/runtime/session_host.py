@@ -46,6 +46,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing import AuthenticationError
+from multiprocessing import connection as connections
 from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
 from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
@@ -68,11 +69,18 @@ START_TIMEOUT_S = 120.0
 Providers = list[str | tuple[str, dict[str, str]]]
 
 
+MIN_ANSWER_WITHIN_S = 120.0
+
+
 class SessionHostGone(ModelNotReady):
     """The host holding this worker's sessions no longer answers (the server stops where the host died): 503, safe
     to send again."""
 
     retry_after = 1
+
+
+class SessionHostStuck(SessionHostGone):
+    """The host gave no answer in time and was killed: nothing is opened again on it (the server stops)."""
 
 
 class NodeArg(NamedTuple):
@@ -136,7 +144,13 @@ def open_session(graph: Path, options: ort.SessionOptions, providers: Providers,
     spinning = options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
     spec = OpenSpec(str(graph.resolve()), instance, providers, options.intra_op_num_threads,
                     options.inter_op_num_threads, spinning, options.enable_cpu_mem_arena)  # fmt: skip
-    return RemoteSession(spec, *found)
+    return RemoteSession(spec, *found, answer_within=answer_within(Settings()))
+
+
+def answer_within(settings: Settings) -> float:
+    """How long a worker waits for the host's answer (a run, an open, the handshake) before it takes the host for
+    stuck: four request timeouts, two minutes at least. Longer than any batch a request could still use."""
+    return max(4 * settings.request_timeout_s, MIN_ANSWER_WITHIN_S)
 
 
 def inference_session(graph: str, options: ort.SessionOptions, providers: Providers) -> ort.InferenceSession:
@@ -207,10 +221,13 @@ class RemoteSession:
     """A session held by the host, as this worker runs it: one connection, two shared buffers, one run at a time.
 
     A connection that breaks while the host lives on (the host could not take a buffer, say) is opened again once
-    by the next run; where that fails too, the run raises :class:`SessionHostGone` (503)."""
+    by the next run; where that fails too, the run raises :class:`SessionHostGone` (503). A host that gives no
+    answer within ``answer_within`` seconds (stopped, or stuck in a library) is killed: its exit stops the server,
+    as any end of the host does, rather than leave every instance waiting on it for ever."""
 
-    def __init__(self, spec: OpenSpec, where: str, key: bytes) -> None:
+    def __init__(self, spec: OpenSpec, where: str, key: bytes, answer_within: float = MIN_ANSWER_WITHIN_S) -> None:
         self.spec, self._where, self._key, self._lock = spec, where, key, threading.Lock()
+        self._answer_within = answer_within
         self._state: list[Any] = [None, []]  # what the finalizer closes: the connection, [inputs, outputs] or []
         self._state[0], reply = self._connect()
         _, self._providers, inputs, outputs, self.cuda_unavailable, self.host_pid = reply
@@ -221,9 +238,20 @@ class RemoteSession:
     def _connect(self) -> tuple[Connection, tuple[Any, ...]]:
         """A new connection with the session open on it (and no buffers yet), and the host's "opened" reply."""
         try:
-            connection = Client(self._where, "AF_UNIX", authkey=self._key)
+            # multiprocessing's Client, with the wait for the handshake bounded
+            connection = connections.SocketClient(self._where)  # type: ignore[attr-defined]
         except (OSError, EOFError) as exc:
             raise SessionHostGone(f"cannot reach the session host at {self._where}: {exc}") from None
+        try:
+            self._answered(connection, "the handshake", None)
+            answer_challenge(connection, self._key)
+            deliver_challenge(connection, self._key)
+        except (OSError, EOFError) as exc:
+            connection.close()
+            raise SessionHostGone(f"cannot reach the session host at {self._where}: {exc}") from None
+        except BaseException:
+            connection.close()
+            raise
         try:
             reply = self._ask(("open", self.spec), connection=connection)
             if reply[0] != "opened":
@@ -264,10 +292,26 @@ class RemoteSession:
             connection.send(message)
             for handle in handles:
                 send_handle(connection, handle, 0)
+            self._answered(connection, repr(message[0]), connection if connection is self._state[0] else None)
             reply: tuple[Any, ...] = connection.recv()
         except (OSError, EOFError) as exc:
             raise SessionHostGone(f"the session host stopped answering ({type(exc).__name__}: {exc})") from None
         return reply
+
+    def _answered(self, connection: Connection, what: str, held: Connection | None) -> None:
+        """Return once the host's answer to ``what`` is there; a host silent for ``answer_within`` seconds is taken
+        for stuck: killed (the server stops with it), and the connection (``held``: this session's) dropped."""
+        if connection.poll(self._answer_within):
+            return
+        pid = getattr(self, "host_pid", None)
+        logger.error("the session host%s gave no answer to %s within %.0f s: it is stopped as stuck, and the server "
+                     "with it", f" (pid {pid})" if pid else "", what, self._answer_within)  # fmt: skip
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        if held is not None:
+            RemoteSession._release(self._state)  # a late answer must not be read as the next run's
+        raise SessionHostStuck(f"the session host gave no answer within {self._answer_within:.0f} s")
 
     def _room(self, inputs: int, outputs: int) -> tuple[_Buffer, _Buffer]:
         """Buffers that hold ``inputs`` and ``outputs`` bytes: new ones (powers of two) sent to the host where these
@@ -310,6 +354,8 @@ class RemoteSession:
         with self._lock:
             try:
                 return self._run(output_names, feeds)
+            except SessionHostStuck:
+                raise
             except SessionHostGone:
                 try:
                     self._reopen()  # a host that is gone fails this too (SessionHostGone), and the server stops

@@ -162,6 +162,40 @@ def test_a_host_that_died_is_named_by_the_next_run_as_a_503(lenet5: Path) -> Non
         assert raised.value.status_code == 503 and raised.value.retry_after == 1  # safe to send again
 
 
+def test_a_host_that_gives_no_answer_is_killed_and_the_run_answers_503(lenet5: Path) -> None:
+    """A host alive but stuck (stopped here; a library's deadlock, a hung device) left every batch thread waiting on
+    it for ever, each holding its instance: requests piled up and /readyz said ready. Past the bound the worker kills
+    it (its end stops the server, as any end of the host does) and the run answers 503."""
+    with session_host.hosted() as started:
+        spec = session_host.OpenSpec(str(lenet5), 0, list(CPU), threads=1)
+        session = session_host.RemoteSession(spec, started.address, started.key, answer_within=1.0)
+        assert session.run(["probabilities"], {INPUT_NAME: _images(2)})[0].shape == (2, 10)
+        started.process.send_signal(signal.SIGSTOP)
+        began = time.monotonic()
+        with pytest.raises(session_host.SessionHostGone, match="gave no answer within 1 s") as raised:
+            session.run(["probabilities"], {INPUT_NAME: _images(2)})
+        assert raised.value.status_code == 503 and time.monotonic() - began < 10
+        assert started.process.wait(10) == -signal.SIGKILL
+        with pytest.raises(session_host.SessionHostGone, match="cannot reach"):  # no late answer read as this one's
+            session.run(["probabilities"], {INPUT_NAME: _images(2)})
+
+
+def test_a_host_stopped_before_the_handshake_fails_the_open_in_bounded_time(lenet5: Path) -> None:
+    with session_host.hosted() as started:
+        started.process.send_signal(signal.SIGSTOP)
+        try:
+            spec = session_host.OpenSpec(str(lenet5), 0, list(CPU), threads=1)
+            with pytest.raises(session_host.SessionHostGone, match="gave no answer within 1 s"):
+                session_host.RemoteSession(spec, started.address, started.key, answer_within=1.0)
+        finally:
+            started.process.send_signal(signal.SIGCONT)
+
+
+def test_the_bound_on_the_hosts_answer_outlasts_any_request() -> None:
+    assert session_host.answer_within(Settings()) == 240.0  # four of REQUEST_TIMEOUT_S's 60 s
+    assert session_host.answer_within(Settings(request_timeout_s=5)) == 120.0  # never under two minutes
+
+
 def test_a_broken_connection_is_opened_again_by_the_next_run(host: session_host.HostProcess, lenet5: Path) -> None:
     session, images = _remote(lenet5, host, instance=3), _images(4)
     before = session.run(["probabilities"], {INPUT_NAME: images})[0]
