@@ -241,14 +241,14 @@ class RemoteSession:
             # multiprocessing's Client, with the wait for the handshake bounded
             connection = connections.SocketClient(self._where)  # type: ignore[attr-defined]
         except (OSError, EOFError) as exc:
-            raise SessionHostGone(f"cannot reach the session host at {self._where}: {exc}") from None
+            raise SessionHostGone(f"cannot reach the session host: {exc}") from None
         try:
             self._answered(connection, "the handshake", None)
             answer_challenge(connection, self._key)
             deliver_challenge(connection, self._key)
         except (OSError, EOFError) as exc:
             connection.close()
-            raise SessionHostGone(f"cannot reach the session host at {self._where}: {exc}") from None
+            raise SessionHostGone(f"cannot reach the session host: {exc}") from None
         except BaseException:
             connection.close()
             raise
@@ -361,8 +361,11 @@ class RemoteSession:
                     self._reopen()  # a host that is gone fails this too (SessionHostGone), and the server stops
                 except RuntimeError as exc:  # the host could not open it again: its graph changed, say
                     RemoteSession._release(self._state)  # the broken connection: the next run tries afresh
-                    raise ModelNotReady(f"{self.spec.graph} instance {self.spec.instance}: the session could not "
-                                        f"be opened again: {exc}") from None  # fmt: skip
+                    logger.error("%s instance %d: the session could not be opened again in the session host: %s",
+                                 self.spec.graph, self.spec.instance, exc)  # fmt: skip
+                    why = str(exc).replace(self.spec.graph, "its graph")  # the client is not told the server's paths
+                    raise ModelNotReady(f"instance {self.spec.instance} of this version could not be opened again in "
+                                        f"the session host: {why}") from None  # fmt: skip
                 return self._run(output_names, feeds)
 
     def _run(self, output_names: Sequence[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
