@@ -21,6 +21,16 @@ class ServiceError(Exception):
         self.message = message
 
 
+class ClientGone(ServiceError):
+    """The request's body ended early: the client went away (499, as nginx says), or the connection refused the
+    rest of it (``status_code``: what the client was answered, 408 or 413). No answer is sent (there is no one to
+    send it to, or it was sent); counted as no outcome where the client went away, else as the 4xx it got."""
+
+    def __init__(self, status_code: int = 499) -> None:
+        super().__init__("the request's body ended before it was whole")
+        self.status_code = status_code
+
+
 class InvalidInput(ServiceError):
     """The client sent something we cannot use: an undecodable image, a bad parameter."""
 

@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args
 
 import psutil
 
-from .errors import Overloaded, ServiceError
+from .errors import ClientGone, Overloaded, ServiceError
 from .store.quality import CONFIDENCE_BUCKETS, ENTROPY_BUCKETS, confidence_and_entropy
 
 logger = logging.getLogger(__name__)
@@ -315,6 +315,8 @@ class Metrics:
             outcome = "2xx"
         except ServiceError as exc:
             outcome = "4xx" if exc.status_code < 500 else "5xx"
+            if isinstance(exc, ClientGone) and exc.status_code == 499:  # it went away: no answer was had
+                outcome = None
             if isinstance(exc, Overloaded):
                 self.child(self.shed, record.model, protocol).inc()
             raise

@@ -332,6 +332,15 @@ def http_codes(service: ServiceProcess) -> dict[tuple[str, str], float]:
     return {(labels["route"], labels["code"]): value for labels, value in samples}
 
 
+def request_outcomes(service: ServiceProcess) -> dict[str, float]:
+    """``cnn_requests_total`` now, summed by outcome (2xx, 4xx, 5xx)."""
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    found: dict[str, float] = {}
+    for labels, value in metric_samples(text, "cnn_requests_total"):
+        found[labels["outcome"]] = found.get(labels["outcome"], 0.0) + value
+    return found
+
+
 def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     """Samples of one metric from Prometheus' text format, as (labels, value)."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..errors import ServiceError, validation_problems
+from ..errors import ClientGone, ServiceError, validation_problems
 from ..runtime.classifier import Answer
 from ..settings import Settings
 from .body import read_body, read_images
@@ -64,7 +64,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, f"Invalid parameter: {validation_problems(exc.errors(), skip=1)}")
 
     @app.exception_handler(ClientDisconnect)
-    async def disconnected(request: Request, _: ClientDisconnect) -> Response:
+    @app.exception_handler(ClientGone)
+    async def disconnected(request: Request, _: Exception) -> Response:
         return client_gone(request.scope)
 
     @app.exception_handler(Exception)

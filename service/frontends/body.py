@@ -7,9 +7,10 @@ from collections.abc import AsyncIterator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
-from ..errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from ..errors import ClientGone, InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from .protocol import REFUSED_WITH
 
 
 async def read_body(request: Request, limit: int, limit_name: str = "MAX_BODY_BYTES") -> bytes:
@@ -19,11 +20,14 @@ async def read_body(request: Request, limit: int, limit_name: str = "MAX_BODY_BY
         raise PayloadTooLarge(f"Request body of {int(declared):,} bytes exceeds the limit of {limit:,} ({limit_name})")
     chunks, size = [], 0
     stream: AsyncIterator[bytes] = request.stream()
-    async for chunk in stream:
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit:,} bytes ({limit_name})")
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {limit:,} bytes ({limit_name})")
+            chunks.append(chunk)
+    except ClientDisconnect:  # ours, so that the request's counters and a canary read it as the client's doing
+        raise ClientGone(request.scope.get(REFUSED_WITH, 499)) from None
     body = b"".join(chunks)
     request._body = body  # Starlette's form parser reads the cached body
     return body

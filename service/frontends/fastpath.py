@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import ServiceError
+from ..errors import ClientGone, ServiceError
 from .protocol import REFUSED_WITH
 
 logger = logging.getLogger(__name__)
@@ -118,12 +118,12 @@ class FastPathMiddleware:
         request = Request(scope, receive, send)
         try:
             response = await handler(request)
+        except (ClientDisconnect, ClientGone):
+            response = client_gone(scope)
         except ServiceError as exc:
             response = error_response(exc.status_code, exc.message, exc.retry_after)
         except HTTPException as exc:  # Starlette's own, e.g. from a malformed multipart form
             response = error_response(exc.status_code, str(exc.detail))
-        except ClientDisconnect:
-            response = client_gone(scope)
         except Exception as exc:
             response = internal_error(exc)
         await response(scope, receive, send)

@@ -26,7 +26,16 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
 from service.frontends.protocol import OVER_LIMIT_PENDING
 from service.store.layout import ModelStore
-from tests.helpers import ServiceProcess, encode, http_codes, metric_samples, running, wait_until, workers
+from tests.helpers import (
+    ServiceProcess,
+    encode,
+    http_codes,
+    metric_samples,
+    request_outcomes,
+    running,
+    wait_until,
+    workers,
+)
 
 DIGIT = encode(np.full((28, 28), 255, dtype=np.uint8))
 PNG = {"Content-Type": "image/png"}
@@ -162,7 +171,7 @@ def test_a_head_that_never_finishes_is_answered_408_and_closed(guarded: ServiceP
 
 def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess) -> None:
     """10 bytes a second of a 100 kB body: cut at the first 5 s window under MIN_BODY_BYTES_PER_S (1024)."""
-    before, codes = refused(guarded), http_codes(guarded)
+    before, codes, outcomes = refused(guarded), http_codes(guarded), request_outcomes(guarded)
     head = (b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
             b"Content-Length: 100000\r\n\r\n")  # fmt: skip
     started = time.monotonic()
@@ -182,6 +191,8 @@ def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess
     # the app, reading the body when the connection refused it, counts what the client got: not 499 nor 500
     wait_until(lambda: http_codes(guarded).get(("/classify", "408"), 0) == codes.get(("/classify", "408"), 0) + 1,
                10, "/classify's 408 counted")  # fmt: skip
+    after = request_outcomes(guarded)  # and a 4xx of the request counters, as the client got (it was a 5xx)
+    assert (after["4xx"] - outcomes["4xx"], after["5xx"] - outcomes["5xx"]) == (1, 0), (outcomes, after)
     assert_serving(guarded)
 
 

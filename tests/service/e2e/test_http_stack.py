@@ -30,7 +30,17 @@ import tritonclient.grpc as triton_grpc
 
 from service.store.layout import ModelStore
 
-from ...helpers import ROOT, ServiceProcess, encode, free_port, http_codes, metric_samples, running, wait_until
+from ...helpers import (
+    ROOT,
+    ServiceProcess,
+    encode,
+    free_port,
+    http_codes,
+    metric_samples,
+    request_outcomes,
+    running,
+    wait_until,
+)
 
 DIGIT = encode(np.pad(np.full((20, 4), 255, dtype=np.uint8), 4))
 PNG = {"Content-Type": "image/png"}
@@ -114,9 +124,10 @@ def test_http_requests_are_counted_by_route_template_never_by_path(service: Serv
 
 def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_500(service: ServiceProcess) -> None:
     """Content-Length 1000, 100 bytes, then the socket closes: on the fast path (/classify) and through FastAPI
-    (/explain), counted as nginx counts a client's close, with no error in the log."""
+    (/explain), counted as nginx counts a client's close, with no error in the log, and as no outcome of the
+    request counters (it counted as a 5xx, which CNNErrorRatioHigh reads)."""
 
-    before = http_codes(service)
+    before, outcomes = http_codes(service), request_outcomes(service)
     for path in ("/classify?model=lenet5", "/explain?model=lenet5"):
         with socket.create_connection(("127.0.0.1", service.port), timeout=30) as connection:
             head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
@@ -126,6 +137,7 @@ def test_a_client_gone_before_its_body_arrived_is_a_499_not_a_500(service: Servi
     wait_until(counted, 10, "499s")
     after = http_codes(service)
     assert all(after.get((r, "500"), 0) == before.get((r, "500"), 0) for r in routes), after
+    assert request_outcomes(service) == outcomes
     assert "ClientDisconnect" not in service.log() and "Unhandled error" not in service.log()
 
 
