@@ -11,7 +11,7 @@ from skimage import data
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.store.metadata import InputMeta
-from service.store.preprocess import INLINE_PIXELS, DecodeOffTheLoop, _to_8bit, preprocess
+from service.store.preprocess import INLINE_PIXELS, DecodeOffTheLoop, _to_8bit, open_image, preprocess
 
 from ...helpers import encode
 
@@ -150,6 +150,23 @@ def test_formats_outside_the_photo_ones_are_refused_by_name(fmt: str) -> None:
 def test_undecodable_input_is_invalid(payload: bytes) -> None:
     with pytest.raises(InvalidInput):
         preprocess(payload, IMAGENET, max_pixels=LIMIT)
+
+
+def test_the_pixel_limit_is_the_settings_not_the_decoders() -> None:
+    """Pillow's own check (a warning past 89 M pixels, an error past 179 M) refused images MAX_IMAGE_PIXELS allows,
+    and named its limit, not the setting."""
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, "PNG")  # 100 M pixels in a few kB
+    large = buffer.getvalue()
+    with pytest.raises(PayloadTooLarge, match=r"10000x10000 = 100,000,000 pixels exceeds the limit of 64,000,000 \("):
+        open_image(large, max_pixels=64_000_000)
+    assert open_image(large, max_pixels=100_000_000).size == (10_000, 10_000)
+    buffer = io.BytesIO()
+    Image.new("1", (20_000, 10_000)).save(buffer, "PNG")
+    with pytest.raises(PayloadTooLarge, match=r"exceeds the limit of 64,000,000 pixels \(MAX_IMAGE_PIXELS\)"):
+        open_image(buffer.getvalue(), max_pixels=64_000_000)
+    with pytest.raises(PayloadTooLarge, match=r"the decoder's own limit of 178,956,970 pixels"):
+        open_image(buffer.getvalue(), max_pixels=300_000_000)
 
 
 def test_pixel_limit_is_checked_before_decoding() -> None:
