@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 import httpx
 import numpy as np
@@ -154,6 +155,21 @@ def test_client_errors_are_json_with_the_right_status(
     assert phrase in response.json()["error"]
     # and the service goes on serving
     assert classify(service, CAT, model="resnet18").status_code == 200
+
+
+def test_a_content_coded_body_is_refused_with_what_to_send_instead(service: ServiceProcess) -> None:
+    """A gzipped body was read as it came: "Cannot decode the image" on /classify, "not valid JSON" on /v2."""
+    headers = {"Content-Type": "image/jpeg", "Content-Encoding": "gzip"}
+    coded = httpx.post(
+        f"{service.url}/classify?model=resnet18", content=gzip.compress(CAT), headers=headers, timeout=60
+    )
+    assert coded.status_code == 415 and "Content-Encoding 'gzip' is not supported" in coded.json()["error"]
+    body = gzip.compress(b'{"inputs": []}')
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    v2 = httpx.post(f"{service.url}/v2/models/resnet18/infer", content=body, headers=headers, timeout=60)
+    assert v2.status_code == 415 and "send the body as it is" in v2.json()["error"]
+    headers = {"Content-Type": "image/jpeg", "Content-Encoding": "identity"}
+    assert httpx.post(f"{service.url}/classify?model=resnet18", content=CAT, headers=headers, timeout=60).is_success
 
 
 def test_too_many_files_is_413(service: ServiceProcess) -> None:
