@@ -296,14 +296,15 @@ class Metrics:
 
     @contextlib.contextmanager
     def track_request(
-        self, protocol: str, record: RequestRecord | None = None, timed_out: Callable[[], bool] | None = None
+        self, protocol: str, record: RequestRecord | None = None, cut_off: Callable[[], str | None] | None = None
     ) -> Iterator[RequestRecord]:
         """Count one request: in flight while it runs, then its outcome, images and latency.
 
         A request whose model is not resolved yet counts under ``model=""``, so client-chosen
         names never become label values; the caller fills ``record`` as it learns more. A cancelled
-        request counts as ``5xx`` where ``timed_out()`` says the service's own time limit cut it off
-        (it is answered 504), else as nothing (the client went away).
+        request counts as ``cut_off()`` says where the service's own time limit cut it off (``5xx``,
+        answered 504, or ``4xx`` where its body was still arriving, answered 408), else as nothing
+        (None: the client went away).
         """
         record = record or RequestRecord()
         started = time.perf_counter()
@@ -324,7 +325,7 @@ class Metrics:
             outcome = "5xx"
             raise
         except asyncio.CancelledError:
-            outcome = "5xx" if timed_out is not None and timed_out() else None
+            outcome = cut_off() if cut_off is not None else None
             raise
         finally:
             in_flight.dec()

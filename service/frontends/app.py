@@ -28,7 +28,7 @@ from .fastpath import FastRoutes, client_gone, error_response, internal_error, n
 from .page import add_page
 from .params import MODELS, classifier, classify_params, explain_params
 from .schemas import ERROR_RESPONSES, ClassifyResponse, ExplainResponse, Limits, ModelInfo, ModelList
-from .timeout import timed_out
+from .timeout import cut_off
 from .v2.rest import infer as v2_infer
 from .v2.rest import router as v2_router
 
@@ -92,7 +92,7 @@ async def classify(request: Request) -> Response:
     # inside the record, so that every error counts, and against the version the lease names (the body is read
     # once it is taken: a partial, not a lambda, so that the request is not handed back to this module)
     files = functools.partial(read_images, request, settings.max_body_bytes, settings.max_images_per_request)
-    with service.metrics.track_request("http", timed_out=timed_out) as record:
+    with service.metrics.track_request("http", cut_off=cut_off) as record:
         request.scope["request_record"] = record
         classified = await service.classify(
             query["model"], query["version"], files, query["top_k"], query["min_confidence"], record

@@ -29,6 +29,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..tracing import carrier
+from .timeout import cut_off
 
 REQUEST_ID = b"x-request-id"
 UNMATCHED = "unmatched"
@@ -97,8 +98,8 @@ class RequestObserver:
                 if span is not None:  # named by its route's template once the routing found it
                     span.update_name(f"{scope['method']} {route_of(scope)}")
                     span.set_attribute("http.response.status_code", status)
-        except asyncio.CancelledError:
-            status = 504  # the request timeout (frontends/timeout.py) cancelled it, and answers 504 itself
+        except asyncio.CancelledError:  # the request timeout (frontends/timeout.py) cut it, and answers itself
+            status = 408 if cut_off() == "4xx" else 504  # 408: its body was still arriving
             raise
         finally:
             route = route_of(scope)

@@ -7,8 +7,9 @@ and Python's full garbage collections, which walk them all, stopped the worker f
 300 ms every few seconds, longer as the load went on (measured with a closed-loop client on
 ``/noop``). This one has the same contract (a request that has not started its answer
 within the timeout is cancelled and gets 504 with a JSON error; once the answer has
-started, it is not cut), runs the request in the caller's task, and disarms its timer when
-the answer starts or the request ends.
+started, it is not cut), but for a body still arriving at the timeout, which is the client's
+slowness: 408, and the connection closed. It runs the request in the caller's task, and
+disarms its timer when the answer starts or the request ends.
 
 BentoML has no setting for its middleware; :func:`install` puts this class where BentoML
 looks for its own (``tests/service/e2e/test_http_stack.py`` fails if an upgrade moves it).
@@ -18,21 +19,39 @@ from __future__ import annotations
 
 import asyncio
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime.deadline import request_deadline
 
-# the current request's time limit, for :func:`timed_out`
-_limit: ContextVar[asyncio.Timeout | None] = ContextVar("request_time_limit", default=None)
+
+@dataclass
+class _Limit:
+    deadline: asyncio.Timeout
+    body_arrived: bool  # the request's body whole (or none to come): a cut before it is the client's slowness
 
 
-def timed_out() -> bool:
-    """Whether the current request was cut off by ``REQUEST_TIMEOUT_S`` (its 504 is under way): read where a
-    cancellation arrives, which is otherwise a client gone away."""
+# the current request's time limit, for :func:`cut_off`
+_limit: ContextVar[_Limit | None] = ContextVar("request_time_limit", default=None)
+
+
+def cut_off() -> str | None:
+    """How the current request counts where ``REQUEST_TIMEOUT_S`` cut it off, read where a cancellation arrives
+    (which is otherwise a client gone away: None): ``4xx`` while its body was still arriving (answered 408),
+    else ``5xx`` (answered 504)."""
     limit = _limit.get()
-    return limit is not None and limit.expired()
+    if limit is None or not limit.deadline.expired():
+        return None
+    return "5xx" if limit.body_arrived else "4xx"
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", ()):
+        if (name == b"content-length" and value.strip() not in (b"0", b"")) or name == b"transfer-encoding":
+            return True
+    return False
 
 
 class RequestTimeout:
@@ -46,6 +65,13 @@ class RequestTimeout:
             return
         answering = False
         deadline = asyncio.timeout(self.timeout)
+        state = _Limit(deadline, body_arrived=not _has_body(scope))
+
+        async def receive_and_note() -> Message:
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                state.body_arrived = True
+            return message
 
         async def send_and_disarm(message: Message) -> None:
             nonlocal answering
@@ -56,15 +82,20 @@ class RequestTimeout:
 
         # the runtime's waits (a cold start) end before this one does, with an answer of their own
         token = request_deadline.set(asyncio.get_running_loop().time() + self.timeout)
-        limit = _limit.set(deadline)
+        limit = _limit.set(state)
         try:
             async with deadline:
-                await self.app(scope, receive, send_and_disarm)
+                await self.app(scope, receive_and_note if not state.body_arrived else receive, send_and_disarm)
         except TimeoutError:
             if answering or not deadline.expired():  # not ours: an error of the app's
                 raise
-            error = f"Not able to process the request in {self.timeout} seconds (REQUEST_TIMEOUT_S)"
-            await JSONResponse({"error": error}, status_code=504)(scope, receive, send)
+            if not state.body_arrived:  # the client's slowness, and the rest of its body unread: the connection ends
+                error = f"The request's body did not arrive within {self.timeout} seconds (REQUEST_TIMEOUT_S)"
+                response = JSONResponse({"error": error}, status_code=408, headers={"Connection": "close"})
+            else:
+                error = f"Not able to process the request in {self.timeout} seconds (REQUEST_TIMEOUT_S)"
+                response = JSONResponse({"error": error}, status_code=504)
+            await response(scope, receive, send)
         finally:
             request_deadline.reset(token)
             _limit.reset(limit)

@@ -34,7 +34,7 @@ from ...runtime.entry import ModelEntry
 from ...runtime.lifecycle import ModelControl
 from ...store.tensors import DISTANCE_NAME, GRADCAM_NAME, INPUT_NAME, OUTPUT_NAMES
 from ..params import whole_number
-from ..timeout import timed_out
+from ..timeout import cut_off
 from .management import RepositoryManager
 
 GRADCAM = GRADCAM_NAME  # an output of versions with an explanation graph
@@ -359,7 +359,7 @@ class OipHandler:
         """Count one request from its start, under ``protocol``: one refused before it reached a model (unknown,
         loading, a malformed body) counts too, under ``model=""`` until :meth:`lease` names it; one that
         ``REQUEST_TIMEOUT_S`` cut off, as ``5xx``."""
-        return self.classifier.metrics.track_request(protocol, timed_out=timed_out)
+        return self.classifier.metrics.track_request(protocol, cut_off=cut_off)
 
     async def infer(
         self, entry: ModelEntry, inputs: list[Tensor], requested: list[RequestedOutput], record: RequestRecord
