@@ -151,6 +151,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self._over_limit is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # a probe's answer, then the connection is closed
+        if self.expect_100_continue and self.cycle is not None:
+            self._close_if_answered_first(self.cycle)
+
+    @staticmethod
+    def _close_if_answered_first(cycle: Any) -> None:
+        """``Expect: 100-continue``, answered before its body was asked for (a 400 on a parameter, say): the
+        connection closes after the answer. Kept open, the body the client may send all the same was read as the
+        next request's head, or that head as this body's rest, and the connection hung."""
+        send = cycle.send
+
+        async def send_and_close(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.waiting_for_100_continue:
+                cycle.keep_alive = False
+            await send(message)
+
+        cycle.send = send_and_close  # what run_asgi hands the app
 
     def on_body(self, body: bytes) -> None:
         if not self._busy:  # a refused request's body: no cycle reads it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -70,6 +71,18 @@ def _read_all(sock: socket.socket) -> bytes:
     except OSError:
         pass
     return answer
+
+
+def _read_one(sock: socket.socket) -> bytes:
+    """One response with a Content-Length, head and body, off a connection that stays open."""
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        answer += sock.recv(65536)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: *(\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 def status_and_error(answer: bytes) -> tuple[int, str]:
@@ -167,6 +180,28 @@ def test_a_head_that_never_finishes_is_answered_408_and_closed(guarded: ServiceP
         assert 1.5 < time.monotonic() - started < 6
     assert refused(guarded)["header_timeout"] == before["header_timeout"] + 2
     assert_serving(guarded)
+
+
+def test_expect_100_continue_answered_before_its_body_closes_the_connection(guarded: ServiceProcess) -> None:
+    """A 400 on a parameter before the body was asked for (no 100 sent) kept the connection: the body the client
+    sends all the same, or its next request, was read as the rest of this one, and the connection hung. A request
+    whose body is asked for keeps its connection."""
+    head = (b"POST /classify?model=lenet5%s HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=4) as sock:  # before: closed after 5 s
+        sock.sendall(head % (b"&top_k=0", len(DIGIT)))
+        answer = _read_all(sock)
+    status, error = status_and_error(answer)
+    assert status == 400 and "top_k" in error and b"connection: close" in answer.lower(), answer
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=10) as sock:
+        sock.sendall(head % (b"", len(DIGIT)))
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(DIGIT)
+        first = _read_one(sock)
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = _read_one(sock)
+    assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower(), first
+    assert second.startswith(b"HTTP/1.1 200 "), second
 
 
 def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess) -> None:
