@@ -40,7 +40,7 @@ EXPLANATION_METHODS = ("occlusion", "gradcam")
 ShadowSkip = Literal["dropped", "unavailable", "refused", "incompatible", "error"]
 SHADOW_SKIP_REASONS: tuple[ShadowSkip, ...] = get_args(ShadowSkip)
 # why the HTTP protocol closed a connection before the app saw a request (service.frontends.protocol)
-REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate", "body_bytes")
+REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate", "body_bytes", "body_memory")
 
 
 DRIFT_RELEASED = -1.0  # cnn_prediction_drift of a version unloaded: below every divergence, unlike NaN comparable

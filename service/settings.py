@@ -157,6 +157,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1024, ge=1, description="Connections one worker holds; one more gets 503 with Retry-After and is closed."
     )
+    max_body_bytes_in_flight: int = Field(
+        128 * 1024 * 1024,
+        ge=1024,
+        description="Request body bytes one worker holds at once, each request's from its head (its Content-Length) "
+        "to the end of its answer; a request that would pass it gets 503 with Retry-After and is closed (one alone "
+        "is always taken). Bounds the memory large uploads take together (each body is copied as it is parsed).",
+    )
     grpc_max_concurrent_rpcs: int = Field(
         1024,
         ge=1,

@@ -64,6 +64,13 @@ class Limits:
     min_body_bytes_per_s = 1024
     max_connections = 1024
     max_body_bytes = 20 * 1024 * 1024
+    max_body_bytes_in_flight = 128 * 1024 * 1024
+
+
+class _Bodies:
+    """The request body bytes this worker's connections hold (see :meth:`BoundedHttpToolsProtocol._hold`)."""
+
+    held = 0
 
 
 def _response(status: bytes, message: str, retry_after: int | None = None) -> bytes:
@@ -101,6 +108,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._message_bytes = 0  # bytes since the body's watch began: a body with trailers is bounded too
         self._over_limit: asyncio.TimerHandle | None = None  # past MAX_CONNECTIONS: its deadline (see _past_limit)
         self._busy = False  # a request past MAX_CONNECTIONS that is not a probe's: answered 503, the rest ignored
+        self._holding = 0  # of _Bodies.held: this connection's request's body, from its head to its answer's end
+        self._declared = False  # whether that request's head gave its length (else its chunks count as they come)
 
     # the connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -116,6 +125,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._let_go()
         if self._over_limit is not None:
             self._over_limit.cancel()
             _past_limit.discard(self)
@@ -148,6 +158,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse_busy()
                 return
             self._over_limit = self.loop.call_later(OVER_LIMIT_PROBE_S, self._abort)  # a reader that never reads
+        if not self._hold():
+            return
         super().on_headers_complete()
         if self._over_limit is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # a probe's answer, then the connection is closed
@@ -170,7 +182,41 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         if not self._busy:  # a refused request's body: no cycle reads it
+            if not self._declared and self.cycle is not None and not self.cycle.response_complete:  # chunked: counted
+                self._holding += len(body)
+                _Bodies.held += len(body)
             super().on_body(body)
+
+    def on_response_complete(self) -> None:
+        self._let_go()  # with a pipelined request's, where one was read meanwhile (counted short until it ends)
+        super().on_response_complete()
+
+    # the bodies in memory
+    def _hold(self) -> bool:
+        """Count this request's declared body into the worker's (a body over MAX_BODY_BYTES is refused before it
+        is read: not counted); refuse it where that would pass MAX_BODY_BYTES_IN_FLIGHT and others hold some.
+        Each body is held, copied as it is parsed and decoded, until its request is answered: without a bound,
+        32 uploads of 19 MB at once grew a worker by 1.7 GB, and MAX_CONNECTIONS allows 1,024."""
+        declared = next((value for name, value in self.headers if name == b"content-length"), None)
+        self._declared = declared is not None
+        size = int(declared) if declared is not None and declared.isdigit() else 0
+        if size == 0 or size > Limits.max_body_bytes:
+            return True
+        answering = self.cycle is not None and not self.cycle.response_complete  # pipelined: it waits its turn
+        if _Bodies.held and _Bodies.held + size > Limits.max_body_bytes_in_flight and not answering:
+            self._busy = True  # its body ignored as it arrives
+            metrics.connection_refused("body_memory")
+            limit = Limits.max_body_bytes_in_flight
+            self._refuse(b"503 Service Unavailable", f"this worker holds {_Bodies.held:,} bytes of request bodies, and "
+                         f"this one's {size:,} would pass MAX_BODY_BYTES_IN_FLIGHT={limit}; retry", 1)  # fmt: skip
+            return False
+        self._holding += size
+        _Bodies.held += size
+        return True
+
+    def _let_go(self) -> None:
+        _Bodies.held -= self._holding
+        self._holding = 0
 
     def on_message_complete(self) -> None:
         if not self._busy:
@@ -320,4 +366,5 @@ def install(settings: Settings) -> None:
     Limits.min_body_bytes_per_s = settings.min_body_bytes_per_s
     Limits.max_connections = settings.max_connections
     Limits.max_body_bytes = settings.max_body_bytes
+    Limits.max_body_bytes_in_flight = settings.max_body_bytes_in_flight
     config.HTTP_PROTOCOLS["auto"] = f"{__name__}:BoundedHttpToolsProtocol"

@@ -114,7 +114,8 @@ def test_every_served_versions_counters_exist_at_zero(guarded: ServiceProcess) -
                           ("cnn_model_loads_total", {"request", "start"})):  # fmt: skip
         seen = {labels["reason"] for labels, _ in metric_samples(text, name) if labels["model"] == "lenet5"}
         assert seen >= reasons, (name, seen)
-    assert set(refused(guarded)) == {"connections", "header_bytes", "header_timeout", "body_rate", "body_bytes"}
+    assert set(refused(guarded)) == {"connections", "header_bytes", "header_timeout", "body_rate", "body_bytes",
+                                     "body_memory"}  # fmt: skip
 
 
 @pytest.mark.parametrize("path", ["/classify?model=lenet5", "/v2/models/lenet5/infer"])
@@ -202,6 +203,38 @@ def test_expect_100_continue_answered_before_its_body_closes_the_connection(guar
         second = _read_one(sock)
     assert first.startswith(b"HTTP/1.1 200 ") and b"connection: close" not in first.lower(), first
     assert second.startswith(b"HTTP/1.1 200 "), second
+
+
+def test_the_bodies_a_worker_holds_are_bounded_and_one_alone_is_always_taken(
+    model_store: ModelStore, tmp_path: Path
+) -> None:
+    """Each body is held, and copied as it is parsed, until its request is answered: 32 uploads of 19 MB at once
+    grew a worker by 1.7 GB, and 1,024 connections were allowed. Past MAX_BODY_BYTES_IN_FLIGHT (1 MiB here) a
+    request gets 503 with Retry-After at its head; a small one still fits, and so does any one alone."""
+    size = 800 * 1024
+
+    def head(length: int) -> bytes:
+        return (b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: %d\r\n\r\n" % length)  # fmt: skip
+
+    env = {"MODELS": "lenet5", "WORKERS": "1", "MAX_BODY_BYTES_IN_FLIGHT": str(1024 * 1024)}
+    with running(Path(model_store.root), tmp_path / "bodies.log", **env) as service:
+        before = refused(service)
+        with socket.create_connection(("127.0.0.1", service.port), timeout=20) as holder:
+            holder.sendall(head(size) + b"x" * 1000)  # 800 KiB declared, arriving
+            time.sleep(1.0)
+            answer = exchange(service, head(size) + b"x" * size)
+            status, error = status_and_error(answer)
+            assert status == 503 and "MAX_BODY_BYTES_IN_FLIGHT=1048576; retry" in error, answer[:300]
+            assert b"retry-after: 1" in answer.lower()
+            small = httpx.post(f"{service.url}/classify?model=lenet5", content=DIGIT, headers=PNG, timeout=30)
+            assert small.status_code == 200  # 800 KiB and a few hundred bytes: within
+            holder.sendall(b"x" * (size - 1000))  # the rest: answered (no image), its hold let go
+            assert _read_one(holder).startswith(b"HTTP/1.1 400 ")
+        for length in (size, 3 * 1024 * 1024):  # taken again; and one past the bound, alone
+            again = httpx.post(f"{service.url}/classify?model=lenet5", content=b"x" * length, headers=PNG, timeout=30)
+            assert again.status_code == 400 and "Cannot decode" in again.json()["error"], again.text
+        assert refused(service)["body_memory"] == before["body_memory"] + 1
 
 
 def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess) -> None:
