@@ -114,6 +114,9 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[Tensor]:
     tensors = []
     for i, tensor in enumerate(request.inputs):
         shape = parse_shape(tensor.name, list(tensor.shape))
+        if raw and tensor.HasField("contents"):  # as HTTP refuses data beside binary_data_size
+            raise InvalidInput(f"Input {tensor.name!r} has contents while the request has raw_input_contents: "
+                               "send its values in one of the two")  # fmt: skip
         if raw:
             tensors.append(tensor_from_raw(tensor.name, tensor.datatype, shape, raw[i]))
         else:

@@ -273,6 +273,11 @@ def test_grpc_malformed_requests_are_invalid_arguments(service: ServiceProcess) 
     wraps.raw_input_contents.append(b"")
     assert "needs 18446744073709551616 bytes" in _invalid(service, wraps)
 
+    both = pb.ModelInferRequest(model_name="lenet5")  # the raw bytes were taken, the contents ignored
+    both.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1]).contents.uint_contents.extend([0] * 1024)
+    both.raw_input_contents.append(b"\0" * 1024)
+    assert "has contents while the request has raw_input_contents" in _invalid(service, both)
+
     large = pb.ModelInferRequest(model_name="lenet5")
     large.inputs.add(name="images", datatype="UINT64", shape=[1]).contents.uint64_contents.append(2**64 - 1)
     assert "must be UINT8, got UINT64" in _invalid(service, large)  # read, not "out of range" past int64
