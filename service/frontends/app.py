@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..errors import ClientGone, ServiceError, validation_problems
 from ..runtime.classifier import Answer
@@ -78,7 +79,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             message = nothing_at(request.url.path)
         elif exc.status_code == 405 and exc.headers and exc.headers.get("Allow"):
-            message = f"{request.method} is not allowed on {request.url.path}: use {exc.headers['Allow']}"
+            method = "HEAD" if request.scope.get(HEAD_AS_GET) else request.method
+            message = f"{method} is not allowed on {request.url.path}: use {exc.headers['Allow']}"
         response = error_response(exc.status_code, message)
         response.headers.update(exc.headers or {})  # a 405's Allow
         return response
@@ -215,4 +217,22 @@ def create_app(enable_noop: bool = False, max_top_k: int = DEFAULT_MAX_TOP_K) ->
         models = [ModelInfo(**runtime.describe(name, per_class)) for name in runtime.names()]
         return ModelList(default_model=runtime.default_model, models=models, limits=limits)
 
+    app.add_middleware(HeadAsGet)
     return app
+
+
+HEAD_AS_GET = "cnn.head_as_get"
+
+
+class HeadAsGet:
+    """HEAD on every GET route, as HTTP has it (RFC 9110 9.3.2; a monitor's probe often sends it): FastAPI's routes
+    answer only the methods they declare, so HEAD /models was a 405. The app sees a GET (marked, for a 405's
+    message) and uvicorn, whose own scope still says HEAD, sends the head alone."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET", HEAD_AS_GET: True}
+        await self.app(scope, receive, send)

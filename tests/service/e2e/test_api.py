@@ -210,3 +210,14 @@ def test_openapi_describes_classify_truthfully(service: ServiceProcess) -> None:
     assert {"image/*", "application/octet-stream", "multipart/form-data"} <= set(operation["requestBody"]["content"])
     assert {"200", "400", "404", "413", "415", "503"} <= set(operation["responses"])
     assert "/models" in spec["paths"]
+    assert not [path for path, operations in spec["paths"].items() if "head" in operations]  # HEAD: not listed
+
+
+def test_every_get_route_answers_head(service: ServiceProcess) -> None:
+    """HEAD /models, /metrics, /v2/health/ready were 405 with Allow: GET (a monitor's probe often sends HEAD)."""
+    for path in ("/models", "/metrics", "/v2/health/ready", "/v2/models/lenet5", "/v2/models/lenet5/ready"):
+        got, head = httpx.get(f"{service.url}{path}", timeout=10), httpx.head(f"{service.url}{path}", timeout=10)
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    refused = httpx.head(f"{service.url}/classify", timeout=10)
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
