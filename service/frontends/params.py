@@ -76,7 +76,9 @@ def _integer(param: Param, text: str) -> int:
     most = param.maximum
     bounds = f"1 to {most}" if most is not None else "a positive integer"
     digits = text.strip().removeprefix("+")
-    if not digits.isdecimal():
+    if digits.startswith("-") and digits[1:].isascii() and digits[1:].isdecimal():  # an integer, below the range
+        raise InvalidInput(f"Invalid parameter: {param.name}={text.strip()} is out of range; use {bounds}")
+    if not (digits.isascii() and digits.isdecimal()):  # ASCII: "５" and "٣" are decimal to Python, not to a client
         raise InvalidInput(f"Invalid parameter: {param.name}={text!r} is not an integer; use {bounds}")
     value = int(digits) if len(digits) <= 18 else None
     if value is not None and most is not None and value > most and param.limit:

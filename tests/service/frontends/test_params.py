@@ -79,3 +79,14 @@ def test_a_parameter_given_twice_is_refused_not_guessed() -> None:
     with pytest.raises(InvalidInput, match=r"Parameter top_k is given 3 times"):
         params.parse(QueryParams("top_k=1&top_k=2&top_k=3"))
     assert params.parse(QueryParams("model=lenet5&top_k=2"))["top_k"] == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [("-1", "top_k=-1 is out of range; use 1 to 7"), ("０", "top_k='０' is not an integer"),
+     ("٣", "top_k='٣' is not an integer"), ("-abc", "top_k='-abc' is not an integer")],
+)  # fmt: skip
+def test_an_integer_below_the_range_is_out_of_range_and_only_ascii_digits_are_one(value: str, said: str) -> None:
+    """-1 was "not an integer"; full-width and Arabic-Indic digits were taken as numbers."""
+    with pytest.raises(InvalidInput, match=said):
+        parse(classify_params(MAX_TOP_K), top_k=value)
