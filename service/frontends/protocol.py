@@ -24,6 +24,9 @@ connection:
   neither the kubelet (which would restart it, dropping every connection, or take it out of the
   endpoints, as it would every pod of a service busy at once) nor Prometheus should read it as gone.
   Any other request past the limit, and every connection past the pending ones, gets the 503 at once.
+- ``MAX_BODY_BYTES_IN_FLIGHT``: the request bodies one worker holds, each from its head (its declared
+  ``Content-Length``; a chunked body as it arrives) until its request's handling ends; a request that would
+  pass it while others hold bodies is answered **503** with ``Retry-After`` at its head, and closed.
 
 The common path stays cheap: each connection arms one timer (its first head's deadline), and
 after that a head or body that arrives in one chunk (every normal request) arms none. The
@@ -73,6 +76,21 @@ class _Bodies:
     held = 0
 
 
+HELD, CHUNKED = "cnn_body_held", "cnn_body_chunked"  # on a request's cycle: its bytes in _Bodies.held; counted as read
+
+
+def _let_go(cycle: Any) -> None:
+    _Bodies.held -= getattr(cycle, HELD, 0)
+    setattr(cycle, HELD, 0)
+
+
+def _has_body(headers: Any) -> bool:
+    for name, value in headers:
+        if (name == b"content-length" and value.strip() not in (b"0", b"")) or name == b"transfer-encoding":
+            return True
+    return False
+
+
 def _response(status: bytes, message: str, retry_after: int | None = None) -> bytes:
     body = json.dumps({"error": message}).encode()
     extra = b"retry-after: %d\r\n" % retry_after if retry_after is not None else b""
@@ -107,9 +125,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._body_bytes = 0  # body bytes since the last check
         self._message_bytes = 0  # bytes since the body's watch began: a body with trailers is bounded too
         self._over_limit: asyncio.TimerHandle | None = None  # past MAX_CONNECTIONS: its deadline (see _past_limit)
-        self._busy = False  # a request past MAX_CONNECTIONS that is not a probe's: answered 503, the rest ignored
-        self._holding = 0  # of _Bodies.held: this connection's request's body, from its head to its answer's end
-        self._declared = False  # whether that request's head gave its length (else its chunks count as they come)
+        self._busy = False  # a request refused at its head (MAX_CONNECTIONS, bodies): answered 503, the rest ignored
+        self._holding = 0  # a body counted at its head, until its cycle is made (see _start_asgi_task)
+        self._chunked = False  # whether that head's body has no length: counted as it arrives
 
     # the connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -125,7 +143,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._let_go()
+        for cycle, _ in self.pipeline:  # queued, never to start: their bodies go now (a started one's with its task)
+            _let_go(cycle)
         if self._over_limit is not None:
             self._over_limit.cancel()
             _past_limit.discard(self)
@@ -158,12 +177,20 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse_busy()
                 return
             self._over_limit = self.loop.call_later(OVER_LIMIT_PROBE_S, self._abort)  # a reader that never reads
-        if not self._hold():
+        upgrade = self.parser.should_upgrade() and self._should_upgrade()  # no cycle: the websocket protocol's
+        if not upgrade and not self._hold():
             return
-        super().on_headers_complete()
+        try:
+            super().on_headers_complete()  # makes the cycle, and starts it (_start_asgi_task) or queues it
+            if self._holding and self.cycle is not None and not hasattr(self.cycle, HELD):
+                setattr(self.cycle, HELD, self._holding)  # queued behind the request being answered
+            if self._chunked and self.cycle is not None:
+                setattr(self.cycle, CHUNKED, True)
+        finally:
+            self._holding = 0
         if self._over_limit is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # a probe's answer, then the connection is closed
-        if self.expect_100_continue and self.cycle is not None:
+        if self.expect_100_continue and self.cycle is not None and _has_body(self.headers):
             self._close_if_answered_first(self.cycle)
 
     @staticmethod
@@ -182,23 +209,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_body(self, body: bytes) -> None:
         if not self._busy:  # a refused request's body: no cycle reads it
-            if not self._declared and self.cycle is not None and not self.cycle.response_complete:  # chunked: counted
-                self._holding += len(body)
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete and getattr(cycle, CHUNKED, False):  # counted
+                setattr(cycle, HELD, getattr(cycle, HELD, 0) + len(body))
                 _Bodies.held += len(body)
             super().on_body(body)
-
-    def on_response_complete(self) -> None:
-        self._let_go()  # with a pipelined request's, where one was read meanwhile (counted short until it ends)
-        super().on_response_complete()
 
     # the bodies in memory
     def _hold(self) -> bool:
         """Count this request's declared body into the worker's (a body over MAX_BODY_BYTES is refused before it
-        is read: not counted); refuse it where that would pass MAX_BODY_BYTES_IN_FLIGHT and others hold some.
-        Each body is held, copied as it is parsed and decoded, until its request is answered: without a bound,
-        32 uploads of 19 MB at once grew a worker by 1.7 GB, and MAX_CONNECTIONS allows 1,024."""
+        is read: not counted), until its handling ends (:meth:`_start_asgi_task`); refuse it where that would pass
+        MAX_BODY_BYTES_IN_FLIGHT and others hold some. Each body is held, and copied as it is parsed and decoded,
+        until then: without a bound, 32 uploads of 19 MB at once grew a worker by 1.7 GB (MAX_CONNECTIONS allows
+        1,024). The declared length counts from the head: a slow client holds its share as it sends (for up to
+        REQUEST_TIMEOUT_S, at MIN_BODY_BYTES_PER_S at least)."""
+        if self._busy or self.transport.is_closing():  # refused already: the rest of its bytes start nothing
+            self._busy = True
+            return False
         declared = next((value for name, value in self.headers if name == b"content-length"), None)
-        self._declared = declared is not None
+        self._chunked = declared is None and _has_body(self.headers)
         size = int(declared) if declared is not None and declared.isdigit() else 0
         if size == 0 or size > Limits.max_body_bytes:
             return True
@@ -210,13 +239,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(b"503 Service Unavailable", f"this worker holds {_Bodies.held:,} bytes of request bodies, and "
                          f"this one's {size:,} would pass MAX_BODY_BYTES_IN_FLIGHT={limit}; retry", 1)  # fmt: skip
             return False
-        self._holding += size
+        self._holding = size
         _Bodies.held += size
         return True
 
-    def _let_go(self) -> None:
-        _Bodies.held -= self._holding
-        self._holding = 0
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """The request's handling, with its body's count let go as it ends (answered, failed or cut off: a client
+        gone does not end it, and the body is held until it does)."""
+        if not hasattr(cycle, HELD):
+            setattr(cycle, HELD, self._holding)  # counted at its head, just now (else: queued, counted then)
+            self._holding = 0
+        run = cycle.run_asgi
+
+        async def run_and_let_go(app: Any) -> None:
+            try:
+                await run(app)
+            finally:
+                _let_go(cycle)
+
+        cycle.run_asgi = run_and_let_go
+        super()._start_asgi_task(cycle, app)
 
     def on_message_complete(self) -> None:
         if not self._busy:

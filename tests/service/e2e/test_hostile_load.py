@@ -231,6 +231,11 @@ def test_the_bodies_a_worker_holds_are_bounded_and_one_alone_is_always_taken(
             assert small.status_code == 200  # 800 KiB and a few hundred bytes: within
             holder.sendall(b"x" * (size - 1000))  # the rest: answered (no image), its hold let go
             assert _read_one(holder).startswith(b"HTTP/1.1 400 ")
+        with socket.create_connection(("127.0.0.1", service.port), timeout=5) as upgrade:
+            upgrade.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                            b"Content-Length: %d\r\n\r\n" % size + b"x" * size)  # fmt: skip
+            _read_all(upgrade)  # a websocket's: its body was counted and never let go (no cycle ends it)
         for length in (size, 3 * 1024 * 1024):  # taken again; and one past the bound, alone
             again = httpx.post(f"{service.url}/classify?model=lenet5", content=b"x" * length, headers=PNG, timeout=30)
             assert again.status_code == 400 and "Cannot decode" in again.json()["error"], again.text
