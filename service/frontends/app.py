@@ -233,6 +233,13 @@ class HeadAsGet:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "HEAD":
-            scope = {**scope, "method": "GET", HEAD_AS_GET: True}
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        inner = {**scope, "method": "GET", HEAD_AS_GET: True}
+        try:
+            await self.app(inner, receive, send)
+        finally:  # what the routing learned, for the metrics, the access log and the trace (outside: this scope)
+            for key in ("route", "endpoint", "path_params", "route_template"):
+                if key in inner:
+                    scope[key] = inner[key]

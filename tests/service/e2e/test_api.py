@@ -15,7 +15,7 @@ from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 from service.store.preprocess import preprocess
 
-from ...helpers import ServiceProcess, classify, encode, metric_samples
+from ...helpers import ServiceProcess, classify, encode, http_codes, metric_samples
 
 pytestmark = pytest.mark.integration
 
@@ -221,3 +221,8 @@ def test_every_get_route_answers_head(service: ServiceProcess) -> None:
         assert head.headers["content-type"] == got.headers["content-type"], path
     refused = httpx.head(f"{service.url}/classify", timeout=10)
     assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+    before = http_codes(service)
+    assert httpx.head(f"{service.url}/v2/models/lenet5/ready", timeout=10).status_code == 200
+    after = http_codes(service)  # counted under its route, not as unmatched
+    key = ("/v2/models/{name}/ready", "200")
+    assert after.get(key, 0) == before.get(key, 0) + 1 and after.get(("unmatched", "200"), 0) == 0
