@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..errors import ServiceError
+from ..errors import ClientGone, ServiceError
 from ..metrics import Metrics
 from ..settings import Settings, ShadowPair
 from ..store.atomic import replace_text
@@ -234,7 +234,8 @@ class _Routed(contextlib.AbstractContextManager[ModelEntry]):
         try:
             return self.lease.__exit__(*exc)
         finally:
-            if exc[0] is None or isinstance(exc[1], Exception):  # a cancelled request (the client went) is none
+            # a cancelled request, or a body that never came whole (the client went, or was too slow), is none
+            if exc[0] is None or (isinstance(exc[1], Exception) and not isinstance(exc[1], ClientGone)):
                 error = exc[0] is not None and not (isinstance(exc[1], ServiceError) and exc[1].status_code < 500)
                 try:
                     self.canaries.finished(self.canary, self.side, self.revision, error, computed=not self.cached)
