@@ -64,6 +64,7 @@ logger = logging.getLogger("service.runtime.session_host")  # not __main__ where
 
 ADDRESS_ENV = "CNN_SESSION_HOST"  # the host's Unix socket, set for the workers by start()
 KEY_ENV = "CNN_SESSION_HOST_KEY"  # its authentication key (hex)
+PID_ENV = "CNN_SESSION_HOST_PID"  # its pid: a worker kills a host that gives no answer (see RemoteSession)
 READY_LINE = "session host listening"
 START_TIMEOUT_S = 120.0
 Providers = list[str | tuple[str, dict[str, str]]]
@@ -303,7 +304,7 @@ class RemoteSession:
         for stuck: killed (the server stops with it), and the connection (``held``: this session's) dropped."""
         if connection.poll(self._answer_within):
             return
-        pid = getattr(self, "host_pid", None)
+        pid = getattr(self, "host_pid", None) or int(os.environ.get(PID_ENV) or 0)  # before the first open's reply
         logger.error("the session host%s gave no answer to %s within %.0f s: it is stopped as stuck, and the server "
                      "with it", f" (pid {pid})" if pid else "", what, self._answer_within)  # fmt: skip
         if pid:
@@ -639,7 +640,7 @@ def start(*, stop_server_on_exit: bool = True) -> HostProcess:
     printed = ready.decode(errors="replace").replace(f"{READY_LINE}\n", "")
     if printed.strip():  # what it printed before (a library's own output): into the server's log
         sys.stderr.write(printed)
-    os.environ[ADDRESS_ENV], os.environ[KEY_ENV] = where, key.hex()
+    os.environ[ADDRESS_ENV], os.environ[KEY_ENV], os.environ[PID_ENV] = where, key.hex(), str(process.pid)
     atexit.register(host.stop)
     if stop_server_on_exit:
         threading.Thread(target=_stop_server_with, args=(host,), name="session-host-watch", daemon=True).start()
@@ -649,7 +650,7 @@ def start(*, stop_server_on_exit: bool = True) -> HostProcess:
 
 def forget() -> None:
     """This process starts no host: its workers must not use one whose address they inherited."""
-    for name in (ADDRESS_ENV, KEY_ENV):
+    for name in (ADDRESS_ENV, KEY_ENV, PID_ENV):
         os.environ.pop(name, None)
 
 
@@ -664,7 +665,7 @@ def _stop_server_with(host: HostProcess) -> None:
 @contextlib.contextmanager
 def hosted() -> Iterator[HostProcess]:
     """A host for this process's own sessions (tests, benchmarks): started, then stopped, the environment restored."""
-    before = {name: os.environ.get(name) for name in (ADDRESS_ENV, KEY_ENV)}
+    before = {name: os.environ.get(name) for name in (ADDRESS_ENV, KEY_ENV, PID_ENV)}
     host = start(stop_server_on_exit=False)
     try:
         yield host

@@ -180,13 +180,15 @@ def test_a_host_that_gives_no_answer_is_killed_and_the_run_answers_503(lenet5: P
             session.run(["probabilities"], {INPUT_NAME: _images(2)})
 
 
-def test_a_host_stopped_before_the_handshake_fails_the_open_in_bounded_time(lenet5: Path) -> None:
+def test_a_host_stopped_before_the_handshake_fails_the_open_in_bounded_time_and_is_killed(lenet5: Path) -> None:
+    """A worker's first open knows the host's pid from its environment (no reply has named it yet)."""
     with session_host.hosted() as started:
         started.process.send_signal(signal.SIGSTOP)
         try:
             spec = session_host.OpenSpec(str(lenet5), 0, list(CPU), threads=1)
             with pytest.raises(session_host.SessionHostGone, match="gave no answer within 1 s"):
                 session_host.RemoteSession(spec, started.address, started.key, answer_within=1.0)
+            assert started.process.wait(10) == -signal.SIGKILL
         finally:
             started.process.send_signal(signal.SIGCONT)
 
