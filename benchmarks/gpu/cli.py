@@ -159,7 +159,9 @@ def subprocess_json(command: list[str], timeout: float, say: Callable[[str], Non
     killer.start()
     tail: collections.deque[str] = collections.deque(maxlen=8)
     stdout: list[str] = []  # read beside stderr: a child that fills one pipe while this reads the other would hang
-    reader = threading.Thread(target=lambda: stdout.append(process.stdout.read() if process.stdout else ""))
+    reader = threading.Thread(
+        target=lambda: stdout.append(process.stdout.read() if process.stdout else ""), daemon=True
+    )
     reader.start()
     try:
         for line in process.stderr or ():
@@ -204,6 +206,8 @@ def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
         raise
     found["options_label"] = config.options_label
     run.found["ceilings"].append(found)
+    if not found["runs"]:  # every size failed
+        raise Failed("; ".join(f"batch {e['batch']}: {e['error']}" for e in found["errors"]) or "no batch size ran")
     best = max(found["runs"], key=lambda r: r["images_per_s"])
     run.say(f"{config.model} ({config.options_label} options) on {found['providers_taken'][0]}: best "
             f"{best['images_per_s']:.0f} images/s ({best['path']}, batch {best['batch']})")  # fmt: skip
@@ -284,6 +288,8 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
     """One stage per server; none on a GPU that took no in-process session (each start would wait out its timeout
     with models that cannot load)."""
     plan, found = run.plan, run.found
+    logs = run.out / "servers.log"  # every server's log, one after the other (a device gives back 8 files at most)
+    logs.unlink(missing_ok=True)  # a run before this one's
     refused = [why for stage, why in found["failures"].items() if stage.startswith("ceiling") and NOT_TAKEN in why]
     if plan.providers == "cuda" and refused and not any(c["providers_taken"][0] == CUDA for c in found["ceilings"]):
         for server in plan.servers():
@@ -291,10 +297,6 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
         return
     from .served import serve  # here: it imports the v2 protocol, whose "inference" package tritonclient's clashes with
 
-    # every server's log, one after the other in one file beside the figures (the first place to look on a failure;
-    # a device machine gives back 8 files at most)
-    logs = run.out / "servers.log"
-    logs.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu-bench-") as homes, LoadPool(plan.load_processes) as pool:
         for server in plan.servers():
             twin = measured_already(found, plan, server)
@@ -392,10 +394,11 @@ def stop_leftovers(store: Path) -> list[int]:
     import psutil
 
     wanted = {str(store), str(store.resolve())}
+    spared = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}  # a shell that exported it, say
     found = []
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if process.pid != os.getpid() and process.environ().get("MODEL_STORE") in wanted:
+            if process.pid not in spared and process.environ().get("MODEL_STORE") in wanted:
                 found.append(process)
     for process in found:
         with contextlib.suppress(psutil.Error):

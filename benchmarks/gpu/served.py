@@ -252,7 +252,7 @@ def _serve(store: ModelStore, server: Server, plan: Plan, pool: LoadPool, nvml: 
         url = f"{service.url}/classify?model={server.model}"
         runs = [("http", c) for c in server.http] + [("grpc-pixels", c) for c in server.grpc]
         if time_left() < len(runs) * (plan.warmup + plan.seconds + 5):
-            kept = max(1, int(time_left() // (plan.warmup + plan.seconds + 5)))
+            kept = max(0, int(time_left() // (plan.warmup + plan.seconds + 5)))
             record["cut_short"] = f"{len(runs) - kept} of its {len(runs)} runs left out: the budget was spent"
             say(f"{server.label}: {record['cut_short']}")
             runs = runs[:kept]
