@@ -50,6 +50,11 @@ class DecodeOffTheLoop(Exception):
     the caller decodes it on a thread instead."""
 
 
+# The limit is MAX_IMAGE_PIXELS, checked in open_image: Pillow's own warning (past 89 M pixels) refused images the
+# setting allows, in Pillow's words. Set once here: warnings.catch_warnings per image changes the process's
+# filters under the other decoding threads (it is not thread-safe).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
 # DCT scaling keeps at least this multiple of the resize target, so the bilinear
 # resize still does the final, anti-aliased reduction.
 _DRAFT_FACTOR = 2
@@ -61,24 +66,20 @@ def open_image(data: bytes, max_pixels: int, *, draft_to: int | None = None, inl
     if not data:
         raise InvalidInput("Empty image: the request carried no bytes where an image was expected")
     try:
-        with warnings.catch_warnings():
-            # the limit is MAX_IMAGE_PIXELS, checked below: Pillow's own warning (past 89 M pixels) refused images
-            # the setting allows, in Pillow's words
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise PayloadTooLarge(
-                    f"Image of {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
-                    "(MAX_IMAGE_PIXELS)"
-                )
-            if inline and width * height > INLINE_PIXELS:
-                raise DecodeOffTheLoop
-            if draft_to is not None and image.format == "JPEG":
-                image.draft("RGB", (draft_to * _DRAFT_FACTOR, draft_to * _DRAFT_FACTOR))
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
-            return image
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise PayloadTooLarge(
+                f"Image of {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
+                "(MAX_IMAGE_PIXELS)"
+            )
+        if inline and width * height > INLINE_PIXELS:
+            raise DecodeOffTheLoop
+        if draft_to is not None and image.format == "JPEG":
+            image.draft("RGB", (draft_to * _DRAFT_FACTOR, draft_to * _DRAFT_FACTOR))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)  # in place: no copy of an upright image
+        return image
     except (PayloadTooLarge, DecodeOffTheLoop):
         raise
     except Image.DecompressionBombError as exc:  # past twice Pillow's limit, refused before the size is known here
