@@ -84,7 +84,8 @@ def _let_go(cycle: Any) -> None:
     setattr(cycle, HELD, 0)
 
 
-def _has_body(headers: Any) -> bool:
+def has_body(headers: Any) -> bool:
+    """Whether a request with these (lower-cased) headers has a body."""
     for name, value in headers:
         if (name == b"content-length" and value.strip() not in (b"0", b"")) or name == b"transfer-encoding":
             return True
@@ -190,7 +191,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._holding = 0
         if self._over_limit is not None and self.cycle is not None:
             self.cycle.keep_alive = False  # a probe's answer, then the connection is closed
-        if self.expect_100_continue and self.cycle is not None and _has_body(self.headers):
+        if self.expect_100_continue and self.cycle is not None and has_body(self.headers):
             self._close_if_answered_first(self.cycle)
 
     @staticmethod
@@ -227,7 +228,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._busy = True
             return False
         declared = next((value for name, value in self.headers if name == b"content-length"), None)
-        self._chunked = declared is None and _has_body(self.headers)
+        self._chunked = declared is None and has_body(self.headers)
         size = int(declared) if declared is not None and declared.isdigit() else 0
         if size == 0 or size > Limits.max_body_bytes:
             return True

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..runtime.deadline import request_deadline
+from .protocol import has_body
 
 
 @dataclass
@@ -47,13 +48,6 @@ def cut_off() -> str | None:
     return "5xx" if limit.body_arrived else "4xx"
 
 
-def _has_body(scope: Scope) -> bool:
-    for name, value in scope.get("headers", ()):
-        if (name == b"content-length" and value.strip() not in (b"0", b"")) or name == b"transfer-encoding":
-            return True
-    return False
-
-
 class RequestTimeout:
     def __init__(self, app: ASGIApp, timeout: float) -> None:
         self.app = app
@@ -65,7 +59,7 @@ class RequestTimeout:
             return
         answering = False
         deadline = asyncio.timeout(self.timeout)
-        state = _Limit(deadline, body_arrived=not _has_body(scope))
+        state = _Limit(deadline, body_arrived=not has_body(scope.get("headers", ())))
 
         async def receive_and_note() -> Message:
             message = await receive()
