@@ -8,7 +8,6 @@ count requests by route, write JSON access lines (``ACCESS_LOG=json``) and expor
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 import re
@@ -37,7 +36,6 @@ from ...helpers import (
     encode,
     free_port,
     http_codes,
-    metric_samples,
     request_outcomes,
     running,
     wait_until,
@@ -192,12 +190,9 @@ def test_a_request_over_the_timeout_gets_504_or_408_where_its_body_was_late(
         assert slow.status_code == 504 and "Not able to process the request in 0.5 seconds" in slow.json()["error"]
         after = httpx.post(f"{service.url}/classify?model=lenet5", content=DIGIT, headers=PNG, timeout=30)
         assert after.status_code == 200
-        text = httpx.get(f"{service.url}/metrics", timeout=10).text
-        counted = {(s["route"], s["code"]): v for s, v in metric_samples(text, "cnn_http_requests_total")}
+        counted = http_codes(service)
         assert (counted.get(("/classify", "408")), counted.get(("/classify", "504"))) == (1, 1)
-        outcomes = collections.Counter()
-        for labels, value in metric_samples(text, "cnn_requests_total"):
-            outcomes[labels["outcome"]] += value
+        outcomes = request_outcomes(service)
         assert outcomes == {"2xx": 1, "4xx": 1, "5xx": 1}, outcomes
 
 
