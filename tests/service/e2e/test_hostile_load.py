@@ -242,6 +242,36 @@ def test_the_bodies_a_worker_holds_are_bounded_and_one_alone_is_always_taken(
         assert refused(service)["body_memory"] == before["body_memory"] + 1
 
 
+def test_a_chunked_body_counts_as_it_arrives_and_is_let_go_with_its_answer(
+    model_store: ModelStore, tmp_path: Path
+) -> None:
+    """A body without a declared length counts among the bodies held from its chunks on, until its request ends:
+    while 900 KiB of one are held, a request declaring 800 KiB more is refused. Once it is answered, and three
+    pipelined requests with bodies after it, the 800 KiB are taken: nothing of theirs is still counted."""
+    head = b"POST /classify?model=lenet5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    declared = head + b"Content-Length: %d\r\n\r\n" % (800 * 1024) + b"x" * (800 * 1024)
+    chunk = b"x" * (900 * 1024)
+    small = head + b"Content-Length: %d\r\n\r\n" % (300 * 1024) + b"x" * (300 * 1024)
+    small_chunked = head + b"Transfer-Encoding: chunked\r\n\r\n3e8\r\n" + b"x" * 1000 + b"\r\n0\r\n\r\n"
+    env = {"MODELS": "lenet5", "WORKERS": "1", "MAX_BODY_BYTES_IN_FLIGHT": str(1024 * 1024)}
+    with running(Path(model_store.root), tmp_path / "chunked.log", **env) as service:
+        with socket.create_connection(("127.0.0.1", service.port), timeout=20) as holder:
+            holder.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            time.sleep(1.0)
+            status, error = status_and_error(exchange(service, declared))
+            assert status == 503 and "MAX_BODY_BYTES_IN_FLIGHT=1048576; retry" in error, error
+            holder.sendall(b"0\r\n\r\n")  # its end: answered (no image), its chunks let go
+            assert _read_one(holder).startswith(b"HTTP/1.1 400 ")
+        with socket.create_connection(("127.0.0.1", service.port), timeout=20) as pipelined:
+            last = small.replace(b"Host: x\r\n", b"Host: x\r\nConnection: close\r\n")
+            pipelined.sendall(small + small_chunked + last)  # the second and third wait their turn, counted
+            answers = _read_all(pipelined)
+            assert answers.count(b"HTTP/1.1 400 ") == 3 and answers.count(b"Cannot decode") == 3, answers
+        again = httpx.post(f"{service.url}/classify?model=lenet5", content=declared.partition(b"\r\n\r\n")[2],
+                           headers=PNG, timeout=30)  # fmt: skip
+        assert again.status_code == 400 and "Cannot decode" in again.json()["error"], again.text
+
+
 def test_a_body_that_trickles_is_answered_408_and_closed(guarded: ServiceProcess) -> None:
     """10 bytes a second of a 100 kB body: cut at the first 5 s window under MIN_BODY_BYTES_PER_S (1024)."""
     before, codes, outcomes = refused(guarded), http_codes(guarded), request_outcomes(guarded)
