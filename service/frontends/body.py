@@ -16,11 +16,12 @@ from .protocol import REFUSED_WITH
 async def read_body(request: Request, limit: int, limit_name: str = "MAX_BODY_BYTES") -> bytes:
     """The whole body, refused past ``limit`` bytes (``limit_name`` says which limit: the setting, where one), and
     refused where it is content-coded (gzip, ...): it would be read as it came, as a broken image or JSON."""
-    coding = request.headers.get("content-encoding", "").strip().lower()
+    headers = request.headers  # `in` first: a missing header costs `get` a KeyError, and this runs per request
+    coding = headers["content-encoding"].strip().lower() if "content-encoding" in headers else ""
     if coding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {coding!r} is not supported: send the body as it is (images "
                                    "are compressed already)")  # fmt: skip
-    declared = request.headers.get("content-length")
+    declared = headers.get("content-length")
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body of {int(declared):,} bytes exceeds the limit of {limit:,} ({limit_name})")
     chunks, size = [], 0

@@ -37,6 +37,7 @@ uvicorn's ``Config`` itself and takes no protocol class.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from typing import Any
@@ -82,6 +83,13 @@ HELD, CHUNKED = "cnn_body_held", "cnn_body_chunked"  # on a request's cycle: its
 def _let_go(cycle: Any) -> None:
     _Bodies.held -= getattr(cycle, HELD, 0)
     setattr(cycle, HELD, 0)
+
+
+async def _run_and_let_go(cycle: Any, app: Any) -> None:
+    try:
+        await type(cycle).run_asgi(cycle, app)
+    finally:
+        _let_go(cycle)
 
 
 def has_body(headers: Any) -> bool:
@@ -167,6 +175,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._watch(data)  # bytes that began no request (CRLFs between requests): idle all the same
 
     def on_headers_complete(self) -> None:
+        self._chunked = False  # set by _hold, for this head's body (on_body)
         before = self._head_bytes if self._head_scope is self.scope else 0
         if before + self._chunk > Limits.max_header_bytes and self._head_size() > Limits.max_header_bytes:
             self._head_too_large = True
@@ -183,10 +192,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return
         try:
             super().on_headers_complete()  # makes the cycle, and starts it (_start_asgi_task) or queues it
-            if self._holding and self.cycle is not None and not hasattr(self.cycle, HELD):
-                setattr(self.cycle, HELD, self._holding)  # queued behind the request being answered
-            if self._chunked and self.cycle is not None:
-                setattr(self.cycle, CHUNKED, True)
+            attrs = self.cycle.__dict__ if self.cycle is not None else {}
+            if HELD not in attrs:  # queued behind the request being answered (one started has them)
+                attrs[HELD], attrs[CHUNKED] = self._holding, self._chunked
         finally:
             self._holding = 0
         if self._over_limit is not None and self.cycle is not None:
@@ -211,8 +219,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         if not self._busy:  # a refused request's body: no cycle reads it
             cycle = self.cycle
-            if cycle is not None and not cycle.response_complete and getattr(cycle, CHUNKED, False):  # counted
-                setattr(cycle, HELD, getattr(cycle, HELD, 0) + len(body))
+            if self._chunked and cycle is not None and not cycle.response_complete:  # its bytes counted as they come
+                attrs = cycle.__dict__
+                attrs[HELD] = attrs.get(HELD, 0) + len(body)
                 _Bodies.held += len(body)
             super().on_body(body)
 
@@ -227,8 +236,13 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self._busy or self.transport.is_closing():  # refused already: the rest of its bytes start nothing
             self._busy = True
             return False
-        declared = next((value for name, value in self.headers if name == b"content-length"), None)
-        self._chunked = declared is None and has_body(self.headers)
+        declared, coded = None, False  # one pass: the head's headers are read for every request
+        for name, value in self.headers:
+            if name == b"content-length" and declared is None:
+                declared = value
+            elif name == b"transfer-encoding":
+                coded = True
+        self._chunked = declared is None and coded
         size = int(declared) if declared is not None and declared.isdigit() else 0
         if size == 0 or size > Limits.max_body_bytes:
             return True
@@ -247,19 +261,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         """The request's handling, with its body's count let go as it ends (answered, failed or cut off: a client
         gone does not end it, and the body is held until it does)."""
-        if not hasattr(cycle, HELD):
-            setattr(cycle, HELD, self._holding)  # counted at its head, just now (else: queued, counted then)
+        attrs = cycle.__dict__  # looked up, not getattr's miss (an exception): this runs for every request
+        if HELD not in attrs:  # its head was parsed just now (else: it was queued, and marked then)
+            attrs[HELD], attrs[CHUNKED] = self._holding, self._chunked
             self._holding = 0
-        run = cycle.run_asgi
-
-        async def run_and_let_go(app: Any) -> None:
-            try:
-                await run(app)
-            finally:
-                _let_go(cycle)
-
-        cycle.run_asgi = run_and_let_go
-        super()._start_asgi_task(cycle, app)
+        if not attrs[HELD] and not attrs.get(CHUNKED):
+            super()._start_asgi_task(cycle, app)  # nothing to let go
+            return
+        cycle.run_asgi = functools.partial(_run_and_let_go, cycle)  # what uvicorn's task runs, for this task only:
+        try:
+            super()._start_asgi_task(cycle, app)
+        finally:  # kept, it would tie the cycle to itself, to be freed by the garbage collector, not as it ends
+            del cycle.run_asgi
 
     def on_message_complete(self) -> None:
         if not self._busy:
