@@ -235,7 +235,7 @@ def test_the_bodies_a_worker_holds_are_bounded_and_one_alone_is_always_taken(
             upgrade.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                             b"Content-Length: %d\r\n\r\n" % size + b"x" * size)  # fmt: skip
-            _read_all(upgrade)  # a websocket's: its body was counted and never let go (no cycle ends it)
+            _read_all(upgrade)  # a websocket's: not counted (no cycle would let its body go)
         for length in (size, 3 * 1024 * 1024):  # taken again; and one past the bound, alone
             again = httpx.post(f"{service.url}/classify?model=lenet5", content=b"x" * length, headers=PNG, timeout=30)
             assert again.status_code == 400 and "Cannot decode" in again.json()["error"], again.text
