@@ -195,6 +195,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             attrs = self.cycle.__dict__ if self.cycle is not None else {}
             if HELD not in attrs:  # queued behind the request being answered (one started has them)
                 attrs[HELD], attrs[CHUNKED] = self._holding, self._chunked
+        except BaseException:  # no cycle holds its count (a URL httptools cannot parse: uvicorn answers 400)
+            _Bodies.held -= self._holding
+            raise
         finally:
             self._holding = 0
         if self._over_limit is not None and self.cycle is not None:
@@ -239,7 +242,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         declared, coded = None, False  # one pass: the head's headers are read for every request
         for name, value in self.headers:
             if name == b"content-length" and declared is None:
-                declared = value
+                declared = value.strip()  # "5000 " is a length to llhttp, and must be one here
             elif name == b"transfer-encoding":
                 coded = True
         self._chunked = declared is None and coded
@@ -273,6 +276,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             super()._start_asgi_task(cycle, app)
         finally:  # kept, it would tie the cycle to itself, to be freed by the garbage collector, not as it ends
             del cycle.run_asgi
+
+    def handle_websocket_upgrade(self) -> None:
+        for cycle, _ in self.pipeline:  # queued before it, never to start here: the transport is the websocket's,
+            _let_go(cycle)  # and so is its connection_lost
+        super().handle_websocket_upgrade()
 
     def on_message_complete(self) -> None:
         if not self._busy:
