@@ -183,6 +183,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.handler.classifier.ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        try:  # no name, or a version that is no positive integer: INVALID_ARGUMENT saying so (HTTP's 400), not "no"
+            self.handler.resolve(request.name, request.version)
+        except ServiceError as exc:
+            await self._abort(context, exc)
         return pb.ModelReadyResponse(ready=self.handler.model_ready(request.name, request.version))
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:

@@ -287,7 +287,10 @@ def test_grpc_malformed_requests_are_invalid_arguments(service: ServiceProcess) 
         versioned.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
         versioned.raw_input_contents.append(b"\0" * 1024)
         assert "Model version must be a positive integer" in _invalid(service, versioned)
-        assert not _stub(service).ModelReady(pb.ModelReadyRequest(name="lenet5", version=version)).ready
+        with pytest.raises(grpc.RpcError) as info:  # as HTTP's /ready answers 400, not "not ready"
+            _stub(service).ModelReady(pb.ModelReadyRequest(name="lenet5", version=version))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "Model version must be a positive integer" in str(info.value.details())
 
     request.outputs[0].parameters["classification"].int64_param = 3
     assert list(_stub(service).ModelInfer(request).outputs[0].shape) == [1, 3]
