@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..runtime.deadline import request_deadline
+from ..runtime.deadline import install_cut_off, request_deadline
 from .protocol import has_body
 
 
@@ -100,3 +100,4 @@ def install() -> None:
     from bentoml._internal.server.http import traffic
 
     traffic.TimeoutMiddleware = RequestTimeout  # type: ignore[misc, assignment]
+    install_cut_off(cut_off)  # for the runtime's own counts (a canary's window)

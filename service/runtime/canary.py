@@ -47,6 +47,7 @@ from ..metrics import Metrics
 from ..settings import Settings, ShadowPair
 from ..store.atomic import replace_text
 from .canary_analysis import Thresholds, Window
+from .deadline import cut_off
 from .entry import ModelEntry
 from .shadow import MIN_TOP1_AGREEMENT, Lane, Shadow, agreement_gate
 
@@ -234,9 +235,13 @@ class _Routed(contextlib.AbstractContextManager[ModelEntry]):
         try:
             return self.lease.__exit__(*exc)
         finally:
-            # a cancelled request, or a body that never came whole (the client went, or was too slow), is none
-            if exc[0] is None or (isinstance(exc[1], Exception) and not isinstance(exc[1], ClientGone)):
+            if exc[0] is None or isinstance(exc[1], Exception):
+                # a body that never came whole (the client went, or was too slow) is no evidence either way
+                record = not isinstance(exc[1], ClientGone)
                 error = exc[0] is not None and not (isinstance(exc[1], ServiceError) and exc[1].status_code < 500)
+            else:  # cancelled: a 504 (the time limit, its body in) is this side's error; a client gone, none
+                record = error = cut_off() == "5xx"
+            if record:
                 try:
                     self.canaries.finished(self.canary, self.side, self.revision, error, computed=not self.cached)
                 except Exception:  # the canary's bookkeeping never fails a request

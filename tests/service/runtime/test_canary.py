@@ -13,7 +13,8 @@ import pytest
 
 from service.errors import ModelNotFound
 from service.metrics import get_metrics
-from service.runtime.canary import COLD_RETRY_S, Canaries, Canary
+from service.runtime import deadline
+from service.runtime.canary import COLD_RETRY_S, Canaries, Canary, _Routed
 from service.runtime.canary_analysis import REFERENCE, Thresholds, Window, exact_upper, wilson
 from service.runtime.residency import Residency
 from service.runtime.shadow import Shadow
@@ -678,3 +679,42 @@ def test_on_demand_an_incompatible_candidate_stays_out_while_the_primary_is_evic
     finally:
         runtime.canaries.stop()
     assert (runtime.canaries.canaries["lenet5"].fallback or "").startswith("incompatible: twin takes")
+
+
+@pytest.mark.parametrize(("cut_off", "counted"), [("5xx", True), ("4xx", False), (None, False)])
+def test_a_request_the_time_limit_cuts_off_counts_as_the_sides_error_and_a_client_gone_as_none(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    cut_off: str | None, counted: bool,
+) -> None:  # fmt: skip
+    """A candidate's request cancelled where REQUEST_TIMEOUT_S cut it off with its body in (a 504) is a server
+    error in its window, as the request counters count it: a candidate too slow to answer in time was promoted on
+    its fast answers alone. Cancelled while its body was still arriving (408), or with its client gone, it is no
+    evidence either way."""
+    monkeypatch.setattr(deadline, "_cut_off", [lambda: cut_off])  # as the HTTP front end installs its reader
+    runtime = make_runtime(make_store(lenet5=[1], twin=[1]), canary="lenet5:twin:1.0", canary_state=tmp_path / "c.json")
+    assert runtime.canaries is not None
+    runtime.canaries.start()
+    runtime.control.reconcile()
+    (canary,) = runtime.canaries.canaries.values()
+    files, _ = held_out_drawings(1)
+
+    routed = threading.Event()
+    enter = _Routed.__enter__
+    monkeypatch.setattr(_Routed, "__enter__", lambda lease: (routed.set(), enter(lease))[1])
+
+    async def main() -> None:
+        await runtime.classifier.classify("lenet5", None, files, k=1)  # one answered: no error
+        routed.clear()
+        task = asyncio.create_task(runtime.classifier.classify("lenet5", None, files, k=1))
+        while not routed.is_set():  # then on its way to its batch
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+        side = canary.window.candidate
+        assert (side.requests, side.errors) == ((2, 1) if counted else (1, 0))
+    finally:
+        runtime.canaries.stop()
