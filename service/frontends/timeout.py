@@ -83,12 +83,14 @@ class RequestTimeout:
         except TimeoutError:
             if answering or not deadline.expired():  # not ours: an error of the app's
                 raise
+            # answered here, outside the middleware that stamps every answer with its request's id: stamped here
+            headers = {"X-Request-ID": scope["request_id"]} if "request_id" in scope else {}
             if not state.body_arrived:  # the client's slowness, and the rest of its body unread: the connection ends
                 error = f"The request's body did not arrive within {self.timeout} seconds (REQUEST_TIMEOUT_S)"
-                response = JSONResponse({"error": error}, status_code=408, headers={"Connection": "close"})
+                response = JSONResponse({"error": error}, status_code=408, headers={**headers, "Connection": "close"})
             else:
                 error = f"Not able to process the request in {self.timeout} seconds (REQUEST_TIMEOUT_S)"
-                response = JSONResponse({"error": error}, status_code=504)
+                response = JSONResponse({"error": error}, status_code=504, headers=headers)
             await response(scope, receive, send)
         finally:
             request_deadline.reset(token)

@@ -184,10 +184,13 @@ def test_a_request_over_the_timeout_gets_504_or_408_where_its_body_was_late(
         status = answer.split(b"\r\n", 1)[0]
         assert b" 408 " in status and b"body did not arrive within 0.5 seconds" in answer, answer[:300]
         assert b"connection: close" in answer.lower()  # the rest of the body is not read as the next request
+        assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", answer.lower()), answer[:300]  # as every answer
         assert took < 3.5  # answered at the timeout, not when the body was done
         photos = [("image", (f"{i}.jpg", encode(data.chelsea(), "JPEG"), "image/jpeg")) for i in range(64)]
-        slow = httpx.post(f"{service.url}/classify?model=resnet18", files=photos, timeout=30)  # about 1 s of work
+        slow = httpx.post(f"{service.url}/classify?model=resnet18", files=photos, headers={"X-Request-ID": "late-1"},
+                          timeout=30)  # about 1 s of work  # fmt: skip
         assert slow.status_code == 504 and "Not able to process the request in 0.5 seconds" in slow.json()["error"]
+        assert slow.headers.get("x-request-id") == "late-1"  # the client's, echoed
         after = httpx.post(f"{service.url}/classify?model=lenet5", content=DIGIT, headers=PNG, timeout=30)
         assert after.status_code == 200
         counted = http_codes(service)
