@@ -29,6 +29,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..tracing import carrier
+from .fastpath import FastRoutes
 from .timeout import cut_off
 
 REQUEST_ID = b"x-request-id"
@@ -53,6 +54,32 @@ def route_of(scope: Scope) -> str:
     return str(template)
 
 
+class RoutesAsked:
+    """The template of the route a request would have reached, for an answer given before any routing (a token
+    refused, 401 or 403): the fast routes', else those of the app's OpenAPI schema (read once, when first asked)."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.schema: FastRoutes | None = None
+
+    def __call__(self, scope: Scope) -> str:
+        fast: FastRoutes | None = getattr(self.api.state, "fast_routes", None)
+        found = fast.match(scope["method"], scope["path"]) if fast is not None else None
+        if found is None:
+            if self.schema is None:
+                try:
+                    paths = self.api.openapi().get("paths", {})
+                except Exception:  # a schema that cannot be built: its routes' refusals are counted unmatched
+                    paths = {}
+                self.schema = FastRoutes([(m.upper(), t, _unanswered) for t, ops in paths.items() for m in ops])
+            found = self.schema.match(scope["method"], scope["path"])
+        return found[0] if found is not None else UNMATCHED
+
+
+async def _unanswered(request: Any) -> Any:  # a schema route's stand-in: only its template is read
+    raise NotImplementedError
+
+
 def access_logger() -> logging.Logger:
     """``service.access``: each record is one JSON line, alone, on standard output."""
     log = logging.getLogger("service.access")
@@ -71,6 +98,7 @@ class RequestObserver:
     def __init__(self, app: ASGIApp, api: Any) -> None:
         self.app = app
         self.api = api
+        self.routes_asked = RoutesAsked(api)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         classifier = getattr(self.api.state, "classifier", None)
@@ -103,6 +131,8 @@ class RequestObserver:
             raise
         finally:
             route = route_of(scope)
+            if route == UNMATCHED and status in (401, 403):  # refused before routing: counted under its route
+                route = self.routes_asked(scope)
             self._count(classifier.metrics, route, status)
             if settings.access_log == "json":
                 self._log(scope, identifier, route, status, time.perf_counter() - started)

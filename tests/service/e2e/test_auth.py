@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException
 from service.frontends.auth import token_matches
 from service.store.layout import ModelStore
 
-from ...helpers import ServiceProcess, encode, running
+from ...helpers import ServiceProcess, encode, http_codes, running
 
 pytestmark = pytest.mark.integration
 
@@ -55,11 +55,20 @@ OPEN = ["/livez", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"]
 
 @pytest.mark.parametrize(("method", "path"), PROTECTED)
 def test_protected_routes_need_the_token(locked: ServiceProcess, method: str, path: str) -> None:
+    """Each refusal is a 401 that says what to send, counted under the route the granted request is counted
+    under (refused before any routing, they were all counted as 'unmatched')."""
+    before = http_codes(locked)
     for authorization in (None, "Bearer wrong", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x"):
         response = call(locked, method, path, authorization)
         assert response.status_code == 401, (authorization, response.text)
         assert "Bearer" in response.json()["error"] and response.headers["www-authenticate"].startswith("Bearer")
     assert call(locked, method, path, f"Bearer {TOKEN}").status_code == 200
+    after = http_codes(locked)
+    (route,) = [
+        r for (r, code), n in after.items() if code == "200" and r != "/metrics" and n > before.get((r, code), 0)
+    ]
+    assert after[(route, "401")] - before.get((route, "401"), 0) == 5, route
+    assert after.get(("unmatched", "401"), 0) == before.get(("unmatched", "401"), 0)
 
 
 @pytest.mark.parametrize("path", OPEN)
