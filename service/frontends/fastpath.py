@@ -40,7 +40,8 @@ def nothing_at(path: str) -> str:
 
 class JsonNotFound:
     """BentoML's router answers a path that no route serves with a plain-text ``404 Not Found`` before the app sees
-    it (its mount passes on what the app's routes do not match); that answer becomes the API's JSON error."""
+    it (its mount passes on what the app's routes do not match), and a method its own routes (``/livez``,
+    ``/readyz``, ...) do not take with a plain-text ``405``; those answers become the API's JSON errors."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -53,11 +54,18 @@ class JsonNotFound:
 
         async def send_json(message: Message) -> None:
             nonlocal replaced
-            if message["type"] == "http.response.start" and message["status"] == 404:
+            if message["type"] == "http.response.start" and message["status"] in (404, 405):
                 headers = dict(message.get("headers", ()))
                 if headers.get(b"content-type", b"").startswith(b"text/plain"):
                     replaced = True
-                    await error_response(404, nothing_at(scope["path"]))(scope, receive, send)
+                    allow = headers.get(b"allow", b"").decode("latin-1")
+                    if message["status"] == 404 or not allow:
+                        answer = error_response(message["status"], nothing_at(scope["path"]))
+                    else:
+                        method, path = scope["method"], scope["path"]
+                        answer = error_response(405, f"{method} is not allowed on {path}: use {allow}")
+                        answer.headers["Allow"] = allow
+                    await answer(scope, receive, send)
                     return
             if not replaced:
                 await send(message)

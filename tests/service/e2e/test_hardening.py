@@ -130,6 +130,10 @@ def test_a_wrong_method_or_path_is_a_json_error_that_says_what_is_there(service:
         nowhere = httpx.get(f"{service.url}{path}", timeout=10)
         assert nowhere.status_code == 404 and len(nowhere.headers["x-request-id"]) == 32
         assert nowhere.json() == {"error": f"Nothing at {path}: the API reference is at /docs"}
+    for probe in ("/livez", "/readyz", "/healthz"):  # BentoML's own routes: its 405 was plain text too
+        posted = httpx.post(f"{service.url}{probe}", timeout=10)
+        assert posted.status_code == 405 and "GET" in posted.headers["allow"], posted.headers
+        assert posted.json() == {"error": f"POST is not allowed on {probe}: use {posted.headers['allow']}"}
 
 
 @pytest.mark.parametrize(
