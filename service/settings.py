@@ -113,8 +113,8 @@ class Settings(BaseSettings):
         description="The batch shapes a session runs: a batch is padded up to the next one and the padding dropped "
         "from the answers, and each is warmed before /readyz says ready, so no live request meets a new shape. "
         "`auto`: powers of two up to the model's largest batch on CUDA (a new shape costs cuDNN an algorithm search), "
-        "any size on the CPU (where padding only costs); `pow2`; `any`; or sizes, `1,8,32` (the largest batch is "
-        "added, sizes above it left out).",
+        "any size on the CPU (where padding only costs); `pow2`; `any`; or sizes, `1,8,32` (1 and the largest batch "
+        "are added, sizes above it left out: an out-of-memory batch halves the largest down to a warmed shape).",
     )
     cuda_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
         "HEURISTIC",
@@ -442,7 +442,7 @@ class Settings(BaseSettings):
             sizes = {1 << n for n in range(limit.bit_length()) if 1 << n <= limit}
         else:
             sizes = {size for size in map(int, choice.split(",")) if size <= limit}
-        return tuple(sorted(sizes | {limit}))
+        return tuple(sorted(sizes | {1, limit}))  # 1: a batch an out-of-memory failure shrinks always has a shape
 
     @field_validator("memory_budget")
     @classmethod

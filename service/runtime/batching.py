@@ -90,8 +90,10 @@ class _Pending:
     context: Any = None
     observe: bool = True  # its answers count in the quality metrics (an explanation's occluded copies do not)
     enqueued: float = field(default_factory=time.perf_counter)
-    # a piece of a request split after an out-of-memory batch: all its request's pieces (itself among them)
+    # a chunk of a request over the batch limit, or a piece of one split after an out-of-memory batch: all its
+    # request's chunks or pieces (itself among them)
     pieces: list[_Pending] = field(default_factory=list, repr=False, compare=False)
+    queued: bool = False  # its images count among the batcher's queued ones (MAX_QUEUE_IMAGES)
 
     @property
     def size(self) -> int:
@@ -166,12 +168,21 @@ class DynamicBatcher:
                 f"Model {self.name!r} has {self._queued_images} images waiting (limit {self.max_queue_images}); "
                 "retry shortly"
             )
-        results = await asyncio.gather(*(self._submit(chunk, context, observe) for chunk in chunks))
+        submitted = [self._submit(chunk, context, observe) for chunk in chunks]
+        if len(submitted) > 1:  # one request's chunks: a batch that fails one cancels the others at once
+            for pending in submitted:
+                pending.pieces = submitted
+        try:
+            results = await asyncio.gather(*(pending.future for pending in submitted))
+        except BaseException:  # a chunk failed (or the client went): the request fails whole, its others never run
+            for pending in submitted:
+                pending.future.cancel()
+            raise
         if len(results) == 1:
             return results[0]
         return tuple(np.concatenate(parts) for parts in zip(*results, strict=True))
 
-    def _submit(self, images: Inputs, context: Any, observe: bool = True) -> asyncio.Future[Outputs]:
+    def _submit(self, images: Inputs, context: Any, observe: bool = True) -> _Pending:
         loop = asyncio.get_running_loop()
         if self._worker is None or self._worker.done():
             self._wakeup = asyncio.Event()
@@ -181,19 +192,31 @@ class DynamicBatcher:
             self._loop = loop
         pending = _Pending(images, loop.create_future(), context, observe)
         self._queue.append(pending)
-        self._queued_images += pending.size
+        self._count_queued(pending)
         assert self._wakeup is not None
         self._wakeup.set()
         self._arrival.set()
-        return pending.future
+        return pending
+
+    def _count_queued(self, pending: _Pending) -> None:
+        """Count ``pending``'s images as queued until a batch takes it, or it ends where it waits (its client gone,
+        its request failed): a request cancelled in the queue gives its share of MAX_QUEUE_IMAGES back at once."""
+        pending.queued = True
+        self._queued_images += pending.size
+        pending.future.add_done_callback(lambda _: self._uncount_queued(pending))
+
+    def _uncount_queued(self, pending: _Pending) -> None:
+        if pending.queued:
+            pending.queued = False
+            self._queued_images -= pending.size
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
         size = 0
         while self._queue and (not batch or size + self._queue[0].size <= self.max_batch_size):
             pending = self._queue.popleft()
-            self._queued_images -= pending.size
-            if pending.future.cancelled():  # the client went away while queued
+            self._uncount_queued(pending)
+            if pending.future.done():  # the client went away while queued (or its request failed)
                 continue
             if pending.size > self.max_batch_size:  # queued before an out-of-memory batch lowered the limit
                 self._split(pending)
@@ -213,8 +236,8 @@ class DynamicBatcher:
         ]  # fmt: skip
         for piece in pieces:
             piece.pieces = pieces
+            self._count_queued(piece)
         self._queue.extendleft(reversed(pieces))
-        self._queued_images += pending.size
         answers = asyncio.gather(*(piece.future for piece in pieces))
 
         def answered(done: asyncio.Future[list[Outputs]]) -> None:
@@ -249,7 +272,9 @@ class DynamicBatcher:
                 if not batch:
                     self._free.append(instance)
                     continue
-                task = loop.create_task(self._run_batch(loop, batch, instance))
+                # its shape chosen now, under the limit it was taken under (a failure may lower it before it starts)
+                shape = self.shape_for(sum(p.size for p in batch))
+                task = loop.create_task(self._run_batch(loop, batch, instance, shape))
                 self._running[task] = batch
                 task.add_done_callback(self._finished)
 
@@ -277,10 +302,11 @@ class DynamicBatcher:
             except TimeoutError:
                 return
 
-    async def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], instance: int) -> None:
+    async def _run_batch(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], instance: int, shape: int
+    ) -> None:
         started = time.perf_counter()
         size = sum(p.size for p in batch)
-        shape = self.shape_for(size)
         try:
             images = joined([p.images for p in batch], shape)
             outputs = await loop.run_in_executor(self._executor, self._runs[instance], images)
@@ -363,8 +389,9 @@ class DynamicBatcher:
         send again) at once; a session call under way finishes in its thread, and nothing waits for it."""
         self._closed = True
         stranded = [*self._queue, *(pending for batch in self._running.values() for pending in batch)]
+        for pending in self._queue:
+            self._uncount_queued(pending)
         self._queue.clear()
-        self._queued_images = 0
         for pending in stranded:
             if not pending.future.done():
                 pending.future.set_exception(self._stranded())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ def echo_run(calls: list[int]):  # type: ignore[no-untyped-def]
         ({"batch_sizes": "pow2", "max_batch_size": 8}, None, CPU, (1, 2, 4, 8)),
         ({"batch_sizes": " 8, 1,8 ", "max_batch_size": 16}, None, CUDA, (1, 8, 16)),
         ({"batch_sizes": "1,8,32"}, 16, CUDA, (1, 8, 16)),  # sizes above the model's largest batch are left out
+        ({"batch_sizes": "8,32"}, None, CUDA, (1, 8, 32)),  # 1 always: where an out-of-memory 8 halves to (warmed)
         ({"batch_sizes": "any"}, None, CUDA, None),
     ],
 )
@@ -278,3 +280,46 @@ def test_each_model_batches_up_to_its_config_max_batch_size_or_max_batch_size_wh
     assert "config.pbtxt" in str(default["none"]) and "write 1 for one image per call" in str(default["none"])
     raised = limits(max_batch_size=128)
     assert (raised["small"], raised["plain"]) == (4, 64)
+
+
+def test_a_batch_taken_before_another_instance_ran_out_of_memory_runs_in_the_shape_it_was_taken_for() -> None:
+    """Two instances: 32 rows fail on the first while a request of 20 is taken for the second under the old limit
+    and starts after the failure lowered it to 16. It runs padded to 32, the warmed shape it was taken for: its
+    shape was chosen as it started, and no shape held 20 within 16, so it ran 20 rows, a shape never warmed."""
+    gate, ran = threading.Event(), []
+
+    def failing(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ran.append(("first", len(images)))
+        gate.wait(10)
+        raise MemoryError("out of memory")
+
+    def serving(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ran.append(("second", len(images)))
+        return images[:, :1, 0, 0].astype(np.float32), images[:, :1, 0, 0].astype(np.float32)
+
+    batcher = DynamicBatcher("m", [failing, serving], max_batch_size=32, max_delay=0, max_queue_images=100,
+                             batch_sizes=(1, 2, 4, 8, 16, 32))  # fmt: skip
+
+    async def scenario() -> np.ndarray:
+        first = asyncio.ensure_future(batcher.infer(np.ones((32, 2, 2, 1), np.uint8)))
+        await asyncio.sleep(0.1)  # the first instance runs its 32 rows
+        second: list[asyncio.Future[Any]] = []
+
+        def in_one_turn() -> None:  # the failure comes back, and a request arrives, before either is handled
+            gate.set()
+            time.sleep(0.2)
+            second.append(batcher._submit(np.full((20, 2, 2, 1), 5, np.uint8), None).future)
+
+        asyncio.get_running_loop().call_soon(in_one_turn)
+        with pytest.raises(ServiceError):
+            await first
+        for _ in range(300):
+            if second:
+                break
+            await asyncio.sleep(0.01)
+        logits, _ = await asyncio.wait_for(second[0], 10)
+        return logits
+
+    logits = asyncio.run(scenario())
+    assert batcher.max_batch_size == 16 and logits.shape == (20, 1) and np.all(logits == 5)
+    assert ran == [("first", 32), ("second", 32)]

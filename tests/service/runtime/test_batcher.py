@@ -194,3 +194,52 @@ def test_instances_run_batches_at_the_same_time() -> None:
     assert [int(logits[0, 0]) for logits, _ in results] == list(range(16))
     assert most == 2
     assert {int(p[0, 0]) for _, p in results} == {0, 1}  # both instances served
+
+
+def test_a_request_over_the_batch_limit_fails_whole_at_its_first_failed_chunk_and_runs_no_more() -> None:
+    """Six images in chunks of two: the first chunk's call fails, so the request fails, and its other chunks are
+    neither run for a client that has its answer nor left counted among the queued images."""
+    calls: list[list[int]] = []
+
+    def run(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(batch[:, 0, 0, 0].tolist())
+        time.sleep(0.05)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        out = batch.reshape(len(batch), -1)[:, :1].astype(np.float32)
+        return out, out
+
+    batcher = DynamicBatcher("m", [run], max_batch_size=2, max_delay=0, max_queue_images=100)
+
+    async def scenario() -> None:
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.infer(np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1).repeat(2, 1).repeat(2, 2))
+        await asyncio.sleep(0.3)  # what would still run has run
+
+    asyncio.run(scenario())
+    assert calls == [[0, 1]] and batcher.queued_images == 0
+
+
+def test_requests_cancelled_while_queued_give_their_share_of_the_queue_back_at_once() -> None:
+    """One call runs for half a second with four requests queued behind it (MAX_QUEUE_IMAGES=4), then they are
+    cut off (REQUEST_TIMEOUT_S, or clients gone): the next request is queued, not refused as if they still
+    waited."""
+    batcher = DynamicBatcher("m", [echo_run([], delay=0.5)], max_batch_size=1, max_delay=0, max_queue_images=4)
+
+    async def scenario() -> int:
+        running = asyncio.ensure_future(batcher.infer(images(0)))
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(batcher.infer(images(i))) for i in range(1, 5)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(Overloaded):
+            await batcher.infer(images(8))  # the queue is full
+        for request in waiting:
+            request.cancel()
+        await asyncio.sleep(0)  # the cancellations are delivered
+        queued = batcher.queued_images
+        logits, _ = await batcher.infer(images(9))
+        assert np.all(logits == 9)
+        await running
+        return queued
+
+    assert asyncio.run(scenario()) == 0
