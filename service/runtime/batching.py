@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -266,20 +267,32 @@ class DynamicBatcher:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._queue:
-                instance = await self._instance()
-                await self._wait_for_company(loop)
+                held = [await self._instance()]  # the instance, until the batch that runs on it lets it go
+                try:
+                    await self._wait_for_company(loop)
+                except BaseException:  # cancelled holding it (the batcher closed, its event loop ended)
+                    self._let_go(held)
+                    raise
                 batch = self._take_batch()
                 if not batch:
-                    self._free.append(instance)
+                    self._let_go(held)
                     continue
                 # its shape chosen now, under the limit it was taken under (a failure may lower it before it starts)
                 shape = self.shape_for(sum(p.size for p in batch))
-                task = loop.create_task(self._run_batch(loop, batch, instance, shape))
+                task = loop.create_task(self._run_batch(loop, batch, held, shape))
                 self._running[task] = batch
-                task.add_done_callback(self._finished)
+                task.add_done_callback(functools.partial(self._finished, held))
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, held: list[int], task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
+        self._let_go(held)  # a batch cancelled before its first step (its event loop ending) never ran its finally
+
+    def _let_go(self, held: list[int]) -> None:
+        """Free the instance in ``held``, once: where the batch ends, else where its task does."""
+        if held:
+            self._free.append(held.pop())
+            assert self._released is not None
+            self._released.set()
 
     async def _instance(self) -> int:
         """A free instance, waiting for a running batch to end where none is."""
@@ -297,19 +310,20 @@ class DynamicBatcher:
             if remaining <= 0:
                 return
             self._arrival.clear()
-            try:
-                await asyncio.wait_for(self._arrival.wait(), remaining)
+            try:  # not wait_for: on Python 3.11 it swallows a cancel that comes as the event is set
+                async with asyncio.timeout(remaining):
+                    await self._arrival.wait()
             except TimeoutError:
                 return
 
     async def _run_batch(
-        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], instance: int, shape: int
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], held: list[int], shape: int
     ) -> None:
         started = time.perf_counter()
         size = sum(p.size for p in batch)
         try:
             images = joined([p.images for p in batch], shape)
-            outputs = await loop.run_in_executor(self._executor, self._runs[instance], images)
+            outputs = await loop.run_in_executor(self._executor, self._runs[held[0]], images)
             if shape != size:  # the padding's rows, answered by nobody
                 outputs = tuple(output[:size] for output in outputs)
         except Exception as exc:
@@ -327,9 +341,7 @@ class DynamicBatcher:
                         piece.future.cancel()  # after the instance freed here may have taken the next one)
             return
         finally:
-            self._free.append(instance)
-            assert self._released is not None
-            self._released.set()
+            self._let_go(held)  # before the answers: the next batch can start meanwhile
         finished = time.perf_counter()
         offset = 0
         for pending in batch:

@@ -241,8 +241,9 @@ class Residency:
         left = time_left()
         if left is not None:  # answer 503 with Retry-After before the request's own time-out answers 504
             wait = min(wait, max(left - min(DEADLINE_MARGIN_S, left / 10), 0.0))
-        try:
-            chosen = await asyncio.wait_for(asyncio.shield(future), wait)
+        try:  # not wait_for: on Python 3.11 it swallows a cancel (the client gone) that comes as the load ends
+            async with asyncio.timeout(wait):
+                chosen = await asyncio.shield(future)
         except TimeoutError:
             raise ColdStart(
                 f"Model {name!r} is still loading after {wait:.3g} s (a cold start; COLD_START_TIMEOUT_S="

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import numpy as np
 import pytest
@@ -243,3 +245,47 @@ def test_requests_cancelled_while_queued_give_their_share_of_the_queue_back_at_o
         return queued
 
     assert asyncio.run(scenario()) == 0
+
+
+@pytest.mark.parametrize("turns", range(6))
+def test_an_event_loop_that_ends_mid_request_leaves_the_instance_to_the_next_loop(turns: int) -> None:
+    """A background request (the shadow's, a canary's comparison) cancelled as its event loop ends, at any turn of
+    its way through the batcher, holding an instance or not: the next loop's request is still answered. (A batch
+    task cancelled before its first step never ran its ``finally``, and the instance it held was never free
+    again: the next request waited for ever.)"""
+    calls: list[int] = []
+    batcher = DynamicBatcher("m", [echo_run(calls, delay=0)], max_batch_size=4, max_delay=0.05, max_queue_images=8)
+
+    async def ends_after_turns() -> None:
+        asyncio.get_running_loop().create_task(batcher.infer(images(1)))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+
+    async def mid_wait_for_company() -> None:
+        with batcher.expect():  # a request decoding: the batch forming waits for it, until it ends with the loop
+            asyncio.get_running_loop().create_task(batcher.infer(images(1)))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+
+    run_and_end(ends_after_turns())
+    logits, _ = asyncio.run(asyncio.wait_for(batcher.infer(images(7)), 5))
+    assert logits.ravel().tolist() == [7]
+    run_and_end(mid_wait_for_company())
+    logits, _ = asyncio.run(asyncio.wait_for(batcher.infer(images(8)), 5))
+    assert logits.ravel().tolist() == [8]
+
+
+def run_and_end(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run(main)``, whose end cancels every task left and runs the loop until they end, bounded: a task
+    that a cancel does not end fails the test instead of hanging it."""
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main)
+        left = asyncio.all_tasks(loop)
+        for task in left:
+            task.cancel()
+        if left:
+            _, pending = loop.run_until_complete(asyncio.wait(left, timeout=5))
+            assert not pending, f"tasks a cancel did not end: {pending}"
+    finally:
+        loop.close()
