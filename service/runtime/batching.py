@@ -407,7 +407,8 @@ class DynamicBatcher:
         for pending in stranded:
             if not pending.future.done():
                 pending.future.set_exception(self._stranded())
-        tasks = [*self._running, *([self._worker] if self._worker is not None else [])]
+        loop = asyncio.get_running_loop()  # a task of a loop since ended (a test's asyncio.run) is done already
+        tasks = [t for t in (*self._running, self._worker) if t is not None and not t.done() and t.get_loop() is loop]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -90,7 +90,9 @@ class GradCams:
             )
         with self._guard:
             loading = self._loading.get(key)
-            if loading is None:  # the first to ask begins the load; the others wait for it
+            # the first to ask begins the load, the others wait for it; one cancelled before it began (its event loop
+            # ended: a test's asyncio.run) never took its own entry back
+            if loading is None or loading.cancelled() or loading.get_loop() is not asyncio.get_running_loop():
                 loading = self._loading[key] = asyncio.ensure_future(self._load_and_keep(key, entry, *found))
         return await asyncio.shield(loading)  # a requester that goes away leaves the load to those after it
 

@@ -261,7 +261,7 @@ class Residency:
     def load_soon(self, name: str, version: int | None) -> asyncio.Future[int | None] | None:
         """Start the load a request for ``name`` would start, in the background, so that a caller with somewhere
         else to go need not wait for it: the load, or None where it is under way already or not needed."""
-        if (name, version) in self._loads or self.ready(name, version):
+        if self._under_way((name, version)) is not None or self.ready(name, version):
             return None
         return self._load_soon(name, version)
 
@@ -274,12 +274,18 @@ class Residency:
     def _load_soon(self, name: str, version: int | None) -> asyncio.Future[int | None]:
         """The load of ``name`` at ``version`` under way, or a new one on the loads' thread."""
         key = (name, version)
-        future = self._loads.get(key)
+        future = self._under_way(key)
         if future is None:
             future = asyncio.get_running_loop().run_in_executor(self._executor, self.load, name, version, "request")
             self._loads[key] = future
             future.add_done_callback(lambda done: self._forget_load(key, done))
         return future
+
+    def _under_way(self, key: tuple[str, int | None]) -> asyncio.Future[int | None] | None:
+        """The load of ``key`` under way on this event loop (one begun on a loop since closed, a test's asyncio.run,
+        is never answered: this loop begins its own)."""
+        future = self._loads.get(key)
+        return future if future is not None and future.get_loop() is asyncio.get_running_loop() else None
 
     def _forget_load(self, key: tuple[str, int | None], done: asyncio.Future[int | None]) -> None:
         if self._loads.get(key) is done:

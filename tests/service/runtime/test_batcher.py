@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.errors import Overloaded, PayloadTooLarge
+from service.errors import Overloaded, PayloadTooLarge, Stranded
 from service.runtime.batching import BatchStats, DynamicBatcher
 
 
@@ -289,3 +289,12 @@ def run_and_end(main: Coroutine[Any, Any, None]) -> None:
             assert not pending, f"tasks a cancel did not end: {pending}"
     finally:
         loop.close()
+
+
+def test_a_batcher_last_used_on_an_ended_event_loop_closes_on_another() -> None:
+    """Its worker, done with the loop it ran on, is not awaited again: the close strands what comes next."""
+    batcher = DynamicBatcher("m", [echo_run([], delay=0)], max_batch_size=4, max_delay=0, max_queue_images=8)
+    asyncio.run(batcher.infer(images(1)))
+    asyncio.run(batcher.close())
+    with pytest.raises(Stranded):
+        asyncio.run(batcher.infer(images(2)))

@@ -432,3 +432,53 @@ def test_a_load_waiting_for_room_as_the_worker_stops_loads_nothing(
 
     asyncio.run(main())
     assert "beta" not in runtime.repository.versions and "alpha" in residency.resident
+
+
+@pytest.mark.parametrize("turns", range(3))
+def test_an_explanation_graph_load_cut_off_by_its_event_loop_is_begun_again_on_the_next(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, turns: int
+) -> None:
+    """The event loop of the request that began a Grad-CAM's load ends (a test's asyncio.run) before the load took
+    its first step, or during it: the next loop's request gets the graph, not the cancelled load."""
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    gradcams = runtime.repository.gradcams
+
+    async def begin() -> None:
+        with await runtime.classifier.acquire("alpha") as entry:
+            asyncio.get_running_loop().create_task(gradcams.get(entry))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+
+    async def explain() -> np.ndarray:
+        with await runtime.classifier.acquire("alpha") as entry:
+            graph = await asyncio.wait_for(gradcams.get(entry), 30)
+            return (await graph.batcher.infer((DIGIT, np.array([-1]))))[0]
+
+    asyncio.run(begin())
+    assert asyncio.run(explain()).shape[0] == 1
+
+
+def test_a_load_begun_on_an_event_loop_that_ended_is_begun_again_by_the_next(
+    make_store: StoreFactory, make_runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A load still in its thread as its event loop ends never answers that loop: the next loop's request waits for
+    a load of its own (queued behind it on the loads' thread), not for one it can never await."""
+    runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
+    repository = runtime.repository
+    real_load, loading = repository.load, threading.Event()
+
+    def slow_load(stored: StoredVersion, signature: Any) -> ModelEntry:
+        loading.set()
+        time.sleep(0.5)
+        return real_load(stored, signature)
+
+    monkeypatch.setattr(repository, "load", slow_load)
+
+    async def begin() -> None:
+        asyncio.get_running_loop().create_task(classify(runtime, "alpha"))
+        while not loading.is_set():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(begin())
+    assert repository.serving("alpha") is None  # still loading, its loop gone
+    assert asyncio.run(asyncio.wait_for(classify(runtime, "alpha"), 30)).name == "alpha"
