@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import re
+import select
 import struct
 import subprocess
 import sys
@@ -413,9 +414,11 @@ def test_rows_and_the_progress_bar_on_one_terminal_keep_to_lines_of_their_own(st
     child = subprocess.Popen([sys.executable, "-m", "client", str(tmp_path), "--url", stub.url, "--concurrency", "1"],
                              cwd=ROOT, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)  # fmt: skip
     os.close(terminal)
-    shown = b""
+    shown, deadline = b"", time.monotonic() + 60
     with contextlib.suppress(OSError):  # EIO once the child has gone and the terminal is closed
-        while chunk := os.read(controller, 65536):
+        while select.select([controller], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            if not (chunk := os.read(controller, 65536)):
+                break
             shown += chunk
     os.close(controller)
     assert child.wait(timeout=60) == 0

@@ -150,7 +150,9 @@ def test_a_full_queue_sheds_with_503_and_counts_it(model_store: ModelStore, tmp_
 
 def test_an_empty_store_is_refused_with_the_remedy(tmp_path: Path) -> None:
     env = {**os.environ, "MODEL_STORE": str(tmp_path / "nothing-here")}
-    result = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )  # a start that is not refused fails here, not hangs
     assert result.returncode == 2 and "make export" in result.stderr
 
 
@@ -167,7 +169,9 @@ def test_an_on_demand_budget_that_cannot_serve_the_store_is_refused_with_what_wo
     """Every request would get 503 for ever (a budget below the smallest model, pinned models above it): the start
     is refused, naming the figure that would do."""
     env = {**os.environ, "MODEL_STORE": str(model_store.root), "MODEL_CONTROL": "on-demand", "WORKERS": "1", **env}
-    result = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )  # a start that is not refused fails here, not hangs
     assert result.returncode == 2 and says in result.stderr and "MiB for the models" in result.stderr
 
 

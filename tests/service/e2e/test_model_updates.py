@@ -32,6 +32,18 @@ def lenet5_store(model_store: ModelStore, root: Path) -> Path:
     return root
 
 
+def only_version_2(service: ServiceProcess) -> bool:
+    """Whether LeNet-5 serves version 2 alone, in every worker: ``/models`` tells of the worker that answered it,
+    ``cnn_model_ready`` of them all (a version's series, while any worker holds it)."""
+    described = models(service)["lenet5"]
+    if described["version"] != 2 or described["served"][-1:] != described["served"]:
+        return False
+    text = httpx.get(f"{service.url}/metrics", timeout=10).text
+    ready = {labels["version"]: value for labels, value in metric_samples(text, "cnn_model_ready")
+             if labels["model"] == "lenet5"}  # fmt: skip
+    return ready == {"2": 1.0}
+
+
 def fresh_connection_versions(service: ServiceProcess, count: int) -> set[str]:
     """The versions answering ``count`` requests, each on a new connection (so any worker may answer)."""
     versions = set()
@@ -63,8 +75,7 @@ def test_an_exported_version_takes_over_under_load_and_no_request_fails(
         written = wait_until(lambda: (store / "lenet5" / "2").is_dir(), 120, "the export writing version 2")
         assert export.wait(120) == 0, export.stderr.read() if export.stderr else ""
         wait_until(lambda: load.first("2") is not None, 60, "an answer from version 2")
-        served = wait_until(lambda: models(service)["lenet5"]["served"][-1:] == models(service)["lenet5"]["served"]
-                            and models(service)["lenet5"]["version"] == 2, 60, "version 1 released")  # fmt: skip
+        served = wait_until(lambda: only_version_2(service), 60, "version 1 released by every worker")
         time.sleep(3)
         warmup = models(service)["lenet5"]["warmup_seconds"] + models(service)["lenet5"]["load_seconds"]
         later = fresh_connection_versions(service, 40)

@@ -23,7 +23,7 @@ from service.store.layout import ModelStore
 from service.store.metadata import InputMeta
 from service.store.preprocess import preprocess
 
-from ...helpers import ServiceProcess, encode, in_child_cgroup, metric_samples, running
+from ...helpers import ServiceProcess, encode, in_child_cgroup, metric_samples, models, running, wait_until
 from ..lifecycle_load import Workload, worker_rss
 
 pytestmark = pytest.mark.integration
@@ -129,7 +129,8 @@ def test_a_long_request_is_not_evicted_under_and_concurrent_first_requests_share
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             long = pool.submit(explain)
-            time.sleep(0.5)
+            wait_until(lambda: long.done() or any(v["in_flight"] for v in models(service)["resnet18"]["served"]),
+                       30, "the occlusion holding ResNet-18")  # fmt: skip
             other = classify(service, "googlenet")
             answered = time.monotonic()
             assert long.result() == 200 and other.status_code == 200, other.text

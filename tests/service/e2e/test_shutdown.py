@@ -17,7 +17,7 @@ from skimage import data
 
 from service.store.layout import ModelStore
 
-from ...helpers import ServiceProcess, encode, gone, workers
+from ...helpers import ServiceProcess, encode, gone, metric_samples, workers
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,12 @@ def test_sigterm_drains_in_flight_requests(model_store: ModelStore, tmp_path: Pa
     async def scenario() -> list[int]:
         async with httpx.AsyncClient(base_url=process.url, timeout=120) as client:
             requests = [asyncio.create_task(client.post("/classify?model=resnet18", files=files)) for _ in range(6)]
-            await asyncio.sleep(0.5)  # all six are in flight: 96 ResNet-18 images take seconds here
+            deadline = asyncio.get_running_loop().time() + 30
+            while not any(r.done() for r in requests) and asyncio.get_running_loop().time() < deadline:
+                text = (await client.get("/metrics")).text  # all six in flight: 96 ResNet-18 images take seconds
+                if sum(v for _, v in metric_samples(text, "cnn_requests_in_flight")) >= 6:
+                    break
+                await asyncio.sleep(0.05)
             assert process.process is not None
             os.kill(process.process.pid, signal.SIGTERM)
             responses = await asyncio.gather(*requests)

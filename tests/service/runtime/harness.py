@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -22,3 +25,12 @@ class Served(NamedTuple):
     repository: Repository
     classifier: Classifier
     oip: OipHandler
+
+
+async def signalled(event: threading.Event, seconds: float = 30.0) -> None:
+    """Yield to the event loop until a thread sets ``event``, at most ``seconds``: a test that never gets there fails
+    instead of hanging."""
+    deadline = time.monotonic() + seconds
+    while not event.is_set():
+        assert time.monotonic() < deadline, f"not signalled within {seconds:g} s"
+        await asyncio.sleep(0.01)
