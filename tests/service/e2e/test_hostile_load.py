@@ -485,20 +485,20 @@ def test_grpc_calls_past_the_limit_are_refused_resource_exhausted_and_the_rest_a
 
 
 def test_an_aged_grpc_connection_is_replaced_without_losing_a_call(guarded: ServiceProcess) -> None:
-    """GRPC_MAX_CONNECTION_AGE_S=1: over five seconds of calls on one channel, the client is asked to reconnect
-    and does (its connections to the gRPC port come from new local ports), and every call is answered."""
+    """GRPC_MAX_CONNECTION_AGE_S=1: over seconds of calls on one channel, the client is asked to reconnect and
+    does (its connections to the gRPC port come from new local ports), and every call is answered."""
     me, ports = psutil.Process(), set()
     calls = 0
     with grpc.insecure_channel(guarded.grpc_target) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        end = time.monotonic() + 5
-        while time.monotonic() < end:
+        end = time.monotonic() + 30  # two replacements take about 2 s; a busy machine calls less often
+        while time.monotonic() < end and len(ports) < 3:
             response = stub.ModelInfer(_digits_request(1), timeout=30)  # raises on any failed call
             assert response.outputs[0].shape == [1, 10]
             calls += 1
             ports |= {c.laddr.port for c in me.net_connections("tcp") if c.raddr and c.raddr.port == guarded.grpc_port}
             time.sleep(0.02)
-    assert calls > 50 and len(ports) >= 3, (calls, ports)  # at least two replacements (1 s, +-10%)
+    assert len(ports) >= 3, (calls, ports)  # at least two replacements (1 s, +-10%), none failing a call
 
 
 def test_a_grpc_message_over_max_body_bytes_is_refused_resource_exhausted(guarded: ServiceProcess) -> None:

@@ -292,7 +292,7 @@ def test_a_graph_that_fails_to_open_fails_every_waiter_and_is_tried_again(tmp_pa
         failures = [pool.submit(host.acquire, spec) for _ in range(3)]
         for failure in failures:
             with pytest.raises(RuntimeError, match=r"INVALID_PROTOBUF|Protobuf"):
-                failure.result()
+                failure.result(timeout=60)
     assert host.sessions == {}
 
 
