@@ -96,12 +96,11 @@ def _read_one(sock: socket.socket) -> bytes:
 
     while b"\r\n\r\n" not in answer:
         answer += more()
-    head, _, body = answer.partition(b"\r\n\r\n")
+    head = answer.partition(b"\r\n\r\n")[0]
     length = int(re.search(rb"content-length: *(\d+)", head.lower()).group(1))  # type: ignore[union-attr]
-    while len(body) < length:
-        body += more()
-        answer = head + b"\r\n\r\n" + body
-    return head + b"\r\n\r\n" + body
+    while len(answer) < len(head) + 4 + length:
+        answer += more()
+    return answer
 
 
 def status_and_error(answer: bytes) -> tuple[int, str]:
