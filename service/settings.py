@@ -131,6 +131,12 @@ class Settings(BaseSettings):
         description="Let FP32 matrix products and convolutions use TF32 tensor cores on CUDA (about 2x ResNet-50 FP32 "
         "on one H200; 10-bit mantissa inside the products).",
     )
+    cuda_graphs: Literal["off", "on"] = Field(
+        "off",
+        description="Capture one CUDA graph per batch shape on CUDA and replay it (ONNX Runtime's "
+        "`enable_cuda_graph`): each shape runs on fixed device buffers, copied in once and out once. Needs fixed "
+        "shapes (`BATCH_SIZES` not `any`) and every node of the graph on CUDA; off until a GPU run measures it faster.",
+    )
     session_host: Literal["auto", "worker", "shared"] = Field(
         "auto",
         description="Where the ONNX Runtime sessions live. `worker`: each worker opens its own. `shared`: one process "

@@ -141,6 +141,9 @@ class ModelInfo(BaseModel):
         None, description="The batch shapes its sessions run, each warmed before it served: a batch is padded up to "
         "the next (BATCH_SIZES); null: any size up to max_batch_size",
     )  # fmt: skip
+    cuda_graphs: bool | None = Field(
+        None, description="Its sessions replay one CUDA graph per batch shape, captured before it served (CUDA_GRAPHS)"
+    )
     residency: dict[str, Any] | None = Field(
         None,
         description="MODEL_CONTROL=on-demand: resident (bytes its load added, idle seconds), loading, not loaded, "

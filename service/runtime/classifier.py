@@ -218,6 +218,7 @@ class Classifier:
                 "warmup_seconds": round(entry.model.warmup_seconds, 3),
                 "max_batch_size": entry.batcher.max_batch_size if entry.batcher is not None else None,
                 "batch_sizes": _shapes(entry),
+                "cuda_graphs": entry.model.cuda_graphs,
                 "quality": {
                     "abstain_threshold": meta.abstain_threshold,
                     "typicality_threshold": meta.typicality_threshold,

@@ -25,6 +25,7 @@ import onnxruntime as ort
 from onnxruntime.capi import build_and_package_info
 
 from ..settings import Settings
+from . import cuda_graphs
 
 logger = logging.getLogger(__name__)
 
@@ -127,23 +128,30 @@ def unavailable_reason(library: Path = PROVIDER_LIBRARY, cudnn: str = CUDNN_LIBR
     return "; ".join(problems) or "ONNX Runtime's CUDA provider did not take the session (its log above says why)"
 
 
-def provider_options(settings: Settings, precision: str) -> dict[str, str]:
-    """The CUDA provider's options for a graph of ``precision`` (``fp32``, ``fp16``, ``int8``)."""
+def provider_options(settings: Settings, precision: str, *, graphs: bool = False) -> dict[str, str]:
+    """The CUDA provider's options for a graph of ``precision`` (``fp32``, ``fp16``, ``int8``); ``graphs``: a
+    classifier's session, which captures CUDA graphs where ``CUDA_GRAPHS`` says so (never an explanation's)."""
     nhwc = settings.cuda_prefer_nhwc == "on" or (settings.cuda_prefer_nhwc == "auto" and precision == "fp16")
-    return {
+    options = {
         "cudnn_conv_algo_search": settings.cuda_conv_algo_search,
         "prefer_nhwc": str(int(nhwc)),
         "use_tf32": str(int(settings.cuda_tf32)),
     }
+    if graphs and settings.cuda_graphs == "on":
+        options[cuda_graphs.ENABLE_OPTION] = "1"
+    return options
 
 
 def wants_cuda(settings: Settings) -> bool:
     return CUDA in wanted_providers(settings.providers)
 
 
-def providers_for(settings: Settings, precision: str) -> list[str | tuple[str, dict[str, str]]]:
+Providers = list[str | tuple[str, dict[str, str]]]
+
+
+def providers_for(settings: Settings, precision: str, *, graphs: bool = False) -> Providers:
     """What a session of a ``precision`` graph asks for: CUDA (with its options) then the CPU, or the CPU alone
     (``PROVIDERS``). The process that opens the session preloads CUDA's libraries (session_host.open_session)."""
     if not wants_cuda(settings):
         return [CPU]
-    return [(CUDA, provider_options(settings, precision)), CPU]
+    return [(CUDA, provider_options(settings, precision, graphs=graphs)), CPU]

@@ -19,7 +19,7 @@ from ..store.batch_limit import read_max_batch_size
 from ..store.layout import CONFIG_FILE, ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
 from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
-from . import session_host
+from . import cuda_graphs, session_host
 from .cuda import CPU, CUDA, providers_for
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class LoadedModel:
     max_batch_size: int = 1  # most images per call: MAX_BATCH_SIZE, or its config.pbtxt's max_batch_size if lower
     batch_sizes: tuple[int, ...] | None = None  # the shapes its batches are padded to (BATCH_SIZES); None: any
     session_host: int | None = None  # the pid of the process holding its sessions (SESSION_HOST=shared)
+    cuda_graphs: bool = False  # its sessions replay a CUDA graph per batch shape (CUDA_GRAPHS=on, on CUDA)
 
     @property
     def name(self) -> str:
@@ -125,7 +126,11 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
         limit = settings.batch_limit(read_max_batch_size(store.model_dir(stored.name) / CONFIG_FILE))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{CONFIG_FILE}: {exc}") from None
-    providers = providers_for(settings, metadata.precision)
+    providers = providers_for(settings, metadata.precision, graphs=True)
+    graphs = cuda_graphs.wanted(providers) is not None
+    if graphs and settings.batch_shapes(CUDA, limit) is None:
+        raise ModelLoadError("CUDA_GRAPHS=on captures a graph per batch shape, and BATCH_SIZES=any gives no "
+                             "fixed shapes: set BATCH_SIZES=auto, pow2 or sizes, or CUDA_GRAPHS=off")  # fmt: skip
     instances = settings.instances_for(stored.name)
     options = session_options(settings, instances)
     try:
@@ -133,7 +138,8 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     except session_host.SessionHostGone as exc:
         raise ModelLoadError(str(exc)) from None
     except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/... types
-        raise ModelLoadError(f"ONNX Runtime cannot load {stored.graph}: {exc}") from None
+        hint = " (CUDA_GRAPHS=on needs every node of the graph on CUDA: set CUDA_GRAPHS=off)" if graphs else ""
+        raise ModelLoadError(f"ONNX Runtime cannot load {stored.graph}: {exc}{hint}") from None
     session = sessions[0]
     provider = session.get_providers()[0]
     if providers[0] != CPU and provider != CUDA:  # CUDA was wanted (PROVIDERS=cuda, or auto with a GPU)
@@ -154,4 +160,4 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     return LoadedModel(stored, metadata, labels, sessions, provider, seconds, threads=options.intra_op_num_threads,
                        output_names=names, max_batch_size=limit,
                        batch_sizes=settings.batch_shapes(provider, limit),
-                       session_host=host)  # fmt: skip
+                       session_host=host, cuda_graphs=graphs and provider == CUDA)  # fmt: skip

@@ -58,7 +58,8 @@ import onnxruntime as ort
 from ..errors import ModelNotReady
 from ..settings import Settings
 from ..store import sessions
-from .cuda import CPU, CUDA, preload, unavailable_reason, wants_cuda
+from . import cuda_graphs
+from .cuda import CPU, CUDA, Providers, preload, unavailable_reason, wants_cuda
 
 logger = logging.getLogger("service.runtime.session_host")  # not __main__ where it runs as the host
 
@@ -67,7 +68,6 @@ KEY_ENV = "CNN_SESSION_HOST_KEY"  # its authentication key (hex)
 PID_ENV = "CNN_SESSION_HOST_PID"  # its pid: a worker kills a host that gives no answer (see RemoteSession)
 READY_LINE = "session host listening"
 START_TIMEOUT_S = 120.0
-Providers = list[str | tuple[str, dict[str, str]]]
 
 
 MIN_ANSWER_WITHIN_S = 120.0
@@ -154,14 +154,18 @@ def answer_within(settings: Settings) -> float:
     return max(4 * settings.request_timeout_s, MIN_ANSWER_WITHIN_S)
 
 
-def inference_session(graph: str, options: ort.SessionOptions, providers: Providers) -> ort.InferenceSession:
+def inference_session(graph: str, options: ort.SessionOptions, providers: Providers) -> Any:
     """ONNX Runtime's session, in the process that runs it: CUDA's libraries preloaded first where CUDA is asked for
     (once per process), and no silent fallback (ONNX Runtime would move a session whose CUDA run failed to the CPU
-    for good, printing it to stdout only, under the other threads that run it; the batch fails instead)."""
+    for good, printing it to stdout only, under the other threads that run it; the batch fails instead). Where the
+    CUDA provider took it with CUDA graphs asked for (``CUDA_GRAPHS``), a :class:`cuda_graphs.CapturedSession`."""
     if providers[0] != CPU:
         preload()
     session = ort.InferenceSession(graph, options, providers=providers)
     session.disable_fallback()
+    device = cuda_graphs.wanted(providers)
+    if device is not None and session.get_providers()[0] == CUDA:
+        return cuda_graphs.CapturedSession(session, "cuda", device)
     return session
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.runtime import cuda
+from service.runtime import cuda, cuda_graphs
 from service.runtime.session import load_model
 from service.settings import Settings
 from service.store.layout import ModelStore
@@ -107,6 +107,32 @@ def test_the_fp16_variant_agrees_with_fp32(model_store: ModelStore, tmp_path: Pa
     assert _logits_error(expected_logits, logits) <= FP16_LOGITS
     agreement = _top1_agreement(expected_logits, logits)
     assert agreement is not None and agreement >= 0.99  # random-weight ResNet-18's logits are clearly apart
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet18"])
+def test_cuda_graphs_replay_what_cuda_computes(model_store: ModelStore, name: str) -> None:
+    """CUDA_GRAPHS=on: each shape's graph, captured at the warm-up, answers every later batch of that shape as a
+    session without graphs does (the replay reads the new batch, not the one it was captured with)."""
+    stored = model_store.latest(name)
+    assert stored is not None
+    settings = Settings(providers="cuda", cuda_graphs="on")
+    model = load_model(model_store, stored, settings)
+    assert model.cuda_graphs and isinstance(model.sessions[0], cuda_graphs.CapturedSession)
+    assert model.sessions[0].get_provider_options()[cuda.CUDA]["enable_cuda_graph"] == "1"
+    model.warm_up(settings.warmup(model.max_batch_size))
+    assert model.sessions[0].graphs == len(model.batch_sizes or ())
+    plain = load_model(model_store, stored, Settings(providers="cuda"))
+    spec = model.metadata.input
+    for seed, batch in enumerate((1, 4, 8, 4, 1)):
+        images = np.random.default_rng(seed).integers(0, 256, (batch, spec.size, spec.size, spec.channels),
+                                                      dtype=np.uint8)  # fmt: skip
+        logits, probabilities = model.runner(0)(images)[:2]
+        expected_logits, expected = plain.runner(0)(images)[:2]
+        assert float(np.abs(probabilities - expected).max()) <= 1e-4
+        assert _logits_error(expected_logits, logits) <= 1e-3
+        _, on_cpu = _cpu(stored.graph, images)
+        assert float(np.abs(probabilities - on_cpu).max()) <= FP32_BOUND
+    assert model.sessions[0].graphs == len(model.batch_sizes or ())  # no shape captured twice
 
 
 @pytest.fixture(scope="module")

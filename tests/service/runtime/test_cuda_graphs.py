@@ -1,0 +1,120 @@
+"""CUDA_GRAPHS: the session that runs each batch shape on its own fixed buffers (what replays a CUDA graph on a GPU),
+run here on the CPU's buffers with a real LeNet-5 session; the setting's options, its refusals and its fallback.
+The capture itself needs a GPU: tests/gpu."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.runtime import cuda, cuda_graphs, session_host
+from service.runtime.session import ModelLoadError, load_model
+from service.settings import Settings
+from service.store.layout import ModelStore
+from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
+
+
+@pytest.fixture(scope="module")
+def lenet5(model_store: ModelStore) -> ort.InferenceSession:
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    return ort.InferenceSession(str(stored.graph), providers=[cuda.CPU])
+
+
+def _digits(batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, 32, 32, 1), dtype=np.uint8)
+
+
+def _equal(got: list[np.ndarray], expected: list[np.ndarray]) -> bool:
+    return len(got) == len(expected) and all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def test_each_shape_answers_as_the_session_does_on_buffers_of_its_own(lenet5: ort.InferenceSession) -> None:
+    captured = cuda_graphs.CapturedSession(lenet5, "cpu")
+    names = list(OUTPUT_NAMES)
+    answers = {}
+    for seed, batch in enumerate((1, 3, 8, 3, 1, 8)):
+        images = _digits(batch, seed)
+        got = captured.run(names, {INPUT_NAME: images})
+        assert _equal(got, lenet5.run(names, {INPUT_NAME: images}))
+        answers[seed] = (images, got)
+    assert captured.graphs == 3  # one per shape, however often it ran
+    for images, got in answers.values():  # the answers are the caller's: later runs of a shape leave them alone
+        assert _equal(got, lenet5.run(names, {INPUT_NAME: images}))
+    graphs = {shape.options.get_run_config_entry(cuda_graphs.GRAPH_ID) for shape in captured._shapes.values()}
+    assert graphs == {"0", "1", "2"}  # each shape its own graph
+    assert captured.get_inputs()[0].name == INPUT_NAME  # the rest is the session's
+
+
+def test_every_output_when_none_are_named(lenet5: ort.InferenceSession) -> None:
+    captured = cuda_graphs.CapturedSession(lenet5, "cpu")
+    images = _digits(2, 7)
+    assert _equal(captured.run(None, {INPUT_NAME: images}), lenet5.run(None, {INPUT_NAME: images}))
+
+
+def test_threads_sharing_a_session_each_get_their_own_answers(lenet5: ort.InferenceSession) -> None:
+    """The session host runs one session from a thread per worker: runs of one shape share its buffers."""
+    captured = cuda_graphs.CapturedSession(lenet5, "cpu")
+    names = list(OUTPUT_NAMES)
+    batches = [_digits(b, seed) for seed, b in enumerate([1, 2, 4] * 8)]
+    expected = [lenet5.run(names, {INPUT_NAME: images}) for images in batches]
+    wrong: list[int] = []
+
+    def work(offset: int) -> None:
+        for turn in range(60):
+            i = (offset + turn) % len(batches)
+            if not _equal(captured.run(names, {INPUT_NAME: batches[i]}), expected[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(k * 5,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads) and wrong == []
+    assert captured.graphs == 3
+
+
+def test_shapes_past_the_limit_run_without_a_graph(lenet5: ort.InferenceSession,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
+    captured = cuda_graphs.CapturedSession(lenet5, "cpu")
+    names = list(OUTPUT_NAMES)
+    for seed, batch in enumerate((1, 2, 5, 6)):
+        images = _digits(batch, seed)
+        assert _equal(captured.run(names, {INPUT_NAME: images}), lenet5.run(names, {INPUT_NAME: images}))
+    assert captured.graphs == 2
+
+
+def test_the_setting_asks_for_graphs_on_classifier_sessions_only() -> None:
+    on = Settings(providers="cuda", cuda_graphs="on")
+    classifier = cuda.providers_for(on, "fp16", graphs=True)
+    assert classifier[0][1]["enable_cuda_graph"] == "1" and cuda_graphs.wanted(classifier) == 0  # type: ignore[index]
+    explanation = cuda.providers_for(on, "fp32")  # Grad-CAM's sessions: any shape, no graphs
+    assert "enable_cuda_graph" not in explanation[0][1] and cuda_graphs.wanted(explanation) is None  # type: ignore[index]
+    off = cuda.providers_for(Settings(providers="cuda"), "fp16", graphs=True)
+    assert "enable_cuda_graph" not in off[0][1] and cuda_graphs.wanted(off) is None  # type: ignore[index]
+    assert cuda.providers_for(Settings(providers="cpu", cuda_graphs="on"), "fp32", graphs=True) == [cuda.CPU]
+
+
+def test_graphs_without_fixed_shapes_are_refused_with_what_to_set(model_store: ModelStore) -> None:
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    with pytest.raises(ModelLoadError) as raised:
+        load_model(model_store, stored, Settings(providers="cuda", cuda_graphs="on", batch_sizes="any"))
+    assert "BATCH_SIZES=any" in str(raised.value) and "CUDA_GRAPHS=off" in str(raised.value)
+
+
+def test_a_session_the_cpu_took_runs_as_it_is(model_store: ModelStore) -> None:
+    """PROVIDERS=auto with CUDA_GRAPHS=on where CUDA does not load: the CPU's session, no graphs, no buffers."""
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    providers = cuda.providers_for(Settings(providers="cuda", cuda_graphs="on"), "fp32", graphs=True)
+    session = session_host.inference_session(str(stored.graph), ort.SessionOptions(), providers)
+    if cuda.gpu_count() == 0:  # this machine: ONNX Runtime moved it to the CPU
+        assert session.get_providers()[0] == cuda.CPU and isinstance(session, ort.InferenceSession)
+    else:
+        assert isinstance(session, cuda_graphs.CapturedSession)
