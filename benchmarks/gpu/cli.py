@@ -195,11 +195,13 @@ def service_options(store: ModelStore, model: str) -> dict[str, str]:
 def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
     plan = run.plan
     options = service_options(store, config.model) if config.options_label == "service" else dict(config.options)
+    graph_batches = plan.graph_batches if (config.model, config.options_label) == (plan.graph_model, "service") else ()
     command = ["ceiling", "--store", str(store.root), "--model", config.model, "--providers", plan.providers,
                "--options", json.dumps(options), "--batches", ",".join(map(str, plan.batches)),
-               "--seconds", str(plan.ceiling_seconds)]  # fmt: skip
+               "--seconds", str(plan.ceiling_seconds),
+               "--graph-batches", ",".join(map(str, graph_batches))]  # fmt: skip
     try:
-        found = subprocess_json(command, run.limit(ceiling_cost(plan)), run.say)
+        found = subprocess_json(command, run.limit(ceiling_cost(plan, len(graph_batches))), run.say)
     except Failed as failed:  # killed part-way: the batch sizes it had timed are kept, the stage still fails
         if failed.partial is not None:
             run.found["ceilings"].append(failed.partial | {"options_label": config.options_label, "cut_short": True})
@@ -231,9 +233,11 @@ def anchor(run: Run) -> None:
     run.say(f"PyTorch anchor: {a['images_per_s'] if a['images_per_s'] else 'none: ' + a['reason']}")
 
 
-def ceiling_cost(plan: Plan) -> float:
-    """About how long one in-process ceiling takes: its session, then each batch size timed two ways."""
-    return 8 + len(plan.batches) * 2 * (plan.ceiling_seconds + 0.5)
+def ceiling_cost(plan: Plan, graph_batches: int = 0) -> float:
+    """About how long one in-process ceiling takes: its session, then each batch size timed two ways, and the
+    CUDA_GRAPHS=on path (a second session, a capture per shape) at ``graph_batches`` sizes."""
+    graphs = 8 + graph_batches * (plan.ceiling_seconds + 1.5) if graph_batches else 0
+    return 8 + len(plan.batches) * 2 * (plan.ceiling_seconds + 0.5) + graphs
 
 
 def anchor_cost(plan: Plan) -> float:
@@ -305,7 +309,8 @@ def served_stages(run: Run, store: ModelStore, nvml: Nvml) -> None:
                 run.say(f"not served again: {server.label}, {found['skipped'][f'served {server.label}']}")
                 continue
             record: dict[str, Any] = {"server": server.label, "model": server.model, "workers": server.workers,
-                                      "env": plan.service_env(server), "runs": [], "sweep": None}  # fmt: skip
+                                      "env": plan.service_env(server), "trial": dict(server.settings), "runs": [],
+                                      "sweep": None}  # fmt: skip
             found["served"].append(record)
             work = partial(serve, store, server, plan, pool, nvml, logs, Path(homes), record, run.save, run.say,
                            lambda: run.plan.budget + 30 - run.elapsed())  # fmt: skip

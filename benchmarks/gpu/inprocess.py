@@ -12,7 +12,9 @@ rather than the benchmark.
 
 The ceiling times the graph at each batch size two ways: ``session.run`` on a numpy array (what the service does:
 the input crosses to the device and the outputs back on every call) and IOBinding (the input copied to the device
-once beforehand, the outputs left there: the graph alone). The anchor is torchvision's ResNet-50 in FP16,
+once beforehand, the outputs left there: the graph alone); at the service's batch shapes a third, the service's
+``CUDA_GRAPHS=on`` session (each shape's CUDA graph replayed on its fixed buffers, the batch copied in and the
+answers out on every call; on the CPU the same buffers without a graph). The anchor is torchvision's ResNet-50 in FP16,
 channels_last, under ``torch.inference_mode()``, fed the same uint8 NHWC pixels already on the GPU and doing the
 cast and normalisation the ONNX graph does inside: what ONNX Runtime's FP16 graph is held against.
 """
@@ -63,8 +65,9 @@ def first_then_timed(call: Callable[[], object], seconds: float) -> tuple[float,
 
 
 def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str], batches: Sequence[int],
-            seconds: float) -> dict[str, Any]:  # fmt: skip
-    """ONNX Runtime on ``model``'s latest graph with the service's session options and ``options`` for CUDA."""
+            seconds: float, graph_batches: Sequence[int] = ()) -> dict[str, Any]:  # fmt: skip
+    """ONNX Runtime on ``model``'s latest graph with the service's session options and ``options`` for CUDA; at
+    ``graph_batches``, the service's CUDA_GRAPHS=on path as well (:func:`graphed`)."""
     import onnxruntime as ort
 
     from service.runtime.cuda import preload, unavailable_reason
@@ -101,7 +104,9 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
              "provider_options_requested": options,
              "provider_options": session.get_provider_options().get(taken[0], {}),
              "intra_op_threads": options_used.intra_op_num_threads, "onnxruntime": ort.__version__,
-             "input": [spec.size, spec.size, spec.channels], "runs": runs, "errors": errors}  # fmt: skip
+             "input": [spec.size, spec.size, spec.channels], "runs": runs, "errors": errors,
+             "cuda_graph_error": None}  # fmt: skip
+    graphs = Graphed(lambda: graphed(session, str(version.graph), options_used, wanted, device))
     rng = np.random.default_rng(0)
     for batch in batches:
         images = rng.integers(0, 256, (batch, spec.size, spec.size, spec.channels), dtype=np.uint8)
@@ -125,11 +130,56 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
             continue
         numpy_rate, bound_rate = runs[-2]["images_per_s"], runs[-1]["images_per_s"]
         message = f"{model} batch {batch}: {numpy_rate:.0f} images/s (numpy), {bound_rate:.0f} (IOBinding)"
+        if batch in graph_batches and (captured := graphs.session(found)) is not None:
+            try:
+                first, latencies, total = first_then_timed(lambda: captured.run(None, {INPUT_NAME: images}), seconds)  # noqa: B023
+            except Exception as exc:  # its capture failed: the other paths' figures stand
+                found["cuda_graph_error"] = f"batch {batch}: {type(exc).__name__}: {exc}"[:1000]
+                graphs.failed = True
+            else:
+                runs.append(row(graph_path(device), batch, latencies, total, first))
+                message += f", {runs[-1]['images_per_s']:.0f} ({graph_path(device)})"
         print(message, file=sys.stderr, flush=True)  # noqa: T201
         print(json.dumps(found), flush=True)  # noqa: T201  # so far: a run killed part-way keeps these sizes
     if not runs:
         raise RuntimeError(f"no batch size ran: {errors[0]['error'] if errors else 'none asked for'}")
     return found
+
+
+def graph_path(device: str) -> str:
+    """The row of the CUDA_GRAPHS=on path: its graphs on CUDA; on the CPU (the dry run) the same buffers, no graph."""
+    return "cuda-graph" if device == "cuda" else "fixed-buffers"
+
+
+def graphed(session: Any, graph: str, options: Any, providers: list[Any], device: str) -> Any:
+    """The service's CUDA_GRAPHS=on session (service.runtime.cuda_graphs): on CUDA a second session of the graph with
+    ``enable_cuda_graph``, on the CPU ``session`` itself on fixed buffers."""
+    import onnxruntime as ort
+
+    from service.runtime.cuda_graphs import ENABLE_OPTION, CapturedSession
+
+    if device != "cuda":
+        return CapturedSession(session, "cpu")
+    cuda_options = {**providers[0][1], ENABLE_OPTION: "1"}
+    second = ort.InferenceSession(graph, options, providers=[(CUDA, cuda_options), CPU])
+    second.disable_fallback()
+    return CapturedSession(second, "cuda", int(cuda_options.get("device_id", 0)))
+
+
+class Graphed:
+    """The CUDA_GRAPHS=on session, opened at its first batch; a session that cannot be opened is said once."""
+
+    def __init__(self, opener: Callable[[], Any]) -> None:
+        self._opener, self._session, self.failed = opener, None, False
+
+    def session(self, found: dict[str, Any]) -> Any:
+        if self._session is None and not self.failed:
+            try:
+                self._session = self._opener()
+            except Exception as exc:  # ONNX Runtime refused the graphs (a node off CUDA, say)
+                found["cuda_graph_error"] = f"{type(exc).__name__}: {exc}"[:1000]
+                self.failed = True
+        return None if self.failed else self._session
 
 
 def anchor(batches: Sequence[int], seconds: float) -> dict[str, Any]:
@@ -186,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--model", required=True)
     one.add_argument("--providers", choices=("cuda", "cpu"), required=True)
     one.add_argument("--options", default="{}", help="CUDA provider options, a JSON object")
+    one.add_argument("--graph-batches", default="", help="comma-separated: the CUDA_GRAPHS=on path at these too")
     two = commands.add_parser("anchor")
     for command in (one, two):
         command.add_argument("--batches", required=True, help="comma-separated")
@@ -194,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",") if b]
     try:
         if args.command == "ceiling":
-            found = ceiling(args.store, args.model, args.providers, json.loads(args.options), batches, args.seconds)
+            graph_batches = [int(b) for b in args.graph_batches.split(",") if b]
+            found = ceiling(args.store, args.model, args.providers, json.loads(args.options), batches, args.seconds,
+                            graph_batches)  # fmt: skip
         else:
             found = anchor(batches, args.seconds)
     except Exception as exc:  # the caller records the stage as failed, with this

@@ -1,7 +1,8 @@
 """What one GPU benchmark measures, and for how long: the defaults for a GPU, and for the CPU dry run.
 
-On ``cuda`` the plan is meant to fit one command of 600 s on one H100 or H200 with 16 cores (about 430 s by the
-stages' estimates with the exports and the WORKERS=4 server skipped as served already, not yet timed on a GPU;
+On ``cuda`` the plan is meant to fit one command of 600 s on one H100 or H200 with 16 cores (about 485 s by the
+stages' estimates with the exports and the WORKERS=4 server skipped as served already, the CUDA_GRAPHS=on trials
+included, last among the servers; not yet timed on a GPU;
 ``budget`` stops starting stages past 540 s); on ``cpu`` it is the dry
 run CI makes on two cores (about a minute): the same stages on LeNet-5 and ResNet-50 FP32 with short runs, to keep
 the code from rotting.
@@ -28,10 +29,11 @@ class Server:
     http: tuple[int, ...]  # concurrency levels of POST /classify
     grpc: tuple[int, ...] = ()  # of gRPC ModelInfer with uint8 pixels
     sweep: bool = False  # the every-batch-size run, first, on the fresh server
+    settings: tuple[tuple[str, str], ...] = ()  # beside the service's defaults (a trial, never read by a target)
 
     @property
     def label(self) -> str:
-        return f"{self.model} WORKERS={self.workers}"
+        return " ".join([f"{self.model} WORKERS={self.workers}", *(f"{k}={v}" for k, v in self.settings)])
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,16 @@ class Plan:
             raise ValueError("an FP16 variant is served on CUDA only (the service refuses it on CPUs): drop it")
 
     @property
+    def graph_model(self) -> str | None:
+        """The model CUDA_GRAPHS=on is tried on, in-process and (on a GPU) served: the first ResNet-50."""
+        return self._pick(("resnet50_fp16", "resnet50"))
+
+    @property
+    def graph_batches(self) -> tuple[int, ...]:
+        """Where its in-process ceiling times CUDA_GRAPHS=on too: the service's batch shapes among its sizes."""
+        return tuple(b for b in self.batches if b <= self.max_batch)
+
+    @property
     def dry_run(self) -> bool:
         return self.providers == "cpu"
 
@@ -117,7 +129,7 @@ class Plan:
         served, with the same settings otherwise: on 16 cores the ResNets' 0 is 4), so that a budget spent leaves
         out a whole target's servers last, not the scaling target's. gRPC on the first ResNet-50 (its target's);
         on a GPU the models after the first are served at the scaling level and above only (what their targets
-        read), for the budget."""
+        read), for the budget, and the first ResNet-50 once more with CUDA_GRAPHS=on, last."""
         grpc_model = self._pick(("resnet50_fp16", "resnet50"))
         found: list[Server] = []
         for model in self.models:
@@ -130,6 +142,8 @@ class Plan:
             found.append(Server(model, 0, http, grpc, sweep=model == self.sweep_model))
             if model == self.scaling_model:
                 found += [Server(model, w, (self.scaling_concurrency,)) for w in self.scaling_workers if w != 0]
+        if not self.dry_run and self.graph_model is not None:  # last: what is to decide CUDA_GRAPHS's default
+            found.append(Server(self.graph_model, 0, (self.scaling_concurrency,), settings=(("CUDA_GRAPHS", "on"),)))
         return found
 
     def service_env(self, server: Server) -> dict[str, str]:
@@ -138,11 +152,12 @@ class Plan:
         shared = {"SESSION_HOST": "shared"} if self.dry_run and server.workers > 1 else {}
         return {"MODELS": server.model, "PROVIDERS": self.providers, "WORKERS": str(server.workers),
                 "MAX_BATCH_SIZE": str(self.max_batch),
-                "MAX_IMAGES_PER_REQUEST": str(max(64, self.max_batch))} | shared  # fmt: skip
+                "MAX_IMAGES_PER_REQUEST": str(max(64, self.max_batch))} | shared | dict(server.settings)  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {
-            "sweep_model": self.sweep_model, "scaling_model": self.scaling_model,
+            "sweep_model": self.sweep_model, "scaling_model": self.scaling_model, "graph_model": self.graph_model,
+            "graph_batches": self.graph_batches,
             "servers": [dataclasses.asdict(s) | {"env": self.service_env(s)} for s in self.servers()],
             "ceilings": [{"model": c.model, "options_label": c.options_label, "options": dict(c.options)}
                          for c in self.ceilings()],

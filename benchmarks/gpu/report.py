@@ -21,7 +21,7 @@ def run_at(found: Found, model: str, workers: int, path: str, concurrency: int,
            resolved: bool = False) -> dict[str, Any] | None:  # fmt: skip
     """``model``'s run on ``path`` at ``concurrency`` by the server asked for ``workers`` (``resolved``: by the one
     that ran ``workers``, the service's sizing included)."""
-    servers = [s for s in found.get("served", []) if s["model"] == model]
+    servers = [s for s in found.get("served", []) if s["model"] == model and not s.get("trial")]
     exact = [s for s in servers if s["workers"] == workers]
     sized = [s for s in servers if resolved and s["workers"] == 0 and s.get("workers_resolved") == workers]
     for server in exact + sized:  # the server asked for that count first
@@ -32,7 +32,8 @@ def run_at(found: Found, model: str, workers: int, path: str, concurrency: int,
 
 
 def served_runs(found: Found, model: str, path: str, workers: int | None = None) -> list[dict[str, Any]]:
-    servers = [s for s in found.get("served", []) if s["model"] == model and workers in (None, s["workers"])]
+    servers = [s for s in found.get("served", []) if s["model"] == model and workers in (None, s["workers"])
+               and not s.get("trial")]  # fmt: skip
     return [run for server in servers for run in server["runs"] if run["path"] == path]
 
 
@@ -183,6 +184,9 @@ def markdown(found: Found) -> str:
             cells = [c["model"], label, c["providers_taken"][0], r["path"], r["batch"], f"{r['images_per_s']:.1f}",
                      r["p50_ms"], r["p99_ms"], r["first_call_ms"]]  # fmt: skip
             lines.append(row(cells))
+        if c.get("cuda_graph_error"):  # CUDA_GRAPHS=on could not run: the other paths' figures stand
+            lines.append(row([c["model"], label, c["providers_taken"][0], "cuda-graph", "-",
+                              "failed: " + c["cuda_graph_error"], "-", "-", "-"]))  # fmt: skip
         for e in c.get("errors", []):  # a batch size that failed (out of GPU memory, say): no figure, its reason
             lines.append(row([c["model"], label, c["providers_taken"][0], "-", e["batch"], "failed: " + e["error"],
                               "-", "-", "-"]))  # fmt: skip
@@ -194,7 +198,7 @@ def markdown(found: Found) -> str:
         lines += [f"| {r['batch']} | {r['images_per_s']:.1f} | {r['p50_ms']} | {r['p99_ms']} |" for r in anchor["runs"]]
     else:
         lines.append(f"Not measured: {anchor.get('reason', 'the stage did not run')}.")
-    lines += served(found) + decode(found)
+    lines += served(found) + graphs(found) + decode(found)
     for kind in ("skipped", "failures"):
         if found.get(kind):
             lines += ["", f"## {kind.capitalize()}", ""] + [f"- {stage}: {why}" for stage, why in found[kind].items()]
@@ -208,7 +212,9 @@ def served(found: Found) -> list[str]:
     sweeps = []
     for server in found.get("served", []):
         shared = ", one session host" if server.get("session_host") else ""
-        label = f"{server['model']} WORKERS={server['workers']} ({server.get('workers_resolved', '?')} running{shared})"
+        trial = "".join(f" {k}={v}" for k, v in (server.get("trial") or {}).items())
+        label = (f"{server['model']} WORKERS={server['workers']}{trial} ({server.get('workers_resolved', '?')} "
+                 f"running{shared})")  # fmt: skip
         for r in server["runs"]:
             cells = [label, r["path"], r["concurrency"], f"{r['images_per_s']:.1f}", r["p50_ms"], r["p99_ms"],
                      f"{r['errors']} / {r['requests']}", r["mean_batch"], r["gpu_busy_mean_pct"], r["server_cores"],
@@ -217,6 +223,32 @@ def served(found: Found) -> list[str]:
         if server.get("sweep"):
             sweeps.append(sweep_words(label, server["sweep"]))
     return lines + [line for words in sweeps for line in ("", words)]
+
+
+def graphs(found: Found) -> list[str]:
+    """CUDA_GRAPHS=on beside the service's default, in-process (its path against the numpy path at each batch) and
+    served (its server against the default one at the same concurrency): what its default is to be chosen by."""
+    lines = []
+    for c in found.get("ceilings", []):
+        plain = {r["batch"]: r["images_per_s"] for r in c["runs"] if r["path"] == "numpy"}
+        for r in c["runs"]:
+            if r["path"] in ("cuda-graph", "fixed-buffers") and plain.get(r["batch"]):
+                lines.append(f"- {c['model']} in-process, batch {r['batch']}: {r['images_per_s']:.0f} images/s "
+                             f"({r['path']}) against {plain[r['batch']]:.0f} (numpy), "
+                             f"{r['images_per_s'] / plain[r['batch']]:.2f}x")  # fmt: skip
+        if c.get("cuda_graph_error"):
+            lines.append(f"- {c['model']} in-process: CUDA graphs failed: {c['cuda_graph_error']}")
+    for server in found.get("served", []):
+        if not server.get("trial"):
+            continue
+        for r in server["runs"]:
+            default = run_at(found, server["model"], server["workers"], r["path"], r["concurrency"])
+            against = "no run with the defaults to compare" if default is None else (
+                f"{default['images_per_s']:.0f} with the defaults, {r['images_per_s'] / default['images_per_s']:.2f}x"
+                if default["images_per_s"] else "the defaults' run served nothing")  # fmt: skip
+            lines.append(f"- {server['server']} served {r['path']} c={r['concurrency']}: {r['images_per_s']:.0f} "
+                         f"images/s, p99 {r['p99_ms']} ms, {r['errors']} errors; {against}")  # fmt: skip
+    return ["", "## CUDA graphs", "", *lines] if lines else []
 
 
 def sweep_words(label: str, s: dict[str, Any]) -> str:

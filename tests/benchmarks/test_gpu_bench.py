@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from benchmarks.gpu import cli
+from benchmarks.gpu import cli, inprocess
 from benchmarks.gpu.cli import Run, export_missing, measured_already, stop_leftovers
 from benchmarks.gpu.loadgen import multipart, split
 from benchmarks.gpu.plan import Ceiling, Plan, Server
@@ -39,9 +39,13 @@ def test_the_dry_run_measures_every_stage_on_the_cpu(tmp_path: Path) -> None:
     found = json.loads((out / "gpu.json").read_text())
     assert found["complete"] and not found["failures"] and not found["skipped"]
     assert set(found["exports"]) == {"lenet5", "resnet50"} and found["exports"]["resnet50"]["weights"] == "random"
-    # in-process: both models, both paths, both batch sizes, on the provider the session really took
+    # in-process: both models, both paths, both batch sizes (and CUDA_GRAPHS=on's path on ResNet-50, here on the
+    # CPU's fixed buffers), on the provider the session really took
     rows = {(c["model"], r["path"], r["batch"]) for c in found["ceilings"] for r in c["runs"]}
-    assert rows == {(m, p, b) for m in ("lenet5", "resnet50") for p in ("numpy", "iobinding") for b in (1, 8)}
+    assert rows == {(m, p, b) for m in ("lenet5", "resnet50") for p in ("numpy", "iobinding") for b in (1, 8)} | {
+        ("resnet50", "fixed-buffers", b) for b in (1, 8)
+    }  # fmt: skip
+    assert all(c["cuda_graph_error"] is None for c in found["ceilings"])
     assert all(c["providers_taken"] == ["CPUExecutionProvider"] for c in found["ceilings"])
     service_fp32 = {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "0", "use_tf32": "1"}  # what CUDA would get
     assert all(c["provider_options_requested"] == service_fp32 for c in found["ceilings"])
@@ -156,6 +160,24 @@ def test_a_batch_size_that_failed_in_process_fails_its_stage_and_the_others_are_
     assert json.loads((tmp_path / "out" / "gpu.json").read_text())["failures"]  # saved
 
 
+def test_the_cuda_graph_path_runs_at_its_sizes_and_a_refusal_leaves_the_other_paths(
+    model_store: ModelStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    found = inprocess.ceiling(Path(model_store.root), "lenet5", "cpu", {}, [1, 2], 0.05, graph_batches=[2])
+    assert {(r["path"], r["batch"]) for r in found["runs"]} == {
+        ("numpy", 1), ("iobinding", 1), ("numpy", 2), ("iobinding", 2), ("fixed-buffers", 2)
+    }  # fmt: skip
+    assert found["cuda_graph_error"] is None
+
+    def refused(*args: Any) -> Any:
+        raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user")
+
+    monkeypatch.setattr(inprocess, "graphed", refused)
+    found = inprocess.ceiling(Path(model_store.root), "lenet5", "cpu", {}, [1, 2], 0.05, graph_batches=[1, 2])
+    assert {r["path"] for r in found["runs"]} == {"numpy", "iobinding"} and len(found["runs"]) == 4
+    assert "cannot use the CUDA Graph" in found["cuda_graph_error"] and found["errors"] == []
+
+
 def test_servers_a_run_killed_outright_left_behind_are_stopped_by_the_next(tmp_path: Path) -> None:
     """SIGKILL reaches no handler, and the servers run in sessions of their own: left serving the store, they held
     the GPU and the cores of the next run on a machine kept warm."""
@@ -255,6 +277,28 @@ def test_what_a_gpu_run_did_not_measure_is_never_judged() -> None:
     assert "| resnet50_fp16 WORKERS=0 (4 running) | http | 128 | 4500.0 |" in table
 
 
+def test_cuda_graphs_are_shown_beside_the_defaults_and_never_judged() -> None:
+    """A trial server (CUDA_GRAPHS=on) faster than every target, with errors: the targets read the defaults' servers
+    only, and the report puts the trial beside them, in-process and served."""
+    found = gpu_run(fp16_http=3000.0, p99=80.0, anchor=20_000.0, workers1=2900.0)
+    before = targets(found)
+    trial = {"model": "resnet50_fp16", "workers": 0, "workers_resolved": 4, "sweep": None,
+             "server": "resnet50_fp16 WORKERS=0 CUDA_GRAPHS=on", "trial": {"CUDA_GRAPHS": "on"},
+             "runs": [dict(found["served"][0]["runs"][0], images_per_s=4500.0, errors=2)]}  # fmt: skip
+    found["served"].append(trial)
+    found["ceilings"][0]["runs"].append({"path": "cuda-graph", "batch": 64, "images_per_s": 8000.0, "p50_ms": 1.0,
+                                         "p99_ms": 2.0, "first_call_ms": 900.0})  # fmt: skip
+    found["ceilings"][1]["cuda_graph_error"] = "RuntimeError: a node is not on CUDA"
+    assert targets(found) == before
+    found["targets"] = before
+    table = markdown(found)
+    assert "- resnet50_fp16 in-process, batch 64: 8000 images/s (cuda-graph) against 6400 (numpy), 1.25x" in table
+    assert "- resnet50_fp16 in-process: CUDA graphs failed: RuntimeError: a node is not on CUDA" in table
+    assert ("- resnet50_fp16 WORKERS=0 CUDA_GRAPHS=on served http c=128: 4500 images/s, p99 80.0 ms, 2 errors; "
+            "3000 with the defaults, 1.50x") in table  # fmt: skip
+    assert "| resnet50_fp16 WORKERS=0 CUDA_GRAPHS=on (4 running) | http | 128 | 4500.0 |" in table
+
+
 def test_the_gpu_plan_serves_each_model_then_each_workers_count() -> None:
     plan = Plan.make("cuda", 16)
     assert plan.servers() == [  # the budget spent leaves out the last: not the scaling target's servers
@@ -264,7 +308,11 @@ def test_the_gpu_plan_serves_each_model_then_each_workers_count() -> None:
         Server("resnet50_fp16", 4, (128,)),
         Server("resnet50", 0, (128, 256)),  # what its target reads (c128), and above
         Server("lenet5", 0, (128, 256)),
+        Server("resnet50_fp16", 0, (128,), settings=(("CUDA_GRAPHS", "on"),)),  # a trial, last
     ]
+    assert plan.servers()[-1].label == "resnet50_fp16 WORKERS=0 CUDA_GRAPHS=on"
+    assert plan.service_env(plan.servers()[-1])["CUDA_GRAPHS"] == "on"
+    assert plan.graph_batches == (1, 8, 32, 64)  # the in-process CUDA graphs: the sizes the service batches
     assert [(c.model, c.options_label) for c in plan.ceilings()] == [
         ("resnet50_fp16", "service"), ("resnet50_fp16", "onnxruntime-defaults"), ("resnet50", "service"),
         ("lenet5", "service"),
