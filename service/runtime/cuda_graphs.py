@@ -8,17 +8,29 @@ shape's input buffer, replays, and copies the outputs out: the batch crosses to 
 back once. The batch shapes (``BATCH_SIZES``) keep the set of graphs small; every one is captured during the
 warm-up, before ``/readyz`` says ready.
 
+Three facts of ONNX Runtime's CUDA provider (1.31, read from its source) shape the code:
+
+- its graphs, and the regular runs it counts before capturing one, belong to the *thread* that ran them (its
+  per-thread context): a session's runs all go through one thread of its own, or every (thread, shape) pair
+  would capture again, on live requests;
+- a capture records in CUDA's global mode: another thread's allocation or synchronous copy during it invalidates
+  the capture and fails both. :data:`GATE` lets one capture run alone among this process's CUDA sessions (their
+  runs share it; :class:`GatedSession` for those without graphs); the warm-up is the only time a capture happens;
+- a run of a new graph id makes its own regular runs (two), the capture and a replay, in one ``Run``; the copy into
+  the input buffer (``update_inplace``) has finished when it returns, and a replay synchronises its stream before
+  it returns, so the outputs are complete when read.
+
 :class:`CapturedSession` wraps an ``InferenceSession`` with ``InferenceSession.run``'s signature, in the process
-that runs it (a worker, or the session host), so nothing above it knows. Runs of one session are serialised: a
-shape's buffers are shared by every run of that shape, and a capture must not meet another run on its stream.
-On a session that runs on the CPU (``device="cpu"``) it binds the same fixed buffers without graphs: the code the
-GPU runs, testable without one.
+that runs it (a worker, or the session host), so nothing above it knows. On a session that runs on the CPU
+(``device="cpu"``) it binds the same fixed buffers without graphs: the code the GPU runs, testable without one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,17 +39,55 @@ import onnxruntime as ort
 
 GRAPH_ID = "gpu_graph_id"  # ONNX Runtime's run option naming the graph a run captures or replays; -1: none
 ENABLE_OPTION = "enable_cuda_graph"  # the CUDA provider's option
-# regular runs ONNX Runtime needs before it captures (its memory allocated), plus the capture: all during the
-# warm-up (it needs one regular run today; a spare one costs a warm-up call, not a request)
-RUNS_TO_CAPTURE = 3
 MAX_GRAPHS = 64  # shapes beyond this run without a graph: a graph and its buffers per shape must stay few
+
+
+class Gate:
+    """Many runs at once (:meth:`shared`), or one capture alone (:meth:`exclusive`); a waiting capture goes before
+    runs that come after it, so steady traffic cannot hold a warm-up off."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._running = 0
+        self._capturing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._capturing and not self._waiting)
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._changed.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting += 1
+            try:
+                self._changed.wait_for(lambda: not self._capturing and not self._running)
+            finally:
+                self._waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._capturing = False
+                self._changed.notify_all()
+
+
+GATE = Gate()  # this process's graph sessions: a capture runs alone
 
 
 @dataclass
 class _Shape:
     """One batch shape's fixed buffers, its binding and the run options naming its graph."""
 
-    feed: str
     input: ort.OrtValue
     outputs: list[ort.OrtValue]
     binding: Any  # ort.IOBinding
@@ -51,13 +101,15 @@ def run_options(graph: int) -> ort.RunOptions:
 
 
 class CapturedSession:
-    """``session`` with each shape's runs on fixed buffers, replaying a CUDA graph per shape on ``cuda``."""
+    """``session`` with each shape's runs on fixed buffers, replaying a CUDA graph per shape on ``cuda``; every run
+    on the session's own thread (:attr:`thread_name`)."""
 
     def __init__(self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0) -> None:
         self.session, self.device, self.device_id = session, device, device_id
-        self._lock = threading.Lock()
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
         self._uncaptured = run_options(-1)
+        # one thread, whose end comes with this object's (an executor's idle thread ends when it is collected)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-graphs")
 
     def __getattr__(self, name: str) -> Any:  # get_inputs, get_outputs, get_providers, ...: the session's
         return getattr(self.session, name)
@@ -69,28 +121,37 @@ class CapturedSession:
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any],
             run_options: ort.RunOptions | None = None) -> list[np.ndarray]:  # fmt: skip
-        """``InferenceSession.run``: the outputs as new arrays (never views of the shape's buffers)."""
+        """``InferenceSession.run``, on the session's thread: the outputs as new arrays (never views of the shape's
+        buffers)."""
         names = list(output_names) if output_names else [o.name for o in self.session.get_outputs()]
+        return self._thread.submit(self._run, names, dict(feeds), run_options).result()
+
+    def _run(self, names: list[str], feeds: dict[str, Any], run_options: ort.RunOptions | None) -> list[np.ndarray]:
         if len(feeds) != 1 or run_options is not None:  # not a batch of one input: as ONNX Runtime runs it
-            return list(self.session.run(names, dict(feeds), run_options or self._uncaptured))
+            with GATE.shared():
+                return list(self.session.run(names, feeds, run_options or self._uncaptured))
         ((feed, value),) = feeds.items()
         array = np.ascontiguousarray(value)
         key = (feed, array.shape, array.dtype.str, tuple(names))
-        with self._lock:
-            shape = self._shapes.get(key)
-            if shape is None:
-                if len(self._shapes) >= MAX_GRAPHS:
-                    return list(self.session.run(names, {feed: array}, self._uncaptured))
-                shape = self._shapes[key] = self._capture(feed, array, names)
-            return self._replay(shape, array)
+        shape = self._shapes.get(key)
+        if shape is not None:
+            with GATE.shared():
+                return self._replay(shape, array)
+        if len(self._shapes) >= MAX_GRAPHS:
+            with GATE.shared():
+                return list(self.session.run(names, {feed: array}, self._uncaptured))
+        with GATE.shared():  # the outputs' shapes and types, from a run without a graph
+            found = self.session.run(names, {feed: array}, self._uncaptured)
+        shape = self._bound(feed, array, names, found)
+        with GATE.exclusive():  # the run that captures the shape's graph (after its regular runs), alone
+            answers = self._replay(shape, array)
+        self._shapes[key] = shape
+        return answers
 
-    def _capture(self, feed: str, array: np.ndarray, names: list[str]) -> _Shape:
-        """Allocate the shape's buffers on the device (the outputs' shapes from one run without a graph), bind them,
-        and run until ONNX Runtime has captured the shape's graph (the caller's run replays it)."""
-        found = self.session.run(names, {feed: array}, self._uncaptured)
+    def _bound(self, feed: str, array: np.ndarray, names: list[str], found: Sequence[np.ndarray]) -> _Shape:
+        """A new shape's buffers on the device, bound, and its graph's id."""
         made = ort.OrtValue.ortvalue_from_shape_and_type
         shape = _Shape(
-            feed=feed,
             input=made(array.shape, array.dtype.type, self.device, self.device_id),
             outputs=[made(out.shape, out.dtype.type, self.device, self.device_id) for out in found],
             binding=self.session.io_binding(),
@@ -99,17 +160,30 @@ class CapturedSession:
         shape.binding.bind_ortvalue_input(feed, shape.input)
         for name, value in zip(names, shape.outputs, strict=True):
             shape.binding.bind_ortvalue_output(name, value)
-        for _ in range(RUNS_TO_CAPTURE - 1):  # the last is the caller's
-            self._replay(shape, array)
         return shape
 
     def _replay(self, shape: _Shape, array: np.ndarray) -> list[np.ndarray]:
-        shape.input.update_inplace(array)
-        shape.binding.synchronize_inputs()  # the copy to the device is complete before the graph reads it
+        shape.input.update_inplace(array)  # a synchronous copy: on the device when it returns
         self.session.run_with_iobinding(shape.binding, shape.options)
         answers = [value.numpy() for value in shape.outputs]  # from the device: copies
         # a CPU buffer's array may share its memory, and the shape's next run rewrites it
         return [np.array(a, copy=True) for a in answers] if self.device == "cpu" else answers
+
+
+class GatedSession:
+    """A CUDA session without graphs (an explanation's) in a process that captures them: its runs share
+    :data:`GATE`, so that none meets a capture."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any],
+            run_options: ort.RunOptions | None = None) -> list[np.ndarray]:  # fmt: skip
+        with GATE.shared():
+            return list(self.session.run(output_names, feeds, run_options))
 
 
 def wanted(providers: Sequence[Any]) -> int | None:

@@ -158,14 +158,19 @@ def inference_session(graph: str, options: ort.SessionOptions, providers: Provid
     """ONNX Runtime's session, in the process that runs it: CUDA's libraries preloaded first where CUDA is asked for
     (once per process), and no silent fallback (ONNX Runtime would move a session whose CUDA run failed to the CPU
     for good, printing it to stdout only, under the other threads that run it; the batch fails instead). Where the
-    CUDA provider took it with CUDA graphs asked for (``CUDA_GRAPHS``), a :class:`cuda_graphs.CapturedSession`."""
+    CUDA provider took it with CUDA graphs asked for (``CUDA_GRAPHS``), a :class:`cuda_graphs.CapturedSession`; a
+    CUDA session without them where ``CUDA_GRAPHS=on``, a :class:`cuda_graphs.GatedSession`."""
     if providers[0] != CPU:
         preload()
     session = ort.InferenceSession(graph, options, providers=providers)
     session.disable_fallback()
+    if session.get_providers()[0] != CUDA:
+        return session
     device = cuda_graphs.wanted(providers)
-    if device is not None and session.get_providers()[0] == CUDA:
+    if device is not None:
         return cuda_graphs.CapturedSession(session, "cuda", device)
+    if Settings().cuda_graphs == "on":  # this process captures graphs: no run of another session meets a capture
+        return cuda_graphs.GatedSession(session)
     return session
 
 

@@ -16,6 +16,8 @@ from service.settings import Settings
 from service.store.layout import ModelStore
 from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
 
+from ...helpers import wait_until
+
 
 @pytest.fixture(scope="module")
 def lenet5(model_store: ModelStore) -> ort.InferenceSession:
@@ -76,6 +78,82 @@ def test_threads_sharing_a_session_each_get_their_own_answers(lenet5: ort.Infere
         thread.join(timeout=120)
     assert not any(t.is_alive() for t in threads) and wrong == []
     assert captured.graphs == 3
+
+
+class _Watched:
+    """The real session, noting the thread of each call that runs it (ONNX Runtime keeps a CUDA graph per thread)."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session, self.threads = session, set()
+
+    def __getattr__(self, name: str) -> object:
+        found = getattr(self.session, name)
+        if name not in ("run", "run_with_iobinding"):
+            return found
+
+        def noted(*args: object) -> object:
+            self.threads.add(threading.get_ident())
+            return found(*args)
+
+        return noted
+
+
+def test_every_run_of_a_session_is_on_one_thread_of_its_own(lenet5: ort.InferenceSession) -> None:
+    watched = _Watched(lenet5)
+    captured = cuda_graphs.CapturedSession(watched, "cpu")  # type: ignore[arg-type]
+    callers = [threading.Thread(target=captured.run, args=(None, {INPUT_NAME: _digits(b, b)})) for b in (1, 2, 1, 4)]
+    for caller in callers:
+        caller.start()
+        caller.join(timeout=60)
+    captured.run(None, {INPUT_NAME: _digits(2, 9)})  # and from this one
+    assert len(watched.threads) == 1 and threading.get_ident() not in watched.threads
+    assert not {c.ident for c in callers} & watched.threads
+
+
+def test_a_capture_waits_for_runs_and_runs_wait_for_a_waiting_capture() -> None:
+    gate = cuda_graphs.Gate()
+    order: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def run(name: str, hold: bool = False) -> None:
+        with gate.shared():
+            order.append(name)
+            if hold:
+                inside.set()
+                release.wait(10)
+
+    def capture() -> None:
+        with gate.exclusive():
+            order.append("capture")
+
+    first = threading.Thread(target=run, args=("first", True))
+    first.start()
+    assert inside.wait(10)
+    capturing = threading.Thread(target=capture)
+    capturing.start()
+    wait_until(lambda: gate._waiting == 1, 10, "the capture waiting on the run in progress")
+    later = threading.Thread(target=run, args=("later",))
+    later.start()
+    later.join(timeout=0.3)
+    assert later.is_alive() and order == ["first"]  # a run that came after the capture waits for it
+    release.set()
+    for thread in (first, capturing, later):
+        thread.join(timeout=10)
+    assert order == ["first", "capture", "later"]
+
+
+def test_a_session_without_graphs_waits_out_a_capture(lenet5: ort.InferenceSession) -> None:
+    """An explanation's CUDA session where CUDA_GRAPHS=on: its runs share the gate that a capture holds alone."""
+    gated = cuda_graphs.GatedSession(lenet5)
+    images = _digits(2, 3)
+    answers: list[list[np.ndarray]] = []
+    with cuda_graphs.GATE.exclusive():
+        running = threading.Thread(target=lambda: answers.append(gated.run(None, {INPUT_NAME: images})))
+        running.start()
+        running.join(timeout=0.3)
+        assert running.is_alive() and not answers
+    running.join(timeout=30)
+    assert len(answers) == 1 and _equal(answers[0], lenet5.run(None, {INPUT_NAME: images}))
 
 
 def test_shapes_past_the_limit_run_without_a_graph(lenet5: ort.InferenceSession,
