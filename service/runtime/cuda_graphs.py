@@ -14,8 +14,10 @@ Three facts of ONNX Runtime's CUDA provider (1.31, read from its source) shape t
   per-thread context): a session's runs all go through one thread of its own, or every (thread, shape) pair
   would capture again, on live requests;
 - a capture records in CUDA's global mode: another thread's allocation or synchronous copy during it invalidates
-  the capture and fails both. :data:`GATE` lets one capture run alone among this process's CUDA sessions (their
-  runs share it; :class:`GatedSession` for those without graphs); the warm-up is the only time a capture happens;
+  the capture and fails both. :data:`GATE` lets one capture (with its buffers' allocation) run alone: this
+  process's CUDA runs share it (:class:`GatedSession` for sessions without graphs), and so do a session's opening
+  and, in the session host, its closing. A version a worker unloads frees its memory where its last reference
+  goes, outside the gate; the warm-up is the only time a capture happens;
 - a run of a new graph id makes its own regular runs (two), the capture and a replay, in one ``Run``; the copy into
   the input buffer (``update_inplace``) has finished when it returns, and a replay synchronises its stream before
   it returns, so the outputs are complete when read.
@@ -107,6 +109,7 @@ class CapturedSession:
     def __init__(self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0) -> None:
         self.session, self.device, self.device_id = session, device, device_id
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
+        self._next_graph = 0
         self._uncaptured = run_options(-1)
         # one thread, whose end comes with this object's (an executor's idle thread ends when it is collected)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-graphs")
@@ -137,13 +140,13 @@ class CapturedSession:
         if shape is not None:
             with GATE.shared():
                 return self._replay(shape, array)
-        if len(self._shapes) >= MAX_GRAPHS:
+        if self._next_graph >= MAX_GRAPHS:
             with GATE.shared():
                 return list(self.session.run(names, {feed: array}, self._uncaptured))
         with GATE.shared():  # the outputs' shapes and types, from a run without a graph
             found = self.session.run(names, {feed: array}, self._uncaptured)
-        shape = self._bound(feed, array, names, found)
-        with GATE.exclusive():  # the run that captures the shape's graph (after its regular runs), alone
+        with GATE.exclusive():  # its buffers' allocation, and the run that captures its graph, alone
+            shape = self._bound(feed, array, names, found)
             answers = self._replay(shape, array)
         self._shapes[key] = shape
         return answers
@@ -155,8 +158,9 @@ class CapturedSession:
             input=made(array.shape, array.dtype.type, self.device, self.device_id),
             outputs=[made(out.shape, out.dtype.type, self.device, self.device_id) for out in found],
             binding=self.session.io_binding(),
-            options=run_options(len(self._shapes)),
+            options=run_options(self._next_graph),
         )
+        self._next_graph += 1  # never used again, even where its capture failed: ONNX Runtime may hold a graph for it
         shape.binding.bind_ortvalue_input(feed, shape.input)
         for name, value in zip(names, shape.outputs, strict=True):
             shape.binding.bind_ortvalue_output(name, value)

@@ -78,11 +78,15 @@ class LoadedModel:
 
     def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
         """Run ``batch_sizes`` and every shape of :attr:`batch_sizes` once on every instance, so no client request
-        pays for allocation or set-up (on CUDA, cuDNN's algorithm search for each new shape)."""
+        pays for allocation or set-up (on CUDA, cuDNN's algorithm search for each new shape, and with CUDA_GRAPHS
+        the shape's capture). Where the shapes are fixed a size of ``batch_sizes`` runs as the shape it is padded
+        to, as a request's would: a size no batch ever runs would cost a search (and a graph) for nothing."""
         spec = self.metadata.input
         started = time.perf_counter()
+        shapes = self.batch_sizes
+        wanted = batch_sizes if not shapes else [min((s for s in shapes if s >= b), default=b) for b in batch_sizes]
         for instance in range(self.instances):
-            for batch in sorted({*batch_sizes, *(self.batch_sizes or ())}):
+            for batch in sorted({*wanted, *(shapes or ())}):
                 self.runner(instance)(np.zeros((batch, spec.size, spec.size, spec.channels), dtype=np.uint8))
         self.warmup_seconds = time.perf_counter() - started
 

@@ -162,7 +162,8 @@ def inference_session(graph: str, options: ort.SessionOptions, providers: Provid
     CUDA session without them where ``CUDA_GRAPHS=on``, a :class:`cuda_graphs.GatedSession`."""
     if providers[0] != CPU:
         preload()
-    session = ort.InferenceSession(graph, options, providers=providers)
+    with cuda_graphs.GATE.shared():  # the weights' copies to the device must not meet a capture
+        session = ort.InferenceSession(graph, options, providers=providers)
     session.disable_fallback()
     if session.get_providers()[0] != CUDA:
         return session
@@ -452,12 +453,16 @@ class SessionHost:
 
     def release(self, key: tuple[Any, ...], held: _Held) -> None:
         """One user fewer; the last one closes the session (this one, not a newer one opened under the same key)."""
+        closing = None
         with self._lock:
             held.users -= 1
             if held.users == 0 and self.sessions.get(key) is held:
                 del self.sessions[key]
                 if held.session is not None:
                     logger.info("session host: closed %s instance %d after %d runs", key[0], key[2], held.runs)
+                closing, held.session = held.session, None
+        with cuda_graphs.GATE.shared():  # its device memory freed here (the last reference), never during a capture
+            del closing
 
     def stats(self) -> list[dict[str, Any]]:
         with self._lock:

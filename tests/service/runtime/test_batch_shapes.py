@@ -236,6 +236,9 @@ def test_real_sessions_warm_every_shape_and_padded_answers_equal_lone_ones(model
     model.sessions = [_Recording(s, warmed) for s in model.sessions]  # type: ignore[misc]
     model.warm_up(Settings(max_batch_size=8).warmup(model.max_batch_size))
     assert sorted(set(warmed)) == [1, 2, 4, 8]
+    warmed.clear()  # WARMUP_BATCHES sizes run as the shapes a request of that size would: 3 as 4, never 3
+    model.warm_up((3, 5))
+    assert sorted(warmed) == [1, 2, 4, 8]
 
     live: list[int] = []
     model.sessions = [_Recording(s._session, live) for s in model.sessions]  # type: ignore[attr-defined]

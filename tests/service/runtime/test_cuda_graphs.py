@@ -156,6 +156,28 @@ def test_a_session_without_graphs_waits_out_a_capture(lenet5: ort.InferenceSessi
     assert len(answers) == 1 and _equal(answers[0], lenet5.run(None, {INPUT_NAME: images}))
 
 
+def test_a_shape_whose_capture_failed_leaves_its_graph_id_unused(lenet5: ort.InferenceSession,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """ONNX Runtime may hold a graph for an id whose run then failed: the next shape must not replay it."""
+    captured = cuda_graphs.CapturedSession(lenet5, "cpu")
+    replay = captured._replay
+    failures = iter([RuntimeError("CUDA failure 700: an illegal memory access")])
+
+    def once_failing(shape: object, array: np.ndarray) -> list[np.ndarray]:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return replay(shape, array)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(captured, "_replay", once_failing)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        captured.run(None, {INPUT_NAME: _digits(1, 0)})
+    images = _digits(2, 1)
+    assert _equal(captured.run(None, {INPUT_NAME: images}), lenet5.run(None, {INPUT_NAME: images}))
+    (shape,) = captured._shapes.values()
+    assert captured.graphs == 1 and shape.options.get_run_config_entry(cuda_graphs.GRAPH_ID) == "1"
+
+
 def test_shapes_past_the_limit_run_without_a_graph(lenet5: ort.InferenceSession,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setattr(cuda_graphs, "MAX_GRAPHS", 2)
