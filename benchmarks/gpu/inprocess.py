@@ -153,17 +153,13 @@ def graph_path(device: str) -> str:
 
 def graphed(session: Any, graph: str, options: Any, providers: list[Any], device: str) -> Any:
     """The service's CUDA_GRAPHS=on session (service.runtime.cuda_graphs): on CUDA a second session of the graph with
-    ``enable_cuda_graph``, on the CPU ``session`` itself on fixed buffers."""
-    import onnxruntime as ort
-
+    ``enable_cuda_graph``, opened as the service opens it; on the CPU ``session`` itself on fixed buffers."""
     from service.runtime.cuda_graphs import ENABLE_OPTION, CapturedSession
+    from service.runtime.session_host import inference_session
 
     if device != "cuda":
         return CapturedSession(session, "cpu")
-    cuda_options = {**providers[0][1], ENABLE_OPTION: "1"}
-    second = ort.InferenceSession(graph, options, providers=[(CUDA, cuda_options), CPU])
-    second.disable_fallback()
-    return CapturedSession(second, "cuda", int(cuda_options.get("device_id", 0)))
+    return inference_session(graph, options, [(CUDA, {**providers[0][1], ENABLE_OPTION: "1"}), CPU])
 
 
 class Graphed:
