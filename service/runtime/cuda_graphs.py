@@ -104,7 +104,7 @@ def run_options(graph: int) -> ort.RunOptions:
 
 class CapturedSession:
     """``session`` with each shape's runs on fixed buffers, replaying a CUDA graph per shape on ``cuda``; every run
-    on the session's own thread (:attr:`thread_name`)."""
+    on the session's own thread (``cuda-graphs_0``)."""
 
     def __init__(self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0) -> None:
         self.session, self.device, self.device_id = session, device, device_id
