@@ -160,22 +160,27 @@ def test_a_batch_size_that_failed_in_process_fails_its_stage_and_the_others_are_
     assert json.loads((tmp_path / "out" / "gpu.json").read_text())["failures"]  # saved
 
 
-def test_the_cuda_graph_path_runs_at_its_sizes_and_a_refusal_leaves_the_other_paths(
-    model_store: ModelStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    found = inprocess.ceiling(Path(model_store.root), "lenet5", "cpu", {}, [1, 2], 0.05, graph_batches=[2])
+def test_the_cuda_graph_path_runs_at_its_sizes(model_store: ModelStore) -> None:
+    """The in-process ceiling as the benchmark runs it, in a process of its own (its imports meet no other's)."""
+    command = ["ceiling", "--store", str(model_store.root), "--model", "lenet5", "--providers", "cpu", "--batches",
+               "1,2", "--seconds", "0.05", "--graph-batches", "2"]  # fmt: skip
+    found = cli.subprocess_json(command, 120, lambda line: None)
     assert {(r["path"], r["batch"]) for r in found["runs"]} == {
         ("numpy", 1), ("iobinding", 1), ("numpy", 2), ("iobinding", 2), ("fixed-buffers", 2)
     }  # fmt: skip
-    assert found["cuda_graph_error"] is None
+    assert found["cuda_graph_error"] is None and found["errors"] == []
 
-    def refused(*args: Any) -> Any:
+
+def test_a_cuda_graph_session_refused_is_said_once_and_not_opened_again() -> None:
+    opened: list[int] = []
+
+    def refused() -> Any:
+        opened.append(1)
         raise RuntimeError("This session cannot use the CUDA Graph feature as requested by the user")
 
-    monkeypatch.setattr(inprocess, "graphed", refused)
-    found = inprocess.ceiling(Path(model_store.root), "lenet5", "cpu", {}, [1, 2], 0.05, graph_batches=[1, 2])
-    assert {r["path"] for r in found["runs"]} == {"numpy", "iobinding"} and len(found["runs"]) == 4
-    assert "cannot use the CUDA Graph" in found["cuda_graph_error"] and found["errors"] == []
+    graphs, found = inprocess.Graphed(refused), {"cuda_graph_error": None}
+    assert graphs.session(found) is None and graphs.session(found) is None  # the ceiling's other paths go on
+    assert opened == [1] and "cannot use the CUDA Graph" in str(found["cuda_graph_error"])
 
 
 def test_servers_a_run_killed_outright_left_behind_are_stopped_by_the_next(tmp_path: Path) -> None:
