@@ -195,7 +195,7 @@ def service_options(store: ModelStore, model: str) -> dict[str, str]:
 def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
     plan = run.plan
     options = service_options(store, config.model) if config.options_label == "service" else dict(config.options)
-    graph_batches = plan.graph_batches if (config.model, config.options_label) == (plan.graph_model, "service") else ()
+    graph_batches = plan.graph_batches if (config.model, config.options_label) == (plan.resnet50, "service") else ()
     command = ["ceiling", "--store", str(store.root), "--model", config.model, "--providers", plan.providers,
                "--options", json.dumps(options), "--batches", ",".join(map(str, plan.batches)),
                "--seconds", str(plan.ceiling_seconds),

@@ -88,8 +88,9 @@ class Plan:
             raise ValueError("an FP16 variant is served on CUDA only (the service refuses it on CPUs): drop it")
 
     @property
-    def graph_model(self) -> str | None:
-        """The model CUDA_GRAPHS=on is tried on, in-process and (on a GPU) served: the first ResNet-50."""
+    def resnet50(self) -> str | None:
+        """The plan's first ResNet-50: served over gRPC (its target's), and where CUDA_GRAPHS=on is tried, in-process
+        and (on a GPU) served."""
         return self._pick(("resnet50_fp16", "resnet50"))
 
     @property
@@ -130,7 +131,6 @@ class Plan:
         out a whole target's servers last, not the scaling target's. gRPC on the first ResNet-50 (its target's);
         on a GPU the models after the first are served at the scaling level and above only (what their targets
         read), for the budget, and the first ResNet-50 once more with CUDA_GRAPHS=on, last."""
-        grpc_model = self._pick(("resnet50_fp16", "resnet50"))
         found: list[Server] = []
         for model in self.models:
             http = self.concurrency
@@ -138,12 +138,12 @@ class Plan:
                 http = tuple(sorted({*http, self.scaling_concurrency}))
             elif not self.dry_run and model != self.models[0]:
                 http = tuple(c for c in http if c >= self.scaling_concurrency) or http
-            grpc = self.concurrency if model == grpc_model else ()
+            grpc = self.concurrency if model == self.resnet50 else ()
             found.append(Server(model, 0, http, grpc, sweep=model == self.sweep_model))
             if model == self.scaling_model:
                 found += [Server(model, w, (self.scaling_concurrency,)) for w in self.scaling_workers if w != 0]
-        if not self.dry_run and self.graph_model is not None:  # last: what is to decide CUDA_GRAPHS's default
-            found.append(Server(self.graph_model, 0, (self.scaling_concurrency,), settings=(("CUDA_GRAPHS", "on"),)))
+        if not self.dry_run and self.resnet50 is not None:  # last: what is to decide CUDA_GRAPHS's default
+            found.append(Server(self.resnet50, 0, (self.scaling_concurrency,), settings=(("CUDA_GRAPHS", "on"),)))
         return found
 
     def service_env(self, server: Server) -> dict[str, str]:
@@ -156,7 +156,7 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {
-            "sweep_model": self.sweep_model, "scaling_model": self.scaling_model, "graph_model": self.graph_model,
+            "sweep_model": self.sweep_model, "scaling_model": self.scaling_model, "resnet50": self.resnet50,
             "graph_batches": self.graph_batches,
             "servers": [dataclasses.asdict(s) | {"env": self.service_env(s)} for s in self.servers()],
             "ceilings": [{"model": c.model, "options_label": c.options_label, "options": dict(c.options)}
