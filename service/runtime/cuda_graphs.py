@@ -16,8 +16,9 @@ Three facts of ONNX Runtime's CUDA provider (1.31, read from its source) shape t
 - a capture records in CUDA's global mode: another thread's allocation or synchronous copy during it invalidates
   the capture and fails both. :data:`GATE` lets one capture (with its buffers' allocation) run alone: this
   process's CUDA runs share it (:class:`GatedSession` for sessions without graphs), and so do a session's opening
-  and, in the session host, its closing. A version a worker unloads frees its memory where its last reference
-  goes, outside the gate; the warm-up is the only time a capture happens;
+  and its end: a wrapped session's last reference may go anywhere (a worker's unload, an eviction, the batch that
+  finished last), so what holds its device memory is freed on a thread of its own, inside the gate
+  (:class:`_Release`); the warm-up is the only time a capture happens;
 - a run of a new graph id makes its own regular runs (two), the capture and a replay, in one ``Run``; the copy into
   the input buffer (``update_inplace``) has finished when it returns, and a replay synchronises its stream before
   it returns, so the outputs are complete when read.
@@ -30,6 +31,8 @@ that runs it (a worker, or the session host), so nothing above it knows. On a se
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +89,37 @@ class Gate:
 GATE = Gate()  # this process's graph sessions: a capture runs alone
 
 
+class _Release:
+    """Frees sessions and their device buffers on a thread of its own, each while :data:`GATE` is shared: freeing
+    device memory during a capture fails it, and a wrapped session's last reference may go on any thread, one that
+    holds the gate included (so no waiting where it goes: ``SimpleQueue.put`` is safe in ``__del__``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._doomed: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+
+    def start(self) -> None:
+        """The thread, once per process (a child forked after it started has none)."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._doomed = os.getpid(), queue.SimpleQueue()
+                threading.Thread(target=self._free, name="cuda-graphs-release", daemon=True).start()
+
+    def later(self, *held: Any) -> None:
+        self._doomed.put(held)
+
+    def _free(self) -> None:
+        doomed = self._doomed
+        while True:
+            held = doomed.get()
+            with GATE.shared():
+                del held  # the last references: their device memory goes while no capture runs
+
+
+RELEASE = _Release()
+
+
 @dataclass
 class _Shape:
     """One batch shape's fixed buffers, its binding and the run options naming its graph."""
@@ -113,6 +147,10 @@ class CapturedSession:
         self._uncaptured = run_options(-1)
         # one thread, whose end comes with this object's (an executor's idle thread ends when it is collected)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-graphs")
+        RELEASE.start()
+
+    def __del__(self) -> None:  # the session and its shapes' buffers, freed inside the gate
+        RELEASE.later(vars(self).pop("session", None), vars(self).pop("_shapes", None))
 
     def __getattr__(self, name: str) -> Any:  # get_inputs, get_outputs, get_providers, ...: the session's
         return getattr(self.session, name)
@@ -180,6 +218,10 @@ class GatedSession:
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
+        RELEASE.start()
+
+    def __del__(self) -> None:  # the session, freed inside the gate
+        RELEASE.later(vars(self).pop("session", None))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)

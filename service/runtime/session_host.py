@@ -461,8 +461,7 @@ class SessionHost:
                 if held.session is not None:
                     logger.info("session host: closed %s instance %d after %d runs", key[0], key[2], held.runs)
                 closing, held.session = held.session, None
-        with cuda_graphs.GATE.shared():  # its device memory freed here (the last reference), never during a capture
-            del closing
+        del closing  # freed outside the lock (a wrapped CUDA session's device memory inside cuda_graphs' gate)
 
     def stats(self) -> list[dict[str, Any]]:
         with self._lock:

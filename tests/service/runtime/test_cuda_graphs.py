@@ -4,7 +4,10 @@ The capture itself needs a GPU: tests/gpu."""
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
+import weakref
 
 import numpy as np
 import onnxruntime as ort
@@ -154,6 +157,33 @@ def test_a_session_without_graphs_waits_out_a_capture(lenet5: ort.InferenceSessi
         assert running.is_alive() and not answers
     running.join(timeout=30)
     assert len(answers) == 1 and _equal(answers[0], lenet5.run(None, {INPUT_NAME: images}))
+
+
+@pytest.mark.parametrize("wrapper", ["captured", "gated"])
+def test_a_dropped_session_is_freed_only_while_no_capture_runs(model_store: ModelStore, wrapper: str) -> None:
+    """A wrapped session's last reference may go anywhere, on a thread that holds the gate included (a worker's
+    unload, an eviction, the batch that finished last): its device memory (the session's, its shapes' buffers) is
+    freed once no capture runs, and dropping it waits for nothing."""
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    session = ort.InferenceSession(str(stored.graph), providers=[cuda.CPU])
+    wrapped: cuda_graphs.CapturedSession | cuda_graphs.GatedSession
+    if wrapper == "captured":
+        wrapped = cuda_graphs.CapturedSession(session, "cpu")
+        wrapped.run(None, {INPUT_NAME: _digits(2, 0)})
+        (shape,) = wrapped._shapes.values()
+        held = [weakref.ref(session), weakref.ref(shape.input), weakref.ref(shape.outputs[0])]
+        del shape
+    else:
+        wrapped = cuda_graphs.GatedSession(session)
+        held = [weakref.ref(session)]
+    del session
+    with cuda_graphs.GATE.exclusive():  # a capture, on the thread where the last reference goes
+        del wrapped
+        gc.collect()
+        time.sleep(0.3)  # the release thread's time to free it, were it not waiting
+        assert all(ref() is not None for ref in held)  # still held: freeing it now would fail the capture
+    wait_until(lambda: all(ref() is None for ref in held), 10, "the session freed once the capture ended")
 
 
 def test_a_shape_whose_capture_failed_leaves_its_graph_id_unused(lenet5: ort.InferenceSession,
