@@ -44,7 +44,7 @@ async def one(
         request = pb.ModelInferRequest(model_name="lenet5")
         request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
         request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
-        response = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        response = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
         marker = response.parameters["canary"].string_param if "canary" in response.parameters else None
         return response.model_name, response.model_version, marker
     if i % 10 == 9:

@@ -243,7 +243,7 @@ def test_requests_refused_before_a_model_answers_are_counted_for_both_protocols(
         request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
         request.raw_input_contents.append(b"\0" * 1024)
         with pytest.raises(grpc.RpcError):
-            _stub(service).ModelInfer(request)
+            _stub(service).ModelInfer(request, timeout=30)
     after = counts()
 
     def rose(key: tuple[str, str, str]) -> float:
@@ -256,7 +256,7 @@ def test_requests_refused_before_a_model_answers_are_counted_for_both_protocols(
 
 def _invalid(service: ServiceProcess, request: pb.ModelInferRequest) -> str:
     with pytest.raises(grpc.RpcError) as info:
-        _stub(service).ModelInfer(request)
+        _stub(service).ModelInfer(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     return str(info.value.details())
 
@@ -288,12 +288,12 @@ def test_grpc_malformed_requests_are_invalid_arguments(service: ServiceProcess) 
         versioned.raw_input_contents.append(b"\0" * 1024)
         assert "Model version must be a positive integer" in _invalid(service, versioned)
         with pytest.raises(grpc.RpcError) as info:  # as HTTP's /ready answers 400, not "not ready"
-            _stub(service).ModelReady(pb.ModelReadyRequest(name="lenet5", version=version))
+            _stub(service).ModelReady(pb.ModelReadyRequest(name="lenet5", version=version), timeout=30)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "Model version must be a positive integer" in str(info.value.details())
 
     request.outputs[0].parameters["classification"].int64_param = 3
-    assert list(_stub(service).ModelInfer(request).outputs[0].shape) == [1, 3]
+    assert list(_stub(service).ModelInfer(request, timeout=30).outputs[0].shape) == [1, 3]
 
 
 def test_a_version_or_header_length_not_in_ascii_digits_is_a_400(service: ServiceProcess) -> None:
@@ -314,7 +314,7 @@ def test_raw_content_length_mismatch_is_invalid(service: ServiceProcess) -> None
     request.inputs.add(name="images", datatype="UINT8", shape=[1, 32, 32, 1])
     request.raw_input_contents.append(b"\0" * 100)  # 1024 needed
     with pytest.raises(grpc.RpcError) as info:
-        _stub(service).ModelInfer(request)
+        _stub(service).ModelInfer(request, timeout=30)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "1024" in info.value.details()
 
 
@@ -324,7 +324,7 @@ def test_typed_contents_are_accepted_and_answered_raw(service: ServiceProcess) -
     tensor = request.inputs.add(name="images", datatype="UINT8", shape=list(pixels.shape))
     tensor.contents.uint_contents.extend(pixels.ravel().tolist())
     request.outputs.add(name="probabilities")
-    response = _stub(service).ModelInfer(request)
+    response = _stub(service).ModelInfer(request, timeout=30)
     assert response.id == "req-7" and response.model_name == "lenet5" and response.model_version == "1"
     (output,) = response.outputs
     assert output.datatype == "FP32" and list(output.shape) == [2, 10]
@@ -376,7 +376,7 @@ def test_32_concurrent_grpc_calls_are_batched(service: ServiceProcess) -> None:
             request = pb.ModelInferRequest(model_name="resnet18")
             request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
             request.raw_input_contents.append(len(CAT).to_bytes(4, "little") + CAT)
-            return await asyncio.gather(*(stub.ModelInfer(request) for _ in range(32)))
+            return await asyncio.gather(*(stub.ModelInfer(request, timeout=60) for _ in range(32)))
 
     responses = asyncio.run(burst())
     assert len(responses) == 32 and all(r.outputs for r in responses)
