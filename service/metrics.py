@@ -40,7 +40,9 @@ EXPLANATION_METHODS = ("occlusion", "gradcam")
 ShadowSkip = Literal["dropped", "unavailable", "refused", "incompatible", "error"]
 SHADOW_SKIP_REASONS: tuple[ShadowSkip, ...] = get_args(ShadowSkip)
 # why the HTTP protocol closed a connection before the app saw a request (service.frontends.protocol)
-REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate", "body_bytes", "body_memory")
+# cnn_connections_refused_total's reasons: the HTTP protocol's, and the gRPC server's call limit
+REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate", "body_bytes", "body_memory",
+                   "grpc_calls")  # fmt: skip
 
 
 DRIFT_RELEASED = -1.0  # cnn_prediction_drift of a version unloaded: below every divergence, unlike NaN comparable
@@ -223,10 +225,11 @@ class Metrics:
         )
 
         self.connections_refused = prom.Counter(
-            "cnn_connections_refused", "Connections the HTTP server closed before the app saw a request: "
-            "reason=connections (MAX_CONNECTIONS), header_bytes (431, MAX_HEADER_BYTES), header_timeout (408, "
-            "HEADER_TIMEOUT_S), body_rate (408, MIN_BODY_BYTES_PER_S), body_bytes (413, MAX_BODY_BYTES, a body "
-            "arriving faster than the app reads it)", ["reason"],
+            "cnn_connections_refused", "Connections the HTTP server closed, and gRPC calls the gRPC server refused, "
+            "before the app saw a request: reason=connections (MAX_CONNECTIONS), header_bytes (431, MAX_HEADER_BYTES), "
+            "header_timeout (408, HEADER_TIMEOUT_S), body_rate (408, MIN_BODY_BYTES_PER_S), body_bytes (413, "
+            "MAX_BODY_BYTES, a body arriving faster than the app reads it), body_memory (503, "
+            "MAX_BODY_BYTES_IN_FLIGHT), grpc_calls (RESOURCE_EXHAUSTED, GRPC_MAX_CONCURRENT_RPCS)", ["reason"],
         )  # fmt: skip
         self.worker_deaths = prom.Counter(
             "cnn_worker_deaths", "Workers that ended without shutting down (SIGKILL, the kernel's OOM killer, a "
@@ -365,7 +368,7 @@ def withdraw_gauges() -> None:
 
 
 def connection_refused(reason: str) -> None:
-    """Count a connection the HTTP protocol closed (see :data:`REFUSAL_REASONS`)."""
+    """Count a connection the HTTP protocol closed, or a call the gRPC server refused (see :data:`REFUSAL_REASONS`)."""
     metrics = get_metrics()
     metrics.child(metrics.connections_refused, reason).inc()
 

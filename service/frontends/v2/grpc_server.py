@@ -33,7 +33,7 @@ from ...runtime.canary import answering_canary
 from ...runtime.deadline import request_deadline
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
-from .grpc_options import server_options
+from .grpc_options import CallLimit, refusal, server_options
 from .handler import (
     EXTENSIONS,
     SERVER_NAME,
@@ -292,10 +292,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         if access is Access.GRANTED:
             return await continuation(details)
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(GRPC_STATUS[access], message)
-
-        return grpc.unary_unary_rpc_method_handler(deny)
+        return refusal(GRPC_STATUS[access], message)  # its message never read
 
 
 @dataclass(frozen=True)
@@ -349,11 +346,10 @@ async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:
     settings = handler.settings
     token = settings.api_token.get_secret_value() if settings.api_token else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    server = grpc.aio.server(
-        interceptors=[TokenInterceptor(token, admin_token)] if token or admin_token else None,
-        options=server_options(settings),
-        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
-    )
+    interceptors: list[grpc.aio.ServerInterceptor] = [CallLimit(settings.grpc_max_concurrent_rpcs)]
+    if token or admin_token:
+        interceptors.append(TokenInterceptor(token, admin_token))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
     server.add_generic_rpc_handlers((servicer_handlers(InferenceServicer(handler)),))
     address = f"{settings.http_host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:

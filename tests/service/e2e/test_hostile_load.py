@@ -453,7 +453,10 @@ def test_grpc_calls_past_the_limit_are_refused_resource_exhausted_and_the_rest_a
     guarded: ServiceProcess,
 ) -> None:
     """Bursts of 16 calls at once on one connection, against GRPC_MAX_CONCURRENT_RPCS=2: those past the limit
-    get RESOURCE_EXHAUSTED (safe to retry), every other one its answer, and the port serves on."""
+    get RESOURCE_EXHAUSTED (safe to retry) naming the setting, each counted in /metrics; every other one its
+    answer, and the port serves on."""
+    before = refused(guarded).get("grpc_calls", 0.0)
+    details: set[str] = set()
 
     async def burst() -> list[grpc.StatusCode]:
         async with grpc.aio.insecure_channel(guarded.grpc_target) as channel:
@@ -465,6 +468,7 @@ def test_grpc_calls_past_the_limit_are_refused_resource_exhausted_and_the_rest_a
                 try:
                     response = await stub.ModelInfer(request, timeout=30)
                 except grpc.aio.AioRpcError as exc:
+                    details.add(exc.details() or "")
                     return exc.code()
                 assert response.outputs[0].shape == [32, 10]
                 return grpc.StatusCode.OK
@@ -478,6 +482,9 @@ def test_grpc_calls_past_the_limit_are_refused_resource_exhausted_and_the_rest_a
             break
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert codes.count(grpc.StatusCode.OK) >= GRPC_MAX_CONCURRENT_RPCS
+    assert details == {f"This worker holds GRPC_MAX_CONCURRENT_RPCS={GRPC_MAX_CONCURRENT_RPCS} calls already; "
+                       "send it again (it changed nothing)"}  # fmt: skip
+    assert refused(guarded)["grpc_calls"] - before == codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
     with grpc.insecure_channel(guarded.grpc_target) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_digits_request(1), timeout=30)
     assert response.outputs[0].shape == [1, 10]
