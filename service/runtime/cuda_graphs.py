@@ -17,8 +17,8 @@ Three facts of ONNX Runtime's CUDA provider (1.31, read from its source) shape t
   the capture and fails both. :data:`GATE` lets one capture (with its buffers' allocation) run alone: this
   process's CUDA runs share it (:class:`GatedSession` for sessions without graphs), and so do a session's opening
   and its end: a wrapped session's last reference may go anywhere (a worker's unload, an eviction, the batch that
-  finished last), so what holds its device memory is freed on a thread of its own, inside the gate
-  (:class:`_Release`); the warm-up is the only time a capture happens;
+  finished last), so what holds its device memory is freed inside the gate, at once where no capture runs, else on
+  a thread of its own (:class:`_Release`); the warm-up is the only time a capture happens;
 - a run of a new graph id makes its own regular runs (two), the capture and a replay, in one ``Run``; the copy into
   the input buffer (``update_inplace``) has finished when it returns, and a replay synchronises its stream before
   it returns, so the outputs are complete when read.
@@ -52,7 +52,7 @@ class Gate:
     runs that come after it, so steady traffic cannot hold a warm-up off."""
 
     def __init__(self) -> None:
-        self._changed = threading.Condition()
+        self._changed = threading.Condition(threading.Lock())  # not reentrant: see try_shared
         self._running = 0
         self._capturing = False
         self._waiting = 0
@@ -65,9 +65,25 @@ class Gate:
         try:
             yield
         finally:
-            with self._changed:
-                self._running -= 1
-                self._changed.notify_all()
+            self.leave_shared()
+
+    def try_shared(self) -> bool:
+        """Enter as :meth:`shared` does where that needs no wait, and say so; else False. Never blocks, not even on
+        the gate's own lock, which a finaliser's thread may hold (it then fails to take it)."""
+        if not self._changed.acquire(blocking=False):
+            return False
+        try:
+            if self._capturing or self._waiting:
+                return False
+            self._running += 1
+            return True
+        finally:
+            self._changed.release()
+
+    def leave_shared(self) -> None:
+        with self._changed:
+            self._running -= 1
+            self._changed.notify_all()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -90,31 +106,41 @@ GATE = Gate()  # this process's graph sessions: a capture runs alone
 
 
 class _Release:
-    """Frees sessions and their device buffers on a thread of its own, each while :data:`GATE` is shared: freeing
-    device memory during a capture fails it, and a wrapped session's last reference may go on any thread, one that
-    holds the gate included (so no waiting where it goes: ``SimpleQueue.put`` is safe in ``__del__``)."""
+    """Frees a wrapped session and its device buffers while :data:`GATE` is shared: freeing device memory during a
+    capture fails it, and the last reference may go on any thread, one that holds the gate included. Where no
+    capture runs or waits, at once (as an unwrapped session is freed: a load after an unload finds the memory back);
+    else on a thread of its own, with no wait where the reference went (``SimpleQueue.put`` is safe in
+    ``__del__``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pid = 0
-        self._doomed: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._doomed: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
 
     def start(self) -> None:
-        """The thread, once per process (a child forked after it started has none)."""
+        """The thread, once per process (a child forked after it started has none: it starts its own)."""
         with self._lock:
             if self._pid != os.getpid():
-                self._pid, self._doomed = os.getpid(), queue.SimpleQueue()
-                threading.Thread(target=self._free, name="cuda-graphs-release", daemon=True).start()
+                doomed: queue.SimpleQueue[list[Any]] = queue.SimpleQueue()
+                threading.Thread(target=self._free, args=(doomed,), name="cuda-graphs-release", daemon=True).start()
+                self._pid, self._doomed = os.getpid(), doomed
 
-    def later(self, *held: Any) -> None:
-        self._doomed.put(held)
+    def drop(self, held: list[Any]) -> None:
+        """Free what ``held`` holds (its items' last references, emptied here or by the thread)."""
+        if GATE.try_shared():
+            try:
+                held.clear()
+            finally:
+                GATE.leave_shared()
+        else:
+            self._doomed.put(held)
 
-    def _free(self) -> None:
-        doomed = self._doomed
+    @staticmethod
+    def _free(doomed: queue.SimpleQueue[list[Any]]) -> None:
         while True:
             held = doomed.get()
             with GATE.shared():
-                del held  # the last references: their device memory goes while no capture runs
+                held.clear()  # the last references: their device memory goes while no capture runs
 
 
 RELEASE = _Release()
@@ -141,18 +167,21 @@ class CapturedSession:
     on the session's own thread (``cuda-graphs_0``)."""
 
     def __init__(self, session: ort.InferenceSession, device: str = "cuda", device_id: int = 0) -> None:
+        RELEASE.start()
         self.session, self.device, self.device_id = session, device, device_id
         self._shapes: dict[tuple[Any, ...], _Shape] = {}
         self._next_graph = 0
         self._uncaptured = run_options(-1)
         # one thread, whose end comes with this object's (an executor's idle thread ends when it is collected)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cuda-graphs")
-        RELEASE.start()
 
     def __del__(self) -> None:  # the session and its shapes' buffers, freed inside the gate
-        RELEASE.later(vars(self).pop("session", None), vars(self).pop("_shapes", None))
+        state = vars(self)
+        RELEASE.drop([state.pop("session", None), state.pop("_shapes", None)])
 
     def __getattr__(self, name: str) -> Any:  # get_inputs, get_outputs, get_providers, ...: the session's
+        if name == "session":  # gone (released, or never set): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.session, name)
 
     @property
@@ -217,13 +246,15 @@ class GatedSession:
     :data:`GATE`, so that none meets a capture."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
-        self.session = session
         RELEASE.start()
+        self.session = session
 
     def __del__(self) -> None:  # the session, freed inside the gate
-        RELEASE.later(vars(self).pop("session", None))
+        RELEASE.drop([vars(self).pop("session", None)])
 
     def __getattr__(self, name: str) -> Any:
+        if name == "session":  # gone (released, or never set): no recursion through this method
+            raise AttributeError(name)
         return getattr(self.session, name)
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any],

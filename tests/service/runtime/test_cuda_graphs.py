@@ -186,6 +186,21 @@ def test_a_dropped_session_is_freed_only_while_no_capture_runs(model_store: Mode
     wait_until(lambda: all(ref() is None for ref in held), 10, "the session freed once the capture ended")
 
 
+def test_a_dropped_session_is_freed_at_once_where_no_capture_runs(model_store: ModelStore) -> None:
+    """As an unwrapped session is: a load that follows an unload finds its memory back."""
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    session = ort.InferenceSession(str(stored.graph), providers=[cuda.CPU])
+    alive = weakref.ref(session)
+    gated = cuda_graphs.GatedSession(session)
+    del session
+    assert alive() is not None
+    del gated
+    assert alive() is None
+    with cuda_graphs.GATE.exclusive():  # and the gate is left as it was: a capture still runs alone
+        pass
+
+
 def test_a_shape_whose_capture_failed_leaves_its_graph_id_unused(lenet5: ort.InferenceSession,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """ONNX Runtime may hold a graph for an id whose run then failed: the next shape must not replay it."""
