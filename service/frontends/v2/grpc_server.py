@@ -33,7 +33,8 @@ from ...runtime.canary import answering_canary
 from ...runtime.deadline import request_deadline
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
-from .grpc_options import CallLimit, refusal, server_options
+from .grpc_limits import CallLimit, refusal
+from .grpc_options import server_options
 from .handler import (
     EXTENSIONS,
     SERVER_NAME,
