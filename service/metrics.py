@@ -42,7 +42,7 @@ SHADOW_SKIP_REASONS: tuple[ShadowSkip, ...] = get_args(ShadowSkip)
 # why the HTTP protocol closed a connection before the app saw a request (service.frontends.protocol)
 # cnn_connections_refused_total's reasons: the HTTP protocol's, and the gRPC server's call limit
 REFUSAL_REASONS = ("connections", "header_bytes", "header_timeout", "body_rate", "body_bytes", "body_memory",
-                   "grpc_calls")  # fmt: skip
+                   "grpc_calls", "grpc_message_timeout")  # fmt: skip
 
 
 DRIFT_RELEASED = -1.0  # cnn_prediction_drift of a version unloaded: below every divergence, unlike NaN comparable
@@ -229,7 +229,9 @@ class Metrics:
             "before the app saw a request: reason=connections (MAX_CONNECTIONS), header_bytes (431, MAX_HEADER_BYTES), "
             "header_timeout (408, HEADER_TIMEOUT_S), body_rate (408, MIN_BODY_BYTES_PER_S), body_bytes (413, "
             "MAX_BODY_BYTES, a body arriving faster than the app reads it), body_memory (503, "
-            "MAX_BODY_BYTES_IN_FLIGHT), grpc_calls (RESOURCE_EXHAUSTED, GRPC_MAX_CONCURRENT_RPCS)", ["reason"],
+            "MAX_BODY_BYTES_IN_FLIGHT), grpc_calls (RESOURCE_EXHAUSTED, GRPC_MAX_CONCURRENT_RPCS), "
+            "grpc_message_timeout (DEADLINE_EXCEEDED, a call's message not arrived within REQUEST_TIMEOUT_S)",
+            ["reason"],
         )  # fmt: skip
         self.worker_deaths = prom.Counter(
             "cnn_worker_deaths", "Workers that ended without shutting down (SIGKILL, the kernel's OOM killer, a "

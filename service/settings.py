@@ -188,7 +188,12 @@ class Settings(BaseSettings):
     )
     max_images_per_request: int = Field(64, ge=1, description="Most files in one multipart request (413 above).")
     max_top_k: int = Field(1000, ge=1, description="Largest top_k accepted (400 above).")
-    request_timeout_s: float = Field(60.0, gt=0, description="Longest a request may take before the server gives up.")
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest a request may take before the server gives up: an HTTP request from its head, a gRPC call "
+        "from its start, the body's or message's arrival included (504 or 408; DEADLINE_EXCEEDED).",
+    )
     enable_noop: bool = Field(
         False, description="Serve POST /noop (reads the body, answers a fixed JSON): the HTTP stack's own ceiling."
     )

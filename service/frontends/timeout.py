@@ -18,8 +18,11 @@ looks for its own (``tests/service/e2e/test_http_stack.py`` fails if an upgrade 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Protocol
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,9 +31,15 @@ from ..runtime.deadline import install_cut_off, request_deadline
 from .protocol import has_body
 
 
+class Expiring(Protocol):
+    """What cuts a request at its time limit (``asyncio.Timeout``, or a gRPC call's timer): whether it has."""
+
+    def expired(self) -> bool: ...
+
+
 @dataclass
 class _Limit:
-    deadline: asyncio.Timeout
+    deadline: Expiring
     body_arrived: bool  # the request's body whole (or none to come): a cut before it is the client's slowness
 
 
@@ -46,6 +55,20 @@ def cut_off() -> str | None:
     if limit is None or not limit.deadline.expired():
         return None
     return "5xx" if limit.body_arrived else "4xx"
+
+
+@contextlib.contextmanager
+def limited(deadline: Expiring, until: float) -> Iterator[None]:
+    """``REQUEST_TIMEOUT_S`` as the runtime's waits and :func:`cut_off` read it, for a request that is not HTTP's:
+    a gRPC call whose message has arrived, which ``deadline`` cuts at ``until`` (the loop's time; a cut then counts
+    as ``5xx``)."""
+    token = request_deadline.set(until)
+    limit = _limit.set(_Limit(deadline, body_arrived=True))
+    try:
+        yield
+    finally:
+        request_deadline.reset(token)
+        _limit.reset(limit)
 
 
 class RequestTimeout:

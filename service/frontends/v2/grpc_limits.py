@@ -1,5 +1,5 @@
-"""The gRPC server's limits on calls: how many one worker holds at once (``GRPC_MAX_CONCURRENT_RPCS``), and how
-a refused one is answered.
+"""The gRPC server's limits on calls: how many one worker holds at once (``GRPC_MAX_CONCURRENT_RPCS``), how long
+each may take (``REQUEST_TIMEOUT_S``, its message's arrival included), and how a refused one is answered.
 
 Apart from the server (which imports the generated messages), as :mod:`.grpc_options` is, so that they can be tried
 on a server of their own in a process that has another copy of those messages registered.
@@ -8,11 +8,13 @@ on a server of their own in a process that has another copy of those messages re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import grpc
 
 from ... import metrics
+from ..timeout import limited
 
 
 def refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
@@ -26,20 +28,28 @@ def refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
 
 
 class CallLimit(grpc.aio.ServerInterceptor):
-    """``GRPC_MAX_CONCURRENT_RPCS``: a call past it gets ``RESOURCE_EXHAUSTED`` before its message is read, and is
-    counted (``cnn_connections_refused_total{reason="grpc_calls"}``), where gRPC's own limit answered unseen.
+    """``GRPC_MAX_CONCURRENT_RPCS`` and ``REQUEST_TIMEOUT_S`` for this worker's gRPC calls; the first interceptor,
+    so a refused call is not authenticated either.
 
-    A call holds its place from here until the task that runs it ends (answered, failed, cancelled by its client or
-    by the server's stop: a task's done callbacks run whatever ends it), as gRPC's own limit counts it. The first
-    interceptor: a refused call is not authenticated either."""
+    A call past the limit gets ``RESOURCE_EXHAUSTED`` before its message is read, and is counted
+    (``cnn_connections_refused_total{reason="grpc_calls"}``), where gRPC's own limit answered unseen. A call holds its
+    place from here until the task that runs it ends (answered, failed, cancelled by its client or by the server's
+    stop: a task's done callbacks run whatever ends it), as gRPC's own limit counts it.
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    Each call then has ``timeout_s`` from here, as an HTTP request has from its head: a message that has not arrived
+    by then gets ``DEADLINE_EXCEEDED`` (counted as ``reason="grpc_message_timeout"``: a client that sends headers and
+    no message held its place until its connection's age ended it), and a call not answered by then is cancelled and
+    gets ``DEADLINE_EXCEEDED`` (counted as a ``5xx``, as HTTP's 504). gRPC's own deadline, the client's, is the
+    client's to set and may be later or never."""
+
+    def __init__(self, limit: int, timeout_s: float) -> None:
+        self.limit, self.timeout_s = limit, timeout_s
         self.held = 0
         self._refusal = refusal(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"This worker holds GRPC_MAX_CONCURRENT_RPCS={limit} calls already; send it again (it changed nothing)",
         )
+        self._cuts: set[asyncio.Task[None]] = set()
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if self.held >= self.limit:
@@ -50,7 +60,77 @@ class CallLimit(grpc.aio.ServerInterceptor):
             return await continuation(details)
         self.held += 1
         task.add_done_callback(self._release)
-        return await continuation(details)
+        until = asyncio.get_running_loop().time() + self.timeout_s
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler  # no such method, or a refusal (answered at once)
+        return self._timed(handler, until)
 
     def _release(self, task: asyncio.Task[Any]) -> None:
         self.held -= 1
+
+    def _timed(self, handler: grpc.RpcMethodHandler, until: float) -> grpc.RpcMethodHandler:
+        """``handler``'s unary call, with its message read here (the request taken as a stream of one) so that the
+        wait for it is bounded too, and its answer by ``until``: one timer per call."""
+        behaviour = handler.unary_unary
+
+        async def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            task = asyncio.current_task()
+            assert task is not None
+            timed = _Timed(task, context)
+            timed.timer = asyncio.get_running_loop().call_at(until, self._expire, timed)
+            try:
+                request = await context.read()  # where the timer cut first, this raises its abort
+                if request is grpc.aio.EOF:  # the client went (or half-closed with no message): as gRPC's unary
+                    raise asyncio.CancelledError
+                timed.arrived = True
+                with limited(timed, until):
+                    return await behaviour(request, context)
+            except asyncio.CancelledError:
+                if not timed.cut:  # the client's cancel, or the server's stop
+                    raise
+                task.uncancel()
+            finally:
+                timed.timer.cancel()
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"Not able to process the call in {self.timeout_s:g} seconds (REQUEST_TIMEOUT_S)",
+            )
+
+        return grpc.stream_unary_rpc_method_handler(
+            call, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+    def _expire(self, timed: _Timed) -> None:
+        """``REQUEST_TIMEOUT_S`` has passed: a call at work is cancelled (its answer is the abort that ``call`` then
+        sends). A call whose message has not arrived gets its status from outside its task, whose read is never
+        cancelled (gRPC would still complete it, into memory the cancel freed); the read then fails with it."""
+        timed.cut = True
+        if timed.arrived:
+            timed.task.cancel()
+            return
+        metrics.connection_refused("grpc_message_timeout")
+        details = f"The call's message did not arrive within {self.timeout_s:g} seconds (REQUEST_TIMEOUT_S)"
+        cut = asyncio.ensure_future(_abort(timed.context, grpc.StatusCode.DEADLINE_EXCEEDED, details))
+        self._cuts.add(cut)
+        cut.add_done_callback(self._cuts.discard)
+
+
+class _Timed:
+    """One call's time limit: its task, its context, its timer; whether its message arrived and the limit cut it
+    (:meth:`expired`, as ``asyncio.Timeout`` says it, for :func:`..timeout.cut_off`)."""
+
+    __slots__ = ("arrived", "context", "cut", "task", "timer")
+
+    def __init__(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext) -> None:
+        self.task, self.context = task, context
+        self.arrived = self.cut = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def expired(self) -> bool:
+        return self.cut
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    with contextlib.suppress(Exception):  # abort raises once its status is sent (or the call has ended)
+        await context.abort(code, details)

@@ -215,8 +215,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         left = context.time_remaining()  # the client's deadline, if it set one: a cold start answers before it
-        if left is not None:
-            request_deadline.set(asyncio.get_running_loop().time() + left)
+        if left is not None:  # or REQUEST_TIMEOUT_S's (CallLimit's), where that is sooner
+            theirs, ours = asyncio.get_running_loop().time() + left, request_deadline.get()
+            request_deadline.set(theirs if ours is None else min(ours, theirs))
         try:
             with (
                 self.handler.track("grpc") as record,
@@ -347,7 +348,9 @@ async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:
     settings = handler.settings
     token = settings.api_token.get_secret_value() if settings.api_token else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
-    interceptors: list[grpc.aio.ServerInterceptor] = [CallLimit(settings.grpc_max_concurrent_rpcs)]
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        CallLimit(settings.grpc_max_concurrent_rpcs, settings.request_timeout_s)
+    ]
     if token or admin_token:
         interceptors.append(TokenInterceptor(token, admin_token))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))

@@ -21,12 +21,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as triton_grpc
 from skimage import data
+from tritonclient.utils import InferenceServerException
 
 from service.store.layout import ModelStore
 
@@ -36,6 +38,7 @@ from ...helpers import (
     encode,
     free_port,
     http_codes,
+    metric_samples,
     request_outcomes,
     running,
     wait_until,
@@ -209,6 +212,33 @@ def test_a_request_over_the_timeout_gets_504_or_408_where_its_body_was_late(
         assert (counted.get(("/classify", "408")), counted.get(("/classify", "504"))) == (1, 1)
         outcomes = request_outcomes(service)
         assert outcomes == {"2xx": 1, "4xx": 1, "5xx": 1}, outcomes
+
+        # gRPC, timed from the call's start as well: headers and a message that never comes, then work too long
+        with grpc.insecure_channel(service.grpc_target) as channel:
+            silent = threading.Event()
+
+            def nothing() -> Iterator[bytes]:
+                silent.wait(30)
+                yield b""
+
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as late:
+                channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")(nothing(), timeout=30)
+            took = time.monotonic() - started
+            silent.set()
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, late.value
+        assert "message did not arrive within 0.5 seconds (REQUEST_TIMEOUT_S)" in late.value.details() and took < 5
+        files = triton_grpc.InferInput("image_bytes", [64], "BYTES")
+        files.set_data_from_numpy(np.array([photo for _, (_, photo, _) in photos], dtype=object))
+        with pytest.raises(InferenceServerException) as slow_call:
+            triton_grpc.InferenceServerClient(service.grpc_target).infer("resnet18", [files], client_timeout=30)
+        assert slow_call.value.status() == "StatusCode.DEADLINE_EXCEEDED", slow_call.value
+        assert "Not able to process the call in 0.5 seconds (REQUEST_TIMEOUT_S)" in str(slow_call.value)
+        wait_until(lambda: idle(service), 60, "the workers idle after the cut call's work")
+        text = httpx.get(f"{service.url}/metrics", timeout=10).text
+        refused = {labels["reason"]: value for labels, value in metric_samples(text, "cnn_connections_refused_total")}
+        assert refused["grpc_message_timeout"] == 1
+        assert request_outcomes(service) == {"2xx": 1, "4xx": 1, "5xx": 2}  # the cut call, as the 504
 
 
 def test_access_log_json_lines_parse_and_say_what_happened(model_store: ModelStore, tmp_path: Path) -> None:

@@ -1,19 +1,26 @@
-"""The gRPC server's limits on calls, on a real gRPC server: the calls it holds at once."""
+"""The gRPC server's limits on calls, on a real gRPC server: the calls it holds at once, and how long each may take
+(its message's arrival included)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import pytest
 
+from service.frontends import timeout
 from service.frontends.v2.grpc_limits import CallLimit
 from service.metrics import get_metrics
+from service.runtime.deadline import time_left
+
+Behaviour = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
-def _grpc_calls_refused() -> float:
+def _refused(reason: str) -> float:
     metrics = get_metrics()
-    return float(metrics.child(metrics.connections_refused, "grpc_calls")._value.get())
+    return float(metrics.child(metrics.connections_refused, reason)._value.get())
 
 
 async def _none_held(limit: CallLimit) -> None:
@@ -25,10 +32,25 @@ async def _none_held(limit: CallLimit) -> None:
     raise AssertionError(f"{limit.held} calls still hold a place")
 
 
+@contextlib.asynccontextmanager
+async def _serving(limit: CallLimit, behaviour: Behaviour) -> AsyncIterator[grpc.aio.Channel]:
+    """A gRPC server with ``limit`` and one unary method, ``/test.Held/Wait``, and a channel to it."""
+    server = grpc.aio.server(interceptors=[limit])
+    handler = grpc.unary_unary_rpc_method_handler(behaviour)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Held", {"Wait": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel
+    finally:
+        await server.stop(grace=None)
+
+
 def test_a_call_past_the_limit_is_refused_counted_and_a_cancelled_call_gives_its_place_back() -> None:
     """GRPC_MAX_CONCURRENT_RPCS=1 on a real gRPC server: while one call is held, the next gets RESOURCE_EXHAUSTED
     naming the setting, and is counted; a held call its client cancels frees its place, so the limit never leaks."""
-    limit = CallLimit(1)
+    limit = CallLimit(1, timeout_s=60)
     reached: list[bytes] = []
 
     async def scenario() -> None:
@@ -39,29 +61,87 @@ def test_a_call_past_the_limit_is_refused_counted_and_a_cancelled_call_gives_its
             await release.wait()
             return b"answered " + request
 
-        server = grpc.aio.server(interceptors=[limit])
-        handler = grpc.unary_unary_rpc_method_handler(wait)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Held", {"Wait": handler}),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                call = channel.unary_unary("/test.Held/Wait")
-                held = call(b"first", timeout=30)
-                while not reached:
-                    await asyncio.sleep(0.01)
-                before = _grpc_calls_refused()
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await call(bytes(1 << 20), timeout=30)
-                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "GRPC_MAX_CONCURRENT_RPCS=1" in (refused.value.details() or "")
-                assert _grpc_calls_refused() == before + 1 and reached == [b"first"]
-                held.cancel()
-                await _none_held(limit)  # the cancelled call's place is free again
-                release.set()
-                assert await call(b"second", timeout=30) == b"answered second"
+        async with _serving(limit, wait) as channel:
+            call = channel.unary_unary("/test.Held/Wait")
+            held = call(b"first", timeout=30)
+            while not reached:
+                await asyncio.sleep(0.01)
+            before = _refused("grpc_calls")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call(bytes(1 << 20), timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "GRPC_MAX_CONCURRENT_RPCS=1" in (refused.value.details() or "")
+            assert _refused("grpc_calls") == before + 1 and reached == [b"first"]
+            held.cancel()
+            await _none_held(limit)  # the cancelled call's place is free again
+            release.set()
+            assert await call(b"second", timeout=30) == b"answered second"
             await _none_held(limit)
-        finally:
-            await server.stop(grace=None)
+
+    asyncio.run(scenario())
+
+
+def test_a_call_whose_message_never_arrives_ends_at_the_timeout_and_frees_its_place() -> None:
+    """A client that sends a call's headers and no message (a request stream it never writes to) held a place until
+    its connection's age ended it: now DEADLINE_EXCEEDED at REQUEST_TIMEOUT_S, counted, and the place is free."""
+    limit = CallLimit(2, timeout_s=0.5)
+    reached: list[bytes] = []
+
+    async def scenario() -> None:
+        async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            reached.append(request)
+            return b"answered " + request
+
+        async with _serving(limit, answer) as channel:
+            silent = asyncio.Event()
+
+            async def nothing() -> AsyncIterator[bytes]:  # the headers go; the message never does
+                await silent.wait()
+                yield b"too late"
+
+            before = _refused("grpc_message_timeout")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await channel.stream_unary("/test.Held/Wait")(nothing(), timeout=30)
+            waited = asyncio.get_running_loop().time() - started
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
+            assert cut.value.details() == "The call's message did not arrive within 0.5 seconds (REQUEST_TIMEOUT_S)"
+            assert 0.4 < waited < 10 and _refused("grpc_message_timeout") == before + 1 and not reached
+            await _none_held(limit)
+            silent.set()
+            assert await channel.unary_unary("/test.Held/Wait")(b"next", timeout=30) == b"answered next"
+
+    asyncio.run(scenario())
+
+
+def test_a_call_not_answered_in_time_is_cancelled_and_counts_as_the_servers() -> None:
+    """A call whose work outlasts REQUEST_TIMEOUT_S: its work is cancelled, where the runtime reads the cut as a
+    5xx (as HTTP's 504), and the client gets DEADLINE_EXCEEDED naming the setting. A call in time sees the deadline
+    the runtime's waits end by."""
+    limit = CallLimit(2, timeout_s=0.5)
+    seen: dict[str, object] = {}
+
+    async def scenario() -> None:
+        async def work(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            seen["left"] = time_left()
+            if request == b"quick":
+                return b"done"
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                seen["cut"] = timeout.cut_off()
+                raise
+            return b"never"
+
+        async with _serving(limit, work) as channel:
+            call = channel.unary_unary("/test.Held/Wait")
+            assert await call(b"quick", timeout=30) == b"done"
+            assert isinstance(seen["left"], float) and 0 < seen["left"] <= 0.5
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await call(b"slow", timeout=30)
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
+            assert cut.value.details() == "Not able to process the call in 0.5 seconds (REQUEST_TIMEOUT_S)"
+            assert seen["cut"] == "5xx"
+            await _none_held(limit)
 
     asyncio.run(scenario())
