@@ -1,7 +1,7 @@
 """How long the request being served may still take, for waits that should end before it does.
 
-A front end that bounds its requests' time (HTTP's ``REQUEST_TIMEOUT_S``, a gRPC client's
-deadline) sets :data:`request_deadline` for the request's task; the runtime reads it through
+A front end that bounds its requests' time (``REQUEST_TIMEOUT_S``, or a gRPC client's deadline
+where sooner) sets :data:`request_deadline` for the request's task; the runtime reads it through
 :func:`time_left` (a cold start answers 503 with ``Retry-After`` before the request itself
 would time out with 504). A front end that cuts requests off also installs how a cancellation
 counts (:func:`install_cut_off`), which the runtime reads through :func:`cut_off` where one

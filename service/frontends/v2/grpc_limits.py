@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from typing import Any
 
 import grpc
@@ -49,7 +50,6 @@ class CallLimit(grpc.aio.ServerInterceptor):
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"This worker holds GRPC_MAX_CONCURRENT_RPCS={limit} calls already; send it again (it changed nothing)",
         )
-        self._cuts: set[asyncio.Task[None]] = set()
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
         if self.held >= self.limit:
@@ -64,6 +64,8 @@ class CallLimit(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.response_streaming:
             return handler  # no such method, or a refusal (answered at once)
+        if not inspect.iscoroutinefunction(handler.unary_unary):  # pragma: no cover - every method here is async
+            return handler
         return self._timed(handler, until)
 
     def _release(self, task: asyncio.Task[Any]) -> None:
@@ -81,13 +83,16 @@ class CallLimit(grpc.aio.ServerInterceptor):
             timed.timer = asyncio.get_running_loop().call_at(until, self._expire, timed)
             try:
                 request = await context.read()  # where the timer cut first, this raises its abort
+                if timed.aborting is not None:  # cut as the message came: the cut's status goes, nothing else
+                    await timed.aborting
+                    raise asyncio.CancelledError
                 if request is grpc.aio.EOF:  # the client went (or half-closed with no message): as gRPC's unary
                     raise asyncio.CancelledError
                 timed.arrived = True
                 with limited(timed, until):
                     return await behaviour(request, context)
             except asyncio.CancelledError:
-                if not timed.cut:  # the client's cancel, or the server's stop
+                if not timed.cut or not timed.arrived or context.done():  # the client's cancel, the server's stop
                     raise
                 task.uncancel()
             finally:
@@ -105,27 +110,28 @@ class CallLimit(grpc.aio.ServerInterceptor):
         """``REQUEST_TIMEOUT_S`` has passed: a call at work is cancelled (its answer is the abort that ``call`` then
         sends). A call whose message has not arrived gets its status from outside its task, whose read is never
         cancelled (gRPC would still complete it, into memory the cancel freed); the read then fails with it."""
+        if timed.context.done():  # its status is on its way (an error's): the call ends with it
+            return
         timed.cut = True
         if timed.arrived:
             timed.task.cancel()
             return
         metrics.connection_refused("grpc_message_timeout")
         details = f"The call's message did not arrive within {self.timeout_s:g} seconds (REQUEST_TIMEOUT_S)"
-        cut = asyncio.ensure_future(_abort(timed.context, grpc.StatusCode.DEADLINE_EXCEEDED, details))
-        self._cuts.add(cut)
-        cut.add_done_callback(self._cuts.discard)
+        timed.aborting = asyncio.ensure_future(_abort(timed.context, grpc.StatusCode.DEADLINE_EXCEEDED, details))
 
 
 class _Timed:
     """One call's time limit: its task, its context, its timer; whether its message arrived and the limit cut it
     (:meth:`expired`, as ``asyncio.Timeout`` says it, for :func:`..timeout.cut_off`)."""
 
-    __slots__ = ("arrived", "context", "cut", "task", "timer")
+    __slots__ = ("aborting", "arrived", "context", "cut", "task", "timer")
 
     def __init__(self, task: asyncio.Task[Any], context: grpc.aio.ServicerContext) -> None:
         self.task, self.context = task, context
         self.arrived = self.cut = False
         self.timer: asyncio.TimerHandle | None = None
+        self.aborting: asyncio.Future[None] | None = None  # the status of a call cut before its message came
 
     def expired(self) -> bool:
         return self.cut

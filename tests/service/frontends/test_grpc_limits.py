@@ -118,7 +118,7 @@ def test_a_call_not_answered_in_time_is_cancelled_and_counts_as_the_servers() ->
     """A call whose work outlasts REQUEST_TIMEOUT_S: its work is cancelled, where the runtime reads the cut as a
     5xx (as HTTP's 504), and the client gets DEADLINE_EXCEEDED naming the setting. A call in time sees the deadline
     the runtime's waits end by."""
-    limit = CallLimit(2, timeout_s=0.5)
+    limit = CallLimit(2, timeout_s=2)  # the quick call's margin on a busy machine
     seen: dict[str, object] = {}
 
     async def scenario() -> None:
@@ -136,11 +136,11 @@ def test_a_call_not_answered_in_time_is_cancelled_and_counts_as_the_servers() ->
         async with _serving(limit, work) as channel:
             call = channel.unary_unary("/test.Held/Wait")
             assert await call(b"quick", timeout=30) == b"done"
-            assert isinstance(seen["left"], float) and 0 < seen["left"] <= 0.5
+            assert isinstance(seen["left"], float) and 0 < seen["left"] <= 2
             with pytest.raises(grpc.aio.AioRpcError) as cut:
                 await call(b"slow", timeout=30)
             assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
-            assert cut.value.details() == "Not able to process the call in 0.5 seconds (REQUEST_TIMEOUT_S)"
+            assert cut.value.details() == "Not able to process the call in 2 seconds (REQUEST_TIMEOUT_S)"
             assert seen["cut"] == "5xx"
             await _none_held(limit)
 
