@@ -40,8 +40,8 @@ class CallLimit(grpc.aio.ServerInterceptor):
     Each call then has ``timeout_s`` from here, as an HTTP request has from its head: a message that has not arrived
     by then gets ``DEADLINE_EXCEEDED`` (counted as ``reason="grpc_message_timeout"``: a client that sends headers and
     no message held its place until its connection's age ended it), and a call not answered by then is cancelled and
-    gets ``DEADLINE_EXCEEDED`` (a ``ModelInfer`` counted as a ``5xx``, as HTTP's 504). gRPC's own deadline, the client's, is the
-    client's to set and may be later or never."""
+    gets ``DEADLINE_EXCEEDED`` (a ``ModelInfer`` counted as a ``5xx``, as HTTP's 504). gRPC's own deadline, the
+    client's, is the client's to set and may be later or never."""
 
     def __init__(self, limit: int, timeout_s: float) -> None:
         self.limit, self.timeout_s = limit, timeout_s
