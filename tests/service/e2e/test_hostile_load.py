@@ -133,7 +133,7 @@ def test_every_served_versions_counters_exist_at_zero(guarded: ServiceProcess) -
         seen = {labels["reason"] for labels, _ in metric_samples(text, name) if labels["model"] == "lenet5"}
         assert seen >= reasons, (name, seen)
     assert set(refused(guarded)) == {"connections", "header_bytes", "header_timeout", "body_rate", "body_bytes",
-                                     "body_memory"}  # fmt: skip
+                                     "body_memory", "grpc_calls", "grpc_message_timeout"}  # fmt: skip
 
 
 @pytest.mark.parametrize("path", ["/classify?model=lenet5", "/v2/models/lenet5/infer"])
