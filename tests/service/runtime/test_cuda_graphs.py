@@ -22,11 +22,15 @@ from service.store.tensors import INPUT_NAME, OUTPUT_NAMES
 from ...helpers import wait_until
 
 
-@pytest.fixture(scope="module")
-def lenet5(model_store: ModelStore) -> ort.InferenceSession:
+def _lenet5_session(model_store: ModelStore) -> ort.InferenceSession:
     stored = model_store.latest("lenet5")
     assert stored is not None
     return ort.InferenceSession(str(stored.graph), providers=[cuda.CPU])
+
+
+@pytest.fixture(scope="module")
+def lenet5(model_store: ModelStore) -> ort.InferenceSession:
+    return _lenet5_session(model_store)
 
 
 def _digits(batch: int, seed: int) -> np.ndarray:
@@ -164,9 +168,7 @@ def test_a_dropped_session_is_freed_only_while_no_capture_runs(model_store: Mode
     """A wrapped session's last reference may go anywhere, on a thread that holds the gate included (a worker's
     unload, an eviction, the batch that finished last): its device memory (the session's, its shapes' buffers) is
     freed once no capture runs, and dropping it waits for nothing."""
-    stored = model_store.latest("lenet5")
-    assert stored is not None
-    session = ort.InferenceSession(str(stored.graph), providers=[cuda.CPU])
+    session = _lenet5_session(model_store)  # of its own: its end is watched
     wrapped: cuda_graphs.CapturedSession | cuda_graphs.GatedSession
     if wrapper == "captured":
         wrapped = cuda_graphs.CapturedSession(session, "cpu")
@@ -188,9 +190,7 @@ def test_a_dropped_session_is_freed_only_while_no_capture_runs(model_store: Mode
 
 def test_a_dropped_session_is_freed_at_once_where_no_capture_runs(model_store: ModelStore) -> None:
     """As an unwrapped session is: a load that follows an unload finds its memory back."""
-    stored = model_store.latest("lenet5")
-    assert stored is not None
-    session = ort.InferenceSession(str(stored.graph), providers=[cuda.CPU])
+    session = _lenet5_session(model_store)  # of its own: its end is watched
     alive = weakref.ref(session)
     gated = cuda_graphs.GatedSession(session)
     del session
