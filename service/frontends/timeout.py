@@ -60,8 +60,8 @@ def cut_off() -> str | None:
 @contextlib.contextmanager
 def limited(deadline: Expiring, until: float) -> Iterator[None]:
     """``REQUEST_TIMEOUT_S`` as the runtime's waits and :func:`cut_off` read it, for a request that is not HTTP's:
-    a gRPC call whose message has arrived, which ``deadline`` cuts at ``until`` (the loop's time; a cut then counts
-    as ``5xx``)."""
+    a gRPC call whose message has arrived, which ``deadline`` cuts; the runtime's waits end by ``until`` (the loop's
+    time: the limit's, or the client's deadline where sooner). A cut counts as ``5xx``."""
     token = request_deadline.set(until)
     limit = _limit.set(_Limit(deadline, body_arrived=True))
     try:

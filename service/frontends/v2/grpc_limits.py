@@ -56,8 +56,7 @@ class CallLimit(grpc.aio.ServerInterceptor):
             metrics.connection_refused("grpc_calls")
             return self._refusal
         task = asyncio.current_task()
-        if task is None:  # pragma: no cover - grpc.aio runs every call in a task of its own
-            return await continuation(details)
+        assert task is not None  # grpc.aio runs every call in a task of its own
         self.held += 1
         task.add_done_callback(self._release)
         until = asyncio.get_running_loop().time() + self.timeout_s
@@ -89,7 +88,9 @@ class CallLimit(grpc.aio.ServerInterceptor):
                 if request is grpc.aio.EOF:  # the client went (or half-closed with no message): as gRPC's unary
                     raise asyncio.CancelledError
                 timed.arrived = True
-                with limited(timed, until):
+                left = context.time_remaining()  # the client's deadline, if it set one and it is sooner
+                ends = until if left is None else min(until, asyncio.get_running_loop().time() + left)
+                with limited(timed, ends):
                     return await behaviour(request, context)
             except asyncio.CancelledError:
                 if not timed.cut or not timed.arrived or context.done():  # the client's cancel, the server's stop

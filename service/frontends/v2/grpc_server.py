@@ -7,7 +7,6 @@ the kernel spreads connections across workers as it does for HTTP.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from ...errors import (
     ServiceError,
 )
 from ...runtime.canary import answering_canary
-from ...runtime.deadline import request_deadline
 from ...tracing import carrier
 from ..auth import ADMIN_GRPC_METHODS, OPEN_GRPC_METHODS, Access, check_access
 from .grpc_limits import CallLimit, refusal
@@ -214,10 +212,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await self._infer(request, context)
 
     async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        left = context.time_remaining()  # the client's deadline, if it set one: a cold start answers before it
-        if left is not None:  # or REQUEST_TIMEOUT_S's (CallLimit's), where that is sooner
-            theirs, ours = asyncio.get_running_loop().time() + left, request_deadline.get()
-            request_deadline.set(theirs if ours is None else min(ours, theirs))
         try:
             with (
                 self.handler.track("grpc") as record,
