@@ -183,14 +183,33 @@ def test_sigterm_mid_export_ends_it_with_one_line_and_no_version_left(tmp_path: 
     """`docker stop` or a pod's end during an export: status 130, one line, the staging folder removed (it was
     left behind, half a gigabyte for a VGG), no version written, and no empty model folder."""
     model_dir = tmp_path / "store" / "lenet5"
-    run = subprocess.Popen([sys.executable, "-m", "export", "lenet5", "--weights", "random", "--out",
+    # the real command, held once its graph is written in the staging folder: a random LeNet-5 exports in a
+    # second, and a signal sent on a timer could arrive after it had finished (it did, under a loaded CI)
+    held = (
+        "import sys, time\n"
+        "import export.pipeline as pipeline\n"
+        "from export.cli import main\n"
+        "convert = pipeline.export_onnx\n"
+        "def held(*args):\n"
+        "    convert(*args)\n"
+        "    print('HELD', flush=True)\n"
+        "    time.sleep(120)\n"
+        "pipeline.export_onnx = held\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", held, "lenet5", "--weights", "random", "--out",
                             str(tmp_path / "store"), "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not list(model_dir.glob(".staging-*")) and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert run.stdout is not None
+    before = []
+    for line in run.stdout:  # ends at the marker, or at the command's end if it never got there
+        before.append(line)
+        if line.strip() == "HELD":
+            break
+    assert before and before[-1].strip() == "HELD", "".join(before)
+    assert list(model_dir.glob(".staging-*"))  # mid-export: the version under way is on disk
     run.terminate()
-    output = run.communicate(timeout=60)[0]
+    output = "".join(before) + run.communicate(timeout=60)[0]
     assert run.returncode == 130, output
     last = "ERROR export: interrupted: the versions logged as written stand, and no other was written"
     assert output.strip().splitlines()[-1] == last
