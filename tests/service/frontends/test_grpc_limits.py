@@ -25,7 +25,7 @@ def _refused(reason: str) -> float:
 
 async def _none_held(limit: CallLimit) -> None:
     """The server's side of a call ends a few loop turns after its client saw the answer."""
-    for _ in range(300):
+    for _ in range(3000):
         if limit.held == 0:
             return
         await asyncio.sleep(0.01)

@@ -4,6 +4,8 @@ cannot be made to split a pipeline as the case needs (the served cases are in ``
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.config import Config
@@ -55,6 +57,13 @@ async def slow_http_no_websocket(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
+async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Let the loop run until ``condition`` holds, at most ``seconds`` (the caller asserts what it needs)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def test_a_request_queued_when_a_websocket_upgrade_takes_the_connection_is_let_go() -> None:
     """Pipelined: a request, a second with 1 MB of body (queued behind the first, counted), then an upgrade that
     hands the connection to the websocket protocol, which refuses it and closes. The second never starts, and the
@@ -77,10 +86,11 @@ def test_a_request_queued_when_a_websocket_upgrade_takes_the_connection_is_let_g
             b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         )
-        await asyncio.sleep(0.3)  # the first answered, the handshake refused, the connection closing
+        # the first answered (after its 0.1 s), the handshake refused, the connection closing
+        await _until(lambda: transport.protocol is not None and transport.closing)
         assert transport.protocol is not None and transport.closing
         transport.protocol.connection_lost(None)  # the event loop tells the protocol that holds the transport
-        await asyncio.sleep(0.05)
+        await _until(lambda: protocol._Bodies.held == held)
         return counted, protocol._Bodies.held - held, bytes(transport.written)
 
     counted, left, written = asyncio.run(run())

@@ -156,7 +156,7 @@ def test_a_lone_request_does_not_wait_but_an_announced_one_is_waited_for() -> No
         await batcher.infer(images(1))
         return time.perf_counter() - started
 
-    assert asyncio.run(lone()) < 2.5  # nobody announced: no 5 s wait for company
+    assert asyncio.run(lone()) < 4  # nobody announced: no 5 s wait for company
 
     async def with_company() -> None:
         async def late_arrival() -> None:
@@ -223,10 +223,10 @@ def test_a_request_over_the_batch_limit_fails_whole_at_its_first_failed_chunk_an
 
 
 def test_requests_cancelled_while_queued_give_their_share_of_the_queue_back_at_once() -> None:
-    """One call runs for half a second with four requests queued behind it (MAX_QUEUE_IMAGES=4), then they are
+    """One call runs for two seconds with four requests queued behind it (MAX_QUEUE_IMAGES=4), then they are
     cut off (REQUEST_TIMEOUT_S, or clients gone): the next request is queued, not refused as if they still
     waited."""
-    batcher = DynamicBatcher("m", [echo_run([], delay=0.5)], max_batch_size=1, max_delay=0, max_queue_images=4)
+    batcher = DynamicBatcher("m", [echo_run([], delay=2.0)], max_batch_size=1, max_delay=0, max_queue_images=4)
 
     async def scenario() -> int:
         running = asyncio.ensure_future(batcher.infer(images(0)))

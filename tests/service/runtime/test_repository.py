@@ -84,7 +84,9 @@ def test_an_unload_waits_for_the_requests_that_hold_the_version(repository: Repo
     with repository.lease("lenet", 2) as leased:
         thread = threading.Thread(target=lambda: (repository.unload(leased), unloaded.set()))
         thread.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while two.status != "draining" and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert two.status == "draining" and not unloaded.is_set()  # out of routing, not released under us
         with pytest.raises(ModelNotFound):
             repository.lease("lenet", 2)

@@ -212,8 +212,8 @@ def test_a_request_that_arrives_as_the_explanation_graph_finishes_loading_gets_i
     a Stranded 503 (nothing was unloaded)."""
     runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
     gradcams = runtime.repository.gradcams
-    real_open = gradcams._open
-    monkeypatch.setattr(gradcams, "_open", lambda *args: (time.sleep(0.2), real_open(*args))[1])
+    real_open, release = gradcams._open, threading.Event()
+    monkeypatch.setattr(gradcams, "_open", lambda *args: (release.wait(30), real_open(*args))[1])
 
     async def main() -> tuple[Any, Any]:
         await classify(runtime, "alpha")
@@ -221,6 +221,7 @@ def test_a_request_that_arrives_as_the_explanation_graph_finishes_loading_gets_i
             first = asyncio.create_task(gradcams.get(entry))
             await asyncio.sleep(0.01)
             (loading,) = gradcams._loading.values()
+            release.set()  # held until seen under way: it ends while the second request waits for it
 
             async def second() -> Any:
                 while not loading.done():  # a step of another request, queued as the load ends
@@ -323,10 +324,10 @@ def test_a_cold_start_answers_before_the_request_times_out(
     503 with Retry-After before the request's own time-out would answer 504; the load goes on."""
     runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", cold_start_timeout_s=60, **ON_DEMAND)
     repository = runtime.repository
-    real_load = repository.load
+    real_load, release = repository.load, threading.Event()
 
     def slow_load(stored: StoredVersion, signature: Any) -> ModelEntry:
-        time.sleep(4.0)
+        release.wait(30)  # longer than the request has: held until its 503 is in
         return real_load(stored, signature)
 
     monkeypatch.setattr(repository, "load", slow_load)
@@ -341,8 +342,12 @@ def test_a_cold_start_answers_before_the_request_times_out(
         return time.perf_counter() - started, refused.value
 
     waited, error = asyncio.run(main())
-    assert waited < 3.0  # 2.7 s: the request's own time-out left a tenth for the 503 to travel
+    release.set()
     assert error.status_code == 503 and error.retry_after and "still loading" in error.message
+    # 2.7 s: the request's own time-out left a tenth for the 503 to travel (measured from the message, as the wall
+    # clock adds whatever a loaded machine's scheduler adds)
+    wait = float(error.message.split("still loading after ")[1].split(" s")[0])
+    assert 2.5 < wait < 3.0 and waited < wait + 2, (wait, waited)
     deadline = time.monotonic() + 20
     while repository.serving("alpha") is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -463,11 +468,11 @@ def test_a_load_begun_on_an_event_loop_that_ended_is_begun_again_by_the_next(
     a load of its own (queued behind it on the loads' thread), not for one it can never await."""
     runtime = make_runtime(make_store(alpha=[1]), memory_budget="1GiB", **ON_DEMAND)
     repository = runtime.repository
-    real_load, loading = repository.load, threading.Event()
+    real_load, loading, release = repository.load, threading.Event(), threading.Event()
 
     def slow_load(stored: StoredVersion, signature: Any) -> ModelEntry:
         loading.set()
-        time.sleep(0.5)
+        release.wait(30)
         return real_load(stored, signature)
 
     monkeypatch.setattr(repository, "load", slow_load)
@@ -478,4 +483,5 @@ def test_a_load_begun_on_an_event_loop_that_ended_is_begun_again_by_the_next(
 
     asyncio.run(begin())
     assert repository.serving("alpha") is None  # still loading, its loop gone
+    release.set()
     assert asyncio.run(asyncio.wait_for(classify(runtime, "alpha"), 30)).name == "alpha"
