@@ -25,7 +25,7 @@ import yaml
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, encode, free_port, prometheus, query, tool, wait_for_ok
+from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, prometheus, query, tool, wait_for_ok
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -262,8 +262,16 @@ def test_rolling_restart_crash_and_metrics_across_three_replicas(
         def total() -> float:
             return sum(float(s["value"][1]) for s in query(prometheus_url, "cnn_requests_total"))
 
-        time.sleep(3)
-        before = total()
+        def counted() -> float:  # what the replicas count now, read from each
+            return sum(value for r in replicas
+                       for _, value in metric_samples(httpx.get(f"{r.url}/metrics", timeout=10).text,
+                                                      "cnn_requests_total"))  # fmt: skip
+
+        # the load's last requests scraped: Prometheus' sum is the replicas' own before the count below begins
+        deadline = time.monotonic() + 30
+        while (before := total()) != counted() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert before == counted()
         sent = 120
         with httpx.Client(timeout=30) as client:
             statuses = [

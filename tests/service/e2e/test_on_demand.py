@@ -244,7 +244,7 @@ def test_the_default_budget_comes_from_a_real_cgroup_memory_limit() -> None:
 
 
 def test_two_workers_share_the_budget_and_idle_models_are_unloaded(zoo: ModelStore, tmp_path: Path) -> None:
-    env = {**ON_DEMAND, "WORKERS": "2", "PINNED": "lenet5", "MEMORY_BUDGET": "1GiB", "IDLE_UNLOAD_S": "3"}
+    env = {**ON_DEMAND, "WORKERS": "2", "PINNED": "lenet5", "MEMORY_BUDGET": "1GiB", "IDLE_UNLOAD_S": "5"}
     with running(zoo.root, tmp_path / "workers.log", **env) as service:
         assert metric(service, "cnn_memory_budget_bytes")[()] == 2**30  # each worker half of it, summed
         for _ in range(6):  # new connections: either worker may answer, and loads its own
@@ -253,7 +253,9 @@ def test_two_workers_share_the_budget_and_idle_models_are_unloaded(zoo: ModelSto
                 assert response.status_code == 200
         loads = metric(service, "cnn_model_loads_total")
         assert 1 <= loads[("googlenet", "request")] <= 2
-        time.sleep(3 + 3 + 1)  # idle for IDLE_UNLOAD_S, and a sweep (every second at this setting)
+        # idle for IDLE_UNLOAD_S (5 s: longer than a worker goes unasked between the requests above), then a sweep
+        wait_until(lambda: metric(service, "cnn_model_evictions_total").get(("googlenet", "idle")) == loads[
+            ("googlenet", "request")], 60, "each worker's googlenet unloaded as idle")  # fmt: skip
         evictions = metric(service, "cnn_model_evictions_total")
         assert evictions[("googlenet", "idle")] == loads[("googlenet", "request")]
         assert not evictions.get(("lenet5", "idle"))  # pinned
@@ -325,9 +327,10 @@ def test_a_soak_mixing_versions_shadow_and_explanations_loses_nothing_and_counts
         assert {s["version"] for s in models["lenet5"]["served"]} == {1, 2}
         assert abs(counted - expected) <= 0.05 * expected
         assert shadowed["images"] + sum(shadowed["skipped"].values()) > 0
-        idle_before = sum(v for (_, reason), v in metric(service, "cnn_model_evictions_total").items()
-                          if reason == "idle")  # fmt: skip
-        time.sleep(6 + 2 + 1)  # IDLE_UNLOAD_S, then a sweep (every 1.5 s at this setting)
-        idle_after = sum(v for (_, reason), v in metric(service, "cnn_model_evictions_total").items()
-                         if reason == "idle")  # fmt: skip
-        assert idle_after > idle_before  # the model-control thread is alive and sweeping
+
+        def idle_evictions() -> float:
+            return sum(v for (_, reason), v in metric(service, "cnn_model_evictions_total").items() if reason == "idle")
+
+        idle_before = idle_evictions()
+        # IDLE_UNLOAD_S, then a sweep (every 1.5 s at this setting): the model-control thread is alive and sweeping
+        wait_until(lambda: idle_evictions() > idle_before, 60, "an idle model unloaded after the soak")
