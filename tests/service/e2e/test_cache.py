@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import statistics
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,6 +53,8 @@ def test_1000_requests_over_50_images_are_950_byte_identical_hits(cached: Servic
     images, _ = held_out_drawings(50)
     first: dict[int, bytes] = {}
     outcomes = []
+    logged = len([line for line in access_lines(cached) if line["route"] == "/classify"])
+    inferred = metric(cached, "cnn_batch_requests_sum", model="lenet5")  # requests that ran in a batch
     with httpx.Client(base_url=cached.url, timeout=30) as client:
         for i in range(1000):
             response = client.post("/classify", params={"model": "lenet5"}, content=images[i % 50],
@@ -66,16 +67,19 @@ def test_1000_requests_over_50_images_are_950_byte_identical_hits(cached: Servic
             else:  # byte for byte what the image's first request got
                 assert response.content == first[i % 50], i
     assert outcomes.count("hit") >= 950 and outcomes[:50] == ["miss"] * 50
-    # the server's time for each hit, as its access log measured it
-    time.sleep(0.5)
-    lines = [line for line in access_lines(cached) if line["route"] == "/classify"]
+    # what was inferred: the misses alone (a hit runs no batch)
+    assert metric(cached, "cnn_batch_requests_sum", model="lenet5") - inferred == outcomes.count("miss")
+    # the server's time for each hit, as its access log measured it (written as the answer goes: waited for)
+    wait_until(lambda: len([ln for ln in access_lines(cached) if ln["route"] == "/classify"]) >= logged + 1000, 30,
+               "the 1,000 requests in the access log")  # fmt: skip
+    lines = [line for line in access_lines(cached) if line["route"] == "/classify"][logged:]
     hits = [float(str(line["seconds"])) for line in lines if line["cache"] == "hit"]
     assert len(hits) >= 950 and all(line["model"] == "lenet5" and line["images"] == 1 for line in lines)
     p50, p99 = statistics.median(hits), statistics.quantiles(hits, n=100)[98]
     miss = statistics.median(float(str(line["seconds"])) for line in lines if line["cache"] == "miss")
     print(f"1,000 requests over 50 images: {outcomes.count('hit')} hits; server time of a hit p50 "
           f"{p50 * 1e3:.3f} ms, p99 {p99 * 1e3:.3f} ms; of a miss p50 {miss * 1e3:.3f} ms")  # fmt: skip
-    assert p50 <= 0.001  # the target is 0.3 ms (measured: docs/concepts/cache.md); a loaded CI machine gets slack
+    assert p50 < miss  # the figures themselves are the benchmark's (docs/concepts/cache.md), not a test's
     assert metric(cached, "cnn_cache_hits_total", model="lenet5", version="1") >= 950
     assert metric(cached, "cnn_cache_entries") >= 50
 
