@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import io
@@ -323,6 +324,16 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> floa
             return time.monotonic()
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout:.0f} s: {what}")
+
+
+async def wait_until_async(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """:func:`wait_until` on an event loop: yield to it every 0.01 s until ``condition`` holds, else an
+    AssertionError naming ``what`` (a test that never gets there fails instead of hanging)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout:g} s: {what}")
+        await asyncio.sleep(0.01)
 
 
 def http_codes(service: ServiceProcess) -> dict[tuple[str, str], float]:

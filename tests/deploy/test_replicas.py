@@ -25,7 +25,18 @@ import yaml
 
 from service.store.layout import ModelStore
 
-from ..helpers import ROOT, ServiceProcess, encode, free_port, metric_samples, prometheus, query, tool, wait_for_ok
+from ..helpers import (
+    ROOT,
+    ServiceProcess,
+    encode,
+    free_port,
+    metric_samples,
+    prometheus,
+    query,
+    tool,
+    wait_for_ok,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -268,10 +279,8 @@ def test_rolling_restart_crash_and_metrics_across_three_replicas(
                                                       "cnn_requests_total"))  # fmt: skip
 
         # the load's last requests scraped: Prometheus' sum is the replicas' own before the count below begins
-        deadline = time.monotonic() + 30
-        while (before := total()) != counted() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert before == counted()
+        wait_until(lambda: total() == counted(), 30, "Prometheus' sum equal to the replicas' own counts")
+        before = total()
         sent = 120
         with httpx.Client(timeout=30) as client:
             statuses = [

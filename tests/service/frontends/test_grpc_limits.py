@@ -15,6 +15,8 @@ from service.frontends.v2.grpc_limits import CallLimit
 from service.metrics import get_metrics
 from service.runtime.deadline import time_left
 
+from ...helpers import wait_until_async
+
 Behaviour = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
@@ -25,11 +27,7 @@ def _refused(reason: str) -> float:
 
 async def _none_held(limit: CallLimit) -> None:
     """The server's side of a call ends a few loop turns after its client saw the answer."""
-    for _ in range(3000):
-        if limit.held == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{limit.held} calls still hold a place")
+    await wait_until_async(lambda: limit.held == 0, 30, f"the calls' places given back ({limit.held} held)")
 
 
 @contextlib.asynccontextmanager

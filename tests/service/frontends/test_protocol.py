@@ -4,14 +4,14 @@ cannot be made to split a pipeline as the case needs (the served cases are in ``
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from service.frontends import protocol
+
+from ...helpers import wait_until_async
 
 
 class Transport(asyncio.Transport):
@@ -57,13 +57,6 @@ async def slow_http_no_websocket(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"ok"})
 
 
-async def _until(condition: Callable[[], bool], seconds: float = 30.0) -> None:
-    """Let the loop run until ``condition`` holds, at most ``seconds`` (the caller asserts what it needs)."""
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-
-
 def test_a_request_queued_when_a_websocket_upgrade_takes_the_connection_is_let_go() -> None:
     """Pipelined: a request, a second with 1 MB of body (queued behind the first, counted), then an upgrade that
     hands the connection to the websocket protocol, which refuses it and closes. The second never starts, and the
@@ -87,10 +80,12 @@ def test_a_request_queued_when_a_websocket_upgrade_takes_the_connection_is_let_g
             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
         )
         # the first answered (after its 0.1 s), the handshake refused, the connection closing
-        await _until(lambda: transport.protocol is not None and transport.closing)
+        await wait_until_async(
+            lambda: transport.protocol is not None and transport.closing, 30, "the connection closing"
+        )
         assert transport.protocol is not None and transport.closing
         transport.protocol.connection_lost(None)  # the event loop tells the protocol that holds the transport
-        await _until(lambda: protocol._Bodies.held == held)
+        await wait_until_async(lambda: protocol._Bodies.held == held, 30, "the queued bodies' count given back")
         return counted, protocol._Bodies.held - held, bytes(transport.written)
 
     counted, left, written = asyncio.run(run())

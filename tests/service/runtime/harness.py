@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -13,6 +11,8 @@ from service.runtime.classifier import Classifier
 from service.runtime.repository import Repository
 from service.server import Runtime
 from service.store.layout import ModelStore
+
+from ...helpers import wait_until_async
 
 MiB = 2**20
 StoreFactory = Callable[..., ModelStore]
@@ -30,7 +30,4 @@ class Served(NamedTuple):
 async def signalled(event: threading.Event, seconds: float = 30.0) -> None:
     """Yield to the event loop until a thread sets ``event``, at most ``seconds``: a test that never gets there fails
     instead of hanging."""
-    deadline = time.monotonic() + seconds
-    while not event.is_set():
-        assert time.monotonic() < deadline, f"not signalled within {seconds:g} s"
-        await asyncio.sleep(0.01)
+    await wait_until_async(event.is_set, seconds, "signalled")

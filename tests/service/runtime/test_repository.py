@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from service.runtime.hooks import Hooks
 from service.runtime.repository import Repository
 from service.settings import Settings
 
+from ...helpers import wait_until
 from ..pictures import held_out_drawings
 from .harness import RuntimeFactory, StoreFactory
 
@@ -84,9 +84,7 @@ def test_an_unload_waits_for_the_requests_that_hold_the_version(repository: Repo
     with repository.lease("lenet", 2) as leased:
         thread = threading.Thread(target=lambda: (repository.unload(leased), unloaded.set()))
         thread.start()
-        deadline = time.monotonic() + 30
-        while two.status != "draining" and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: two.status == "draining", 30, "version 2 draining")
         assert two.status == "draining" and not unloaded.is_set()  # out of routing, not released under us
         with pytest.raises(ModelNotFound):
             repository.lease("lenet", 2)
