@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     instances: str = Field(
         "1",
         description="ONNX Runtime sessions per model, fed by one batcher (Triton's instance_group count): "
-        "`N` for every model, or `name:N,...` (others 1).",
+        "`N` for every model, or `name:N,...` (others 1), each N from 1 to 64.",
     )
     intra_op_threads: int = Field(
         0,
@@ -92,8 +92,9 @@ class Settings(BaseSettings):
     inline_decode_bytes: int = Field(
         16384,
         ge=0,
-        description="Images up to this size (and 512 x 512 pixels) decode on the event loop, skipping the thread "
-        "pool's hops; where the models run on CUDA, 0 unless set (the event loop is then the worker's bottleneck).",
+        description="A request whose images total up to this many bytes (each of at most 512 x 512 pixels) "
+        "decodes on the event loop, skipping the thread pool's hops; where the models run on CUDA, 0 unless set "
+        "(the event loop is then the worker's bottleneck).",
     )
     decode_threads: int = Field(
         0,
@@ -113,8 +114,9 @@ class Settings(BaseSettings):
         description="The batch shapes a session runs: a batch is padded up to the next one and the padding dropped "
         "from the answers, and each is warmed before /readyz says ready, so no live request meets a new shape. "
         "`auto`: powers of two up to the model's largest batch on CUDA (a new shape costs cuDNN an algorithm search), "
-        "any size on the CPU (where padding only costs); `pow2`; `any`; or sizes, `1,8,32` (1 and the largest batch "
-        "are added, sizes above it left out: an out-of-memory batch halves the largest down to a warmed shape).",
+        "any size on the CPU (where padding only costs); `pow2`; `any`; or sizes from 1 to 1024, `1,8,32` (1 and "
+        "the largest batch are added, sizes above it left out: an out-of-memory batch halves the largest down to a "
+        "warmed shape).",
     )
     cuda_conv_algo_search: Literal["HEURISTIC", "EXHAUSTIVE", "DEFAULT"] = Field(
         "HEURISTIC",
@@ -145,10 +147,16 @@ class Settings(BaseSettings):
         "the models run on CUDA and more than one worker serves.",
     )
     max_batch_delay_ms: float = Field(
-        2.0, ge=0, le=1000, description="How long a batch waits for more requests once the runtime is free."
+        2.0,
+        ge=0,
+        le=1000,
+        description="How long a batch waits for requests already accepted and still decoding, once a session is "
+        "free; a lone request never waits.",
     )
     max_queue_images: int = Field(
-        512, ge=1, description="Images waiting per model beyond which requests get 503 (one of more images alone: 413)."
+        512,
+        ge=1,
+        description="Images waiting per model beyond which requests get 503 (a request of more images than that: 413).",
     )
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 above).")
     max_header_bytes: int = Field(
@@ -200,7 +208,7 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         None,
         description="When set, /classify, /explain, /models, /v2 (HTTP and gRPC) and /noop need "
-        "`Authorization: Bearer <token>`.",
+        "`Authorization: Bearer <token>`; /v2/health/* and gRPC's ServerLive and ServerReady stay open to probes.",
     )
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
     access_log: Literal["off", "json"] = Field(

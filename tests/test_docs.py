@@ -113,6 +113,51 @@ def test_reference_pages_are_generated_from_the_code(site: Path) -> None:
     assert "resnet50 ResNet 25,557,032" in networks
 
 
+def _bounds(takes: str) -> list[tuple[str, float]]:
+    """The settings page's "takes" cell as (operator, number) pairs: `1 to 1,024`, `>= 0`, `> 0, <= 1`."""
+    number = r"(-?[\d,]+(?:\.\d+)?)"
+    if match := re.fullmatch(rf"{number} to {number}", takes):
+        return [(">=", float(match[1].replace(",", ""))), ("<=", float(match[2].replace(",", "")))]
+    return [(op, float(value.replace(",", ""))) for op, value in re.findall(rf"(>=|>|<=|<) {number}", takes)]
+
+
+def _accepts(name: str, value: float) -> bool:
+    try:
+        Settings(**{name: value})
+    except ValueError:
+        return False
+    return True
+
+
+def test_the_documented_range_of_every_number_is_the_one_enforced(hook: ModuleType) -> None:
+    """Each bound the settings page shows holds exactly: its edge is taken (or refused, for > and <), one step past
+    it refused (a step is 1 for a whole number, 0.5 otherwise)."""
+    checked = []
+    for variable, _, takes, _ in hook.settings():
+        name = variable.lower()
+        integral = Settings.model_fields[name].annotation is int
+        step = 1 if integral else 0.5
+        for op, edge in _bounds(takes):
+            edge_value: float = int(edge) if integral else edge
+            inward = {">=": 0, ">": step, "<=": 0, "<": -step}[op]
+            outward = {">=": -step, ">": 0, "<=": step, "<": 0}[op]
+            assert _accepts(name, edge_value + inward), f"{variable}: {takes} documented, {edge_value + inward} refused"
+            assert not _accepts(name, edge_value + outward), f"{variable}: {takes}, {edge_value + outward} taken"
+            checked.append(variable)
+    assert {"MAX_BATCH_SIZE", "HTTP_PORT", "TRACE_SAMPLE_RATIO", "CANARY_SAMPLE", "MAX_BODY_BYTES"} <= set(checked)
+
+
+def test_a_choice_setting_documents_every_value_it_takes(hook: ModuleType) -> None:
+    for variable, _, takes, _ in hook.settings():
+        choices = re.findall(r"`([^`]+)`", takes)
+        if variable in ("PROVIDERS", "MODEL_CONTROL", "SESSION_HOST"):
+            assert choices, variable
+        for choice in choices:
+            assert Settings(**{variable.lower(): choice}), f"{variable}={choice} documented and refused"
+    with pytest.raises(ValueError, match="gpu"):
+        Settings(providers="gpu")
+
+
 def test_an_unknown_generated_section_fails_the_build(hook: ModuleType) -> None:
     with pytest.raises(ValueError, match=r"unknown generated section 'setings'.*settings"):
         hook.expand("text\n<!-- generated: setings -->\n", "reference/x.md")

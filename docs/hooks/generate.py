@@ -44,26 +44,53 @@ def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
 def _default(value: Any) -> str:
     if value is None:
         return "(unset)"
+    if isinstance(value, bool):  # as the environment spells it
+        return f"`{str(value).lower()}`"
     if value in ("", ()):
         return "(empty)"
     return f"`{value}`"
 
 
-def settings() -> list[tuple[str, str, str]]:
-    """Every setting: its environment variable, default and description (from ``service.settings``)."""
+def _number(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:g}"
+
+
+def accepted(field: Any) -> str:
+    """What a setting takes, from its type and bounds: `a`, `b` for a choice, `1 to 1024`, `>= 0`, `> 0`;
+    empty where only its description can say (a list, a pattern)."""
+    import typing
+
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return ", ".join(f"`{choice}`" for choice in typing.get_args(field.annotation))
+    if field.annotation is bool:
+        return "`true`, `false`"
+    bounds = {name: getattr(item, name) for item in field.metadata for name in ("ge", "gt", "le", "lt")
+              if getattr(item, name, None) is not None}  # fmt: skip
+    low = next(((op, bounds[key]) for key, op in (("ge", ">="), ("gt", ">")) if key in bounds), None)
+    high = next(((op, bounds[key]) for key, op in (("le", "<="), ("lt", "<")) if key in bounds), None)
+    if low and high and low[0] == ">=" and high[0] == "<=":
+        return f"{_number(low[1])} to {_number(high[1])}"
+    return ", ".join(f"{bound[0]} {_number(bound[1])}" for bound in (low, high) if bound)
+
+
+def settings() -> list[tuple[str, str, str, str]]:
+    """Every setting: its environment variable, default, what it takes and description (from ``service.settings``)."""
     from service.settings import Settings
 
     return [
-        (name.upper(), _default(field.default), field.description or "")
+        (name.upper(), _default(field.default), accepted(field), field.description or "")
         for name, field in Settings.model_fields.items()
     ]
 
 
 def settings_table() -> str:
     rows = settings()
-    if missing := [name for name, _, description in rows if not description]:
+    if missing := [name for name, _, _, description in rows if not description]:
         raise ValueError(f"settings without a description: {', '.join(missing)}")
-    return _table(("variable", "default", "meaning"), [(f"`{name}`", default, text) for name, default, text in rows])
+    return _table(
+        ("variable", "default", "takes", "meaning"),
+        [(f"`{name}`", default, takes, text) for name, default, takes, text in rows],
+    )
 
 
 # --- metrics ----------------------------------------------------------------------------------------
