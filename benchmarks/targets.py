@@ -53,9 +53,10 @@ def physical_fraction(images_per_s: float, macs_per_image: float, precision: str
 
 
 def high(runs: list[RunResult]) -> int:
-    """The concurrency the targets are set at, 16, or the highest measured below it (quick runs)."""
+    """The concurrency the targets are set at, 16, or the measured one nearest to it (4 in quick runs; 64 where only
+    64 ran), the lower of two as near."""
     levels = {r.concurrency for r in runs if r.path == "http"}
-    return 16 if 16 in levels or not levels else max(c for c in levels if c < 16)
+    return min(levels, key=lambda c: (abs(c - 16), c)) if levels else 16
 
 
 def stack(runs: list[RunResult]) -> list[dict[str, Any]]:
@@ -76,23 +77,23 @@ PEER_TARGETS = {("lenet5", 16): 2.0, ("lenet5", 1): 3.0, ("resnet18", 16): 1.2, 
 def peers(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
     out = []
     for peer in ("mlserver", "litserve"):
-        for concurrency in (high(runs), 1):
-            theirs = at(runs, model, peer, concurrency)
-            if theirs:
-                level = 16 if concurrency == high(runs) else concurrency
+        for concurrency in dict.fromkeys((high(runs), 1)):
+            theirs, ours = at(runs, model, peer, concurrency), at(runs, model, "http", concurrency)
+            if theirs and ours:  # a run of one side only judges nothing
+                level = 16 if concurrency == high(runs) <= 16 else concurrency  # quick runs' 4 stands in for 16
                 target = PEER_TARGETS.get((model, level)) if peer == "mlserver" or model == "resnet50" else None
-                value = at(runs, model, "http", concurrency) / theirs
+                value = ours / theirs
                 out.append(ratio(f"{model} HTTP / {peer} at concurrency {concurrency}", value, target))
-        ours, theirs = cpu_at(runs, model, "http", high(runs)), cpu_at(runs, model, peer, high(runs))
-        if ours and theirs:  # the price of an image: the server's CPU time per image
+        our_cpu, their_cpu = cpu_at(runs, model, "http", high(runs)), cpu_at(runs, model, peer, high(runs))
+        if our_cpu and their_cpu:  # the price of an image: the server's CPU time per image
             name = f"{model} server CPU per image, {peer} / ours at concurrency {high(runs)}"
-            out.append(ratio(name, theirs / ours, None))
+            out.append(ratio(name, their_cpu / our_cpu, None))
     return out
 
 
 def ceilings(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
     top, c = best(runs, model, "ceiling"), high(runs)
-    if not top or model.startswith("lenet5"):
+    if not top or not at(runs, model, "http", c) or model.startswith("lenet5"):
         return []
     target = {"resnet50": 0.95, "resnet50_int8": 0.9}.get(model)
     out = [ratio(f"{model} HTTP / in-process ceiling at concurrency {c}", at(runs, model, "http", c) / top, target)]
