@@ -6,14 +6,21 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from .runtime.residency import Residency
 from .runtime.sizing import auto_workers
-from .settings import Settings
+from .settings import Settings, setting_problems
 from .store.layout import ModelStore
 
 
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        lines = "".join(f"  {line}\n" for line in setting_problems(exc))
+        sys.stderr.write(f"Invalid settings (docs/reference/settings.md says what each takes):\n{lines}")
+        return 2
     store = ModelStore(settings.model_store)
     if not store.names():
         sys.stderr.write(

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .memory import parse_size
@@ -497,6 +497,23 @@ class Settings(BaseSettings):
 @cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def setting_problems(error: ValidationError) -> list[str]:
+    """Settings that failed validation, one line each as the environment names them (``MAX_BATCH_SIZE=abc: Input
+    should be a valid integer ...``), a secret's value never shown; a check across settings gives its own line."""
+    lines = []
+    for problem in error.errors():
+        message = problem["msg"].removeprefix("Value error, ")
+        if not problem["loc"]:  # a model validator: its message names the settings
+            lines.append(message)
+            continue
+        name = str(problem["loc"][0])
+        field = Settings.model_fields.get(name)
+        secret = field is not None and SecretStr in (field.annotation, *get_args(field.annotation))
+        value = "(hidden)" if secret else str(problem.get("input"))
+        lines.append(message if message.startswith(name.upper()) else f"{name.upper()}={value}: {message}")
+    return lines
 
 
 @dataclass(frozen=True)

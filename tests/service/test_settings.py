@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import Settings, setting_problems
 
 
 @pytest.mark.parametrize(
@@ -47,3 +47,12 @@ def test_settings_that_cannot_work_are_refused_with_what_would(
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=says.replace("[", r"\[").replace("]", r"\]")):
         Settings()
+
+
+def test_a_secret_that_fails_validation_is_not_echoed() -> None:
+    with pytest.raises(ValidationError) as raised:
+        Settings(api_token=12345678, max_top_k=0)  # type: ignore[arg-type]  # not text: refused
+    assert sorted(setting_problems(raised.value)) == [
+        "API_TOKEN=(hidden): Input should be a valid string",
+        "MAX_TOP_K=0: Input should be greater than or equal to 1",
+    ]

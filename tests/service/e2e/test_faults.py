@@ -156,6 +156,30 @@ def test_an_empty_store_is_refused_with_the_remedy(tmp_path: Path) -> None:
     assert result.returncode == 2 and "make export" in result.stderr
 
 
+def test_invalid_settings_are_refused_one_line_each_by_their_variables(tmp_path: Path) -> None:
+    """No pydantic traceback: each setting that is wrong, by its environment name, with what it would take."""
+    env = {**os.environ, "MODEL_STORE": str(tmp_path), "MAX_BATCH_SIZE": "abc", "PROVIDERS": "gpu",
+           "HTTP_PORT": "0", "MAX_TOP_K": "-1"}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert "MAX_BATCH_SIZE=abc: Input should be a valid integer" in result.stderr
+    assert "  PROVIDERS=gpu: Input should be 'auto', 'cuda' or 'cpu'" in lines
+    assert "  HTTP_PORT=0: Input should be greater than or equal to 1" in lines
+    assert "  MAX_TOP_K=-1: Input should be greater than or equal to 1" in lines
+    assert len(lines) == 1 + 4  # the heading, one line per wrong setting
+
+
+def test_settings_that_disagree_are_refused_with_the_check_s_own_words(tmp_path: Path) -> None:
+    env = {**os.environ, "MODEL_STORE": str(tmp_path), "MAX_BATCH_SIZE": "8", "BATCH_SIZES": "1,16"}
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and "BATCH_SIZES has [16] above MAX_BATCH_SIZE=8: lower them" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("env", "says"),
     [
