@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+import httpx
 from tqdm import tqdm
 
 from .api import DEFAULT_URL, Client, ServiceUnavailableError
@@ -62,7 +63,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("a PATH is empty: name files, folders or globs")
     if not args.timeout > 0:
         parser.error("--timeout must be a number of seconds above 0")
+    if problem := _url_problem(args.url):
+        parser.error(f"--url {args.url} (or CNN_SERVING_URL) {problem}")
     return args
+
+
+def _url_problem(url: str) -> str | None:
+    """What keeps ``url`` from being the service's base URL, or None."""
+    try:
+        parsed = httpx.URL(url)
+        parsed.port  # noqa: B018 - parsing a port that is not a number raises here
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        return f"is not a URL ({exc}): write it as http://HOST:PORT"
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        return f"is not an http:// or https:// URL: write it as http://{url.split('://')[-1] or 'HOST:PORT'}"
+    return None
 
 
 @contextlib.contextmanager

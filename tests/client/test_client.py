@@ -154,6 +154,21 @@ def test_nothing_listening_is_one_clear_error() -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("localhost:3000", "is not an http:// or https:// URL: write it as http://localhost:3000"),
+        ("http://localhost:3OOO", "is not a URL (Invalid port: '3OOO')"),
+        ("ftp://example.org", "is not an http:// or https:// URL"),
+    ],
+)
+def test_a_url_that_is_not_one_is_refused_with_how_to_write_it(url: str, says: str) -> None:
+    result = run_client("README.md", "--url", url)
+    assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+    result = run_client("README.md", env={**os.environ, "CNN_SERVING_URL": url})
+    assert result.returncode == 2 and says in result.stderr
+
+
 def test_expand_searches_folders_by_extension_and_keeps_files_as_given(photos: Path) -> None:
     found = expand([str(photos / "notes.txt"), str(photos / "things"), str(photos / "things" / "coffee.png")])
     assert [Path(p).name for p in found] == ["notes.txt", "coffee.png", "rocket.JPG"]
