@@ -146,11 +146,26 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second failure flushing at exit
         return 141
     except OSError as exc:  # --output or --explain cannot be written
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"error: {_unwritable(args, exc)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted: the output holds the files answered before it, in input order\n")
         return 130
+
+
+def _unwritable(args: argparse.Namespace, exc: OSError) -> str:
+    """An output that cannot be written, by the option that named it: ``--explain out: File exists (a file, where
+    a folder is wanted)``."""
+    if exc.filename is None:
+        return str(exc)
+    written = Path(exc.filename)
+    if args.output is not None and written == Path(args.output):
+        wanted = "a file is wanted" if written.is_dir() else "give a file that can be written"
+        return f"--output {args.output}: {exc.strerror} ({wanted})"
+    if args.explain is not None and args.explain in (written, *written.parents):
+        wanted = "a folder is wanted" if args.explain.is_file() else "give a folder that can be written"
+        return f"--explain {args.explain}: {exc.strerror} ({wanted})"
+    return f"{exc.filename}: {exc.strerror}"
 
 
 def _folders_of(paths: list[str]) -> set[Path]:

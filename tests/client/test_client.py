@@ -312,6 +312,16 @@ def test_an_empty_folder_or_glob_fails_the_run_and_the_output_outlives_a_service
     assert down.returncode == 2 and kept.read_text() == "yesterday's results\n"
 
 
+def test_an_output_that_cannot_be_written_is_named_by_its_option(stub: Any, photos: Path, tmp_path: Path) -> None:
+    stub.posts = 2
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a folder")
+    result = run_client(str(photos / "things"), "--url", stub.url, "--explain", str(a_file), "--no-progress")
+    assert result.returncode == 2 and f"--explain {a_file}: File exists (a folder is wanted)" in result.stderr
+    result = run_client(str(photos / "things"), "--url", stub.url, "--output", str(tmp_path), "--no-progress")
+    assert result.returncode == 2 and f"--output {tmp_path}: Is a directory (a file is wanted)" in result.stderr
+
+
 def test_heat_maps_that_cannot_be_had_fail_the_run_and_say_why(stub: Any, photos: Path, tmp_path: Path) -> None:
     stub.posts = 2
     missing = tmp_path / "missing.png"  # fails before any heat map is asked for it
