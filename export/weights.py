@@ -104,15 +104,33 @@ def _unavailable(weights: ReleasedWeights, exc: Exception) -> WeightsUnavailable
     )
 
 
+# What a file that torch.save did not write most often is, by its first bytes (torch.save writes a zip archive;
+# its legacy format, and a bare pickle, start with the pickle protocol's 0x80)
+_NOT_TORCH = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"\x93NUMPY": "a NumPy .npy file",
+              b"\x89HDF": "an HDF5 file (Keras?)", b"\x08": "an ONNX graph, most likely", b"PK\x03\x04": "",
+              b"\x80": "", b"{": "JSON text"}  # fmt: skip
+
+
 def read_checkpoint(path: Path) -> tuple[Mapping[str, Tensor], str]:
     """The state dict in a ``torch.save`` file, read without unpickling code: a plain
     ``model.state_dict()`` or one of the common wrappers (``checkpoint.unwrap``); and what was found."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(8)
+    except IsADirectoryError:
+        head = b"PK\x03\x04"  # torch.load says what a folder is, below
+    except OSError as exc:
+        raise ValueError(f"{path} cannot be read ({exc.strerror})") from None
+    kind = next((kind for magic, kind in _NOT_TORCH.items() if head.startswith(magic)), None)
+    if head and kind != "":  # empty: torch.load's own words below
+        raise ValueError(f"{path} is not a file torch.save wrote ({kind or 'its first bytes are ' + repr(head)}); "
+                         "pass the file torch.save(model.state_dict(), PATH) wrote")  # fmt: skip
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = str(exc).splitlines()[-1] if str(exc) else "not a torch file"
         raise ValueError(f"{path} holds more than tensors; refusing to unpickle it ({reason})") from None
-    except (EOFError, KeyError, RuntimeError, IsADirectoryError) as exc:  # empty, text, cut short, a folder
+    except (EOFError, KeyError, RuntimeError, IsADirectoryError, IndexError) as exc:  # empty, cut short, a folder
         reason = (str(exc).strip().splitlines() or ["no details"])[0]
         raise ValueError(f"{path} is not a whole torch checkpoint ({type(exc).__name__}: {reason}); pass the "
                          "file torch.save(model.state_dict(), PATH) wrote") from None  # fmt: skip

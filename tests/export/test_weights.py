@@ -120,15 +120,36 @@ def test_unreachable_release_names_the_alternatives(tmp_path: Path) -> None:
     assert "--weights-file" in message and "--weights random" in message and "\n" not in message
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world\n", "half"])
-def test_a_weights_file_that_is_no_whole_checkpoint_is_a_one_line_error(tmp_path: Path, content: bytes | str) -> None:
-    """Empty, text, cut short: a line naming the file, and the export fails (with others named, they go on)."""
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", r"is not a whole torch checkpoint \(EOFError"),
+        ("half", r"is not a whole torch checkpoint \(RuntimeError"),
+        (b"hello world\n", r"is not a file torch.save wrote \(its first bytes are b'hello wo'\)"),
+        (bytes(range(7, 256)) * 20, r"is not a file torch.save wrote \(its first bytes are b'\\x07"),  # noise
+        (b"\xff\xd8\xff\xe0\x00\x10JFIF", r"is not a file torch.save wrote \(a JPEG image\)"),
+        ("npy", r"is not a file torch.save wrote \(a NumPy .npy file\)"),
+        ("pickle noise", r"is not a whole torch checkpoint|holds more than tensors"),  # 0x80, then no pickle
+    ],
+    ids=["empty", "cut short", "text", "noise", "jpeg", "npy", "pickle noise"],
+)
+def test_a_weights_file_that_is_no_whole_checkpoint_is_a_one_line_error(
+    tmp_path: Path, content: bytes | str, says: str
+) -> None:
+    """Empty, cut short, text, noise, another format: a line naming the file, and the export fails (with others
+    named, they go on)."""
     path = tmp_path / "weights.pth"
     if content == "half":
         torch.save({"w": torch.zeros(1000)}, path)
         content = path.read_bytes()[: path.stat().st_size // 2]
+    elif content == "npy":
+        with open(path, "wb") as stream:
+            np.save(stream, np.zeros(3))
+        content = path.read_bytes()
+    elif content == "pickle noise":
+        content = b"\x80\x02" + bytes(range(256)) * 4
     path.write_bytes(content)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"weights.pth is not a whole torch checkpoint \(\w+Error") as info:
+    with pytest.raises(ValueError, match=r"weights.pth " + says) as info:
         load_state_dict(path)
     assert "\n" not in str(info.value)
     assert export_main(["resnet18", "--weights-file", str(path), "--out", str(tmp_path / "store"),
