@@ -63,9 +63,15 @@ def _all_tensors(mapping: Mapping[Any, Any]) -> bool:
 
 def read_labels(path: Path) -> list[str]:
     """One class name a line (blank lines at the end ignored); names must be unique."""
+    if path.is_dir():
+        raise CheckpointError(f"--labels {path} is a folder: give a file of class names, or --labels-from DIR")
     if not path.is_file():
         raise CheckpointError(f"--labels {path} does not exist")
-    labels = [line.strip() for line in path.read_text(encoding="utf-8").rstrip("\n").splitlines()]
+    try:  # utf-8-sig: a byte order mark (Notepad's) is no part of the first class's name
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"--labels {path} is not UTF-8 text: save it as UTF-8, one class a line") from None
+    labels = [line.strip() for line in text.rstrip("\n").splitlines()]
     return _checked(labels, str(path))
 
 

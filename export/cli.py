@@ -160,8 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     one_name = len(args.names) == 1 and args.names[0] not in KEYWORDS
     if (any(value is not None for value in own_model) or args.finetune) and not one_name:
         parser.error("--labels, --labels-from, --as and the input options go with exactly one model name")
-    if args.precision is None and (args.calibration_dir or args.from_version):
+    if args.precision is None and (args.calibration_dir is not None or args.from_version is not None):
         parser.error("--calibration-dir and --from-version go with --precision int8|fp16")
+    if args.from_version is not None and args.from_version < 1:
+        parser.error("--from-version names a version of the store: 1 or more")
+    if any(value is not None and value < 1 for value in (args.input_size, args.resize)):
+        parser.error("--input-size and --resize are sides in pixels: 1 or more")
     if args.force and not (args.precision or args.finetune):
         parser.error("--force can only go with --precision int8|fp16 or --finetune DIR")
     elsewhere = args.weights_file or args.labels or args.labels_from or args.weights == "trained"
@@ -294,9 +298,9 @@ def run_exports(
                 version = export_model(name, store, options)
             else:
                 version = _export_variant(name, store, options, variant)
-        except WeightsUnavailableError as exc:
+        except WeightsUnavailableError as exc:  # skipped in a set (offline, say); a failure where it was named
             (skipped if skip_unavailable else failed).append(name)
-            logger.warning("%s: %s", name, exc)
+            logger.log(logging.WARNING if skip_unavailable else logging.ERROR, "%s: %s", name, exc)
             continue
         except (ValueError, WeightsIntegrityError, VerificationError, OSError) as exc:
             failed.append(name)
@@ -309,6 +313,21 @@ def run_exports(
     if failed:
         logger.error("failed: %s", ", ".join(failed))
     return 1 if failed or not exported else 0
+
+
+def _before_any_work(args: argparse.Namespace, names: list[str], store: ModelStore) -> str | None:
+    """What would fail only after the training or the download: a folder of images that is none, a version the
+    store lacks."""
+    for option, folder in (("--baseline-dir", args.baseline_dir), ("--calibration-dir", args.calibration_dir)):
+        if folder is not None and not folder.is_dir():
+            return f"{option} {folder} is not a folder: give a folder of images (searched recursively)"
+    if args.from_version is not None:
+        for name in names:
+            held = sorted(v.version for v in store.versions(name))
+            if args.from_version not in held:
+                return (f"--from-version {args.from_version}: {name} has "
+                        f"{f'versions {held}' if held else 'no version'} in {store.root}")  # fmt: skip
+    return None
 
 
 def _labels(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -359,6 +378,9 @@ def _main(argv: list[str] | None) -> int:
             raise PermissionError(f"{store.root} is not writable by this user")
     except OSError as exc:
         logger.error("--out %s cannot take a model: %s", store.root, exc)
+        return 2
+    if (problem := _before_any_work(args, names, store)) is not None:
+        logger.error("%s", problem)
         return 2
     options = ExportOptions(
         weights=args.weights,

@@ -72,6 +72,18 @@ def test_labels_come_from_a_file_or_an_image_folders_class_folders(tmp_path: Pat
         labels_from_folder(tmp_path / "missing")
 
 
+def test_a_labels_file_as_editors_save_it_is_read_or_refused_with_how_to_save_it(tmp_path: Path) -> None:
+    """Notepad's UTF-8 starts with a byte order mark, which became part of the first class's name; PowerShell's
+    UTF-16 failed with a traceback; a folder was said not to exist."""
+    (tmp_path / "bom.txt").write_text("boot\nsandal\n", encoding="utf-8-sig")
+    assert read_labels(tmp_path / "bom.txt") == ["boot", "sandal"]
+    (tmp_path / "utf16.txt").write_text("boot\nsandal\n", encoding="utf-16")
+    with pytest.raises(CheckpointError, match=r"utf16\.txt is not UTF-8 text: save it as UTF-8, one class a line"):
+        read_labels(tmp_path / "utf16.txt")
+    with pytest.raises(CheckpointError, match="is a folder: give a file of class names, or --labels-from DIR"):
+        read_labels(tmp_path)
+
+
 def test_the_users_model_has_its_width_name_and_input() -> None:
     base = get_model_spec("resnet18")
     spec = adapt(base, SHOES, "shoes", InputOverrides(size=160, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))

@@ -218,9 +218,12 @@ def test_sigterm_mid_export_ends_it_with_one_line_and_no_version_left(tmp_path: 
 
 
 @pytest.mark.parametrize("option", [["--epochs", "0"], ["--epochs", "-2"], ["--batch-size", "0"], ["--lr", "0"],
-                                    ["--lr", "nan"], ["--patience", "0"]])  # fmt: skip
+                                    ["--lr", "nan"], ["--patience", "0"], ["--from-version", "0"],
+                                    ["--precision", "int8", "--from-version", "0"], ["--input-size", "0"],
+                                    ["--resize", "0"]])  # fmt: skip
 def test_numbers_no_training_can_take_are_refused_before_any_work(option: list[str]) -> None:
-    """`--epochs 0` trained for 40 epochs, and -2 failed after the data had loaded."""
+    """`--epochs 0` trained for 40 epochs, and -2 failed after the data had loaded; `--from-version 0` without
+    `--precision` was ignored and a new version exported; `--input-size 0` meant the network's own size."""
     from export.cli import parse_args
 
     with pytest.raises(SystemExit) as info:
@@ -251,6 +254,26 @@ def test_options_nothing_would_read_are_refused_not_ignored(
     assert "nothing reads them" in capsys.readouterr().err or argv[-2] == "--weights-file"
     assert parse_args(["lenet5", "--data", "mnist", "--epochs", "3"]).data == "mnist"  # where they are read: kept
     assert parse_args(["resnet18", "--precision", "int8", "--calibration-method", "entropy"]).precision == "int8"
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--baseline-dir", "{tmp}/no-such"], "--baseline-dir {tmp}/no-such is not a folder: give a folder of images"),
+        (["--precision", "int8", "--calibration-dir", "{tmp}/no-such"], "--calibration-dir {tmp}/no-such is not a"),
+        (["--precision", "int8", "--from-version", "7"], "--from-version 7: lenet5 has no version in {tmp}/store"),
+    ],
+    ids=["baseline", "calibration", "version"],
+)
+def test_folders_and_versions_that_are_not_there_are_said_before_any_training(
+    tmp_path: Path, argv: list[str], says: str
+) -> None:
+    """They were found missing after the training (or with --precision after an FP32 version had been written)."""
+    argv = [part.replace("{tmp}", str(tmp_path)) for part in argv]
+    result = _run_cli("lenet5", "--out", str(tmp_path / "store"), "--no-progress", *argv)
+    assert result.returncode == 2 and says.replace("{tmp}", str(tmp_path)) in result.stderr, result.stderr
+    assert "training" not in result.stderr and "Traceback" not in result.stderr
+    assert ModelStore(tmp_path / "store").names() == []
 
 
 def test_a_store_that_cannot_be_written_is_said_before_any_training(tmp_path: Path) -> None:
