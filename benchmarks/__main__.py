@@ -64,37 +64,86 @@ def main(argv: list[str] | None = None) -> int:
         "--store", type=Path, default=Path("benchmarks/.store"), help="model store; what it lacks is exported into it"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="where the results go")
-    parser.add_argument(
-        "--paths",
-        help="only these: ceiling,floor,http,grpc-bytes,grpc-images,noop,explain,scaling,shadow,peers,baseline",
-    )
+    parser.add_argument("--paths", type=_paths, help=f"only these: {','.join(Plan.paths)}")
     parser.add_argument(
         "--concurrency",
+        type=_levels,
         help="comma-separated concurrency levels (default 1,4,16,64, peers and layouts 1,16,64; quick 1,4)",
     )
-    parser.add_argument("--seconds", type=float, help="time bound of each run")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="a service setting to try")
+    parser.add_argument("--seconds", type=_seconds, help="time bound of each run")
+    parser.add_argument(
+        "--env", action="append", type=_setting, default=[], metavar="KEY=VALUE", help="a service setting to try"
+    )
     args = parser.parse_args(argv)
+    if problem := _models_problem(args.models, args.store):  # before any export: those take minutes
+        parser.error(f"--models {args.models}: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     models = tuple(m for m in args.models.split(",") if m)
     store = ModelStore(args.store)
     plan = Plan.make(models, args.quick)
     if args.paths:
-        plan = dataclasses.replace(plan, paths=tuple(args.paths.split(",")))
+        plan = dataclasses.replace(plan, paths=args.paths)
     shadows = tuple(f"{m}_int8" for m in models if m in SHADOW_MODELS) if "shadow" in plan.paths else ()
     ensure_models(store, models + tuple(s for s in shadows if s not in models), args.quick)
     if args.concurrency:
-        levels = tuple(int(c) for c in args.concurrency.split(","))
-        plan = dataclasses.replace(plan, concurrency=levels, peer_concurrency=levels)
-    if args.seconds:
+        plan = dataclasses.replace(plan, concurrency=args.concurrency, peer_concurrency=args.concurrency)
+    if args.seconds is not None:
         plan = dataclasses.replace(plan, seconds=args.seconds)
     if args.env:
-        plan = dataclasses.replace(plan, service_env=tuple(tuple(e.split("=", 1)) for e in args.env))
+        plan = dataclasses.replace(plan, service_env=tuple(args.env))
     results = run(store, plan)
     paths = write(results, args.out)
     logging.getLogger("benchmarks").info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
+
+
+def _levels(text: str) -> tuple[int, ...]:
+    try:
+        levels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers, e.g. 1,16,64") from None
+    if min(levels) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every level is 1 request in flight or more")
+    return levels
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return seconds
+
+
+def _paths(text: str) -> tuple[str, ...]:
+    paths = tuple(text.split(","))
+    if unknown := [path for path in paths if path not in Plan.paths]:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: choose among {','.join(Plan.paths)}")
+    return paths
+
+
+def _setting(text: str) -> tuple[str, str]:
+    key, equals, value = text.partition("=")
+    if not (key and equals):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (a service setting, e.g. WORKERS=2)")
+    return key, value
+
+
+def _models_problem(text: str, store_path: Path) -> str | None:
+    """Why ``--models`` cannot be benchmarked, or None: no model, or one neither the store nor the registry has."""
+    from export.registry import list_models
+
+    models = [m for m in text.split(",") if m]
+    if not models:
+        return "name at least one model"
+    known = set(list_models()) | set(ModelStore(store_path).names())
+    base = {m: next((m.removesuffix(s) for s in VARIANT_SUFFIXES if m.endswith(s)), m) for m in models}
+    if unknown := [m for m in models if m not in known and base[m] not in known]:
+        return f"unknown {', '.join(unknown)}; choose among {', '.join(sorted(known))} (or NAME_int8, NAME_fp16)"
+    return None
 
 
 if __name__ == "__main__":

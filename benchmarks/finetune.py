@@ -16,7 +16,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from PIL import Image
@@ -62,7 +62,7 @@ def one(name: str, unfreeze: Unfreeze, directory: Path, size: int) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,resnet50")
-    parser.add_argument("--unfreeze", default="head,last")
+    parser.add_argument("--unfreeze", type=_parts, default="head,last", help="comma-separated: head, last, all")
     parser.add_argument("--images", type=int, default=96, help="photo crops in the folder (%(default)s)")
     parser.add_argument("--size", type=int, default=224, help="input size (%(default)s)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         directory = photo_folder(Path(scratch) / "photos", args.images)
         for name in args.models.split(","):
-            for unfreeze in args.unfreeze.split(","):
+            for unfreeze in args.unfreeze:
                 rows.append(one(name, unfreeze, directory, args.size))
                 row = rows[-1]
                 line = (f"{name:10} {unfreeze:5} {args.size}px: {row['seconds_per_epoch']:8.2f} s per epoch of "
@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "finetune.json").write_text(json.dumps({"machine": host, "runs": rows}, indent=2) + "\n")
     return 0
+
+
+def _parts(text: str) -> list[str]:
+    parts, known = text.split(","), get_args(Unfreeze)
+    if unknown := [part for part in parts if part not in known]:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, unknown))}: choose among {', '.join(known)}")
+    return parts
 
 
 if __name__ == "__main__":
