@@ -377,14 +377,19 @@ def parse(argv: list[str] | None) -> tuple[Plan, Path, Path]:
     parser.add_argument("--budget", type=float, help="seconds after which no stage starts (cuda 540; cpu 300)")
     args = parser.parse_args(argv)
 
-    def levels(text: str | None) -> tuple[int, ...] | None:
-        return None if text is None else tuple(int(v) for v in text.split(",") if v)
+    def levels(text: str | None, option: str) -> tuple[int, ...] | None:
+        if text is None:
+            return None
+        try:
+            return tuple(int(v) for v in text.split(",") if v)
+        except ValueError:
+            parser.error(f"{option} {text!r}: give comma-separated whole numbers, e.g. 1,8,32")
 
     models = None if args.models is None else tuple(m for m in args.models.split(",") if m)
-    plan = Plan.make(args.providers, cpu_count(), models=models, batches=levels(args.batches),
-                     concurrency=levels(args.concurrency), max_batch=args.max_batch, seconds=args.seconds,
-                     warmup=args.warmup, ceiling_seconds=args.ceiling_seconds, load_processes=args.load_processes,
-                     budget=args.budget)  # fmt: skip
+    plan = Plan.make(args.providers, cpu_count(), models=models, batches=levels(args.batches, "--batches"),
+                     concurrency=levels(args.concurrency, "--concurrency"), max_batch=args.max_batch,
+                     seconds=args.seconds, warmup=args.warmup, ceiling_seconds=args.ceiling_seconds,
+                     load_processes=args.load_processes, budget=args.budget)  # fmt: skip
     try:
         plan.check()
     except ValueError as exc:

@@ -81,9 +81,28 @@ class Plan:
         return dataclasses.replace(plan, **given)
 
     def check(self) -> None:
+        if not self.models:
+            raise ValueError(f"--models names none: choose among {', '.join(FAMILIES)}")
         unknown = [m for m in self.models if m not in FAMILIES]
         if unknown:
             raise ValueError(f"models {unknown}: choose among {', '.join(FAMILIES)}")
+        for option, values in (
+            ("--batches", self.batches),
+            ("--concurrency", self.concurrency),
+            ("--max-batch", (self.max_batch,)),
+            ("--load-processes", (self.load_processes,)),
+        ):
+            if not values or min(values) < 1:
+                raise ValueError(f"{option} takes whole numbers of 1 or more")
+        for option, seconds in (
+            ("--seconds", self.seconds),
+            ("--ceiling-seconds", self.ceiling_seconds),
+            ("--budget", self.budget),
+        ):
+            if not seconds > 0:
+                raise ValueError(f"{option} takes a number of seconds above 0")
+        if not self.warmup >= 0:
+            raise ValueError("--warmup takes a number of seconds, 0 or more")
         if self.providers == "cpu" and any(m.endswith("_fp16") for m in self.models):
             raise ValueError("an FP16 variant is served on CUDA only (the service refuses it on CPUs): drop it")
 

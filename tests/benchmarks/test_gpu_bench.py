@@ -304,6 +304,29 @@ def test_cuda_graphs_are_shown_beside_the_defaults_and_never_judged() -> None:
     assert "| resnet50_fp16 WORKERS=0 CUDA_GRAPHS=on (4 running) | http | 128 | 4500.0 |" in table
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--concurrency", "abc"], "--concurrency 'abc': give comma-separated whole numbers"),
+        (["--batches", "1,x"], "--batches '1,x': give comma-separated whole numbers"),
+        (["--concurrency", "0"], "--concurrency takes whole numbers of 1 or more"),
+        (["--max-batch", "0"], "--max-batch takes whole numbers of 1 or more"),
+        (["--load-processes", "0"], "--load-processes takes whole numbers of 1 or more"),
+        (["--seconds", "-1"], "--seconds takes a number of seconds above 0"),
+        (["--budget", "0"], "--budget takes a number of seconds above 0"),
+        (["--models", ","], "--models names none"),
+    ],
+)
+def test_a_plan_that_cannot_run_is_refused_before_any_stage(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """They were a traceback (`abc`), or taken: a run at concurrency 0 or with no model measured nothing."""
+    with pytest.raises(SystemExit) as exited:
+        cli.parse(["--providers", "cpu", *argv])
+    assert exited.value.code == 2 and says in capsys.readouterr().err
+    assert cli.parse(["--providers", "cpu", "--warmup", "0"])[0].warmup == 0  # no warm-up is a plan
+
+
 def test_the_gpu_plan_serves_each_model_then_each_workers_count() -> None:
     plan = Plan.make("cuda", 16)
     assert plan.servers() == [  # the budget spent leaves out the last: not the scaling target's servers
