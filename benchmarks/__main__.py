@@ -10,6 +10,7 @@ from pathlib import Path
 
 from service.store.layout import ModelStore
 
+from .arguments import models_problem
 from .report import write
 from .run import SHADOW_MODELS, Plan, run
 
@@ -75,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         "--env", action="append", type=_setting, default=[], metavar="KEY=VALUE", help="a service setting to try"
     )
     args = parser.parse_args(argv)
-    if problem := _models_problem(args.models, args.store):  # before any export: those take minutes
+    from export.registry import list_models
+
+    known = (*list_models(), *ModelStore(args.store).names())
+    if problem := models_problem(args.models, known, VARIANT_SUFFIXES):  # before any export: those take minutes
         parser.error(f"--models {args.models}: {problem}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -130,20 +134,6 @@ def _setting(text: str) -> tuple[str, str]:
     if not (key and equals):
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE (a service setting, e.g. WORKERS=2)")
     return key, value
-
-
-def _models_problem(text: str, store_path: Path) -> str | None:
-    """Why ``--models`` cannot be benchmarked, or None: no model, or one neither the store nor the registry has."""
-    from export.registry import list_models
-
-    models = [m for m in text.split(",") if m]
-    if not models:
-        return "name at least one model"
-    known = set(list_models()) | set(ModelStore(store_path).names())
-    base = {m: next((m.removesuffix(s) for s in VARIANT_SUFFIXES if m.endswith(s)), m) for m in models}
-    if unknown := [m for m in models if m not in known and base[m] not in known]:
-        return f"unknown {', '.join(unknown)}; choose among {', '.join(sorted(known))} (or NAME_int8, NAME_fp16)"
-    return None
 
 
 if __name__ == "__main__":

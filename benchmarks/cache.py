@@ -24,10 +24,12 @@ from typing import Any
 import httpx
 
 from export.pipeline import ExportOptions, export_model
+from export.registry import list_models
 from service.store.layout import ModelStore
 from tests.helpers import running
 from tests.service.pictures import held_out_drawings
 
+from .arguments import models_problem
 from .host import machine, record
 
 SERVER = {"WORKERS": "1", "RESPONSE_CACHE_MB": "64", "ACCESS_LOG": "json"}
@@ -79,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if problem := models_problem(args.models, (*list_models(), *ModelStore(args.store).names())):
+        parser.error(f"--models {args.models}: {problem}")
     logging.basicConfig(level=logging.WARNING)
     store = ModelStore(args.store)
     logs = Path(tempfile.mkdtemp(prefix="cache-"))
     found: dict[str, Any] = {"machine": machine(), "runs": []}
-    for model in args.models.split(","):
+    for model in [name for name in args.models.split(",") if name]:
         if store.latest(model) is None:
             export_model(model, store, ExportOptions(weights="random", progress=False))
         row = measure(store, model, args.requests, args.images, logs / f"{model}.log")

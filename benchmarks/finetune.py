@@ -25,9 +25,10 @@ from skimage import data as photos
 from export import checkpoint, folder
 from export.finetune import FinetuneOptions, Unfreeze, _start, fit
 from export.pipeline import ExportOptions
-from export.registry import get_model_spec
+from export.registry import get_model_spec, list_models
 from service.store.metadata import InputMeta
 
+from .arguments import models_problem
 from .host import machine
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # one class each
@@ -67,12 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=224, help="input size (%(default)s)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if problem := models_problem(args.models, list_models()):
+        parser.error(f"--models {args.models}: {problem}")
     logging.basicConfig(level=logging.WARNING)
     host = machine()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         directory = photo_folder(Path(scratch) / "photos", args.images)
-        for name in args.models.split(","):
+        for name in [model for model in args.models.split(",") if model]:
             for unfreeze in args.unfreeze:
                 rows.append(one(name, unfreeze, directory, args.size))
                 row = rows[-1]

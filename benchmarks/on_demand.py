@@ -29,6 +29,7 @@ from service.store.layout import ModelStore
 from tests.helpers import ServiceProcess, encode, metric_samples, running
 from tests.service.lifecycle_load import Workload
 
+from .arguments import models_problem
 from .host import machine, record
 
 POPULARITY = {"lenet5": 0.35, "resnet18": 0.25, "googlenet": 0.18, "resnet50": 0.12, "alexnet": 0.10}
@@ -102,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(POPULARITY), help="a subset of %(default)s, for a quick run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args(argv)
+    if problem := models_problem(args.models, POPULARITY):  # the workload's shares are these networks'
+        parser.error(f"--models {args.models}: {problem}")
     logging.basicConfig(level=logging.WARNING)
-    names = args.models.split(",")
+    names = [name for name in args.models.split(",") if name]
     popularity = {name: share for name, share in POPULARITY.items() if name in names}
     store = ModelStore(args.store)
     zoo(store, names)

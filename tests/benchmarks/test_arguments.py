@@ -3,12 +3,16 @@ or run, not as a traceback at the end of one."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from benchmarks import finetune
 from benchmarks.__main__ import main
-from benchmarks.finetune import main as finetune_main
+
+from ..helpers import ROOT
 
 
 @pytest.mark.parametrize(
@@ -40,7 +44,28 @@ def test_the_fine_tuning_benchmark_refuses_a_part_it_cannot_unfreeze(
 ) -> None:
     """Any word but all or last trained the head alone, reported under that word."""
     with pytest.raises(SystemExit) as exited:
-        finetune_main(["--models", "lenet5", "--unfreeze", "head,sideways", "--out", str(tmp_path / "out")])
+        finetune.main(["--models", "lenet5", "--unfreeze", "head,sideways", "--out", str(tmp_path / "out")])
     assert exited.value.code == 2
     assert "argument --unfreeze: 'sideways': choose among head, last, all" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "says"),
+    [
+        ("cache", "unknown nosuch; choose among alexnet, googlenet, lenet5, resnet101,"),
+        ("finetune", "unknown nosuch; choose among alexnet, googlenet, lenet5, resnet101,"),
+        ("on_demand", "unknown nosuch; choose among alexnet, googlenet, lenet5, resnet18, resnet50"),
+    ],
+)
+def test_each_benchmark_refuses_a_model_it_does_not_know_before_exporting_anything(
+    tmp_path: Path, benchmark: str, says: str
+) -> None:
+    """They exported the models named before it, then failed on it with a traceback. (A process each: these
+    modules import the test helpers' gRPC clients, whose protocol module the test session has loaded already.)"""
+    argv = ["--models", "lenet5,nosuch", "--out", str(tmp_path / "out")]
+    argv += [] if benchmark == "finetune" else ["--store", str(tmp_path / "store")]
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{benchmark}", *argv], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and f"--models lenet5,nosuch: {says}" in result.stderr, result.stderr
+    assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
