@@ -317,16 +317,17 @@ def run_exports(
 
 def _before_any_work(args: argparse.Namespace, names: list[str], store: ModelStore) -> str | None:
     """What would fail only after the training or the download: a folder of images that is none, a version the
-    store lacks."""
+    store lacks (where the variant's parent is one the store has, not one this run exports first)."""
     for option, folder in (("--baseline-dir", args.baseline_dir), ("--calibration-dir", args.calibration_dir)):
         if folder is not None and not folder.is_dir():
             return f"{option} {folder} is not a folder: give a folder of images (searched recursively)"
-    if args.from_version is not None:
-        for name in names:
+    own = (args.finetune, args.weights_file, args.as_name, args.labels, args.labels_from, args.input_size,
+           args.resize, args.mean, args.std)  # fmt: skip
+    if args.from_version is not None and all(value is None for value in own):
+        for name in (name for name in names if store.latest(name) is not None):
             held = sorted(v.version for v in store.versions(name))
             if args.from_version not in held:
-                return (f"--from-version {args.from_version}: {name} has "
-                        f"{f'versions {held}' if held else 'no version'} in {store.root}")  # fmt: skip
+                return f"--from-version {args.from_version}: {name} has versions {held} in {store.root}"
     return None
 
 
