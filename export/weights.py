@@ -109,6 +109,9 @@ def _unavailable(weights: ReleasedWeights, exc: Exception) -> WeightsUnavailable
 _NOT_TORCH = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"\x93NUMPY": "a NumPy .npy file",
               b"\x89HDF": "an HDF5 file (Keras?)", b"\x08": "an ONNX graph, most likely", b"PK\x03\x04": "",
               b"\x80": "", b"{": "JSON text"}  # fmt: skip
+_OLD_PICKLE = b"L119547037146038801333356L"  # torch.save's legacy format with pickle protocol 0 or 1
+_SAFETENSORS = ("a safetensors file: load it with safetensors.torch.load_file and torch.save the state dict it "
+                "gives")  # fmt: skip
 
 
 def read_checkpoint(path: Path) -> tuple[Mapping[str, Tensor], str]:
@@ -116,15 +119,22 @@ def read_checkpoint(path: Path) -> tuple[Mapping[str, Tensor], str]:
     ``model.state_dict()`` or one of the common wrappers (``checkpoint.unwrap``); and what was found."""
     try:
         with open(path, "rb") as stream:
-            head = stream.read(8)
+            head = stream.read(26)
     except IsADirectoryError:
         head = b"PK\x03\x04"  # torch.load says what a folder is, below
     except OSError as exc:
         raise ValueError(f"{path} cannot be read ({exc.strerror})") from None
-    kind = next((kind for magic, kind in _NOT_TORCH.items() if head.startswith(magic)), None)
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    safetensors = head[8:10] in (b'{"', b"{ ") and int.from_bytes(head[:8], "little") < 100_000_000
+    if head.startswith(_OLD_PICKLE):
+        raise ValueError(
+            f"{path} was saved with pickle protocol 0 or 1, which torch.load reads only by unpickling "
+            "code: load it where you trust it and torch.save(state_dict, PATH) it with the defaults"
+        )
+    kind = _SAFETENSORS if safetensors else next((k for magic, k in _NOT_TORCH.items() if head.startswith(magic)), None)
     if head and kind != "":  # empty: torch.load's own words below
-        raise ValueError(f"{path} is not a file torch.save wrote ({kind or 'its first bytes are ' + repr(head)}); "
-                         "pass the file torch.save(model.state_dict(), PATH) wrote")  # fmt: skip
+        raise ValueError(f"{path} is not a file torch.save wrote ({kind or 'its first bytes are ' + repr(head[:8])})"
+                         "; pass the file torch.save(model.state_dict(), PATH) wrote")  # fmt: skip
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,10 @@ def test_unreachable_release_names_the_alternatives(tmp_path: Path) -> None:
         (b"\xff\xd8\xff\xe0\x00\x10JFIF", r"is not a file torch.save wrote \(a JPEG image\)"),
         ("npy", r"is not a file torch.save wrote \(a NumPy .npy file\)"),
         ("pickle noise", r"is not a whole torch checkpoint|holds more than tensors"),  # 0x80, then no pickle
+        ("safetensors", r"is not a file torch.save wrote \(a safetensors file: load it with safetensors"),
+        ("protocol 1", r"was saved with pickle protocol 0 or 1, which torch.load reads only by unpickling code"),
     ],
-    ids=["empty", "cut short", "text", "noise", "jpeg", "npy", "pickle noise"],
+    ids=["empty", "cut short", "text", "noise", "jpeg", "npy", "pickle noise", "safetensors", "protocol 1"],
 )
 def test_a_weights_file_that_is_no_whole_checkpoint_is_a_one_line_error(
     tmp_path: Path, content: bytes | str, says: str
@@ -148,6 +151,12 @@ def test_a_weights_file_that_is_no_whole_checkpoint_is_a_one_line_error(
         content = path.read_bytes()
     elif content == "pickle noise":
         content = b"\x80\x02" + bytes(range(256)) * 4
+    elif content == "safetensors":  # as safetensors.torch.save_file lays it out; a header of 264 bytes starts 0x08
+        header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode().ljust(264)
+        content = len(header).to_bytes(8, "little") + header + bytes(8)
+    elif content == "protocol 1":
+        torch.save({"w": torch.zeros(2)}, path, pickle_protocol=1, _use_new_zipfile_serialization=False)
+        content = path.read_bytes()
     path.write_bytes(content)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"weights.pth " + says) as info:
         load_state_dict(path)
