@@ -59,15 +59,23 @@ def high(runs: list[RunResult]) -> int:
     return min(levels, key=lambda c: (abs(c - 16), c)) if levels else 16
 
 
+def stands_for_16(c: int) -> bool:
+    """Whether the targets set at concurrency 16 judge a run at ``c``: 16, or a quick run's 4; not a level above,
+    nor 1, which has targets of its own."""
+    return 1 < c <= 16
+
+
 def stack(runs: list[RunResult]) -> list[dict[str, Any]]:
     """The HTTP stack's own price: /noop against 4,500 requests/s and against the floor."""
     c = high(runs)
     noop = at(runs, "lenet5", "noop", c)
     if not noop:
         return []
-    out = [ratio(f"lenet5's service: /noop thousands of requests/s at concurrency {c}", noop / 1000, 4.5)]
+    name = f"lenet5's service: /noop thousands of requests/s at concurrency {c}"
+    out = [ratio(name, noop / 1000, 4.5 if stands_for_16(c) else None)]
     if at(runs, "lenet5", "floor", c):
-        out.append(ratio(f"/noop / stack floor at concurrency {c}", noop / at(runs, "lenet5", "floor", c), 0.35))
+        value = noop / at(runs, "lenet5", "floor", c)
+        out.append(ratio(f"/noop / stack floor at concurrency {c}", value, 0.35 if stands_for_16(c) else None))
     return out
 
 
@@ -80,7 +88,7 @@ def peers(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
         for concurrency in dict.fromkeys((high(runs), 1)):
             theirs, ours = at(runs, model, peer, concurrency), at(runs, model, "http", concurrency)
             if theirs and ours:  # a run of one side only judges nothing
-                level = 16 if concurrency == high(runs) <= 16 else concurrency  # quick runs' 4 stands in for 16
+                level = 16 if concurrency == high(runs) and stands_for_16(concurrency) else concurrency
                 target = PEER_TARGETS.get((model, level)) if peer == "mlserver" or model == "resnet50" else None
                 value = ours / theirs
                 out.append(ratio(f"{model} HTTP / {peer} at concurrency {concurrency}", value, target))
@@ -95,14 +103,14 @@ def ceilings(runs: list[RunResult], model: str) -> list[dict[str, Any]]:
     top, c = best(runs, model, "ceiling"), high(runs)
     if not top or not at(runs, model, "http", c) or model.startswith("lenet5"):
         return []
-    target = {"resnet50": 0.95, "resnet50_int8": 0.9}.get(model)
+    target = {"resnet50": 0.95, "resnet50_int8": 0.9}.get(model) if stands_for_16(c) else None
     out = [ratio(f"{model} HTTP / in-process ceiling at concurrency {c}", at(runs, model, "http", c) / top, target)]
     if best(runs, model, "ceiling+decode"):
         value = at(runs, model, "http", c) / best(runs, model, "ceiling+decode")
         out.append(ratio(f"{model} HTTP / in-process decode + ceiling at concurrency {c}", value, None))
     if at(runs, model, "grpc-bytes", c) and at(runs, model, "http", c):
         value = at(runs, model, "grpc-bytes", c) / at(runs, model, "http", c)
-        target = 1.0 if model == "resnet50" else None
+        target = 1.0 if model == "resnet50" and stands_for_16(c) else None
         out.append(ratio(f"{model} gRPC / HTTP at concurrency {c} (same files)", value, target))
     if cpu_at(runs, model, "grpc-bytes", c) and cpu_at(runs, model, "http", c):  # the client's cost left out
         value = cpu_at(runs, model, "http", c) / cpu_at(runs, model, "grpc-bytes", c)

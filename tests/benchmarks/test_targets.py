@@ -18,9 +18,19 @@ def by_name(runs: list[RunResult]) -> dict[str, dict]:
 
 
 def test_a_run_at_64_alone_is_judged_at_64_without_the_targets_set_at_16() -> None:
-    judged = by_name([run("http", "resnet50", 64, 22.0), run("mlserver", "resnet50", 64, 20.0)])
+    runs = [run(path, "resnet50", 64, ips) for path, ips in (("http", 22.0), ("mlserver", 20.0), ("grpc-bytes", 23.0))]
+    runs += [run("ceiling", "resnet50", 8, 25.0), run("noop", "lenet5", 64, 9000.0), run("floor", "lenet5", 64, 1e4)]
+    judged = by_name(runs)
     assert judged["resnet50 HTTP / mlserver at concurrency 64"]["value"] == 1.1
-    assert judged["resnet50 HTTP / mlserver at concurrency 64"]["target"] is None
+    at_64 = [name for name in judged if "concurrency 64" in name]
+    assert len(at_64) == 5, judged  # peers, ceiling, gRPC / HTTP, /noop, /noop / floor
+    assert [judged[name]["target"] for name in at_64] == [None] * 5
+
+
+def test_a_run_at_1_alone_is_judged_by_the_targets_set_at_1() -> None:
+    judged = by_name([run("http", "lenet5", 1, 900.0), run("mlserver", "lenet5", 1, 350.0)])
+    assert judged["lenet5 HTTP / mlserver at concurrency 1"] == {
+        "name": "lenet5 HTTP / mlserver at concurrency 1", "value": 2.571, "target": 3.0, "met": False}  # fmt: skip
 
 
 def test_a_quick_run_stands_in_for_16_with_its_highest_level_below() -> None:
