@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.timeout > 0:
         parser.error("--timeout must be a number of seconds above 0")
     if problem := _url_problem(args.url):
-        parser.error(f"--url {args.url} (or CNN_SERVING_URL) {problem}")
+        parser.error(f"--url {_shown(args.url)} (or CNN_SERVING_URL) {problem}")
     return args
 
 
@@ -72,12 +73,20 @@ def _url_problem(url: str) -> str | None:
     """What keeps ``url`` from being the service's base URL, or None."""
     try:
         parsed = httpx.URL(url)
-        parsed.port  # noqa: B018 - parsing a port that is not a number raises here
+        port = parsed.port  # a port that is not a number raises here
     except (httpx.InvalidURL, ValueError, TypeError) as exc:
         return f"is not a URL ({exc}): write it as http://HOST:PORT"
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        return f"is not an http:// or https:// URL: write it as http://{url.split('://')[-1] or 'HOST:PORT'}"
+        rest = url if "://" not in url else ""  # localhost:3000: the scheme left out
+        return f"is not an http:// or https:// URL: write it as http://{_shown(rest) or 'HOST:PORT'}"
+    if port is not None and not 1 <= port <= 65535:
+        return f"has port {port}: a port is from 1 to 65535"
     return None
+
+
+def _shown(url: str) -> str:
+    """``url`` as an error may show it: a password in it replaced by ``***``."""
+    return re.sub(r"(^|//)([^/@:]*:)[^/@]*@", r"\1\2***@", url) if "@" in url else url
 
 
 @contextlib.contextmanager

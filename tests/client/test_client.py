@@ -160,11 +160,15 @@ def test_nothing_listening_is_one_clear_error() -> None:
         ("localhost:3000", "is not an http:// or https:// URL: write it as http://localhost:3000"),
         ("http://localhost:3OOO", "is not a URL (Invalid port: '3OOO')"),
         ("ftp://example.org", "is not an http:// or https:// URL"),
+        ("http://localhost:99999", "has port 99999: a port is from 1 to 65535"),
+        ("bob:s3cret@localhost:3000", "write it as http://bob:***@localhost:3000"),
+        ("http://bob:s3cret@localhost:3OOO", "--url http://bob:***@localhost:3OOO (or CNN_SERVING_URL) is not a URL"),
     ],
 )
 def test_a_url_that_is_not_one_is_refused_with_how_to_write_it(url: str, says: str) -> None:
     result = run_client("README.md", "--url", url)
     assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "s3cret" not in result.stderr  # a password in the URL is not shown
     result = run_client("README.md", env={**os.environ, "CNN_SERVING_URL": url})
     assert result.returncode == 2 and says in result.stderr
 
