@@ -87,6 +87,10 @@ def test_settings_page_lists_every_setting(site: Path) -> None:
     for name, field in Settings.model_fields.items():
         assert f"{name.upper()} " in page, name
         assert _squeezed(field.description or "") in _squeezed(page), name
+    # what each takes, beside its default: the ports' range, MAX_BATCH_SIZE's, a choice's values
+    assert "variable default takes meaning" in page
+    assert "HTTP_PORT 3000 1 to 65,535" in page and "MAX_BATCH_SIZE 32 1 to 1,024" in page
+    assert "PROVIDERS auto auto , cuda , cpu" in page and "ORT_SPINNING false true , false" in page
 
 
 def test_metrics_page_lists_every_metric(site: Path) -> None:
@@ -129,6 +133,15 @@ def _accepts(name: str, value: float) -> bool:
     return True
 
 
+@pytest.fixture
+def no_settings_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings(...) reads the environment for what it is not given: a BATCH_SIZES or HTTP_PORT set there would
+    refuse values the checks below take for allowed."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+@pytest.mark.usefixtures("no_settings_in_the_environment")
 def test_the_documented_range_of_every_number_is_the_one_enforced(hook: ModuleType) -> None:
     """Each bound the settings page shows holds exactly: its edge is taken (or refused, for > and <), one step past
     it refused (a step is 1 for a whole number, 0.5 otherwise)."""
@@ -147,6 +160,7 @@ def test_the_documented_range_of_every_number_is_the_one_enforced(hook: ModuleTy
     assert {"MAX_BATCH_SIZE", "HTTP_PORT", "TRACE_SAMPLE_RATIO", "CANARY_SAMPLE", "MAX_BODY_BYTES"} <= set(checked)
 
 
+@pytest.mark.usefixtures("no_settings_in_the_environment")
 def test_a_choice_setting_documents_every_value_it_takes(hook: ModuleType) -> None:
     for variable, _, takes, _ in hook.settings():
         choices = re.findall(r"`([^`]+)`", takes)
