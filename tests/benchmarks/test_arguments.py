@@ -1,5 +1,8 @@
-"""``python -m benchmarks`` refuses what it cannot measure at once, with what it takes: before any export (minutes)
-or run, not as a traceback at the end of one."""
+"""The benchmarks refuse what they cannot measure at once, with what they take: before any export (minutes) or run,
+not as a traceback at the end of one.
+
+Each runs in a process of its own: ``python -m benchmarks`` imports the service's gRPC protocol module, whose
+``inference.*`` messages would clash with Triton's client's (the same package name) in the test session."""
 
 from __future__ import annotations
 
@@ -9,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import finetune
-from benchmarks.__main__ import main
-
 from ..helpers import ROOT
+
+
+def run(module: str, tmp_path: Path, *argv: str, store: bool = True) -> subprocess.CompletedProcess[str]:
+    where = ["--out", str(tmp_path / "out")] + (["--store", str(tmp_path / "store")] if store else [])
+    return subprocess.run([sys.executable, "-m", module, *where, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -29,24 +35,17 @@ from ..helpers import ROOT
         (["--models", ","], "--models ,: name at least one model"),
     ],
 )
-def test_what_cannot_be_measured_is_refused_before_any_work(
-    tmp_path: Path, argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as exited:
-        main(["--store", str(tmp_path / "store"), "--out", str(tmp_path / "out"), *argv])
-    assert exited.value.code == 2
-    assert says in capsys.readouterr().err
+def test_what_cannot_be_measured_is_refused_before_any_work(tmp_path: Path, argv: list[str], says: str) -> None:
+    result = run("benchmarks", tmp_path, *argv)
+    assert result.returncode == 2 and says in result.stderr, result.stderr
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()  # nothing exported, nothing written
 
 
-def test_the_fine_tuning_benchmark_refuses_a_part_it_cannot_unfreeze(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_the_fine_tuning_benchmark_refuses_a_part_it_cannot_unfreeze(tmp_path: Path) -> None:
     """Any word but all or last trained the head alone, reported under that word."""
-    with pytest.raises(SystemExit) as exited:
-        finetune.main(["--models", "lenet5", "--unfreeze", "head,sideways", "--out", str(tmp_path / "out")])
-    assert exited.value.code == 2
-    assert "argument --unfreeze: 'sideways': choose among head, last, all" in capsys.readouterr().err
+    result = run("benchmarks.finetune", tmp_path, "--models", "lenet5", "--unfreeze", "head,sideways", store=False)
+    assert result.returncode == 2
+    assert "argument --unfreeze: 'sideways': choose among head, last, all" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -61,11 +60,7 @@ def test_the_fine_tuning_benchmark_refuses_a_part_it_cannot_unfreeze(
 def test_each_benchmark_refuses_a_model_it_does_not_know_before_exporting_anything(
     tmp_path: Path, benchmark: str, says: str
 ) -> None:
-    """They exported the models named before it, then failed on it with a traceback. (A process each: these
-    modules import the test helpers' gRPC clients, whose protocol module the test session has loaded already.)"""
-    argv = ["--models", "lenet5,nosuch", "--out", str(tmp_path / "out")]
-    argv += [] if benchmark == "finetune" else ["--store", str(tmp_path / "store")]
-    result = subprocess.run([sys.executable, "-m", f"benchmarks.{benchmark}", *argv], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    """They exported the models named before it, then failed on it with a traceback."""
+    result = run(f"benchmarks.{benchmark}", tmp_path, "--models", "lenet5,nosuch", store=benchmark != "finetune")
     assert result.returncode == 2 and f"--models lenet5,nosuch: {says}" in result.stderr, result.stderr
     assert not (tmp_path / "store").exists() and not (tmp_path / "out").exists()
