@@ -10,7 +10,7 @@ from pathlib import Path
 
 from service.store.layout import ModelStore
 
-from .arguments import models_problem
+from .arguments import counts, models_problem, seconds
 from .report import write
 from .run import SHADOW_MODELS, Plan, run
 
@@ -68,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paths", type=_paths, help=f"only these: {','.join(Plan.paths)}")
     parser.add_argument(
         "--concurrency",
-        type=_levels,
+        type=counts,
         help="comma-separated concurrency levels (default 1,4,16,64, peers and layouts 1,16,64; quick 1,4)",
     )
-    parser.add_argument("--seconds", type=_seconds, help="time bound of each run")
+    parser.add_argument("--seconds", type=seconds, help="time bound of each run")
     parser.add_argument(
         "--env", action="append", type=_setting, default=[], metavar="KEY=VALUE", help="a service setting to try"
     )
@@ -100,26 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     paths = write(results, args.out)
     logging.getLogger("benchmarks").info("wrote %s", ", ".join(str(p) for p in paths.values()))
     return 0
-
-
-def _levels(text: str) -> tuple[int, ...]:
-    try:
-        levels = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers, e.g. 1,16,64") from None
-    if min(levels) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: every level is 1 request in flight or more")
-    return levels
-
-
-def _seconds(text: str) -> float:
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
-    return seconds
 
 
 def _paths(text: str) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from service.store.host import cpu_count
 from service.store.layout import ModelStore
 from service.store.metadata import ModelMetadata
 
+from ..arguments import counts, seconds
 from ..host import ROOT, machine
 from .inprocess import NOT_TAKEN, decode_rate
 from .loadgen import LoadPool
@@ -366,28 +367,20 @@ def parse(argv: list[str] | None) -> tuple[Plan, Path, Path]:
     parser.add_argument(
         "--models", help=f"comma-separated among {','.join(FAMILIES)} (cuda: all; cpu: lenet5,resnet50)"
     )
-    parser.add_argument("--batches", help="in-process batch sizes (cuda 1,8,32,64,128,256; cpu 1,8)")
-    parser.add_argument("--concurrency", help="served concurrency levels (cuda 32,128,256; cpu 8,16)")
+    parser.add_argument("--batches", type=counts, help="in-process batch sizes (cuda 1,8,32,64,128,256; cpu 1,8)")
+    parser.add_argument("--concurrency", type=counts, help="served concurrency levels (cuda 32,128,256; cpu 8,16)")
     parser.add_argument("--max-batch", type=int, dest="max_batch", help="the service's MAX_BATCH_SIZE (cuda 64; cpu 8)")
-    parser.add_argument("--seconds", type=float, help="per served run, after its warm-up (cuda 5; cpu 2)")
+    parser.add_argument("--seconds", type=seconds, help="per served run, after its warm-up (cuda 5; cpu 2)")
     parser.add_argument("--warmup", type=float, help="per served run (cuda 1; cpu 0.5)")
-    parser.add_argument("--ceiling-seconds", type=float, dest="ceiling_seconds",
+    parser.add_argument("--ceiling-seconds", type=seconds, dest="ceiling_seconds",
                         help="per in-process batch size and path (cuda 1; cpu 0.5)")  # fmt: skip
     parser.add_argument("--load-processes", type=int, dest="load_processes", help="load generator processes")
-    parser.add_argument("--budget", type=float, help="seconds after which no stage starts (cuda 540; cpu 300)")
+    parser.add_argument("--budget", type=seconds, help="seconds after which no stage starts (cuda 540; cpu 300)")
     args = parser.parse_args(argv)
 
-    def levels(text: str | None, option: str) -> tuple[int, ...] | None:
-        if text is None:
-            return None
-        try:
-            return tuple(int(v) for v in text.split(",") if v)
-        except ValueError:
-            parser.error(f"{option} {text!r}: give comma-separated whole numbers, e.g. 1,8,32")
-
     models = None if args.models is None else tuple(m for m in args.models.split(",") if m)
-    plan = Plan.make(args.providers, cpu_count(), models=models, batches=levels(args.batches, "--batches"),
-                     concurrency=levels(args.concurrency, "--concurrency"), max_batch=args.max_batch,
+    plan = Plan.make(args.providers, cpu_count(), models=models, batches=args.batches,
+                     concurrency=args.concurrency, max_batch=args.max_batch,
                      seconds=args.seconds, warmup=args.warmup, ceiling_seconds=args.ceiling_seconds,
                      load_processes=args.load_processes, budget=args.budget)  # fmt: skip
     try:

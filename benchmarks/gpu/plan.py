@@ -86,21 +86,9 @@ class Plan:
         unknown = [m for m in self.models if m not in FAMILIES]
         if unknown:
             raise ValueError(f"models {unknown}: choose among {', '.join(FAMILIES)}")
-        for option, values in (
-            ("--batches", self.batches),
-            ("--concurrency", self.concurrency),
-            ("--max-batch", (self.max_batch,)),
-            ("--load-processes", (self.load_processes,)),
-        ):
-            if not values or min(values) < 1:
-                raise ValueError(f"{option} takes whole numbers of 1 or more")
-        for option, seconds in (
-            ("--seconds", self.seconds),
-            ("--ceiling-seconds", self.ceiling_seconds),
-            ("--budget", self.budget),
-        ):
-            if not seconds > 0:
-                raise ValueError(f"{option} takes a number of seconds above 0")
+        for option, value in (("--max-batch", self.max_batch), ("--load-processes", self.load_processes)):
+            if value < 1:  # the lists and the seconds are checked as the command line is read (arguments.py)
+                raise ValueError(f"{option} takes a whole number of 1 or more")
         if not self.warmup >= 0:
             raise ValueError("--warmup takes a number of seconds, 0 or more")
         if self.providers == "cpu" and any(m.endswith("_fp16") for m in self.models):

@@ -26,7 +26,7 @@ def run(module: str, tmp_path: Path, *argv: str, store: bool = True) -> subproce
     [
         (["--concurrency", "abc"], "argument --concurrency: 'abc' is not comma-separated whole numbers"),
         (["--concurrency", "1,,4"], "argument --concurrency: '1,,4' is not comma-separated whole numbers"),
-        (["--concurrency", "0"], "argument --concurrency: '0': every level is 1 request in flight or more"),
+        (["--concurrency", "0"], "argument --concurrency: '0': every number is 1 or more"),
         (["--seconds", "0"], "argument --seconds: '0' is not a number of seconds above 0"),
         (["--seconds", "nan"], "argument --seconds: 'nan' is not a number of seconds above 0"),
         (["--paths", "cieling,http"], "argument --paths: 'cieling': choose among ceiling,floor,http,"),

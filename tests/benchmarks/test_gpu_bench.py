@@ -307,13 +307,13 @@ def test_cuda_graphs_are_shown_beside_the_defaults_and_never_judged() -> None:
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["--concurrency", "abc"], "--concurrency 'abc': give comma-separated whole numbers"),
-        (["--batches", "1,x"], "--batches '1,x': give comma-separated whole numbers"),
-        (["--concurrency", "0"], "--concurrency takes whole numbers of 1 or more"),
-        (["--max-batch", "0"], "--max-batch takes whole numbers of 1 or more"),
-        (["--load-processes", "0"], "--load-processes takes whole numbers of 1 or more"),
-        (["--seconds", "-1"], "--seconds takes a number of seconds above 0"),
-        (["--budget", "0"], "--budget takes a number of seconds above 0"),
+        (["--concurrency", "abc"], "argument --concurrency: 'abc' is not comma-separated whole numbers"),
+        (["--batches", "1,x"], "argument --batches: '1,x' is not comma-separated whole numbers"),
+        (["--concurrency", "0"], "argument --concurrency: '0': every number is 1 or more"),
+        (["--max-batch", "0"], "--max-batch takes a whole number of 1 or more"),
+        (["--load-processes", "0"], "--load-processes takes a whole number of 1 or more"),
+        (["--seconds", "-1"], "argument --seconds: '-1' is not a number of seconds above 0"),
+        (["--budget", "0"], "argument --budget: '0' is not a number of seconds above 0"),
         (["--models", ","], "--models names none"),
     ],
 )
