@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _unwritable(args: argparse.Namespace, exc: OSError) -> str:
-    """An output that cannot be written, by the option that named it: ``--explain out: File exists (a file, where
-    a folder is wanted)``."""
+    """An output that cannot be written, by the option that named it: ``--explain out: File exists (a folder is
+    wanted)``."""
     if exc.filename is None:
         return str(exc)
     written = Path(exc.filename)
