@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from service.settings import Settings
 from service.store.layout import ModelStore
 
 from .helpers import ServiceProcess, running
@@ -51,3 +52,11 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         image = Image.fromarray((pixels * 255 / 16).astype(np.uint8)).resize((32, 32), Image.Resampling.BILINEAR)
         image.save(root / str(digit) / f"{i:04d}.png")
     return root
+
+
+@pytest.fixture
+def no_settings_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings(...) reads the environment for what it is not given: a BATCH_SIZES or HTTP_PORT set there would
+    refuse values a test gives it as allowed."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)

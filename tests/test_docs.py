@@ -133,14 +133,6 @@ def _accepts(name: str, value: float) -> bool:
     return True
 
 
-@pytest.fixture
-def no_settings_in_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings(...) reads the environment for what it is not given: a BATCH_SIZES or HTTP_PORT set there would
-    refuse values the checks below take for allowed."""
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
 @pytest.mark.usefixtures("no_settings_in_the_environment")
 def test_the_documented_range_of_every_number_is_the_one_enforced(hook: ModuleType) -> None:
     """Each bound the settings page shows holds exactly: its edge is taken (or refused, for > and <), one step past

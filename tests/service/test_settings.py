@@ -49,9 +49,8 @@ def test_settings_that_cannot_work_are_refused_with_what_would(
         Settings()
 
 
-def test_a_secret_that_fails_validation_is_not_echoed(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in Settings.model_fields:  # only the two settings given are wrong, whatever the environment holds
-        monkeypatch.delenv(name.upper(), raising=False)
+@pytest.mark.usefixtures("no_settings_in_the_environment")  # only the two settings given are wrong
+def test_a_secret_that_fails_validation_is_not_echoed() -> None:
     with pytest.raises(ValidationError) as raised:
         Settings(api_token=12345678, max_top_k=0)  # type: ignore[arg-type]  # not text: refused
     assert sorted(setting_problems(raised.value)) == [
