@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -114,9 +115,15 @@ def test_a_corrupt_version_never_replaces_the_serving_one_and_a_fixed_one_does(
         shutil.copytree(store / "lenet5" / "1", staging)
         (staging / "model.onnx").write_bytes(good[: len(good) // 2])  # truncated
         staging.rename(store / "lenet5" / "2")
-        failed_at = wait_until(lambda: any(v["status"] == "failed" for v in models(service)["lenet5"]["served"]),
-                               10 * POLL_S + 10, "version 2 listed as failed")  # fmt: skip
-        lenet5 = models(service)["lenet5"]
+        seen: list[dict[str, Any]] = []  # the answer that listed it: each worker polls the store on its own, so the
+        # worker asked next may not have seen version 2 yet
+
+        def v2_failed() -> bool:
+            seen.append(models(service)["lenet5"])
+            return any(v["status"] == "failed" for v in seen[-1]["served"])
+
+        failed_at = wait_until(v2_failed, 10 * POLL_S + 10, "version 2 listed as failed")
+        lenet5 = seen[-1]
         time.sleep(2)
         assert load.first("2") is None
         (store / "lenet5" / "2" / "model.onnx").write_bytes(good)  # the copy, finished
