@@ -121,6 +121,9 @@ def test_the_gpu_overlay_asks_for_one_gpu_and_cuda() -> None:
     objects = render("overlays/gpu")
     (container,) = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    # a rollout needs no GPU beyond the replicas': one old pod goes before its successor is scheduled
+    rolling = find(objects, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    assert rolling == {"maxSurge": 0, "maxUnavailable": 1}
     settings = find(objects, "ConfigMap")["data"]
     assert settings["PROVIDERS"] == "cuda" and settings["WORKERS"] == "0"  # the CPUs feed one session host
     limits, requests = container["resources"]["limits"], container["resources"]["requests"]

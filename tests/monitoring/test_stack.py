@@ -42,6 +42,7 @@ def test_compose_files_validate(tmp_path: Path) -> None:
         assert all("healthcheck" in service for service in config["services"].values())
     gpu = config["services"]["classifier"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert gpu["count"] == 1  # the service uses CUDA's device 0: more would be held and never used
     assert config["services"]["classifier"]["image"] == "cnn-classifier:latest-gpu"  # the GPU bento's image
     environment = config["services"]["classifier"]["environment"]
     assert environment["PROVIDERS"] == "cuda" and environment["WORKERS"] == "0"  # the service's sizing, not 1
