@@ -7,7 +7,8 @@ NVIDIA's pip wheels (``requirements/gpu.txt``), which the loader does not search
 :func:`preload` loads them from there, once per worker at its start (before it accepts a
 connection or starts a loading thread: ONNX Runtime's preload prints, and its print is caught by
 swapping the process's ``sys.stdout``), and :func:`unavailable_reason` names what is still missing
-(the driver, a CUDA library, cuDNN), so a model that wanted CUDA and got the CPU says why.
+(the driver, or one too old for CUDA 13, a GPU too old for its libraries, a CUDA library, cuDNN), so a model
+that wanted CUDA and got the CPU says why.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import logging
 import sys
 import threading
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -44,23 +46,80 @@ DRIVER_HINT = "install the NVIDIA driver (in a container: run it with the NVIDIA
 _preloading = threading.Lock()
 
 
+# what CUDA's major versions need of the driver and the GPU: the driver's newest CUDA (NVML's number, major * 1000
+# + minor * 10), its first release, and the oldest compute capability their libraries carry kernels for
+NEEDS = {"12": (12_000, "525", (5, 0)), "13": (13_000, "580", (7, 5))}
+
+
+@dataclass(frozen=True)
+class Driver:
+    """What the NVIDIA driver reports: its GPUs, its version and the newest CUDA it runs, device 0's name and
+    compute capability; ``problem`` where it could not be asked."""
+
+    count: int = 0
+    problem: str | None = None
+    version: str = ""
+    cuda: int = 0  # NVML's number: 12040 for CUDA 12.4
+    name: str = ""
+    capability: tuple[int, int] = (0, 0)
+
+
+def _text(value: str | bytes) -> str:  # older NVML bindings answer bytes
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
 @cache
-def _nvml() -> tuple[int, str | None]:
+def _nvml() -> Driver:
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetCount()), None
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception as exc:  # no driver, no library, no device: all mean no usable GPU
-        return 0, f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # no driver, no library: no usable GPU
+        return Driver(0, f"{type(exc).__name__}: {exc}")
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+    except Exception as exc:  # no device
+        pynvml.nvmlShutdown()
+        return Driver(0, f"{type(exc).__name__}: {exc}")
+    try:  # what says why CUDA would not run there: asked apart, so that a query a driver lacks costs only itself
+        version, runs = _text(pynvml.nvmlSystemGetDriverVersion()), int(pynvml.nvmlSystemGetCudaDriverVersion())
+        if count == 0:
+            return Driver(0, None, version, runs)
+        device = pynvml.nvmlDeviceGetHandleByIndex(0)  # where the sessions run (no device_id is set)
+        name = _text(pynvml.nvmlDeviceGetName(device))
+        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(device)
+        return Driver(count, None, version, runs, name, (int(major), int(minor)))
+    except Exception as exc:
+        logger.debug("NVML: %s GPUs, no more known (%s: %s)", count, type(exc).__name__, exc)
+        return Driver(count)
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def gpu_count() -> int:
     """GPUs the NVIDIA driver reports; 0 without a driver (onnxruntime-gpu lists CUDA regardless)."""
-    return _nvml()[0]
+    return _nvml().count
+
+
+def driver_problems(driver: Driver) -> list[str]:
+    """What keeps the driver's GPU from running this onnxruntime-gpu's CUDA: no GPU, a driver older than its CUDA
+    major version, a GPU older than its libraries' kernels."""
+    if driver.count == 0:
+        return [f"the NVIDIA driver reports no GPU ({driver.problem or 'no device'})"]
+    runs, first, oldest = NEEDS.get(CUDA_MAJOR, (int(CUDA_MAJOR) * 1000, "a newer one", (0, 0)))
+    problems = []
+    if driver.cuda and driver.cuda < runs:
+        problems.append(
+            f"the NVIDIA driver {driver.version} runs CUDA {driver.cuda // 1000}.{driver.cuda % 1000 // 10} at most, "
+            f"and onnxruntime-gpu {ort.__version__} is built for CUDA {CUDA_MAJOR}: install NVIDIA's driver "
+            f"{first} or newer"
+        )
+    if driver.capability != (0, 0) and driver.capability < oldest:
+        problems.append(
+            f"GPU 0 ({driver.name}) has compute capability {driver.capability[0]}.{driver.capability[1]}, and "
+            f"CUDA {CUDA_MAJOR}'s libraries need {oldest[0]}.{oldest[1]} or newer"
+        )
+    return problems
 
 
 def wanted_providers(choice: str) -> list[str]:
@@ -109,10 +168,7 @@ def preload() -> tuple[str, ...]:
 
 def unavailable_reason(library: Path = PROVIDER_LIBRARY, cudnn: str = CUDNN_LIBRARY) -> str:
     """Why a session that asked for CUDA did not get it: every problem found, the driver's first."""
-    problems = []
-    count, problem = _nvml()
-    if count == 0:
-        problems.append(f"the NVIDIA driver reports no GPU ({problem or 'no device'})")
+    problems = driver_problems(_nvml())
     with contextlib.suppress(OSError):  # what the provider's library takes its host's symbols from (else: "undefined
         ctypes.CDLL(str(library.with_name(SHARED_LIBRARY)), mode=ctypes.RTLD_GLOBAL)  # symbol: Provider_GetHost")
     try:

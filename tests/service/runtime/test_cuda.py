@@ -8,6 +8,8 @@ import ctypes.util
 import shutil
 import subprocess
 import sys
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -89,6 +91,65 @@ def test_a_provider_library_that_needs_its_host_library_is_not_reported_missing(
     reason = cuda.unavailable_reason(provider, cudnn=str(cudnn))
     assert "CUDA provider cannot load" not in reason and "undefined symbol" not in reason
     assert "cuDNN" not in reason
+
+
+@pytest.fixture
+def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """NVML answering as a given driver and GPU would (this machine has neither): ``driver(version, cuda, name,
+    capability)``, or ``missing=`` the queries an older driver lacks. The real answer is asked again afterwards."""
+
+    def answer(version: str, runs: int, name: str, capability: tuple[int, int], missing: tuple[str, ...] = ()) -> None:
+        def lacking() -> None:
+            raise RuntimeError("NVMLError_FunctionNotFound")
+
+        fake = types.SimpleNamespace(
+            nvmlInit=lambda: None,
+            nvmlShutdown=lambda: None,
+            nvmlDeviceGetCount=lambda: 1,
+            nvmlSystemGetDriverVersion=lambda: version,
+            nvmlSystemGetCudaDriverVersion=lambda: runs,
+            nvmlDeviceGetHandleByIndex=lambda index: f"device {index}",
+            nvmlDeviceGetName=lambda device: name.encode(),  # older bindings answer bytes
+            nvmlDeviceGetCudaComputeCapability=lambda device: capability,
+        )
+        for query in missing:
+            setattr(fake, query, lacking)
+        monkeypatch.setitem(sys.modules, "pynvml", fake)
+        cuda._nvml.cache_clear()
+
+    yield answer
+    cuda._nvml.cache_clear()
+
+
+@pytest.mark.skipif(cuda.CUDA_MAJOR != "13", reason="these figures are CUDA 13's (onnxruntime-gpu 1.31)")
+def test_a_driver_too_old_for_cuda_13_is_named_with_the_release_that_runs_it(driver: Callable[..., None]) -> None:
+    driver("550.54.15", 12040, "NVIDIA A100-SXM4-80GB", (8, 0))
+    reason = cuda.unavailable_reason()
+    assert "the NVIDIA driver 550.54.15 runs CUDA 12.4 at most" in reason
+    assert "built for CUDA 13: install NVIDIA's driver 580 or newer" in reason
+    assert "reports no GPU" not in reason and "compute capability" not in reason  # an A100 runs CUDA 13
+    assert cuda.gpu_count() == 1
+
+
+@pytest.mark.skipif(cuda.CUDA_MAJOR != "13", reason="these figures are CUDA 13's (onnxruntime-gpu 1.31)")
+def test_a_gpu_cuda_13_dropped_is_named_with_its_compute_capability(driver: Callable[..., None]) -> None:
+    driver("580.65.06", 13000, "Tesla V100-SXM2-16GB", (7, 0))
+    reason = cuda.unavailable_reason()
+    assert "GPU 0 (Tesla V100-SXM2-16GB) has compute capability 7.0" in reason and "7.5 or newer" in reason
+    assert "NVIDIA driver" not in reason  # 580 runs CUDA 13
+
+
+def test_a_driver_and_gpu_that_run_cuda_13_are_not_blamed(driver: Callable[..., None]) -> None:
+    driver("580.159.03", 13000, "NVIDIA H200", (9, 0))
+    assert cuda.driver_problems(cuda._nvml()) == []
+    assert cuda._nvml().name == "NVIDIA H200"  # bytes from NVML read as text
+
+
+def test_a_driver_lacking_the_newer_queries_still_counts_its_gpu(driver: Callable[..., None]) -> None:
+    """Only the driver's answers that say why CUDA would not run are lost: the GPU is still there for PROVIDERS=auto."""
+    driver("470.82.01", 11040, "Tesla T4", (7, 5), missing=("nvmlSystemGetCudaDriverVersion",))
+    assert cuda.gpu_count() == 1 and cuda.driver_problems(cuda._nvml()) == []
+    assert cuda.wanted_providers("auto")[0] == cuda.CUDA
 
 
 def test_preload_finds_nvidia_wheels_on_the_python_path(tmp_path: Path) -> None:
