@@ -42,14 +42,16 @@ IMAGENET = InputMeta(size=224, channels=3, resize=256, crop=224, mean=[0.485, 0.
                      std=[0.229, 0.224, 0.225])  # fmt: skip
 
 
-def row(path: str, batch: int, latencies: list[float], seconds: float, first: float) -> dict[str, Any]:
+def row(path: str, batch: int, latencies: list[float], seconds: float, first: float | None) -> dict[str, Any]:
     """One timed batch size: images/s over every call, latency percentiles, and the first call's time (a new
-    shape's set-up: allocation, and on CUDA with an exhaustive search, the convolution algorithms' trials)."""
+    shape's set-up: allocation, and on CUDA with an exhaustive search, the convolution algorithms' trials), or
+    ``None`` where the shape had run already on this session (its first call would not be a new shape's)."""
     from ..load import summarise
 
     found = summarise(path, "", batch, latencies, 0, seconds, batch)
     return {"path": path, "batch": batch, "calls": found.requests, "images_per_s": found.images_per_s,
-            "p50_ms": found.p50_ms, "p99_ms": found.p99_ms, "first_call_ms": round(first * 1000, 2)}  # fmt: skip
+            "p50_ms": found.p50_ms, "p99_ms": found.p99_ms,
+            "first_call_ms": None if first is None else round(first * 1000, 2)}  # fmt: skip
 
 
 def first_then_timed(call: Callable[[], object], seconds: float) -> tuple[float, list[float], float]:
@@ -122,8 +124,8 @@ def ceiling(store_dir: Path, model: str, providers: str, options: dict[str, str]
                 session.run_with_iobinding(binding)  # noqa: B023
                 binding.synchronize_outputs()  # noqa: B023
 
-            first, latencies, total = first_then_timed(bound, seconds)
-            runs.append(row("iobinding", batch, latencies, total, first))
+            _, latencies, total = first_then_timed(bound, seconds)
+            runs.append(row("iobinding", batch, latencies, total, None))  # the numpy path ran this shape first
         except Exception as exc:  # out of GPU memory at the largest batch, say: the smaller ones' figures stay
             errors.append({"batch": batch, "error": f"{type(exc).__name__}: {exc}"[:1000]})
             print(f"{model} batch {batch}: {errors[-1]['error']}", file=sys.stderr, flush=True)  # noqa: T201

@@ -182,7 +182,7 @@ def markdown(found: Found) -> str:
         label = f"{c['options_label']}" + (f" ({shown})" if shown else "")
         for r in c["runs"]:
             cells = [c["model"], label, c["providers_taken"][0], r["path"], r["batch"], f"{r['images_per_s']:.1f}",
-                     r["p50_ms"], r["p99_ms"], r["first_call_ms"]]  # fmt: skip
+                     r["p50_ms"], r["p99_ms"], "-" if r["first_call_ms"] is None else r["first_call_ms"]]  # fmt: skip
             lines.append(row(cells))
         if c.get("cuda_graph_error"):  # CUDA_GRAPHS=on could not run: the other paths' figures stand
             lines.append(row([c["model"], label, c["providers_taken"][0], "cuda-graph", "-",

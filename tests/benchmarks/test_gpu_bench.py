@@ -50,6 +50,9 @@ def test_the_dry_run_measures_every_stage_on_the_cpu(tmp_path: Path) -> None:
     service_fp32 = {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "0", "use_tf32": "1"}  # what CUDA would get
     assert all(c["provider_options_requested"] == service_fp32 for c in found["ceilings"])
     assert all(r["images_per_s"] > 0 for c in found["ceilings"] for r in c["runs"])
+    # a first call is a new shape's only on the path that runs it first: IOBinding's follows the numpy path's
+    firsts = {r["path"]: r["first_call_ms"] for c in found["ceilings"] for r in c["runs"]}
+    assert firsts["numpy"] > 0 and firsts["iobinding"] is None
     anchor = found["anchor"]
     assert (anchor["images_per_s"] is None and anchor["reason"]) or all(v > 0 for v in anchor["images_per_s"].values())
     # served: every run answered, every error counted (none), the GPU's figure absent with its reason
