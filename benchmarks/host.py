@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -16,6 +17,8 @@ import onnxruntime as ort
 from service.store.host import cpu_count
 
 ROOT = Path(__file__).resolve().parent.parent
+# the commit the figures belong to, where the tree measured has no git of its own: BENCH_COMMIT=$(git rev-parse HEAD)
+COMMIT_ENV = "BENCH_COMMIT"
 # The CPU features the figures depend on (ONNX Runtime's kernels, INT8 dot products)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
@@ -31,10 +34,13 @@ def machine() -> dict[str, Any]:
 
     cpu = cpuinfo("model name") or platform.processor()
     mhz = cpuinfo("cpu MHz")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = "unknown"
+    commit = os.environ.get(COMMIT_ENV, "").strip()  # a copy of the tree without its git (another machine's)
+    if not commit:
+        try:
+            run = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+            commit = run.stdout.strip()
+        except OSError:
+            commit = ""
     return {"cpu": cpu, "cores": cpu_count(), "providers": ["CPUExecutionProvider"], "commit": commit or "unknown",
             "python": platform.python_version(), "onnxruntime": ort.__version__,
             "clock_ghz": round(float(mhz) / 1000, 2) if mhz else None, "int8": cpu_info(),

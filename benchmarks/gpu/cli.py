@@ -193,10 +193,15 @@ def service_options(store: ModelStore, model: str) -> dict[str, str]:
     return provider_options(Settings(), ModelMetadata.model_validate(version.read_metadata()).precision)
 
 
+def graph_batches_of(plan: Plan, config: Ceiling) -> tuple[int, ...]:
+    """Where a ceiling times the CUDA_GRAPHS=on path too: the first ResNet-50's, with the service's options."""
+    return plan.graph_batches if (config.model, config.options_label) == (plan.resnet50, "service") else ()
+
+
 def ceiling(run: Run, store: ModelStore, config: Ceiling) -> None:
     plan = run.plan
     options = service_options(store, config.model) if config.options_label == "service" else dict(config.options)
-    graph_batches = plan.graph_batches if (config.model, config.options_label) == (plan.resnet50, "service") else ()
+    graph_batches = graph_batches_of(plan, config)
     command = ["ceiling", "--store", str(store.root), "--model", config.model, "--providers", plan.providers,
                "--options", json.dumps(options), "--batches", ",".join(map(str, plan.batches)),
                "--seconds", str(plan.ceiling_seconds),
@@ -284,7 +289,7 @@ def benchmark(run: Run, store: ModelStore) -> None:
     run.stage("decode", 5, partial(_decode, run))
     for config in plan.ceilings():
         label = f"ceiling {config.model} ({config.options_label})"
-        run.stage(label, ceiling_cost(plan), partial(ceiling, run, store, config))
+        run.stage(label, ceiling_cost(plan, len(graph_batches_of(plan, config))), partial(ceiling, run, store, config))
     run.stage("anchor", anchor_cost(plan), partial(anchor, run))
     served_stages(run, store, nvml)
 

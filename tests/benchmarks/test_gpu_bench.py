@@ -248,6 +248,29 @@ def gpu_run(fp16_http: float, p99: float, anchor: float, workers1: float) -> dic
     }  # fmt: skip
 
 
+def test_the_resnet50_ceiling_is_budgeted_with_its_cuda_graph_path() -> None:
+    """Its stage times CUDA_GRAPHS=on at the service's shapes as well (a second session, a capture per shape): the
+    budget check that starts it counts that, as the time limit that stops it does."""
+    plan = Plan.make("cuda", 16)
+    costs = {
+        (c.model, c.options_label): cli.ceiling_cost(plan, len(cli.graph_batches_of(plan, c))) for c in plan.ceilings()
+    }
+    assert cli.graph_batches_of(plan, Ceiling("resnet50_fp16", "service")) == (1, 8, 32, 64)  # MAX_BATCH_SIZE 64
+    assert costs[("resnet50_fp16", "service")] > costs[("resnet50_fp16", "onnxruntime-defaults")]
+    assert costs[("resnet50", "service")] == costs[("lenet5", "service")]  # the first ResNet-50's alone
+
+
+def test_a_copy_without_git_records_the_commit_it_was_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tree a GPU machine is lent has no ``.git``: BENCH_COMMIT names the commit its figures belong to."""
+    from benchmarks import host
+
+    monkeypatch.setenv("BENCH_COMMIT", "0123456789abcdef")
+    assert host.machine()["commit"] == "0123456789abcdef"
+    monkeypatch.delenv("BENCH_COMMIT")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert host.machine()["commit"] == (head or "unknown")
+
+
 def test_a_gpu_run_is_judged_target_by_target() -> None:
     found = gpu_run(fp16_http=4500.0, p99=80.0, anchor=20_000.0, workers1=4600.0)
     status = {t["target"].split(":")[0].split(" >=")[0]: t["status"] for t in targets(found)}
