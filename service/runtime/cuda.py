@@ -122,10 +122,27 @@ def driver_problems(driver: Driver) -> list[str]:
     return problems
 
 
+def unusable_gpu() -> str:
+    """Why the GPU the driver reports cannot run this onnxruntime-gpu's CUDA (a driver or a GPU too old); empty where
+    it can, or where there is no GPU (what :func:`unavailable_reason` says, with the libraries)."""
+    driver = _nvml()
+    return "; ".join(driver_problems(driver)) if driver.count > 0 else ""
+
+
+@cache
+def _said_unusable(reason: str) -> None:  # once per process: the providers are asked for at every model's load
+    logger.warning("PROVIDERS=auto serves on the CPU: the GPU cannot run CUDA %s here: %s", CUDA_MAJOR, reason)
+
+
 def wanted_providers(choice: str) -> list[str]:
     if choice == "cpu":
         return [CPU]
-    if choice == "cuda" or (CUDA in ort.get_available_providers() and gpu_count() > 0):
+    if choice == "cuda":
+        return [CUDA, CPU]
+    if CUDA in ort.get_available_providers() and gpu_count() > 0:
+        if reason := unusable_gpu():  # its sessions could take CUDA and fail at their first run: the CPU instead
+            _said_unusable(reason)
+            return [CPU]
         return [CUDA, CPU]
     return [CPU]
 

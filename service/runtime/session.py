@@ -20,7 +20,7 @@ from ..store.layout import CONFIG_FILE, ModelStore, StoredVersion
 from ..store.metadata import ModelMetadata
 from ..store.tensors import DISTANCE_NAME, INPUT_NAME, OUTPUT_NAMES
 from . import cuda_graphs, session_host
-from .cuda import CPU, CUDA, providers_for
+from .cuda import CPU, CUDA, providers_for, unusable_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,8 @@ def load_model(store: ModelStore, stored: StoredVersion, settings: Settings) -> 
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"{CONFIG_FILE}: {exc}") from None
     providers = providers_for(settings, metadata.precision, graphs=True)
+    if settings.providers == "cuda" and (unusable := unusable_gpu()):  # else a session that takes CUDA fails later
+        raise ModelLoadError(f"PROVIDERS=cuda, but CUDA cannot run on this machine: {unusable}")
     graphs = cuda_graphs.wanted(providers) is not None
     if graphs and settings.batch_shapes(CUDA, limit) is None:
         raise ModelLoadError("CUDA_GRAPHS=on captures a graph per batch shape, and BATCH_SIZES=any gives no "

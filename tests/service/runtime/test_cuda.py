@@ -152,6 +152,32 @@ def test_a_driver_lacking_the_newer_queries_still_counts_its_gpu(driver: Callabl
     assert cuda.wanted_providers("auto")[0] == cuda.CUDA
 
 
+def test_auto_serves_a_gpu_cuda_13_cannot_run_on_the_cpu_and_says_so_once(
+    driver: Callable[..., None], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A V100's sessions could take CUDA and fail at their first run (no kernels for it): PROVIDERS=auto asks for the
+    CPU alone there, as on a machine without a GPU, and says why once."""
+    driver("580.65.06", 13000, "Tesla V100-SXM2-16GB", (7, 0))
+    cuda._said_unusable.cache_clear()
+    with caplog.at_level("WARNING", logger=cuda.__name__):
+        assert cuda.providers_for(Settings(providers="auto"), "fp32") == [cuda.CPU]
+        assert not cuda.wants_cuda(Settings(providers="auto"))  # the CPU's sizing and topology, too
+    said = [r.getMessage() for r in caplog.records if "PROVIDERS=auto serves on the CPU" in r.getMessage()]
+    assert len(said) == 1 and "Tesla V100-SXM2-16GB) has compute capability 7.0" in said[0]
+    assert cuda.providers_for(Settings(providers="cuda"), "fp32")[0][0] == cuda.CUDA  # asked for: tried, and told
+
+
+def test_providers_cuda_fails_a_model_on_a_gpu_cuda_13_cannot_run(
+    driver: Callable[..., None], model_store: ModelStore
+) -> None:
+    driver("550.54.15", 12040, "NVIDIA A100-SXM4-80GB", (8, 0))
+    stored = model_store.latest("lenet5")
+    assert stored is not None
+    with pytest.raises(ModelLoadError, match=r"PROVIDERS=cuda, but CUDA cannot run on this machine: the NVIDIA "
+                                             r"driver 550\.54\.15 runs CUDA 12\.4 at most"):  # fmt: skip
+        load_model(model_store, stored, Settings(providers="cuda"))
+
+
 def test_preload_finds_nvidia_wheels_on_the_python_path(tmp_path: Path) -> None:
     """onnxruntime-gpu installed apart from NVIDIA's CUDA wheels (an image's PyTorch brought them): ONNX Runtime's
     own preload looks only beside itself, the service's finds them on sys.path. Stand-in libraries with the wheels'
