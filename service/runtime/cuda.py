@@ -53,7 +53,7 @@ NEEDS = {"12": (12_000, "525", (5, 0)), "13": (13_000, "580", (7, 5))}
 
 @dataclass(frozen=True)
 class Driver:
-    """What the NVIDIA driver reports: its GPUs, its version and the newest CUDA it runs, device 0's name and
+    """What the NVIDIA driver reports: its GPUs, its version and the newest CUDA it runs, the newest GPU's name and
     compute capability; ``problem`` where it could not be asked."""
 
     count: int = 0
@@ -85,9 +85,13 @@ def _nvml() -> Driver:
         version, runs = _text(pynvml.nvmlSystemGetDriverVersion()), int(pynvml.nvmlSystemGetCudaDriverVersion())
         if count == 0:
             return Driver(0, None, version, runs)
-        device = pynvml.nvmlDeviceGetHandleByIndex(0)  # where the sessions run (no device_id is set)
-        name = _text(pynvml.nvmlDeviceGetName(device))
-        major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(device)
+        # the newest GPU: NVML's order is not CUDA's (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER), so a host that
+        # mixes generations is never judged by a GPU its sessions may not run on
+        devices = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        capabilities = [pynvml.nvmlDeviceGetCudaComputeCapability(d) for d in devices]
+        newest = max(range(count), key=lambda i: tuple(capabilities[i]))
+        major, minor = capabilities[newest]
+        name = _text(pynvml.nvmlDeviceGetName(devices[newest]))
         return Driver(count, None, version, runs, name, (int(major), int(minor)))
     except Exception as exc:
         logger.debug("NVML: %s GPUs, no more known (%s: %s)", count, type(exc).__name__, exc)
@@ -115,8 +119,9 @@ def driver_problems(driver: Driver) -> list[str]:
             f"{first} or newer"
         )
     if driver.capability != (0, 0) and driver.capability < oldest:
+        which = f"the newest of its {driver.count} GPUs, {driver.name}," if driver.count > 1 else driver.name
         problems.append(
-            f"GPU 0 ({driver.name}) has compute capability {driver.capability[0]}.{driver.capability[1]}, and "
+            f"{which} has compute capability {driver.capability[0]}.{driver.capability[1]}, and "
             f"CUDA {CUDA_MAJOR}'s libraries need {oldest[0]}.{oldest[1]} or newer"
         )
     return problems

@@ -95,22 +95,27 @@ def test_a_provider_library_that_needs_its_host_library_is_not_reported_missing(
 
 @pytest.fixture
 def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
-    """NVML answering as a given driver and GPU would (this machine has neither): ``driver(version, cuda, name,
-    capability)``, or ``missing=`` the queries an older driver lacks. The real answer is asked again afterwards."""
+    """NVML answering as a given driver and GPUs would (this machine has neither): ``driver(version, cuda, names,
+    capabilities)`` (one GPU, or a list of each), or ``missing=`` the queries an older driver lacks. The real answer
+    is asked again afterwards."""
 
-    def answer(version: str, runs: int, name: str, capability: tuple[int, int], missing: tuple[str, ...] = ()) -> None:
-        def lacking() -> None:
+    def answer(version: str, runs: int, names: str | list[str], capabilities: tuple[int, int] | list[tuple[int, int]],
+               missing: tuple[str, ...] = ()) -> None:  # fmt: skip
+        names = [names] if isinstance(names, str) else names
+        capabilities = capabilities if isinstance(capabilities, list) else [capabilities]
+
+        def lacking(*_: object) -> None:
             raise RuntimeError("NVMLError_FunctionNotFound")
 
         fake = types.SimpleNamespace(
             nvmlInit=lambda: None,
             nvmlShutdown=lambda: None,
-            nvmlDeviceGetCount=lambda: 1,
+            nvmlDeviceGetCount=lambda: len(names),
             nvmlSystemGetDriverVersion=lambda: version,
             nvmlSystemGetCudaDriverVersion=lambda: runs,
-            nvmlDeviceGetHandleByIndex=lambda index: f"device {index}",
-            nvmlDeviceGetName=lambda device: name.encode(),  # older bindings answer bytes
-            nvmlDeviceGetCudaComputeCapability=lambda device: capability,
+            nvmlDeviceGetHandleByIndex=lambda index: index,
+            nvmlDeviceGetName=lambda device: names[device].encode(),  # older bindings answer bytes
+            nvmlDeviceGetCudaComputeCapability=lambda device: capabilities[device],
         )
         for query in missing:
             setattr(fake, query, lacking)
@@ -135,8 +140,17 @@ def test_a_driver_too_old_for_cuda_13_is_named_with_the_release_that_runs_it(dri
 def test_a_gpu_cuda_13_dropped_is_named_with_its_compute_capability(driver: Callable[..., None]) -> None:
     driver("580.65.06", 13000, "Tesla V100-SXM2-16GB", (7, 0))
     reason = cuda.unavailable_reason()
-    assert "GPU 0 (Tesla V100-SXM2-16GB) has compute capability 7.0" in reason and "7.5 or newer" in reason
+    assert "Tesla V100-SXM2-16GB has compute capability 7.0" in reason and "7.5 or newer" in reason
     assert "NVIDIA driver" not in reason  # 580 runs CUDA 13
+
+
+def test_a_host_mixing_generations_is_judged_by_its_newest_gpu(driver: Callable[..., None]) -> None:
+    """NVML's order is not CUDA's: a V100 listed first beside an A100 does not make the host one CUDA 13 cannot run;
+    two V100s do."""
+    driver("580.65.06", 13000, ["Tesla V100-SXM2-16GB", "NVIDIA A100-SXM4-80GB"], [(7, 0), (8, 0)])
+    assert cuda.unusable_gpu() == "" and cuda.wanted_providers("auto")[0] == cuda.CUDA
+    driver("580.65.06", 13000, ["Tesla V100-SXM2-16GB", "Tesla V100-SXM2-32GB"], [(7, 0), (7, 0)])
+    assert "the newest of its 2 GPUs, Tesla V100-SXM2-16GB, has compute capability 7.0" in cuda.unusable_gpu()
 
 
 def test_a_driver_and_gpu_that_run_cuda_13_are_not_blamed(driver: Callable[..., None]) -> None:
@@ -163,7 +177,7 @@ def test_auto_serves_a_gpu_cuda_13_cannot_run_on_the_cpu_and_says_so_once(
         assert cuda.providers_for(Settings(providers="auto"), "fp32") == [cuda.CPU]
         assert not cuda.wants_cuda(Settings(providers="auto"))  # the CPU's sizing and topology, too
     said = [r.getMessage() for r in caplog.records if "PROVIDERS=auto serves on the CPU" in r.getMessage()]
-    assert len(said) == 1 and "Tesla V100-SXM2-16GB) has compute capability 7.0" in said[0]
+    assert len(said) == 1 and "Tesla V100-SXM2-16GB has compute capability 7.0" in said[0]
     assert cuda.providers_for(Settings(providers="cuda"), "fp32")[0][0] == cuda.CUDA  # asked for: tried, and told
 
 
