@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 from onnxruntime.capi import build_and_package_info
@@ -79,7 +80,7 @@ def _nvml() -> Driver:
     try:
         count = int(pynvml.nvmlDeviceGetCount())
     except Exception as exc:  # no device
-        pynvml.nvmlShutdown()
+        _shut_down(pynvml)
         return Driver(0, f"{type(exc).__name__}: {exc}")
     try:  # what says why CUDA would not run there: asked apart, so that a query a driver lacks costs only itself
         version, runs = _text(pynvml.nvmlSystemGetDriverVersion()), int(pynvml.nvmlSystemGetCudaDriverVersion())
@@ -97,6 +98,12 @@ def _nvml() -> Driver:
         logger.debug("NVML: %s GPUs, no more known (%s: %s)", count, type(exc).__name__, exc)
         return Driver(count)
     finally:
+        _shut_down(pynvml)
+
+
+def _shut_down(pynvml: Any) -> None:
+    """NVML's shutdown, whose failure (another library shut it down once too often) changes nothing asked."""
+    with contextlib.suppress(Exception):
         pynvml.nvmlShutdown()
 
 

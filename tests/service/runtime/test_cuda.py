@@ -100,7 +100,7 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
     is asked again afterwards."""
 
     def answer(version: str, runs: int, names: str | list[str], capabilities: tuple[int, int] | list[tuple[int, int]],
-               missing: tuple[str, ...] = ()) -> None:  # fmt: skip
+               missing: tuple[str, ...] = (), shutdown_fails: bool = False) -> None:  # fmt: skip
         names = [names] if isinstance(names, str) else names
         capabilities = capabilities if isinstance(capabilities, list) else [capabilities]
 
@@ -119,11 +119,14 @@ def driver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
         )
         for query in missing:
             setattr(fake, query, lacking)
+        if shutdown_fails:  # another library shut NVML down once too often
+            fake.nvmlShutdown = lacking
         monkeypatch.setitem(sys.modules, "pynvml", fake)
         cuda._nvml.cache_clear()
 
     yield answer
     cuda._nvml.cache_clear()
+    cuda._said_unusable.cache_clear()
 
 
 @pytest.mark.skipif(cuda.CUDA_MAJOR != "13", reason="these figures are CUDA 13's (onnxruntime-gpu 1.31)")
@@ -142,6 +145,11 @@ def test_a_gpu_cuda_13_dropped_is_named_with_its_compute_capability(driver: Call
     reason = cuda.unavailable_reason()
     assert "Tesla V100-SXM2-16GB has compute capability 7.0" in reason and "7.5 or newer" in reason
     assert "NVIDIA driver" not in reason  # 580 runs CUDA 13
+
+
+def test_a_shutdown_that_fails_changes_nothing_asked(driver: Callable[..., None]) -> None:
+    driver("580.159.03", 13000, "NVIDIA H200", (9, 0), shutdown_fails=True)
+    assert cuda.gpu_count() == 1 and cuda.unusable_gpu() == "" and cuda.wanted_providers("auto")[0] == cuda.CUDA
 
 
 def test_a_host_mixing_generations_is_judged_by_its_newest_gpu(driver: Callable[..., None]) -> None:
