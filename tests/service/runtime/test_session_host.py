@@ -162,6 +162,18 @@ def test_a_host_that_died_is_named_by_the_next_run_as_a_503(lenet5: Path) -> Non
         assert raised.value.status_code == 503 and raised.value.retry_after == 1  # safe to send again
 
 
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGSTOP, and wait until every thread of ``process`` has stopped: the signal wakes one of them, which stops the
+    rest, and a thread woken meanwhile by a request could still answer it (CI saw a run answered so)."""
+    process.send_signal(signal.SIGSTOP)
+
+    def stopped() -> bool:
+        tasks = list(Path(f"/proc/{process.pid}/task").iterdir())
+        return all((t / "stat").read_text().rsplit(")", 1)[1].split()[0] == "T" for t in tasks)
+
+    wait_until(stopped, 10, "every thread of the session host stopped")
+
+
 def test_a_host_that_gives_no_answer_is_killed_and_the_run_answers_503(lenet5: Path) -> None:
     """A host alive but stuck (stopped here; a library's deadlock, a hung device) left every batch thread waiting on
     it for ever, each holding its instance: requests piled up and /readyz said ready. Past the bound the worker kills
@@ -170,7 +182,7 @@ def test_a_host_that_gives_no_answer_is_killed_and_the_run_answers_503(lenet5: P
         spec = session_host.OpenSpec(str(lenet5), 0, list(CPU), threads=1)
         session = session_host.RemoteSession(spec, started.address, started.key, answer_within=1.0)
         assert session.run(["probabilities"], {INPUT_NAME: _images(2)})[0].shape == (2, 10)
-        started.process.send_signal(signal.SIGSTOP)
+        _stop(started.process)
         began = time.monotonic()
         with pytest.raises(session_host.SessionHostGone, match="gave no answer within 1 s") as raised:
             session.run(["probabilities"], {INPUT_NAME: _images(2)})
@@ -183,7 +195,7 @@ def test_a_host_that_gives_no_answer_is_killed_and_the_run_answers_503(lenet5: P
 def test_a_host_stopped_before_the_handshake_fails_the_open_in_bounded_time_and_is_killed(lenet5: Path) -> None:
     """A worker's first open knows the host's pid from its environment (no reply has named it yet)."""
     with session_host.hosted() as started:
-        started.process.send_signal(signal.SIGSTOP)
+        _stop(started.process)
         try:
             spec = session_host.OpenSpec(str(lenet5), 0, list(CPU), threads=1)
             with pytest.raises(session_host.SessionHostGone, match="gave no answer within 1 s"):
