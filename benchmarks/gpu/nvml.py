@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+from service.runtime.cuda import nvml_text
 
 
 class Nvml:
@@ -43,9 +41,9 @@ class Nvml:
         try:
             memory = pynvml.nvmlDeviceGetMemoryInfo(self.handle)
             return {
-                "available": True, "name": _text(pynvml.nvmlDeviceGetName(self.handle)), "count": self.count,
+                "available": True, "name": nvml_text(pynvml.nvmlDeviceGetName(self.handle)), "count": self.count,
                 "memory_total_mib": round(memory.total / 2**20),
-                "driver": _text(pynvml.nvmlSystemGetDriverVersion()),
+                "driver": nvml_text(pynvml.nvmlSystemGetDriverVersion()),
                 "cuda_driver": pynvml.nvmlSystemGetCudaDriverVersion_v2(),
             }  # fmt: skip
         except Exception as exc:  # a device NVML cannot describe is one a reader should know of

@@ -65,7 +65,8 @@ class Driver:
     capability: tuple[int, int] = (0, 0)
 
 
-def _text(value: str | bytes) -> str:  # older NVML bindings answer bytes
+def nvml_text(value: str | bytes) -> str:
+    """An NVML string as text: older bindings answer bytes."""
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
@@ -83,7 +84,7 @@ def _nvml() -> Driver:
         _shut_down(pynvml)
         return Driver(0, f"{type(exc).__name__}: {exc}")
     try:  # what says why CUDA would not run there: asked apart, so that a query a driver lacks costs only itself
-        version, runs = _text(pynvml.nvmlSystemGetDriverVersion()), int(pynvml.nvmlSystemGetCudaDriverVersion())
+        version, runs = nvml_text(pynvml.nvmlSystemGetDriverVersion()), int(pynvml.nvmlSystemGetCudaDriverVersion())
         if count == 0:
             return Driver(0, None, version, runs)
         # the newest GPU: NVML's order is not CUDA's (CUDA_VISIBLE_DEVICES, CUDA_DEVICE_ORDER), so a host that
@@ -92,7 +93,7 @@ def _nvml() -> Driver:
         capabilities = [pynvml.nvmlDeviceGetCudaComputeCapability(d) for d in devices]
         newest = max(range(count), key=lambda i: tuple(capabilities[i]))
         major, minor = capabilities[newest]
-        name = _text(pynvml.nvmlDeviceGetName(devices[newest]))
+        name = nvml_text(pynvml.nvmlDeviceGetName(devices[newest]))
         return Driver(count, None, version, runs, name, (int(major), int(minor)))
     except Exception as exc:
         logger.debug("NVML: %s GPUs, no more known (%s: %s)", count, type(exc).__name__, exc)
