@@ -182,7 +182,8 @@ class Settings(BaseSettings):
         1024,
         ge=1,
         description="gRPC calls one worker holds at once; one more is answered RESOURCE_EXHAUSTED before its "
-        "message is read (the gRPC port's MAX_CONNECTIONS).",
+        "message is read (the gRPC port's MAX_CONNECTIONS). ServerLive and ServerReady have 32 places of their "
+        "own beside these.",
     )
     grpc_max_connection_age_s: float = Field(
         300.0,

@@ -1,5 +1,6 @@
-"""The gRPC server's limits on calls: how many one worker holds at once (``GRPC_MAX_CONCURRENT_RPCS``), how long
-each may take (``REQUEST_TIMEOUT_S``, its message's arrival included), and how a refused one is answered.
+"""The gRPC server's limits on calls: how many one worker holds at once (``GRPC_MAX_CONCURRENT_RPCS``, health
+calls apart), how long each may take (``REQUEST_TIMEOUT_S``, its message's arrival included), and how a refused one
+is answered.
 
 Apart from the server (which imports the generated messages), as :mod:`.grpc_options` is, so that they can be tried
 on a server of their own in a process that has another copy of those messages registered.
@@ -9,13 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
 
 from ... import metrics
 from ..timeout import limited
+
+# Places for health calls (``ServerLive``, ``ServerReady``) beside GRPC_MAX_CONCURRENT_RPCS: each is answered at once,
+# so a few are plenty, and a bound keeps calls that send headers and no message from holding without end
+HEALTH_PLACES = 32
 
 
 def refusal(code: grpc.StatusCode, details: str) -> grpc.RpcMethodHandler:
@@ -41,24 +48,37 @@ class CallLimit(grpc.aio.ServerInterceptor):
     by then gets ``DEADLINE_EXCEEDED`` (counted as ``reason="grpc_message_timeout"``: a client that sends headers and
     no message held its place until its connection's age ended it), and a call not answered by then is cancelled and
     gets ``DEADLINE_EXCEEDED`` (a ``ModelInfer`` counted as a ``5xx``, as HTTP's 504). gRPC's own deadline, the
-    client's, is the client's to set and may be later or never."""
+    client's, is the client's to set and may be later or never.
 
-    def __init__(self, limit: int, timeout_s: float) -> None:
+    The ``health`` methods have places of their own (:data:`HEALTH_PLACES`), as HTTP's probes answer whatever the
+    load: a worker busy with ``limit`` calls is still live and ready, and a client or balancer that asks it so must
+    not read a refusal as "down" and send its load elsewhere, where it overflows next."""
+
+    def __init__(self, limit: int, timeout_s: float, health: Iterable[str] = ()) -> None:
         self.limit, self.timeout_s = limit, timeout_s
-        self.held = 0
+        self.health = frozenset(health)
+        self.held = self.health_held = 0
         self._refusal = refusal(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"This worker holds GRPC_MAX_CONCURRENT_RPCS={limit} calls already; send it again (it changed nothing)",
         )
+        self._health_refusal = refusal(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"This worker holds {HEALTH_PLACES} health calls already; send it again (it changed nothing)",
+        )
 
     async def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
-        if self.held >= self.limit:
+        health = details.method in self.health
+        if (self.health_held >= HEALTH_PLACES) if health else (self.held >= self.limit):
             metrics.connection_refused("grpc_calls")
-            return self._refusal
+            return self._health_refusal if health else self._refusal
         task = asyncio.current_task()
         assert task is not None  # grpc.aio runs every call in a task of its own
-        self.held += 1
-        task.add_done_callback(self._release)
+        if health:
+            self.health_held += 1
+        else:
+            self.held += 1
+        task.add_done_callback(functools.partial(self._release, health))
         until = asyncio.get_running_loop().time() + self.timeout_s
         handler = await continuation(details)
         if handler is None or handler.request_streaming or handler.response_streaming:
@@ -67,8 +87,11 @@ class CallLimit(grpc.aio.ServerInterceptor):
             return handler
         return self._timed(handler, until)
 
-    def _release(self, task: asyncio.Task[Any]) -> None:
-        self.held -= 1
+    def _release(self, health: bool, task: asyncio.Task[Any]) -> None:
+        if health:
+            self.health_held -= 1
+        else:
+            self.held -= 1
 
     def _timed(self, handler: grpc.RpcMethodHandler, until: float) -> grpc.RpcMethodHandler:
         """``handler``'s unary call, with its message read here (the request taken as a stream of one) so that the

@@ -343,7 +343,7 @@ async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:
     token = settings.api_token.get_secret_value() if settings.api_token else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        CallLimit(settings.grpc_max_concurrent_rpcs, settings.request_timeout_s)
+        CallLimit(settings.grpc_max_concurrent_rpcs, settings.request_timeout_s, health=OPEN_GRPC_METHODS)
     ]
     if token or admin_token:
         interceptors.append(TokenInterceptor(token, admin_token))

@@ -11,7 +11,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -488,6 +488,54 @@ def test_grpc_calls_past_the_limit_are_refused_resource_exhausted_and_the_rest_a
     with grpc.insecure_channel(guarded.grpc_target) as channel:
         response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(_digits_request(1), timeout=30)
     assert response.outputs[0].shape == [1, 10]
+
+
+def test_a_worker_that_holds_all_its_grpc_calls_still_answers_health_calls(guarded: ServiceProcess) -> None:
+    """Both GRPC_MAX_CONCURRENT_RPCS places held (by calls whose message has not come): a ModelInfer is refused,
+    ServerLive and ServerReady are answered true, as /livez and /readyz would be; once the held calls go, the worker
+    takes ModelInfer again."""
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(guarded.grpc_target) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            await stub.ServerLive(pb.ServerLiveRequest(), timeout=10)  # connected, so the held calls go first
+            infer = channel.stream_unary(
+                "/inference.GRPCInferenceService/ModelInfer",
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+            never = asyncio.Event()
+
+            async def no_message() -> AsyncIterator[pb.ModelInferRequest]:  # headers, and never the message
+                await never.wait()
+                yield _digits_request(1)
+
+            held = [asyncio.ensure_future(infer(no_message(), timeout=60)) for _ in range(GRPC_MAX_CONCURRENT_RPCS)]
+            deadline = time.monotonic() + 30
+            while True:  # the worker counts a call as its headers arrive, a moment after they are sent
+                try:
+                    await stub.ModelInfer(_digits_request(1), timeout=10)
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+                    break
+                assert time.monotonic() < deadline, "the held calls never filled the worker's places"
+                await asyncio.sleep(0.05)
+            assert not any(call.done() for call in held), held  # the places are theirs
+            assert (await stub.ServerLive(pb.ServerLiveRequest(), timeout=10)).live
+            assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=10)).ready
+            for call in held:
+                call.cancel()
+            deadline = time.monotonic() + 30
+            while True:  # each cancelled call gives its place back as the worker sees the cancel
+                try:
+                    response = await stub.ModelInfer(_digits_request(1), timeout=10)
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
+                    await asyncio.sleep(0.05)
+            assert list(response.outputs[0].shape) == [1, 10]
+
+    asyncio.run(scenario())
 
 
 def test_an_aged_grpc_connection_is_replaced_without_losing_a_call(guarded: ServiceProcess) -> None:

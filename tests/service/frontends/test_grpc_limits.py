@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from service.frontends import timeout
-from service.frontends.v2.grpc_limits import CallLimit
+from service.frontends.v2.grpc_limits import HEALTH_PLACES, CallLimit
 from service.metrics import get_metrics
 from service.runtime.deadline import time_left
 
@@ -27,15 +27,21 @@ def _refused(reason: str) -> float:
 
 async def _none_held(limit: CallLimit) -> None:
     """The server's side of a call ends a few loop turns after its client saw the answer."""
-    await wait_until_async(lambda: limit.held == 0, 30, f"the calls' places given back ({limit.held} held)")
+    await wait_until_async(
+        lambda: limit.held == limit.health_held == 0,
+        30,
+        f"the calls' places given back ({limit.held} held, {limit.health_held} health)",
+    )
 
 
 @contextlib.asynccontextmanager
 async def _serving(limit: CallLimit, behaviour: Behaviour) -> AsyncIterator[grpc.aio.Channel]:
-    """A gRPC server with ``limit`` and one unary method, ``/test.Held/Wait``, and a channel to it."""
+    """A gRPC server with ``limit`` and two unary methods that run ``behaviour``, ``/test.Held/Wait`` and
+    ``/test.Held/Live``, and a channel to it."""
     server = grpc.aio.server(interceptors=[limit])
     handler = grpc.unary_unary_rpc_method_handler(behaviour)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Held", {"Wait": handler}),))
+    methods = {"Wait": handler, "Live": handler}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Held", methods),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -74,6 +80,59 @@ def test_a_call_past_the_limit_is_refused_counted_and_a_cancelled_call_gives_its
             await _none_held(limit)  # the cancelled call's place is free again
             release.set()
             assert await call(b"second", timeout=30) == b"answered second"
+            await _none_held(limit)
+
+    asyncio.run(scenario())
+
+
+def test_health_calls_are_answered_while_the_limit_is_full_and_have_a_bound_of_their_own() -> None:
+    """GRPC_MAX_CONCURRENT_RPCS=1 with one call held: a health call is still answered (a busy worker is live and
+    ready, as its HTTP probes say), and does not take the held call's kind of place; health calls held at once
+    past HEALTH_PLACES are refused as any call past its limit, so headers without a message cannot pile up."""
+    limit = CallLimit(1, timeout_s=60, health=("/test.Held/Live",))
+    reached: list[bytes] = []
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            reached.append(request)
+            if request != b"probe":
+                await release.wait()
+            return b"answered " + request
+
+        async with _serving(limit, wait) as channel:
+            work, live = channel.unary_unary("/test.Held/Wait"), channel.unary_unary("/test.Held/Live")
+            held = asyncio.ensure_future(work(b"work", timeout=30))
+            while not reached:
+                await asyncio.sleep(0.01)
+            assert await live(b"probe", timeout=30) == b"answered probe"
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await work(b"more work", timeout=30)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+            silent = asyncio.Event()
+
+            async def nothing() -> AsyncIterator[bytes]:  # a health call's headers, and no message yet
+                await silent.wait()
+                yield b"probe"
+
+            waiting = [asyncio.ensure_future(channel.stream_unary("/test.Held/Live")(nothing(), timeout=30))
+                       for _ in range(HEALTH_PLACES)]  # fmt: skip
+            await wait_until_async(lambda: limit.health_held == HEALTH_PLACES, 30, "every health place held")
+            before = _refused("grpc_calls")
+            with pytest.raises(grpc.aio.AioRpcError) as past:
+                await live(b"probe", timeout=30)
+            assert past.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert past.value.details() == (
+                f"This worker holds {HEALTH_PLACES} health calls already; send it again (it changed nothing)"
+            )
+            assert _refused("grpc_calls") == before + 1
+            silent.set()
+            assert await asyncio.gather(*waiting) == [b"answered probe"] * HEALTH_PLACES
+            release.set()
+            assert await held == b"answered work"
+            assert await live(b"probe", timeout=30) == b"answered probe"
             await _none_held(limit)
 
     asyncio.run(scenario())
