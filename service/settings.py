@@ -182,8 +182,8 @@ class Settings(BaseSettings):
         1024,
         ge=1,
         description="gRPC calls one worker holds at once; one more is answered RESOURCE_EXHAUSTED before its "
-        "message is read (the gRPC port's MAX_CONNECTIONS). ServerLive and ServerReady have 32 places of their "
-        "own beside these.",
+        "message is read (the gRPC port's MAX_CONNECTIONS). The health calls (ServerLive, ServerReady, "
+        "grpc.health.v1.Health) have 32 places of their own beside these.",
     )
     grpc_max_connection_age_s: float = Field(
         300.0,
@@ -209,7 +209,8 @@ class Settings(BaseSettings):
     api_token: SecretStr | None = Field(
         None,
         description="When set, /classify, /explain, /models, /v2 (HTTP and gRPC) and /noop need "
-        "`Authorization: Bearer <token>`; /v2/health/* and gRPC's ServerLive and ServerReady stay open to probes.",
+        "`Authorization: Bearer <token>`; /v2/health/* and gRPC's ServerLive, ServerReady and grpc.health.v1.Health "
+        "stay open to probes.",
     )
     jpeg_draft: bool = Field(True, description="Let libjpeg decode large JPEGs at a reduced scale (DCT scaling).")
     access_log: Literal["off", "json"] = Field(

@@ -6,7 +6,7 @@
 ``Repository*``): the inference token is not enough there (403), and the admin token
 also opens inference. Without ``ADMIN_TOKEN`` the repository API falls under
 ``API_TOKEN``. Probes and scrapers stay open: ``/livez``, ``/readyz``, ``/healthz``,
-``/metrics``, ``/v2/health/*`` and gRPC ``ServerLive``/``ServerReady``. Tokens are
+``/metrics``, ``/v2/health/*``, gRPC ``ServerLive``/``ServerReady`` and ``grpc.health.v1.Health``. Tokens are
 compared in constant time.
 """
 
@@ -21,7 +21,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 PROTECTED_PREFIXES = ("/classify", "/explain", "/models", "/v2", "/noop")  # /noop: ENABLE_NOOP reads any body
 OPEN_PREFIXES = ("/v2/health/",)
 ADMIN_PREFIXES = ("/v2/repository",)
-OPEN_GRPC_METHODS = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
+OPEN_GRPC_METHODS = (
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+)
 ADMIN_GRPC_METHODS = tuple(
     f"/inference.GRPCInferenceService/{name}"
     for name in ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload")

@@ -20,8 +20,9 @@ import grpc
 from ... import metrics
 from ..timeout import limited
 
-# Places for health calls (``ServerLive``, ``ServerReady``) beside GRPC_MAX_CONCURRENT_RPCS: each is answered at once,
-# so a few are plenty, and a bound keeps calls that send headers and no message from holding without end
+# Places for health calls (``ServerLive``, ``ServerReady``, ``grpc.health.v1.Health``) beside
+# GRPC_MAX_CONCURRENT_RPCS: each is answered at once, so a few are plenty, and a bound keeps calls that send headers
+# and no message from holding without end
 HEALTH_PLACES = 32
 
 

@@ -1,4 +1,5 @@
-"""``inference.GRPCInferenceService`` (the Open Inference Protocol over gRPC) on ``GRPC_PORT``.
+"""``inference.GRPCInferenceService`` (the Open Inference Protocol over gRPC) on ``GRPC_PORT``, with gRPC's standard
+health service (``grpc.health.v1.Health``) beside it.
 
 It runs in each BentoML worker's event loop, next to the HTTP app, over the same
 repository, batchers and metrics. Every worker binds the same port with SO_REUSEPORT, so
@@ -15,6 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2
 
 from ...errors import (
     DeviceOutOfMemory,
@@ -336,6 +338,49 @@ def servicer_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+# grpc.health.v1's service names: "" (the server as a whole, as the protocol has it) answers as /livez, the
+# inference service's as /readyz and ServerReady
+LIVE_SERVICE = ""
+READY_SERVICE = "inference.GRPCInferenceService"
+
+
+def health_handlers(ready: Callable[[], bool]) -> grpc.GenericRpcHandler:
+    """gRPC's standard health service, which Kubernetes' ``grpc`` probes, ``grpc_health_probe`` and meshes ask:
+    ``Check`` of ``""`` is ``SERVING`` while this worker answers (``/livez``); of ``inference.GRPCInferenceService``,
+    ``SERVING`` once ``ready()`` (``/readyz``: every requested model loaded and warm in every worker), else
+    ``NOT_SERVING``; of any other service ``NOT_FOUND``, naming the two. ``Watch`` (a stream of changes) is not
+    served: ``UNIMPLEMENTED``, which the protocol's clients read as "ask Check"."""
+    statuses = health_pb2.HealthCheckResponse.ServingStatus
+
+    async def check(request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+        if request.service == LIVE_SERVICE:
+            return health_pb2.HealthCheckResponse(status=statuses.SERVING)
+        if request.service == READY_SERVICE:
+            return health_pb2.HealthCheckResponse(status=statuses.SERVING if ready() else statuses.NOT_SERVING)
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND,
+            f"No health for service {request.service[:200]!r}: ask {LIVE_SERVICE!r} (the worker answers, as /livez) "
+            f"or {READY_SERVICE!r} (every model loaded and warm, as /readyz)",
+        )
+
+    async def watch(request: health_pb2.HealthCheckRequest, context: Any) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not served: ask Check, as probes do")
+
+    handlers = {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            _refusing_malformed(check),
+            request_deserializer=_reader(health_pb2.HealthCheckRequest),
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            watch,
+            request_deserializer=_reader(health_pb2.HealthCheckRequest),
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers)
+
+
 async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:
     """The Open Inference Protocol on ``GRPC_PORT``, beside HTTP in this worker, with its limits from the
     handler's settings."""
@@ -348,7 +393,9 @@ async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:
     if token or admin_token:
         interceptors.append(TokenInterceptor(token, admin_token))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(settings))
-    server.add_generic_rpc_handlers((servicer_handlers(InferenceServicer(handler)),))
+    server.add_generic_rpc_handlers(
+        (servicer_handlers(InferenceServicer(handler)), health_handlers(lambda: handler.classifier.ready))
+    )
     address = f"{settings.http_host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise RuntimeError(f"gRPC cannot bind {address}")

@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from service.frontends.auth import token_matches
@@ -86,6 +88,12 @@ def test_probes_and_metrics_stay_open(locked: ServiceProcess, path: str) -> None
 def test_grpc_needs_the_token_except_for_health(locked: ServiceProcess) -> None:
     client = triton_grpc.InferenceServerClient(locked.grpc_target)
     assert client.is_server_live() and client.is_server_ready()
+    with grpc.insecure_channel(locked.grpc_target) as channel:  # grpc.health.v1, as a Kubernetes probe asks it
+        ready = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        assert (
+            health_pb2_grpc.HealthStub(channel).Check(ready, timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     files = triton_grpc.InferInput("image_bytes", [1], "BYTES")
     files.set_data_from_numpy(np.array([DIGIT], dtype=object))
     for headers in (None, {"authorization": "Bearer wrong"}):

@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import onnx
 import pytest
 import tritonclient.grpc as triton_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import TensorProto, helper
 from tritonclient.utils import InferenceServerException
 
@@ -205,5 +207,10 @@ def test_bentoml_serve_on_an_empty_store_stays_unready_and_says_why(tmp_path: Pa
         time.sleep(1)
         assert httpx.get(f"{process.url}/readyz", timeout=5).status_code == 503
         assert "make export" in process.log_path.read_text()
+        with grpc.insecure_channel(process.grpc_target) as channel:  # gRPC's standard health says the same
+            health, statuses = health_pb2_grpc.HealthStub(channel), health_pb2.HealthCheckResponse
+            ready = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+            assert health.Check(ready, timeout=10).status == statuses.NOT_SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == statuses.SERVING
     finally:
         process.stop()

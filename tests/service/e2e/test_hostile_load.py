@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # tritonclient's generated messages: the service's own cannot be imported beside them (both register
 # inference.* in protobuf's global pool), and other test modules use tritonclient's
@@ -523,6 +524,9 @@ def test_a_worker_that_holds_all_its_grpc_calls_still_answers_health_calls(guard
             assert not any(call.done() for call in held), held  # the places are theirs
             assert (await stub.ServerLive(pb.ServerLiveRequest(), timeout=10)).live
             assert (await stub.ServerReady(pb.ServerReadyRequest(), timeout=10)).ready
+            ready = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+            checked = await health_pb2_grpc.HealthStub(channel).Check(ready, timeout=10)
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
             for call in held:
                 call.cancel()
             deadline = time.monotonic() + 30

@@ -13,10 +13,11 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
-from skimage import data
 
 # tritonclient's own generated messages and stub: a foreign client's code against our server.
 # (Ours cannot be imported beside them: both register inference.* in protobuf's global pool.)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from skimage import data
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
@@ -68,6 +69,31 @@ def test_health_and_server_metadata(service: ServiceProcess, module: ModuleType)
     metadata = c.get_server_metadata()
     extensions = metadata["extensions"] if module is triton_http else list(metadata.extensions)
     assert "classification" in extensions and "binary_tensor_data" in extensions
+
+
+def test_grpc_standard_health_answers_as_livez_and_readyz(service: ServiceProcess) -> None:
+    """grpc.health.v1, what Kubernetes' grpc probes ask: "" is the worker answering, the inference service's name
+    is readiness; another name is NOT_FOUND naming both; Watch is UNIMPLEMENTED (ask Check); bytes that are no
+    request are INVALID_ARGUMENT."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
+        ready = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
+        assert health.Check(ready, timeout=10).status == serving
+        with pytest.raises(grpc.RpcError) as unknown:
+            health.Check(health_pb2.HealthCheckRequest(service="inference.Other"), timeout=10)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "'inference.Other'" in unknown.value.details() and "'inference.GRPCInferenceService'" in (
+            unknown.value.details()
+        )
+        with pytest.raises(grpc.RpcError) as watch:
+            next(health.Watch(ready, timeout=10))
+        assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED and "Check" in watch.value.details()
+        with pytest.raises(grpc.RpcError) as malformed:
+            channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff\xff\xff", timeout=10)
+        assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "no valid HealthCheckRequest message" in malformed.value.details()
 
 
 @pytest.mark.parametrize("module", PROTOCOLS)
