@@ -338,33 +338,31 @@ def servicer_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-# grpc.health.v1's service names: "" (the server as a whole, as the protocol has it) answers as /livez, the
-# inference service's as /readyz and ServerReady
-LIVE_SERVICE = ""
-READY_SERVICE = "inference.GRPCInferenceService"
+# grpc.health.v1's service names: readiness (/readyz, ServerReady) under "" (the server as a whole, what a probe or
+# a balancer asks by default, and what Triton answers with readiness) and the inference service's name; liveness
+# (/livez) under its own
+READY_SERVICES = ("", "inference.GRPCInferenceService")
+LIVE_SERVICE = "liveness"
 
 
 def health_handlers(ready: Callable[[], bool]) -> grpc.GenericRpcHandler:
     """gRPC's standard health service, which Kubernetes' ``grpc`` probes, ``grpc_health_probe`` and meshes ask:
-    ``Check`` of ``""`` is ``SERVING`` while this worker answers (``/livez``); of ``inference.GRPCInferenceService``,
-    ``SERVING`` once ``ready()`` (``/readyz``: every requested model loaded and warm in every worker), else
-    ``NOT_SERVING``; of any other service ``NOT_FOUND``, naming the two. ``Watch`` (a stream of changes) is not
-    served: ``UNIMPLEMENTED``, which the protocol's clients read as "ask Check"."""
+    ``Check`` of ``""`` or ``inference.GRPCInferenceService`` is ``SERVING`` once ``ready()`` (``/readyz``: every
+    requested model loaded and warm in every worker), else ``NOT_SERVING``; of ``liveness``, ``SERVING`` while this
+    worker answers (``/livez``); of any other service ``NOT_FOUND``, naming these. ``Watch`` (a stream of changes) is
+    not served: ``UNIMPLEMENTED`` at once, its message unread, as Triton answers it."""
     statuses = health_pb2.HealthCheckResponse.ServingStatus
 
     async def check(request: health_pb2.HealthCheckRequest, context: Any) -> health_pb2.HealthCheckResponse:
+        if request.service in READY_SERVICES:
+            return health_pb2.HealthCheckResponse(status=statuses.SERVING if ready() else statuses.NOT_SERVING)
         if request.service == LIVE_SERVICE:
             return health_pb2.HealthCheckResponse(status=statuses.SERVING)
-        if request.service == READY_SERVICE:
-            return health_pb2.HealthCheckResponse(status=statuses.SERVING if ready() else statuses.NOT_SERVING)
         await context.abort(
             grpc.StatusCode.NOT_FOUND,
-            f"No health for service {request.service[:200]!r}: ask {LIVE_SERVICE!r} (the worker answers, as /livez) "
-            f"or {READY_SERVICE!r} (every model loaded and warm, as /readyz)",
+            f"No health for service {request.service[:200]!r}: ask '' or {READY_SERVICES[1]!r} (every model loaded and "
+            f"warm, as /readyz) or {LIVE_SERVICE!r} (the worker answers, as /livez)",
         )
-
-    async def watch(request: health_pb2.HealthCheckRequest, context: Any) -> None:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not served: ask Check, as probes do")
 
     handlers = {
         "Check": grpc.unary_unary_rpc_method_handler(
@@ -372,11 +370,7 @@ def health_handlers(ready: Callable[[], bool]) -> grpc.GenericRpcHandler:
             request_deserializer=_reader(health_pb2.HealthCheckRequest),
             response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
         ),
-        "Watch": grpc.unary_stream_rpc_method_handler(
-            watch,
-            request_deserializer=_reader(health_pb2.HealthCheckRequest),
-            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
-        ),
+        "Watch": refusal(grpc.StatusCode.UNIMPLEMENTED, "Watch is not served: ask Check"),
     }
     return grpc.method_handlers_generic_handler("grpc.health.v1.Health", handlers)
 
@@ -388,7 +382,12 @@ async def start_grpc_server(handler: OipHandler) -> grpc.aio.Server:
     token = settings.api_token.get_secret_value() if settings.api_token else None
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        CallLimit(settings.grpc_max_concurrent_rpcs, settings.request_timeout_s, health=OPEN_GRPC_METHODS)
+        CallLimit(
+            settings.grpc_max_concurrent_rpcs,
+            settings.request_timeout_s,
+            health=OPEN_GRPC_METHODS,
+            health_timeout_s=settings.header_timeout_s,
+        )
     ]
     if token or admin_token:
         interceptors.append(TokenInterceptor(token, admin_token))

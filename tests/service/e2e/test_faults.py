@@ -209,8 +209,11 @@ def test_bentoml_serve_on_an_empty_store_stays_unready_and_says_why(tmp_path: Pa
         assert "make export" in process.log_path.read_text()
         with grpc.insecure_channel(process.grpc_target) as channel:  # gRPC's standard health says the same
             health, statuses = health_pb2_grpc.HealthStub(channel), health_pb2.HealthCheckResponse
-            ready = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
-            assert health.Check(ready, timeout=10).status == statuses.NOT_SERVING
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == statuses.SERVING
+            for name in ("", "inference.GRPCInferenceService"):  # not ready
+                assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == (
+                    statuses.NOT_SERVING
+                )
+            live = health_pb2.HealthCheckRequest(service="liveness")
+            assert health.Check(live, timeout=10).status == statuses.SERVING
     finally:
         process.stop()

@@ -72,21 +72,21 @@ def test_health_and_server_metadata(service: ServiceProcess, module: ModuleType)
 
 
 def test_grpc_standard_health_answers_as_livez_and_readyz(service: ServiceProcess) -> None:
-    """grpc.health.v1, what Kubernetes' grpc probes ask: "" is the worker answering, the inference service's name
-    is readiness; another name is NOT_FOUND naming both; Watch is UNIMPLEMENTED (ask Check); bytes that are no
-    request are INVALID_ARGUMENT."""
+    """grpc.health.v1, what Kubernetes' grpc probes ask: "" (a probe's default) and the inference service's name are
+    readiness, "liveness" the worker answering; another name is NOT_FOUND naming them; Watch is UNIMPLEMENTED; bytes
+    that are no request are INVALID_ARGUMENT."""
     serving = health_pb2.HealthCheckResponse.SERVING
     with grpc.insecure_channel(service.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == serving
-        ready = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
-        assert health.Check(ready, timeout=10).status == serving
+        for name in ("", "inference.GRPCInferenceService", "liveness"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status == serving, name
         with pytest.raises(grpc.RpcError) as unknown:
             health.Check(health_pb2.HealthCheckRequest(service="inference.Other"), timeout=10)
         assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
-        assert "'inference.Other'" in unknown.value.details() and "'inference.GRPCInferenceService'" in (
-            unknown.value.details()
-        )
+        details = unknown.value.details()
+        assert "'inference.Other'" in details and "'inference.GRPCInferenceService'" in details
+        assert "'liveness'" in details
+        ready = health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService")
         with pytest.raises(grpc.RpcError) as watch:
             next(health.Watch(ready, timeout=10))
         assert watch.value.code() == grpc.StatusCode.UNIMPLEMENTED and "Check" in watch.value.details()

@@ -85,55 +85,93 @@ def test_a_call_past_the_limit_is_refused_counted_and_a_cancelled_call_gives_its
     asyncio.run(scenario())
 
 
-def test_health_calls_are_answered_while_the_limit_is_full_and_have_a_bound_of_their_own() -> None:
-    """GRPC_MAX_CONCURRENT_RPCS=1 with one call held: a health call is still answered (a busy worker is live and
-    ready, as its HTTP probes say), and does not take the held call's kind of place; health calls held at once
-    past HEALTH_PLACES are refused as any call past its limit, so headers without a message cannot pile up."""
-    limit = CallLimit(1, timeout_s=60, health=("/test.Held/Live",))
-    reached: list[bytes] = []
+def test_health_calls_are_answered_while_the_limit_is_full_and_past_their_own_places_take_spare_ones() -> None:
+    """GRPC_MAX_CONCURRENT_RPCS=2 with one call held: a health call is answered in a place of its own (the held
+    call's kind of place untouched), as HTTP's probes answer a busy worker. With every health place held (calls that
+    send no message yet), the next health call takes the limit's spare place; past that, health calls and others
+    alike are refused, so calls that need no token cannot pile up, and filling the health places alone blocks no
+    probe."""
+    limit = CallLimit(2, timeout_s=60, health=("/test.Held/Live",))
+    seen: list[tuple[bytes, int, int]] = []
 
     async def scenario() -> None:
         release = asyncio.Event()
 
         async def wait(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            reached.append(request)
-            if request != b"probe":
+            seen.append((request, limit.held, limit.health_held))
+            if request == b"work":
                 await release.wait()
             return b"answered " + request
 
         async with _serving(limit, wait) as channel:
             work, live = channel.unary_unary("/test.Held/Wait"), channel.unary_unary("/test.Held/Live")
             held = asyncio.ensure_future(work(b"work", timeout=30))
-            while not reached:
+            while not seen:
                 await asyncio.sleep(0.01)
             assert await live(b"probe", timeout=30) == b"answered probe"
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await work(b"more work", timeout=30)
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert seen[-1] == (b"probe", 1, 1)  # in a health place, the work's place alone in the limit's
 
             silent = asyncio.Event()
 
             async def nothing() -> AsyncIterator[bytes]:  # a health call's headers, and no message yet
                 await silent.wait()
-                yield b"probe"
+                yield b"later"
 
-            waiting = [asyncio.ensure_future(channel.stream_unary("/test.Held/Live")(nothing(), timeout=30))
-                       for _ in range(HEALTH_PLACES)]  # fmt: skip
+            def waiting() -> asyncio.Future[bytes]:
+                return asyncio.ensure_future(channel.stream_unary("/test.Held/Live")(nothing(), timeout=30))
+
+            holding = [waiting() for _ in range(HEALTH_PLACES)]
             await wait_until_async(lambda: limit.health_held == HEALTH_PLACES, 30, "every health place held")
+            assert await live(b"spare", timeout=30) == b"answered spare"
+            assert seen[-1] == (b"spare", 2, HEALTH_PLACES)  # in the limit's spare place
+            holding.append(waiting())  # holds that spare place: the limit's are all held now
+            await wait_until_async(lambda: limit.held == 2, 30, "the spare place held")
             before = _refused("grpc_calls")
-            with pytest.raises(grpc.aio.AioRpcError) as past:
-                await live(b"probe", timeout=30)
-            assert past.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert past.value.details() == (
-                f"This worker holds {HEALTH_PLACES} health calls already; send it again (it changed nothing)"
-            )
-            assert _refused("grpc_calls") == before + 1
+            for call in (live, work):
+                with pytest.raises(grpc.aio.AioRpcError) as past:
+                    await call(b"past", timeout=30)
+                assert past.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert past.value.details() == (
+                    "This worker holds GRPC_MAX_CONCURRENT_RPCS=2 calls already; send it again (it changed nothing)"
+                )
+            assert _refused("grpc_calls") == before + 2
             silent.set()
-            assert await asyncio.gather(*waiting) == [b"answered probe"] * HEALTH_PLACES
+            assert await asyncio.gather(*holding) == [b"answered later"] * (HEALTH_PLACES + 1)
             release.set()
             assert await held == b"answered work"
             assert await live(b"probe", timeout=30) == b"answered probe"
             await _none_held(limit)
+
+    asyncio.run(scenario())
+
+
+def test_a_health_call_whose_message_never_arrives_is_cut_at_the_header_timeout() -> None:
+    """A health call that sends headers and no message holds a place for HEADER_TIMEOUT_S, as an HTTP probe's head
+    may take, not REQUEST_TIMEOUT_S: DEADLINE_EXCEEDED naming that setting, counted, and the place free again."""
+    limit = CallLimit(2, timeout_s=60, health=("/test.Held/Live",), health_timeout_s=0.5)
+
+    async def scenario() -> None:
+        async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return b"answered " + request
+
+        async with _serving(limit, answer) as channel:
+            silent = asyncio.Event()
+
+            async def nothing() -> AsyncIterator[bytes]:
+                await silent.wait()
+                yield b"too late"
+
+            before = _refused("grpc_message_timeout")
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.aio.AioRpcError) as cut:
+                await channel.stream_unary("/test.Held/Live")(nothing(), timeout=30)
+            waited = asyncio.get_running_loop().time() - started
+            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
+            assert cut.value.details() == "The call's message did not arrive within 0.5 seconds (HEADER_TIMEOUT_S)"
+            assert 0.4 < waited < 10 and _refused("grpc_message_timeout") == before + 1
+            await _none_held(limit)
+            silent.set()
+            assert await channel.unary_unary("/test.Held/Live")(b"probe", timeout=30) == b"answered probe"
 
     asyncio.run(scenario())
 
