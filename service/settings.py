@@ -163,7 +163,10 @@ class Settings(BaseSettings):
         16 * 1024, ge=1024, description="Largest request line and headers together (431 above, connection closed)."
     )
     header_timeout_s: float = Field(
-        10.0, gt=0, description="Longest a connection may take to send a request's head (408 above, closed)."
+        10.0,
+        gt=0,
+        description="Longest a connection may take to send a request's head (408 above, closed), and a gRPC health "
+        "call its message and answer (DEADLINE_EXCEEDED).",
     )
     min_body_bytes_per_s: int = Field(
         1024, ge=0, description="Slowest a body may arrive, over each 5 s (408 below, closed); 0 turns it off."
@@ -183,7 +186,7 @@ class Settings(BaseSettings):
         ge=1,
         description="gRPC calls one worker holds at once; one more is answered RESOURCE_EXHAUSTED before its "
         "message is read (the gRPC port's MAX_CONNECTIONS). The health calls (ServerLive, ServerReady, "
-        "grpc.health.v1.Health) have 32 places of their own beside these.",
+        "grpc.health.v1.Health) have 32 places of their own beside these, then take a spare one of these.",
     )
     grpc_max_connection_age_s: float = Field(
         300.0,

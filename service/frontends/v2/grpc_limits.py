@@ -1,6 +1,6 @@
 """The gRPC server's limits on calls: how many one worker holds at once (``GRPC_MAX_CONCURRENT_RPCS``, health
-calls apart), how long each may take (``REQUEST_TIMEOUT_S``, its message's arrival included), and how a refused one
-is answered.
+calls apart), how long each may take (``REQUEST_TIMEOUT_S``, a health call ``HEADER_TIMEOUT_S``, its message's
+arrival included), and how a refused one is answered.
 
 Apart from the server (which imports the generated messages), as :mod:`.grpc_options` is, so that they can be tried
 on a server of their own in a process that has another copy of those messages registered.

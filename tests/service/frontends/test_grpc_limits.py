@@ -110,6 +110,7 @@ def test_health_calls_are_answered_while_the_limit_is_full_and_past_their_own_pl
                 await asyncio.sleep(0.01)
             assert await live(b"probe", timeout=30) == b"answered probe"
             assert seen[-1] == (b"probe", 1, 1)  # in a health place, the work's place alone in the limit's
+            await wait_until_async(lambda: limit.health_held == 0, 30, "the probe's place given back")
 
             silent = asyncio.Event()
 
@@ -124,6 +125,7 @@ def test_health_calls_are_answered_while_the_limit_is_full_and_past_their_own_pl
             await wait_until_async(lambda: limit.health_held == HEALTH_PLACES, 30, "every health place held")
             assert await live(b"spare", timeout=30) == b"answered spare"
             assert seen[-1] == (b"spare", 2, HEALTH_PLACES)  # in the limit's spare place
+            await wait_until_async(lambda: limit.held == 1, 30, "the spare place given back")
             holding.append(waiting())  # holds that spare place: the limit's are all held now
             await wait_until_async(lambda: limit.held == 2, 30, "the spare place held")
             before = _refused("grpc_calls")
