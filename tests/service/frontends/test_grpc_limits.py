@@ -147,41 +147,18 @@ def test_health_calls_are_answered_while_the_limit_is_full_and_past_their_own_pl
     asyncio.run(scenario())
 
 
-def test_a_health_call_whose_message_never_arrives_is_cut_at_the_header_timeout() -> None:
-    """A health call that sends headers and no message holds a place for HEADER_TIMEOUT_S, as an HTTP probe's head
-    may take, not REQUEST_TIMEOUT_S: DEADLINE_EXCEEDED naming that setting, counted, and the place free again."""
-    limit = CallLimit(2, timeout_s=60, health=("/test.Held/Live",), health_timeout_s=0.5)
-
-    async def scenario() -> None:
-        async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            return b"answered " + request
-
-        async with _serving(limit, answer) as channel:
-            silent = asyncio.Event()
-
-            async def nothing() -> AsyncIterator[bytes]:
-                await silent.wait()
-                yield b"too late"
-
-            before = _refused("grpc_message_timeout")
-            started = asyncio.get_running_loop().time()
-            with pytest.raises(grpc.aio.AioRpcError) as cut:
-                await channel.stream_unary("/test.Held/Live")(nothing(), timeout=30)
-            waited = asyncio.get_running_loop().time() - started
-            assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
-            assert cut.value.details() == "The call's message did not arrive within 0.5 seconds (HEADER_TIMEOUT_S)"
-            assert 0.4 < waited < 10 and _refused("grpc_message_timeout") == before + 1
-            await _none_held(limit)
-            silent.set()
-            assert await channel.unary_unary("/test.Held/Live")(b"probe", timeout=30) == b"answered probe"
-
-    asyncio.run(scenario())
-
-
-def test_a_call_whose_message_never_arrives_ends_at_the_timeout_and_frees_its_place() -> None:
+@pytest.mark.parametrize(
+    ("method", "timeouts", "setting"),
+    [("/test.Held/Wait", (0.5, 60), "REQUEST_TIMEOUT_S"), ("/test.Held/Live", (60, 0.5), "HEADER_TIMEOUT_S")],
+)
+def test_a_call_whose_message_never_arrives_ends_at_the_timeout_and_frees_its_place(
+    method: str, timeouts: tuple[float, float], setting: str
+) -> None:
     """A client that sends a call's headers and no message (a request stream it never writes to) held a place until
-    its connection's age ended it: now DEADLINE_EXCEEDED at REQUEST_TIMEOUT_S, counted, and the place is free."""
-    limit = CallLimit(2, timeout_s=0.5)
+    its connection's age ended it: now DEADLINE_EXCEEDED at REQUEST_TIMEOUT_S, counted, and the place is free. A
+    health call has HEADER_TIMEOUT_S, as an HTTP probe's head has, and its message is named so."""
+    call_timeout, health_timeout = timeouts
+    limit = CallLimit(2, timeout_s=call_timeout, health=("/test.Held/Live",), health_timeout_s=health_timeout)
     reached: list[bytes] = []
 
     async def scenario() -> None:
@@ -199,14 +176,14 @@ def test_a_call_whose_message_never_arrives_ends_at_the_timeout_and_frees_its_pl
             before = _refused("grpc_message_timeout")
             started = asyncio.get_running_loop().time()
             with pytest.raises(grpc.aio.AioRpcError) as cut:
-                await channel.stream_unary("/test.Held/Wait")(nothing(), timeout=30)
+                await channel.stream_unary(method)(nothing(), timeout=30)
             waited = asyncio.get_running_loop().time() - started
             assert cut.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, cut.value
-            assert cut.value.details() == "The call's message did not arrive within 0.5 seconds (REQUEST_TIMEOUT_S)"
+            assert cut.value.details() == f"The call's message did not arrive within 0.5 seconds ({setting})"
             assert 0.4 < waited < 10 and _refused("grpc_message_timeout") == before + 1 and not reached
             await _none_held(limit)
             silent.set()
-            assert await channel.unary_unary("/test.Held/Wait")(b"next", timeout=30) == b"answered next"
+            assert await channel.unary_unary(method)(b"next", timeout=30) == b"answered next"
 
     asyncio.run(scenario())
 
