@@ -169,12 +169,21 @@ def slow_upload(port: int, seconds: float) -> tuple[float, bytes]:
                 pass
             time.sleep(seconds / len(body))
         connection.settimeout(30)
-        while b"\r\n\r\n" not in answer:
+        while not whole(answer):  # the head and the body can come in separate packets
             chunk = connection.recv(65536)
             if not chunk:
                 break
             answer += chunk
         return time.monotonic() - started, answer
+
+
+def whole(answer: bytes) -> bool:
+    """Whether ``answer`` holds an HTTP response's head and all the body its Content-Length announces."""
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return length is None or len(body) >= int(length.group(1))
 
 
 def idle(service: ServiceProcess) -> bool:
