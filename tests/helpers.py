@@ -268,18 +268,29 @@ def tool(name: str) -> str:
 def prometheus(directory: Path, config: dict[str, Any]) -> Iterator[str]:
     """A real Prometheus with ``config``, on a free loopback port; yields its URL."""
     (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    command = [
-        tool("prometheus"),
-        f"--config.file={directory / 'prometheus.yml'}",
-        f"--storage.tsdb.path={directory / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
-    ]
-    with (directory / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    log_path = directory / "prometheus.log"
+
+    def start() -> tuple[subprocess.Popen[bytes], str]:
+        port = free_port()
+        command = [
+            tool("prometheus"),
+            f"--config.file={directory / 'prometheus.yml'}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ]
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        if wait_for_ok(f"{url}/-/ready", 60, give_up=lambda: process.poll() is not None):
+            return process, url
+        process.kill()
+        process.wait(30)
+        if bind_failed(log_path):
+            raise PortTaken(port)
+        raise AssertionError(log_path.read_text()[-2000:])
+
+    process, url = on_fresh_ports(start)
     try:
-        assert wait_for_ok(f"{url}/-/ready", 60), (directory / "prometheus.log").read_text()[-2000:]
         yield url
     finally:
         process.terminate()

@@ -27,10 +27,13 @@ from service.store.layout import ModelStore
 
 from ..helpers import (
     ROOT,
+    PortTaken,
     ServiceProcess,
+    bind_failed,
     encode,
     free_port,
     metric_samples,
+    on_fresh_ports,
     prometheus,
     query,
     tool,
@@ -129,10 +132,27 @@ class Balancer:
         )
         (directory / "haproxy.cfg").write_text(config)
         self.log = (directory / "haproxy.log").open("wb")
+        self.socket.unlink(missing_ok=True)  # an earlier try's
         self.process = subprocess.Popen(
             [tool("haproxy"), "-db", "-f", str(directory / "haproxy.cfg")], stdout=self.log, stderr=subprocess.STDOUT
         )
         self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 30  # started: its runtime API listens (it binds every address at once)
+        while not self.listening() and self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.process.poll() is not None:
+            self.log.close()
+            if bind_failed(directory / "haproxy.log"):
+                raise PortTaken(self.port)
+            raise AssertionError((directory / "haproxy.log").read_text()[-2000:])
+
+    def listening(self) -> bool:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.socket))
+            except (FileNotFoundError, ConnectionRefusedError):
+                return False
+            return True
 
     def status(self) -> dict[str, str]:
         """{server: UP, DOWN, ...} from haproxy's runtime API."""
@@ -168,7 +188,7 @@ def cluster(model_store: ModelStore, tmp_path: Path) -> Iterator[tuple[list[Serv
     try:
         for i in range(REPLICAS):
             replicas.append(replica(model_store, tmp_path, f"r{i}-0"))
-        balancer = Balancer(tmp_path, replicas)
+        balancer = on_fresh_ports(lambda: Balancer(tmp_path, replicas))
         for i in range(REPLICAS):
             balancer.wait_for(f"r{i}", "UP")
         yield replicas, balancer
