@@ -137,7 +137,7 @@ class Balancer:
             [tool("haproxy"), "-db", "-f", str(directory / "haproxy.cfg")], stdout=self.log, stderr=subprocess.STDOUT
         )
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 30  # started: its runtime API listens (it binds every address at once)
+        deadline = time.monotonic() + 30  # started: its frontend listens (a failed bind ends haproxy after the rest)
         while not self.listening() and self.process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.process.poll() is not None:
@@ -147,12 +147,12 @@ class Balancer:
             raise AssertionError((directory / "haproxy.log").read_text()[-2000:])
 
     def listening(self) -> bool:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(str(self.socket))
-            except (FileNotFoundError, ConnectionRefusedError):
-                return False
-            return True
+        """Whether its frontend listens (seen from outside: a connection would be logged as a client's)."""
+        try:
+            connections = psutil.Process(self.process.pid).net_connections("tcp4")
+        except psutil.NoSuchProcess:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in connections)
 
     def status(self) -> dict[str, str]:
         """{server: UP, DOWN, ...} from haproxy's runtime API."""
