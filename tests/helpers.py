@@ -7,6 +7,7 @@ import contextlib
 import functools
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -41,6 +42,15 @@ def free_ports(count: int) -> tuple[int, ...]:
         for s in sockets:
             s.bind(("127.0.0.1", 0))
         return tuple(int(s.getsockname()[1]) for s in sockets)
+
+
+def whole_response(answer: bytes) -> bool:
+    """Whether ``answer`` holds an HTTP response's head and all the body its Content-Length announces."""
+    head, found, body = answer.partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    return length is None or len(body) >= int(length.group(1))
 
 
 def encode(array: np.ndarray, fmt: str = "PNG", **options: object) -> bytes:

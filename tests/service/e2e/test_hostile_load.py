@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import socket
 import threading
 import time
@@ -36,6 +35,7 @@ from tests.helpers import (
     request_outcomes,
     running,
     wait_until,
+    whole_response,
     workers,
 )
 
@@ -95,11 +95,7 @@ def _read_one(sock: socket.socket) -> bytes:
             raise AssertionError(f"the server closed the connection after {answer[:300]!r}")
         return chunk
 
-    while b"\r\n\r\n" not in answer:
-        answer += more()
-    head = answer.partition(b"\r\n\r\n")[0]
-    length = int(re.search(rb"content-length: *(\d+)", head.lower()).group(1))  # type: ignore[union-attr]
-    while len(answer) < len(head) + 4 + length:
+    while not whole_response(answer):
         answer += more()
     return answer
 

@@ -42,6 +42,7 @@ from ...helpers import (
     request_outcomes,
     running,
     wait_until,
+    whole_response,
     workers,
 )
 
@@ -169,7 +170,7 @@ def slow_upload(port: int, seconds: float) -> tuple[float, bytes]:
                 pass
             time.sleep(seconds / len(body))
         connection.settimeout(30)
-        while not whole(answer):  # the head and the body can come in separate packets
+        while not whole_response(answer):  # the head and the body can come in separate packets
             try:
                 chunk = connection.recv(65536)
             except ConnectionResetError:  # closed with our body unread: what came before is the answer
@@ -178,15 +179,6 @@ def slow_upload(port: int, seconds: float) -> tuple[float, bytes]:
                 break
             answer += chunk
         return time.monotonic() - started, answer
-
-
-def whole(answer: bytes) -> bool:
-    """Whether ``answer`` holds an HTTP response's head and all the body its Content-Length announces."""
-    head, found, body = answer.partition(b"\r\n\r\n")
-    if not found:
-        return False
-    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
-    return length is None or len(body) >= int(length.group(1))
 
 
 def idle(service: ServiceProcess) -> bool:
