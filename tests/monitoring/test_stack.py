@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -290,7 +291,9 @@ def test_the_canary_and_cache_panels_answer_where_they_are_on(model_store: Model
     query is on /metrics (elsewhere they are left out: their series cannot exist)."""
     on = frozenset(dashboard_module().FEATURES.values())
     photo = encode(data.chelsea(), "JPEG", quality=90)
-    store, log, directory = Path(model_store.root), tmp_path / "service.log", mkdir(tmp_path / "prometheus")
+    store, log, directory = tmp_path / "store", tmp_path / "service.log", mkdir(tmp_path / "prometheus")
+    for name in ("resnet18", "googlenet"):  # a store of its own: the canary's state is written beside the models
+        shutil.copytree(model_store.model_dir(name), store / name, ignore=shutil.ignore_patterns(".staging*"))
     env = {"MODELS": "resnet18,googlenet", "CANARY": "resnet18:googlenet:0.5", "RESPONSE_CACHE_MB": "16"}
     with running(store, log, **env) as served, scraping(served, directory) as url:
         with httpx.Client(base_url=served.url, timeout=60) as client:
