@@ -113,16 +113,18 @@ class Workload:
 
     def run(self) -> None:
         stop = threading.Event()
-        threads = [threading.Thread(target=self._client, args=(i, stop)) for i in range(self.concurrency)]
+        threads = [threading.Thread(target=self._client, args=(i, stop), daemon=True) for i in range(self.concurrency)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + self.seconds
-        while time.monotonic() < deadline:
-            self.rss.append(worker_rss(self.service))
-            time.sleep(0.2)
-        stop.set()
-        for thread in threads:
-            thread.join(120)
+        try:
+            deadline = time.monotonic() + self.seconds
+            while time.monotonic() < deadline:
+                self.rss.append(worker_rss(self.service))
+                time.sleep(0.2)
+        finally:  # a failure here leaves no client loading the next test's server
+            stop.set()
+            for thread in threads:
+                thread.join(120)
 
     def _client(self, index: int, stop: threading.Event) -> None:
         chooser = random.Random(index)

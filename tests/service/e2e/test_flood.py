@@ -216,10 +216,15 @@ def test_a_worker_killed_under_load_loses_no_request_at_the_client(
     before = workers(two_workers)
     started = time.monotonic()
     load = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
-    assert load.poll() is None, "the load ended before the kill: give it more files"
-    os.kill(before[0].pid, signal.SIGKILL)
-    _, errors = load.communicate(timeout=300)
+    try:
+        time.sleep(3)
+        assert load.poll() is None, "the load ended before the kill: give it more files"
+        os.kill(before[0].pid, signal.SIGKILL)
+        _, errors = load.communicate(timeout=300)
+    finally:  # a failure here leaves no client loading the next test's server
+        if load.poll() is None:
+            load.kill()
+            load.wait()
     seconds = time.monotonic() - started
     assert load.returncode == 0, errors
 

@@ -73,8 +73,13 @@ def test_an_exported_version_takes_over_under_load_and_no_request_fails(
         exporting = time.monotonic()
         command = [sys.executable, "-m", "export", "lenet5", "--out", str(store), "--epochs", "3", "--no-progress"]
         export = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        written = wait_until(lambda: (store / "lenet5" / "2").is_dir(), 120, "the export writing version 2")
-        assert export.wait(120) == 0, export.stderr.read() if export.stderr else ""
+        try:
+            written = wait_until(lambda: (store / "lenet5" / "2").is_dir(), 120, "the export writing version 2")
+            assert export.wait(120) == 0, export.stderr.read() if export.stderr else ""
+        finally:  # a failure here leaves no training on the cores the next tests need
+            if export.poll() is None:
+                export.kill()
+                export.wait()
         wait_until(lambda: load.first("2") is not None, 60, "an answer from version 2")
         served = wait_until(lambda: only_version_2(service), 60, "version 1 released by every worker")
         time.sleep(3)
