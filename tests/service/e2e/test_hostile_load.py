@@ -555,12 +555,14 @@ def test_an_aged_grpc_connection_is_replaced_without_losing_a_call(guarded: Serv
     assert len(ports) >= 3, (calls, ports)  # at least two replacements (1 s, +-10%), none failing a call
 
 
-def test_a_grpc_message_over_max_body_bytes_is_refused_resource_exhausted(guarded: ServiceProcess) -> None:
+def test_a_grpc_message_over_max_body_bytes_is_refused_resource_exhausted(service: ServiceProcess) -> None:
+    """On the session's service, whose gRPC connections are aged at 300 s: at ``guarded``'s 1 s, a GOAWAY met the
+    20 MB message being sent, and the refusal reached the client as the closed socket's UNAVAILABLE (CI saw it)."""
     request = pb.ModelInferRequest(model_name="lenet5")
     request.inputs.add(name="image_bytes", datatype="BYTES", shape=[1])
     request.raw_input_contents.append(bytes(20 * 1024 * 1024 + 1))  # MAX_BODY_BYTES's default, and a byte
     options = [("grpc.max_send_message_length", 64 << 20)]
-    with grpc.insecure_channel(guarded.grpc_target, options=options) as channel:
+    with grpc.insecure_channel(service.grpc_target, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
             stub.ModelInfer(request, timeout=30)
