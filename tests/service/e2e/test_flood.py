@@ -222,9 +222,8 @@ def test_a_worker_killed_under_load_loses_no_request_at_the_client(
         os.kill(before[0].pid, signal.SIGKILL)
         _, errors = load.communicate(timeout=300)
     finally:  # a failure here leaves no client loading the next test's server
-        if load.poll() is None:
-            load.kill()
-            load.wait()
+        load.kill()  # none once it has ended (Popen polls first)
+        load.wait()
     seconds = time.monotonic() - started
     assert load.returncode == 0, errors
 

@@ -77,9 +77,8 @@ def test_an_exported_version_takes_over_under_load_and_no_request_fails(
             written = wait_until(lambda: (store / "lenet5" / "2").is_dir(), 120, "the export writing version 2")
             assert export.wait(120) == 0, export.stderr.read() if export.stderr else ""
         finally:  # a failure here leaves no training on the cores the next tests need
-            if export.poll() is None:
-                export.kill()
-                export.wait()
+            export.kill()  # none once it has ended (Popen polls first)
+            export.wait()
         wait_until(lambda: load.first("2") is not None, 60, "an answer from version 2")
         served = wait_until(lambda: only_version_2(service), 60, "version 1 released by every worker")
         time.sleep(3)
